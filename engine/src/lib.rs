@@ -1,0 +1,12 @@
+//! Keyvex engine: the agent runtime behind the Keyvex API.
+//!
+//! Read `ARCHITECTURE.md` at the repository root first. One request flows
+//! `server` → `router` → `provider` → back through `cost` → `metrics`.
+
+pub mod catalog;
+pub mod config;
+pub mod cost;
+pub mod provider;
+pub mod router;
+pub mod stream;
+pub mod tokenize;

@@ -1,0 +1,3 @@
+//! The `keyvex` binary: CLI over the engine library.
+
+fn main() {}

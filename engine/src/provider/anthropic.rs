@@ -1,0 +1,1 @@
+//! Anthropic Messages streaming provider (filled by the providers work).

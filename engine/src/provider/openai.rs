@@ -1,0 +1,1 @@
+//! OpenAI Chat Completions streaming provider (filled by the providers work).

@@ -1,0 +1,1 @@
+//! The provider simulator (filled by the simulator work).

@@ -1,0 +1,64 @@
+//! Token counts for text, used where a provider did not (or could not) report usage.
+//!
+//! One tokenizer (`o200k_base`, the GPT-4o/GPT-5 vocabulary, embedded in `tiktoken-rs`, no
+//! network) serves both providers: for Anthropic models it is an estimate, which is why any
+//! cost computed from it is flagged `estimated`. The simulator counts with the same function,
+//! so its reported usage is consistent with the text it sends.
+
+use std::sync::LazyLock;
+
+use tiktoken_rs::CoreBPE;
+
+use crate::provider::ChatMessage;
+
+/// Per-message framing overhead of chat formats (role markers), and the reply primer.
+const TOKENS_PER_MESSAGE: u64 = 3;
+const REPLY_PRIMER_TOKENS: u64 = 3;
+
+static BPE: LazyLock<Option<CoreBPE>> = LazyLock::new(|| tiktoken_rs::o200k_base().ok());
+
+/// Number of tokens in `text`. Falls back to ~4 characters per token if the embedded vocabulary
+/// failed to load (it never has; the fallback keeps cost estimates non-zero rather than absent).
+pub fn count_tokens(text: &str) -> u64 {
+    if text.is_empty() {
+        return 0;
+    }
+    match BPE.as_ref() {
+        Some(bpe) => bpe.encode_ordinary(text).len() as u64,
+        None => (text.chars().count() as u64).div_ceil(4),
+    }
+}
+
+/// Estimated prompt tokens of a chat request: every message's tokens plus framing.
+pub fn count_prompt_tokens(system: Option<&str>, messages: &[ChatMessage]) -> u64 {
+    let system_tokens = system.map_or(0, |s| count_tokens(s) + TOKENS_PER_MESSAGE);
+    let message_tokens: u64 = messages
+        .iter()
+        .map(|m| count_tokens(&m.content) + TOKENS_PER_MESSAGE)
+        .sum();
+    system_tokens + message_tokens + REPLY_PRIMER_TOKENS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_plausible_and_deterministic() {
+        assert_eq!(count_tokens(""), 0);
+        let n = count_tokens("Hello, world! This is a short sentence.");
+        assert!((5..=15).contains(&n), "{n}");
+        assert_eq!(n, count_tokens("Hello, world! This is a short sentence."));
+    }
+
+    #[test]
+    fn prompt_count_includes_framing() {
+        let msgs = [ChatMessage::user("Hi")];
+        let bare = count_tokens("Hi");
+        assert_eq!(
+            count_prompt_tokens(None, &msgs),
+            bare + TOKENS_PER_MESSAGE + REPLY_PRIMER_TOKENS
+        );
+        assert!(count_prompt_tokens(Some("Be brief."), &msgs) > count_prompt_tokens(None, &msgs));
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the engine, one binary (link once). Each module exercises a real
+//! boundary: the simulator over HTTP on loopback, the providers' client code, the router,
+//! and the stores against a local AWS emulator.
+
+mod providers;
+mod router;
+mod sim;
