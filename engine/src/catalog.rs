@@ -186,13 +186,13 @@ impl Catalog {
                     "must be at least 1".into(),
                 ));
             }
-            if let Some(t) = route.temperature {
-                if !(0.0..=2.0).contains(&t) {
-                    return Err(invalid(
-                        format!("processes.{name}.temperature"),
-                        format!("{t} is outside 0..=2"),
-                    ));
-                }
+            if let Some(t) = route.temperature
+                && !(0.0..=2.0).contains(&t)
+            {
+                return Err(invalid(
+                    format!("processes.{name}.temperature"),
+                    format!("{t} is outside 0..=2"),
+                ));
             }
             processes.insert(
                 process,
