@@ -108,6 +108,13 @@ impl FinishReason {
 /// that learns usage in pieces merges them before emitting), then exactly one terminal event,
 /// `Done` or `Error`. Nothing follows a terminal event. A stream that fails before `Start`
 /// yields only `Error`.
+///
+/// Partial usage: when a stream fails *after* the provider already reported usage (Anthropic
+/// sends its input side in `message_start`; OpenAI's usage chunk may arrive just before the
+/// connection drops), the provider emits that `Usage` immediately before the `Error`, with the
+/// input side exact and `output` the last count reported. A `Usage` followed by `Error` is
+/// therefore partial: the router keeps the input side and estimates the output it did not get.
+/// A `Usage` followed by `Done` is final.
 #[derive(Debug, Clone)]
 pub enum ProviderEvent {
     Start {

@@ -119,6 +119,50 @@ pub struct ProviderConfig {
     pub connect_timeout: Duration,
 }
 
+/// Why a provider client could not be built from its [`ProviderConfig`]. Raised once at start-up,
+/// never per request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderInitError {
+    #[error(
+        "{provider} base URL {url:?} is invalid: {reason}; give an absolute http(s) URL including the version prefix, e.g. https://api.openai.com/v1"
+    )]
+    InvalidBaseUrl {
+        provider: ProviderKind,
+        url: String,
+        reason: String,
+    },
+    #[error(
+        "{provider} API key cannot be sent as an HTTP header (it contains control or non-ASCII characters); check the key for stray whitespace or quotes"
+    )]
+    InvalidApiKey { provider: ProviderKind },
+    #[error("could not build the HTTP client for {provider}: {message}")]
+    HttpClient {
+        provider: ProviderKind,
+        message: String,
+    },
+}
+
+/// Checks that `base_url` is an absolute http(s) URL and returns it without a trailing slash, so
+/// `{base}/chat/completions` and `{base}/messages` never contain `//`.
+pub(crate) fn validate_base_url(
+    provider: ProviderKind,
+    base_url: &str,
+) -> Result<String, ProviderInitError> {
+    let invalid = |reason: String| ProviderInitError::InvalidBaseUrl {
+        provider,
+        url: base_url.to_owned(),
+        reason,
+    };
+    let parsed = reqwest::Url::parse(base_url.trim()).map_err(|e| invalid(e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid(format!("scheme {:?} is not http or https", parsed.scheme())));
+    }
+    if parsed.host_str().is_none() {
+        return Err(invalid("it has no host".to_owned()));
+    }
+    Ok(base_url.trim().trim_end_matches('/').to_owned())
+}
+
 /// Everything that can go wrong in one provider call. Each variant knows whether a fallback may
 /// be tried (`is_retryable`), how long the provider asked us to wait (`retry_after`) and a short
 /// stable `kind` for metrics. No variant ever holds a secret.
