@@ -206,15 +206,21 @@ impl<'a> WireRequest<'a> {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum WireEvent {
-    MessageStart { message: WireMessageStart },
-    ContentBlockDelta { delta: WireDelta },
+    MessageStart {
+        message: WireMessageStart,
+    },
+    ContentBlockDelta {
+        delta: WireDelta,
+    },
     MessageDelta {
         delta: WireMessageDelta,
         #[serde(default)]
         usage: Option<WireUsage>,
     },
     MessageStop,
-    Error { error: WireErrorBody },
+    Error {
+        error: WireErrorBody,
+    },
     #[serde(other)]
     Unknown,
 }
@@ -416,7 +422,8 @@ impl AdaptState {
                 Step::Nothing
             }
             WireEvent::ContentBlockDelta { delta } => match delta {
-                WireDelta::TextDelta { text } | WireDelta::InputJsonDelta { partial_json: text }
+                WireDelta::TextDelta { text }
+                | WireDelta::InputJsonDelta { partial_json: text }
                     if !text.is_empty() =>
                 {
                     Step::Delta(text)
@@ -592,6 +599,8 @@ fn truncate(text: &str) -> String {
 // Tests
 
 #[cfg(test)]
+// The captured items' type is fixed by `reqwest_eventsource`; its error is large but not ours to box.
+#[allow(clippy::result_large_err)]
 mod tests {
     use std::pin::Pin;
     use std::task::{Context, Poll};
@@ -694,11 +703,15 @@ mod tests {
     #[tokio::test]
     async fn normal_stream_adds_cache_reads_and_writes_back_into_input() {
         let source = captured(
-            &[START, BLOCK, PING, HELLO, PING, WORLD, BLOCK_STOP, DELTA_END, STOP],
+            &[
+                START, BLOCK, PING, HELLO, PING, WORLD, BLOCK_STOP, DELTA_END, STOP,
+            ],
             None,
         );
         let events = run(source, false).await;
-        assert!(matches!(&events[0], ProviderEvent::Start { model, .. } if model == "claude-sonnet-4-5"));
+        assert!(
+            matches!(&events[0], ProviderEvent::Start { model, .. } if model == "claude-sonnet-4-5")
+        );
         assert_eq!(texts(&events), "Hello world");
         let n = events.len();
         let ProviderEvent::Usage(usage) = events[n - 2] else {
@@ -875,7 +888,15 @@ mod tests {
         );
         let events = run(
             captured(
-                &[START, unknown_json, unknown_text, thinking, HELLO, DELTA_END, STOP],
+                &[
+                    START,
+                    unknown_json,
+                    unknown_text,
+                    thinking,
+                    HELLO,
+                    DELTA_END,
+                    STOP,
+                ],
                 None,
             ),
             false,

@@ -155,7 +155,10 @@ pub(crate) fn validate_base_url(
     };
     let parsed = reqwest::Url::parse(base_url.trim()).map_err(|e| invalid(e.to_string()))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(invalid(format!("scheme {:?} is not http or https", parsed.scheme())));
+        return Err(invalid(format!(
+            "scheme {:?} is not http or https",
+            parsed.scheme()
+        )));
     }
     if parsed.host_str().is_none() {
         return Err(invalid("it has no host".to_owned()));

@@ -185,17 +185,16 @@ fn wire_request(request: &ChatRequest) -> CreateChatCompletionRequest {
         // `max_tokens` is deprecated and refused by reasoning models.
         max_completion_tokens: Some(request.max_output_tokens),
         temperature: request.temperature,
-        response_format: request
-            .response_schema
-            .as_ref()
-            .map(|schema| ResponseFormat::JsonSchema {
+        response_format: request.response_schema.as_ref().map(|schema| {
+            ResponseFormat::JsonSchema {
                 json_schema: ResponseFormatJsonSchema {
                     description: None,
                     name: schema.name.clone(),
                     schema: schema.schema.clone(),
                     strict: Some(true),
                 },
-            }),
+            }
+        }),
         ..Default::default()
     }
 }
@@ -310,8 +309,8 @@ impl DoneScanner {
         let mut found = false;
         for &byte in bytes {
             if byte == b'\n' || byte == b'\r' {
-                found |= !self.too_long
-                    && (self.line == b"data: [DONE]" || self.line == b"data:[DONE]");
+                found |=
+                    !self.too_long && (self.line == b"data: [DONE]" || self.line == b"data:[DONE]");
                 self.line.clear();
                 self.too_long = false;
             } else if self.line.len() < Self::LONGEST {
@@ -451,17 +450,16 @@ fn finish_reason(reason: WireFinishReason) -> FinishReason {
 
 /// An error from `create_stream`, i.e. before any byte of the stream was read.
 fn setup_error(err: OpenAIError, answer: Option<&AnswerMeta>, endpoint: &str) -> ProviderError {
-    let http = |status: u16,
-                error_type: Option<String>,
-                code: Option<String>,
-                message: String| ProviderError::Http {
-        provider: KIND,
-        status,
-        error_type,
-        code,
-        message,
-        retry_after: answer.and_then(|a| a.retry_after),
-        request_id: answer.and_then(|a| a.request_id.clone()),
+    let http = |status: u16, error_type: Option<String>, code: Option<String>, message: String| {
+        ProviderError::Http {
+            provider: KIND,
+            status,
+            error_type,
+            code,
+            message,
+            retry_after: answer.and_then(|a| a.retry_after),
+            request_id: answer.and_then(|a| a.request_id.clone()),
+        }
     };
     match err {
         OpenAIError::ApiError(api) => http(
@@ -471,12 +469,9 @@ fn setup_error(err: OpenAIError, answer: Option<&AnswerMeta>, endpoint: &str) ->
             api.api_error.message,
         ),
         // A non-2xx answer whose body is not the usual `{"error": …}` JSON.
-        OpenAIError::JSONDeserialize(_, raw) if answer.is_some_and(|a| a.status >= 300) => http(
-            answer.map_or(0, |a| a.status),
-            None,
-            None,
-            truncate(&raw),
-        ),
+        OpenAIError::JSONDeserialize(_, raw) if answer.is_some_and(|a| a.status >= 300) => {
+            http(answer.map_or(0, |a| a.status), None, None, truncate(&raw))
+        }
         OpenAIError::Reqwest(e) if answer.is_some() => http(
             answer.map_or(0, |a| a.status),
             None,

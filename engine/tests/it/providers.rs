@@ -4,6 +4,9 @@
 //! answer (an SSE body or an error status). It is a test double, not the simulator: it checks the
 //! request the provider builds and how each kind of answer surfaces as `ProviderEvent`s.
 
+// Test helpers outside `#[test]` functions may unwrap too: a failure here is a broken fixture.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -406,10 +409,16 @@ async fn anthropic_streams_tool_json_and_sends_the_expected_request() {
     assert_eq!(req.body["stream"], true);
     assert_eq!(req.body["system"], "Be brief.");
     assert_eq!(req.body["temperature"], 0.5);
-    assert_eq!(req.body["messages"], json!([{"role": "user", "content": "Hi"}]));
+    assert_eq!(
+        req.body["messages"],
+        json!([{"role": "user", "content": "Hi"}])
+    );
     assert_eq!(req.body["tools"][0]["name"], "answer");
     assert_eq!(req.body["tools"][0]["input_schema"]["type"], "object");
-    assert_eq!(req.body["tool_choice"], json!({"type": "tool", "name": "answer"}));
+    assert_eq!(
+        req.body["tool_choice"],
+        json!({"type": "tool", "name": "answer"})
+    );
 }
 
 #[tokio::test]
@@ -506,7 +515,9 @@ async fn anthropic_in_stream_error_event_and_wrong_content_type() {
     let provider = AnthropicProvider::new(&fixture.config()).unwrap();
     let events = collect(&provider, request(true)).await;
     let err = last_error(&events);
-    assert!(matches!(err, ProviderError::InStream { error_type, .. } if error_type == "overloaded_error"));
+    assert!(
+        matches!(err, ProviderError::InStream { error_type, .. } if error_type == "overloaded_error")
+    );
     assert!(err.is_retryable());
     assert_eq!(fixture.requests().len(), 1);
 
