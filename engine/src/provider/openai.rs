@@ -107,19 +107,18 @@ impl OpenAiProvider {
     /// (3 retries on 429/5xx/connect errors, sleeping up to 8 s or `retry-after`). The router owns
     /// retry and fallback policy and must see every failure at once, so we replace the whole
     /// executor with `with_http_service` (feature `middleware`), which uses exactly the tower
-    /// service it is given and nothing else: one HTTP request per attempt. `with_http_client` is
-    /// still called first because the SDK builds requests with that client.
+    /// service it is given and nothing else: one HTTP request per attempt. `Client::build` is used
+    /// rather than `with_config` because the latter builds a fresh default `reqwest::Client`
+    /// (TLS roots and all) on every call; the SDK builds its requests with the client given here.
     ///
     /// The service is per attempt because it also records what the SDK does not expose: the
     /// status and `retry-after`/`x-request-id` headers of the answer, and whether the body
     /// carried the `[DONE]` terminator.
     fn attempt_client(&self, wire: Arc<AttemptWire>) -> Client<OpenAIConfig> {
-        Client::with_config(self.config.clone())
-            .with_http_client(self.http.clone())
-            .with_http_service(AttemptService {
-                http: self.http.clone(),
-                wire,
-            })
+        Client::build(self.http.clone(), self.config.clone()).with_http_service(AttemptService {
+            http: self.http.clone(),
+            wire,
+        })
     }
 }
 
