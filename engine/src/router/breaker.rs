@@ -133,7 +133,7 @@ impl Breakers {
                 consecutive_failures: 0,
             });
         let open = CircuitState::Open {
-            until: Instant::now() + self.config.cool_down,
+            until: super::deadline_in(self.config.cool_down),
         };
         *state = match (*state, admission) {
             (_, Admission::Trial) => open,

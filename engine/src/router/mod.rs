@@ -221,6 +221,10 @@ impl Router {
     }
 
     /// One catalog model, retried on the same model only (no fallback): for direct model calls.
+    #[expect(
+        clippy::result_large_err,
+        reason = "RouteError keeps the API's shape (ProviderError inline); errors are once per request"
+    )]
     pub fn stream_model(
         &self,
         model_id: &str,
@@ -266,6 +270,14 @@ impl fmt::Debug for Router {
             .field("config", &self.inner.config)
             .finish()
     }
+}
+
+/// `now + after`, saturating far in the future: a configured `Duration::MAX` means "never",
+/// and `Instant + Duration` would panic on overflow.
+pub(crate) fn deadline_in(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(60 * 60 * 24 * 365))
 }
 
 pin_project! {

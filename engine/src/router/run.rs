@@ -17,7 +17,7 @@ use crate::tokenize::count_prompt_tokens;
 use super::attempt::{AttemptError, AttemptMeter, AttemptRecord, wall_clock};
 use super::breaker::{Admission, Refusal};
 use super::outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
-use super::{InSpan, Providers, RouteEvent, RouteRequest, Shared};
+use super::{InSpan, Providers, RouteEvent, RouteRequest, Shared, deadline_in};
 
 /// A model the route may call, with its provider resolved.
 struct Candidate {
@@ -95,6 +95,10 @@ struct InFlight {
 }
 
 /// What happened to one provider event.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once per event, like the RouteEvent it carries; boxing would allocate per delta"
+)]
 enum Step {
     Nothing,
     Forward(RouteEvent),
@@ -163,11 +167,11 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
             let request = run.plan.chat_request(&run.plan.candidates[idx].spec);
             let attempt_span = run.in_flight.as_ref().map(|f| f.span.clone()).unwrap_or_else(tracing::Span::none);
             let mut events = Box::pin(InSpan { inner: provider.stream(request), span: attempt_span });
-            let ttft_deadline = Instant::now() + run.shared.config.ttft_timeout;
+            let ttft_deadline = deadline_in(run.shared.config.ttft_timeout);
             let end = loop {
                 let content = run.has_content();
                 let deadline = if content {
-                    Instant::now() + run.shared.config.stall_timeout
+                    deadline_in(run.shared.config.stall_timeout)
                 } else {
                     ttft_deadline
                 };
@@ -417,7 +421,7 @@ impl RouteRun {
                 tracing::info!(parent: &span, retry_after_ms = wait.as_millis() as u64, "retry-after beyond the cap: skipping the model for this request");
                 self.excluded[idx] = true;
             } else {
-                self.not_before[idx] = Some(Instant::now() + wait);
+                self.not_before[idx] = Some(deadline_in(wait));
             }
         }
         None

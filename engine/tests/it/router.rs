@@ -3,6 +3,9 @@
 //! Each fake replays one script per call (events, waits, a hang) and counts calls, call times
 //! and closed streams, so the tests see exactly what the router asked of each provider.
 
+// clippy's allow-unwrap-in-tests covers `#[test]` functions, not the helpers around them.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
