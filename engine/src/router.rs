@@ -1,1 +1,0 @@
-//! Routing a process to its primary and fallback models (filled by the router work).
