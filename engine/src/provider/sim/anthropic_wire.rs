@@ -161,24 +161,35 @@ fn text_of(content: &Value) -> Option<String> {
     }
 }
 
-fn parse(value: &Value) -> Result<Request, Response> {
+/// Why a request was rejected with 400 `invalid_request_error`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Invalid(String);
+
+impl Invalid {
+    fn new(message: &str) -> Invalid {
+        Invalid(message.to_owned())
+    }
+}
+
+fn parse(value: &Value) -> Result<Request, Invalid> {
     let Some(model) = value
         .get("model")
         .and_then(Value::as_str)
         .filter(|m| !m.is_empty())
     else {
-        return Err(bad_request("model: Field required"));
+        return Err(Invalid::new("model: Field required"));
     };
     let Some(max_tokens) = value.get("max_tokens") else {
-        return Err(bad_request("max_tokens: Field required"));
+        return Err(Invalid::new("max_tokens: Field required"));
     };
     let Some(max_tokens) = max_tokens.as_u64().filter(|n| *n >= 1) else {
-        return Err(bad_request(&format!(
+        return Err(Invalid::new(&format!(
             "max_tokens: Input should be an integer greater than or equal to 1, got {max_tokens}"
         )));
     };
     let Some(raw_messages) = value.get("messages").and_then(Value::as_array) else {
-        return Err(bad_request("messages: Field required"));
+        return Err(Invalid::new("messages: Field required"));
     };
     let mut messages = Vec::with_capacity(raw_messages.len());
     for (i, m) in raw_messages.iter().enumerate() {
@@ -186,27 +197,27 @@ fn parse(value: &Value) -> Result<Request, Response> {
             Some("user") => Role::User,
             Some("assistant") => Role::Assistant,
             _ => {
-                return Err(bad_request(&format!(
+                return Err(Invalid::new(&format!(
                     "messages.{i}.role: Input should be 'user' or 'assistant'"
                 )));
             }
         };
         let Some(content) = m.get("content").and_then(text_of) else {
-            return Err(bad_request(&format!(
+            return Err(Invalid::new(&format!(
                 "messages.{i}.content: Input should be a valid string or a list of content blocks"
             )));
         };
         messages.push(ChatMessage { role, content });
     }
     if messages.is_empty() {
-        return Err(bad_request("messages: at least one message is required"));
+        return Err(Invalid::new("messages: at least one message is required"));
     }
     let system = match value.get("system") {
         None | Some(Value::Null) => None,
         Some(s) => match text_of(s) {
             Some(text) => Some(text),
             None => {
-                return Err(bad_request(
+                return Err(Invalid::new(
                     "system: Input should be a valid string or a list of text blocks",
                 ));
             }
@@ -215,7 +226,7 @@ fn parse(value: &Value) -> Result<Request, Response> {
     let tool = match value.get("tool_choice") {
         Some(choice) if choice.get("type").and_then(Value::as_str) == Some("tool") => {
             let Some(name) = choice.get("name").and_then(Value::as_str) else {
-                return Err(bad_request("tool_choice.name: Field required"));
+                return Err(Invalid::new("tool_choice.name: Field required"));
             };
             let schema = value
                 .get("tools")
@@ -227,7 +238,7 @@ fn parse(value: &Value) -> Result<Request, Response> {
                 })
                 .and_then(|t| t.get("input_schema"));
             let Some(schema) = schema else {
-                return Err(bad_request(&format!(
+                return Err(Invalid::new(&format!(
                     "tool_choice: tool '{name}' was not found in 'tools' (or has no input_schema)"
                 )));
             };
@@ -336,7 +347,7 @@ pub(crate) async fn messages(
     }
     let request = match parse(&value) {
         Ok(r) => r,
-        Err(response) => return response,
+        Err(e) => return bad_request(&e.0),
     };
     let plan = match state.rules.plan(
         &request.model,

@@ -165,27 +165,40 @@ fn text_of(content: &Value) -> Option<String> {
     }
 }
 
-fn parse(value: &Value) -> Result<Request, Response> {
+/// Why a request was rejected with 400; turned into OpenAI's error body by the handler.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct Invalid {
+    message: String,
+    param: Option<String>,
+    code: Option<&'static str>,
+}
+
+fn invalid(message: &str, param: Option<&str>, code: Option<&'static str>) -> Invalid {
+    Invalid {
+        message: message.to_owned(),
+        param: param.map(str::to_owned),
+        code,
+    }
+}
+
+fn parse(value: &Value) -> Result<Request, Invalid> {
     let Some(model) = value
         .get("model")
         .and_then(Value::as_str)
         .filter(|m| !m.is_empty())
     else {
-        return Err(bad_request(
-            "you must provide a model parameter",
-            None,
-            None,
-        ));
+        return Err(invalid("you must provide a model parameter", None, None));
     };
     let Some(raw_messages) = value.get("messages").and_then(Value::as_array) else {
-        return Err(bad_request(
+        return Err(invalid(
             "Missing required parameter: 'messages'.",
             Some("messages"),
             Some("missing_required_parameter"),
         ));
     };
     if raw_messages.is_empty() {
-        return Err(bad_request(
+        return Err(invalid(
             "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
             Some("messages"),
             Some("empty_array"),
@@ -196,7 +209,7 @@ fn parse(value: &Value) -> Result<Request, Response> {
     for (i, m) in raw_messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("");
         let Some(content) = text_of(m.get("content").unwrap_or(&Value::Null)) else {
-            return Err(bad_request(
+            return Err(invalid(
                 &format!(
                     "Invalid type for 'messages[{i}].content': expected a string or an array of content parts."
                 ),
@@ -215,7 +228,7 @@ fn parse(value: &Value) -> Result<Request, Response> {
                 content,
             }),
             other => {
-                return Err(bad_request(
+                return Err(invalid(
                     &format!(
                         "Invalid value: '{other}'. Supported values are: 'system', 'assistant', 'user', 'function', 'tool', and 'developer'."
                     ),
@@ -231,7 +244,7 @@ fn parse(value: &Value) -> Result<Request, Response> {
         .unwrap_or(false);
     let stream_options = value.get("stream_options").filter(|v| !v.is_null());
     if stream_options.is_some() && !stream {
-        return Err(bad_request(
+        return Err(invalid(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             Some("stream_options"),
             Some("invalid_value"),
@@ -251,7 +264,7 @@ fn parse(value: &Value) -> Result<Request, Response> {
                     break;
                 }
                 None => {
-                    return Err(bad_request(
+                    return Err(invalid(
                         &format!("Invalid '{key}': expected an integer >= 1, got {v}."),
                         Some(key),
                         Some("invalid_value"),
@@ -265,7 +278,7 @@ fn parse(value: &Value) -> Result<Request, Response> {
         Some("json_schema") => {
             let spec = format.and_then(|f| f.get("json_schema"));
             let Some(name) = spec.and_then(|s| s.get("name")).and_then(Value::as_str) else {
-                return Err(bad_request(
+                return Err(invalid(
                     "Missing required parameter: 'response_format.json_schema.name'.",
                     Some("response_format.json_schema.name"),
                     Some("missing_required_parameter"),
@@ -361,7 +374,7 @@ pub(crate) async fn chat_completions(
     }
     let request = match parse(&value) {
         Ok(r) => r,
-        Err(response) => return response,
+        Err(e) => return bad_request(&e.message, e.param.as_deref(), e.code),
     };
     let plan = match state.rules.plan(
         &request.model,
