@@ -27,5 +27,7 @@ pub use output::{
 };
 
 
+pub use partial::PartialJson;
+pub use pipeline::{PIPELINE, PipelineError, Stage, ToolDefinition};
 pub use process::{Process, UnknownProcess};
 pub use prompt::{RenderedPrompt, render};

@@ -114,3 +114,16 @@ fn walk(schema: &Value, path: &str, out: &mut Vec<String>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Process;
+
+    #[test]
+    fn dump() {
+        for p in Process::ALL {
+            println!("{}", serde_json::to_string_pretty(crate::output_schema(p)).unwrap());
+        }
+    }
+}
