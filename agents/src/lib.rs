@@ -20,6 +20,9 @@ pub mod samples;
 pub mod schema;
 pub mod style_master;
 
+#[cfg(test)]
+mod tests;
+
 pub use error::{AgentError, OutputError, OutputErrors};
 pub use output::{
     extract_json, output_schema, parse_and_validate, parse_and_validate_with_input,

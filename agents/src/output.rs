@@ -124,9 +124,16 @@ fn schema_problems(process: Process, value: &Value) -> Problems {
     let mut p = Problems::new();
     if let Some(validator) = &compiled(process).validator {
         for e in validator.iter_errors(value) {
+            // Quoting a whole object or array back at the model buries the point; scalars are
+            // short and worth echoing (`"spreadsheet" is not one of …`).
+            let message = if e.instance().is_object() || e.instance().is_array() {
+                e.masked().to_string()
+            } else {
+                e.to_string()
+            };
             p.push(
                 pointer_to_path(path_root(process), e.instance_path().as_str()),
-                shorten(e.to_string()),
+                shorten(message),
             );
         }
     }
@@ -157,21 +164,11 @@ fn serialise<T: Serialize>(process: Process, out: &T) -> Result<Value, OutputErr
     })
 }
 
-/// Schema errors first; then, if the value still fits the Rust type, the semantic errors not
-/// already reported at the same path (one repair round should see everything).
-fn merge(schema: Problems, semantic: Problems) -> Problems {
-    let schema = schema.into_vec();
-    let mut out = Problems::new();
-    let paths: Vec<String> = schema.iter().map(|e| e.path.clone()).collect();
-    for e in schema {
-        out.push(e.path, e.message);
-    }
-    for e in semantic.into_vec() {
-        if !paths.contains(&e.path) {
-            out.push(e.path, e.message);
-        }
-    }
-    out
+/// Schema errors first, then (when the value still fits the Rust type) the semantic ones: the
+/// single repair round should see everything, even if two messages describe one problem.
+fn merge(mut schema: Problems, semantic: Problems) -> Problems {
+    schema.extend(semantic);
+    schema
 }
 
 fn check<T: DeserializeOwned + Serialize>(

@@ -118,12 +118,22 @@ fn walk(schema: &Value, path: &str, out: &mut Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Process;
+    use serde_json::json;
 
     #[test]
-    fn dump() {
-        for p in Process::ALL {
-            println!("{}", serde_json::to_string_pretty(crate::output_schema(p)).unwrap());
-        }
+    fn violations_catch_loose_schemas() {
+        let loose = json!({
+            "type": "object",
+            "properties": {
+                "a": {"type": "string", "format": "date"},
+                "b": {"type": "object", "properties": {"c": {"type": "number"}}, "required": [], "additionalProperties": false}
+            },
+            "required": ["a"]
+        });
+        let v = strict_violations(&loose);
+        assert!(v.iter().any(|m| m == "#: additionalProperties must be false"), "{v:?}");
+        assert!(v.iter().any(|m| m == "#: property `b` is not in required"), "{v:?}");
+        assert!(v.iter().any(|m| m.contains("/properties/a: `format`")), "{v:?}");
+        assert!(v.iter().any(|m| m.contains("/properties/b: property `c`")), "{v:?}");
     }
 }
