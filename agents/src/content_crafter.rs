@@ -101,12 +101,18 @@ pub fn validate(c: &ToolContent) -> Problems {
         }
     }
     if c.title.chars().count() > 80 {
-        p.push("content.title", format!("{} characters; keep it within 80", c.title.chars().count()));
+        p.push(
+            "content.title",
+            format!("{} characters; keep it within 80", c.title.chars().count()),
+        );
     }
     let mut names = HashSet::new();
     for (i, input) in c.inputs.iter().enumerate() {
         if !names.insert(input.name.as_str()) {
-            p.push(format!("content.inputs[{i}].name"), format!("{:?} has copy twice", input.name));
+            p.push(
+                format!("content.inputs[{i}].name"),
+                format!("{:?} has copy twice", input.name),
+            );
         }
         if input.label.trim().is_empty() {
             p.push(format!("content.inputs[{i}].label"), "must not be empty");
@@ -118,23 +124,41 @@ pub fn validate(c: &ToolContent) -> Problems {
     let mut bands = HashSet::new();
     for (i, m) in c.result_messages.iter().enumerate() {
         if !bands.insert(m.band_id.as_str()) {
-            p.push(format!("content.resultMessages[{i}].bandId"), format!("{:?} has two messages", m.band_id));
+            p.push(
+                format!("content.resultMessages[{i}].bandId"),
+                format!("{:?} has two messages", m.band_id),
+            );
         }
         if m.message.trim().is_empty() {
-            p.push(format!("content.resultMessages[{i}].message"), "must not be empty");
+            p.push(
+                format!("content.resultMessages[{i}].message"),
+                "must not be empty",
+            );
         }
     }
     let fields = &c.lead_form.fields;
     if fields.is_empty() || fields.len() > 5 {
-        p.push("content.leadForm.fields", format!("expected 1 to 5 fields, got {}", fields.len()));
+        p.push(
+            "content.leadForm.fields",
+            format!("expected 1 to 5 fields, got {}", fields.len()),
+        );
     }
-    if !fields.iter().any(|f| f.kind == LeadFieldKind::Email && f.required) {
-        p.push("content.leadForm.fields", "needs a required email field: the form exists to capture the lead");
+    if !fields
+        .iter()
+        .any(|f| f.kind == LeadFieldKind::Email && f.required)
+    {
+        p.push(
+            "content.leadForm.fields",
+            "needs a required email field: the form exists to capture the lead",
+        );
     }
     let mut field_names = HashSet::new();
     for (i, f) in fields.iter().enumerate() {
         if !field_names.insert(f.name.as_str()) {
-            p.push(format!("content.leadForm.fields[{i}].name"), format!("{:?} is used twice", f.name));
+            p.push(
+                format!("content.leadForm.fields[{i}].name"),
+                format!("{:?} is used twice", f.name),
+            );
         }
     }
     p
@@ -147,23 +171,43 @@ pub fn validate_against(c: &ToolContent, logic: &ToolLogic) -> Problems {
     let declared: Vec<&str> = logic.inputs.iter().map(|i| i.name.as_str()).collect();
     for name in &declared {
         if !c.inputs.iter().any(|i| i.name == *name) {
-            p.push("content.inputs", format!("no label/helpText for input `{name}`; add {{\"name\": \"{name}\", …}}"));
+            p.push(
+                "content.inputs",
+                format!("no label/helpText for input `{name}`; add {{\"name\": \"{name}\", …}}"),
+            );
         }
     }
     for (i, copy) in c.inputs.iter().enumerate() {
         if !declared.contains(&copy.name.as_str()) {
-            p.push(format!("content.inputs[{i}].name"), format!("`{}` is not a declared input (declared: {})", copy.name, declared.join(", ")));
+            p.push(
+                format!("content.inputs[{i}].name"),
+                format!(
+                    "`{}` is not a declared input (declared: {})",
+                    copy.name,
+                    declared.join(", ")
+                ),
+            );
         }
     }
     let band_ids: Vec<&str> = logic.bands.iter().map(|b| b.id.as_str()).collect();
     for id in &band_ids {
         if !c.result_messages.iter().any(|m| m.band_id == *id) {
-            p.push("content.resultMessages", format!("no message for band `{id}`; add {{\"bandId\": \"{id}\", …}}"));
+            p.push(
+                "content.resultMessages",
+                format!("no message for band `{id}`; add {{\"bandId\": \"{id}\", …}}"),
+            );
         }
     }
     for (i, m) in c.result_messages.iter().enumerate() {
         if !band_ids.contains(&m.band_id.as_str()) {
-            p.push(format!("content.resultMessages[{i}].bandId"), format!("`{}` is not a declared band (declared: {})", m.band_id, band_ids.join(", ")));
+            p.push(
+                format!("content.resultMessages[{i}].bandId"),
+                format!(
+                    "`{}` is not a declared band (declared: {})",
+                    m.band_id,
+                    band_ids.join(", ")
+                ),
+            );
         }
     }
     p

@@ -196,7 +196,11 @@ impl Parser<'_> {
     }
 
     fn skip_ws(&mut self) {
-        while self.bytes.get(self.pos).is_some_and(u8::is_ascii_whitespace) {
+        while self
+            .bytes
+            .get(self.pos)
+            .is_some_and(u8::is_ascii_whitespace)
+        {
             self.pos += 1;
         }
     }
@@ -244,7 +248,9 @@ impl Parser<'_> {
 
     fn atom(&mut self, depth: usize) -> Result<Expr, ParseError> {
         match self.peek() {
-            None => Err(self.error("expected a number, a name or `(` but the expression ended".into())),
+            None => {
+                Err(self.error("expected a number, a name or `(` but the expression ended".into()))
+            }
             Some(b'(') => {
                 self.pos += 1;
                 let inner = self.expr(depth + 1)?;
@@ -294,7 +300,11 @@ impl Parser<'_> {
                         at: start,
                         message: format!(
                             "`{name}` takes {}, got {} argument(s)",
-                            if func == Func::Round { "1 or 2 arguments" } else { "at least 2 arguments" },
+                            if func == Func::Round {
+                                "1 or 2 arguments"
+                            } else {
+                                "at least 2 arguments"
+                            },
                             args.len()
                         ),
                     });
@@ -352,9 +362,15 @@ mod tests {
         assert_eq!(eval("-2 * -3", &[]), 6.0);
         assert_eq!(eval("10 - 4 - 3", &[]), 3.0);
         assert_eq!(eval("12 / 4 / 3", &[]), 1.0);
-        assert_eq!(eval("max(a, b, 2) + min(a, b)", &[("a", 5.0), ("b", 1.0)]), 6.0);
+        assert_eq!(
+            eval("max(a, b, 2) + min(a, b)", &[("a", 5.0), ("b", 1.0)]),
+            6.0
+        );
         assert_eq!(eval("round(2.345, 2)", &[]), 2.35);
-        assert_eq!(eval("round(hours * rate)", &[("hours", 1.5), ("rate", 3.0)]), 5.0);
+        assert_eq!(
+            eval("round(hours * rate)", &[("hours", 1.5), ("rate", 3.0)]),
+            5.0
+        );
     }
 
     #[test]
@@ -367,16 +383,44 @@ mod tests {
     fn errors_say_what_and_where() {
         let err = Expr::parse("a + * b").unwrap_err();
         assert_eq!(err.at, 4);
-        assert!(Expr::parse("sqrt(a)").unwrap_err().message.contains("unknown function `sqrt`"));
-        assert!(Expr::parse("(a + b").unwrap_err().message.contains("expected `)`"));
-        assert!(Expr::parse("a b").unwrap_err().message.contains("unexpected `b`"));
-        assert!(Expr::parse("1.2.3").unwrap_err().message.contains("not a number"));
+        assert!(
+            Expr::parse("sqrt(a)")
+                .unwrap_err()
+                .message
+                .contains("unknown function `sqrt`")
+        );
+        assert!(
+            Expr::parse("(a + b")
+                .unwrap_err()
+                .message
+                .contains("expected `)`")
+        );
+        assert!(
+            Expr::parse("a b")
+                .unwrap_err()
+                .message
+                .contains("unexpected `b`")
+        );
+        assert!(
+            Expr::parse("1.2.3")
+                .unwrap_err()
+                .message
+                .contains("not a number")
+        );
         assert!(Expr::parse("").is_err());
-        assert!(Expr::parse("min(a)").unwrap_err().message.contains("at least 2"));
+        assert!(
+            Expr::parse("min(a)")
+                .unwrap_err()
+                .message
+                .contains("at least 2")
+        );
         let deep = "(".repeat(500) + "1" + &")".repeat(500);
         assert!(Expr::parse(&deep).is_err());
         let vars = HashMap::new();
-        assert_eq!(Expr::parse("1 / 0").unwrap().eval(&vars), Err(EvalError::NotFinite));
+        assert_eq!(
+            Expr::parse("1 / 0").unwrap().eval(&vars),
+            Err(EvalError::NotFinite)
+        );
         assert_eq!(
             Expr::parse("x").unwrap().eval(&vars),
             Err(EvalError::Unknown("x".into()))

@@ -29,7 +29,6 @@ pub use output::{
     process_for_schema, repair_prompt, schema_name, validate_value,
 };
 
-
 pub use partial::PartialJson;
 pub use pipeline::{PIPELINE, PipelineError, Stage, ToolDefinition};
 pub use process::{Process, UnknownProcess};

@@ -153,12 +153,7 @@ impl InputDef {
     fn candidate_values(&self) -> Vec<f64> {
         let mut v = match self.kind {
             InputKind::Boolean => vec![0.0, 1.0],
-            InputKind::Select => self
-                .options
-                .iter()
-                .flatten()
-                .map(|o| o.value)
-                .collect(),
+            InputKind::Select => self.options.iter().flatten().map(|o| o.value).collect(),
             _ => [self.min, self.max].into_iter().flatten().collect(),
         };
         v.retain(|x| x.is_finite());
@@ -197,12 +192,24 @@ pub fn validate(logic: &ToolLogic) -> (Problems, Option<ScoreRange>) {
     for (i, f) in logic.formulas.iter().enumerate() {
         let at = format!("logic.formulas[{i}]");
         check_name(&mut p, &format!("{at}.name"), &f.name, &mut seen);
-        if let Some(expr) = check_expression(&mut p, &format!("{at}.expression"), &f.expression, &declared, &logic.formulas[i..]) {
+        if let Some(expr) = check_expression(
+            &mut p,
+            &format!("{at}.expression"),
+            &f.expression,
+            &declared,
+            &logic.formulas[i..],
+        ) {
             parsed.push((f.name.clone(), expr));
         }
         declared.push(&f.name);
     }
-    let score = check_expression(&mut p, "logic.score.expression", &logic.score.expression, &declared, &[]);
+    let score = check_expression(
+        &mut p,
+        "logic.score.expression",
+        &logic.score.expression,
+        &declared,
+        &[],
+    );
     if logic.score.label.trim().is_empty() {
         p.push("logic.score.label", "must not be empty");
     }
@@ -219,12 +226,23 @@ pub fn validate(logic: &ToolLogic) -> (Problems, Option<ScoreRange>) {
 
 fn check_name<'a>(p: &mut Problems, at: &str, name: &'a str, seen: &mut HashSet<&'a str>) {
     if !is_identifier(name) {
-        p.push(at, format!("{name:?} is not an identifier (a letter, then letters, digits or _; at most 40)"));
+        p.push(
+            at,
+            format!(
+                "{name:?} is not an identifier (a letter, then letters, digits or _; at most 40)"
+            ),
+        );
     } else if FUNCTIONS.contains(&name) {
-        p.push(at, format!("{name:?} is a function name; choose another name"));
+        p.push(
+            at,
+            format!("{name:?} is a function name; choose another name"),
+        );
     }
     if !seen.insert(name) {
-        p.push(at, format!("{name:?} is declared twice; input and formula names must be unique"));
+        p.push(
+            at,
+            format!("{name:?} is declared twice; input and formula names must be unique"),
+        );
     }
 }
 
@@ -253,7 +271,10 @@ fn check_expression(
         } else {
             p.push(
                 at,
-                format!("uses `{name}`, which is not a declared input or formula (declared: {})", declared.join(", ")),
+                format!(
+                    "uses `{name}`, which is not a declared input or formula (declared: {})",
+                    declared.join(", ")
+                ),
             );
         }
     }
@@ -274,15 +295,24 @@ fn validate_input(p: &mut Problems, at: &str, input: &InputDef) {
             return;
         };
         if min >= max {
-            p.push(format!("{at}.min"), format!("min {} must be below max {}", num(min), num(max)));
+            p.push(
+                format!("{at}.min"),
+                format!("min {} must be below max {}", num(min), num(max)),
+            );
         }
         if let Some(step) = input.step
             && step <= 0.0
         {
-            p.push(format!("{at}.step"), format!("step {} must be positive", num(step)));
+            p.push(
+                format!("{at}.step"),
+                format!("step {} must be positive", num(step)),
+            );
         }
         if input.options.as_ref().is_some_and(|o| !o.is_empty()) {
-            p.push(format!("{at}.options"), "only select inputs have options; use null");
+            p.push(
+                format!("{at}.options"),
+                "only select inputs have options; use null",
+            );
         }
         if d < min || d > max {
             p.push(
@@ -291,41 +321,68 @@ fn validate_input(p: &mut Problems, at: &str, input: &InputDef) {
             );
         }
         if input.kind == InputKind::Integer && d.fract() != 0.0 {
-            p.push(format!("{at}.default"), format!("{} is not a whole number", num(d)));
+            p.push(
+                format!("{at}.default"),
+                format!("{} is not a whole number", num(d)),
+            );
         }
         return;
     }
     match input.kind {
         InputKind::Boolean => {
             if d != 0.0 && d != 1.0 {
-                p.push(format!("{at}.default"), format!("{} must be 0 or 1 for a boolean", num(d)));
+                p.push(
+                    format!("{at}.default"),
+                    format!("{} must be 0 or 1 for a boolean", num(d)),
+                );
             }
         }
         _ => {
             let options = input.options.as_deref().unwrap_or_default();
             if options.len() < 2 {
-                p.push(format!("{at}.options"), format!("a select needs at least 2 options, got {}", options.len()));
+                p.push(
+                    format!("{at}.options"),
+                    format!("a select needs at least 2 options, got {}", options.len()),
+                );
             }
             let mut labels = HashSet::new();
             for (j, o) in options.iter().enumerate() {
                 if !labels.insert(o.label.trim().to_lowercase()) {
-                    p.push(format!("{at}.options[{j}].label"), format!("{:?} repeats an earlier option", o.label));
+                    p.push(
+                        format!("{at}.options[{j}].label"),
+                        format!("{:?} repeats an earlier option", o.label),
+                    );
                 }
             }
             if !options.is_empty() && !options.iter().any(|o| o.value == d) {
                 let values: Vec<String> = options.iter().map(|o| num(o.value)).collect();
                 p.push(
                     format!("{at}.default"),
-                    format!("{} is not one of the option values {}", num(d), values.join(", ")),
+                    format!(
+                        "{} is not one of the option values {}",
+                        num(d),
+                        values.join(", ")
+                    ),
                 );
             }
         }
     }
 }
 
-fn score_range(p: &mut Problems, logic: &ToolLogic, formulas: &[(String, Expr)], score: &Expr) -> Option<ScoreRange> {
-    let candidates: Vec<Vec<f64>> = logic.inputs.iter().map(InputDef::candidate_values).collect();
-    let total = candidates.iter().try_fold(1usize, |acc, c| acc.checked_mul(c.len()));
+fn score_range(
+    p: &mut Problems,
+    logic: &ToolLogic,
+    formulas: &[(String, Expr)],
+    score: &Expr,
+) -> Option<ScoreRange> {
+    let candidates: Vec<Vec<f64>> = logic
+        .inputs
+        .iter()
+        .map(InputDef::candidate_values)
+        .collect();
+    let total = candidates
+        .iter()
+        .try_fold(1usize, |acc, c| acc.checked_mul(c.len()));
     let Some(total) = total.filter(|t| *t <= MAX_POINTS) else {
         p.push("logic.inputs", format!("too many input combinations to check the score range (limit {MAX_POINTS}); use fewer inputs or options"));
         return None;
@@ -348,14 +405,22 @@ fn score_range(p: &mut Problems, logic: &ToolLogic, formulas: &[(String, Expr)],
                     vars.insert(name, v);
                 }
                 Err(e) => {
-                    failed = Some((format!("logic.formulas[{}].expression", formulas.iter().position(|(n, _)| n == name).unwrap_or(0)), e));
+                    failed = Some((
+                        format!(
+                            "logic.formulas[{}].expression",
+                            formulas.iter().position(|(n, _)| n == name).unwrap_or(0)
+                        ),
+                        e,
+                    ));
                     break;
                 }
             }
         }
         let result = match failed {
             Some(f) => Err(f),
-            None => score.eval(&vars).map_err(|e| ("logic.score.expression".to_owned(), e)),
+            None => score
+                .eval(&vars)
+                .map_err(|e| ("logic.score.expression".to_owned(), e)),
         };
         match result {
             Ok(v) => {
@@ -366,9 +431,21 @@ fn score_range(p: &mut Problems, logic: &ToolLogic, formulas: &[(String, Expr)],
                 let point: Vec<String> = logic
                     .inputs
                     .iter()
-                    .map(|i| format!("{}={}", i.name, num(vars.get(i.name.as_str()).copied().unwrap_or(f64::NAN))))
+                    .map(|i| {
+                        format!(
+                            "{}={}",
+                            i.name,
+                            num(vars.get(i.name.as_str()).copied().unwrap_or(f64::NAN))
+                        )
+                    })
                     .collect();
-                p.push(at, format!("{e} when {}; adjust the ranges or guard with max(x, 1)", point.join(", ")));
+                p.push(
+                    at,
+                    format!(
+                        "{e} when {}; adjust the ranges or guard with max(x, 1)",
+                        point.join(", ")
+                    ),
+                );
                 return None;
             }
         }
@@ -393,25 +470,52 @@ fn validate_bands(p: &mut Problems, bands: &[Band], range: Option<ScoreRange>) {
     for (i, b) in bands.iter().enumerate() {
         let at = format!("logic.bands[{i}]");
         if !is_identifier(&b.id) {
-            p.push(format!("{at}.id"), format!("{:?} is not an identifier", b.id));
+            p.push(
+                format!("{at}.id"),
+                format!("{:?} is not an identifier", b.id),
+            );
         }
         if !ids.insert(b.id.as_str()) {
-            p.push(format!("{at}.id"), format!("{:?} is used by an earlier band; band ids must be unique", b.id));
+            p.push(
+                format!("{at}.id"),
+                format!(
+                    "{:?} is used by an earlier band; band ids must be unique",
+                    b.id
+                ),
+            );
         }
         if b.label.trim().is_empty() {
             p.push(format!("{at}.label"), "must not be empty");
         }
-        if !(b.min < b.max) {
-            p.push(at.clone(), format!("min {} must be below max {}", num(b.min), num(b.max)));
+        // JSON has no NaN, so `>=` is the full negation of `<` here.
+        if b.min >= b.max {
+            p.push(
+                at.clone(),
+                format!("min {} must be below max {}", num(b.min), num(b.max)),
+            );
         }
     }
     for (i, pair) in bands.windows(2).enumerate() {
         let (a, b) = (&pair[0], &pair[1]);
         let at = format!("logic.bands[{}]", i + 1);
         if b.min < a.min {
-            p.push(format!("{at}.min"), format!("bands must be sorted by min: {} comes after {}", num(b.min), num(a.min)));
+            p.push(
+                format!("{at}.min"),
+                format!(
+                    "bands must be sorted by min: {} comes after {}",
+                    num(b.min),
+                    num(a.min)
+                ),
+            );
         } else if b.min > a.max {
-            p.push(format!("{at}.min"), format!("gap: the previous band ends at {} but this one starts at {}; make them equal", num(a.max), num(b.min)));
+            p.push(
+                format!("{at}.min"),
+                format!(
+                    "gap: the previous band ends at {} but this one starts at {}; make them equal",
+                    num(a.max),
+                    num(b.min)
+                ),
+            );
         } else if b.min < a.max {
             p.push(format!("{at}.min"), format!("overlap: this band starts at {} but the previous one ends at {}; make them equal", num(b.min), num(a.max)));
         }
@@ -420,10 +524,28 @@ fn validate_bands(p: &mut Problems, bands: &[Band], range: Option<ScoreRange>) {
         let tol = 1e-9 * (1.0 + r.min.abs().max(r.max.abs()));
         let (first, last) = (&bands[0], &bands[bands.len() - 1]);
         if first.min > r.min + tol {
-            p.push("logic.bands[0].min", format!("{} leaves scores from {} uncovered; the score can reach {}..{}", num(first.min), num(r.min), num(r.min), num(r.max)));
+            p.push(
+                "logic.bands[0].min",
+                format!(
+                    "{} leaves scores from {} uncovered; the score can reach {}..{}",
+                    num(first.min),
+                    num(r.min),
+                    num(r.min),
+                    num(r.max)
+                ),
+            );
         }
         if last.max < r.max - tol {
-            p.push(format!("logic.bands[{}].max", bands.len() - 1), format!("{} leaves scores up to {} uncovered; the score can reach {}..{}", num(last.max), num(r.max), num(r.min), num(r.max)));
+            p.push(
+                format!("logic.bands[{}].max", bands.len() - 1),
+                format!(
+                    "{} leaves scores up to {} uncovered; the score can reach {}..{}",
+                    num(last.max),
+                    num(r.max),
+                    num(r.min),
+                    num(r.max)
+                ),
+            );
         }
     }
 }

@@ -81,7 +81,10 @@ pub fn validate(out: &MagicSparkOutput) -> Problems {
         if !c.name.trim().is_empty() && !names.insert(c.name.trim().to_lowercase()) {
             p.push(
                 format!("{at}.name"),
-                format!("{:?} repeats an earlier concept's name; names must be distinct", c.name),
+                format!(
+                    "{:?} repeats an earlier concept's name; names must be distinct",
+                    c.name
+                ),
             );
         }
         if !(2..=8).contains(&c.key_inputs.len()) {

@@ -88,7 +88,9 @@ pub fn extract_json(text: &str) -> Result<Value, String> {
         }
     }
     Err(match last_error {
-        Some(e) => format!("the answer contains no complete JSON object (first attempt failed: {e})"),
+        Some(e) => {
+            format!("the answer contains no complete JSON object (first attempt failed: {e})")
+        }
         None => "the answer contains no JSON object; answer with one JSON object only".to_owned(),
     })
 }
@@ -180,7 +182,11 @@ fn check<T: DeserializeOwned + Serialize>(
     let out: T = match typed(process, value) {
         Ok(out) => out,
         Err(type_problems) => {
-            let problems = if schema.is_empty() { type_problems } else { schema };
+            let problems = if schema.is_empty() {
+                type_problems
+            } else {
+                schema
+            };
             return Err(OutputErrors {
                 process,
                 errors: problems.into_vec(),
@@ -225,7 +231,11 @@ pub fn parse_and_validate(process: Process, text: &str) -> Result<Value, OutputE
 /// Like [`parse_and_validate`], and also checks the output against the agent's input where
 /// that matters: Content Crafter's copy must cover exactly the inputs and bands of the logic
 /// it was given.
-pub fn parse_and_validate_with_input(process: Process, text: &str, input: &Value) -> Result<Value, OutputErrors> {
+pub fn parse_and_validate_with_input(
+    process: Process,
+    text: &str,
+    input: &Value,
+) -> Result<Value, OutputErrors> {
     let value = parse_and_validate(process, text)?;
     if process == Process::ContentCrafter
         && let Ok(input) = serde_json::from_value::<ContentCrafterInput>(input.clone())

@@ -47,9 +47,15 @@ enum Token {
     None,
     /// Inside a string; `key` when it is an object key. `safe_end` is the byte offset up to which
     /// the contents are complete characters/escapes.
-    Str { key: bool, escape: u8, safe_end: usize },
+    Str {
+        key: bool,
+        escape: u8,
+        safe_end: usize,
+    },
     Number,
-    Literal { start: usize },
+    Literal {
+        start: usize,
+    },
 }
 
 /// Streaming best-effort JSON parser; see the module docs.

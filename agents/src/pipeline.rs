@@ -2,8 +2,8 @@
 //! data, the glue that builds each stage's input from earlier outputs, and the final
 //! [`ToolDefinition`] with its cross-check.
 
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::Process;
@@ -92,7 +92,9 @@ pub enum PipelineError {
     /// An earlier stage's output (or the business input) does not have the expected shape.
     #[error("{what} is not usable: {message}")]
     BadValue { what: &'static str, message: String },
-    #[error("concept index {index} does not exist: Magic Spark returned {available} concept(s) (indexes start at 0)")]
+    #[error(
+        "concept index {index} does not exist: Magic Spark returned {available} concept(s) (indexes start at 0)"
+    )]
     NoSuchConcept { index: usize, available: usize },
     /// The four outputs do not fit together; each error says where.
     #[error("the assembled tool is inconsistent: {}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
@@ -114,7 +116,10 @@ fn to_value<T: Serialize>(what: &'static str, v: &T) -> Result<Value, PipelineEr
 }
 
 /// Picks concept `choice` (default 0) from Magic Spark's output.
-pub fn choose_concept(spark_output: &Value, choice: Option<usize>) -> Result<Concept, PipelineError> {
+pub fn choose_concept(
+    spark_output: &Value,
+    choice: Option<usize>,
+) -> Result<Concept, PipelineError> {
     let spark: MagicSparkOutput = parse("magicSpark output", spark_output)?;
     let index = choice.unwrap_or(0);
     let available = spark.concepts.len();
@@ -126,7 +131,11 @@ pub fn choose_concept(spark_output: &Value, choice: Option<usize>) -> Result<Con
 }
 
 /// Logic Architect's input: the business plus the chosen concept.
-pub fn logic_architect_input(business: &Value, spark_output: &Value, choice: Option<usize>) -> Result<Value, PipelineError> {
+pub fn logic_architect_input(
+    business: &Value,
+    spark_output: &Value,
+    choice: Option<usize>,
+) -> Result<Value, PipelineError> {
     let input = LogicArchitectInput {
         business: parse::<BusinessContext>("business input", business)?,
         concept: choose_concept(spark_output, choice)?,
@@ -135,7 +144,11 @@ pub fn logic_architect_input(business: &Value, spark_output: &Value, choice: Opt
 }
 
 /// Content Crafter's input: business, concept and logic.
-pub fn content_crafter_input(business: &Value, concept: &Value, logic: &Value) -> Result<Value, PipelineError> {
+pub fn content_crafter_input(
+    business: &Value,
+    concept: &Value,
+    logic: &Value,
+) -> Result<Value, PipelineError> {
     let input = ContentCrafterInput {
         business: parse("business input", business)?,
         concept: parse("concept", concept)?,
@@ -145,7 +158,12 @@ pub fn content_crafter_input(business: &Value, concept: &Value, logic: &Value) -
 }
 
 /// Style Master's input: business, concept, logic and optional brand hints.
-pub fn style_master_input(business: &Value, concept: &Value, logic: &Value, brand: Option<&Value>) -> Result<Value, PipelineError> {
+pub fn style_master_input(
+    business: &Value,
+    concept: &Value,
+    logic: &Value,
+    brand: Option<&Value>,
+) -> Result<Value, PipelineError> {
     let input = StyleMasterInput {
         business: parse("business input", business)?,
         concept: parse("concept", concept)?,
@@ -172,7 +190,12 @@ pub struct ToolDefinition {
 impl ToolDefinition {
     /// Puts the four parts together after checking each and their fit: the content must cover
     /// every input and band of the logic and nothing else.
-    pub fn assemble(concept: Concept, logic: ToolLogic, content: ToolContent, style: ToolStyle) -> Result<Self, PipelineError> {
+    pub fn assemble(
+        concept: Concept,
+        logic: ToolLogic,
+        content: ToolContent,
+        style: ToolStyle,
+    ) -> Result<Self, PipelineError> {
         let tool = ToolDefinition {
             schema_version: SCHEMA_VERSION,
             concept,
@@ -189,7 +212,12 @@ impl ToolDefinition {
     }
 
     /// Assembles from the stages' JSON outputs.
-    pub fn assemble_values(concept: &Value, logic: &Value, content: &Value, style: &Value) -> Result<Self, PipelineError> {
+    pub fn assemble_values(
+        concept: &Value,
+        logic: &Value,
+        content: &Value,
+        style: &Value,
+    ) -> Result<Self, PipelineError> {
         Self::assemble(
             parse("concept", concept)?,
             parse("logicArchitect output", logic)?,
@@ -207,12 +235,18 @@ impl ToolDefinition {
         // A lone concept trips the "3 to 5 concepts" rule by construction; keep the rest.
         for e in concept_check.into_vec() {
             if e.path != "spark.concepts" {
-                p.push(e.path.replacen("spark.concepts[0]", "concept", 1), e.message);
+                p.push(
+                    e.path.replacen("spark.concepts[0]", "concept", 1),
+                    e.message,
+                );
             }
         }
         p.extend(logic_architect::validate(&self.logic).0);
         p.extend(content_crafter::validate(&self.content));
-        p.extend(content_crafter::validate_against(&self.content, &self.logic));
+        p.extend(content_crafter::validate_against(
+            &self.content,
+            &self.logic,
+        ));
         p.extend(style_master::validate(&self.style));
         p.into_vec()
     }

@@ -23,14 +23,38 @@ pub struct RenderedPrompt {
 
 /// The templates, embedded at build time so the binary needs no files at run time.
 const TEMPLATES: [(&str, &str); 8] = [
-    ("magic-spark.system.j2", include_str!("../../prompts/magic-spark.system.j2")),
-    ("magic-spark.user.j2", include_str!("../../prompts/magic-spark.user.j2")),
-    ("logic-architect.system.j2", include_str!("../../prompts/logic-architect.system.j2")),
-    ("logic-architect.user.j2", include_str!("../../prompts/logic-architect.user.j2")),
-    ("content-crafter.system.j2", include_str!("../../prompts/content-crafter.system.j2")),
-    ("content-crafter.user.j2", include_str!("../../prompts/content-crafter.user.j2")),
-    ("style-master.system.j2", include_str!("../../prompts/style-master.system.j2")),
-    ("style-master.user.j2", include_str!("../../prompts/style-master.user.j2")),
+    (
+        "magic-spark.system.j2",
+        include_str!("../../prompts/magic-spark.system.j2"),
+    ),
+    (
+        "magic-spark.user.j2",
+        include_str!("../../prompts/magic-spark.user.j2"),
+    ),
+    (
+        "logic-architect.system.j2",
+        include_str!("../../prompts/logic-architect.system.j2"),
+    ),
+    (
+        "logic-architect.user.j2",
+        include_str!("../../prompts/logic-architect.user.j2"),
+    ),
+    (
+        "content-crafter.system.j2",
+        include_str!("../../prompts/content-crafter.system.j2"),
+    ),
+    (
+        "content-crafter.user.j2",
+        include_str!("../../prompts/content-crafter.user.j2"),
+    ),
+    (
+        "style-master.system.j2",
+        include_str!("../../prompts/style-master.system.j2"),
+    ),
+    (
+        "style-master.user.j2",
+        include_str!("../../prompts/style-master.user.j2"),
+    ),
 ];
 
 fn env() -> &'static Result<Environment<'static>, String> {
@@ -107,8 +131,14 @@ pub fn input_context(process: Process, input: &Value) -> Result<Value, AgentErro
             let logic_json = serde_json::to_string_pretty(&i.logic).unwrap_or_default();
             if let Value::Object(map) = &mut ctx {
                 map.insert("logic_json".into(), Value::String(logic_json));
-                map.insert("input_names".into(), json!(i.logic.inputs.iter().map(|x| &x.name).collect::<Vec<_>>()));
-                map.insert("band_ids".into(), json!(i.logic.bands.iter().map(|b| &b.id).collect::<Vec<_>>()));
+                map.insert(
+                    "input_names".into(),
+                    json!(i.logic.inputs.iter().map(|x| &x.name).collect::<Vec<_>>()),
+                );
+                map.insert(
+                    "band_ids".into(),
+                    json!(i.logic.bands.iter().map(|b| &b.id).collect::<Vec<_>>()),
+                );
             }
             Ok(ctx)
         }

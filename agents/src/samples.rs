@@ -9,12 +9,17 @@
 use serde_json::{Value, json};
 
 use crate::Process;
-use crate::content_crafter::{InputCopy, LeadField, LeadFieldKind, LeadForm, ResultMessage, ToolContent};
-use crate::logic_architect::{self, Band, FormulaDef, InputDef, InputKind, ScoreDef, ScoreDisplay, SelectOption, ToolLogic};
+use crate::content_crafter::{
+    InputCopy, LeadField, LeadFieldKind, LeadForm, ResultMessage, ToolContent,
+};
+use crate::logic_architect::{
+    self, Band, FormulaDef, InputDef, InputKind, ScoreDef, ScoreDisplay, SelectOption, ToolLogic,
+};
 use crate::magic_spark::{BusinessContext, Concept, MagicSparkOutput, ToolType};
 use crate::output::process_for_schema;
 use crate::style_master::{
-    ComponentStyle, Components, Layout, LayoutMode, Palette, Shadow, ToolStyle, Typography, contrast, parse_hex,
+    ComponentStyle, Components, Layout, LayoutMode, Palette, Shadow, ToolStyle, Typography,
+    contrast, parse_hex,
 };
 
 /// splitmix64: tiny, fast and good enough to vary samples; no `rand` dependency.
@@ -61,7 +66,8 @@ pub fn sample_output(schema_name: &str, seed: u64, hint: &str) -> Option<Value> 
     let value = match process {
         Process::MagicSpark => serde_json::to_value(spark(&mut rng, hint)),
         Process::LogicArchitect => {
-            let tool_type = field(hint, "Type:").and_then(|t| serde_json::from_value(json!(t)).ok());
+            let tool_type =
+                field(hint, "Type:").and_then(|t| serde_json::from_value(json!(t)).ok());
             serde_json::to_value(logic(&mut rng, tool_type))
         }
         Process::ContentCrafter => {
@@ -83,7 +89,10 @@ pub fn sample_input(process: Process, seed: u64) -> Value {
     if process == Process::MagicSpark {
         return business_value;
     }
-    let hint = format!("Business: {}\nIndustry: {}", business.business_description, business.industry);
+    let hint = format!(
+        "Business: {}\nIndustry: {}",
+        business.business_description, business.industry
+    );
     let spark = spark(&mut rng, &hint);
     let concept = spark.concepts.into_iter().next();
     let tool_type = concept.as_ref().map(|c| c.tool_type);
@@ -93,7 +102,9 @@ pub fn sample_input(process: Process, seed: u64) -> Value {
     }
     let logic = serde_json::to_value(logic(&mut rng, tool_type)).unwrap_or(Value::Null);
     match process {
-        Process::ContentCrafter => json!({ "business": business_value, "concept": concept, "logic": logic }),
+        Process::ContentCrafter => {
+            json!({ "business": business_value, "concept": concept, "logic": logic })
+        }
         _ => {
             let brand = if seed % 2 == 1 {
                 json!({ "colors": [rng.pick(&["#1D4ED8", "#0F766E", "#B91C1C", "#7E22CE", "#FACC15"])], "mood": rng.pick(&["calm and trustworthy", "bold and energetic", "warm and friendly"]) })
@@ -135,11 +146,31 @@ fn title_case(s: &str) -> String {
 }
 
 const BUSINESSES: [(&str, &str, &str); 5] = [
-    ("A residential solar installer serving homeowners in Arizona", "Homeowners with high summer electricity bills", "solar energy"),
-    ("A bookkeeping firm for independent restaurants", "Restaurant owners with 1 to 3 locations", "accounting"),
-    ("A B2B SaaS that automates employee onboarding", "HR managers at companies with 50 to 500 staff", "HR software"),
-    ("A physiotherapy clinic specialising in running injuries", "Recreational runners training for races", "healthcare"),
-    ("A boutique agency running paid social campaigns for e-commerce brands", "Founders of direct-to-consumer stores", "digital marketing"),
+    (
+        "A residential solar installer serving homeowners in Arizona",
+        "Homeowners with high summer electricity bills",
+        "solar energy",
+    ),
+    (
+        "A bookkeeping firm for independent restaurants",
+        "Restaurant owners with 1 to 3 locations",
+        "accounting",
+    ),
+    (
+        "A B2B SaaS that automates employee onboarding",
+        "HR managers at companies with 50 to 500 staff",
+        "HR software",
+    ),
+    (
+        "A physiotherapy clinic specialising in running injuries",
+        "Recreational runners training for races",
+        "healthcare",
+    ),
+    (
+        "A boutique agency running paid social campaigns for e-commerce brands",
+        "Founders of direct-to-consumer stores",
+        "digital marketing",
+    ),
 ];
 
 fn business(rng: &mut Rng) -> BusinessContext {
@@ -148,22 +179,86 @@ fn business(rng: &mut Rng) -> BusinessContext {
         business_description: description.to_owned(),
         target_audience: audience.to_owned(),
         industry: industry.to_owned(),
-        constraints: (rng.below(2) == 0).then(|| "No guaranteed outcomes; keep it under two minutes.".to_owned()),
+        constraints: (rng.below(2) == 0)
+            .then(|| "No guaranteed outcomes; keep it under two minutes.".to_owned()),
     }
 }
 
 /// (type, name pattern, value proposition, key inputs, hook); `{i}` is the industry.
-type ConceptTemplate = (ToolType, &'static str, &'static str, &'static [&'static str], &'static str);
+type ConceptTemplate = (
+    ToolType,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    &'static str,
+);
 
 const CONCEPTS: [ConceptTemplate; 8] = [
-    (ToolType::Calculator, "{i} Savings Calculator", "Shows in under a minute how much a typical customer saves per year, based on their own numbers.", &["current monthly spend", "team size", "hours spent per week"], "Email me the detailed savings breakdown."),
-    (ToolType::Calculator, "{i} ROI Estimator", "Estimates the return on investment and payback period before the visitor commits to anything.", &["upfront budget", "expected monthly gain", "time horizon"], "Get a personalised ROI report with next steps."),
-    (ToolType::Quiz, "Which {i} Plan Fits You?", "A five-question quiz that matches the visitor to the right package for their situation.", &["goals", "current setup", "budget range", "timeline"], "Send me my matched plan and a sample proposal."),
-    (ToolType::Quiz, "{i} Readiness Quiz", "Tells visitors how ready they are to take the next step and what to fix first.", &["current practices", "tools in use", "team experience"], "Get the readiness checklist for your score."),
-    (ToolType::Assessment, "{i} Maturity Assessment", "Scores the visitor's current practices against peers and highlights the biggest gaps.", &["documented processes", "response time", "tooling", "repeat business"], "Book a free review of your results with a specialist."),
-    (ToolType::Assessment, "{i} Risk Check", "A short health check that flags the risks most often missed in this industry.", &["compliance steps", "backup routines", "staff training"], "Receive the full risk report with fixes ranked by impact."),
-    (ToolType::Calculator, "{i} Cost-of-Waiting Calculator", "Puts a number on what delaying the decision costs each month.", &["monthly cost today", "expected improvement", "months of delay"], "See how fast you could start: get a tailored timeline."),
-    (ToolType::Quiz, "{i} Myth or Fact Challenge", "A playful quiz that busts common myths and shows what actually drives results.", &["answers to six statements", "experience level"], "Unlock the expert guide that explains every answer."),
+    (
+        ToolType::Calculator,
+        "{i} Savings Calculator",
+        "Shows in under a minute how much a typical customer saves per year, based on their own numbers.",
+        &["current monthly spend", "team size", "hours spent per week"],
+        "Email me the detailed savings breakdown.",
+    ),
+    (
+        ToolType::Calculator,
+        "{i} ROI Estimator",
+        "Estimates the return on investment and payback period before the visitor commits to anything.",
+        &["upfront budget", "expected monthly gain", "time horizon"],
+        "Get a personalised ROI report with next steps.",
+    ),
+    (
+        ToolType::Quiz,
+        "Which {i} Plan Fits You?",
+        "A five-question quiz that matches the visitor to the right package for their situation.",
+        &["goals", "current setup", "budget range", "timeline"],
+        "Send me my matched plan and a sample proposal.",
+    ),
+    (
+        ToolType::Quiz,
+        "{i} Readiness Quiz",
+        "Tells visitors how ready they are to take the next step and what to fix first.",
+        &["current practices", "tools in use", "team experience"],
+        "Get the readiness checklist for your score.",
+    ),
+    (
+        ToolType::Assessment,
+        "{i} Maturity Assessment",
+        "Scores the visitor's current practices against peers and highlights the biggest gaps.",
+        &[
+            "documented processes",
+            "response time",
+            "tooling",
+            "repeat business",
+        ],
+        "Book a free review of your results with a specialist.",
+    ),
+    (
+        ToolType::Assessment,
+        "{i} Risk Check",
+        "A short health check that flags the risks most often missed in this industry.",
+        &["compliance steps", "backup routines", "staff training"],
+        "Receive the full risk report with fixes ranked by impact.",
+    ),
+    (
+        ToolType::Calculator,
+        "{i} Cost-of-Waiting Calculator",
+        "Puts a number on what delaying the decision costs each month.",
+        &[
+            "monthly cost today",
+            "expected improvement",
+            "months of delay",
+        ],
+        "See how fast you could start: get a tailored timeline.",
+    ),
+    (
+        ToolType::Quiz,
+        "{i} Myth or Fact Challenge",
+        "A playful quiz that busts common myths and shows what actually drives results.",
+        &["answers to six statements", "experience level"],
+        "Unlock the expert guide that explains every answer.",
+    ),
 ];
 
 fn spark(rng: &mut Rng, hint: &str) -> MagicSparkOutput {
@@ -187,7 +282,15 @@ fn spark(rng: &mut Rng, hint: &str) -> MagicSparkOutput {
     MagicSparkOutput { concepts }
 }
 
-fn ranged(name: &str, label: &str, kind: InputKind, unit: Option<&str>, min: f64, max: f64, step: f64, default: f64) -> InputDef {
+/// A ranged input; `range` is (min, max, step).
+fn ranged(
+    name: &str,
+    label: &str,
+    kind: InputKind,
+    unit: Option<&str>,
+    (min, max, step): (f64, f64, f64),
+    default: f64,
+) -> InputDef {
     InputDef {
         name: name.to_owned(),
         label: label.to_owned(),
@@ -210,7 +313,15 @@ fn select(name: &str, label: &str, options: &[(&str, f64)], default_index: usize
         min: None,
         max: None,
         step: None,
-        options: Some(options.iter().map(|(l, v)| SelectOption { label: (*l).to_owned(), value: *v }).collect()),
+        options: Some(
+            options
+                .iter()
+                .map(|(l, v)| SelectOption {
+                    label: (*l).to_owned(),
+                    value: *v,
+                })
+                .collect(),
+        ),
         default: options.get(default_index).map(|o| o.1).unwrap_or(0.0),
     }
 }
@@ -230,7 +341,10 @@ fn boolean(name: &str, label: &str, default: bool) -> InputDef {
 }
 
 const QUIZ_QUESTIONS: [(&str, &str); 6] = [
-    ("goalClarity", "How clear are your goals for the next 12 months?"),
+    (
+        "goalClarity",
+        "How clear are your goals for the next 12 months?",
+    ),
     ("currentSetup", "How would you describe your current setup?"),
     ("budgetFit", "How settled is your budget?"),
     ("timeline", "When do you want to see results?"),
@@ -239,17 +353,49 @@ const QUIZ_QUESTIONS: [(&str, &str); 6] = [
 ];
 
 fn logic(rng: &mut Rng, tool_type: Option<ToolType>) -> ToolLogic {
-    let tool_type = tool_type.unwrap_or(*rng.pick(&[ToolType::Calculator, ToolType::Quiz, ToolType::Assessment]));
+    let tool_type = tool_type.unwrap_or(*rng.pick(&[
+        ToolType::Calculator,
+        ToolType::Quiz,
+        ToolType::Assessment,
+    ]));
     let mut logic = match tool_type {
         ToolType::Calculator => {
             let max_hours = *rng.pick(&[20.0, 40.0, 60.0]);
             let max_rate = *rng.pick(&[150.0, 250.0, 400.0]);
             ToolLogic {
                 inputs: vec![
-                    ranged("hoursPerWeek", "Hours spent on the task each week", InputKind::Number, Some("hours/week"), 1.0, max_hours, 1.0, 8.0),
-                    ranged("hourlyCost", "Cost of one hour of staff time", InputKind::Currency, Some("$"), 15.0, max_rate, 5.0, 45.0),
-                    ranged("automationShare", "Share of the work that can be automated", InputKind::Percentage, Some("%"), 10.0, 90.0, 5.0, 40.0),
-                    ranged("teamSize", "People doing this work", InputKind::Integer, Some("people"), 1.0, 25.0, 1.0, 3.0),
+                    ranged(
+                        "hoursPerWeek",
+                        "Hours spent on the task each week",
+                        InputKind::Number,
+                        Some("hours/week"),
+                        (1.0, max_hours, 1.0),
+                        8.0,
+                    ),
+                    ranged(
+                        "hourlyCost",
+                        "Cost of one hour of staff time",
+                        InputKind::Currency,
+                        Some("$"),
+                        (15.0, max_rate, 5.0),
+                        45.0,
+                    ),
+                    ranged(
+                        "automationShare",
+                        "Share of the work that can be automated",
+                        InputKind::Percentage,
+                        Some("%"),
+                        (10.0, 90.0, 5.0),
+                        40.0,
+                    ),
+                    ranged(
+                        "teamSize",
+                        "People doing this work",
+                        InputKind::Integer,
+                        Some("people"),
+                        (1.0, 25.0, 1.0),
+                        3.0,
+                    ),
                 ],
                 formulas: vec![FormulaDef {
                     name: "hoursSavedPerWeek".into(),
@@ -269,13 +415,22 @@ fn logic(rng: &mut Rng, tool_type: Option<ToolType>) -> ToolLogic {
         }
         ToolType::Quiz => {
             let n = 4 + rng.below(3);
-            let options = [("Not at all", 0.0), ("A little", 1.0), ("Mostly", 2.0), ("Completely", 3.0)];
+            let options = [
+                ("Not at all", 0.0),
+                ("A little", 1.0),
+                ("Mostly", 2.0),
+                ("Completely", 3.0),
+            ];
             let inputs: Vec<InputDef> = QUIZ_QUESTIONS
                 .iter()
                 .take(n)
                 .map(|(name, label)| select(name, label, &options, rng.below(4)))
                 .collect();
-            let expression = inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(" + ");
+            let expression = inputs
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" + ");
             ToolLogic {
                 inputs,
                 formulas: Vec::new(),
@@ -291,10 +446,31 @@ fn logic(rng: &mut Rng, tool_type: Option<ToolType>) -> ToolLogic {
         }
         ToolType::Assessment => ToolLogic {
             inputs: vec![
-                boolean("documentedProcess", "We have a written, shared process", rng.below(2) == 0),
+                boolean(
+                    "documentedProcess",
+                    "We have a written, shared process",
+                    rng.below(2) == 0,
+                ),
                 boolean("usesCrm", "We track every lead in a CRM", false),
-                select("responseTime", "How fast do you answer a new enquiry?", &[("Within an hour", 30.0), ("Same day", 20.0), ("Next day", 10.0), ("Longer", 0.0)], 1),
-                ranged("repeatRate", "Customers who buy again", InputKind::Percentage, Some("%"), 0.0, 100.0, 5.0, 30.0),
+                select(
+                    "responseTime",
+                    "How fast do you answer a new enquiry?",
+                    &[
+                        ("Within an hour", 30.0),
+                        ("Same day", 20.0),
+                        ("Next day", 10.0),
+                        ("Longer", 0.0),
+                    ],
+                    1,
+                ),
+                ranged(
+                    "repeatRate",
+                    "Customers who buy again",
+                    InputKind::Percentage,
+                    Some("%"),
+                    (0.0, 100.0, 5.0),
+                    30.0,
+                ),
             ],
             formulas: vec![FormulaDef {
                 name: "habitsScore".into(),
@@ -315,9 +491,18 @@ fn logic(rng: &mut Rng, tool_type: Option<ToolType>) -> ToolLogic {
     let (_, range) = logic_architect::validate(&logic);
     let (lo, hi) = range.map(|r| (r.min, r.max)).unwrap_or((0.0, 100.0));
     let names: &[(&str, &str)] = if rng.below(2) == 0 {
-        &[("low", "Just getting started"), ("moderate", "Solid foundation"), ("high", "Ahead of the pack")]
+        &[
+            ("low", "Just getting started"),
+            ("moderate", "Solid foundation"),
+            ("high", "Ahead of the pack"),
+        ]
     } else {
-        &[("low", "Big opportunity"), ("developing", "Room to grow"), ("strong", "Strong position"), ("leading", "Best in class")]
+        &[
+            ("low", "Big opportunity"),
+            ("developing", "Room to grow"),
+            ("strong", "Strong position"),
+            ("leading", "Best in class"),
+        ]
     };
     logic.bands = bands(lo, hi, names);
     logic
@@ -327,7 +512,9 @@ fn logic(rng: &mut Rng, tool_type: Option<ToolType>) -> ToolLogic {
 fn bands(lo: f64, hi: f64, names: &[(&str, &str)]) -> Vec<Band> {
     let n = names.len();
     let whole = hi - lo >= 2.0 * n as f64;
-    let mut edges: Vec<f64> = (0..=n).map(|k| lo + (hi - lo) * k as f64 / n as f64).collect();
+    let mut edges: Vec<f64> = (0..=n)
+        .map(|k| lo + (hi - lo) * k as f64 / n as f64)
+        .collect();
     if whole {
         edges = edges.into_iter().map(f64::round).collect();
         edges[0] = lo.floor();
@@ -359,10 +546,15 @@ fn content(rng: &mut Rng, hint: &str, logic: &ToolLogic) -> ToolContent {
             label: i.label.clone(),
             help_text: match i.kind {
                 InputKind::Select => "Pick the answer closest to your situation today.".to_owned(),
-                InputKind::Boolean => "Answer yes only if this is true most of the time.".to_owned(),
+                InputKind::Boolean => {
+                    "Answer yes only if this is true most of the time.".to_owned()
+                }
                 _ => format!(
                     "A rough estimate is fine{}.",
-                    i.unit.as_deref().map(|u| format!(" (in {u})")).unwrap_or_default()
+                    i.unit
+                        .as_deref()
+                        .map(|u| format!(" (in {u})"))
+                        .unwrap_or_default()
                 ),
             },
         })
@@ -411,19 +603,43 @@ fn content(rng: &mut Rng, hint: &str, logic: &ToolLogic) -> ToolContent {
 type PaletteRow = [&'static str; 8];
 
 const PALETTES: [PaletteRow; 6] = [
-    ["#1D4ED8", "#0F766E", "#F59E0B", "#FFFFFF", "#F8FAFC", "#0F172A", "#475569", "#FFFFFF"],
-    ["#166534", "#65A30D", "#EAB308", "#FFFFFF", "#F7FEE7", "#1C1917", "#57534E", "#FFFFFF"],
-    ["#7E22CE", "#DB2777", "#F97316", "#FFFFFF", "#FAF5FF", "#1E1B4B", "#4B5563", "#FFFFFF"],
-    ["#38BDF8", "#A78BFA", "#FBBF24", "#0F172A", "#1E293B", "#F8FAFC", "#CBD5E1", "#0F172A"],
-    ["#B45309", "#0E7490", "#DC2626", "#FFFBEB", "#FFFFFF", "#292524", "#57534E", "#FFFFFF"],
-    ["#0F766E", "#1E40AF", "#F43F5E", "#F0FDFA", "#FFFFFF", "#134E4A", "#115E59", "#FFFFFF"],
+    [
+        "#1D4ED8", "#0F766E", "#F59E0B", "#FFFFFF", "#F8FAFC", "#0F172A", "#475569", "#FFFFFF",
+    ],
+    [
+        "#166534", "#65A30D", "#EAB308", "#FFFFFF", "#F7FEE7", "#1C1917", "#57534E", "#FFFFFF",
+    ],
+    [
+        "#7E22CE", "#DB2777", "#F97316", "#FFFFFF", "#FAF5FF", "#1E1B4B", "#4B5563", "#FFFFFF",
+    ],
+    [
+        "#38BDF8", "#A78BFA", "#FBBF24", "#0F172A", "#1E293B", "#F8FAFC", "#CBD5E1", "#0F172A",
+    ],
+    [
+        "#B45309", "#0E7490", "#DC2626", "#FFFBEB", "#FFFFFF", "#292524", "#57534E", "#FFFFFF",
+    ],
+    [
+        "#0F766E", "#1E40AF", "#F43F5E", "#F0FDFA", "#FFFFFF", "#134E4A", "#115E59", "#FFFFFF",
+    ],
 ];
 
 const FONTS: [(&str, &str); 4] = [
-    ("Inter, system-ui, sans-serif", "Inter, system-ui, sans-serif"),
-    ("\"DM Serif Display\", Georgia, serif", "\"DM Sans\", system-ui, sans-serif"),
-    ("Poppins, system-ui, sans-serif", "\"Open Sans\", system-ui, sans-serif"),
-    ("Merriweather, Georgia, serif", "\"Source Sans 3\", system-ui, sans-serif"),
+    (
+        "Inter, system-ui, sans-serif",
+        "Inter, system-ui, sans-serif",
+    ),
+    (
+        "\"DM Serif Display\", Georgia, serif",
+        "\"DM Sans\", system-ui, sans-serif",
+    ),
+    (
+        "Poppins, system-ui, sans-serif",
+        "\"Open Sans\", system-ui, sans-serif",
+    ),
+    (
+        "Merriweather, Georgia, serif",
+        "\"Source Sans 3\", system-ui, sans-serif",
+    ),
 ];
 
 fn style(rng: &mut Rng, hint: &str) -> ToolStyle {
@@ -439,8 +655,11 @@ fn style(rng: &mut Rng, hint: &str) -> ToolStyle {
         on_primary: row[7].into(),
     };
     // Use the first brand colour as primary when some text colour reads on it.
-    let brand = field(hint, "Brand colours:")
-        .and_then(|list| list.split(',').map(str::trim).find_map(|c| parse_hex(c).map(|rgb| (c, rgb))));
+    let brand = field(hint, "Brand colours:").and_then(|list| {
+        list.split(',')
+            .map(str::trim)
+            .find_map(|c| parse_hex(c).map(|rgb| (c, rgb)))
+    });
     if let Some((hex, rgb)) = brand {
         let best = ["#FFFFFF", "#111827"]
             .into_iter()
@@ -468,10 +687,25 @@ fn style(rng: &mut Rng, hint: &str) -> ToolStyle {
         shadow,
     };
     let components = Components {
-        button: component(&palette.primary, &palette.on_primary, &palette.primary, Shadow::Sm),
-        input: component(&palette.surface, &palette.text, &palette.muted_text, Shadow::None),
+        button: component(
+            &palette.primary,
+            &palette.on_primary,
+            &palette.primary,
+            Shadow::Sm,
+        ),
+        input: component(
+            &palette.surface,
+            &palette.text,
+            &palette.muted_text,
+            Shadow::None,
+        ),
         card: component(&palette.surface, &palette.text, &palette.surface, shadow),
-        result: component(&palette.background, &palette.text, &palette.accent, Shadow::Md),
+        result: component(
+            &palette.background,
+            &palette.text,
+            &palette.accent,
+            Shadow::Md,
+        ),
     };
     ToolStyle {
         typography: Typography {

@@ -78,7 +78,9 @@ fn walk(schema: &Value, path: &str, out: &mut Vec<String>) {
     };
     for banned in ["format", "$ref", "oneOf", "$defs"] {
         if map.contains_key(banned) {
-            out.push(format!("{path}: `{banned}` is not allowed in a strict schema"));
+            out.push(format!(
+                "{path}: `{banned}` is not allowed in a strict schema"
+            ));
         }
     }
     if is_object_schema(map) {
@@ -131,9 +133,22 @@ mod tests {
             "required": ["a"]
         });
         let v = strict_violations(&loose);
-        assert!(v.iter().any(|m| m == "#: additionalProperties must be false"), "{v:?}");
-        assert!(v.iter().any(|m| m == "#: property `b` is not in required"), "{v:?}");
-        assert!(v.iter().any(|m| m.contains("/properties/a: `format`")), "{v:?}");
-        assert!(v.iter().any(|m| m.contains("/properties/b: property `c`")), "{v:?}");
+        assert!(
+            v.iter()
+                .any(|m| m == "#: additionalProperties must be false"),
+            "{v:?}"
+        );
+        assert!(
+            v.iter().any(|m| m == "#: property `b` is not in required"),
+            "{v:?}"
+        );
+        assert!(
+            v.iter().any(|m| m.contains("/properties/a: `format`")),
+            "{v:?}"
+        );
+        assert!(
+            v.iter().any(|m| m.contains("/properties/b: property `c`")),
+            "{v:?}"
+        );
     }
 }

@@ -172,7 +172,9 @@ pub fn contrast(a: [u8; 3], b: [u8; 3]) -> f64 {
 pub fn validate_brand(brand: &BrandHints) -> Result<(), String> {
     for (i, c) in brand.colors.iter().enumerate() {
         if parse_hex(c).is_none() {
-            return Err(format!("brand.colors[{i}]: {c:?} is not a #RRGGBB hex colour"));
+            return Err(format!(
+                "brand.colors[{i}]: {c:?} is not a #RRGGBB hex colour"
+            ));
         }
     }
     Ok(())
@@ -209,22 +211,67 @@ pub fn validate(s: &ToolStyle) -> Problems {
     ];
     for (name, value) in palette {
         if parse_hex(value).is_none() {
-            p.push(format!("style.palette.{name}"), format!("{value:?} is not a #RRGGBB hex colour"));
+            p.push(
+                format!("style.palette.{name}"),
+                format!("{value:?} is not a #RRGGBB hex colour"),
+            );
         }
     }
-    pair(&mut p, "style.palette.text".into(), &pal.text, "background", &pal.background);
-    pair(&mut p, "style.palette.text".into(), &pal.text, "surface", &pal.surface);
-    pair(&mut p, "style.palette.mutedText".into(), &pal.muted_text, "background", &pal.background);
-    pair(&mut p, "style.palette.onPrimary".into(), &pal.on_primary, "primary", &pal.primary);
+    pair(
+        &mut p,
+        "style.palette.text".into(),
+        &pal.text,
+        "background",
+        &pal.background,
+    );
+    pair(
+        &mut p,
+        "style.palette.text".into(),
+        &pal.text,
+        "surface",
+        &pal.surface,
+    );
+    pair(
+        &mut p,
+        "style.palette.mutedText".into(),
+        &pal.muted_text,
+        "background",
+        &pal.background,
+    );
+    pair(
+        &mut p,
+        "style.palette.onPrimary".into(),
+        &pal.on_primary,
+        "primary",
+        &pal.primary,
+    );
     let c = &s.components;
-    let components = [("button", &c.button), ("input", &c.input), ("card", &c.card), ("result", &c.result)];
+    let components = [
+        ("button", &c.button),
+        ("input", &c.input),
+        ("card", &c.card),
+        ("result", &c.result),
+    ];
     for (name, comp) in components {
-        for (field, value) in [("background", &comp.background), ("text", &comp.text), ("border", &comp.border)] {
+        for (field, value) in [
+            ("background", &comp.background),
+            ("text", &comp.text),
+            ("border", &comp.border),
+        ] {
             if parse_hex(value).is_none() {
-                p.push(format!("style.components.{name}.{field}"), format!("{value:?} is not a #RRGGBB hex colour"));
+                p.push(
+                    format!("style.components.{name}.{field}"),
+                    format!("{value:?} is not a #RRGGBB hex colour"),
+                );
             }
         }
-        pair(&mut p, format!("style.components.{name}.text"), &comp.text, "its background", &comp.background);
+        pair(
+            &mut p,
+            format!("style.components.{name}.text"),
+            &comp.text,
+            "its background",
+            &comp.background,
+        );
     }
     let t = &s.typography;
     if t.heading_font.trim().is_empty() {
@@ -234,10 +281,16 @@ pub fn validate(s: &ToolStyle) -> Problems {
         p.push("style.typography.bodyFont", "must not be empty");
     }
     if !(12..=24).contains(&t.base_size_px) {
-        p.push("style.typography.baseSizePx", format!("{} is outside 12..24", t.base_size_px));
+        p.push(
+            "style.typography.baseSizePx",
+            format!("{} is outside 12..24", t.base_size_px),
+        );
     }
     if !(1.05..=1.8).contains(&t.scale) {
-        p.push("style.typography.scale", format!("{} is outside 1.05..1.8", t.scale));
+        p.push(
+            "style.typography.scale",
+            format!("{} is outside 1.05..1.8", t.scale),
+        );
     }
     p
 }

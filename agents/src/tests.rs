@@ -27,14 +27,30 @@ fn every_prompt_renders_with_its_context() {
         for seed in 0..4 {
             let input = sample_input(p, seed);
             let r = render(p, &input).unwrap();
-            assert!(r.system.contains(schema_name(p)), "{p}: system names the schema");
+            assert!(
+                r.system.contains(schema_name(p)),
+                "{p}: system names the schema"
+            );
             assert!(r.user.contains("<business_context>"), "{p}");
-            let industry = input.pointer("/industry").or(input.pointer("/business/industry")).unwrap();
-            assert!(r.user.contains(industry.as_str().unwrap()), "{p}: user has the industry");
-            assert!(!r.user.contains("{{") && !r.system.contains("{%"), "{p}: fully rendered");
+            let industry = input
+                .pointer("/industry")
+                .or(input.pointer("/business/industry"))
+                .unwrap();
+            assert!(
+                r.user.contains(industry.as_str().unwrap()),
+                "{p}: user has the industry"
+            );
+            assert!(
+                !r.user.contains("{{") && !r.system.contains("{%"),
+                "{p}: fully rendered"
+            );
         }
     }
-    let content = render(Process::ContentCrafter, &sample_input(Process::ContentCrafter, 1)).unwrap();
+    let content = render(
+        Process::ContentCrafter,
+        &sample_input(Process::ContentCrafter, 1),
+    )
+    .unwrap();
     assert!(content.user.contains("<logic>") && content.user.contains("\"bands\""));
 }
 
@@ -43,22 +59,40 @@ fn missing_or_wrong_fields_are_named() {
     let mut input = sample_input(Process::MagicSpark, 0);
     input.as_object_mut().unwrap().remove("businessDescription");
     let err = render(Process::MagicSpark, &input).unwrap_err();
-    assert_eq!(err.to_string(), "magicSpark input: missing field businessDescription");
+    assert_eq!(
+        err.to_string(),
+        "magicSpark input: missing field businessDescription"
+    );
 
     let mut input = sample_input(Process::LogicArchitect, 0);
     input["concept"].as_object_mut().unwrap().remove("name");
-    let err = render(Process::LogicArchitect, &input).unwrap_err().to_string();
-    assert!(err.starts_with("logicArchitect input: concept: missing field name"), "{err}");
+    let err = render(Process::LogicArchitect, &input)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("logicArchitect input: concept: missing field name"),
+        "{err}"
+    );
 
     let mut input = sample_input(Process::LogicArchitect, 0);
     input["concept"]["type"] = json!("spreadsheet");
-    let err = render(Process::LogicArchitect, &input).unwrap_err().to_string();
-    assert!(err.contains("concept.type") && err.contains("spreadsheet"), "{err}");
+    let err = render(Process::LogicArchitect, &input)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("concept.type") && err.contains("spreadsheet"),
+        "{err}"
+    );
 
     let mut input = sample_input(Process::StyleMaster, 0);
     input["brand"] = json!({"colors": ["#112233", "blue"]});
-    let err = render(Process::StyleMaster, &input).unwrap_err().to_string();
-    assert_eq!(err, "styleMaster input: brand.colors[1]: \"blue\" is not a #RRGGBB hex colour");
+    let err = render(Process::StyleMaster, &input)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "styleMaster input: brand.colors[1]: \"blue\" is not a #RRGGBB hex colour"
+    );
 
     let mut input = sample_input(Process::MagicSpark, 0);
     input["industry"] = json!("  ");
@@ -76,9 +110,15 @@ fn schemas_meet_openai_strict_rules() {
         assert_eq!(schema["type"], "object");
         let name = schema_name(p);
         assert!(!name.is_empty() && name.len() <= 64);
-        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        );
         assert_eq!(process_for_schema(name), Some(p));
-        assert!(jsonschema::validator_for(schema).is_ok(), "{p}: schema compiles");
+        assert!(
+            jsonschema::validator_for(schema).is_ok(),
+            "{p}: schema compiles"
+        );
     }
     assert_eq!(process_for_schema("nope"), None);
     assert_eq!(sample_output("nope", 1, ""), None);
@@ -93,9 +133,18 @@ fn samples_pass_schema_and_validator_for_200_seeds() {
     for seed in 0..200 {
         for (p, validator) in Process::ALL.iter().zip(&validators) {
             // Both with the rendered prompt as hint and with no hint at all.
-            for value in [sample(*p, seed), sample_output(schema_name(*p), seed, "").unwrap()] {
-                let schema_errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
-                assert!(schema_errors.is_empty(), "{p} seed {seed}: {schema_errors:?}");
+            for value in [
+                sample(*p, seed),
+                sample_output(schema_name(*p), seed, "").unwrap(),
+            ] {
+                let schema_errors: Vec<String> = validator
+                    .iter_errors(&value)
+                    .map(|e| e.to_string())
+                    .collect();
+                assert!(
+                    schema_errors.is_empty(),
+                    "{p} seed {seed}: {schema_errors:?}"
+                );
                 let out = validate_value(*p, &value);
                 assert!(out.is_ok(), "{p} seed {seed}: {out:?}");
                 assert_eq!(out.unwrap(), value, "typed round trip is lossless");
@@ -106,14 +155,27 @@ fn samples_pass_schema_and_validator_for_200_seeds() {
 
 #[test]
 fn samples_are_deterministic_and_vary() {
-    assert_eq!(sample(Process::LogicArchitect, 7), sample(Process::LogicArchitect, 7));
-    let distinct: std::collections::HashSet<String> =
-        (0..20).map(|s| sample(Process::StyleMaster, s).to_string()).collect();
+    assert_eq!(
+        sample(Process::LogicArchitect, 7),
+        sample(Process::LogicArchitect, 7)
+    );
+    let distinct: std::collections::HashSet<String> = (0..20)
+        .map(|s| sample(Process::StyleMaster, s).to_string())
+        .collect();
     assert!(distinct.len() > 5);
     let spark = sample(Process::MagicSpark, 3);
     let input = sample_input(Process::MagicSpark, 3);
-    let industry = input["industry"].as_str().unwrap().split(' ').next().unwrap().to_lowercase();
-    assert!(spark.to_string().to_lowercase().contains(&industry), "concepts echo the industry");
+    let industry = input["industry"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_lowercase();
+    assert!(
+        spark.to_string().to_lowercase().contains(&industry),
+        "concepts echo the industry"
+    );
 }
 
 // ---- parse_and_validate and repair -----------------------------------------------------------
@@ -124,15 +186,23 @@ fn parses_fenced_and_prose_wrapped_json() {
     for text in [
         body.clone(),
         format!("```json\n{body}\n```"),
-        format!("Sure! Here are the concepts:\n\n```json\n{body}\n```\nLet me know {{if}} you need more."),
+        format!(
+            "Sure! Here are the concepts:\n\n```json\n{body}\n```\nLet me know {{if}} you need more."
+        ),
         format!("Here you go: {body} Hope this helps."),
     ] {
-        assert!(parse_and_validate(Process::MagicSpark, &text).is_ok(), "{text}");
+        assert!(
+            parse_and_validate(Process::MagicSpark, &text).is_ok(),
+            "{text}"
+        );
     }
     let err = parse_and_validate(Process::MagicSpark, "I cannot help with that.").unwrap_err();
     assert!(err.errors[0].message.contains("no JSON object"), "{err}");
     let err = parse_and_validate(Process::MagicSpark, "{\"concepts\": [").unwrap_err();
-    assert!(err.errors[0].message.contains("no complete JSON object"), "{err}");
+    assert!(
+        err.errors[0].message.contains("no complete JSON object"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -141,8 +211,14 @@ fn too_few_concepts_and_duplicate_names() {
     let first = v["concepts"][0].clone();
     v["concepts"] = json!([first.clone(), first]);
     let err = errors_of(Process::MagicSpark, &v);
-    assert!(err.has("spark.concepts", "expected 3 to 5 concepts, got 2"), "{err}");
-    assert!(!err.to_string().contains("leadCaptureHook"), "schema errors do not dump the array: {err}");
+    assert!(
+        err.has("spark.concepts", "expected 3 to 5 concepts, got 2"),
+        "{err}"
+    );
+    assert!(
+        !err.to_string().contains("leadCaptureHook"),
+        "schema errors do not dump the array: {err}"
+    );
     assert!(err.has("spark.concepts[1].name", "repeats"), "{err}");
 }
 
@@ -174,7 +250,11 @@ fn calculator_logic() -> Value {
 #[test]
 fn logic_fixture_is_valid() {
     let v = calculator_logic();
-    assert!(validate_value(Process::LogicArchitect, &v).is_ok(), "{:?}", validate_value(Process::LogicArchitect, &v));
+    assert!(
+        validate_value(Process::LogicArchitect, &v).is_ok(),
+        "{:?}",
+        validate_value(Process::LogicArchitect, &v)
+    );
 }
 
 #[test]
@@ -182,7 +262,12 @@ fn default_outside_range_is_reported_exactly() {
     let mut v = calculator_logic();
     v["inputs"][2]["default"] = json!(150);
     let err = errors_of(Process::LogicArchitect, &v);
-    assert!(err.errors.iter().any(|e| e.to_string() == "logic.inputs[2].default: 150 is outside min..max 0..100"), "{err}");
+    assert!(
+        err.errors
+            .iter()
+            .any(|e| e.to_string() == "logic.inputs[2].default: 150 is outside min..max 0..100"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -190,11 +275,20 @@ fn formula_with_undeclared_input_is_rejected() {
     let mut v = calculator_logic();
     v["score"]["expression"] = json!("leads * closeRate");
     let err = errors_of(Process::LogicArchitect, &v);
-    assert!(err.has("logic.score.expression", "uses `closeRate`, which is not a declared input or formula"), "{err}");
+    assert!(
+        err.has(
+            "logic.score.expression",
+            "uses `closeRate`, which is not a declared input or formula"
+        ),
+        "{err}"
+    );
     let mut v = calculator_logic();
     v["formulas"][0]["expression"] = json!("visits * (conversion / 100");
     let err = errors_of(Process::LogicArchitect, &v);
-    assert!(err.has("logic.formulas[0].expression", "cannot parse"), "{err}");
+    assert!(
+        err.has("logic.formulas[0].expression", "cannot parse"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -202,7 +296,13 @@ fn band_gap_overlap_and_coverage() {
     let mut v = calculator_logic();
     v["bands"][1]["min"] = json!(120);
     let err = errors_of(Process::LogicArchitect, &v);
-    assert!(err.has("logic.bands[1].min", "gap: the previous band ends at 100 but this one starts at 120"), "{err}");
+    assert!(
+        err.has(
+            "logic.bands[1].min",
+            "gap: the previous band ends at 100 but this one starts at 120"
+        ),
+        "{err}"
+    );
 
     let mut v = calculator_logic();
     v["bands"][2]["min"] = json!(400);
@@ -213,13 +313,19 @@ fn band_gap_overlap_and_coverage() {
     let mut v = calculator_logic();
     v["bands"][2]["max"] = json!(900);
     let err = errors_of(Process::LogicArchitect, &v);
-    assert!(err.has("logic.bands[2].max", "leaves scores up to 1000 uncovered"), "{err}");
+    assert!(
+        err.has("logic.bands[2].max", "leaves scores up to 1000 uncovered"),
+        "{err}"
+    );
 
     let mut v = calculator_logic();
     v["inputs"][0]["min"] = json!(0);
     v["score"]["expression"] = json!("share / visits");
     let err = errors_of(Process::LogicArchitect, &v);
-    assert!(err.has("logic.score.expression", "division by zero"), "{err}");
+    assert!(
+        err.has("logic.score.expression", "division by zero"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -228,11 +334,20 @@ fn select_and_boolean_inputs_are_checked() {
     v["inputs"][2] = json!({"name": "share", "label": "Share", "kind": "select", "unit": null, "min": null, "max": null, "step": null,
         "options": [{"label": "Half", "value": 50}, {"label": "All", "value": 100}], "default": 75});
     let err = errors_of(Process::LogicArchitect, &v);
-    assert!(err.has("logic.inputs[2].default", "75 is not one of the option values 50, 100"), "{err}");
+    assert!(
+        err.has(
+            "logic.inputs[2].default",
+            "75 is not one of the option values 50, 100"
+        ),
+        "{err}"
+    );
     v["inputs"][2]["kind"] = json!("boolean");
     v["inputs"][2]["options"] = Value::Null;
     let err = errors_of(Process::LogicArchitect, &v);
-    assert!(err.has("logic.inputs[2].default", "must be 0 or 1"), "{err}");
+    assert!(
+        err.has("logic.inputs[2].default", "must be 0 or 1"),
+        "{err}"
+    );
     let mut v = calculator_logic();
     v["inputs"][1]["name"] = json!("visits");
     let err = errors_of(Process::LogicArchitect, &v);
@@ -250,8 +365,12 @@ fn style_rejects_bad_hex_and_low_contrast() {
     v["palette"]["background"] = json!("#FFFFFF");
     v["palette"]["text"] = json!("#AAAAAA");
     let err = errors_of(Process::StyleMaster, &v);
-    assert!(err.errors.iter().any(|e| e.path == "style.palette.text"
-        && e.message.contains("has contrast 2.32:1, below the WCAG AA minimum 4.5:1")), "{err}");
+    assert!(
+        err.errors.iter().any(|e| e.path == "style.palette.text"
+            && e.message
+                .contains("has contrast 2.32:1, below the WCAG AA minimum 4.5:1")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -264,10 +383,23 @@ fn content_must_cover_every_input_and_band() {
 
     let removed = content["resultMessages"].as_array_mut().unwrap().remove(0);
     content["inputs"][0]["name"] = json!("mystery");
-    let err = parse_and_validate_with_input(Process::ContentCrafter, &content.to_string(), &input).unwrap_err();
+    let err = parse_and_validate_with_input(Process::ContentCrafter, &content.to_string(), &input)
+        .unwrap_err();
     let band = removed["bandId"].as_str().unwrap();
-    assert!(err.has("content.resultMessages", &format!("no message for band `{band}`")), "{err}");
-    assert!(err.has("content.inputs[0].name", "`mystery` is not a declared input"), "{err}");
+    assert!(
+        err.has(
+            "content.resultMessages",
+            &format!("no message for band `{band}`")
+        ),
+        "{err}"
+    );
+    assert!(
+        err.has(
+            "content.inputs[0].name",
+            "`mystery` is not a declared input"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -309,7 +441,10 @@ fn partial_closes_what_is_open() {
         (r#"{"a":"é\u00e"#, json!({"a": "é"})),
         (r#"{"a":1,"ke"#, json!({"a": 1})),
         (r#"{"a":1,"key":"#, json!({"a": 1})),
-        ("Here it is:\n```json\n{\"a\":[true,null,", json!({"a": [true, null]})),
+        (
+            "Here it is:\n```json\n{\"a\":[true,null,",
+            json!({"a": [true, null]}),
+        ),
     ];
     for (text, want) in cases {
         assert_eq!(last_value(&[text]), Some(want), "{text}");
@@ -318,17 +453,30 @@ fn partial_closes_what_is_open() {
     let mut p = PartialJson::new();
     assert!(p.push("{\"a\":1}").is_some());
     assert!(p.is_complete());
-    assert_eq!(p.push("\n```\nThanks!"), None, "trailing prose changes nothing");
+    assert_eq!(
+        p.push("\n```\nThanks!"),
+        None,
+        "trailing prose changes nothing"
+    );
 }
 
 #[test]
 fn partial_final_value_is_independent_of_splits() {
     for (i, p) in Process::ALL.into_iter().enumerate() {
         let value = sample(p, i as u64 + 11);
-        let text = format!("```json\n{}\n```", serde_json::to_string_pretty(&value).unwrap());
-        let boundaries: Vec<usize> = (0..=text.len()).filter(|i| text.is_char_boundary(*i)).collect();
+        let text = format!(
+            "```json\n{}\n```",
+            serde_json::to_string_pretty(&value).unwrap()
+        );
+        let boundaries: Vec<usize> = (0..=text.len())
+            .filter(|i| text.is_char_boundary(*i))
+            .collect();
         for &cut in &boundaries {
-            assert_eq!(last_value(&[&text[..cut], &text[cut..]]), Some(value.clone()), "{p} cut at {cut}");
+            assert_eq!(
+                last_value(&[&text[..cut], &text[cut..]]),
+                Some(value.clone()),
+                "{p} cut at {cut}"
+            );
         }
         let chars: Vec<String> = text.chars().map(String::from).collect();
         let refs: Vec<&str> = chars.iter().map(String::as_str).collect();
@@ -354,12 +502,16 @@ fn partial_values_only_grow_while_streaming() {
 
 #[test]
 fn partial_never_panics_on_garbage() {
-    let alphabet: Vec<char> = "{}[]\":,\\u0123456789abcdefntrlse.-+ \n\t`é😀".chars().collect();
+    let alphabet: Vec<char> = "{}[]\":,\\u0123456789abcdefntrlse.-+ \n\t`é😀"
+        .chars()
+        .collect();
     let mut state = 42u64;
     for _ in 0..300 {
         let mut p = PartialJson::new();
         for _ in 0..60 {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let len = (state >> 60) as usize;
             let s: String = (0..len)
                 .map(|k| alphabet[(state.rotate_right(k as u32 * 5) as usize) % alphabet.len()])
@@ -374,10 +526,20 @@ fn partial_never_panics_on_garbage() {
 #[test]
 fn graph_waves_and_concurrency() {
     use Process::*;
-    assert_eq!(pipeline::waves(), vec![vec![MagicSpark], vec![LogicArchitect], vec![ContentCrafter, StyleMaster]]);
+    assert_eq!(
+        pipeline::waves(),
+        vec![
+            vec![MagicSpark],
+            vec![LogicArchitect],
+            vec![ContentCrafter, StyleMaster]
+        ]
+    );
     assert!(pipeline::may_run_concurrently(ContentCrafter, StyleMaster));
     assert!(!pipeline::may_run_concurrently(MagicSpark, StyleMaster));
-    assert!(!pipeline::may_run_concurrently(LogicArchitect, ContentCrafter));
+    assert!(!pipeline::may_run_concurrently(
+        LogicArchitect,
+        ContentCrafter
+    ));
 }
 
 /// Runs the whole pipeline on samples the way the engine will (render → model → validate →
@@ -385,7 +547,9 @@ fn graph_waves_and_concurrency() {
 fn simulate(seed: u64, choice: Option<usize>) -> Result<ToolDefinition, PipelineError> {
     let model = |p: Process, input: &Value| -> Value {
         let prompt = render(p, input).unwrap();
-        let text = sample_output(schema_name(p), seed, &prompt.user).unwrap().to_string();
+        let text = sample_output(schema_name(p), seed, &prompt.user)
+            .unwrap()
+            .to_string();
         parse_and_validate_with_input(p, &text, input).unwrap()
     };
     let business = sample_input(Process::MagicSpark, seed);
@@ -393,9 +557,15 @@ fn simulate(seed: u64, choice: Option<usize>) -> Result<ToolDefinition, Pipeline
     let logic_input = pipeline::logic_architect_input(&business, &spark, choice)?;
     let logic = model(Process::LogicArchitect, &logic_input);
     let concept = &logic_input["concept"];
-    let content = model(Process::ContentCrafter, &pipeline::content_crafter_input(&business, concept, &logic)?);
+    let content = model(
+        Process::ContentCrafter,
+        &pipeline::content_crafter_input(&business, concept, &logic)?,
+    );
     let brand = json!({"colors": ["#0F766E"], "mood": "calm"});
-    let style = model(Process::StyleMaster, &pipeline::style_master_input(&business, concept, &logic, Some(&brand))?);
+    let style = model(
+        Process::StyleMaster,
+        &pipeline::style_master_input(&business, concept, &logic, Some(&brand))?,
+    );
     ToolDefinition::assemble_values(concept, &logic, &content, &style)
 }
 
@@ -405,11 +575,17 @@ fn simulated_pipeline_assembles_for_many_seeds() {
         let tool = simulate(seed, Some((seed % 3) as usize)).unwrap();
         assert_eq!(tool.schema_version, pipeline::SCHEMA_VERSION);
         assert_eq!(tool.content.inputs.len(), tool.logic.inputs.len());
-        assert_eq!(tool.style.palette.primary, "#0F766E", "brand colour is used");
+        assert_eq!(
+            tool.style.palette.primary, "#0F766E",
+            "brand colour is used"
+        );
         let json = serde_json::to_value(&tool).unwrap();
         assert!(json.get("schemaVersion").is_some() && json.get("style").is_some());
     }
-    assert!(matches!(simulate(0, Some(9)), Err(PipelineError::NoSuchConcept { index: 9, .. })));
+    assert!(matches!(
+        simulate(0, Some(9)),
+        Err(PipelineError::NoSuchConcept { index: 9, .. })
+    ));
 }
 
 #[test]
@@ -418,17 +594,35 @@ fn assembly_cross_check_names_what_is_missing() {
     let band = tool.logic.bands[0].id.clone();
     tool.content.result_messages.retain(|m| m.band_id != band);
     let removed_input = tool.content.inputs.pop().unwrap().name;
-    let err = ToolDefinition::assemble(tool.concept, tool.logic, tool.content, tool.style).unwrap_err();
-    let PipelineError::Inconsistent { errors } = &err else { panic!("{err}") };
-    assert!(errors.iter().any(|e| e.message.contains(&format!("no message for band `{band}`"))), "{err}");
-    assert!(errors.iter().any(|e| e.message.contains(&format!("no label/helpText for input `{removed_input}`"))), "{err}");
+    let err =
+        ToolDefinition::assemble(tool.concept, tool.logic, tool.content, tool.style).unwrap_err();
+    let PipelineError::Inconsistent { errors } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.message.contains(&format!("no message for band `{band}`"))),
+        "{err}"
+    );
+    assert!(
+        errors.iter().any(|e| e
+            .message
+            .contains(&format!("no label/helpText for input `{removed_input}`"))),
+        "{err}"
+    );
 }
 
 #[test]
 fn glue_errors_say_what_is_wrong() {
     let business = sample_input(Process::MagicSpark, 0);
-    let err = pipeline::logic_architect_input(&business, &json!({"concepts": "nope"}), None).unwrap_err();
-    assert!(err.to_string().starts_with("magicSpark output is not usable: concepts"), "{err}");
+    let err =
+        pipeline::logic_architect_input(&business, &json!({"concepts": "nope"}), None).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("magicSpark output is not usable: concepts"),
+        "{err}"
+    );
     let logic: ToolLogic = serde_json::from_value(calculator_logic()).unwrap();
     assert_eq!(logic.inputs.len(), 3);
 }
