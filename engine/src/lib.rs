@@ -3,10 +3,13 @@
 //! Read `ARCHITECTURE.md` at the repository root first. One request flows
 //! `server` → `router` → `provider` → back through `cost` → `metrics`.
 
+pub mod agent_run;
 pub mod catalog;
 pub mod config;
 pub mod cost;
+pub mod pipeline;
 pub mod provider;
 pub mod router;
+pub mod runtime;
 pub mod stream;
 pub mod tokenize;

@@ -4,4 +4,5 @@
 
 mod providers;
 mod router;
+mod routing;
 mod sim;
