@@ -6,7 +6,9 @@
 pub mod catalog;
 pub mod config;
 pub mod cost;
+pub mod metrics;
 pub mod provider;
 pub mod router;
+pub mod store;
 pub mod stream;
 pub mod tokenize;
