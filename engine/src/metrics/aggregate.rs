@@ -143,7 +143,11 @@ mod tests {
         assert!((a.error_rate - 0.1).abs() < 1e-9);
         assert_eq!(a.cost_pico_usd, 100_000_000);
         assert_eq!(a.cost_micro_usd, 100);
-        assert!((495..=505).contains(&a.latency_ms.p50), "{:?}", a.latency_ms);
+        assert!(
+            (495..=505).contains(&a.latency_ms.p50),
+            "{:?}",
+            a.latency_ms
+        );
         assert!((945..=955).contains(&a.latency_ms.p95));
         assert_eq!(a.ttft_ms.map(|t| t.p99), Some(99));
 

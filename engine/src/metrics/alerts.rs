@@ -294,7 +294,10 @@ mod tests {
     fn cost_per_request_fires_once_per_run_of_expensive_requests() {
         let mut ev = AlertEvaluator::new(AlertConfig::default());
         let mut fired = Vec::new();
-        for (i, cost) in [2_000_000, 3_000_000, 10, 2_000_000].into_iter().enumerate() {
+        for (i, cost) in [2_000_000, 3_000_000, 10, 2_000_000]
+            .into_iter()
+            .enumerate()
+        {
             fired.extend(ev.observe(&rec(i as u64, 10, true, cost)));
         }
         assert_eq!(types(&fired), vec![AlertType::CostPerRequest; 2]);

@@ -31,9 +31,12 @@ impl Ledger {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS metrics_outbox (
                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,13 +90,19 @@ impl Ledger {
             let mut stmt = self.conn.prepare_cached(
                 "SELECT seq, version, entry_key, body FROM metrics_outbox ORDER BY seq LIMIT ?1",
             )?;
-            stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                .collect::<Result<_, _>>()?
+            stmt.query_map([limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<_, _>>()?
         };
         let mut out = Vec::with_capacity(rows.len());
         for (seq, version, key, body) in rows {
             match serde_json::from_str::<Entry>(&body) {
-                Ok(entry) => out.push(Pending { seq, version, entry }),
+                Ok(entry) => out.push(Pending {
+                    seq,
+                    version,
+                    entry,
+                }),
                 Err(err) => {
                     tracing::error!(seq, key, error = %err, "undecodable metrics outbox row moved to metrics_outbox_dead");
                     let tx = self.conn.transaction()?;
@@ -154,7 +163,10 @@ mod tests {
         let path = dir.join("ledger.sqlite3");
         {
             let mut l = Ledger::open(&path).unwrap();
-            assert_eq!(l.append(&[entry("a"), entry("b"), entry("c")], 5).unwrap(), 3);
+            assert_eq!(
+                l.append(&[entry("a"), entry("b"), entry("c")], 5).unwrap(),
+                3
+            );
             // Same key again: replaces, not a new row.
             assert_eq!(l.append(&[entry("a")], 6).unwrap(), 0);
             let p = l.pending(2).unwrap();
@@ -162,11 +174,20 @@ mod tests {
             assert_eq!(p[0].entry.key(), "a");
             assert_eq!(p[0].version, 2);
             // A stale version is not deleted; the current one is.
-            assert_eq!(l.mark_shipped(&[(p[0].seq, 1), (p[1].seq, p[1].version)]).unwrap(), 1);
+            assert_eq!(
+                l.mark_shipped(&[(p[0].seq, 1), (p[1].seq, p[1].version)])
+                    .unwrap(),
+                1
+            );
             assert_eq!(l.backlog().unwrap(), (2, Some(5)));
         }
         let mut l = Ledger::open(&path).unwrap();
-        let keys: Vec<String> = l.pending(10).unwrap().iter().map(|p| p.entry.key().to_owned()).collect();
+        let keys: Vec<String> = l
+            .pending(10)
+            .unwrap()
+            .iter()
+            .map(|p| p.entry.key().to_owned())
+            .collect();
         assert_eq!(keys, vec!["a", "c"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -181,7 +202,10 @@ mod tests {
             .unwrap();
         assert_eq!(l.pending(10).unwrap().len(), 1);
         assert_eq!(l.backlog().unwrap().0, 1);
-        let dead: i64 = l.conn.query_row("SELECT COUNT(*) FROM metrics_outbox_dead", [], |r| r.get(0)).unwrap();
+        let dead: i64 = l
+            .conn
+            .query_row("SELECT COUNT(*) FROM metrics_outbox_dead", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(dead, 1);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -12,10 +12,10 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::Env;
+use crate::metrics::MetricsError;
 use crate::metrics::alerts::{AlertConfig, AlertEvaluator};
 use crate::metrics::ledger::{Ledger, Pending};
 use crate::metrics::record::{RequestRecord, now_ms};
-use crate::metrics::MetricsError;
 use crate::store::{Entry, Sink, full_jitter};
 
 /// Settings of the tracker. `from_env` reads `KEYVEX_METRICS_DB` and `KEYVEX_METRICS_FLUSH_MS`.
@@ -123,6 +123,10 @@ impl Receipt {
     }
 }
 
+#[expect(
+    clippy::large_enum_variant,
+    reason = "almost every message is a record; boxing would add an allocation per record for nothing"
+)]
 enum Msg {
     Record(RequestRecord, oneshot::Sender<()>),
     Close,
@@ -201,11 +205,16 @@ impl Tracker {
             .map_err(|_| MetricsError::LedgerStopped)??;
         let (count, oldest) = ledger.backlog()?;
         if count > 0 {
-            tracing::info!(pending = count, "metrics ledger has entries from an earlier run; shipping them");
+            tracing::info!(
+                pending = count,
+                "metrics ledger has entries from an earlier run; shipping them"
+            );
         }
         let counters = Counters::default();
         counters.pending.store(count, Ordering::Relaxed);
-        counters.oldest_pending_ms.store(oldest.unwrap_or(0), Ordering::Relaxed);
+        counters
+            .oldest_pending_ms
+            .store(oldest.unwrap_or(0), Ordering::Relaxed);
         let alerts = AlertEvaluator::new(cfg.alerts.clone());
         let shared = Arc::new(Shared {
             counters,
@@ -245,7 +254,11 @@ impl Tracker {
         if self.inner.tx.send(Msg::Record(rec, tx)).is_err() {
             return Receipt(ReceiptState::Closed);
         }
-        self.inner.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .shared
+            .counters
+            .accepted
+            .fetch_add(1, Ordering::Relaxed);
         Receipt(ReceiptState::Pending(rx))
     }
 
@@ -287,7 +300,10 @@ impl Tracker {
             if pred(&h) {
                 return (h, true);
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 let h = self.health();
                 let ok = pred(&h);
                 return (h, ok);
@@ -302,7 +318,11 @@ impl Tracker {
         inner.closed.store(true, Ordering::Release);
         // The ledger closes its receiver on `Close` and drains what was sent before it.
         let _ = inner.tx.send(Msg::Close);
-        let ledger_task = inner.ledger_task.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let ledger_task = inner
+            .ledger_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let mut ledger_flushed = true;
         let mut deadline_hit = false;
         if let Some(task) = ledger_task {
@@ -316,13 +336,17 @@ impl Tracker {
         }
         inner.shared.draining.store(true, Ordering::Release);
         inner.shared.ship_wake.notify_one();
-        let shipper = inner.shipper_task.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(mut task) = shipper {
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                deadline_hit = true;
-                inner.cancel.cancel();
-                let _ = task.await;
-            }
+        let shipper = inner
+            .shipper_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut task) = shipper
+            && tokio::time::timeout_at(deadline, &mut task).await.is_err()
+        {
+            deadline_hit = true;
+            inner.cancel.cancel();
+            let _ = task.await;
         }
         let c = &inner.shared.counters;
         let left = match inner.shared.with_ledger(|l| l.backlog()).await {
@@ -339,9 +363,15 @@ impl Tracker {
             deadline_hit,
         };
         if left > 0 {
-            tracing::warn!(left, "metrics shutdown left entries in the ledger; the next start ships them");
+            tracing::warn!(
+                left,
+                "metrics shutdown left entries in the ledger; the next start ships them"
+            );
         } else {
-            tracing::info!(shipped = report.shipped, "metrics shut down with nothing pending");
+            tracing::info!(
+                shipped = report.shipped,
+                "metrics shut down with nothing pending"
+            );
         }
         report
     }
@@ -404,7 +434,9 @@ async fn ledger_loop(
         };
         c.durable.fetch_add(count, Ordering::Relaxed);
         if c.pending.fetch_add(inserted, Ordering::AcqRel) == 0 {
-            let _ = c.oldest_pending_ms.compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
+            let _ =
+                c.oldest_pending_ms
+                    .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
         }
         for waiter in waiters {
             let _ = waiter.send(());
@@ -472,7 +504,13 @@ async fn ship_backlog(shared: &Arc<Shared>) {
         }
         let (keys, entries): (Vec<(i64, i64)>, Vec<Entry>) = batch
             .into_iter()
-            .map(|Pending { seq, version, entry }| ((seq, version), entry))
+            .map(
+                |Pending {
+                     seq,
+                     version,
+                     entry,
+                 }| ((seq, version), entry),
+            )
             .unzip();
         match shared.sink.write(&entries).await {
             Ok(report) => {
@@ -491,12 +529,15 @@ async fn ship_backlog(shared: &Arc<Shared>) {
                 };
                 attempt = 0;
                 c.shipped.fetch_add(entries.len() as u64, Ordering::Relaxed);
-                let _ = c.pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
-                    Some(p.saturating_sub(removed))
-                });
+                let _ = c
+                    .pending
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                        Some(p.saturating_sub(removed))
+                    });
                 let shared2 = Arc::clone(shared);
                 if let Ok((_, oldest)) = shared2.with_ledger(|l| l.backlog()).await {
-                    c.oldest_pending_ms.store(oldest.unwrap_or(0), Ordering::Release);
+                    c.oldest_pending_ms
+                        .store(oldest.unwrap_or(0), Ordering::Release);
                 }
                 shared.bump();
             }
@@ -513,6 +554,11 @@ async fn ship_backlog(shared: &Arc<Shared>) {
 }
 
 async fn backoff(shared: &Shared, attempt: &mut u32) {
-    tokio::time::sleep(full_jitter(shared.cfg.retry_base, shared.cfg.retry_cap, *attempt)).await;
+    tokio::time::sleep(full_jitter(
+        shared.cfg.retry_base,
+        shared.cfg.retry_cap,
+        *attempt,
+    ))
+    .await;
     *attempt = attempt.saturating_add(1);
 }

@@ -88,7 +88,11 @@ impl DynamoStore {
 
     /// Requests that started in `[from_ms, to_ms]`: one `Query` per UTC day partition with `SK`
     /// between the two instants, paginated; oldest first.
-    pub async fn requests_between(&self, from_ms: u64, to_ms: u64) -> Result<Vec<RequestRecord>, StoreError> {
+    pub async fn requests_between(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
         let mut out = Vec::new();
         if from_ms > to_ms {
             return Ok(out);
@@ -119,14 +123,22 @@ impl DynamoStore {
                 let lo = format!("{}#{}", severity.as_str(), iso_ts(from_ms));
                 let hi = format!("{}#{}$", severity.as_str(), iso_ts(to_ms));
                 for item in self
-                    .query(Some("GSI1"), "GSI1PK = :pk AND GSI1SK BETWEEN :lo AND :hi", &pk, &lo, &hi)
+                    .query(
+                        Some("GSI1"),
+                        "GSI1PK = :pk AND GSI1SK BETWEEN :lo AND :hi",
+                        &pk,
+                        &lo,
+                        &hi,
+                    )
                     .await?
                 {
                     out.push(alert_from_item(&item)?);
                 }
             }
         }
-        out.sort_by(|a: &Alert, b: &Alert| (a.timestamp_ms, &a.alert_id).cmp(&(b.timestamp_ms, &b.alert_id)));
+        out.sort_by(|a: &Alert, b: &Alert| {
+            (a.timestamp_ms, &a.alert_id).cmp(&(b.timestamp_ms, &b.alert_id))
+        });
         Ok(out)
     }
 
@@ -168,7 +180,9 @@ impl DynamoStore {
         R: std::fmt::Debug,
     {
         let retryable = match err {
-            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+            SdkError::TimeoutError(_)
+            | SdkError::DispatchFailure(_)
+            | SdkError::ResponseError(_) => true,
             SdkError::ServiceError(e) => matches!(
                 e.err().code(),
                 Some(
@@ -217,7 +231,11 @@ impl DynamoStore {
                     if left.is_empty() {
                         return Ok(retries);
                     }
-                    tracing::debug!(left = left.values().map(Vec::len).sum::<usize>(), attempt, "DynamoDB returned unprocessed items; resending them");
+                    tracing::debug!(
+                        left = left.values().map(Vec::len).sum::<usize>(),
+                        attempt,
+                        "DynamoDB returned unprocessed items; resending them"
+                    );
                     pending = left;
                 }
                 Err(err) if is_throttle(&err) => {
@@ -284,7 +302,9 @@ pub fn chunk_items(
     let mut bytes = 0usize;
     for item in unique {
         let size = estimate_size(&item);
-        if !current.is_empty() && (current.len() == MAX_BATCH_ITEMS || bytes + size > MAX_BATCH_BYTES) {
+        if !current.is_empty()
+            && (current.len() == MAX_BATCH_ITEMS || bytes + size > MAX_BATCH_BYTES)
+        {
             chunks.push(std::mem::take(&mut current));
             bytes = 0;
         }
@@ -343,7 +363,10 @@ pub fn request_item(rec: &RequestRecord) -> HashMap<String, AttributeValue> {
     }
     let mut item = attributes_of(&rec);
     let s = |v: String| AttributeValue::S(v);
-    item.insert("PK".into(), s(format!("METRIC#{}", day_of(rec.timestamp_ms))));
+    item.insert(
+        "PK".into(),
+        s(format!("METRIC#{}", day_of(rec.timestamp_ms))),
+    );
     item.insert("SK".into(), s(format!("REQUEST#{ts}#{}", rec.request_id)));
     item.insert("GSI1PK".into(), s(format!("PROCESS#{}", rec.process)));
     item.insert("GSI1SK".into(), s(ts.clone()));
@@ -363,10 +386,17 @@ pub fn alert_item(alert: &Alert) -> HashMap<String, AttributeValue> {
     let s = |v: String| AttributeValue::S(v);
     item.insert("PK".into(), s(format!("ALERT#{}", alert.alert_id)));
     item.insert("SK".into(), s("ALERT".into()));
-    item.insert("GSI1PK".into(), s(format!("ALERT_TYPE#{}", alert.alert_type.as_str())));
+    item.insert(
+        "GSI1PK".into(),
+        s(format!("ALERT_TYPE#{}", alert.alert_type.as_str())),
+    );
     item.insert(
         "GSI1SK".into(),
-        s(format!("{}#{}", alert.severity.as_str(), iso_ts(alert.timestamp_ms))),
+        s(format!(
+            "{}#{}",
+            alert.severity.as_str(),
+            iso_ts(alert.timestamp_ms)
+        )),
     );
     item.insert(
         "ttl".into(),
@@ -376,7 +406,9 @@ pub fn alert_item(alert: &Alert) -> HashMap<String, AttributeValue> {
     item
 }
 
-pub fn request_from_item(item: &HashMap<String, AttributeValue>) -> Result<RequestRecord, StoreError> {
+pub fn request_from_item(
+    item: &HashMap<String, AttributeValue>,
+) -> Result<RequestRecord, StoreError> {
     from_item(item, "request item")
 }
 
@@ -391,7 +423,12 @@ fn from_item<T: serde::de::DeserializeOwned>(
     let obj: serde_json::Map<String, Value> = item
         .iter()
         .filter(|(k, _)| !KEY_ATTRS.contains(&k.as_str()) && k.as_str() != "entityType")
-        .map(|(k, v)| Ok((k.clone(), json_of(v).ok_or_else(|| format!("attribute {k} has an unsupported type"))?)))
+        .map(|(k, v)| {
+            Ok((
+                k.clone(),
+                json_of(v).ok_or_else(|| format!("attribute {k} has an unsupported type"))?,
+            ))
+        })
         .collect::<Result<_, String>>()
         .map_err(|problem| StoreError::Decode { what, problem })?;
     serde_json::from_value(Value::Object(obj)).map_err(|e| StoreError::Decode {
@@ -461,13 +498,22 @@ pub async fn create_table(client: &Client, name: &str) -> Result<(), StoreError>
             .attribute_type(ScalarAttributeType::S)
             .build()
     };
-    let key = |n: &str, t: KeyType| KeySchemaElement::builder().attribute_name(n).key_type(t).build();
+    let key = |n: &str, t: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(n)
+            .key_type(t)
+            .build()
+    };
     let gsi = |index: &str, pk: &str, sk: &str| {
         GlobalSecondaryIndex::builder()
             .index_name(index)
             .key_schema(key(pk, KeyType::Hash)?)
             .key_schema(key(sk, KeyType::Range)?)
-            .projection(Projection::builder().projection_type(ProjectionType::All).build())
+            .projection(
+                Projection::builder()
+                    .projection_type(ProjectionType::All)
+                    .build(),
+            )
             .build()
     };
     let mut req = client
@@ -484,7 +530,11 @@ pub async fn create_table(client: &Client, name: &str) -> Result<(), StoreError>
     let store = DynamoStore::new(client.clone(), name);
     match req.send().await {
         Ok(_) => tracing::info!(table = name, "created DynamoDB table"),
-        Err(err) if err.as_service_error().is_some_and(|e| e.is_resource_in_use_exception()) => {
+        Err(err)
+            if err
+                .as_service_error()
+                .is_some_and(|e| e.is_resource_in_use_exception()) =>
+        {
             tracing::debug!(table = name, "DynamoDB table already exists");
         }
         Err(err) => return Err(store.sdk_error("CreateTable", &err)),
@@ -512,7 +562,10 @@ pub async fn create_table(client: &Client, name: &str) -> Result<(), StoreError>
         d.attribute_name() == Some("ttl")
             && matches!(
                 d.time_to_live_status(),
-                Some(aws_sdk_dynamodb::types::TimeToLiveStatus::Enabled | aws_sdk_dynamodb::types::TimeToLiveStatus::Enabling)
+                Some(
+                    aws_sdk_dynamodb::types::TimeToLiveStatus::Enabled
+                        | aws_sdk_dynamodb::types::TimeToLiveStatus::Enabling
+                )
             )
     });
     if enabled {
@@ -561,11 +614,17 @@ mod tests {
     fn request_item_has_the_single_table_keys() {
         let item = request_item(&rec(0));
         assert_eq!(attr_s(&item, "PK"), "METRIC#2025-11-25");
-        assert_eq!(attr_s(&item, "SK"), "REQUEST#2025-11-25T14:21:07.123Z#req-000");
+        assert_eq!(
+            attr_s(&item, "SK"),
+            "REQUEST#2025-11-25T14:21:07.123Z#req-000"
+        );
         assert_eq!(attr_s(&item, "GSI1PK"), "PROCESS#magicSpark");
         assert_eq!(attr_s(&item, "GSI2PK"), "PROVIDER#openai");
         assert_eq!(attr_s(&item, "GSI2SK"), "2025-11-25T14:21:07.123Z");
-        assert_eq!(item["ttl"], AttributeValue::N((1_764_080_467 + 30 * 86_400).to_string()));
+        assert_eq!(
+            item["ttl"],
+            AttributeValue::N((1_764_080_467 + 30 * 86_400).to_string())
+        );
         assert_eq!(item["costMicroUsd"], AttributeValue::N("3".into()));
         assert_eq!(item["success"], AttributeValue::Bool(true));
         assert!(!item.contains_key("error"));
@@ -604,6 +663,9 @@ mod tests {
     fn long_errors_are_truncated() {
         let r = rec(1).failed("upstream", &"é".repeat(10_000));
         let item = request_item(&r);
-        assert_eq!(item["error"].as_s().unwrap().chars().count(), MAX_ERROR_CHARS);
+        assert_eq!(
+            item["error"].as_s().unwrap().chars().count(),
+            MAX_ERROR_CHARS
+        );
     }
 }

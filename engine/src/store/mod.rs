@@ -12,6 +12,10 @@ use crate::metrics::{Alert, RequestRecord};
 /// One row of the metrics outbox: a request record or an alert.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "almost every entry is a request; boxing would add an allocation per record for nothing"
+)]
 pub enum Entry {
     Request(RequestRecord),
     Alert(Alert),
@@ -115,7 +119,11 @@ pub fn iso_ts(ms: u64) -> String {
 
 /// Full-jitter exponential backoff: a uniform draw in `[0, min(cap, base·2^attempt)]`, so
 /// retrying writers spread out instead of hammering a throttled table in lockstep.
-pub fn full_jitter(base: std::time::Duration, cap: std::time::Duration, attempt: u32) -> std::time::Duration {
+pub fn full_jitter(
+    base: std::time::Duration,
+    cap: std::time::Duration,
+    attempt: u32,
+) -> std::time::Duration {
     use rand::Rng;
     let ceiling = base
         .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
@@ -140,7 +148,8 @@ mod tests {
     fn full_jitter_stays_under_the_capped_ceiling() {
         for attempt in 0..40 {
             let d = full_jitter(Duration::from_millis(50), Duration::from_secs(2), attempt);
-            let ceiling = Duration::from_millis(50 * (1u64 << attempt.min(20))).min(Duration::from_secs(2));
+            let ceiling =
+                Duration::from_millis(50 * (1u64 << attempt.min(20))).min(Duration::from_secs(2));
             assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
         }
     }

@@ -23,11 +23,14 @@ impl SqliteStore {
             source,
         };
         let conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
         // The ledger keeps the entries until this write is confirmed, so NORMAL (durable against
         // process crashes, not power loss) is enough here: a lost write is shipped again.
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS requests (
                 request_id TEXT PRIMARY KEY,
@@ -71,7 +74,11 @@ impl SqliteStore {
     }
 
     /// Requests that started in `[from_ms, to_ms]`, oldest first.
-    pub async fn requests_between(&self, from_ms: u64, to_ms: u64) -> Result<Vec<RequestRecord>, StoreError> {
+    pub async fn requests_between(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
         let bodies = self
             .run(move |c| {
                 let mut stmt = c.prepare_cached(
@@ -99,7 +106,10 @@ impl SqliteStore {
     }
 }
 
-fn decode_all<T: serde::de::DeserializeOwned>(bodies: &[String], what: &'static str) -> Result<Vec<T>, StoreError> {
+fn decode_all<T: serde::de::DeserializeOwned>(
+    bodies: &[String],
+    what: &'static str,
+) -> Result<Vec<T>, StoreError> {
     bodies
         .iter()
         .map(|b| {
@@ -112,6 +122,7 @@ fn decode_all<T: serde::de::DeserializeOwned>(bodies: &[String], what: &'static 
 }
 
 /// Encoded ahead of the blocking call so JSON errors are not SQLite errors.
+#[expect(clippy::large_enum_variant, reason = "short-lived, mostly requests")]
 enum Row {
     Request(RequestRecord, String),
     Alert(Alert, String),

@@ -2,6 +2,9 @@
 //! run for real; DynamoDB is moto (the real SDK, never mocked), with a fault-injecting proxy in
 //! between for throttling, partial batches and outages.
 
+// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +12,8 @@ use std::time::Duration;
 use aws_sdk_dynamodb::types::AttributeValue;
 use keyvex_engine::cost::Cost;
 use keyvex_engine::metrics::{
-    self, AlertConfig, AlertType, Severity, GroupBy, MetricsConfig, MetricsError, RequestRecord, Tracker,
+    self, AlertConfig, AlertType, GroupBy, MetricsConfig, MetricsError, RequestRecord, Severity,
+    Tracker,
 };
 use keyvex_engine::store::dynamo::{self, DynamoRetry, DynamoStore};
 use keyvex_engine::store::sqlite::SqliteStore;
@@ -55,7 +59,11 @@ fn records(n: u64) -> Vec<RequestRecord> {
                 .with_timestamp_ms(T0 + i * 3_000)
                 .with_latency(100 + i * 7, Some(20 + i))
                 .with_cost(Cost(1_234_567 * (i + 1)));
-            if i % 10 == 9 { rec.failed("upstream", "503 from provider") } else { rec }
+            if i % 10 == 9 {
+                rec.failed("upstream", "503 from provider")
+            } else {
+                rec
+            }
         })
         .collect()
 }
@@ -66,7 +74,10 @@ async fn table(moto: &Moto, name: &str) -> aws_sdk_dynamodb::Client {
     client
 }
 
-async fn scan(client: &aws_sdk_dynamodb::Client, table: &str) -> Vec<HashMap<String, AttributeValue>> {
+async fn scan(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+) -> Vec<HashMap<String, AttributeValue>> {
     let mut items = Vec::new();
     let mut start = None;
     loop {
@@ -108,7 +119,9 @@ async fn wait_shipped(tracker: &Tracker, count: u64) {
     assert!(ok, "not shipped in time: {h:?}");
 }
 
-fn request_items(items: &[HashMap<String, AttributeValue>]) -> Vec<&HashMap<String, AttributeValue>> {
+fn request_items(
+    items: &[HashMap<String, AttributeValue>],
+) -> Vec<&HashMap<String, AttributeValue>> {
     items
         .iter()
         .filter(|i| s(i, "PK").starts_with("METRIC#"))
@@ -121,7 +134,8 @@ async fn dynamo_gets_exactly_n_items_with_keys_gsis_ttl_in_25_item_batches() {
     let proxy = FaultProxy::start(&moto.endpoint).await;
     let client = table(&moto, "m-exact").await;
     let dir = TempDir::new("metrics-exact");
-    let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-exact").with_retry(fast_retry());
+    let store =
+        DynamoStore::new(moto::client(&proxy.endpoint).await, "m-exact").with_retry(fast_retry());
     let tracker = Tracker::start(config(dir.file("l.sqlite3")), Arc::new(store.clone()))
         .await
         .unwrap();
@@ -131,7 +145,8 @@ async fn dynamo_gets_exactly_n_items_with_keys_gsis_ttl_in_25_item_batches() {
 
     let items = scan(&client, "m-exact").await;
     assert_eq!(items.len(), 60, "exactly one item per record");
-    let by_id: HashMap<String, &RequestRecord> = recs.iter().map(|r| (r.request_id.clone(), r)).collect();
+    let by_id: HashMap<String, &RequestRecord> =
+        recs.iter().map(|r| (r.request_id.clone(), r)).collect();
     for item in &items {
         let rec = by_id[&s(item, "requestId")];
         let ts = iso_ts(rec.timestamp_ms);
@@ -141,7 +156,11 @@ async fn dynamo_gets_exactly_n_items_with_keys_gsis_ttl_in_25_item_batches() {
         assert_eq!(s(item, "GSI1SK"), ts);
         assert_eq!(s(item, "GSI2PK"), format!("PROVIDER#{}", rec.provider));
         assert_eq!(s(item, "GSI2SK"), ts);
-        assert_eq!(n(item, "ttl"), rec.timestamp_ms / 1000 + 30 * 86_400, "epoch seconds");
+        assert_eq!(
+            n(item, "ttl"),
+            rec.timestamp_ms / 1000 + 30 * 86_400,
+            "epoch seconds"
+        );
         assert_eq!(n(item, "costMicroUsd"), rec.cost_micro_usd);
         assert_eq!(n(item, "costPicoUsd"), rec.cost_pico_usd);
         assert_eq!(item["success"], AttributeValue::Bool(rec.success));
@@ -159,14 +178,29 @@ async fn dynamo_gets_exactly_n_items_with_keys_gsis_ttl_in_25_item_batches() {
     let mut expected = recs.clone();
     expected.sort_by(|a, b| a.request_id.cmp(&b.request_id));
     assert_eq!(back, expected);
-    let narrow = store.requests_between(T0 + 3_000, T0 + 6_000).await.unwrap();
+    let narrow = store
+        .requests_between(T0 + 3_000, T0 + 6_000)
+        .await
+        .unwrap();
     assert_eq!(narrow.len(), 2);
     let sqlite = SqliteStore::open(&dir.file("s.sqlite3")).unwrap();
-    let entries: Vec<_> = recs.iter().cloned().map(keyvex_engine::store::Entry::Request).collect();
+    let entries: Vec<_> = recs
+        .iter()
+        .cloned()
+        .map(keyvex_engine::store::Entry::Request)
+        .collect();
     sqlite.write(&entries).await.unwrap();
     let from_sqlite = sqlite.requests_between(T0, T0 + 60 * 3_000).await.unwrap();
-    for group in [GroupBy::Process, GroupBy::Provider, GroupBy::Model, GroupBy::Day] {
-        assert_eq!(metrics::aggregate(&back, group), metrics::aggregate(&from_sqlite, group));
+    for group in [
+        GroupBy::Process,
+        GroupBy::Provider,
+        GroupBy::Model,
+        GroupBy::Day,
+    ] {
+        assert_eq!(
+            metrics::aggregate(&back, group),
+            metrics::aggregate(&from_sqlite, group)
+        );
     }
     let by_process = metrics::aggregate(&back, GroupBy::Process);
     assert_eq!(by_process.iter().map(|a| a.requests).sum::<u64>(), 60);
@@ -185,8 +219,11 @@ async fn throttling_and_unprocessed_items_still_give_exactly_n() {
         Fault::Partial { keep: 3 },
     ]);
     let dir = TempDir::new("metrics-throttle");
-    let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-throttle").with_retry(fast_retry());
-    let tracker = Tracker::start(config(dir.file("l.sqlite3")), Arc::new(store)).await.unwrap();
+    let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-throttle")
+        .with_retry(fast_retry());
+    let tracker = Tracker::start(config(dir.file("l.sqlite3")), Arc::new(store))
+        .await
+        .unwrap();
     record_all(&tracker, &records(30)).await;
     wait_shipped(&tracker, 30).await;
 
@@ -205,8 +242,11 @@ async fn outage_keeps_records_in_the_ledger_until_dynamo_is_back() {
     let client = table(&moto, "m-outage").await;
     let dir = TempDir::new("metrics-outage");
     proxy.set_outage(true);
-    let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-outage").with_retry(fast_retry());
-    let tracker = Tracker::start(config(dir.file("l.sqlite3")), Arc::new(store)).await.unwrap();
+    let store =
+        DynamoStore::new(moto::client(&proxy.endpoint).await, "m-outage").with_retry(fast_retry());
+    let tracker = Tracker::start(config(dir.file("l.sqlite3")), Arc::new(store))
+        .await
+        .unwrap();
     record_all(&tracker, &records(20)).await;
     let (h, ok) = tracker.wait_for(WAIT, |h| h.failed_writes >= 3).await;
     assert!(ok, "{h:?}");
@@ -229,15 +269,25 @@ async fn restart_ships_what_an_abandoned_tracker_left_in_the_ledger() {
     let ledger = dir.file("l.sqlite3");
     proxy.set_outage(true);
     {
-        let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-restart").with_retry(fast_retry());
-        let tracker = Tracker::start(config(ledger.clone()), Arc::new(store)).await.unwrap();
+        let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-restart")
+            .with_retry(fast_retry());
+        let tracker = Tracker::start(config(ledger.clone()), Arc::new(store))
+            .await
+            .unwrap();
         record_all(&tracker, &records(15)).await;
         // Dropped without shutdown, as a crash after the receipts would.
     }
     proxy.set_outage(false);
-    let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-restart").with_retry(fast_retry());
-    let tracker = Tracker::start(config(ledger), Arc::new(store)).await.unwrap();
-    assert_eq!(tracker.health().pending, 15, "leftovers are counted at start");
+    let store =
+        DynamoStore::new(moto::client(&proxy.endpoint).await, "m-restart").with_retry(fast_retry());
+    let tracker = Tracker::start(config(ledger), Arc::new(store))
+        .await
+        .unwrap();
+    assert_eq!(
+        tracker.health().pending,
+        15,
+        "leftovers are counted at start"
+    );
     wait_shipped(&tracker, 15).await;
     assert_eq!(request_items(&scan(&client, "m-restart").await).len(), 15);
 }
@@ -255,7 +305,9 @@ async fn shutdown_flushes_to_sqlite_and_the_store_survives_reopen() {
     for r in &recs {
         let _ = tracker.record(r.clone());
     }
-    let report = tracker.shutdown(Instant::now() + Duration::from_secs(10)).await;
+    let report = tracker
+        .shutdown(Instant::now() + Duration::from_secs(10))
+        .await;
     assert!(report.ledger_flushed && !report.deadline_hit, "{report:?}");
     assert_eq!((report.shipped, report.left_in_ledger), (50, 0));
     let late = tracker.record(records(1).remove(0)).durable().await;
@@ -263,7 +315,10 @@ async fn shutdown_flushes_to_sqlite_and_the_store_survives_reopen() {
     drop(tracker);
 
     let reopened = SqliteStore::open(&path).unwrap();
-    let back = reopened.requests_between(T0, T0 + 50 * 3_000).await.unwrap();
+    let back = reopened
+        .requests_between(T0, T0 + 50 * 3_000)
+        .await
+        .unwrap();
     assert_eq!(back.len(), 50);
     assert_eq!(back[0], recs[0]);
 }
@@ -276,21 +331,35 @@ async fn shutdown_deadline_leaves_the_rest_in_the_ledger_for_the_next_start() {
     let dir = TempDir::new("metrics-deadline");
     let ledger = dir.file("l.sqlite3");
     proxy.set_outage(true);
-    let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-deadline").with_retry(fast_retry());
-    let tracker = Tracker::start(config(ledger.clone()), Arc::new(store)).await.unwrap();
+    let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-deadline")
+        .with_retry(fast_retry());
+    let tracker = Tracker::start(config(ledger.clone()), Arc::new(store))
+        .await
+        .unwrap();
     for r in records(10) {
         let _ = tracker.record(r);
     }
-    let report = tracker.shutdown(Instant::now() + Duration::from_millis(300)).await;
+    let report = tracker
+        .shutdown(Instant::now() + Duration::from_millis(300))
+        .await;
     assert!(report.ledger_flushed && report.deadline_hit, "{report:?}");
     assert_eq!((report.shipped, report.left_in_ledger), (0, 10));
     drop(tracker);
 
     proxy.set_outage(false);
-    let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-deadline").with_retry(fast_retry());
-    let tracker = Tracker::start(config(ledger), Arc::new(store)).await.unwrap();
-    let report = tracker.shutdown(Instant::now() + Duration::from_secs(10)).await;
-    assert_eq!((report.shipped, report.left_in_ledger), (10, 0), "{report:?}");
+    let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-deadline")
+        .with_retry(fast_retry());
+    let tracker = Tracker::start(config(ledger), Arc::new(store))
+        .await
+        .unwrap();
+    let report = tracker
+        .shutdown(Instant::now() + Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        (report.shipped, report.left_in_ledger),
+        (10, 0),
+        "{report:?}"
+    );
     assert_eq!(request_items(&scan(&client, "m-deadline").await).len(), 10);
 }
 
@@ -318,12 +387,17 @@ async fn alerts_once_per_episode_in_dynamo_and_sqlite() {
     let store = DynamoStore::new(moto::client(&moto.endpoint).await, "m-alerts");
     let tracker = Tracker::start(cfg, Arc::new(store.clone())).await.unwrap();
     record_all(&tracker, &expensive_runs()).await;
-    let report = tracker.shutdown(Instant::now() + Duration::from_secs(10)).await;
+    let report = tracker
+        .shutdown(Instant::now() + Duration::from_secs(10))
+        .await;
     assert_eq!(report.left_in_ledger, 0);
     assert_eq!(tracker.health().alerts_raised, 2);
 
     let items = scan(&client, "m-alerts").await;
-    let alerts: Vec<_> = items.iter().filter(|i| s(i, "PK").starts_with("ALERT#")).collect();
+    let alerts: Vec<_> = items
+        .iter()
+        .filter(|i| s(i, "PK").starts_with("ALERT#"))
+        .collect();
     assert_eq!(alerts.len(), 2);
     for item in &alerts {
         assert_eq!(s(item, "SK"), "ALERT");
@@ -333,18 +407,29 @@ async fn alerts_once_per_episode_in_dynamo_and_sqlite() {
     }
     let back = store.alerts_between(T0, T0 + 10_000).await.unwrap();
     assert_eq!(back.len(), 2);
-    assert!(back.iter().all(|a| a.alert_type == AlertType::CostPerRequest));
+    assert!(
+        back.iter()
+            .all(|a| a.alert_type == AlertType::CostPerRequest)
+    );
 
     // The same records through the embedded store.
     let dir2 = TempDir::new("metrics-alerts-sqlite");
     let path = dir2.file("k.sqlite3");
     let sqlite = SqliteStore::open(&path).unwrap();
-    let tracker = Tracker::start(config(path), Arc::new(sqlite.clone())).await.unwrap();
+    let tracker = Tracker::start(config(path), Arc::new(sqlite.clone()))
+        .await
+        .unwrap();
     record_all(&tracker, &expensive_runs()).await;
-    tracker.shutdown(Instant::now() + Duration::from_secs(10)).await;
+    tracker
+        .shutdown(Instant::now() + Duration::from_secs(10))
+        .await;
     let stored = sqlite.alerts_between(T0, T0 + 10_000).await.unwrap();
     assert_eq!(stored.len(), 2);
-    assert!(stored.iter().all(|a| a.alert_type == AlertType::CostPerRequest && a.severity == Severity::Warning));
+    assert!(
+        stored
+            .iter()
+            .all(|a| a.alert_type == AlertType::CostPerRequest && a.severity == Severity::Warning)
+    );
 }
 
 #[tokio::test]
@@ -353,7 +438,12 @@ async fn create_table_is_idempotent_with_gsis_on_demand_and_ttl() {
     let client = moto::client(&moto.endpoint).await;
     dynamo::create_table(&client, "m-create").await.unwrap();
     dynamo::create_table(&client, "m-create").await.unwrap();
-    let desc = client.describe_table().table_name("m-create").send().await.unwrap();
+    let desc = client
+        .describe_table()
+        .table_name("m-create")
+        .send()
+        .await
+        .unwrap();
     let t = desc.table().unwrap();
     let mut gsis: Vec<(String, String)> = t
         .global_secondary_indexes()
@@ -361,18 +451,36 @@ async fn create_table_is_idempotent_with_gsis_on_demand_and_ttl() {
         .map(|g| {
             (
                 g.index_name().unwrap().to_owned(),
-                g.projection().unwrap().projection_type().unwrap().as_str().to_owned(),
+                g.projection()
+                    .unwrap()
+                    .projection_type()
+                    .unwrap()
+                    .as_str()
+                    .to_owned(),
             )
         })
         .collect();
     gsis.sort();
-    assert_eq!(gsis, vec![("GSI1".into(), "ALL".into()), ("GSI2".into(), "ALL".into())]);
     assert_eq!(
-        t.billing_mode_summary().and_then(|b| b.billing_mode()).map(|b| b.as_str()),
+        gsis,
+        vec![("GSI1".into(), "ALL".into()), ("GSI2".into(), "ALL".into())]
+    );
+    assert_eq!(
+        t.billing_mode_summary()
+            .and_then(|b| b.billing_mode())
+            .map(|b| b.as_str()),
         Some("PAY_PER_REQUEST")
     );
-    let ttl = client.describe_time_to_live().table_name("m-create").send().await.unwrap();
+    let ttl = client
+        .describe_time_to_live()
+        .table_name("m-create")
+        .send()
+        .await
+        .unwrap();
     let ttl = ttl.time_to_live_description().unwrap();
     assert_eq!(ttl.attribute_name(), Some("ttl"));
-    assert_eq!(ttl.time_to_live_status().map(|s| s.as_str()), Some("ENABLED"));
+    assert_eq!(
+        ttl.time_to_live_status().map(|s| s.as_str()),
+        Some("ENABLED")
+    );
 }

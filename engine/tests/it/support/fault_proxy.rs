@@ -2,6 +2,9 @@
 //! script answers BatchWriteItem with throttling errors, forwards only part of a batch and
 //! reports the rest as `UnprocessedItems`, or drops every connection while an outage is on.
 
+// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +22,9 @@ pub enum Fault {
     Throttling,
     ProvisionedThroughputExceeded,
     /// Forward only the first `keep` write requests; report the rest as unprocessed.
-    Partial { keep: usize },
+    Partial {
+        keep: usize,
+    },
 }
 
 struct ProxyState {
@@ -81,7 +86,14 @@ impl FaultProxy {
             .fallback(forward)
             .with_state(Arc::clone(&state));
         let task = tokio::spawn(async move {
-            let _ = axum::serve(OutageListener { inner: listener, outage }, app).await;
+            let _ = axum::serve(
+                OutageListener {
+                    inner: listener,
+                    outage,
+                },
+                app,
+            )
+            .await;
         });
         FaultProxy {
             endpoint: format!("http://{addr}"),
@@ -184,7 +196,10 @@ async fn handle(state: &ProxyState, req: Request) -> Response {
     }
     let mut upstream = state
         .http
-        .request(parts.method.clone(), format!("{}{}", state.upstream, parts.uri))
+        .request(
+            parts.method.clone(),
+            format!("{}{}", state.upstream, parts.uri),
+        )
         .body(body);
     for (name, value) in &parts.headers {
         if name != header::HOST && name != header::CONTENT_LENGTH {

@@ -1,6 +1,9 @@
 //! Test harness shared by the integration modules: a moto server per test and a fault-injecting
 //! proxy in front of it.
 
+// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod fault_proxy;
 pub mod moto;
 

@@ -2,6 +2,9 @@
 //! process group when the guard drops. Finds `moto_server` through `MOTO_SERVER` or
 //! `<repo>/.venv/bin/moto_server`, installing it with `scripts/ensure-moto.sh` when missing.
 
+// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -36,7 +39,10 @@ fn moto_bin() -> PathBuf {
                 .arg(repo_root().join("scripts/ensure-moto.sh"))
                 .status()
                 .expect("running scripts/ensure-moto.sh");
-            assert!(status.success(), "scripts/ensure-moto.sh failed; see its output above");
+            assert!(
+                status.success(),
+                "scripts/ensure-moto.sh failed; see its output above"
+            );
         }
     }
     bin
