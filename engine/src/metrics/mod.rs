@@ -17,7 +17,7 @@ mod tracker;
 pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate};
 pub use alerts::{Alert, AlertConfig, AlertType, Severity};
 pub use record::{RequestRecord, RequestStatus};
-pub use tracker::{MetricsConfig, MetricsHealth, Receipt, ShutdownReport, Tracker};
+pub use tracker::{MetricsConfig, MetricsHealth, Receipt, ShutdownReport, Tracker, start_from_env};
 
 /// Errors of the metrics boundary (ledger and tracker).
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ pub enum MetricsError {
     },
     #[error("metrics ledger write failed: {0}; the records stay queued and are retried")]
     Ledger(#[from] rusqlite::Error),
+    #[error("metrics store: {0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("a metrics record could not be encoded: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("the metrics tracker is shut down; records are no longer accepted")]

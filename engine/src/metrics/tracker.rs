@@ -18,6 +18,36 @@ use crate::metrics::ledger::{Ledger, Pending};
 use crate::metrics::record::{RequestRecord, now_ms};
 use crate::store::{Entry, Sink, full_jitter};
 
+/// Starts the tracker the environment asks for: the DynamoDB sink when `DYNAMODB_TABLE_NAME` is
+/// set (`DYNAMODB_ENDPOINT` points it at an emulator; region and credentials are the standard AWS
+/// variables), otherwise the SQLite store in the ledger's own file. The table is not created
+/// here; call [`crate::store::dynamo::create_table`] where provisioning is wanted.
+pub async fn start_from_env(env: &dyn Env) -> Result<Tracker, MetricsError> {
+    let cfg = MetricsConfig::from_env(env)?;
+    let sink: Arc<dyn Sink> = match env.var("DYNAMODB_TABLE_NAME") {
+        Some(table) => {
+            let endpoint = env.var("DYNAMODB_ENDPOINT");
+            let client = crate::store::dynamo::client(endpoint.as_deref()).await;
+            tracing::info!(
+                table,
+                endpoint = endpoint.as_deref().unwrap_or("aws"),
+                "metrics ship to DynamoDB"
+            );
+            Arc::new(crate::store::dynamo::DynamoStore::new(client, &table))
+        }
+        None => {
+            let path = cfg.ledger_path.clone();
+            let store =
+                tokio::task::spawn_blocking(move || crate::store::sqlite::SqliteStore::open(&path))
+                    .await
+                    .map_err(|_| MetricsError::LedgerStopped)??;
+            tracing::info!(path = %cfg.ledger_path.display(), "metrics stored in embedded SQLite");
+            Arc::new(store)
+        }
+    };
+    Tracker::start(cfg, sink).await
+}
+
 /// Settings of the tracker. `from_env` reads `KEYVEX_METRICS_DB` and `KEYVEX_METRICS_FLUSH_MS`.
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
@@ -80,6 +110,8 @@ pub struct MetricsHealth {
     pub accepted: u64,
     /// Committed to the ledger since start.
     pub durable: u64,
+    /// Ledger transactions since start (`durable / ledger_commits` is the group-commit size).
+    pub ledger_commits: u64,
     /// Confirmed by the sink and removed from the ledger since start.
     pub shipped: u64,
     /// Resends: failed sink writes retried by the shipper plus resends inside the sink.
@@ -136,6 +168,7 @@ enum Msg {
 struct Counters {
     accepted: AtomicU64,
     durable: AtomicU64,
+    ledger_commits: AtomicU64,
     shipped: AtomicU64,
     retried: AtomicU64,
     failed_writes: AtomicU64,
@@ -270,6 +303,7 @@ impl Tracker {
             sink: self.inner.shared.sink.name(),
             accepted: c.accepted.load(Ordering::Relaxed),
             durable: c.durable.load(Ordering::Relaxed),
+            ledger_commits: c.ledger_commits.load(Ordering::Relaxed),
             shipped: c.shipped.load(Ordering::Relaxed),
             retried: c.retried.load(Ordering::Relaxed),
             failed_writes: c.failed_writes.load(Ordering::Relaxed),
@@ -433,6 +467,7 @@ async fn ledger_loop(
             }
         };
         c.durable.fetch_add(count, Ordering::Relaxed);
+        c.ledger_commits.fetch_add(1, Ordering::Relaxed);
         if c.pending.fetch_add(inserted, Ordering::AcqRel) == 0 {
             let _ =
                 c.oldest_pending_ms
