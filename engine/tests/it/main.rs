@@ -2,7 +2,9 @@
 //! boundary: the simulator over HTTP on loopback, the providers' client code, the router,
 //! and the stores against a local AWS emulator.
 
+mod metrics;
 mod providers;
 mod router;
 mod routing;
 mod sim;
+mod support;

@@ -1,0 +1,159 @@
+//! Aggregation of request records for the admin API: one pure function over records, so the
+//! SQLite and DynamoDB stores answer identically.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::metrics::record::{RequestRecord, RequestStatus};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    Process,
+    Provider,
+    Model,
+    /// UTC calendar day of the request's start, `yyyy-mm-dd`.
+    Day,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p95: u64,
+    pub p99: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Aggregate {
+    pub key: String,
+    pub requests: u64,
+    /// Failed requests (cancelled ones are counted apart, they are not errors).
+    pub errors: u64,
+    pub cancelled: u64,
+    pub error_rate: f64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_pico_usd: u64,
+    pub cost_micro_usd: u64,
+    pub latency_ms: Percentiles,
+    /// Over the requests that reported a TTFT; `None` when none did.
+    pub ttft_ms: Option<Percentiles>,
+}
+
+/// Groups `records` and sums them; groups come back sorted by key.
+pub fn aggregate(records: &[RequestRecord], group_by: GroupBy) -> Vec<Aggregate> {
+    struct Acc {
+        agg: Aggregate,
+        latency: Option<Histogram<u64>>,
+        ttft: Option<Histogram<u64>>,
+    }
+    let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
+    for rec in records {
+        let key = match group_by {
+            GroupBy::Process => rec.process.clone(),
+            GroupBy::Provider => rec.provider.clone(),
+            GroupBy::Model => rec.model.clone(),
+            GroupBy::Day => crate::store::day_of(rec.timestamp_ms),
+        };
+        let acc = groups.entry(key.clone()).or_insert_with(|| Acc {
+            agg: Aggregate {
+                key,
+                requests: 0,
+                errors: 0,
+                cancelled: 0,
+                error_rate: 0.0,
+                input_tokens: 0,
+                cached_input_tokens: 0,
+                output_tokens: 0,
+                cost_pico_usd: 0,
+                cost_micro_usd: 0,
+                latency_ms: Percentiles::default(),
+                ttft_ms: None,
+            },
+            // Three significant figures: percentiles within 0.1 %, a few KiB per group.
+            latency: Histogram::new(3).ok(),
+            ttft: Histogram::new(3).ok(),
+        });
+        let a = &mut acc.agg;
+        a.requests += 1;
+        a.errors += u64::from(rec.status == RequestStatus::Failed);
+        a.cancelled += u64::from(rec.status == RequestStatus::Cancelled);
+        a.input_tokens += rec.input_tokens;
+        a.cached_input_tokens += rec.cached_input_tokens;
+        a.output_tokens += rec.output_tokens;
+        a.cost_pico_usd = a.cost_pico_usd.saturating_add(rec.cost_pico_usd);
+        if let Some(h) = acc.latency.as_mut() {
+            h.saturating_record(rec.latency_ms);
+        }
+        if let (Some(h), Some(t)) = (acc.ttft.as_mut(), rec.ttft_ms) {
+            h.saturating_record(t);
+        }
+    }
+    groups
+        .into_values()
+        .map(|mut acc| {
+            let a = &mut acc.agg;
+            a.error_rate = a.errors as f64 / a.requests.max(1) as f64;
+            a.cost_micro_usd = crate::cost::Cost(a.cost_pico_usd).micro_usd();
+            if let Some(h) = &acc.latency {
+                a.latency_ms = percentiles(h);
+            }
+            a.ttft_ms = acc.ttft.as_ref().filter(|h| !h.is_empty()).map(percentiles);
+            acc.agg
+        })
+        .collect()
+}
+
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    Percentiles {
+        p50: h.value_at_quantile(0.50),
+        p95: h.value_at_quantile(0.95),
+        p99: h.value_at_quantile(0.99),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::Cost;
+
+    #[test]
+    fn groups_sums_and_percentiles() {
+        let mut recs = Vec::new();
+        for i in 1..=100u64 {
+            let provider = if i % 2 == 0 { "openai" } else { "anthropic" };
+            let mut r = RequestRecord::new("u", "magicSpark", provider, "m")
+                .with_timestamp_ms(1_764_028_800_000) // 2025-11-25T00:00:00Z
+                .with_latency(i * 10, Some(i))
+                .with_cost(Cost(1_000_000));
+            r.input_tokens = 10;
+            if i % 10 == 0 {
+                r = r.failed("upstream", "x");
+            }
+            recs.push(r);
+        }
+        let by_process = aggregate(&recs, GroupBy::Process);
+        assert_eq!(by_process.len(), 1);
+        let a = &by_process[0];
+        assert_eq!((a.requests, a.errors, a.input_tokens), (100, 10, 1000));
+        assert!((a.error_rate - 0.1).abs() < 1e-9);
+        assert_eq!(a.cost_pico_usd, 100_000_000);
+        assert_eq!(a.cost_micro_usd, 100);
+        assert!(
+            (495..=505).contains(&a.latency_ms.p50),
+            "{:?}",
+            a.latency_ms
+        );
+        assert!((945..=955).contains(&a.latency_ms.p95));
+        assert_eq!(a.ttft_ms.map(|t| t.p99), Some(99));
+
+        let by_provider = aggregate(&recs, GroupBy::Provider);
+        let keys: Vec<&str> = by_provider.iter().map(|a| a.key.as_str()).collect();
+        assert_eq!(keys, vec!["anthropic", "openai"]);
+        assert_eq!(aggregate(&recs, GroupBy::Day)[0].key, "2025-11-25");
+    }
+}

@@ -1,0 +1,156 @@
+//! Where metrics end up: the [`Sink`] the shipper writes to, and the two stores behind it —
+//! SQLite (embedded default) and DynamoDB (single-table schema) — with their read queries.
+
+pub mod dynamo;
+pub mod sqlite;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{Alert, RequestRecord};
+
+/// One row of the metrics outbox: a request record or an alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "almost every entry is a request; boxing would add an allocation per record for nothing"
+)]
+pub enum Entry {
+    Request(RequestRecord),
+    Alert(Alert),
+}
+
+impl Entry {
+    /// The idempotency key: writing the same entry twice leaves one row/item.
+    pub fn key(&self) -> &str {
+        match self {
+            Entry::Request(r) => &r.request_id,
+            Entry::Alert(a) => &a.alert_id,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Entry::Request(_) => "request",
+            Entry::Alert(_) => "alert",
+        }
+    }
+}
+
+/// What a successful [`Sink::write`] had to do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Resends inside the sink (unprocessed items, throttling), for the health counters.
+    pub retries: u64,
+}
+
+/// A durable destination for entries. `write` must be idempotent per [`Entry::key`] (the shipper
+/// resends a batch whose outcome it did not learn) and must only return `Ok` once every entry of
+/// the batch is stored.
+pub trait Sink: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn write<'a>(&'a self, entries: &'a [Entry]) -> BoxFuture<'a, Result<WriteReport, StoreError>>;
+}
+
+/// Errors of the store boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("SQLite store {path}: {source}; check that the file is writable and not corrupt")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("DynamoDB {operation} on table {table} failed: {message}")]
+    Dynamo {
+        operation: &'static str,
+        table: String,
+        message: String,
+        /// Throttling, timeouts and unreachable endpoints: retrying later can succeed.
+        retryable: bool,
+    },
+    #[error(
+        "DynamoDB left {left} of {total} items unprocessed after {attempts} attempts (throttled); they stay in the ledger and are retried"
+    )]
+    Unprocessed {
+        left: usize,
+        total: usize,
+        attempts: u32,
+    },
+    #[error("stored {what} could not be decoded: {problem}")]
+    Decode { what: &'static str, problem: String },
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Dynamo { retryable, .. } => *retryable,
+            StoreError::Unprocessed { .. } | StoreError::Task(_) => true,
+            StoreError::Sqlite { .. } => true,
+            StoreError::Decode { .. } => false,
+        }
+    }
+}
+
+/// `yyyy-mm-dd` (UTC) of a unix-milliseconds instant: the DynamoDB partition of that day.
+pub fn day_of(ms: u64) -> String {
+    iso_ts(ms)[..10].to_owned()
+}
+
+/// Fixed-width RFC 3339 UTC with milliseconds (`2026-11-25T14:21:07.123Z`), so that string order
+/// is time order in sort keys.
+pub fn iso_ts(ms: u64) -> String {
+    let dt = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.millisecond()
+    )
+}
+
+/// Full-jitter exponential backoff: a uniform draw in `[0, min(cap, base·2^attempt)]`, so
+/// retrying writers spread out instead of hammering a throttled table in lockstep.
+pub fn full_jitter(
+    base: std::time::Duration,
+    cap: std::time::Duration,
+    attempt: u32,
+) -> std::time::Duration {
+    use rand::Rng;
+    let ceiling = base
+        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+        .min(cap);
+    let nanos = ceiling.as_nanos().min(u64::MAX as u128) as u64;
+    std::time::Duration::from_nanos(rand::rng().random_range(0..=nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_fixed_width_utc() {
+        assert_eq!(iso_ts(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_ts(1_764_080_467_123), "2025-11-25T14:21:07.123Z");
+        assert_eq!(day_of(1_764_080_467_123), "2025-11-25");
+    }
+
+    #[test]
+    fn full_jitter_stays_under_the_capped_ceiling() {
+        for attempt in 0..40 {
+            let d = full_jitter(Duration::from_millis(50), Duration::from_secs(2), attempt);
+            let ceiling =
+                Duration::from_millis(50 * (1u64 << attempt.min(20))).min(Duration::from_secs(2));
+            assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
+        }
+    }
+}

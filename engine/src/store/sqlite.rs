@@ -1,0 +1,200 @@
+//! The embedded store: `requests` and `alerts` tables in the same SQLite file as the ledger, so
+//! a single-binary deployment keeps its metrics across restarts without any service.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::future::BoxFuture;
+use rusqlite::{Connection, params};
+
+use crate::metrics::{Alert, RequestRecord};
+use crate::store::{Entry, Sink, StoreError, WriteReport};
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let err = |source| StoreError::Sqlite {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        // The ledger keeps the entries until this write is confirmed, so NORMAL (durable against
+        // process crashes, not power loss) is enough here: a lost write is shipped again.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS requests (
+                request_id TEXT PRIMARY KEY,
+                timestamp_ms INTEGER NOT NULL,
+                process TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                model TEXT NOT NULL,
+                success INTEGER NOT NULL,
+                cost_pico_usd INTEGER NOT NULL,
+                body TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS requests_by_time ON requests (timestamp_ms);
+             CREATE TABLE IF NOT EXISTS alerts (
+                alert_id TEXT PRIMARY KEY,
+                timestamp_ms INTEGER NOT NULL,
+                alert_type TEXT NOT NULL,
+                severity TEXT NOT NULL,
+                body TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (timestamp_ms);",
+        )
+        .map_err(err)?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = Arc::clone(&self.conn);
+        let path = self.path.display().to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut conn).map_err(|source| StoreError::Sqlite { path, source })
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Requests that started in `[from_ms, to_ms]`, oldest first.
+    pub async fn requests_between(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        let bodies = self
+            .run(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT body FROM requests WHERE timestamp_ms BETWEEN ?1 AND ?2 ORDER BY timestamp_ms, request_id",
+                )?;
+                stmt.query_map(params![from_ms as i64, to_ms as i64], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        decode_all(&bodies, "request")
+    }
+
+    /// Alerts raised in `[from_ms, to_ms]`, oldest first.
+    pub async fn alerts_between(&self, from_ms: u64, to_ms: u64) -> Result<Vec<Alert>, StoreError> {
+        let bodies = self
+            .run(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT body FROM alerts WHERE timestamp_ms BETWEEN ?1 AND ?2 ORDER BY timestamp_ms, alert_id",
+                )?;
+                stmt.query_map(params![from_ms as i64, to_ms as i64], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        decode_all(&bodies, "alert")
+    }
+}
+
+fn decode_all<T: serde::de::DeserializeOwned>(
+    bodies: &[String],
+    what: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    bodies
+        .iter()
+        .map(|b| {
+            serde_json::from_str(b).map_err(|e| StoreError::Decode {
+                what,
+                problem: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Encoded ahead of the blocking call so JSON errors are not SQLite errors.
+#[expect(clippy::large_enum_variant, reason = "short-lived, mostly requests")]
+enum Row {
+    Request(RequestRecord, String),
+    Alert(Alert, String),
+}
+
+impl Sink for SqliteStore {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn write<'a>(&'a self, entries: &'a [Entry]) -> BoxFuture<'a, Result<WriteReport, StoreError>> {
+        Box::pin(async move {
+            let rows = entries
+                .iter()
+                .map(|e| {
+                    let body = match e {
+                        Entry::Request(r) => serde_json::to_string(r),
+                        Entry::Alert(a) => serde_json::to_string(a),
+                    }
+                    .map_err(|err| StoreError::Decode {
+                        what: "entry",
+                        problem: err.to_string(),
+                    })?;
+                    Ok(match e {
+                        Entry::Request(r) => Row::Request(r.clone(), body),
+                        Entry::Alert(a) => Row::Alert(a.clone(), body),
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            self.run(move |c| {
+                let tx = c.transaction()?;
+                for row in &rows {
+                    match row {
+                        Row::Request(r, body) => {
+                            tx.prepare_cached(
+                                "INSERT INTO requests (request_id, timestamp_ms, process, provider, model, success, cost_pico_usd, body)
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                                 ON CONFLICT(request_id) DO UPDATE SET timestamp_ms = excluded.timestamp_ms,
+                                   process = excluded.process, provider = excluded.provider, model = excluded.model,
+                                   success = excluded.success, cost_pico_usd = excluded.cost_pico_usd, body = excluded.body",
+                            )?
+                            .execute(params![
+                                r.request_id,
+                                r.timestamp_ms as i64,
+                                r.process,
+                                r.provider,
+                                r.model,
+                                r.success,
+                                r.cost_pico_usd as i64,
+                                body
+                            ])?;
+                        }
+                        Row::Alert(a, body) => {
+                            tx.prepare_cached(
+                                "INSERT INTO alerts (alert_id, timestamp_ms, alert_type, severity, body)
+                                 VALUES (?1, ?2, ?3, ?4, ?5)
+                                 ON CONFLICT(alert_id) DO UPDATE SET body = excluded.body",
+                            )?
+                            .execute(params![
+                                a.alert_id,
+                                a.timestamp_ms as i64,
+                                a.alert_type.as_str(),
+                                a.severity.as_str(),
+                                body
+                            ])?;
+                        }
+                    }
+                }
+                tx.commit()
+            })
+            .await?;
+            Ok(WriteReport::default())
+        })
+    }
+}

@@ -1,0 +1,235 @@
+//! A fault-injecting HTTP proxy between the AWS SDK and moto. It forwards requests, and per a
+//! script answers BatchWriteItem with throttling errors, forwards only part of a batch and
+//! reports the rest as `UnprocessedItems`, or drops every connection while an outage is on.
+
+// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use serde_json::{Map, Value};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What to do with the next BatchWriteItem request.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    Throttling,
+    ProvisionedThroughputExceeded,
+    /// Forward only the first `keep` write requests; report the rest as unprocessed.
+    Partial {
+        keep: usize,
+    },
+}
+
+struct ProxyState {
+    upstream: String,
+    http: reqwest::Client,
+    script: Mutex<VecDeque<Fault>>,
+    outage: Arc<AtomicBool>,
+    /// Item count of every BatchWriteItem request received (faulted or not).
+    batch_sizes: Mutex<Vec<usize>>,
+}
+
+pub struct FaultProxy {
+    pub endpoint: String,
+    state: Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Drops accepted connections while the outage flag is on (the client sees a reset).
+struct OutageListener {
+    inner: TcpListener,
+    outage: Arc<AtomicBool>,
+}
+
+impl axum::serve::Listener for OutageListener {
+    type Io = TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, std::net::SocketAddr) {
+        loop {
+            let Ok((stream, addr)) = self.inner.accept().await else {
+                continue;
+            };
+            if self.outage.load(Ordering::SeqCst) {
+                drop(stream);
+                continue;
+            }
+            return (stream, addr);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let outage = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(ProxyState {
+            upstream: upstream.to_owned(),
+            http: reqwest::Client::new(),
+            script: Mutex::new(VecDeque::new()),
+            outage: Arc::clone(&outage),
+            batch_sizes: Mutex::new(Vec::new()),
+        });
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(Arc::clone(&state));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(
+                OutageListener {
+                    inner: listener,
+                    outage,
+                },
+                app,
+            )
+            .await;
+        });
+        FaultProxy {
+            endpoint: format!("http://{addr}"),
+            state,
+            task,
+        }
+    }
+
+    pub fn script(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.state.script.lock().unwrap().extend(faults);
+    }
+
+    pub fn set_outage(&self, on: bool) {
+        self.state.outage.store(on, Ordering::SeqCst);
+    }
+
+    pub fn batch_sizes(&self) -> Vec<usize> {
+        self.state.batch_sizes.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn dynamo_error(kind: &str) -> Response {
+    let body = serde_json::json!({
+        "__type": format!("com.amazonaws.dynamodb.v20120810#{kind}"),
+        "message": "Rate of requests exceeds the allowed throughput.",
+    });
+    json_response(StatusCode::BAD_REQUEST, body.to_string().into())
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-amz-json-1.0"),
+    );
+    resp
+}
+
+async fn forward(State(state): State<Arc<ProxyState>>, req: Request) -> Response {
+    let mut resp = handle(&state, req).await;
+    // One request per connection, so an outage also cuts off pooled keep-alive connections.
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+async fn handle(state: &ProxyState, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap();
+    let is_batch_write = parts
+        .headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.ends_with(".BatchWriteItem"));
+    let mut unprocessed: Option<Map<String, Value>> = None;
+    let mut body = body;
+    if is_batch_write {
+        let mut json: Value = serde_json::from_slice(&body).unwrap();
+        let count: usize = json["RequestItems"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_array().unwrap().len())
+            .sum();
+        state.batch_sizes.lock().unwrap().push(count);
+        let fault = state.script.lock().unwrap().pop_front();
+        match fault {
+            Some(Fault::Throttling) => return dynamo_error("ThrottlingException"),
+            Some(Fault::ProvisionedThroughputExceeded) => {
+                return dynamo_error("ProvisionedThroughputExceededException");
+            }
+            Some(Fault::Partial { keep }) => {
+                let mut left = keep;
+                let mut kept = Map::new();
+                let mut rest = Map::new();
+                for (table, writes) in json["RequestItems"].as_object().unwrap() {
+                    let writes = writes.as_array().unwrap();
+                    let n = left.min(writes.len());
+                    left -= n;
+                    if n > 0 {
+                        kept.insert(table.clone(), Value::Array(writes[..n].to_vec()));
+                    }
+                    if n < writes.len() {
+                        rest.insert(table.clone(), Value::Array(writes[n..].to_vec()));
+                    }
+                }
+                json["RequestItems"] = Value::Object(kept);
+                body = serde_json::to_vec(&json).unwrap().into();
+                unprocessed = Some(rest);
+            }
+            None => {}
+        }
+    }
+    let mut upstream = state
+        .http
+        .request(
+            parts.method.clone(),
+            format!("{}{}", state.upstream, parts.uri),
+        )
+        .body(body);
+    for (name, value) in &parts.headers {
+        if name != header::HOST && name != header::CONTENT_LENGTH {
+            upstream = upstream.header(name, value);
+        }
+    }
+    let Ok(resp) = upstream.send().await else {
+        return json_response(StatusCode::BAD_GATEWAY, Bytes::from_static(b"{}"));
+    };
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.unwrap_or_default();
+    let bytes = match unprocessed {
+        Some(rest) if status.is_success() => {
+            let mut out: Value = serde_json::from_slice(&bytes).unwrap();
+            out["UnprocessedItems"] = Value::Object(rest);
+            Bytes::from(serde_json::to_vec(&out).unwrap())
+        }
+        _ => bytes,
+    };
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = status;
+    for (name, value) in &headers {
+        // Length and CRC32 change when the body is rewritten; hyper sets the length itself.
+        if name != header::CONTENT_LENGTH
+            && name != header::TRANSFER_ENCODING
+            && name.as_str() != "x-amz-crc32"
+        {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response
+}

@@ -1,0 +1,122 @@
+//! Starts a private moto server (local DynamoDB) per test on a free loopback port, and kills its
+//! process group when the guard drops. Finds `moto_server` through `MOTO_SERVER` or
+//! `<repo>/.venv/bin/moto_server`, installing it with `scripts/ensure-moto.sh` when missing.
+
+// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use std::os::unix::process::CommandExt;
+
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+/// One install at a time inside this test binary (the script also locks across processes).
+static INSTALL: Mutex<()> = Mutex::new(());
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn moto_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("MOTO_SERVER") {
+        return PathBuf::from(path);
+    }
+    let bin = repo_root().join(".venv/bin/moto_server");
+    if !bin.exists() {
+        let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+        if !bin.exists() {
+            let status = Command::new("bash")
+                .arg(repo_root().join("scripts/ensure-moto.sh"))
+                .status()
+                .expect("running scripts/ensure-moto.sh");
+            assert!(
+                status.success(),
+                "scripts/ensure-moto.sh failed; see its output above"
+            );
+        }
+    }
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Moto {
+    pub async fn start() -> Moto {
+        let bin = moto_bin();
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Own process group, so the guard can kill anything moto spawns.
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        // Readiness of an external process: poll its port (there is no signal to wait on).
+        let http = reqwest::Client::new();
+        for _ in 0..300 {
+            if http
+                .get(format!("{}/moto-api/", moto.endpoint))
+                .send()
+                .await
+                .is_ok()
+            {
+                return moto;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("moto_server did not answer on port {port} within 15 s");
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let pgid = self.child.id();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An SDK client for `endpoint` with dummy credentials and SDK retries off, so the store's own
+/// retry loop is what the tests exercise, and short timeouts so an outage fails fast.
+pub async fn client(endpoint: &str) -> aws_sdk_dynamodb::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .test_credentials()
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .retry_config(aws_config::retry::RetryConfig::disabled())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .operation_timeout(Duration::from_secs(10))
+                .build(),
+        )
+        .load()
+        .await;
+    aws_sdk_dynamodb::Client::new(&conf)
+}
