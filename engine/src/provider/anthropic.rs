@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ChatRequest, EventStream, Provider, ProviderConfig, ProviderError, ProviderInitError, Role,
-    parse_retry_after, validate_base_url,
+    error_chain, parse_retry_after, truncate, validate_base_url,
 };
 use crate::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 
@@ -24,8 +24,6 @@ const KIND: ProviderKind = ProviderKind::Anthropic;
 /// The API version this adapter is written against (event names, usage fields).
 const ANTHROPIC_VERSION: &str = "2023-06-01";
 const REQUEST_ID_HEADER: &str = "request-id";
-/// Longest piece of an undecodable payload kept in an error message.
-const MAX_DETAIL_CHARS: usize = 512;
 /// Event names whose payload we must understand; a payload of any other event that does not
 /// decode is ignored, since Anthropic may add event types at any time.
 const KNOWN_EVENTS: [&str; 7] = [
@@ -573,25 +571,6 @@ async fn http_error(status: StatusCode, response: reqwest012::Response) -> Provi
         message,
         retry_after,
         request_id: header_request_id.or(body_request_id),
-    }
-}
-
-/// reqwest's `Display` hides the cause ("error sending request"); the chain says what failed.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
-
-fn truncate(text: &str) -> String {
-    match text.char_indices().nth(MAX_DETAIL_CHARS) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
     }
 }
 

@@ -344,6 +344,30 @@ pub fn parse_retry_after(
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
+/// Longest provider-supplied text (error bodies, undecodable data) quoted in an error.
+const MAX_DETAIL_CHARS: usize = 512;
+
+/// reqwest's `Display` hides the cause ("error sending request"); the chain says what failed
+/// (connection refused, DNS, TLS).
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// Keeps quoted provider text to [`MAX_DETAIL_CHARS`] characters.
+pub(crate) fn truncate(text: &str) -> String {
+    match text.char_indices().nth(MAX_DETAIL_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,7 @@ use serde::Deserialize;
 
 use super::{
     ApiKey, ChatRequest, EventStream, Provider, ProviderConfig, ProviderError, ProviderInitError,
-    Role, parse_retry_after, validate_base_url,
+    Role, error_chain, parse_retry_after, truncate, validate_base_url,
 };
 use crate::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 
@@ -43,8 +43,6 @@ use crate::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 const KIND: ProviderKind = ProviderKind::OpenAi;
 /// The request id OpenAI returns on every answer; quoted in errors for support tickets.
 const REQUEST_ID_HEADER: &str = "x-request-id";
-/// Longest piece of an undecodable payload kept in an error message.
-const MAX_DETAIL_CHARS: usize = 512;
 
 // ---------------------------------------------------------------------------------------------
 // Credentials
@@ -538,26 +536,6 @@ fn code_string(code: &serde_json::Value) -> Option<String> {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
-    }
-}
-
-/// reqwest's `Display` hides the cause ("error sending request"); the chain says what failed
-/// (connection refused, DNS, TLS).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
-
-fn truncate(text: &str) -> String {
-    match text.char_indices().nth(MAX_DETAIL_CHARS) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
     }
 }
 
