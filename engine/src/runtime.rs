@@ -55,8 +55,8 @@ impl Runtime {
                     SimProfile::Realistic => SimConfig::realistic(*seed),
                 };
                 let handle = sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), sim_config)
-                .await
-                .map_err(RuntimeError::Simulator)?;
+                    .await
+                    .map_err(RuntimeError::Simulator)?;
                 // The simulator accepts any key; a fixed one keeps the real client code paths
                 // (auth headers included) exercised.
                 let cfg = ProviderConfig {

@@ -262,7 +262,10 @@ async fn an_invalid_answer_gets_exactly_one_costed_repair() {
         })
         .collect();
     assert_eq!(repairs, vec![&listed]);
-    assert!(listed.iter().any(|e| e.contains("ghostInput")), "{listed:?}");
+    assert!(
+        listed.iter().any(|e| e.contains("ghostInput")),
+        "{listed:?}"
+    );
     let kinds: Vec<&str> = events
         .iter()
         .filter_map(|e| match e {
@@ -323,11 +326,19 @@ async fn a_second_invalid_answer_ends_in_invalid_output_with_both_calls_costed()
         .unwrap();
     assert_eq!(response.status(), 201);
 
-    let events = collect_agent(&s.router, process, agents::samples::sample_input(process, 1)).await;
+    let events = collect_agent(
+        &s.router,
+        process,
+        agents::samples::sample_input(process, 1),
+    )
+    .await;
     let (result, outcome) = terminal(&events);
     let (kind, message) = result.unwrap_err();
     assert_eq!(kind, "invalid_output");
-    assert!(message.contains("expected 3 to 5 concepts, got 2"), "{message}");
+    assert!(
+        message.contains("expected 3 to 5 concepts, got 2"),
+        "{message}"
+    );
     assert!(message.contains("1 repair attempt"), "{message}");
     let repairs = events
         .iter()
@@ -406,7 +417,10 @@ async fn the_pipeline_tags_stages_overlaps_the_last_two_and_rolls_up_exact_total
     fixed_latency(&s, 200, 600.0);
     let events: Vec<PipelineEvent> = run_pipeline(s.router.clone(), business()).collect().await;
 
-    assert!(matches!(events.first(), Some(PipelineEvent::RunStarted { .. })));
+    assert!(matches!(
+        events.first(),
+        Some(PipelineEvent::RunStarted { .. })
+    ));
     let Some(PipelineEvent::Done { tool, rollup }) = events.last() else {
         panic!("the run should succeed: {:?}", events.last());
     };
@@ -429,7 +443,10 @@ async fn the_pipeline_tags_stages_overlaps_the_last_two_and_rolls_up_exact_total
                 assert_eq!(*model, primary(&s.catalog, *stage), "{stage}");
             }
             AgentEvent::Usage(u) => {
-                assert_eq!(u.model.as_deref(), Some(primary(&s.catalog, *stage).as_str()));
+                assert_eq!(
+                    u.model.as_deref(),
+                    Some(primary(&s.catalog, *stage).as_str())
+                );
                 let entry = usage_from_events.entry(*stage).or_default();
                 entry.0.add(&u.usage);
                 entry.1 += u.cost;
@@ -444,17 +461,30 @@ async fn the_pipeline_tags_stages_overlaps_the_last_two_and_rolls_up_exact_total
     }
     // Stage one's events all precede stage two's, which precede the last two; those two
     // interleave because they stream at the same time.
-    let first_la = order.iter().position(|p| *p == Process::LogicArchitect).unwrap();
+    let first_la = order
+        .iter()
+        .position(|p| *p == Process::LogicArchitect)
+        .unwrap();
     assert!(order[..first_la].iter().all(|p| *p == Process::MagicSpark));
     let first_late = order
         .iter()
         .position(|p| matches!(p, Process::ContentCrafter | Process::StyleMaster))
         .unwrap();
-    assert!(order[first_la..first_late].iter().all(|p| *p == Process::LogicArchitect));
+    assert!(
+        order[first_la..first_late]
+            .iter()
+            .all(|p| *p == Process::LogicArchitect)
+    );
     let late = &order[first_late..];
-    assert!(late.iter().all(|p| matches!(p, Process::ContentCrafter | Process::StyleMaster)));
+    assert!(
+        late.iter()
+            .all(|p| matches!(p, Process::ContentCrafter | Process::StyleMaster))
+    );
     let switches = late.windows(2).filter(|w| w[0] != w[1]).count();
-    assert!(switches >= 2, "the last two stages' events should interleave");
+    assert!(
+        switches >= 2,
+        "the last two stages' events should interleave"
+    );
 
     // Rollup: one successful call per stage, totals are the sums of the stages, and each stage's
     // figures are those of the Usage events it sent.
@@ -464,7 +494,12 @@ async fn the_pipeline_tags_stages_overlaps_the_last_two_and_rolls_up_exact_total
     for st in &rollup.stages {
         assert!(st.succeeded && st.calls == 1, "{st:?}");
         assert!(st.cost > Cost::ZERO);
-        assert_eq!((st.usage, st.cost), usage_from_events[&st.stage], "{}", st.stage);
+        assert_eq!(
+            (st.usage, st.cost),
+            usage_from_events[&st.stage],
+            "{}",
+            st.stage
+        );
         usage.add(&st.usage);
         cost += st.cost;
     }
@@ -545,7 +580,11 @@ async fn dropping_the_pipeline_mid_run_cancels_both_streams_and_keeps_their_cost
         "stats: {:?}",
         s.sim.stats()
     );
-    assert_eq!(s.sim.stats().streams_completed, 2, "only the first two stages completed");
+    assert_eq!(
+        s.sim.stats().streams_completed,
+        2,
+        "only the first two stages completed"
+    );
 
     // The first two stages' costs arrived in their events; the two cancelled calls reported an
     // estimated cost to the observer.
@@ -567,7 +606,10 @@ async fn dropping_the_pipeline_mid_run_cancels_both_streams_and_keeps_their_cost
     for o in &cancelled {
         assert_eq!(o.status, RouteStatus::Cancelled);
         assert!(o.cost > Cost::ZERO, "{o:?}");
-        assert!(o.cost_estimated, "a cut stream's output is estimated: {o:?}");
+        assert!(
+            o.cost_estimated,
+            "a cut stream's output is estimated: {o:?}"
+        );
         assert!(o.usage.output > 0 && !o.text.is_empty(), "{o:?}");
     }
     s.sim.shutdown().await;
@@ -577,7 +619,11 @@ async fn dropping_the_pipeline_mid_run_cancels_both_streams_and_keeps_their_cost
 fn the_cli_pipeline_writes_a_valid_tool_and_prints_the_stage_table() {
     let out = std::env::temp_dir().join(format!("keyvex-tool-{}.json", uuid::Uuid::new_v4()));
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_keyvex"))
-        .args(["pipeline", "--business", "Boutique accounting firm for freelancers"])
+        .args([
+            "pipeline",
+            "--business",
+            "Boutique accounting firm for freelancers",
+        ])
         .arg("--out")
         .arg(&out)
         .env_remove("OPENAI_API_KEY")
@@ -588,7 +634,11 @@ fn the_cli_pipeline_writes_a_valid_tool_and_prints_the_stage_table() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "exit {:?}: {stderr}", output.status);
+    assert!(
+        output.status.success(),
+        "exit {:?}: {stderr}",
+        output.status
+    );
     let written = std::fs::read_to_string(&out).unwrap();
     std::fs::remove_file(&out).ok();
     let tool: agents::ToolDefinition = serde_json::from_str(&written).unwrap();
@@ -602,6 +652,9 @@ fn the_cli_pipeline_writes_a_valid_tool_and_prints_the_stage_table() {
         "fast timing",
         "tool definition written to",
     ] {
-        assert!(stderr.contains(needle), "stderr lacks {needle:?}:\n{stderr}");
+        assert!(
+            stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{stderr}"
+        );
     }
 }
