@@ -658,3 +658,90 @@ fn the_cli_pipeline_writes_a_valid_tool_and_prints_the_stage_table() {
         );
     }
 }
+
+#[tokio::test]
+async fn prose_instead_of_json_is_repaired_like_any_invalid_answer() {
+    let s = setup(SimConfig::fast(18), None).await;
+    let process = Process::StyleMaster;
+    let model = primary(&s.catalog, process);
+    let prose = "Sorry, I would rather describe the palette in words: calm blues.";
+    s.sim.push_rule(Rule {
+        model: Some(model.clone()),
+        protocol: None,
+        fault: Fault::BadOutput {
+            text: prose.to_owned(),
+        },
+        times: Some(1),
+    });
+    let events = collect_agent(
+        &s.router,
+        process,
+        agents::samples::sample_input(process, 2),
+    )
+    .await;
+    let (result, outcome) = terminal(&events);
+    agents::validate_value(process, &result.unwrap()).unwrap();
+    // Nothing parseable streamed from the prose, so no partial precedes the repair.
+    let repair_at = events
+        .iter()
+        .position(|e| matches!(e, AgentEvent::Repair { .. }))
+        .unwrap();
+    assert!(
+        !events[..repair_at]
+            .iter()
+            .any(|e| matches!(e, AgentEvent::Partial(_)))
+    );
+    assert_eq!(outcome.calls.len(), 2);
+    assert_eq!(outcome.calls[0].usage.output, count_tokens(prose));
+    assert_cost_adds_up(&outcome);
+    assert_eq!(s.sim.stats().requests_by_model.get(&model), Some(&2));
+    s.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stage_that_stays_invalid_fails_the_pipeline_before_the_last_stages() {
+    let s = setup(SimConfig::fast(19), None).await;
+    let logic_model = primary(&s.catalog, Process::LogicArchitect);
+    s.sim.push_rule(Rule {
+        model: Some(logic_model.clone()),
+        protocol: None,
+        fault: Fault::BadOutput {
+            text: logic_with_undeclared_input(),
+        },
+        times: Some(2),
+    });
+    let events: Vec<PipelineEvent> = run_pipeline(s.router.clone(), business()).collect().await;
+    let Some(PipelineEvent::Failed {
+        stage,
+        error,
+        rollup,
+    }) = events.last()
+    else {
+        panic!("the run should fail: {:?}", events.last());
+    };
+    assert_eq!(*stage, Some(Process::LogicArchitect));
+    assert!(error.contains("ghostInput"), "{error}");
+    // What ran is rolled up: Magic Spark's call and Logic Architect's two; nothing after.
+    let stages: Vec<(Process, usize, bool)> = rollup
+        .stages
+        .iter()
+        .map(|st| (st.stage, st.calls, st.succeeded))
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            (Process::MagicSpark, 1, true),
+            (Process::LogicArchitect, 2, false)
+        ]
+    );
+    assert_eq!(rollup.cost, rollup.stages.iter().map(|st| st.cost).sum());
+    assert!(!events.iter().any(|e| matches!(
+        e,
+        PipelineEvent::Stage {
+            stage: Process::ContentCrafter | Process::StyleMaster,
+            ..
+        }
+    )));
+    assert_eq!(s.sim.stats().requests_total, 3);
+    s.sim.shutdown().await;
+}
