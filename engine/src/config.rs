@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::provider::sim::SimProfile;
 use crate::provider::{ApiKey, ProviderConfig};
 use crate::stream::ProviderKind;
 
@@ -96,6 +97,10 @@ pub const ENV_VARS: &[EnvVar] = &[
         purpose: "seed of the in-process simulator (default 42)",
     },
     EnvVar {
+        name: "KEYVEX_SIM_PROFILE",
+        purpose: "timing of the in-process simulator: realistic (default, hosted-model latency) | fast (no latency, for tests and CI)",
+    },
+    EnvVar {
         name: "RUST_LOG",
         purpose: "log filter, e.g. info or keyvex_engine=debug (default warn for CLI commands, info for servers)",
     },
@@ -127,7 +132,7 @@ pub enum SimulateMode {
 #[derive(Debug, Clone)]
 pub enum ProviderSetup {
     /// No keys (or `KEYVEX_SIMULATE=always`): an in-process simulator serves both protocols.
-    Simulated { seed: u64 },
+    Simulated { seed: u64, profile: SimProfile },
     /// Real providers; a provider without a key is `None` and its models are unavailable.
     Real {
         openai: Option<ProviderConfig>,
@@ -185,6 +190,7 @@ impl EngineConfig {
         let providers = if simulate {
             ProviderSetup::Simulated {
                 seed: number(env, "KEYVEX_SIM_SEED", 42)?,
+                profile: sim_profile(env)?,
             }
         } else {
             ProviderSetup::Real { openai, anthropic }
@@ -201,8 +207,12 @@ impl EngineConfig {
     /// Which providers are real, for the start-up banner.
     pub fn describe_providers(&self) -> String {
         match &self.providers {
-            ProviderSetup::Simulated { seed } => format!(
-                "simulated (no OPENAI_API_KEY/ANTHROPIC_API_KEY; in-process simulator, seed {seed})"
+            ProviderSetup::Simulated { seed, profile } => format!(
+                "simulated (no OPENAI_API_KEY/ANTHROPIC_API_KEY; in-process simulator, seed {seed}, {} timing)",
+                match profile {
+                    SimProfile::Fast => "fast",
+                    SimProfile::Realistic => "realistic",
+                }
             ),
             ProviderSetup::Real { openai, anthropic } => ProviderKind::ALL
                 .iter()
@@ -219,6 +229,18 @@ impl EngineConfig {
                 .collect::<Vec<_>>()
                 .join(", "),
         }
+    }
+}
+
+fn sim_profile(env: &dyn Env) -> Result<SimProfile, ConfigError> {
+    match env.var("KEYVEX_SIM_PROFILE").as_deref().map(str::trim) {
+        None | Some("realistic") => Ok(SimProfile::Realistic),
+        Some("fast") => Ok(SimProfile::Fast),
+        Some(other) => Err(ConfigError::Invalid {
+            name: "KEYVEX_SIM_PROFILE",
+            value: other.to_owned(),
+            problem: "expected fast or realistic".into(),
+        }),
     }
 }
 
@@ -244,7 +266,29 @@ mod tests {
     #[test]
     fn no_keys_means_simulated() {
         let c = EngineConfig::from_env(&MapEnv::default()).unwrap();
-        assert!(matches!(c.providers, ProviderSetup::Simulated { seed: 42 }));
+        assert!(matches!(
+            c.providers,
+            ProviderSetup::Simulated {
+                seed: 42,
+                profile: SimProfile::Realistic
+            }
+        ));
+    }
+
+    #[test]
+    fn sim_profile_is_read_and_checked() {
+        let env = MapEnv::new([("KEYVEX_SIM_PROFILE", "fast"), ("KEYVEX_SIM_SEED", "3")]);
+        let c = EngineConfig::from_env(&env).unwrap();
+        assert!(matches!(
+            c.providers,
+            ProviderSetup::Simulated {
+                seed: 3,
+                profile: SimProfile::Fast
+            }
+        ));
+        let env = MapEnv::new([("KEYVEX_SIM_PROFILE", "slow")]);
+        let e = EngineConfig::from_env(&env).unwrap_err().to_string();
+        assert!(e.contains("KEYVEX_SIM_PROFILE"), "{e}");
     }
 
     #[test]

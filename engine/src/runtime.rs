@@ -9,7 +9,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::{EngineConfig, ProviderSetup};
 use crate::provider::anthropic::AnthropicProvider;
 use crate::provider::openai::OpenAiProvider;
-use crate::provider::sim::{self, SimConfig, SimHandle};
+use crate::provider::sim::{self, SimConfig, SimHandle, SimProfile};
 use crate::provider::{ApiKey, ProviderConfig};
 use crate::router::{Providers, Router, RouterConfig};
 use crate::stream::ProviderKind;
@@ -49,13 +49,14 @@ impl Runtime {
         router_config.stall_timeout = config.stall_timeout;
 
         let (openai, anthropic, simulator) = match &config.providers {
-            ProviderSetup::Simulated { seed } => {
-                let handle = sim::start(
-                    SocketAddr::from(([127, 0, 0, 1], 0)),
-                    SimConfig::realistic(*seed),
-                )
-                .await
-                .map_err(RuntimeError::Simulator)?;
+            ProviderSetup::Simulated { seed, profile } => {
+                let sim_config = match profile {
+                    SimProfile::Fast => SimConfig::fast(*seed),
+                    SimProfile::Realistic => SimConfig::realistic(*seed),
+                };
+                let handle = sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), sim_config)
+                    .await
+                    .map_err(RuntimeError::Simulator)?;
                 // The simulator accepts any key; a fixed one keeps the real client code paths
                 // (auth headers included) exercised.
                 let cfg = ProviderConfig {
@@ -84,12 +85,16 @@ impl Runtime {
             providers = providers.with(ProviderKind::Anthropic, Arc::new(p));
         }
 
-        let providers_description = match &simulator {
-            Some(h) => format!(
-                "simulated: no OPENAI_API_KEY or ANTHROPIC_API_KEY set, so both providers are served by an in-process simulator at {}",
-                h.base_url()
+        let providers_description = match (&simulator, &config.providers) {
+            (Some(h), ProviderSetup::Simulated { profile, .. }) => format!(
+                "simulated: no OPENAI_API_KEY or ANTHROPIC_API_KEY set (or KEYVEX_SIMULATE=always), so both providers are served by an in-process simulator at {} ({} timing; KEYVEX_SIM_PROFILE)",
+                h.base_url(),
+                match profile {
+                    SimProfile::Fast => "fast",
+                    SimProfile::Realistic => "realistic",
+                }
             ),
-            None => config.describe_providers(),
+            _ => config.describe_providers(),
         };
         Ok(Runtime {
             router: Router::new(catalog.clone(), providers, router_config),

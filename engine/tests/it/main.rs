@@ -2,6 +2,7 @@
 //! boundary: the simulator over HTTP on loopback, the providers' client code, the router,
 //! and the stores against a local AWS emulator.
 
+mod agents;
 mod metrics;
 mod providers;
 mod router;

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::content::Prompt;
 use super::knobs::Failure;
 use super::streaming::{self, Encoder, Script};
-use super::{Prepared, SimState, new_id, prepare};
+use super::{Prepared, SeenRequest, SimState, new_id, prepare};
 use crate::provider::{ChatMessage, Role};
 use crate::stream::ProviderKind;
 
@@ -349,6 +349,13 @@ pub(crate) async fn messages(
         Ok(r) => r,
         Err(e) => return bad_request(&e.0),
     };
+    state.stats.seen(SeenRequest {
+        protocol: ProviderKind::Anthropic,
+        model: request.model.clone(),
+        system: request.system.clone(),
+        messages: request.messages.clone(),
+        schema_name: request.tool.as_ref().map(|(name, _)| name.clone()),
+    });
     let plan = match state.rules.plan(
         &request.model,
         ProviderKind::Anthropic,

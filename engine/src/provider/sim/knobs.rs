@@ -93,6 +93,10 @@ pub enum Fault {
     },
     /// Report this many prompt tokens as read from cache.
     CachedPromptTokens(u64),
+    /// Answer with exactly `text` instead of the generated content (streamed in pieces, token
+    /// counts are those of `text`). For agents this is how a model "gets it wrong": broken JSON,
+    /// or JSON that passes the schema but fails the agent's own rules, to exercise the repair.
+    BadOutput { text: String },
 }
 
 /// The failure part of a plan: what goes wrong, if anything.
@@ -127,6 +131,8 @@ pub(crate) struct Plan {
     pub output_tokens: Option<u32>,
     pub cached_tokens: u64,
     pub failure: Option<Failure>,
+    /// Replaces the generated answer ([`Fault::BadOutput`]).
+    pub content: Option<String>,
     /// Replaces the configured seed (`x-sim-seed`).
     pub seed: Option<u64>,
 }
@@ -144,12 +150,14 @@ enum Aspect {
     Timing,
     Cache,
     Failure,
+    Content,
 }
 
 fn aspect(fault: &Fault) -> Aspect {
     match fault {
         Fault::Latency { .. } | Fault::SlowFirstToken(_) => Aspect::Timing,
         Fault::CachedPromptTokens(_) => Aspect::Cache,
+        Fault::BadOutput { .. } => Aspect::Content,
         Fault::Http { .. }
         | Fault::InsufficientQuota
         | Fault::CutAfter { .. }
@@ -243,6 +251,7 @@ impl RuleBook {
             output_tokens: latency.output_tokens,
             cached_tokens: 0,
             failure: random_failure(&mut rng, rates, protocol),
+            content: None,
             seed: None,
         };
         for fault in self.take(model, protocol) {
@@ -264,6 +273,7 @@ fn apply(plan: &mut Plan, fault: Fault) {
         }
         Fault::SlowFirstToken(delay) => plan.ttft = delay,
         Fault::CachedPromptTokens(n) => plan.cached_tokens = n,
+        Fault::BadOutput { text } => plan.content = Some(text),
         Fault::Http {
             status,
             retry_after,
@@ -441,10 +451,18 @@ fn apply_headers(plan: &mut Plan, headers: &HeaderMap) -> Result<(), KnobError> 
 
 /// Parses the compact `x-sim-fault` syntax: `429`, `429:<retry_after_ms>`, `quota`,
 /// `slow:<ms>`, `cut:<tokens>`, `stall:<tokens>:<ms>`, `error:<type>:<tokens>`,
-/// `malformed:<tokens>`, `none`.
+/// `malformed:<tokens>`, `bad_output:<text>`.
 pub(crate) fn parse_fault(spec: &str) -> Result<Fault, String> {
     const SYNTAX: &str = "expected one of 429, 429:<retry_after_ms>, quota, slow:<ms>, \
-                          cut:<tokens>, stall:<tokens>:<ms>, error:<type>:<tokens>, malformed:<tokens>";
+                          cut:<tokens>, stall:<tokens>:<ms>, error:<type>:<tokens>, malformed:<tokens>, \
+                          bad_output:<text>";
+    // The replacement text is free-form (usually JSON, full of colons): everything after the
+    // first colon is the text, verbatim.
+    if let Some(text) = spec.trim_start().strip_prefix("bad_output:") {
+        return Ok(Fault::BadOutput {
+            text: text.to_owned(),
+        });
+    }
     let parts: Vec<&str> = spec.split(':').map(str::trim).collect();
     let num = |s: &str| -> Result<u64, String> {
         s.parse::<u64>()
@@ -708,6 +726,12 @@ mod tests {
             Ok(Fault::MalformedAfter { tokens: 3 })
         );
         assert_eq!(parse_fault("quota"), Ok(Fault::InsufficientQuota));
+        assert_eq!(
+            parse_fault(r#"bad_output:{"concepts":[]}"#),
+            Ok(Fault::BadOutput {
+                text: r#"{"concepts":[]}"#.into()
+            })
+        );
         assert!(parse_fault("200").is_err());
         assert!(parse_fault("cut:x").is_err());
     }
@@ -745,5 +769,30 @@ mod tests {
         assert_eq!(serde_json::from_value::<Rule>(json).unwrap(), rule);
         let slow: Fault = serde_json::from_str(r#"{"slow_first_token":1500}"#).unwrap();
         assert_eq!(slow, Fault::SlowFirstToken(Duration::from_millis(1500)));
+        let bad: Fault = serde_json::from_str(r#"{"bad_output":{"text":"not json"}}"#).unwrap();
+        assert_eq!(
+            bad,
+            Fault::BadOutput {
+                text: "not json".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_output_combines_with_a_failure_rule() {
+        let book = book(vec![
+            Rule::times(
+                Fault::BadOutput {
+                    text: "oops".into(),
+                },
+                1,
+            ),
+            Rule::times(Fault::CutAfter { tokens: 2 }, 1),
+        ]);
+        let plan = plan_for(&book, "m", ProviderKind::Anthropic);
+        assert_eq!(plan.content.as_deref(), Some("oops"));
+        assert_eq!(plan.failure, Some(Failure::Cut { tokens: 2 }));
+        let next = plan_for(&book, "m", ProviderKind::Anthropic);
+        assert_eq!(next.content, None, "a one-shot rule is used up");
     }
 }

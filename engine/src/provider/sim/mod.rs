@@ -3,7 +3,7 @@
 //!
 //! One server answers both protocols under one base URL (`http://HOST:PORT/v1`):
 //! `POST /v1/chat/completions` (OpenAI) and `POST /v1/messages` (Anthropic). Control endpoints
-//! (`/sim/rules`, `/sim/stats`) and per-request `x-sim-*` headers make the same knobs reachable
+//! (`/sim/rules`, `/sim/stats`, `/sim/requests`) and per-request `x-sim-*` headers make the same knobs reachable
 //! from another process (`keyvex sim`). Content is deterministic given the seed and the request,
 //! and every reported token count is `crate::tokenize`'s count of the text actually sent.
 
@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use knobs::{Fault, Rule};
-pub use stats::SimStats;
+pub use stats::{SeenRequest, SimStats};
 
 /// Default port of `keyvex sim` (Prism's convention for mock servers).
 pub const DEFAULT_PORT: u16 = 4010;
@@ -171,6 +171,7 @@ fn router(state: Arc<SimState>) -> Router {
             get(list_rules).post(push_rules).delete(clear_rules),
         )
         .route("/sim/stats", get(get_stats))
+        .route("/sim/requests", get(get_requests))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -197,6 +198,11 @@ impl SimHandle {
 
     pub fn stats(&self) -> SimStats {
         self.state.stats.snapshot()
+    }
+
+    /// The last requests received (up to 64, oldest first), as parsed: what a client sent.
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.state.stats.seen_requests()
     }
 
     /// Waits until at least `n` streams in total were closed by their client before finishing.
@@ -264,9 +270,13 @@ async fn get_stats(State(state): State<Arc<SimState>>) -> axum::Json<SimStats> {
     axum::Json(state.stats.snapshot())
 }
 
+async fn get_requests(State(state): State<Arc<SimState>>) -> axum::Json<Vec<SeenRequest>> {
+    axum::Json(state.stats.seen_requests())
+}
+
 async fn not_found(uri: axum::http::Uri) -> Response {
     let message = format!(
-        "Unknown simulator path {uri}: use POST /v1/chat/completions, POST /v1/messages, /sim/rules or GET /sim/stats"
+        "Unknown simulator path {uri}: use POST /v1/chat/completions, POST /v1/messages, /sim/rules, GET /sim/stats or GET /sim/requests"
     );
     openai_wire::error_response(
         StatusCode::NOT_FOUND,
@@ -414,9 +424,13 @@ pub(crate) fn prepare(
     max_tokens: Option<u64>,
 ) -> Prepared {
     let seed = plan.seed.unwrap_or(state.config.seed) ^ prompt.hash();
-    let (text, json) = match content::answer(prompt, seed, plan.output_tokens) {
-        content::Answer::Text(text) => (text, None),
-        content::Answer::Json(value) => (value.to_string(), Some(value)),
+    let (text, json) = match &plan.content {
+        // A scripted answer is sent as given; it is JSON only if it happens to parse.
+        Some(text) => (text.clone(), serde_json::from_str(text).ok()),
+        None => match content::answer(prompt, seed, plan.output_tokens) {
+            content::Answer::Text(text) => (text, None),
+            content::Answer::Json(value) => (value.to_string(), Some(value)),
+        },
     };
     let pieces = content::split_pieces(&text);
     let keep = match max_tokens {

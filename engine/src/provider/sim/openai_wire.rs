@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::content::Prompt;
 use super::knobs::Failure;
 use super::streaming::{self, Encoder, Script};
-use super::{Prepared, SimState, new_id, prepare, unix_now};
+use super::{Prepared, SeenRequest, SimState, new_id, prepare, unix_now};
 use crate::provider::{ChatMessage, Role};
 use crate::stream::ProviderKind;
 
@@ -376,6 +376,13 @@ pub(crate) async fn chat_completions(
         Ok(r) => r,
         Err(e) => return bad_request(&e.message, e.param.as_deref(), e.code),
     };
+    state.stats.seen(SeenRequest {
+        protocol: ProviderKind::OpenAi,
+        model: request.model.clone(),
+        system: request.system.clone(),
+        messages: request.messages.clone(),
+        schema_name: request.schema.as_ref().map(|(name, _)| name.clone()),
+    });
     let plan = match state.rules.plan(
         &request.model,
         ProviderKind::OpenAi,

@@ -1,13 +1,32 @@
-//! Simulator counters: requests per model, streams open/completed/closed by the client, and the
-//! `Drop` guard that tells a finished stream from one its client abandoned.
+//! Simulator counters: requests per model, streams open/completed/closed by the client, the last
+//! requests received (so tests can check what a client sent), and the `Drop` guard that tells a
+//! finished stream from one its client abandoned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+use crate::provider::ChatMessage;
+use crate::stream::ProviderKind;
+
+/// How many received requests are kept; older ones are forgotten so a long-running `keyvex sim`
+/// does not grow without bound.
+pub(crate) const REQUEST_LOG_LEN: usize = 64;
+
+/// One request as the simulator parsed it (served at `GET /sim/requests`, oldest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenRequest {
+    pub protocol: ProviderKind,
+    pub model: String,
+    pub system: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    /// The name of the response schema (OpenAI `json_schema.name`, Anthropic forced tool name).
+    pub schema_name: Option<String>,
+}
 
 /// A snapshot of the simulator's counters (also served as JSON at `GET /sim/stats`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +57,7 @@ pub(crate) struct Stats {
     streams_aborted: AtomicU64,
     /// The client-closed count, watched by `wait_for_disconnects`.
     client_closed: watch::Sender<u64>,
+    seen: Mutex<VecDeque<SeenRequest>>,
 }
 
 impl Default for Stats {
@@ -50,6 +70,7 @@ impl Default for Stats {
             streams_completed: AtomicU64::new(0),
             streams_aborted: AtomicU64::new(0),
             client_closed: watch::Sender::new(0),
+            seen: Mutex::new(VecDeque::with_capacity(REQUEST_LOG_LEN)),
         }
     }
 }
@@ -63,6 +84,28 @@ impl Stats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *by_model.entry(model.to_owned()).or_default() += 1;
+    }
+
+    /// Keeps a parsed request in the bounded log.
+    pub fn seen(&self, request: SeenRequest) {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.len() == REQUEST_LOG_LEN {
+            seen.pop_front();
+        }
+        seen.push_back(request);
+    }
+
+    /// The logged requests, oldest first.
+    pub fn seen_requests(&self) -> Vec<SeenRequest> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     pub fn requests_total(&self) -> u64 {
