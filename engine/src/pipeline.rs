@@ -180,9 +180,7 @@ pub fn run_pipeline(
             stages: BTreeMap::new(),
             first_content: None,
         };
-        let span = tracing::info_span!("pipeline", run_id = %tally.run_id);
-        let _entered = span.enter();
-        drop(_entered);
+        tracing::info!(run_id = %tally.run_id, "pipeline run started");
         yield PipelineEvent::RunStarted { run_id: tally.run_id.clone() };
 
         // Stages one and two run in sequence; each needs the previous one's output.
@@ -244,6 +242,8 @@ pub fn run_pipeline(
             .map(|e| (Process::ContentCrafter, e));
         let style = run_agent(router.clone(), Process::StyleMaster, style_input)
             .map(|e| (Process::StyleMaster, e));
+        // If one of the two fails, the other still runs to its end: the run is failed either way,
+        // but this keeps the rollup a complete account of every token paid for.
         let mut both = futures::stream::select(Box::pin(content), Box::pin(style));
         let mut failure: Option<(Process, AgentError)> = None;
         while let Some((stage, event)) = both.next().await {
