@@ -161,16 +161,15 @@ fn parse_with(
                 .ok_or_else(|| AdminError::InvalidParam {
                     name: "groupBy",
                     value: v.to_owned(),
-                    expected: format!(
-                        "one of {}",
-                        GroupBy::ALL.map(GroupBy::as_str).join(", ")
-                    ),
+                    expected: format!("one of {}", GroupBy::ALL.map(GroupBy::as_str).join(", ")),
                 })?,
         ),
     };
     let filter = MetricsFilter {
         process: get("process").map(|v| parse_id("process", v)).transpose()?,
-        provider: get("provider").map(|v| parse_id("provider", v)).transpose()?,
+        provider: get("provider")
+            .map(|v| parse_id("provider", v))
+            .transpose()?,
     };
     Ok(AdminQuery {
         from_ms,
@@ -200,8 +199,9 @@ fn parse_instant(name: &'static str, value: &str) -> Result<u64, AdminError> {
     let invalid = || AdminError::InvalidParam {
         name,
         value: value.to_owned(),
-        expected: "an RFC 3339 instant (2026-11-25T14:00:00Z) or epoch milliseconds (1764079200000)"
-            .to_owned(),
+        expected:
+            "an RFC 3339 instant (2026-11-25T14:00:00Z) or epoch milliseconds (1764079200000)"
+                .to_owned(),
     };
     if value.bytes().all(|b| b.is_ascii_digit()) {
         return value.parse::<u64>().map_err(|_| invalid());
@@ -369,7 +369,9 @@ pub async fn alerts_json(
 ) -> Result<Value, AdminError> {
     let q = AdminQuery::parse_range_at(params, now_ms())?;
     let alerts = reader.alerts(q.from_ms, q.to_ms).await?;
-    Ok(serde_json::json!({ "from": iso_ts(q.from_ms), "to": iso_ts(q.to_ms), "alerts": to_json(&alerts)? }))
+    Ok(
+        serde_json::json!({ "from": iso_ts(q.from_ms), "to": iso_ts(q.to_ms), "alerts": to_json(&alerts)? }),
+    )
 }
 
 /// `GET /sessions/{id}`: the session with its messages in order, or [`AdminError::NotFound`].
@@ -461,7 +463,10 @@ mod tests {
             "{e}"
         );
         let e = err(&[("from", "yesterday")]);
-        assert!(e.contains("from=\"yesterday\"") && e.contains("RFC 3339"), "{e}");
+        assert!(
+            e.contains("from=\"yesterday\"") && e.contains("RFC 3339"),
+            "{e}"
+        );
         let e = err(&[("to", "2025-13-01T00:00:00Z")]);
         assert!(e.starts_with("invalid query parameter to="), "{e}");
         let e = err(&[("from", "1764080467124"), ("to", "1764080467123")]);
@@ -476,7 +481,10 @@ mod tests {
         let e = AdminQuery::parse_range_at(&params(&[("groupBy", "day")]), NOW)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("\"groupBy\"") && e.contains("allowed: from, to"), "{e}");
+        assert!(
+            e.contains("\"groupBy\"") && e.contains("allowed: from, to"),
+            "{e}"
+        );
     }
 
     #[test]

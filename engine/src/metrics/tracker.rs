@@ -158,10 +158,6 @@ impl Receipt {
     }
 }
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "almost every message is a record; boxing would add an allocation per record for nothing"
-)]
 enum Msg {
     Record(RequestRecord, oneshot::Sender<()>),
     Message(SessionMessage, oneshot::Sender<()>),

@@ -11,8 +11,8 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
-    KeyType, Projection, ProjectionType, PutRequest, ReturnValue, ScalarAttributeType,
-    TableStatus, TimeToLiveSpecification, WriteRequest,
+    KeyType, Projection, ProjectionType, PutRequest, ReturnValue, ScalarAttributeType, TableStatus,
+    TimeToLiveSpecification, WriteRequest,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -938,6 +938,35 @@ mod tests {
                 .sum();
             assert!(bytes <= MAX_BATCH_BYTES && chunk.len() <= MAX_BATCH_ITEMS);
         }
+    }
+
+    #[test]
+    fn message_items_round_trip_and_huge_content_is_cut_to_a_preview() {
+        use crate::store::sessions::Role;
+        let msg = SessionMessage::new(
+            "s1",
+            "u1",
+            Role::Assistant,
+            "magicSpark",
+            serde_json::json!({"ideas": ["a", "b"], "n": 1.5}),
+        )
+        .with_message_id("m1")
+        .with_timestamp_ms(1_764_080_467_123)
+        .with_run("r1", "magicSpark");
+        let item = message_item(&msg);
+        assert_eq!(attr_s(&item, "PK"), "SESSION#s1");
+        assert_eq!(attr_s(&item, "SK"), "MESSAGE#2025-11-25T14:21:07.123Z#m1");
+        assert_eq!(message_from_item(&item).unwrap(), msg);
+
+        let huge = SessionMessage {
+            content: serde_json::Value::String("x".repeat(MAX_CONTENT_BYTES)),
+            ..msg
+        };
+        let item = message_item(&huge);
+        assert!(estimate_size(&item) < 400_000);
+        assert_eq!(item["contentTruncated"], AttributeValue::Bool(true));
+        let back = message_from_item(&item).unwrap();
+        assert_eq!(back.content["truncated"], true);
     }
 
     #[test]

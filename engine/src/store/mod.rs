@@ -15,10 +15,6 @@ use crate::store::sessions::SessionMessage;
 /// One row of the metrics outbox: a request record, an alert or a session message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "almost every entry is a request; boxing would add an allocation per record for nothing"
-)]
 pub enum Entry {
     Request(RequestRecord),
     Alert(Alert),

@@ -289,9 +289,7 @@ impl SessionStore {
             }
         }
         let mut out: Vec<SessionMetadata> = by_session.into_values().collect();
-        out.sort_by(|a, b| {
-            (b.updated_at_ms, &b.session_id).cmp(&(a.updated_at_ms, &a.session_id))
-        });
+        out.sort_by(|a, b| (b.updated_at_ms, &b.session_id).cmp(&(a.updated_at_ms, &a.session_id)));
         out.truncate(limit);
         Ok(out)
     }
@@ -309,9 +307,15 @@ mod tests {
     use super::*;
 
     fn msg(id: &str, ts: u64) -> SessionMessage {
-        SessionMessage::new("s1", "u1", Role::User, "magicSpark", serde_json::json!({"a": 1}))
-            .with_message_id(id)
-            .with_timestamp_ms(ts)
+        SessionMessage::new(
+            "s1",
+            "u1",
+            Role::User,
+            "magicSpark",
+            serde_json::json!({"a": 1}),
+        )
+        .with_message_id(id)
+        .with_timestamp_ms(ts)
     }
 
     #[test]

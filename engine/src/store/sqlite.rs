@@ -233,7 +233,6 @@ fn decode_all<T: serde::de::DeserializeOwned>(
 }
 
 /// Encoded ahead of the blocking call so JSON errors are not SQLite errors.
-#[expect(clippy::large_enum_variant, reason = "short-lived, mostly requests")]
 enum Row {
     Request(RequestRecord, String),
     Alert(Alert, String),

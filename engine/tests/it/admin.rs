@@ -66,8 +66,11 @@ fn alerts() -> Vec<Alert> {
     (0..3u64)
         .map(|i| Alert {
             alert_id: format!("alert-{i}"),
-            alert_type: [AlertType::ErrorRate, AlertType::CostPerRequest, AlertType::AvgLatency]
-                [i as usize],
+            alert_type: [
+                AlertType::ErrorRate,
+                AlertType::CostPerRequest,
+                AlertType::AvgLatency,
+            ][i as usize],
             severity: [Severity::Critical, Severity::Warning, Severity::Warning][i as usize],
             timestamp_ms: T0 + i * 600_000,
             observed: 0.5,
@@ -153,7 +156,10 @@ async fn sqlite_and_dynamo_answer_identically_for_every_grouping_and_filter() {
     let b = st.dynamo.metrics(from, to, Some(GroupBy::Hour), &all);
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!(a.totals.requests, 7);
-    assert_eq!(serde_json::to_value(&a).unwrap(), serde_json::to_value(&b).unwrap());
+    assert_eq!(
+        serde_json::to_value(&a).unwrap(),
+        serde_json::to_value(&b).unwrap()
+    );
     // Alerts newest first, same from both.
     let a = st.sqlite.alerts(FROM, TO).await.unwrap();
     let b = st.dynamo.alerts(FROM, TO).await.unwrap();
@@ -174,16 +180,24 @@ async fn totals_sums_and_percentiles_are_exact_on_a_known_distribution() {
         let t = &m.totals;
         assert_eq!(t.key, "total");
         assert_eq!(t.requests, 40);
-        let failed = recs.iter().filter(|r| r.error_kind.as_deref() == Some("upstream"));
+        let failed = recs
+            .iter()
+            .filter(|r| r.error_kind.as_deref() == Some("upstream"));
         assert_eq!(t.errors, failed.count() as u64);
         assert_eq!(t.cancelled, 1);
         assert!((t.error_rate - t.errors as f64 / 40.0).abs() < 1e-12);
-        assert_eq!(t.input_tokens, recs.iter().map(|r| r.input_tokens).sum::<u64>());
+        assert_eq!(
+            t.input_tokens,
+            recs.iter().map(|r| r.input_tokens).sum::<u64>()
+        );
         assert_eq!(
             t.cached_input_tokens,
             recs.iter().map(|r| r.cached_input_tokens).sum::<u64>()
         );
-        assert_eq!(t.output_tokens, recs.iter().map(|r| r.output_tokens).sum::<u64>());
+        assert_eq!(
+            t.output_tokens,
+            recs.iter().map(|r| r.output_tokens).sum::<u64>()
+        );
         // 1.5 µ$ × (1 + … + 40) = 1230 µ$ exactly.
         assert_eq!(t.cost_pico_usd, 1_230_000_000);
         assert_eq!(t.cost_micro_usd, 1_230);
@@ -197,9 +211,16 @@ async fn totals_sums_and_percentiles_are_exact_on_a_known_distribution() {
         let mut ttfts: Vec<u64> = recs.iter().filter_map(|r| r.ttft_ms).collect();
         ttfts.sort_unstable();
         let ttft = t.ttft_ms.unwrap();
-        assert_eq!((ttft.p50, ttft.p95, ttft.p99), (ttfts[14], ttfts[28], ttfts[29]));
+        assert_eq!(
+            (ttft.p50, ttft.p95, ttft.p99),
+            (ttfts[14], ttfts[28], ttfts[29])
+        );
         // Records 0..=21 start on 2025-11-25 (21 × 5.5 min < 2 h), the rest on the 26th.
-        let days: Vec<(&str, u64)> = m.groups.iter().map(|g| (g.key.as_str(), g.requests)).collect();
+        let days: Vec<(&str, u64)> = m
+            .groups
+            .iter()
+            .map(|g| (g.key.as_str(), g.requests))
+            .collect();
         assert_eq!(days, [("2025-11-25", 22), ("2025-11-26", 18)]);
     }
 }
@@ -223,7 +244,8 @@ async fn filters_use_the_gsis_and_no_read_ever_scans() {
         let log = st.proxy.log();
         assert!(!log.is_empty());
         assert!(
-            log.iter().all(|r| r.operation == "Query" && r.index.as_deref() == index),
+            log.iter()
+                .all(|r| r.operation == "Query" && r.index.as_deref() == index),
             "{f:?}: {log:?}"
         );
         // Unfiltered: one Query per day partition; filtered: one GSI query.
@@ -232,7 +254,10 @@ async fn filters_use_the_gsis_and_no_read_ever_scans() {
             assert!(m.groups.iter().all(|g| &g.key == p));
         }
         if let Some(p) = &f.process {
-            let want = records().iter().filter(|r| &r.process == p && f.provider.as_ref().is_none_or(|v| &r.provider == v)).count();
+            let want = records()
+                .iter()
+                .filter(|r| &r.process == p && f.provider.as_ref().is_none_or(|v| &r.provider == v))
+                .count();
             assert_eq!(m.totals.requests, want as u64);
         }
     }
@@ -240,7 +265,8 @@ async fn filters_use_the_gsis_and_no_read_ever_scans() {
     st.dynamo.alerts(FROM, TO).await.unwrap();
     let log = st.proxy.log();
     assert!(
-        log.iter().all(|r| r.operation == "Query" && r.index.as_deref() == Some("GSI1")),
+        log.iter()
+            .all(|r| r.operation == "Query" && r.index.as_deref() == Some("GSI1")),
         "{log:?}"
     );
 }
@@ -258,12 +284,17 @@ async fn handlers_return_camel_case_json_with_the_pipeline_health() {
         tracker.record(r).durable().await.unwrap();
     }
     let (h, ok) = tracker
-        .wait_for(Duration::from_secs(20), |h| h.pending == 0 && h.shipped >= 40)
+        .wait_for(Duration::from_secs(20), |h| {
+            h.pending == 0 && h.shipped >= 40
+        })
         .await;
     assert!(ok, "{h:?}");
     let reader = MetricsReader::sqlite(sqlite).with_health(tracker.clone());
     let params = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
     };
     let body = metrics_json(
         &reader,
@@ -286,7 +317,15 @@ async fn handlers_return_camel_case_json_with_the_pipeline_health() {
         .iter()
         .map(|g| g["key"].as_str().unwrap())
         .collect();
-    assert_eq!(keys, ["contentCrafter", "logicArchitect", "magicSpark", "styleMaster"]);
+    assert_eq!(
+        keys,
+        [
+            "contentCrafter",
+            "logicArchitect",
+            "magicSpark",
+            "styleMaster"
+        ]
+    );
     assert_eq!(body["pipeline"]["sink"], "sqlite");
     assert_eq!(body["pipeline"]["shipped"], 40);
     assert!(body["pipeline"]["ledgerCommits"].as_u64().unwrap() >= 1);

@@ -54,10 +54,22 @@ fn conversation(session: &str, user: &str, t0: u64) -> Vec<SessionMessage> {
             .with_run(&format!("{session}-run"), "magicSpark")
     };
     vec![
-        turn(0, Role::User, json!({"business": "bakery", "goal": "more orders"})),
-        turn(1, Role::Assistant, json!({"ideas": ["pre-order app", "loyalty"]})),
+        turn(
+            0,
+            Role::User,
+            json!({"business": "bakery", "goal": "more orders"}),
+        ),
+        turn(
+            1,
+            Role::Assistant,
+            json!({"ideas": ["pre-order app", "loyalty"]}),
+        ),
         turn(2, Role::User, json!("make it cheaper")),
-        turn(3, Role::Assistant, json!({"ideas": ["loyalty"], "cost": 1.5})),
+        turn(
+            3,
+            Role::Assistant,
+            json!({"ideas": ["loyalty"], "cost": 1.5}),
+        ),
     ]
 }
 
@@ -159,9 +171,7 @@ async fn sqlite_session_is_readable_right_after_durable_and_after_shipping() {
     assert_eq!(missing.status(), http::StatusCode::NOT_FOUND);
 
     // The store survives a restart of everything.
-    tracker
-        .shutdown(tokio::time::Instant::now() + WAIT)
-        .await;
+    tracker.shutdown(tokio::time::Instant::now() + WAIT).await;
     drop((merged, stored_only, sqlite));
     let reopened = SessionStore::sqlite(SqliteStore::open(&path).unwrap());
     assert_session(&reopened.get_session("s1").await.unwrap().unwrap(), &s1);
@@ -208,7 +218,10 @@ async fn sessions_of_user_are_most_recent_first_in_sqlite() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("limit=\"0\"") && err.contains("1 to 100"), "{err}");
+    assert!(
+        err.contains("limit=\"0\"") && err.contains("1 to 100"),
+        "{err}"
+    );
 }
 
 /// Metadata is a min/max over messages, so batches that arrive late, out of order or twice
@@ -244,8 +257,8 @@ async fn dynamo_session_items_have_single_table_keys_and_reads_never_scan() {
     let direct = moto::client(&moto.endpoint).await;
     dynamo::create_table(&direct, "s-main").await.unwrap();
     let dir = TempDir::new("sessions-dynamo");
-    let proxied = DynamoStore::new(moto::client(&proxy.endpoint).await, "s-main")
-        .with_retry(fast_retry());
+    let proxied =
+        DynamoStore::new(moto::client(&proxy.endpoint).await, "s-main").with_retry(fast_retry());
     let tracker = Tracker::start(config(dir.file("l.sqlite3")), Arc::new(proxied.clone()))
         .await
         .unwrap();
