@@ -16,6 +16,44 @@ pub enum GroupBy {
     Model,
     /// UTC calendar day of the request's start, `yyyy-mm-dd`.
     Day,
+    /// UTC hour of the request's start, `yyyy-mm-ddThh` (the dashboard's time series).
+    Hour,
+    User,
+}
+
+impl GroupBy {
+    pub const ALL: [GroupBy; 6] = [
+        GroupBy::Process,
+        GroupBy::Provider,
+        GroupBy::Model,
+        GroupBy::Day,
+        GroupBy::Hour,
+        GroupBy::User,
+    ];
+
+    /// The query-parameter spelling (same as the serialized one).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupBy::Process => "process",
+            GroupBy::Provider => "provider",
+            GroupBy::Model => "model",
+            GroupBy::Day => "day",
+            GroupBy::Hour => "hour",
+            GroupBy::User => "user",
+        }
+    }
+
+    /// The group a record belongs to.
+    pub fn key_of(self, rec: &RequestRecord) -> String {
+        match self {
+            GroupBy::Process => rec.process.clone(),
+            GroupBy::Provider => rec.provider.clone(),
+            GroupBy::Model => rec.model.clone(),
+            GroupBy::Day => crate::store::day_of(rec.timestamp_ms),
+            GroupBy::Hour => crate::store::iso_ts(rec.timestamp_ms)[..13].to_owned(),
+            GroupBy::User => rec.user_id.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -39,6 +77,8 @@ pub struct Aggregate {
     pub output_tokens: u64,
     pub cost_pico_usd: u64,
     pub cost_micro_usd: u64,
+    /// For display only; the integer fields are the exact figures.
+    pub cost_usd: f64,
     pub latency_ms: Percentiles,
     /// Over the requests that reported a TTFT; `None` when none did.
     pub ttft_ms: Option<Percentiles>,
@@ -46,6 +86,14 @@ pub struct Aggregate {
 
 /// Groups `records` and sums them; groups come back sorted by key.
 pub fn aggregate(records: &[RequestRecord], group_by: GroupBy) -> Vec<Aggregate> {
+    aggregate_by(records, |rec| group_by.key_of(rec))
+}
+
+/// [`aggregate`] with any grouping (a constant key gives the totals).
+pub fn aggregate_by(
+    records: &[RequestRecord],
+    key_of: impl Fn(&RequestRecord) -> String,
+) -> Vec<Aggregate> {
     struct Acc {
         agg: Aggregate,
         latency: Option<Histogram<u64>>,
@@ -53,12 +101,7 @@ pub fn aggregate(records: &[RequestRecord], group_by: GroupBy) -> Vec<Aggregate>
     }
     let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
     for rec in records {
-        let key = match group_by {
-            GroupBy::Process => rec.process.clone(),
-            GroupBy::Provider => rec.provider.clone(),
-            GroupBy::Model => rec.model.clone(),
-            GroupBy::Day => crate::store::day_of(rec.timestamp_ms),
-        };
+        let key = key_of(rec);
         let acc = groups.entry(key.clone()).or_insert_with(|| Acc {
             agg: Aggregate {
                 key,
@@ -71,6 +114,7 @@ pub fn aggregate(records: &[RequestRecord], group_by: GroupBy) -> Vec<Aggregate>
                 output_tokens: 0,
                 cost_pico_usd: 0,
                 cost_micro_usd: 0,
+                cost_usd: 0.0,
                 latency_ms: Percentiles::default(),
                 ttft_ms: None,
             },
@@ -99,6 +143,7 @@ pub fn aggregate(records: &[RequestRecord], group_by: GroupBy) -> Vec<Aggregate>
             let a = &mut acc.agg;
             a.error_rate = a.errors as f64 / a.requests.max(1) as f64;
             a.cost_micro_usd = crate::cost::Cost(a.cost_pico_usd).micro_usd();
+            a.cost_usd = crate::cost::Cost(a.cost_pico_usd).usd();
             if let Some(h) = &acc.latency {
                 a.latency_ms = percentiles(h);
             }
@@ -155,5 +200,7 @@ mod tests {
         let keys: Vec<&str> = by_provider.iter().map(|a| a.key.as_str()).collect();
         assert_eq!(keys, vec!["anthropic", "openai"]);
         assert_eq!(aggregate(&recs, GroupBy::Day)[0].key, "2025-11-25");
+        assert_eq!(aggregate(&recs, GroupBy::Hour)[0].key, "2025-11-25T00");
+        assert_eq!(aggregate(&recs, GroupBy::User)[0].key, "u");
     }
 }

@@ -8,14 +8,16 @@
 //!
 //! [`Sink`]: crate::store::Sink
 
+pub mod admin;
 pub mod aggregate;
 pub mod alerts;
 mod ledger;
 mod record;
 mod tracker;
 
-pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate};
+pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate, aggregate_by};
 pub use alerts::{Alert, AlertConfig, AlertType, Severity};
+pub(crate) use record::now_ms;
 pub use record::{RequestRecord, RequestStatus};
 pub use tracker::{MetricsConfig, MetricsHealth, Receipt, ShutdownReport, Tracker, start_from_env};
 

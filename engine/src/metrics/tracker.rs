@@ -16,7 +16,8 @@ use crate::metrics::MetricsError;
 use crate::metrics::alerts::{AlertConfig, AlertEvaluator};
 use crate::metrics::ledger::{Ledger, Pending};
 use crate::metrics::record::{RequestRecord, now_ms};
-use crate::store::{Entry, Sink, full_jitter};
+use crate::store::sessions::{PendingFilter, PendingSessions, SessionMessage};
+use crate::store::{Entry, Sink, StoreError, full_jitter};
 
 /// Starts the tracker the environment asks for: the DynamoDB sink when `DYNAMODB_TABLE_NAME` is
 /// set (`DYNAMODB_ENDPOINT` points it at an emulator; region and credentials are the standard AWS
@@ -102,8 +103,10 @@ impl MetricsConfig {
     }
 }
 
-/// A snapshot of the pipeline's counters. Counts are of ledger entries (requests and alerts).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A snapshot of the pipeline's counters. Counts are of ledger entries (requests, alerts and
+/// session messages). Serializes camelCase: the admin API returns it as the pipeline's health.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct MetricsHealth {
     pub sink: &'static str,
     /// Handed to `record` (plus alerts raised) since start.
@@ -155,12 +158,9 @@ impl Receipt {
     }
 }
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "almost every message is a record; boxing would add an allocation per record for nothing"
-)]
 enum Msg {
     Record(RequestRecord, oneshot::Sender<()>),
+    Message(SessionMessage, oneshot::Sender<()>),
     Close,
 }
 
@@ -283,8 +283,24 @@ impl Tracker {
             tracing::warn!(request_id = %rec.request_id, "metrics record after shutdown was not accepted");
             return Receipt(ReceiptState::Closed);
         }
+        self.send(|tx| Msg::Record(rec, tx))
+    }
+
+    /// Hands a session message to the ledger, exactly like [`Tracker::record`]: no I/O, and the
+    /// receipt resolves once the message is committed. From then on
+    /// [`crate::store::sessions::SessionStore`] reads with this tracker as pending source see it.
+    pub fn record_session_message(&self, msg: SessionMessage) -> Receipt {
+        if self.inner.closed.load(Ordering::Acquire) {
+            tracing::warn!(session_id = %msg.session_id, message_id = %msg.message_id,
+                "session message after shutdown was not accepted");
+            return Receipt(ReceiptState::Closed);
+        }
+        self.send(|tx| Msg::Message(msg, tx))
+    }
+
+    fn send(&self, msg: impl FnOnce(oneshot::Sender<()>) -> Msg) -> Receipt {
         let (tx, rx) = oneshot::channel();
-        if self.inner.tx.send(Msg::Record(rec, tx)).is_err() {
+        if self.inner.tx.send(msg(tx)).is_err() {
             return Receipt(ReceiptState::Closed);
         }
         self.inner
@@ -411,6 +427,40 @@ impl Tracker {
     }
 }
 
+impl PendingSessions for Tracker {
+    fn pending_messages<'a>(
+        &'a self,
+        filter: PendingFilter<'a>,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<SessionMessage>, StoreError>> {
+        let owned = match filter {
+            PendingFilter::Session(id) => OwnedFilter::Session(id.to_owned()),
+            PendingFilter::User(id) => OwnedFilter::User(id.to_owned()),
+        };
+        Box::pin(async move {
+            self.inner
+                .shared
+                .with_ledger(move |l| l.pending_messages(owned.borrow()))
+                .await
+                .map_err(|err| StoreError::Ledger(err.to_string()))
+        })
+    }
+}
+
+/// A [`PendingFilter`] that can move onto the blocking pool.
+enum OwnedFilter {
+    Session(String),
+    User(String),
+}
+
+impl OwnedFilter {
+    fn borrow(&self) -> PendingFilter<'_> {
+        match self {
+            OwnedFilter::Session(id) => PendingFilter::Session(id),
+            OwnedFilter::User(id) => PendingFilter::User(id),
+        }
+    }
+}
+
 async fn ledger_loop(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     shared: Arc<Shared>,
@@ -432,6 +482,10 @@ async fn ledger_loop(
                         raised += 1;
                     }
                     entries.push(Entry::Request(rec));
+                    waiters.push(waiter);
+                }
+                Msg::Message(msg, waiter) => {
+                    entries.push(Entry::Message(msg));
                     waiters.push(waiter);
                 }
                 // Later messages were sent before the close and are still received.

@@ -1,6 +1,7 @@
-//! DynamoDB single-table store (`DESIGN.md`): item codecs for request metrics and alerts, the
-//! batch sink (≤ 25 items, unprocessed items resent with full jitter), table creation, and the
-//! time-range queries (always `Query` on a key, never `Scan`).
+//! DynamoDB single-table store (`DESIGN.md`): item codecs for request metrics, alerts and session
+//! messages, the batch sink (≤ 25 items, unprocessed items resent with full jitter; session
+//! metadata by conditional `UpdateItem`), table creation, and the reads (always `Query` on a key
+//! or a GSI, never `Scan`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,13 +11,14 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
-    KeyType, Projection, ProjectionType, PutRequest, ScalarAttributeType, TableStatus,
+    KeyType, Projection, ProjectionType, PutRequest, ReturnValue, ScalarAttributeType, TableStatus,
     TimeToLiveSpecification, WriteRequest,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
 
 use crate::metrics::{Alert, AlertType, RequestRecord, Severity};
+use crate::store::sessions::{SessionMessage, SessionMetadata};
 use crate::store::{Entry, Sink, StoreError, WriteReport, day_of, full_jitter, iso_ts};
 
 /// BatchWriteItem accepts at most 25 requests …
@@ -29,6 +31,9 @@ const ALERT_TTL_SECS: u64 = 90 * 86_400;
 /// Keeps a pathological error text from pushing an item past DynamoDB's 400 KB item limit.
 const MAX_ERROR_CHARS: usize = 4_096;
 const KEY_ATTRS: [&str; 7] = ["PK", "SK", "GSI1PK", "GSI1SK", "GSI2PK", "GSI2SK", "ttl"];
+/// A message's content above this many bytes of JSON is stored as a truncated preview, so one
+/// huge output cannot exceed the 400 KB item limit and block the outbox behind it forever.
+pub const MAX_CONTENT_BYTES: usize = 350_000;
 
 /// The backoff of the in-sink resend loop (unprocessed items and throttling).
 #[derive(Debug, Clone, Copy)]
@@ -150,27 +155,233 @@ impl DynamoStore {
         lo: &str,
         hi: &str,
     ) -> Result<Vec<HashMap<String, AttributeValue>>, StoreError> {
+        self.query_all(Query {
+            index,
+            condition,
+            values: vec![
+                (":pk", AttributeValue::S(pk.to_owned())),
+                (":lo", AttributeValue::S(lo.to_owned())),
+                (":hi", AttributeValue::S(hi.to_owned())),
+            ],
+            forward: true,
+            limit: None,
+            consistent: false,
+        })
+        .await
+    }
+
+    /// Runs one `Query`, following `LastEvaluatedKey` until done or `limit` items are in.
+    async fn query_all(
+        &self,
+        q: Query<'_>,
+    ) -> Result<Vec<HashMap<String, AttributeValue>>, StoreError> {
         let mut items = Vec::new();
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
-            let out = self
+            let page_limit = q
+                .limit
+                .map(|l| i32::try_from(l.saturating_sub(items.len())).unwrap_or(i32::MAX));
+            let mut req = self
                 .client
                 .query()
                 .table_name(&self.table)
-                .set_index_name(index.map(str::to_owned))
-                .key_condition_expression(condition)
-                .expression_attribute_values(":pk", AttributeValue::S(pk.to_owned()))
-                .expression_attribute_values(":lo", AttributeValue::S(lo.to_owned()))
-                .expression_attribute_values(":hi", AttributeValue::S(hi.to_owned()))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| self.sdk_error("Query", &e))?;
+                .set_index_name(q.index.map(str::to_owned))
+                .key_condition_expression(q.condition)
+                .scan_index_forward(q.forward)
+                .set_limit(page_limit)
+                .set_exclusive_start_key(start.take());
+            // Strongly consistent reads exist on the base table only (a GSI rejects them).
+            if q.consistent && q.index.is_none() {
+                req = req.consistent_read(true);
+            }
+            for (name, value) in &q.values {
+                req = req.expression_attribute_values(*name, value.clone());
+            }
+            let out = req.send().await.map_err(|e| self.sdk_error("Query", &e))?;
             items.extend(out.items.unwrap_or_default());
+            if q.limit.is_some_and(|l| items.len() >= l) {
+                return Ok(items);
+            }
             match out.last_evaluated_key {
                 Some(key) if !key.is_empty() => start = Some(key),
                 _ => return Ok(items),
             }
+        }
+    }
+
+    /// Requests of one process (GSI1) and/or provider (GSI2) that started in `[from_ms, to_ms]`,
+    /// oldest first. With both, GSI1 is queried and the provider is matched here; with neither
+    /// this is [`DynamoStore::requests_between`].
+    pub async fn requests_filtered(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        process: Option<&str>,
+        provider: Option<&str>,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        if from_ms > to_ms {
+            return Ok(Vec::new());
+        }
+        let (index, pk) = match (process, provider) {
+            (None, None) => return self.requests_between(from_ms, to_ms).await,
+            (Some(p), _) => ("GSI1", format!("PROCESS#{p}")),
+            (None, Some(p)) => ("GSI2", format!("PROVIDER#{p}")),
+        };
+        let condition = format!("{index}PK = :pk AND {index}SK BETWEEN :lo AND :hi");
+        // The GSI sort keys of requests are the bare timestamp, so the bounds are exact.
+        let items = self
+            .query(
+                Some(index),
+                &condition,
+                &pk,
+                &iso_ts(from_ms),
+                &iso_ts(to_ms),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in &items {
+            let rec = request_from_item(item)?;
+            if provider.is_none_or(|p| rec.provider == p) {
+                out.push(rec);
+            }
+        }
+        out.sort_by(|a, b| (a.timestamp_ms, &a.request_id).cmp(&(b.timestamp_ms, &b.request_id)));
+        Ok(out)
+    }
+
+    /// A stored session's metadata and messages (oldest first): one consistent `Query` on
+    /// `PK=SESSION#{id}`, which returns the `MESSAGE#…` items in time order and the `METADATA`
+    /// item after them.
+    pub async fn session(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<(SessionMetadata, Vec<SessionMessage>)>, StoreError> {
+        let items = self
+            .query_all(Query {
+                index: None,
+                condition: "PK = :pk",
+                values: vec![(":pk", AttributeValue::S(format!("SESSION#{session_id}")))],
+                forward: true,
+                limit: None,
+                consistent: true,
+            })
+            .await?;
+        let mut meta = None;
+        let mut messages = Vec::new();
+        for item in &items {
+            let sk = attr_s(item, "SK");
+            if sk == "METADATA" {
+                meta = Some(from_item::<SessionMetadata>(item, "session metadata item")?);
+            } else if sk.starts_with("MESSAGE#") {
+                messages.push(message_from_item(item)?);
+            }
+        }
+        Ok(meta.map(|m| (m, messages)))
+    }
+
+    /// A user's sessions, most recently active first: `Query` on GSI1 (`USER#{id}`, sort keys
+    /// `SESSION#{last activity}`) backwards.
+    pub async fn sessions_of_user(
+        &self,
+        user_id: &str,
+        limit: usize,
+    ) -> Result<Vec<SessionMetadata>, StoreError> {
+        let items = self
+            .query_all(Query {
+                index: Some("GSI1"),
+                condition: "GSI1PK = :pk AND begins_with(GSI1SK, :pre)",
+                values: vec![
+                    (":pk", AttributeValue::S(format!("USER#{user_id}"))),
+                    (":pre", AttributeValue::S("SESSION#".to_owned())),
+                ],
+                forward: false,
+                limit: Some(limit),
+                consistent: false,
+            })
+            .await?;
+        items
+            .iter()
+            .map(|i| from_item(i, "session metadata item"))
+            .collect()
+    }
+
+    /// Moves a session's `METADATA` item forward to cover `meta`. Idempotent and
+    /// order-independent: the update only applies when it is not older than what is stored
+    /// (condition on `updatedAtMs`), and `createdAtMs` only ever moves back.
+    async fn apply_metadata(&self, meta: &SessionMetadata) -> Result<(), StoreError> {
+        let s = |v: String| AttributeValue::S(v);
+        let n = |v: u64| AttributeValue::N(v.to_string());
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", s(format!("SESSION#{}", meta.session_id)))
+            .key("SK", s("METADATA".to_owned()))
+            .update_expression(
+                "SET sessionId = :sid, userId = :uid, entityType = :et, GSI1PK = :gpk, \
+                 GSI1SK = :gsk, updatedAtMs = :upd, lastMessageId = :last, \
+                 createdAtMs = if_not_exists(createdAtMs, :created)",
+            )
+            .condition_expression(
+                "attribute_not_exists(updatedAtMs) OR updatedAtMs < :upd \
+                 OR (updatedAtMs = :upd AND lastMessageId <= :last)",
+            )
+            .expression_attribute_values(":sid", s(meta.session_id.clone()))
+            .expression_attribute_values(":uid", s(meta.user_id.clone()))
+            .expression_attribute_values(":et", s("SESSION".to_owned()))
+            .expression_attribute_values(":gpk", s(format!("USER#{}", meta.user_id)))
+            .expression_attribute_values(
+                ":gsk",
+                s(format!("SESSION#{}", iso_ts(meta.updated_at_ms))),
+            )
+            .expression_attribute_values(":upd", n(meta.updated_at_ms))
+            .expression_attribute_values(":last", s(meta.last_message_id.clone()))
+            .expression_attribute_values(":created", n(meta.created_at_ms))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await;
+        let stored_created = match result {
+            Ok(out) => out
+                .attributes
+                .as_ref()
+                .and_then(|a| a.get("createdAtMs"))
+                .and_then(|v| v.as_n().ok())
+                .and_then(|v| v.parse::<u64>().ok()),
+            // Newer activity is already stored; `createdAtMs` may still need to move back, and
+            // the stored value is unknown here, so the conditional update below decides.
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Some(u64::MAX)
+            }
+            Err(err) => return Err(self.sdk_error("UpdateItem", &err)),
+        };
+        if stored_created.is_none_or(|c| c <= meta.created_at_ms) {
+            return Ok(());
+        }
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", s(format!("SESSION#{}", meta.session_id)))
+            .key("SK", s("METADATA".to_owned()))
+            .update_expression("SET createdAtMs = :created")
+            .condition_expression("createdAtMs > :created")
+            .expression_attribute_values(":created", n(meta.created_at_ms))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(self.sdk_error("UpdateItem", &err)),
         }
     }
 
@@ -263,6 +474,16 @@ fn is_throttle<R>(err: &SdkError<BatchWriteItemError, R>) -> bool {
     )
 }
 
+/// The key-condition query [`DynamoStore::query_all`] runs.
+struct Query<'a> {
+    index: Option<&'a str>,
+    condition: &'a str,
+    values: Vec<(&'a str, AttributeValue)>,
+    forward: bool,
+    limit: Option<usize>,
+    consistent: bool,
+}
+
 impl Sink for DynamoStore {
     fn name(&self) -> &'static str {
         "dynamodb"
@@ -273,6 +494,15 @@ impl Sink for DynamoStore {
             let mut retries = 0;
             for chunk in chunk_items(entries.iter().map(entry_item).collect())? {
                 retries += self.write_chunk(chunk).await?;
+            }
+            // BatchWriteItem only puts whole items; metadata is a conditional update, one per
+            // session of the batch, after its messages are stored.
+            let messages = entries.iter().filter_map(|e| match e {
+                Entry::Message(m) => Some(m),
+                _ => None,
+            });
+            for meta in SessionMetadata::of_batch(messages) {
+                self.apply_metadata(&meta).await?;
             }
             Ok(WriteReport { retries })
         })
@@ -350,7 +580,58 @@ pub fn entry_item(entry: &Entry) -> HashMap<String, AttributeValue> {
     match entry {
         Entry::Request(r) => request_item(r),
         Entry::Alert(a) => alert_item(a),
+        Entry::Message(m) => message_item(m),
     }
+}
+
+/// `PK=SESSION#{session}`, `SK=MESSAGE#{iso}#{message}`; `content` is JSON text (a nested map
+/// would need a second codec for no reader's benefit). No TTL: conversations are kept.
+pub fn message_item(msg: &SessionMessage) -> HashMap<String, AttributeValue> {
+    let mut flat = msg.clone();
+    flat.content = Value::Null;
+    let mut item = attributes_of(&flat);
+    let s = |v: String| AttributeValue::S(v);
+    let content = msg.content.to_string();
+    if content.len() > MAX_CONTENT_BYTES {
+        let mut prefix = content;
+        truncate_chars(&mut prefix, MAX_CONTENT_BYTES / 4);
+        let preview = serde_json::json!({ "truncated": true, "prefix": prefix });
+        item.insert("content".into(), s(preview.to_string()));
+        item.insert("contentTruncated".into(), AttributeValue::Bool(true));
+    } else {
+        item.insert("content".into(), s(content));
+    }
+    item.insert("PK".into(), s(format!("SESSION#{}", msg.session_id)));
+    item.insert(
+        "SK".into(),
+        s(format!(
+            "MESSAGE#{}#{}",
+            iso_ts(msg.timestamp_ms),
+            msg.message_id
+        )),
+    );
+    item.insert("entityType".into(), s("MESSAGE".into()));
+    item
+}
+
+pub fn message_from_item(
+    item: &HashMap<String, AttributeValue>,
+) -> Result<SessionMessage, StoreError> {
+    let what = "session message item";
+    let mut item = item.clone();
+    item.remove("contentTruncated");
+    let content = match item.remove("content") {
+        Some(AttributeValue::S(text)) => {
+            serde_json::from_str(&text).map_err(|e| StoreError::Decode {
+                what,
+                problem: format!("content is not JSON: {e}"),
+            })?
+        }
+        _ => Value::Null,
+    };
+    let mut msg: SessionMessage = from_item(&item, what)?;
+    msg.content = content;
+    Ok(msg)
 }
 
 /// `PK=METRIC#{day}`, `SK=REQUEST#{iso}#{id}`, GSI1 by process, GSI2 by provider, `ttl` 30 days
@@ -657,6 +938,35 @@ mod tests {
                 .sum();
             assert!(bytes <= MAX_BATCH_BYTES && chunk.len() <= MAX_BATCH_ITEMS);
         }
+    }
+
+    #[test]
+    fn message_items_round_trip_and_huge_content_is_cut_to_a_preview() {
+        use crate::store::sessions::Role;
+        let msg = SessionMessage::new(
+            "s1",
+            "u1",
+            Role::Assistant,
+            "magicSpark",
+            serde_json::json!({"ideas": ["a", "b"], "n": 1.5}),
+        )
+        .with_message_id("m1")
+        .with_timestamp_ms(1_764_080_467_123)
+        .with_run("r1", "magicSpark");
+        let item = message_item(&msg);
+        assert_eq!(attr_s(&item, "PK"), "SESSION#s1");
+        assert_eq!(attr_s(&item, "SK"), "MESSAGE#2025-11-25T14:21:07.123Z#m1");
+        assert_eq!(message_from_item(&item).unwrap(), msg);
+
+        let huge = SessionMessage {
+            content: serde_json::Value::String("x".repeat(MAX_CONTENT_BYTES)),
+            ..msg
+        };
+        let item = message_item(&huge);
+        assert!(estimate_size(&item) < 400_000);
+        assert_eq!(item["contentTruncated"], AttributeValue::Bool(true));
+        let back = message_from_item(&item).unwrap();
+        assert_eq!(back.content["truncated"], true);
     }
 
     #[test]

@@ -1,39 +1,46 @@
-//! Where metrics end up: the [`Sink`] the shipper writes to, and the two stores behind it —
-//! SQLite (embedded default) and DynamoDB (single-table schema) — with their read queries.
+//! Where metrics and session messages end up: the [`Sink`] the shipper writes to, and the two
+//! stores behind it — SQLite (embedded default) and DynamoDB (single-table schema) — with their
+//! read queries.
 
 pub mod dynamo;
+pub mod sessions;
 pub mod sqlite;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{Alert, RequestRecord};
+use crate::store::sessions::SessionMessage;
 
-/// One row of the metrics outbox: a request record or an alert.
+/// One row of the metrics outbox: a request record, an alert or a session message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "almost every entry is a request; boxing would add an allocation per record for nothing"
-)]
 pub enum Entry {
     Request(RequestRecord),
     Alert(Alert),
+    Message(SessionMessage),
 }
+
+/// Outbox keys of messages carry a prefix: request and alert keys are bare ids (kept as they
+/// were, so existing ledgers still dedupe), and a message id must never collide with them.
+const MESSAGE_KEY_PREFIX: &str = "message:";
 
 impl Entry {
     /// The idempotency key: writing the same entry twice leaves one row/item.
-    pub fn key(&self) -> &str {
+    pub fn key(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            Entry::Request(r) => &r.request_id,
-            Entry::Alert(a) => &a.alert_id,
+            Entry::Request(r) => (&r.request_id).into(),
+            Entry::Alert(a) => (&a.alert_id).into(),
+            Entry::Message(m) => format!("{MESSAGE_KEY_PREFIX}{}", m.message_id).into(),
         }
     }
 
+    /// The outbox `kind` column (the ledger filters pending messages on it).
     pub fn kind(&self) -> &'static str {
         match self {
             Entry::Request(_) => "request",
             Entry::Alert(_) => "alert",
+            Entry::Message(_) => "message",
         }
     }
 }
@@ -82,13 +89,15 @@ pub enum StoreError {
     Decode { what: &'static str, problem: String },
     #[error("store task failed: {0}")]
     Task(String),
+    #[error("the local metrics ledger could not be read: {0}")]
+    Ledger(String),
 }
 
 impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Dynamo { retryable, .. } => *retryable,
-            StoreError::Unprocessed { .. } | StoreError::Task(_) => true,
+            StoreError::Unprocessed { .. } | StoreError::Task(_) | StoreError::Ledger(_) => true,
             StoreError::Sqlite { .. } => true,
             StoreError::Decode { .. } => false,
         }

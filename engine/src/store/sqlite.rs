@@ -1,5 +1,6 @@
-//! The embedded store: `requests` and `alerts` tables in the same SQLite file as the ledger, so
-//! a single-binary deployment keeps its metrics across restarts without any service.
+//! The embedded store: `requests`, `alerts`, `sessions` and `session_messages` tables in the same
+//! SQLite file as the ledger, so a single-binary deployment keeps its metrics and conversations
+//! across restarts without any service.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -8,6 +9,7 @@ use futures::future::BoxFuture;
 use rusqlite::{Connection, params};
 
 use crate::metrics::{Alert, RequestRecord};
+use crate::store::sessions::{SessionMessage, SessionMetadata};
 use crate::store::{Entry, Sink, StoreError, WriteReport};
 
 #[derive(Clone)]
@@ -50,7 +52,24 @@ impl SqliteStore {
                 severity TEXT NOT NULL,
                 body TEXT NOT NULL
              );
-             CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (timestamp_ms);",
+             CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (timestamp_ms);
+             CREATE TABLE IF NOT EXISTS sessions (
+                session_id TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL,
+                created_ms INTEGER NOT NULL,
+                updated_ms INTEGER NOT NULL,
+                last_message_id TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id, updated_ms);
+             CREATE TABLE IF NOT EXISTS session_messages (
+                session_id TEXT NOT NULL,
+                message_id TEXT NOT NULL,
+                timestamp_ms INTEGER NOT NULL,
+                body TEXT NOT NULL,
+                PRIMARY KEY (session_id, message_id)
+             );
+             CREATE INDEX IF NOT EXISTS session_messages_by_time
+                ON session_messages (session_id, timestamp_ms, message_id);",
         )
         .map_err(err)?;
         Ok(SqliteStore {
@@ -91,6 +110,88 @@ impl SqliteStore {
         decode_all(&bodies, "request")
     }
 
+    /// Requests that started in `[from_ms, to_ms]` of one process and/or provider (both `None`
+    /// is [`SqliteStore::requests_between`]), oldest first.
+    pub async fn requests_filtered(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        process: Option<&str>,
+        provider: Option<&str>,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        let process = process.map(str::to_owned);
+        let provider = provider.map(str::to_owned);
+        let bodies = self
+            .run(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT body FROM requests WHERE timestamp_ms BETWEEN ?1 AND ?2
+                       AND (?3 IS NULL OR process = ?3) AND (?4 IS NULL OR provider = ?4)
+                     ORDER BY timestamp_ms, request_id",
+                )?;
+                stmt.query_map(
+                    params![from_ms as i64, to_ms as i64, process, provider],
+                    |r| r.get::<_, String>(0),
+                )?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        decode_all(&bodies, "request")
+    }
+
+    /// A stored session's metadata and messages (oldest first).
+    pub async fn session(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<(SessionMetadata, Vec<SessionMessage>)>, StoreError> {
+        let id = session_id.to_owned();
+        let found = self
+            .run(move |c| {
+                let meta = c
+                    .prepare_cached(
+                        "SELECT session_id, user_id, created_ms, updated_ms, last_message_id
+                         FROM sessions WHERE session_id = ?1",
+                    )?
+                    .query_map([&id], metadata_of_row)?
+                    .next()
+                    .transpose()?;
+                let Some(meta) = meta else {
+                    return Ok(None);
+                };
+                let bodies = c
+                    .prepare_cached(
+                        "SELECT body FROM session_messages WHERE session_id = ?1
+                         ORDER BY timestamp_ms, message_id",
+                    )?
+                    .query_map([&id], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Some((meta, bodies)))
+            })
+            .await?;
+        match found {
+            Some((meta, bodies)) => Ok(Some((meta, decode_all(&bodies, "session message")?))),
+            None => Ok(None),
+        }
+    }
+
+    /// A user's sessions, most recently active first.
+    pub async fn sessions_of_user(
+        &self,
+        user_id: &str,
+        limit: usize,
+    ) -> Result<Vec<SessionMetadata>, StoreError> {
+        let user = user_id.to_owned();
+        self.run(move |c| {
+            c.prepare_cached(
+                "SELECT session_id, user_id, created_ms, updated_ms, last_message_id
+                 FROM sessions WHERE user_id = ?1
+                 ORDER BY updated_ms DESC, session_id DESC LIMIT ?2",
+            )?
+            .query_map(params![user, limit as i64], metadata_of_row)?
+            .collect()
+        })
+        .await
+    }
+
     /// Alerts raised in `[from_ms, to_ms]`, oldest first.
     pub async fn alerts_between(&self, from_ms: u64, to_ms: u64) -> Result<Vec<Alert>, StoreError> {
         let bodies = self
@@ -104,6 +205,16 @@ impl SqliteStore {
             .await?;
         decode_all(&bodies, "alert")
     }
+}
+
+fn metadata_of_row(r: &rusqlite::Row<'_>) -> Result<SessionMetadata, rusqlite::Error> {
+    Ok(SessionMetadata {
+        session_id: r.get(0)?,
+        user_id: r.get(1)?,
+        created_at_ms: r.get::<_, i64>(2)? as u64,
+        updated_at_ms: r.get::<_, i64>(3)? as u64,
+        last_message_id: r.get(4)?,
+    })
 }
 
 fn decode_all<T: serde::de::DeserializeOwned>(
@@ -122,10 +233,10 @@ fn decode_all<T: serde::de::DeserializeOwned>(
 }
 
 /// Encoded ahead of the blocking call so JSON errors are not SQLite errors.
-#[expect(clippy::large_enum_variant, reason = "short-lived, mostly requests")]
 enum Row {
     Request(RequestRecord, String),
     Alert(Alert, String),
+    Message(SessionMessage, String),
 }
 
 impl Sink for SqliteStore {
@@ -141,6 +252,7 @@ impl Sink for SqliteStore {
                     let body = match e {
                         Entry::Request(r) => serde_json::to_string(r),
                         Entry::Alert(a) => serde_json::to_string(a),
+                        Entry::Message(m) => serde_json::to_string(m),
                     }
                     .map_err(|err| StoreError::Decode {
                         what: "entry",
@@ -149,9 +261,14 @@ impl Sink for SqliteStore {
                     Ok(match e {
                         Entry::Request(r) => Row::Request(r.clone(), body),
                         Entry::Alert(a) => Row::Alert(a.clone(), body),
+                        Entry::Message(m) => Row::Message(m.clone(), body),
                     })
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
+            let metadata = SessionMetadata::of_batch(entries.iter().filter_map(|e| match e {
+                Entry::Message(m) => Some(m),
+                _ => None,
+            }));
             self.run(move |c| {
                 let tx = c.transaction()?;
                 for row in &rows {
@@ -189,7 +306,36 @@ impl Sink for SqliteStore {
                                 body
                             ])?;
                         }
+                        Row::Message(m, body) => {
+                            tx.prepare_cached(
+                                "INSERT INTO session_messages (session_id, message_id, timestamp_ms, body)
+                                 VALUES (?1, ?2, ?3, ?4)
+                                 ON CONFLICT(session_id, message_id) DO UPDATE SET
+                                   timestamp_ms = excluded.timestamp_ms, body = excluded.body",
+                            )?
+                            .execute(params![m.session_id, m.message_id, m.timestamp_ms as i64, body])?;
+                        }
                     }
+                }
+                // Min/max merge: idempotent and independent of the order batches arrive in.
+                for meta in &metadata {
+                    tx.prepare_cached(
+                        "INSERT INTO sessions (session_id, user_id, created_ms, updated_ms, last_message_id)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT(session_id) DO UPDATE SET
+                           created_ms = MIN(created_ms, excluded.created_ms),
+                           last_message_id = CASE
+                             WHEN (excluded.updated_ms, excluded.last_message_id) >= (updated_ms, last_message_id)
+                             THEN excluded.last_message_id ELSE last_message_id END,
+                           updated_ms = MAX(updated_ms, excluded.updated_ms)",
+                    )?
+                    .execute(params![
+                        meta.session_id,
+                        meta.user_id,
+                        meta.created_at_ms as i64,
+                        meta.updated_at_ms as i64,
+                        meta.last_message_id
+                    ])?;
                 }
                 tx.commit()
             })

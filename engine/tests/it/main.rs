@@ -2,10 +2,12 @@
 //! boundary: the simulator over HTTP on loopback, the providers' client code, the router,
 //! and the stores against a local AWS emulator.
 
+mod admin;
 mod agents;
 mod metrics;
 mod providers;
 mod router;
 mod routing;
+mod sessions;
 mod sim;
 mod support;

@@ -34,6 +34,16 @@ struct ProxyState {
     outage: Arc<AtomicBool>,
     /// Item count of every BatchWriteItem request received (faulted or not).
     batch_sizes: Mutex<Vec<usize>>,
+    /// Every request received, in order.
+    log: Mutex<Vec<Logged>>,
+}
+
+/// One request as the proxy saw it: the DynamoDB operation and, for reads, the index used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    /// `Query`, `Scan`, `BatchWriteItem`, … (from `X-Amz-Target`).
+    pub operation: String,
+    pub index: Option<String>,
 }
 
 pub struct FaultProxy {
@@ -81,6 +91,7 @@ impl FaultProxy {
             script: Mutex::new(VecDeque::new()),
             outage: Arc::clone(&outage),
             batch_sizes: Mutex::new(Vec::new()),
+            log: Mutex::new(Vec::new()),
         });
         let app = axum::Router::new()
             .fallback(forward)
@@ -112,6 +123,15 @@ impl FaultProxy {
 
     pub fn batch_sizes(&self) -> Vec<usize> {
         self.state.batch_sizes.lock().unwrap().clone()
+    }
+
+    /// Every request forwarded or faulted so far.
+    pub fn log(&self) -> Vec<Logged> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    pub fn clear_log(&self) {
+        self.state.log.lock().unwrap().clear();
     }
 }
 
@@ -150,6 +170,17 @@ async fn forward(State(state): State<Arc<ProxyState>>, req: Request) -> Response
 async fn handle(state: &ProxyState, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap();
+    let operation = parts
+        .headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| t.rsplit('.').next())
+        .unwrap_or_default()
+        .to_owned();
+    let index = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("IndexName")?.as_str().map(str::to_owned));
+    state.log.lock().unwrap().push(Logged { operation, index });
     let is_batch_write = parts
         .headers
         .get("x-amz-target")
