@@ -64,7 +64,7 @@ pub enum Budget {
 impl fmt::Display for Budget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Budget::Ratio(r) => write!(f, "≤ {r:.3}×"),
+            Budget::Ratio(r) => write!(f, "≤ {}", format_ratio(*r)),
             Budget::Nanos(ns) => write!(f, "≤ {}", format_ns(*ns)),
         }
     }
@@ -295,7 +295,7 @@ impl Row {
     /// What was compared with the limit, in the limit's unit.
     pub fn observed(&self) -> String {
         match self.limit {
-            Budget::Ratio(_) => format!("{:.3}×", self.ratio),
+            Budget::Ratio(_) => format_ratio(self.ratio),
             Budget::Nanos(_) => format_ns(self.measurement.median_ns),
         }
     }
@@ -377,12 +377,23 @@ impl Report {
                 Cell::new(&m.name),
                 Cell::new(format_ns(m.median_ns)).set_alignment(CellAlignment::Right),
                 Cell::new(throughput(m)).set_alignment(CellAlignment::Right),
-                Cell::new(format!("{:.3}", row.ratio)).set_alignment(CellAlignment::Right),
+                Cell::new(format_ratio(row.ratio)).set_alignment(CellAlignment::Right),
                 Cell::new(row.limit.to_string()).set_alignment(CellAlignment::Right),
                 Cell::new(if row.pass { "pass" } else { "OVER BUDGET" }),
             ]);
         }
         table
+    }
+}
+
+/// `191.1×`, `1.293×`, `4.2e-5×`: enough digits to compare with a budget at any scale.
+pub fn format_ratio(r: f64) -> String {
+    if r >= 10.0 {
+        format!("{r:.1}×")
+    } else if r >= 0.01 {
+        format!("{r:.3}×")
+    } else {
+        format!("{r:.1e}×")
     }
 }
 
