@@ -42,7 +42,11 @@ pub struct Case {
 }
 
 impl Case {
-    fn new(name: impl Into<String>, work: Option<Work>, routine: impl FnMut() -> u64 + 'static) -> Self {
+    fn new(
+        name: impl Into<String>,
+        work: Option<Work>,
+        routine: impl FnMut() -> u64 + 'static,
+    ) -> Self {
         Self {
             name: name.into(),
             work,
@@ -283,7 +287,10 @@ fn route_decide() -> Result<Case, SetupError> {
             let mut n = 0u64;
             for process in Process::ALL {
                 let route = router.catalog().route(black_box(process));
-                n += router.catalog().model(&route.primary).map_or(0, |m| m.context_window);
+                n += router
+                    .catalog()
+                    .model(&route.primary)
+                    .map_or(0, |m| m.context_window);
                 // Built but never polled: planning happens here, the call on first poll.
                 drop(black_box(router.stream_process(process, request.clone())));
             }
@@ -301,12 +308,16 @@ fn cost_case() -> Result<Case, SetupError> {
         cache_write: 100,
         output: 815,
     };
-    Ok(Case::new("cost/cost", Some(Work::Elements(pricing.len() as u64)), move || {
-        pricing
-            .iter()
-            .map(|p| cost::cost(black_box(&usage), black_box(p)).pico_usd())
-            .fold(0u64, u64::wrapping_add)
-    }))
+    Ok(Case::new(
+        "cost/cost",
+        Some(Work::Elements(pricing.len() as u64)),
+        move || {
+            pricing
+                .iter()
+                .map(|p| cost::cost(black_box(&usage), black_box(p)).pico_usd())
+                .fold(0u64, u64::wrapping_add)
+        },
+    ))
 }
 
 fn tokenize_case() -> Result<Case, SetupError> {
@@ -426,7 +437,11 @@ mod tests {
         assert_eq!(cases[0].name(), CALIBRATION);
         let names: Vec<String> = cases.iter().map(|c| c.name().to_owned()).collect();
         let unique: std::collections::BTreeSet<_> = names.iter().collect();
-        assert_eq!(unique.len(), names.len(), "duplicate bench names: {names:?}");
+        assert_eq!(
+            unique.len(),
+            names.len(),
+            "duplicate bench names: {names:?}"
+        );
         for case in &mut cases {
             // Every routine does real work: a zero would mean it skipped its input.
             assert!(case.run() > 0, "{} returned 0", case.name());
@@ -437,9 +452,17 @@ mod tests {
     fn select_keeps_calibration_and_rejects_unknown_names() {
         let picked = select(all().unwrap(), &["sse".into(), "cost/cost".into()]).unwrap();
         let names: Vec<&str> = picked.iter().map(Case::name).collect();
-        assert_eq!(names, [CALIBRATION, "sse/openai", "sse/anthropic", "cost/cost"]);
-        let err = select(all().unwrap(), &["sse/gemini".into()]).err().unwrap();
-        assert!(err.contains("sse/gemini") && err.contains("sse/openai"), "{err}");
+        assert_eq!(
+            names,
+            [CALIBRATION, "sse/openai", "sse/anthropic", "cost/cost"]
+        );
+        let err = select(all().unwrap(), &["sse/gemini".into()])
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("sse/gemini") && err.contains("sse/openai"),
+            "{err}"
+        );
     }
 
     #[test]

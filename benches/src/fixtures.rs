@@ -57,7 +57,10 @@ mod tests {
 
     #[test]
     fn captures_are_present_and_end_with_their_terminators() {
-        assert!(OPENAI.ends_with(b"data: [DONE]\n\n"), "regenerate with --bin capture");
+        assert!(
+            OPENAI.ends_with(b"data: [DONE]\n\n"),
+            "regenerate with --bin capture"
+        );
         let tail = String::from_utf8_lossy(&ANTHROPIC[ANTHROPIC.len().saturating_sub(80)..]);
         assert!(tail.contains("message_stop"), "{tail}");
         assert!(frames(OPENAI).len() > 50 && frames(ANTHROPIC).len() > 50);

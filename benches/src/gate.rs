@@ -448,7 +448,10 @@ mod tests {
         assert!((report.rows[1].ratio - 2.5).abs() < 1e-9);
 
         let report = evaluate(100.0, run(), &budgets, 0.5).unwrap();
-        let failed: Vec<_> = report.failures().map(|r| r.measurement.name.as_str()).collect();
+        let failed: Vec<_> = report
+            .failures()
+            .map(|r| r.measurement.name.as_str())
+            .collect();
         // 2.5× > 1.5×; the calibration's 100 ns is still under 500 ns.
         assert_eq!(failed, ["sse/openai"]);
         assert_eq!(report.rows[1].limit, Budget::Ratio(1.5));
@@ -462,8 +465,13 @@ mod tests {
     fn a_bench_without_a_budget_or_a_budget_without_a_bench_is_an_error() {
         let budgets = Budgets::parse(FILE, "b.toml").unwrap();
         let e = evaluate(1.0, vec![m("cost/cost", 1.0)], &budgets, 1.0).unwrap_err();
-        assert!(e.to_string().contains("cost/cost") && e.to_string().contains("b.toml"), "{e}");
-        let e = budgets.check_names([CALIBRATION, "sse/openai", "cost/cost"]).unwrap_err();
+        assert!(
+            e.to_string().contains("cost/cost") && e.to_string().contains("b.toml"),
+            "{e}"
+        );
+        let e = budgets
+            .check_names([CALIBRATION, "sse/openai", "cost/cost"])
+            .unwrap_err();
         assert!(matches!(e, GateError::MissingBudget { ref bench, .. } if bench == "cost/cost"));
         let e = budgets.check_names([CALIBRATION]).unwrap_err();
         assert!(matches!(e, GateError::UnknownBench { ref bench, .. } if bench == "sse/openai"));
@@ -473,9 +481,15 @@ mod tests {
     #[test]
     fn malformed_budgets_are_rejected_with_the_key() {
         for (text, needle) in [
-            ("[budgets.\"x\"]\nmax_ratio = 1.0\nmax_ns = 2.0", "exactly one"),
+            (
+                "[budgets.\"x\"]\nmax_ratio = 1.0\nmax_ns = 2.0",
+                "exactly one",
+            ),
             ("[budgets.\"x\"]\nmax_ratio = -1.0", "> 0"),
-            ("[budgets.\"calibration/sha256_4k\"]\nmax_ratio = 1.0", "absolute"),
+            (
+                "[budgets.\"calibration/sha256_4k\"]\nmax_ratio = 1.0",
+                "absolute",
+            ),
             ("[budgets.\"x\"]\nmax_rato = 1.0", "max_rato"),
         ] {
             let e = Budgets::parse(text, "b.toml").unwrap_err().to_string();

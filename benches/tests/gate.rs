@@ -4,6 +4,9 @@
 //! Each run measures a small subset briefly (milliseconds per bench), so the file stays fast;
 //! the verdicts do not depend on timing precision because the margins are orders of magnitude.
 
+// Helpers outside `#[test]` fns are not covered by clippy.toml's allow-unwrap-in-tests.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -63,8 +66,16 @@ fn the_committed_budgets_pass_and_the_table_shows_every_bench() {
     let out = gate(&[], &[]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    for bench in ["calibration/sha256_4k", "cost/cost", "route/decide", "sse/openai"] {
-        let row = stdout.lines().find(|l| l.contains(bench)).unwrap_or_else(|| panic!("{bench} missing:\n{stdout}"));
+    for bench in [
+        "calibration/sha256_4k",
+        "cost/cost",
+        "route/decide",
+        "sse/openai",
+    ] {
+        let row = stdout
+            .lines()
+            .find(|l| l.contains(bench))
+            .unwrap_or_else(|| panic!("{bench} missing:\n{stdout}"));
         assert!(row.contains("pass"), "{row}");
     }
     // Only the selected benches ran.
@@ -85,10 +96,16 @@ fn a_budget_below_reality_fails_and_names_the_bench_and_both_numbers() {
         .find(|l| l.contains("over budget"))
         .unwrap_or_else(|| panic!("no failure line:\n{stderr}"));
     assert!(line.contains("cost/cost"), "{line}");
-    assert!(line.contains("≤ 1.0e-6×") && line.contains("ns per iteration"), "{line}");
+    assert!(
+        line.contains("≤ 1.0e-6×") && line.contains("ns per iteration"),
+        "{line}"
+    );
     // The other benches are within their real budgets and are not blamed.
     assert_eq!(stderr.matches("over budget").count(), 1, "{stderr}");
-    assert!(stdout.contains("OVER BUDGET") && stdout.contains("FAIL"), "{stdout}");
+    assert!(
+        stdout.contains("OVER BUDGET") && stdout.contains("FAIL"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -96,8 +113,16 @@ fn the_scale_variable_makes_every_bench_fail_on_purpose() {
     let out = gate(&[], &[("KEYVEX_BENCH_BUDGET_SCALE", "0.001")]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    for bench in ["calibration/sha256_4k", "cost/cost", "route/decide", "sse/openai"] {
-        assert!(stderr.contains(&format!("{bench} is over budget")), "{bench}: {stderr}");
+    for bench in [
+        "calibration/sha256_4k",
+        "cost/cost",
+        "route/decide",
+        "sse/openai",
+    ] {
+        assert!(
+            stderr.contains(&format!("{bench} is over budget")),
+            "{bench}: {stderr}"
+        );
     }
 }
 
@@ -109,5 +134,9 @@ fn a_bench_without_a_budget_stops_the_gate_before_measuring() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("relay/router has no budget"), "{stderr}");
-    assert!(out.stdout.is_empty(), "nothing is measured: {}", text(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "nothing is measured: {}",
+        text(&out.stdout)
+    );
 }

@@ -25,7 +25,10 @@ async fn main() -> anyhow::Result<()> {
     let sim = sim::start(addr, SimConfig::fast(FIXTURE_SEED)).await?;
     let base = sim.base_url();
     let process = FIXTURE_PROCESS;
-    let prompt = agents::render(process, &agents::samples::sample_input(process, FIXTURE_SEED))?;
+    let prompt = agents::render(
+        process,
+        &agents::samples::sample_input(process, FIXTURE_SEED),
+    )?;
     let catalog = Catalog::embedded()?;
     let http = reqwest::Client::new();
 
