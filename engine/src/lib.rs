@@ -4,6 +4,8 @@
 //! `server` → `router` → `provider` → back through `cost` → `metrics`.
 
 pub mod agent_run;
+#[doc(hidden)]
+pub mod bench_support;
 pub mod catalog;
 pub mod config;
 pub mod cost;

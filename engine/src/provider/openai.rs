@@ -292,7 +292,7 @@ fn tap_for_done(response: reqwest::Response, wire: Arc<AttemptWire>) -> reqwest:
 /// JSON payloads cannot contain a raw line break, so such a line is always the real terminator,
 /// never model text.
 #[derive(Debug, Default)]
-struct DoneScanner {
+pub(crate) struct DoneScanner {
     /// The start of the current line; longer lines are only marked as too long.
     line: Vec<u8>,
     too_long: bool,
@@ -302,7 +302,7 @@ impl DoneScanner {
     const LONGEST: usize = b"data: [DONE]".len();
 
     /// Feeds bytes; true once a complete terminator line has been seen in them.
-    fn feed(&mut self, bytes: &[u8]) -> bool {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> bool {
         let mut found = false;
         for &byte in bytes {
             if byte == b'\n' || byte == b'\r' {
