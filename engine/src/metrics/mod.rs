@@ -10,11 +10,13 @@
 
 pub mod aggregate;
 pub mod alerts;
+mod from_outcome;
 mod ledger;
 mod record;
 mod tracker;
 
 pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate};
+pub use from_outcome::CallContext;
 pub use alerts::{Alert, AlertConfig, AlertType, Severity};
 pub use record::{RequestRecord, RequestStatus};
 pub use tracker::{MetricsConfig, MetricsHealth, Receipt, ShutdownReport, Tracker, start_from_env};
