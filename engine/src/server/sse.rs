@@ -263,3 +263,48 @@ impl Drop for Guarded {
         self.prom.stream_closed();
     }
 }
+
+/// A future run inside a [`CallScope`]: entered while polled and while dropped, so a handler
+/// abandoned by its client (hyper drops the handler future) records its cancelled call.
+pub struct Scoped<F> {
+    inner: Option<Pin<Box<F>>>,
+    scope: Arc<CallScope>,
+}
+
+impl<F: Future> Scoped<F> {
+    pub fn new(scope: Arc<CallScope>, inner: F) -> Scoped<F> {
+        Scoped {
+            inner: Some(Box::pin(inner)),
+            scope,
+        }
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let _entered = enter(&this.scope);
+        match this.inner.as_mut() {
+            Some(inner) => {
+                let out = inner.as_mut().poll(cx);
+                if out.is_ready() {
+                    this.inner = None;
+                }
+                out
+            }
+            // Polled after completion: a caller bug; never resolve rather than panic.
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl<F> Drop for Scoped<F> {
+    fn drop(&mut self) {
+        if self.inner.is_some() {
+            let _entered = enter(&self.scope);
+            self.inner = None;
+        }
+    }
+}
