@@ -407,7 +407,10 @@ struct FileLimits {
 
 impl ServerConfig {
     /// Defaults, then the file (`file`, else `KEYVEX_CONFIG`), then the environment.
-    pub fn load(env: &dyn Env, file: Option<&std::path::Path>) -> Result<ServerConfig, ConfigError> {
+    pub fn load(
+        env: &dyn Env,
+        file: Option<&std::path::Path>,
+    ) -> Result<ServerConfig, ConfigError> {
         let mut cfg = ServerConfig::default();
         let path = file
             .map(std::path::Path::to_path_buf)
@@ -428,7 +431,8 @@ impl ServerConfig {
             cfg.addr = v.trim().parse().map_err(|_| ConfigError::Invalid {
                 name: "KEYVEX_ADDR",
                 value: v.clone(),
-                problem: "expected HOST:PORT with an IP host, e.g. 127.0.0.1:8080 or 0.0.0.0:8080".into(),
+                problem: "expected HOST:PORT with an IP host, e.g. 127.0.0.1:8080 or 0.0.0.0:8080"
+                    .into(),
             })?;
         }
         if let Some(v) = env.var("KEYVEX_API_KEYS") {
@@ -502,12 +506,20 @@ impl ServerConfig {
         }
         if let Some(ms) = file.server.keep_alive_ms {
             if ms == 0 {
-                return Err(bad("server.keep_alive_ms", "0".into(), "must be at least 1".into()));
+                return Err(bad(
+                    "server.keep_alive_ms",
+                    "0".into(),
+                    "must be at least 1".into(),
+                ));
             }
             self.keep_alive = Duration::from_millis(ms);
         }
         let limits = [
-            ("limits.requests_per_hour", file.limits.requests_per_hour, &mut self.requests_per_hour),
+            (
+                "limits.requests_per_hour",
+                file.limits.requests_per_hour,
+                &mut self.requests_per_hour,
+            ),
             ("limits.burst", file.limits.burst, &mut self.burst),
             (
                 "limits.provider_requests_per_minute",
@@ -582,7 +594,10 @@ mod tests {
             "[server]\naddr = \"127.0.0.1:9000\"\napi_keys = [\"file-key-123=carol:admin\"]\n[limits]\nburst = 7\n",
         )
         .unwrap();
-        let env = MapEnv::new([("KEYVEX_ADDR", "127.0.0.1:0"), ("KEYVEX_RATE_LIMIT_PER_HOUR", "60")]);
+        let env = MapEnv::new([
+            ("KEYVEX_ADDR", "127.0.0.1:0"),
+            ("KEYVEX_RATE_LIMIT_PER_HOUR", "60"),
+        ]);
         let c = ServerConfig::load(&env, Some(&file)).unwrap();
         assert_eq!(c.addr.port(), 0, "environment wins over the file");
         assert_eq!((c.requests_per_hour, c.burst), (60, 7));
@@ -590,7 +605,9 @@ mod tests {
         assert_eq!(c.api_keys[0].role, CallerRole::Admin);
 
         std::fs::write(&file, "[server]\nadress = \"x\"\n").unwrap();
-        let e = ServerConfig::load(&MapEnv::default(), Some(&file)).unwrap_err().to_string();
+        let e = ServerConfig::load(&MapEnv::default(), Some(&file))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("adress") && e.contains("keyvex.toml"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -434,9 +434,9 @@ impl Provider for LimitedProvider {
                     retry_after: Some(refused.retry_after),
                     request_id: None,
                 };
-                return Box::pin(futures::stream::once(async move {
-                    ProviderEvent::Error(error)
-                }));
+                return Box::pin(futures::stream::once(
+                    async move { ProviderEvent::Error(error) },
+                ));
             }
         };
         let mut meter = Meter {
@@ -538,7 +538,11 @@ mod tests {
         // Now the limiter has 100 left.
         let refused = b.reserve(200).unwrap_err();
         assert_eq!(refused.which, "tokens");
-        assert_eq!(refused.retry_after, Duration::from_secs(6), "100 more tokens at 1000/min");
+        assert_eq!(
+            refused.retry_after,
+            Duration::from_secs(6),
+            "100 more tokens at 1000/min"
+        );
         b.reserve(100).unwrap().settle(100);
     }
 

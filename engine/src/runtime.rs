@@ -84,15 +84,20 @@ impl Runtime {
                 provider: ProviderKind::OpenAi,
                 message: e.to_string(),
             })?;
-            providers = providers.with(ProviderKind::OpenAi, wrap(ProviderKind::OpenAi, Arc::new(p)));
+            providers = providers.with(
+                ProviderKind::OpenAi,
+                wrap(ProviderKind::OpenAi, Arc::new(p)),
+            );
         }
         if let Some(cfg) = anthropic {
             let p = AnthropicProvider::new(&cfg).map_err(|e| RuntimeError::Provider {
                 provider: ProviderKind::Anthropic,
                 message: e.to_string(),
             })?;
-            providers =
-                providers.with(ProviderKind::Anthropic, wrap(ProviderKind::Anthropic, Arc::new(p)));
+            providers = providers.with(
+                ProviderKind::Anthropic,
+                wrap(ProviderKind::Anthropic, Arc::new(p)),
+            );
         }
 
         let providers_description = match &simulator {

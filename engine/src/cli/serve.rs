@@ -51,7 +51,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let server = Server::bind(config, &engine, tracker).await?;
     let addr = server.local_addr().context("reading the bound address")?;
-    eprintln!("keyvex: providers {}", server.runtime().providers_description);
+    eprintln!(
+        "keyvex: providers {}",
+        server.runtime().providers_description
+    );
     eprintln!("keyvex: metrics store {store}");
     eprintln!("keyvex: listening on http://{addr}");
     let report = server.run(shutdown_signal()).await?;

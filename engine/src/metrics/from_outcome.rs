@@ -119,9 +119,18 @@ mod tests {
         let rec = RequestRecord::from_route_outcome(&outcome(RouteStatus::Succeeded, None), &ctx);
         assert_eq!(rec.request_id, "req-1");
         assert_eq!(rec.timestamp_ms, 1_700_000_000_000);
-        assert_eq!((rec.user_id.as_str(), rec.process.as_str()), ("alice", "magicSpark"));
-        assert_eq!((rec.provider.as_str(), rec.model.as_str()), ("openai", "gpt-5.4-mini"));
-        assert_eq!((rec.input_tokens, rec.cached_input_tokens, rec.output_tokens), (100, 10, 20));
+        assert_eq!(
+            (rec.user_id.as_str(), rec.process.as_str()),
+            ("alice", "magicSpark")
+        );
+        assert_eq!(
+            (rec.provider.as_str(), rec.model.as_str()),
+            ("openai", "gpt-5.4-mini")
+        );
+        assert_eq!(
+            (rec.input_tokens, rec.cached_input_tokens, rec.output_tokens),
+            (100, 10, 20)
+        );
         assert_eq!(rec.cost_pico_usd, 1234);
         assert_eq!((rec.latency_ms, rec.ttft_ms), (950, Some(210)));
         assert!(rec.success);

@@ -16,8 +16,8 @@ mod record;
 mod tracker;
 
 pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate};
-pub use from_outcome::CallContext;
 pub use alerts::{Alert, AlertConfig, AlertType, Severity};
+pub use from_outcome::CallContext;
 pub use record::{RequestRecord, RequestStatus};
 pub use tracker::{MetricsConfig, MetricsHealth, Receipt, ShutdownReport, Tracker, start_from_env};
 

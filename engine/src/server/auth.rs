@@ -98,7 +98,8 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         return ApiError::Unauthenticated(format!("no API key given; {HOW}")).into_response();
     };
     let Some(caller) = state.keys().lookup(key) else {
-        return ApiError::Unauthenticated(format!("the API key is not valid; {HOW}")).into_response();
+        return ApiError::Unauthenticated(format!("the API key is not valid; {HOW}"))
+            .into_response();
     };
     tracing::Span::current().record("caller", caller.id.as_str());
     req.extensions_mut().insert(caller);
@@ -138,7 +139,10 @@ mod tests {
             },
         ]);
         assert_eq!(keys.lookup("key-bob-456").unwrap().id, "bob");
-        assert_eq!(keys.lookup("key-alice-123").unwrap().role, CallerRole::Admin);
+        assert_eq!(
+            keys.lookup("key-alice-123").unwrap().role,
+            CallerRole::Admin
+        );
         assert!(keys.lookup("key-bob-45").is_none());
         assert!(keys.lookup("").is_none());
         assert!(!format!("{keys:?}").contains("key-"));

@@ -35,9 +35,7 @@ pub enum ApiError {
     },
     #[error("the request body is larger than the limit of {limit} bytes; send a smaller body")]
     PayloadTooLarge { limit: usize },
-    #[error(
-        "expected Content-Type: application/json; send the body as JSON with that header"
-    )]
+    #[error("expected Content-Type: application/json; send the body as JSON with that header")]
     UnsupportedMediaType,
     #[error("{0}")]
     RateLimited(CallerLimited),
@@ -120,7 +118,11 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(code: &'static str, param: Option<&str>, message: impl Into<String>) -> Self {
+    pub fn bad_request(
+        code: &'static str,
+        param: Option<&str>,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError::BadRequest {
             code,
             param: param.map(str::to_owned),
@@ -181,10 +183,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req
-            .extensions()
-            .get::<BodyLimit>()
-            .map_or(0, |l| l.0);
+        let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
             Err(rejection) => Err(from_json_rejection(&rejection, limit)),
@@ -211,7 +210,9 @@ fn from_json_rejection(rejection: &JsonRejection, limit: usize) -> ApiError {
             Some((param, message)) => ApiError::BadRequest {
                 code: "invalid_field",
                 message: match &param {
-                    Some(p) => format!("field `{p}`: {message}; see docs/API.md for the body shape"),
+                    Some(p) => {
+                        format!("field `{p}`: {message}; see docs/API.md for the body shape")
+                    }
                     None => format!("{message}; see docs/API.md for the body shape"),
                 },
                 param,
@@ -232,7 +233,8 @@ fn from_json_rejection(rejection: &JsonRejection, limit: usize) -> ApiError {
 /// The field path and the bare serde message of a JSON rejection. A missing field is reported
 /// by serde at its parent; the path then gets the field's name appended.
 fn path_error(rejection: &JsonRejection) -> Option<(Option<String>, String)> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(rejection);
+    let mut source: Option<&(dyn std::error::Error + 'static)> =
+        std::error::Error::source(rejection);
     while let Some(err) = source {
         if let Some(e) = err.downcast_ref::<serde_path_to_error::Error<serde_json::Error>>() {
             let inner = e.inner();

@@ -27,7 +27,9 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::BoxStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 use crate::config::{EngineConfig, ServerConfig};
@@ -55,7 +57,9 @@ pub enum ServerError {
     },
     #[error("the HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
-    #[error("no API key is configured; set KEYVEX_API_KEYS (KEY=CALLER:ROLE) or server.api_keys in the config file")]
+    #[error(
+        "no API key is configured; set KEYVEX_API_KEYS (KEY=CALLER:ROLE) or server.api_keys in the config file"
+    )]
     NoApiKeys,
 }
 
@@ -196,12 +200,18 @@ pub fn app(state: AppState) -> axum::Router {
     let api = api_routes()
         .merge(admin)
         .route_layer(middleware::from_fn_with_state(state.clone(), rate_limit))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     axum::Router::new()
         .merge(routes::health::routes())
         .merge(api)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
@@ -241,7 +251,9 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let response = next.run(req).await;
-    state.prom().http_request(&route, response.status().as_u16());
+    state
+        .prom()
+        .http_request(&route, response.status().as_u16());
     response
 }
 
@@ -259,7 +271,10 @@ async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> 
             let mut response = next.run(req).await;
             let h = response.headers_mut();
             h.insert("x-ratelimit-limit", HeaderValue::from(allowance.limit));
-            h.insert("x-ratelimit-remaining", HeaderValue::from(allowance.remaining));
+            h.insert(
+                "x-ratelimit-remaining",
+                HeaderValue::from(allowance.remaining),
+            );
             h.insert(
                 "x-ratelimit-reset",
                 HeaderValue::from(error::ceil_secs(allowance.reset)),

@@ -98,7 +98,8 @@ impl ServerMetrics {
                 counter!("keyvex_call_retries_total", "process" => rec.process.clone())
                     .increment(u64::from(rec.attempts - 1));
             }
-            histogram!("keyvex_call_latency_seconds", &labels).record(rec.latency_ms as f64 / 1000.0);
+            histogram!("keyvex_call_latency_seconds", &labels)
+                .record(rec.latency_ms as f64 / 1000.0);
             if let Some(ttft) = rec.ttft_ms {
                 histogram!("keyvex_call_ttft_seconds", &labels).record(ttft as f64 / 1000.0);
             }

@@ -38,7 +38,9 @@ pub fn event(name: &str, data: &impl Serialize) -> Event {
 /// A data-only event (OpenAI chunks).
 pub fn data(data: &impl Serialize) -> Event {
     let json = serde_json::to_string(data).unwrap_or_else(|e| {
-        format!(r#"{{"error":{{"message":"chunk could not be encoded: {e}","type":"server_error"}}}}"#)
+        format!(
+            r#"{{"error":{{"message":"chunk could not be encoded: {e}","type":"server_error"}}}}"#
+        )
     });
     Event::default().data(json)
 }

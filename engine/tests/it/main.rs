@@ -6,5 +6,6 @@ mod metrics;
 mod providers;
 mod router;
 mod routing;
+mod server;
 mod sim;
 mod support;

@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use agents::Process;
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::response::sse::Event;
 use axum::routing::post;
-use axum::Extension;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
@@ -161,9 +161,7 @@ pub(super) async fn translate(
             &json!({ "stage": stage, "from": from, "to": to, "reason": reason }),
         ),
         AgentEvent::Delta(text) => event("delta", &json!({ "stage": stage, "text": text })),
-        AgentEvent::Partial(value) => {
-            event("partial", &json!({ "stage": stage, "output": value }))
-        }
+        AgentEvent::Partial(value) => event("partial", &json!({ "stage": stage, "output": value })),
         AgentEvent::Repair { errors } => {
             event("repair", &json!({ "stage": stage, "errors": errors }))
         }

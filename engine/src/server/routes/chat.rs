@@ -21,7 +21,9 @@ use serde_json::{Value, json};
 
 use crate::metrics::RequestRecord;
 use crate::provider::{ChatMessage, ResponseSchema};
-use crate::router::{AttemptError, RouteError, RouteEvent, RouteFailure, RouteOutcome, RouteRequest, RouteStream};
+use crate::router::{
+    AttemptError, RouteError, RouteEvent, RouteFailure, RouteOutcome, RouteRequest, RouteStream,
+};
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
 use crate::server::sse::{CallScope, Scoped, data};
@@ -105,7 +107,10 @@ fn text_of(i: usize, content: Option<Content>) -> Result<String, ApiError> {
                     return Err(ApiError::bad_request(
                         "unsupported_content",
                         Some(&format!("messages[{i}].content[{j}].type")),
-                        format!("content part type {:?} is not supported; send text parts", p.kind),
+                        format!(
+                            "content part type {:?} is not supported; send text parts",
+                            p.kind
+                        ),
                     ));
                 }
                 out.push_str(&p.text.unwrap_or_default());
@@ -135,7 +140,9 @@ fn route_request(body: &mut ChatBody) -> Result<RouteRequest, ApiError> {
                 return Err(ApiError::bad_request(
                     "unsupported_role",
                     Some(&format!("messages[{i}].role")),
-                    format!("role {other:?} is not supported; use system, developer, user or assistant"),
+                    format!(
+                        "role {other:?} is not supported; use system, developer, user or assistant"
+                    ),
                 ));
             }
         }
@@ -326,7 +333,11 @@ async fn completions(
         .unwrap_or(false);
 
     if !body.stream.unwrap_or(false) {
-        return Scoped::new(Arc::clone(&scope), complete(state, scope.clone(), route, meta)).await;
+        return Scoped::new(
+            Arc::clone(&scope),
+            complete(state, scope.clone(), route, meta),
+        )
+        .await;
     }
 
     let peeked = Scoped::new(

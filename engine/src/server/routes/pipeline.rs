@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use agents::Process;
+use axum::Extension;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
-use axum::Extension;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
