@@ -688,3 +688,42 @@ async fn sigterm_drains_streams_flushes_metrics_and_exits_zero() {
     );
     assert!(rows.iter().all(|r| r["userId"] == "alice"));
 }
+
+/// A provider whose local request budget is spent refuses with a retryable 429, and the router
+/// falls back to the other provider instead of failing the caller.
+#[tokio::test]
+async fn a_spent_provider_budget_makes_the_router_fall_back() {
+    let h = harness(|c| c.provider_requests_per_minute = 1).await;
+    let run = || async {
+        let resp = h
+            .post("/v1/agents/magic-spark", USER_KEY)
+            .json(&json!({ "input": business() }))
+            .send()
+            .await
+            .unwrap();
+        read_sse(resp, |_, _| {}).await
+    };
+    let first = run().await;
+    assert!(!names(&first).contains(&"fallback"));
+    let primary = first[0].1["provider"].clone();
+    let second = run().await;
+    let n = names(&second);
+    let fallback = n.iter().position(|e| *e == "fallback").expect("a fallback");
+    assert!(
+        second[fallback].1["reason"]
+            .as_str()
+            .unwrap()
+            .contains("budget"),
+        "{:?}",
+        second[fallback].1
+    );
+    let start = second.iter().find(|(n, _)| n == "start").unwrap();
+    assert_ne!(start.1["provider"], primary, "the other provider answered");
+    assert_eq!(second.last().unwrap().1["status"], "succeeded");
+    assert_eq!(
+        h.sim.stats().requests_total,
+        2,
+        "the refused call never reached the simulator"
+    );
+    h.stop().await;
+}
