@@ -91,6 +91,9 @@ pub struct CallUsage {
     pub cost_usd: f64,
     pub estimated: bool,
     pub fallback_used: bool,
+    /// The whole route outcome, for the metrics record of this call.
+    #[serde(skip)]
+    pub outcome: RouteOutcome,
 }
 
 impl CallUsage {
@@ -103,6 +106,7 @@ impl CallUsage {
             cost_usd: o.cost.usd(),
             estimated: o.cost_estimated,
             fallback_used: o.fallback_used,
+            outcome: o.clone(),
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::config::{EngineConfig, ProviderSetup};
 use crate::provider::anthropic::AnthropicProvider;
 use crate::provider::openai::OpenAiProvider;
 use crate::provider::sim::{self, SimConfig, SimHandle, SimProfile};
-use crate::provider::{ApiKey, ProviderConfig};
+use crate::provider::{ApiKey, ProviderConfig, SharedProvider};
 use crate::router::{Providers, Router, RouterConfig};
 use crate::stream::ProviderKind;
 
@@ -42,7 +42,17 @@ impl Runtime {
     /// providers and router. `router_config` carries deadlines and the cancellation observer.
     pub async fn start(
         config: &EngineConfig,
+        router_config: RouterConfig,
+    ) -> Result<Runtime, RuntimeError> {
+        Self::start_with(config, router_config, &|_, provider| provider).await
+    }
+
+    /// Like [`Runtime::start`], with each provider passed through `wrap` before the router gets
+    /// it (the server puts its rate limiter in front of every provider this way).
+    pub async fn start_with(
+        config: &EngineConfig,
         mut router_config: RouterConfig,
+        wrap: &(dyn Fn(ProviderKind, SharedProvider) -> SharedProvider + Send + Sync),
     ) -> Result<Runtime, RuntimeError> {
         let catalog = Arc::new(Catalog::load(config.models_file.as_deref())?);
         router_config.ttft_timeout = config.ttft_timeout;
@@ -75,14 +85,20 @@ impl Runtime {
                 provider: ProviderKind::OpenAi,
                 message: e.to_string(),
             })?;
-            providers = providers.with(ProviderKind::OpenAi, Arc::new(p));
+            providers = providers.with(
+                ProviderKind::OpenAi,
+                wrap(ProviderKind::OpenAi, Arc::new(p)),
+            );
         }
         if let Some(cfg) = anthropic {
             let p = AnthropicProvider::new(&cfg).map_err(|e| RuntimeError::Provider {
                 provider: ProviderKind::Anthropic,
                 message: e.to_string(),
             })?;
-            providers = providers.with(ProviderKind::Anthropic, Arc::new(p));
+            providers = providers.with(
+                ProviderKind::Anthropic,
+                wrap(ProviderKind::Anthropic, Arc::new(p)),
+            );
         }
 
         let providers_description = match (&simulator, &config.providers) {

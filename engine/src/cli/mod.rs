@@ -3,6 +3,7 @@
 mod agent;
 mod complete;
 mod pipeline;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -15,8 +16,9 @@ use keyvex_engine::provider::sim;
 #[derive(Debug, Parser)]
 #[command(name = "keyvex", version, after_help = env_help())]
 pub struct Cli {
+    /// With no command, `keyvex` serves the HTTP API (`keyvex serve` on its defaults).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,10 +33,20 @@ enum Command {
     Pipeline(pipeline::PipelineArgs),
     /// Run the provider simulator (OpenAI and Anthropic wire protocols) as a standalone server.
     Sim(sim::SimArgs),
+    /// Serve the HTTP API (agents and pipeline as SSE, OpenAI-compatible chat completions,
+    /// health and Prometheus metrics). The default when no command is given.
+    Serve(serve::ServeArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+    match cli
+        .command
+        .unwrap_or(Command::Serve(serve::ServeArgs::default()))
+    {
+        Command::Serve(args) => {
+            init_logging("info");
+            serve::run(args).await
+        }
         Command::Complete(args) => {
             init_logging("warn");
             complete::run(args).await

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod aggregate;
 pub mod alerts;
+mod from_outcome;
 mod ledger;
 mod record;
 mod tracker;
@@ -18,6 +19,7 @@ mod tracker;
 pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate, aggregate_by};
 pub use alerts::{Alert, AlertConfig, AlertType, Severity};
 pub(crate) use record::now_ms;
+pub use from_outcome::CallContext;
 pub use record::{RequestRecord, RequestStatus};
 pub use tracker::{MetricsConfig, MetricsHealth, Receipt, ShutdownReport, Tracker, start_from_env};
 

@@ -8,6 +8,7 @@ mod metrics;
 mod providers;
 mod router;
 mod routing;
+mod server;
 mod sessions;
 mod sim;
 mod support;

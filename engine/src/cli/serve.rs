@@ -1,0 +1,99 @@
+//! `keyvex serve` (also what the binary does with no subcommand): the HTTP API on the embedded
+//! defaults, with graceful shutdown on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use keyvex_engine::config::{ApiKeySpec, CallerRole, EngineConfig, ProcessEnv, ServerConfig};
+use keyvex_engine::provider::ApiKey;
+use keyvex_engine::server::Server;
+
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on, HOST:PORT (default 127.0.0.1:8080; port 0 picks a free one).
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+    /// TOML config file (also KEYVEX_CONFIG).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let env = ProcessEnv;
+    let mut config =
+        ServerConfig::load(&env, args.config.as_deref()).context("reading server configuration")?;
+    if let Some(addr) = args.addr {
+        config.addr = addr;
+    }
+    if config.api_keys.is_empty() {
+        let key = format!("kvx-dev-{}", uuid::Uuid::new_v4().simple());
+        eprintln!(
+            "keyvex: no API keys configured (KEYVEX_API_KEYS); generated a development key for caller `dev` (admin), valid until exit:\nkeyvex: dev key {key}"
+        );
+        config.api_keys.push(ApiKeySpec {
+            key: ApiKey::new(key),
+            caller: "dev".to_owned(),
+            role: CallerRole::Admin,
+        });
+    }
+    let engine = EngineConfig::from_env(&env).context("reading engine configuration")?;
+    let tracker = keyvex_engine::metrics::start_from_env(&env)
+        .await
+        .context("starting the metrics pipeline")?;
+    let store = match env_var("DYNAMODB_TABLE_NAME") {
+        Some(table) => format!("DynamoDB table {table}"),
+        None => format!(
+            "SQLite {}",
+            env_var("KEYVEX_METRICS_DB").unwrap_or_else(|| "keyvex-metrics.sqlite3".to_owned())
+        ),
+    };
+    let server = Server::bind(config, &engine, tracker).await?;
+    let addr = server.local_addr().context("reading the bound address")?;
+    eprintln!(
+        "keyvex: providers {}",
+        server.runtime().providers_description
+    );
+    eprintln!("keyvex: metrics store {store}");
+    eprintln!("keyvex: listening on http://{addr}");
+    let report = server.run(shutdown_signal()).await?;
+    eprintln!(
+        "keyvex: stopped; metrics ledger flushed: {}, shipped {}, left for next start {}",
+        report.ledger_flushed, report.shipped, report.left_in_ledger
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn env_var(name: &str) -> Option<String> {
+    use keyvex_engine::config::Env;
+    ProcessEnv.var(name)
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,191 @@
+//! `POST /v1/agents/{agent}`: one agent run as SSE.
+
+use std::sync::Arc;
+
+use agents::Process;
+use axum::Extension;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::response::sse::Event;
+use axum::routing::post;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::agent_run::{AgentEvent, AgentOutcome, run_agent};
+use crate::metrics::RequestRecord;
+use crate::server::auth::Caller;
+use crate::server::error::{ApiError, ApiJson};
+use crate::server::sse::{CallScope, event};
+use crate::server::{AppState, request_id};
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new().route("/v1/agents/{agent}", post(run))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AgentBody {
+    input: serde_json::Value,
+    #[serde(default)]
+    session_id: Option<String>,
+}
+
+pub(super) fn parse_agent(agent: &str) -> Result<Process, ApiError> {
+    agent.parse::<Process>().map_err(|e| ApiError::NotFound {
+        code: "unknown_agent",
+        param: Some("agent".to_owned()),
+        message: e.to_string(),
+    })
+}
+
+/// Rejects an input the agent's prompt cannot be rendered from, before any stream opens.
+pub(super) fn check_input(
+    process: Process,
+    input: &serde_json::Value,
+    param: &str,
+) -> Result<(), ApiError> {
+    if !input.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            Some(param),
+            format!("`{param}` must be a JSON object with {process}'s input fields"),
+        ));
+    }
+    agents::render(process, input).map(drop).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_input",
+            Some(param),
+            format!("`{param}` is not a valid {process} input: {e}"),
+        )
+    })
+}
+
+async fn run(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<AgentBody>,
+) -> Result<Response, ApiError> {
+    let process = parse_agent(&agent)?;
+    check_input(process, &body.input, "input")?;
+    state.ensure_accepting()?;
+    let request_id = request_id(&headers);
+    let scope = CallScope::new(&caller.id, &request_id, Some(process), body.session_id);
+    let router = state.router().clone();
+    let events = {
+        let state = state.clone();
+        let scope = Arc::clone(&scope);
+        let request_id = request_id.clone();
+        async_stream::stream! {
+            let mut agent = Box::pin(run_agent(router, process, body.input));
+            while let Some(ev) = agent.next().await {
+                match ev {
+                    AgentEvent::Result { output, outcome } => {
+                        yield event("result", &json!({ "stage": process, "output": output }));
+                        yield done(&request_id, process, "succeeded", &outcome);
+                    }
+                    AgentEvent::Error { error, outcome } => {
+                        yield event("error", &json!({ "stage": process, "kind": error.kind(), "message": error.to_string() }));
+                        yield done(&request_id, process, "failed", &outcome);
+                    }
+                    other => {
+                        if let Some(e) = translate(&state, &scope, &request_id, process, other).await {
+                            yield e;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let shutdown = shutdown_event(Some(process));
+    Ok(state.sse(events.boxed(), scope, shutdown))
+}
+
+/// The `error` event that ends a stream cut by shutdown.
+pub(super) fn shutdown_event(stage: Option<Process>) -> Event {
+    event(
+        "error",
+        &json!({
+            "stage": stage,
+            "kind": "shutdown",
+            "message": "the server is shutting down and ended this stream after the drain deadline; retry the request",
+        }),
+    )
+}
+
+fn done(request_id: &str, stage: Process, status: &str, o: &AgentOutcome) -> Event {
+    let cost = o.cost();
+    event(
+        "done",
+        &json!({
+            "requestId": request_id,
+            "stage": stage,
+            "status": status,
+            "latencyMs": o.latency.as_millis() as u64,
+            "ttftMs": o.ttft.map(|t| t.as_millis() as u64),
+            "totals": {
+                "calls": o.calls.len(),
+                "tokens": o.usage(),
+                "costUsd": cost.usd(),
+                "costMicroUsd": cost.micro_usd(),
+                "estimated": o.cost_estimated(),
+                "fallbackUsed": o.fallback_used(),
+            },
+        }),
+    )
+}
+
+/// One non-terminal agent event as SSE. A `Usage` is recorded and made durable first, so a
+/// caller is never told about a cost the metrics could lose.
+pub(super) async fn translate(
+    state: &AppState,
+    scope: &CallScope,
+    request_id: &str,
+    stage: Process,
+    ev: AgentEvent,
+) -> Option<Event> {
+    Some(match ev {
+        AgentEvent::Start {
+            provider,
+            model,
+            attempt,
+        } => event(
+            "start",
+            &json!({ "requestId": request_id, "stage": stage, "provider": provider, "model": model, "attempt": attempt }),
+        ),
+        AgentEvent::Fallback { from, to, reason } => event(
+            "fallback",
+            &json!({ "stage": stage, "from": from, "to": to, "reason": reason }),
+        ),
+        AgentEvent::Delta(text) => event("delta", &json!({ "stage": stage, "text": text })),
+        AgentEvent::Partial(value) => event("partial", &json!({ "stage": stage, "output": value })),
+        AgentEvent::Repair { errors } => {
+            event("repair", &json!({ "stage": stage, "errors": errors }))
+        }
+        AgentEvent::Usage(call) => {
+            let rec = RequestRecord::from_route_outcome(&call.outcome, &scope.context(Some(stage)));
+            let record_id = rec.request_id.clone();
+            let status = rec.status.as_str();
+            state.record_durably(rec).await;
+            event(
+                "usage",
+                &json!({
+                    "stage": stage,
+                    "recordId": record_id,
+                    "status": status,
+                    "provider": call.provider,
+                    "model": call.model,
+                    "tokens": call.usage,
+                    "costUsd": call.cost_usd,
+                    "costMicroUsd": call.cost.micro_usd(),
+                    "estimated": call.estimated,
+                    "fallbackUsed": call.fallback_used,
+                }),
+            )
+        }
+        AgentEvent::Result { .. } | AgentEvent::Error { .. } => return None,
+    })
+}
