@@ -9,6 +9,7 @@ pub mod config;
 pub mod cost;
 pub mod metrics;
 pub mod pipeline;
+pub mod queue;
 pub mod provider;
 pub mod router;
 pub mod runtime;
