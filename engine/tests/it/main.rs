@@ -4,6 +4,7 @@
 
 mod metrics;
 mod providers;
+mod queue;
 mod router;
 mod routing;
 mod sim;
