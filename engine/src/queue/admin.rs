@@ -71,7 +71,10 @@ pub async fn create_queues_with(
         dlq_name,
         settings,
         HashMap::from([
-            (QueueAttributeName::MessageRetentionPeriod, retention.clone()),
+            (
+                QueueAttributeName::MessageRetentionPeriod,
+                retention.clone(),
+            ),
             (QueueAttributeName::VisibilityTimeout, visibility.clone()),
         ]),
     )
@@ -119,8 +122,9 @@ async fn create_one(
         // SQS answers an identical CreateQueue with the existing URL; only different attributes
         // are an error, and those need a person to decide.
         Err(e)
-            if e.as_service_error()
-                .is_some_and(|s| s.is_queue_name_exists() || s.code() == Some("QueueAlreadyExists")) =>
+            if e.as_service_error().is_some_and(|s| {
+                s.is_queue_name_exists() || s.code() == Some("QueueAlreadyExists")
+            }) =>
         {
             Err(QueueError::QueueMismatch {
                 name: name.to_owned(),
@@ -167,7 +171,11 @@ pub async fn redrive_of(client: &Client, queue_url: &str) -> Result<Option<Redri
         return Ok(None);
     };
     let Some((dlq_name, max_receives)) = parse_redrive(&policy) else {
-        tracing::warn!(queue_url, policy, "RedrivePolicy is not understood; ignoring it");
+        tracing::warn!(
+            queue_url,
+            policy,
+            "RedrivePolicy is not understood; ignoring it"
+        );
         return Ok(None);
     };
     let dlq_url = client

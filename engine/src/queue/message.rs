@@ -145,7 +145,10 @@ pub fn parse(body: &str, message_id: &str) -> Result<Job, Poison> {
     })?;
     // Read the ids first, so a malformed message that names its job still marks that job failed.
     let job_id = raw.get("jobId").and_then(|v| v.as_str()).map(str::to_owned);
-    let user_id = raw.get("userId").and_then(|v| v.as_str()).map(str::to_owned);
+    let user_id = raw
+        .get("userId")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
     let poison = |kind, reason| Poison {
         job_id: job_id.clone(),
         user_id: user_id.clone(),

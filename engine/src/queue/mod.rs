@@ -213,7 +213,8 @@ impl JobsCtx {
         let sqs = client(cfg.endpoint.as_deref()).await;
         let jobs = match env.var("DYNAMODB_TABLE_NAME") {
             Some(table) => {
-                let ddb = crate::store::dynamo::client(env.var("DYNAMODB_ENDPOINT").as_deref()).await;
+                let ddb =
+                    crate::store::dynamo::client(env.var("DYNAMODB_ENDPOINT").as_deref()).await;
                 JobStore::Dynamo(jobs::DynamoJobs::new(ddb, &table))
             }
             None => {
@@ -400,10 +401,11 @@ mod tests {
 
     #[test]
     fn job_request_defaults_priority_and_rejects_unknown_fields() {
-        let r: JobRequest =
-            serde_json::from_str(r#"{"target":"pipeline","input":{}}"#).unwrap();
+        let r: JobRequest = serde_json::from_str(r#"{"target":"pipeline","input":{}}"#).unwrap();
         assert_eq!(r.priority, Priority::Normal);
-        assert!(serde_json::from_str::<JobRequest>(r#"{"target":"x","input":{},"nope":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<JobRequest>(r#"{"target":"x","input":{},"nope":1}"#).is_err()
+        );
     }
 
     #[test]

@@ -449,7 +449,9 @@ impl Shared {
         let (status, result, error) = match run.result {
             Ok(value) => (JobStatus::Succeeded, Some(value), None),
             Err(f) if !f.transient => (JobStatus::Failed, None, Some(f.message)),
-            Err(f) if receive_count < self.max_receives => (JobStatus::Queued, None, Some(f.message)),
+            Err(f) if receive_count < self.max_receives => {
+                (JobStatus::Queued, None, Some(f.message))
+            }
             Err(f) => (JobStatus::DeadLettered, None, Some(f.message)),
         };
         let settle = Settle {
@@ -521,7 +523,9 @@ impl Shared {
         let settle = Settle {
             status: JobStatus::Queued,
             result: None,
-            error: Some("the worker shut down before the job finished; released to another worker".into()),
+            error: Some(
+                "the worker shut down before the job finished; released to another worker".into(),
+            ),
             cost: Cost::ZERO,
             now_ms: now_ms(),
         };
@@ -561,7 +565,8 @@ impl Shared {
     async fn execute(&self, job: &Job) -> JobRun {
         match job.target {
             Target::Agent(process) => {
-                let mut events = Box::pin(run_agent(self.router.clone(), process, job.input.clone()));
+                let mut events =
+                    Box::pin(run_agent(self.router.clone(), process, job.input.clone()));
                 while let Some(event) = events.next().await {
                     match event {
                         AgentEvent::Result { output, outcome } => {
@@ -621,9 +626,8 @@ impl Shared {
                             };
                         }
                         PipelineEvent::Failed { error, rollup, .. } => {
-                            let transient = cause
-                                .as_ref()
-                                .is_some_and(|e| Failure::of(e).transient);
+                            let transient =
+                                cause.as_ref().is_some_and(|e| Failure::of(e).transient);
                             return JobRun {
                                 result: Err(Failure {
                                     transient,
@@ -702,7 +706,8 @@ impl Shared {
                 tracing::error!(error = %e, job_id, "could not mark the poison message's job failed");
             }
         }
-        self.forward_to_dlq(body, receipt, &poison.to_string()).await;
+        self.forward_to_dlq(body, receipt, &poison.to_string())
+            .await;
         self.bump(|c| c.poison += 1);
     }
 
@@ -722,18 +727,22 @@ impl Shared {
             .build()
             .ok();
         // SQS refuses empty bodies; keep the dead letter anyway.
-        let body = if body.is_empty() { "<empty body>" } else { body };
-        let sent = self
-            .ctx
-            .sqs
-            .send_message()
-            .queue_url(dlq)
-            .message_body(body)
-            .set_message_attributes(attr.map(|a| {
-                std::collections::HashMap::from([("keyvexFailureReason".to_owned(), a)])
-            }))
-            .send()
-            .await;
+        let body = if body.is_empty() {
+            "<empty body>"
+        } else {
+            body
+        };
+        let sent =
+            self.ctx
+                .sqs
+                .send_message()
+                .queue_url(dlq)
+                .message_body(body)
+                .set_message_attributes(attr.map(|a| {
+                    std::collections::HashMap::from([("keyvexFailureReason".to_owned(), a)])
+                }))
+                .send()
+                .await;
         match sent {
             Ok(_) => self.delete(receipt).await,
             Err(e) => {

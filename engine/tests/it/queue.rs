@@ -21,9 +21,7 @@ use keyvex_engine::provider::{ApiKey, ProviderConfig};
 use keyvex_engine::queue::admin::{self, QueueSettings, QueueUrls};
 use keyvex_engine::queue::jobs::{DynamoJobs, SqliteJobs};
 use keyvex_engine::queue::worker::{Worker, WorkerConfig, WorkerCounts};
-use keyvex_engine::queue::{
-    self, JobRequest, JobStatus, JobStore, JobsCtx, Priority, QueueError,
-};
+use keyvex_engine::queue::{self, JobRequest, JobStatus, JobStore, JobsCtx, Priority, QueueError};
 use keyvex_engine::router::{Providers, Router, RouterConfig};
 use keyvex_engine::store::sqlite::SqliteStore;
 use keyvex_engine::stream::ProviderKind;
@@ -246,7 +244,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -272,7 +273,10 @@ async fn queue_create_is_idempotent_and_sets_the_plan_attributes() {
         .attributes
         .unwrap();
     assert_eq!(attrs[&QueueAttributeName::VisibilityTimeout], "300");
-    assert_eq!(attrs[&QueueAttributeName::MessageRetentionPeriod], "1209600");
+    assert_eq!(
+        attrs[&QueueAttributeName::MessageRetentionPeriod],
+        "1209600"
+    );
     let redrive = admin::redrive_of(&sqs, &first.queue_url)
         .await
         .unwrap()
@@ -362,7 +366,10 @@ async fn an_enqueued_job_is_processed_and_its_result_and_cost_are_readable() {
 
     let v = s.status(&agent_job).await;
     assert_eq!(v.status, JobStatus::Succeeded, "{v:?}");
-    assert!(v.result.as_ref().unwrap().get("concepts").is_some(), "{v:?}");
+    assert!(
+        v.result.as_ref().unwrap().get("concepts").is_some(),
+        "{v:?}"
+    );
     assert!(v.cost_usd > 0.0 && v.cost_micro_usd > 0, "{v:?}");
     assert_eq!((v.attempts, v.runs), (1, 1));
     assert!(v.queue_latency_ms.is_some() && v.started_at.is_some() && v.finished_at.is_some());
@@ -373,12 +380,18 @@ async fn an_enqueued_job_is_processed_and_its_result_and_cost_are_readable() {
     let result = p.result.unwrap();
     assert!(result.get("tool").is_some());
     let rollup_usd = result["rollup"]["costUsd"].as_f64().unwrap();
-    assert!((p.cost_usd - rollup_usd).abs() < 1e-12, "job cost is the run's cost");
+    assert!(
+        (p.cost_usd - rollup_usd).abs() < 1e-12,
+        "job cost is the run's cost"
+    );
 
     // Every model call was recorded (one or more for the agent, four or more for the pipeline).
     let (health, ok) = s.tracker.wait_for(WAIT, |h| h.durable >= 5).await;
     assert!(ok, "{health:?}");
-    eventually("both messages deleted", || async { s.depth(&s.urls.queue_url).await == 0 }).await;
+    eventually("both messages deleted", || async {
+        s.depth(&s.urls.queue_url).await == 0
+    })
+    .await;
     let counts = w.stop().await;
     assert_eq!((counts.failed, counts.poison, counts.retried), (0, 0, 0));
 }
@@ -414,15 +427,21 @@ async fn a_message_delivered_twice_runs_once() {
 
     let mut w = start(s.worker(worker_config()));
     w.until("one success", |c| c.succeeded == 1).await;
-    eventually("the duplicate deleted too", || async { s.depth(&s.urls.queue_url).await == 0 })
-        .await;
+    eventually("the duplicate deleted too", || async {
+        s.depth(&s.urls.queue_url).await == 0
+    })
+    .await;
     let requests = s.sim.stats().requests_total;
     let counts = w.stop().await;
     assert_eq!(counts.succeeded, 1, "{counts:?}");
     assert!(counts.duplicates >= 1, "{counts:?}");
     let v = s.status(&job).await;
     assert_eq!((v.status, v.runs), (JobStatus::Succeeded, 1), "{v:?}");
-    assert_eq!(s.sim.stats().requests_total, requests, "nothing ran after the success");
+    assert_eq!(
+        s.sim.stats().requests_total,
+        requests,
+        "nothing ran after the success"
+    );
 }
 
 #[tokio::test]
@@ -520,7 +539,10 @@ async fn a_poison_message_does_not_stop_other_jobs() {
         assert!(reason.contains("poison message"), "{reason}");
     }
     let counts = w.stop().await;
-    assert_eq!(counts.received, 3, "each message was received once: {counts:?}");
+    assert_eq!(
+        counts.received, 3,
+        "each message was received once: {counts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -578,7 +600,11 @@ async fn cancelling_mid_job_releases_it_to_another_worker() {
     .await;
     let stopped = tokio::time::Instant::now();
     let counts = a.stop().await;
-    assert!(stopped.elapsed() < Duration::from_secs(5), "{:?}", stopped.elapsed());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopped.elapsed()
+    );
     assert_eq!(counts.released, 1, "{counts:?}");
     let v = s.status(&job).await;
     assert_eq!((v.status, v.runs), (JobStatus::Queued, 1), "{v:?}");
@@ -589,14 +615,20 @@ async fn cancelling_mid_job_releases_it_to_another_worker() {
     b.until("the released job done", |c| c.succeeded == 1).await;
     b.stop().await;
     let v = s.status(&job).await;
-    assert_eq!((v.status, v.runs, v.attempts), (JobStatus::Succeeded, 2, 2), "{v:?}");
+    assert_eq!(
+        (v.status, v.runs, v.attempts),
+        (JobStatus::Succeeded, 2, 2),
+        "{v:?}"
+    );
 }
 
 #[tokio::test]
 async fn cancelling_lets_a_short_job_in_flight_finish() {
     let s = Setup::new("drain", Duration::from_secs(10)).await;
     s.sim
-        .push_rule(Rule::always(Fault::SlowFirstToken(Duration::from_millis(800))));
+        .push_rule(Rule::always(Fault::SlowFirstToken(Duration::from_millis(
+            800,
+        ))));
     let job = s.enqueue(Process::MagicSpark, 7).await;
     let a = start(s.worker(worker_config()));
     eventually("the job running", || async {
