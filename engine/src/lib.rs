@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod provider;
+pub mod queue;
 pub mod router;
 pub mod runtime;
 pub mod server;

@@ -6,6 +6,7 @@ mod admin;
 mod agents;
 mod metrics;
 mod providers;
+mod queue;
 mod router;
 mod routing;
 mod server;

@@ -1,0 +1,642 @@
+//! Integration tests of the AI-processing queue: the real SQS SDK against moto, the worker running
+//! agents and the pipeline through the router against the simulator over HTTP, and the job store
+//! in SQLite (and DynamoDB on moto for the end-to-end case). Each test has its own moto, queues,
+//! simulator and metrics file; queues use a 2 s visibility so redelivery takes seconds.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agents::Process;
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use keyvex_engine::catalog::Catalog;
+use keyvex_engine::metrics::{MetricsConfig, Tracker};
+use keyvex_engine::provider::anthropic::AnthropicProvider;
+use keyvex_engine::provider::openai::OpenAiProvider;
+use keyvex_engine::provider::sim::{self, Fault, Rule, SimConfig, SimHandle};
+use keyvex_engine::provider::{ApiKey, ProviderConfig};
+use keyvex_engine::queue::admin::{self, QueueSettings, QueueUrls};
+use keyvex_engine::queue::jobs::{DynamoJobs, SqliteJobs};
+use keyvex_engine::queue::worker::{Worker, WorkerConfig, WorkerCounts};
+use keyvex_engine::queue::{self, JobRequest, JobStatus, JobStore, JobsCtx, Priority, QueueError};
+use keyvex_engine::router::{Providers, Router, RouterConfig};
+use keyvex_engine::store::sqlite::SqliteStore;
+use keyvex_engine::stream::ProviderKind;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::TempDir;
+use crate::support::moto::{self, Moto};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .test_credentials()
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(2))
+                // Above the longest poll the tests use (1 s) with room for a slow moto.
+                .operation_timeout(Duration::from_secs(15))
+                .build(),
+        )
+        .load()
+        .await;
+    aws_sdk_sqs::Client::new(&conf)
+}
+
+fn router(sim: &SimHandle, ttft_timeout: Duration) -> Router {
+    let cfg = ProviderConfig {
+        base_url: sim.base_url(),
+        api_key: ApiKey::new("test-key"),
+        connect_timeout: Duration::from_secs(2),
+    };
+    let providers = Providers::new()
+        .with(
+            ProviderKind::OpenAi,
+            Arc::new(OpenAiProvider::new(&cfg).unwrap()),
+        )
+        .with(
+            ProviderKind::Anthropic,
+            Arc::new(AnthropicProvider::new(&cfg).unwrap()),
+        );
+    let config = RouterConfig {
+        ttft_timeout,
+        stall_timeout: Duration::from_secs(10),
+        backoff_base: Duration::from_millis(10),
+        backoff_cap: Duration::from_millis(50),
+        ..RouterConfig::default()
+    };
+    Router::new(Arc::new(Catalog::embedded().unwrap()), providers, config)
+}
+
+fn worker_config() -> WorkerConfig {
+    WorkerConfig {
+        concurrency: 4,
+        max_messages: 10,
+        wait_time: Duration::from_secs(1),
+        heartbeat_every: Duration::from_secs(1),
+        heartbeat_extend: Duration::from_secs(3),
+        retry_backoff: Duration::from_secs(1),
+        busy_backoff: Duration::from_secs(1),
+        shutdown_grace: Duration::from_secs(5),
+        max_receives: None,
+        dlq_url: None,
+        queue_latency_target: Duration::from_secs(30),
+    }
+}
+
+/// Everything one test needs.
+struct Setup {
+    _moto: Moto,
+    moto_endpoint: String,
+    sqs: aws_sdk_sqs::Client,
+    urls: QueueUrls,
+    sim: SimHandle,
+    router: Router,
+    tracker: Tracker,
+    dir: TempDir,
+    ctx: JobsCtx,
+}
+
+impl Setup {
+    async fn new(tag: &str, ttft_timeout: Duration) -> Setup {
+        let moto = Moto::start().await;
+        let sqs = sqs_client(&moto.endpoint).await;
+        let settings = QueueSettings {
+            visibility: Duration::from_secs(2),
+            ..QueueSettings::default()
+        };
+        let urls = admin::create_queues_with(
+            &sqs,
+            &format!("{tag}-queue"),
+            &format!("{tag}-dlq"),
+            &settings,
+        )
+        .await
+        .unwrap();
+        let sim = sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), SimConfig::fast(11))
+            .await
+            .unwrap();
+        let router = router(&sim, ttft_timeout);
+        let dir = TempDir::new(&format!("queue-{tag}"));
+        let db = dir.file("metrics.sqlite3");
+        let mut mcfg = MetricsConfig::new(&db);
+        mcfg.flush_interval = Duration::from_millis(20);
+        mcfg.alerts.min_samples = usize::MAX;
+        let tracker = Tracker::start(mcfg, Arc::new(SqliteStore::open(&db).unwrap()))
+            .await
+            .unwrap();
+        let ctx = JobsCtx {
+            sqs: sqs.clone(),
+            queue_url: urls.queue_url.clone(),
+            jobs: JobStore::Sqlite(SqliteJobs::open(&db).unwrap()),
+        };
+        Setup {
+            moto_endpoint: moto.endpoint.clone(),
+            _moto: moto,
+            sqs,
+            urls,
+            sim,
+            router,
+            tracker,
+            dir,
+            ctx,
+        }
+    }
+
+    /// A worker with its own connection to the job store (as another process would have).
+    fn worker(&self, config: WorkerConfig) -> Worker {
+        let ctx = JobsCtx {
+            jobs: JobStore::Sqlite(SqliteJobs::open(&self.dir.file("metrics.sqlite3")).unwrap()),
+            ..self.ctx.clone()
+        };
+        Worker::new(ctx, self.router.clone(), self.tracker.clone(), config)
+    }
+
+    async fn enqueue(&self, process: Process, seed: u64) -> String {
+        queue::enqueue(
+            &self.ctx,
+            "user-1",
+            JobRequest {
+                target: process.key().into(),
+                input: agents::samples::sample_input(process, seed),
+                priority: Priority::Normal,
+                session_id: None,
+            },
+        )
+        .await
+        .unwrap()
+        .job_id
+    }
+
+    async fn status(&self, job_id: &str) -> queue::JobView {
+        queue::job_status(&self.ctx, job_id).await.unwrap().unwrap()
+    }
+
+    /// Visible plus in-flight messages of a queue.
+    async fn depth(&self, url: &str) -> u64 {
+        let out = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap();
+        out.attributes()
+            .unwrap()
+            .values()
+            .map(|v| v.parse::<u64>().unwrap())
+            .sum()
+    }
+}
+
+struct Running {
+    cancel: CancellationToken,
+    progress: watch::Receiver<WorkerCounts>,
+    handle: tokio::task::JoinHandle<Result<WorkerCounts, QueueError>>,
+}
+
+fn start(worker: Worker) -> Running {
+    let cancel = CancellationToken::new();
+    let progress = worker.progress();
+    let handle = tokio::spawn(worker.run(cancel.clone()));
+    Running {
+        cancel,
+        progress,
+        handle,
+    }
+}
+
+impl Running {
+    async fn until(&mut self, what: &str, pred: impl Fn(&WorkerCounts) -> bool) -> WorkerCounts {
+        let reached = tokio::time::timeout(WAIT, self.progress.wait_for(|c| pred(c)))
+            .await
+            .map(|r| r.map(|c| c.clone()));
+        match reached {
+            Ok(Ok(c)) => c,
+            _ => panic!("worker did not reach {what}: {:?}", *self.progress.borrow()),
+        }
+    }
+
+    async fn stop(self) -> WorkerCounts {
+        self.cancel.cancel();
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("worker stops")
+            .unwrap()
+            .unwrap()
+    }
+}
+
+/// Waits for state held by an external process (moto, the store) that sends no signal: polled.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn queue_create_is_idempotent_and_sets_the_plan_attributes() {
+    let moto = Moto::start().await;
+    let sqs = sqs_client(&moto.endpoint).await;
+    let first = admin::create_queues(&sqs, "plan-queue", "plan-dlq")
+        .await
+        .unwrap();
+    let again = admin::create_queues(&sqs, "plan-queue", "plan-dlq")
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(&first.queue_url)
+        .attribute_names(QueueAttributeName::All)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap();
+    assert_eq!(attrs[&QueueAttributeName::VisibilityTimeout], "300");
+    assert_eq!(
+        attrs[&QueueAttributeName::MessageRetentionPeriod],
+        "1209600"
+    );
+    let redrive = admin::redrive_of(&sqs, &first.queue_url)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(redrive.dlq_url, first.dlq_url);
+    assert_eq!(redrive.max_receives, 3);
+    // Same name, different attributes: refused with a message naming the queue.
+    let err = admin::create_queues_with(
+        &sqs,
+        "plan-queue",
+        "plan-dlq",
+        &QueueSettings {
+            visibility: Duration::from_secs(5),
+            ..QueueSettings::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("plan-"), "{err}");
+}
+
+#[tokio::test]
+async fn an_enqueued_job_is_processed_and_its_result_and_cost_are_readable() {
+    let mut s = Setup::new("e2e", Duration::from_secs(5)).await;
+    // This test keeps job state in DynamoDB (moto), the others in SQLite.
+    let ddb = moto::client(&s.moto_endpoint).await;
+    keyvex_engine::store::dynamo::create_table(&ddb, "keyvex-main-table")
+        .await
+        .unwrap();
+    s.ctx.jobs = JobStore::Dynamo(DynamoJobs::new(ddb, "keyvex-main-table"));
+
+    // Bad input is refused before anything is written or sent.
+    let bad = queue::enqueue(
+        &s.ctx,
+        "user-1",
+        JobRequest {
+            target: "magicSpark".into(),
+            input: serde_json::json!({ "nothing": true }),
+            priority: Priority::High,
+            session_id: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(bad.http_status(), http::StatusCode::BAD_REQUEST, "{bad}");
+    let unknown = queue::enqueue(
+        &s.ctx,
+        "user-1",
+        JobRequest {
+            target: "sparkle".into(),
+            input: serde_json::json!({}),
+            priority: Priority::Normal,
+            session_id: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(unknown.http_status(), http::StatusCode::BAD_REQUEST);
+    assert_eq!(s.depth(&s.urls.queue_url).await, 0);
+
+    let agent_job = s.enqueue(Process::MagicSpark, 1).await;
+    let pipeline_job = queue::enqueue(
+        &s.ctx,
+        "user-2",
+        JobRequest {
+            target: "pipeline".into(),
+            input: serde_json::json!({
+                "business": agents::samples::sample_input(Process::MagicSpark, 2)
+            }),
+            priority: Priority::Low,
+            session_id: Some("session-9".into()),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(pipeline_job.status, JobStatus::Queued);
+    assert_eq!(s.status(&agent_job).await.status, JobStatus::Queued);
+
+    let worker = Worker::new(
+        s.ctx.clone(),
+        s.router.clone(),
+        s.tracker.clone(),
+        worker_config(),
+    );
+    let mut w = start(worker);
+    w.until("two successes", |c| c.succeeded == 2).await;
+
+    let v = s.status(&agent_job).await;
+    assert_eq!(v.status, JobStatus::Succeeded, "{v:?}");
+    assert!(
+        v.result.as_ref().unwrap().get("concepts").is_some(),
+        "{v:?}"
+    );
+    assert!(v.cost_usd > 0.0 && v.cost_micro_usd > 0, "{v:?}");
+    assert_eq!((v.attempts, v.runs), (1, 1));
+    assert!(v.queue_latency_ms.is_some() && v.started_at.is_some() && v.finished_at.is_some());
+    assert!(v.error.is_none());
+
+    let p = s.status(&pipeline_job.job_id).await;
+    assert_eq!(p.status, JobStatus::Succeeded, "{p:?}");
+    let result = p.result.unwrap();
+    assert!(result.get("tool").is_some());
+    let rollup_usd = result["rollup"]["costUsd"].as_f64().unwrap();
+    assert!(
+        (p.cost_usd - rollup_usd).abs() < 1e-12,
+        "job cost is the run's cost"
+    );
+
+    // Every model call was recorded (one or more for the agent, four or more for the pipeline).
+    let (health, ok) = s.tracker.wait_for(WAIT, |h| h.durable >= 5).await;
+    assert!(ok, "{health:?}");
+    eventually("both messages deleted", || async {
+        s.depth(&s.urls.queue_url).await == 0
+    })
+    .await;
+    let counts = w.stop().await;
+    assert_eq!((counts.failed, counts.poison, counts.retried), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_message_delivered_twice_runs_once() {
+    let s = Setup::new("twice", Duration::from_secs(5)).await;
+    let job = s.enqueue(Process::LogicArchitect, 3).await;
+    // Copy the message: the same job is now in the queue twice.
+    let got = s
+        .sqs
+        .receive_message()
+        .queue_url(&s.urls.queue_url)
+        .send()
+        .await
+        .unwrap();
+    let msg = &got.messages()[0];
+    s.sqs
+        .send_message()
+        .queue_url(&s.urls.queue_url)
+        .message_body(msg.body().unwrap())
+        .send()
+        .await
+        .unwrap();
+    s.sqs
+        .change_message_visibility()
+        .queue_url(&s.urls.queue_url)
+        .receipt_handle(msg.receipt_handle().unwrap())
+        .visibility_timeout(0)
+        .send()
+        .await
+        .unwrap();
+
+    let mut w = start(s.worker(worker_config()));
+    w.until("one success", |c| c.succeeded == 1).await;
+    eventually("the duplicate deleted too", || async {
+        s.depth(&s.urls.queue_url).await == 0
+    })
+    .await;
+    let requests = s.sim.stats().requests_total;
+    let counts = w.stop().await;
+    assert_eq!(counts.succeeded, 1, "{counts:?}");
+    assert!(counts.duplicates >= 1, "{counts:?}");
+    let v = s.status(&job).await;
+    assert_eq!((v.status, v.runs), (JobStatus::Succeeded, 1), "{v:?}");
+    assert_eq!(
+        s.sim.stats().requests_total,
+        requests,
+        "nothing ran after the success"
+    );
+}
+
+#[tokio::test]
+async fn a_job_that_always_fails_is_dead_lettered_after_three_receives() {
+    let s = Setup::new("dlq", Duration::from_secs(5)).await;
+    s.sim.push_rule(Rule::always(Fault::Http {
+        status: 500,
+        retry_after: None,
+    }));
+    let job = s.enqueue(Process::MagicSpark, 4).await;
+    let mut w = start(s.worker(worker_config()));
+    w.until("dead-lettered", |c| c.dead_lettered == 1).await;
+
+    let v = s.status(&job).await;
+    assert_eq!(v.status, JobStatus::DeadLettered, "{v:?}");
+    assert_eq!((v.attempts, v.runs), (3, 3), "{v:?}");
+    assert!(v.error.as_deref().unwrap().contains("500"), "{v:?}");
+    // SQS's redrive moves it on the next receive, which the running worker makes.
+    let dead: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    eventually("the message in the DLQ", || {
+        let sqs = s.sqs.clone();
+        let dlq = s.urls.dlq_url.clone();
+        let found = Arc::clone(&dead);
+        async move {
+            let out = sqs
+                .receive_message()
+                .queue_url(dlq)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap();
+            let mut found = found.lock().unwrap();
+            if let Some(m) = out.messages().first() {
+                *found = m.body().map(str::to_owned);
+            }
+            found.is_some()
+        }
+    })
+    .await;
+    let body = dead.lock().unwrap().clone().unwrap();
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["jobId"], job.as_str());
+    let counts = w.stop().await;
+    assert_eq!((counts.retried, counts.succeeded), (2, 0), "{counts:?}");
+    assert_eq!(s.depth(&s.urls.queue_url).await, 0);
+}
+
+#[tokio::test]
+async fn a_poison_message_does_not_stop_other_jobs() {
+    let s = Setup::new("poison", Duration::from_secs(5)).await;
+    for body in [
+        "this is not JSON".to_owned(),
+        serde_json::json!({
+            "messageType": "AI_PROCESSING", "jobId": "poison-1", "userId": "u",
+            "process": "sparkle", "input": {}, "priority": "normal", "timestamp": 1
+        })
+        .to_string(),
+    ] {
+        s.sqs
+            .send_message()
+            .queue_url(&s.urls.queue_url)
+            .message_body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+    let good = s.enqueue(Process::StyleMaster, 5).await;
+    let mut w = start(s.worker(worker_config()));
+    w.until("both poisons and the good job", |c| {
+        c.poison == 2 && c.succeeded == 1
+    })
+    .await;
+
+    assert_eq!(s.status(&good).await.status, JobStatus::Succeeded);
+    let p = s.status("poison-1").await;
+    assert_eq!(p.status, JobStatus::Failed);
+    assert!(p.error.as_deref().unwrap().contains("sparkle"), "{p:?}");
+    // Both went straight to the DLQ, each with its reason.
+    let out = s
+        .sqs
+        .receive_message()
+        .queue_url(&s.urls.dlq_url)
+        .max_number_of_messages(10)
+        .message_attribute_names("All")
+        .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+        .wait_time_seconds(1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.messages().len(), 2, "{out:?}");
+    for m in out.messages() {
+        let reason = m.message_attributes().unwrap()["keyvexFailureReason"]
+            .string_value()
+            .unwrap();
+        assert!(reason.contains("poison message"), "{reason}");
+    }
+    let counts = w.stop().await;
+    assert_eq!(
+        counts.received, 3,
+        "each message was received once: {counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_a_queue_and_run_each_of_fifty_jobs_once() {
+    let s = Setup::new("fifty", Duration::from_secs(5)).await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(s.enqueue(Process::MagicSpark, 100 + i).await);
+    }
+    let mut a = start(s.worker(worker_config()));
+    let mut b = start(s.worker(worker_config()));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let done = a.progress.borrow().succeeded + b.progress.borrow().succeeded;
+        if done >= 50 {
+            break;
+        }
+        tokio::select! {
+            _ = a.progress.changed() => {}
+            _ = b.progress.changed() => {}
+            () = tokio::time::sleep_until(deadline) => panic!(
+                "only {done} of 50 jobs done: {:?} {:?}", *a.progress.borrow(), *b.progress.borrow()
+            ),
+        }
+    }
+    let (ca, cb) = (a.stop().await, b.stop().await);
+    assert_eq!(ca.succeeded + cb.succeeded, 50, "{ca:?} {cb:?}");
+    for id in &ids {
+        let v = s.status(id).await;
+        assert_eq!((v.status, v.runs), (JobStatus::Succeeded, 1), "{v:?}");
+    }
+    assert_eq!(s.depth(&s.urls.queue_url).await, 0);
+    eprintln!(
+        "worker a ran {}, worker b ran {}; simulator served {} requests",
+        ca.succeeded,
+        cb.succeeded,
+        s.sim.stats().requests_total
+    );
+}
+
+#[tokio::test]
+async fn cancelling_mid_job_releases_it_to_another_worker() {
+    // Long TTFT deadline: the job must be in flight, not failing, when the worker is cancelled.
+    let s = Setup::new("cancel", Duration::from_secs(60)).await;
+    s.sim
+        .push_rule(Rule::always(Fault::SlowFirstToken(Duration::from_secs(60))));
+    let job = s.enqueue(Process::MagicSpark, 6).await;
+    let a = start(s.worker(WorkerConfig {
+        shutdown_grace: Duration::from_millis(300),
+        ..worker_config()
+    }));
+    eventually("the job running", || async {
+        s.status(&job).await.status == JobStatus::Running
+    })
+    .await;
+    let stopped = tokio::time::Instant::now();
+    let counts = a.stop().await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(counts.released, 1, "{counts:?}");
+    let v = s.status(&job).await;
+    assert_eq!((v.status, v.runs), (JobStatus::Queued, 1), "{v:?}");
+
+    // Released with visibility 0: another worker takes it at once and finishes it.
+    s.sim.clear_rules();
+    let mut b = start(s.worker(worker_config()));
+    b.until("the released job done", |c| c.succeeded == 1).await;
+    b.stop().await;
+    let v = s.status(&job).await;
+    assert_eq!(
+        (v.status, v.runs, v.attempts),
+        (JobStatus::Succeeded, 2, 2),
+        "{v:?}"
+    );
+}
+
+#[tokio::test]
+async fn cancelling_lets_a_short_job_in_flight_finish() {
+    let s = Setup::new("drain", Duration::from_secs(10)).await;
+    s.sim
+        .push_rule(Rule::always(Fault::SlowFirstToken(Duration::from_millis(
+            800,
+        ))));
+    let job = s.enqueue(Process::MagicSpark, 7).await;
+    let a = start(s.worker(worker_config()));
+    eventually("the job running", || async {
+        s.status(&job).await.status == JobStatus::Running
+    })
+    .await;
+    let counts = a.stop().await;
+    assert_eq!((counts.succeeded, counts.released), (1, 0), "{counts:?}");
+    assert_eq!(s.status(&job).await.status, JobStatus::Succeeded);
+    assert_eq!(s.depth(&s.urls.queue_url).await, 0);
+}
