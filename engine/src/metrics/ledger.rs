@@ -243,8 +243,7 @@ impl Ledger {
                     id: r.get(0)?,
                     key: r.get(1)?,
                     kind: r.get(2)?,
-                    entry: serde_json::from_str(&body)
-                        .unwrap_or(serde_json::Value::String(body)),
+                    entry: serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
                     error: r.get(4)?,
                     accepted_ms: r.get::<_, i64>(5)? as u64,
                     dead_lettered_ms: r.get::<_, i64>(6)? as u64,
@@ -430,9 +429,16 @@ mod tests {
         assert_eq!(l.backlog().unwrap().0, 1);
         let dead = l.dead_letters(10).unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!((dead[0].key.as_str(), dead[0].kind.as_str()), ("bad", "request"));
+        assert_eq!(
+            (dead[0].key.as_str(), dead[0].kind.as_str()),
+            ("bad", "request")
+        );
         assert_eq!(dead[0].entry, serde_json::Value::String("{".into()));
-        assert!(dead[0].error.starts_with("undecodable"), "{}", dead[0].error);
+        assert!(
+            dead[0].error.starts_with("undecodable"),
+            "{}",
+            dead[0].error
+        );
         assert_eq!(dead[0].dead_lettered_ms, 7);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -492,7 +498,10 @@ mod tests {
         assert_eq!(l.backlog().unwrap(), (2, Some(5)));
         let dead = l.dead_letters(10).unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!((dead[0].key.as_str(), dead[0].error.as_str()), ("b", "too large"));
+        assert_eq!(
+            (dead[0].key.as_str(), dead[0].error.as_str()),
+            ("b", "too large")
+        );
         assert_eq!((dead[0].accepted_ms, dead[0].dead_lettered_ms), (5, 9));
         assert_eq!(dead[0].entry["requestId"], "b");
 

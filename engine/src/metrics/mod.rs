@@ -18,9 +18,9 @@ mod ledger;
 mod record;
 mod tracker;
 
-pub use ledger::DeadLetter;
 pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate, aggregate_by};
 pub use alerts::{Alert, AlertConfig, AlertType, Severity};
+pub use ledger::DeadLetter;
 pub(crate) use record::now_ms;
 pub use record::{RequestRecord, RequestStatus};
 pub use tracker::{MetricsConfig, MetricsHealth, Receipt, ShutdownReport, Tracker, start_from_env};

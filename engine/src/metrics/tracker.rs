@@ -402,8 +402,7 @@ impl Tracker {
             requeued: c.requeued.load(Ordering::Relaxed),
             ledger_errors: c.ledger_errors.load(Ordering::Relaxed),
             pending,
-            oldest_pending_age_ms: (pending > 0 && oldest > 0)
-                .then(|| now.saturating_sub(oldest)),
+            oldest_pending_age_ms: (pending > 0 && oldest > 0).then(|| now.saturating_sub(oldest)),
             alerts_raised: c.alerts_raised.load(Ordering::Relaxed),
         }
     }
@@ -708,7 +707,10 @@ async fn ship_backlog(shared: &Arc<Shared>) {
     let limit = shared.cfg.ship_batch.max(1);
     let mut attempt = 0u32;
     loop {
-        let batch = match shared.with_ledger(move |l| l.pending(limit, now_ms())).await {
+        let batch = match shared
+            .with_ledger(move |l| l.pending(limit, now_ms()))
+            .await
+        {
             Ok((batch, set_aside)) => {
                 if set_aside > 0 {
                     counted_dead(shared, set_aside);

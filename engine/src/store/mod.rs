@@ -230,7 +230,10 @@ mod tests {
             message: "AccessDeniedException".into(),
             retryable: false,
         };
-        assert!(!denied.is_rejection(), "a config error must not dead-letter entries");
+        assert!(
+            !denied.is_rejection(),
+            "a config error must not dead-letter entries"
+        );
         let rejected = StoreError::Rejected {
             sink: "dynamodb",
             message: "ValidationException".into(),

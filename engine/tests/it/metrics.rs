@@ -610,10 +610,15 @@ async fn dynamo_refusing_one_item_ships_the_rest_dead_letters_it_and_requeue_del
 
     let dead = tracker.dead_letters(10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!((dead[0].key.as_str(), dead[0].kind.as_str()), ("poison-7", "request"));
+    assert_eq!(
+        (dead[0].key.as_str(), dead[0].kind.as_str()),
+        ("poison-7", "request")
+    );
     assert_eq!(dead[0].entry["requestId"], "poison-7");
     assert!(
-        dead[0].error.contains("Item size has exceeded the maximum allowed size"),
+        dead[0]
+            .error
+            .contains("Item size has exceeded the maximum allowed size"),
         "{}",
         dead[0].error
     );
@@ -632,7 +637,11 @@ async fn dynamo_refusing_one_item_ships_the_rest_dead_letters_it_and_requeue_del
         .wait_for(WAIT, |h| h.shipped == 30 && h.pending == 0)
         .await;
     assert!(ok, "{h:?}");
-    assert_eq!((h.dead_letters, h.dead_lettered, h.requeued), (0, 1, 1), "{h:?}");
+    assert_eq!(
+        (h.dead_letters, h.dead_lettered, h.requeued),
+        (0, 1, 1),
+        "{h:?}"
+    );
     assert!(tracker.dead_letters(10).await.unwrap().is_empty());
     let items = scan(&client, "m-dead").await;
     assert_eq!(request_items(&items).len(), 30);
@@ -641,7 +650,11 @@ async fn dynamo_refusing_one_item_ships_the_rest_dead_letters_it_and_requeue_del
         .shutdown(Instant::now() + Duration::from_secs(10))
         .await;
     assert_eq!(
-        (report.left_in_ledger, report.dead_lettered, report.dead_letters),
+        (
+            report.left_in_ledger,
+            report.dead_lettered,
+            report.dead_letters
+        ),
         (0, 1, 0),
         "{report:?}"
     );
@@ -691,7 +704,11 @@ async fn sqlite_constraint_refusal_is_dead_lettered_reported_at_shutdown_kept_an
     // The next start still holds it and says so.
     let tracker = Tracker::start(cfg, Arc::new(store.clone())).await.unwrap();
     let h = tracker.health();
-    assert_eq!((h.dead_letters, h.dead_lettered, h.pending), (1, 0, 0), "{h:?}");
+    assert_eq!(
+        (h.dead_letters, h.dead_lettered, h.pending),
+        (1, 0, 0),
+        "{h:?}"
+    );
     let dead = tracker.dead_letters(10).await.unwrap();
     assert_eq!(dead[0].key, "poison-3");
     assert!(
@@ -706,7 +723,11 @@ async fn sqlite_constraint_refusal_is_dead_lettered_reported_at_shutdown_kept_an
         .shutdown(Instant::now() + Duration::from_secs(10))
         .await;
     assert_eq!(
-        (report.left_in_ledger, report.dead_lettered, report.dead_letters),
+        (
+            report.left_in_ledger,
+            report.dead_lettered,
+            report.dead_letters
+        ),
         (0, 1, 1),
         "{report:?}"
     );
@@ -793,7 +814,12 @@ async fn config_errors_never_dead_letter_and_isolation_survives_a_transient_fail
         // Once up: the whole batch and its first half are refused, then the connection drops
         // in the middle of the search.
         script: std::sync::Mutex::new(
-            [None, None, Some(StoreError::Task("connection reset".into()))].into(),
+            [
+                None,
+                None,
+                Some(StoreError::Task("connection reset".into())),
+            ]
+            .into(),
         ),
     });
     let tracker = Tracker::start(config(dir.file("l.sqlite3")), sink.clone())
@@ -807,7 +833,11 @@ async fn config_errors_never_dead_letter_and_isolation_survives_a_transient_fail
         .wait_for(WAIT, |h| h.consecutive_failures >= 3)
         .await;
     assert!(ok, "{h:?}");
-    assert_eq!((h.pending, h.shipped, h.dead_lettered), (100, 0, 0), "{h:?}");
+    assert_eq!(
+        (h.pending, h.shipped, h.dead_lettered),
+        (100, 0, 0),
+        "{h:?}"
+    );
     assert!(
         h.last_error.as_deref().unwrap().contains("AccessDenied"),
         "{h:?}"
@@ -819,8 +849,15 @@ async fn config_errors_never_dead_letter_and_isolation_survives_a_transient_fail
         .wait_for(WAIT, |h| h.pending == 0 && h.dead_letters == 3)
         .await;
     assert!(ok, "{h:?}");
-    assert_eq!((h.shipped, h.dead_lettered, h.consecutive_failures), (97, 3, 0), "{h:?}");
-    assert!(h.retried >= 4, "config errors and the reset were retried: {h:?}");
+    assert_eq!(
+        (h.shipped, h.dead_lettered, h.consecutive_failures),
+        (97, 3, 0),
+        "{h:?}"
+    );
+    assert!(
+        h.retried >= 4,
+        "config errors and the reset were retried: {h:?}"
+    );
     let stored = sink.stored.lock().unwrap().clone();
     assert_eq!(stored.len(), 97);
     assert!(stored.keys().all(|k| !k.starts_with("poison-")));

@@ -209,7 +209,8 @@ async fn handle(state: &ProxyState, req: Request) -> Response {
             .sum();
         state.batch_sizes.lock().unwrap().push(count);
         let needle = state.reject.lock().unwrap().clone();
-        if needle.is_some_and(|n| !n.is_empty() && body.windows(n.len()).any(|w| w == n.as_bytes())) {
+        if needle.is_some_and(|n| !n.is_empty() && body.windows(n.len()).any(|w| w == n.as_bytes()))
+        {
             // DynamoDB's wording for an item over 400 KB; the whole request is refused.
             return dynamo_error(
                 "ValidationException",
