@@ -438,7 +438,7 @@ impl Tracker {
             .store(backlog.1.unwrap_or(0), Ordering::Release);
         tracing::info!(
             requeued = requeued.moved,
-            superseded = requeued.removed - requeued.moved,
+            superseded = requeued.removed.saturating_sub(requeued.moved),
             "metrics dead letters moved back to the outbox"
         );
         shared.bump();
