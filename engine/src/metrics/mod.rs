@@ -5,6 +5,9 @@
 //! into the SQLite outbox, then the [`Receipt`] resolves) → shipper task (batches to the sink,
 //! deletes from the outbox only after the sink confirmed). A crash at any point leaves every
 //! receipted record either in the sink or in the outbox, and the next start ships the outbox.
+//! An entry the sink refuses for good (not a transient failure) moves to the ledger's
+//! `dead_letters` table instead of blocking the outbox: counted in [`MetricsHealth`], logged,
+//! listed by [`Tracker::dead_letters`] and shipped again by [`Tracker::requeue_dead_letters`].
 //!
 //! [`Sink`]: crate::store::Sink
 
@@ -18,6 +21,7 @@ mod tracker;
 
 pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate, aggregate_by};
 pub use alerts::{Alert, AlertConfig, AlertType, Severity};
+pub use ledger::DeadLetter;
 pub(crate) use record::now_ms;
 pub use from_outcome::CallContext;
 pub use record::{RequestRecord, RequestStatus};

@@ -1,5 +1,12 @@
 //! [`Tracker`]: the request path's handle. `record` is a channel send; a ledger task group-commits
 //! into the SQLite outbox and resolves [`Receipt`]s; a shipper task copies the outbox to the sink.
+//!
+//! Failed sink writes are told apart by [`StoreError::is_rejection`]. Transient failures
+//! (throttling, outages, a misconfigured store) keep the batch pending and are retried for as
+//! long as it takes, with capped full-jitter backoff. A rejection (the sink refuses the data
+//! itself) splits the batch in halves until the refused entries are alone; the rest ships, and
+//! each refused entry moves to the ledger's `dead_letters` table, where it is counted, logged,
+//! listed by [`Tracker::dead_letters`] and put back by [`Tracker::requeue_dead_letters`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,7 +21,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::config::Env;
 use crate::metrics::MetricsError;
 use crate::metrics::alerts::{AlertConfig, AlertEvaluator};
-use crate::metrics::ledger::{Ledger, Pending};
+use crate::metrics::ledger::{DeadLetter, Ledger, Pending, Reject};
 use crate::metrics::record::{RequestRecord, now_ms};
 use crate::store::sessions::{PendingFilter, PendingSessions, SessionMessage};
 use crate::store::{Entry, Sink, StoreError, full_jitter};
@@ -117,10 +124,27 @@ pub struct MetricsHealth {
     pub ledger_commits: u64,
     /// Confirmed by the sink and removed from the ledger since start.
     pub shipped: u64,
-    /// Resends: failed sink writes retried by the shipper plus resends inside the sink.
+    /// Resends: transiently failed sink writes retried by the shipper plus resends inside the
+    /// sink.
     pub retried: u64,
-    /// Sink writes that failed.
+    /// Sink writes (calls of `Sink::write` by the shipper) that returned an error: transient
+    /// failures, rejected batches, and the rejected probes that isolate a refused entry. A
+    /// rejected batch of `n` entries with one refused entry costs about `2·log2(n)` writes.
     pub failed_writes: u64,
+    /// Transient sink failures since the last write that made progress; 0 when shipping works.
+    /// Growing together with `pending` means the sink is down or misconfigured: see `last_error`.
+    pub consecutive_failures: u64,
+    /// The most recent failed sink write's error (kept after recovery; `consecutive_failures`
+    /// tells whether it is current).
+    pub last_error: Option<String>,
+    pub last_error_age_ms: Option<u64>,
+    /// Entries the sink refused permanently and that were moved to `dead_letters`, since start.
+    pub dead_lettered: u64,
+    /// Entries held in `dead_letters` now, including earlier runs'. They are kept until
+    /// `requeue_dead_letters` moves them back to the outbox.
+    pub dead_letters: u64,
+    /// Dead letters moved back to the outbox by `requeue_dead_letters`, since start.
+    pub requeued: u64,
     /// Ledger commits that failed (and were retried).
     pub ledger_errors: u64,
     /// Entries in the ledger not yet shipped (including leftovers of earlier runs).
@@ -136,8 +160,14 @@ pub struct ShutdownReport {
     pub ledger_flushed: bool,
     /// Entries shipped during this process's life.
     pub shipped: u64,
-    /// Entries left in the ledger for the next start (never dropped).
+    /// Entries still pending in the ledger's outbox, shipped by the next start (never dropped).
     pub left_in_ledger: u64,
+    /// Entries the sink refused permanently during this process's life (moved to
+    /// `dead_letters`).
+    pub dead_lettered: u64,
+    /// Entries held in `dead_letters` at shutdown, including earlier runs'; they stay there
+    /// until an operator requeues them.
+    pub dead_letters: u64,
     pub deadline_hit: bool,
 }
 
@@ -177,6 +207,10 @@ struct Counters {
     /// 0 = nothing pending.
     oldest_pending_ms: AtomicU64,
     alerts_raised: AtomicU64,
+    consecutive_failures: AtomicU64,
+    dead_lettered: AtomicU64,
+    dead_letters: AtomicU64,
+    requeued: AtomicU64,
 }
 
 struct Shared {
@@ -189,11 +223,31 @@ struct Shared {
     /// Bumped after every ledger commit and ship attempt, so tests and exporters can wait for
     /// progress instead of polling on a timer.
     changes: watch::Sender<u64>,
+    /// The most recent sink error and when it happened (unix ms).
+    last_error: Mutex<Option<(String, u64)>>,
 }
 
 impl Shared {
     fn bump(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn note_error(&self, err: &StoreError) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((err.to_string(), now_ms()));
+        self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Lowers the pending gauge by rows that left the outbox (shipped or dead-lettered).
+    fn left_outbox(&self, rows: u64) {
+        let _ = self
+            .counters
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                Some(p.saturating_sub(rows))
+            });
     }
 
     async fn with_ledger<T: Send + 'static>(
@@ -237,6 +291,13 @@ impl Tracker {
             .await
             .map_err(|_| MetricsError::LedgerStopped)??;
         let (count, oldest) = ledger.backlog()?;
+        let dead = ledger.dead_letter_count()?;
+        if dead > 0 {
+            tracing::warn!(
+                dead_letters = dead,
+                "metrics ledger holds dead letters the sink refused; list them in the admin API and requeue them once the cause is fixed"
+            );
+        }
         if count > 0 {
             tracing::info!(
                 pending = count,
@@ -245,6 +306,7 @@ impl Tracker {
         }
         let counters = Counters::default();
         counters.pending.store(count, Ordering::Relaxed);
+        counters.dead_letters.store(dead, Ordering::Relaxed);
         counters
             .oldest_pending_ms
             .store(oldest.unwrap_or(0), Ordering::Relaxed);
@@ -257,6 +319,7 @@ impl Tracker {
             ship_wake: Notify::new(),
             draining: AtomicBool::new(false),
             changes: watch::Sender::new(0),
+            last_error: Mutex::new(None),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
@@ -315,6 +378,14 @@ impl Tracker {
         let c = &self.inner.shared.counters;
         let oldest = c.oldest_pending_ms.load(Ordering::Relaxed);
         let pending = c.pending.load(Ordering::Relaxed);
+        let last_error = self
+            .inner
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let now = now_ms();
         MetricsHealth {
             sink: self.inner.shared.sink.name(),
             accepted: c.accepted.load(Ordering::Relaxed),
@@ -323,12 +394,55 @@ impl Tracker {
             shipped: c.shipped.load(Ordering::Relaxed),
             retried: c.retried.load(Ordering::Relaxed),
             failed_writes: c.failed_writes.load(Ordering::Relaxed),
+            consecutive_failures: c.consecutive_failures.load(Ordering::Relaxed),
+            last_error_age_ms: last_error.as_ref().map(|(_, at)| now.saturating_sub(*at)),
+            last_error: last_error.map(|(text, _)| text),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            dead_letters: c.dead_letters.load(Ordering::Relaxed),
+            requeued: c.requeued.load(Ordering::Relaxed),
             ledger_errors: c.ledger_errors.load(Ordering::Relaxed),
             pending,
-            oldest_pending_age_ms: (pending > 0 && oldest > 0)
-                .then(|| now_ms().saturating_sub(oldest)),
+            oldest_pending_age_ms: (pending > 0 && oldest > 0).then(|| now.saturating_sub(oldest)),
             alerts_raised: c.alerts_raised.load(Ordering::Relaxed),
         }
+    }
+
+    /// The newest `limit` entries the sink refused permanently, newest first, with the error and
+    /// the time they were set aside (for the admin API).
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, MetricsError> {
+        self.inner
+            .shared
+            .with_ledger(move |l| l.dead_letters(limit))
+            .await
+    }
+
+    /// Moves the dead letters back to the outbox, to be shipped at the next flush; for an operator who
+    /// fixed the cause (the sink's schema, a limit, the entry's producer). Returns how many
+    /// entries were requeued. One that is refused again returns to `dead_letters`. A key that
+    /// is pending again keeps its dead letter until that newer entry has shipped. Works after
+    /// `shutdown` too: the entries then ship at the next start.
+    pub async fn requeue_dead_letters(&self) -> Result<u64, MetricsError> {
+        let shared = &self.inner.shared;
+        let (requeued, backlog) = shared
+            .with_ledger(|l| Ok((l.requeue_dead_letters()?, l.backlog()?)))
+            .await?;
+        let c = &shared.counters;
+        c.requeued.fetch_add(requeued.moved, Ordering::Relaxed);
+        let _ = c
+            .dead_letters
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                Some(d.saturating_sub(requeued.removed))
+            });
+        c.pending.fetch_add(requeued.moved, Ordering::AcqRel);
+        c.oldest_pending_ms
+            .store(backlog.1.unwrap_or(0), Ordering::Release);
+        tracing::info!(
+            requeued = requeued.moved,
+            superseded = requeued.removed.saturating_sub(requeued.moved),
+            "metrics dead letters moved back to the outbox"
+        );
+        shared.bump();
+        Ok(requeued.moved)
     }
 
     /// A receiver that changes after every ledger commit and ship attempt.
@@ -399,17 +513,26 @@ impl Tracker {
             let _ = task.await;
         }
         let c = &inner.shared.counters;
-        let left = match inner.shared.with_ledger(|l| l.backlog()).await {
-            Ok((count, _)) => count,
+        let counts = inner
+            .shared
+            .with_ledger(|l| Ok((l.backlog()?.0, l.dead_letter_count()?)))
+            .await;
+        let (left, dead) = match counts {
+            Ok(counts) => counts,
             Err(err) => {
                 tracing::error!(error = %err, "could not count the metrics ledger at shutdown");
-                c.pending.load(Ordering::Relaxed)
+                (
+                    c.pending.load(Ordering::Relaxed),
+                    c.dead_letters.load(Ordering::Relaxed),
+                )
             }
         };
         let report = ShutdownReport {
             ledger_flushed,
             shipped: c.shipped.load(Ordering::Relaxed),
             left_in_ledger: left,
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            dead_letters: dead,
             deadline_hit,
         };
         if left > 0 {
@@ -421,6 +544,13 @@ impl Tracker {
             tracing::info!(
                 shipped = report.shipped,
                 "metrics shut down with nothing pending"
+            );
+        }
+        if dead > 0 {
+            tracing::error!(
+                dead_letters = dead,
+                dead_lettered = report.dead_lettered,
+                "the metrics ledger holds entries the sink refused; they are kept in dead_letters until requeued"
             );
         }
         report
@@ -569,15 +699,24 @@ async fn shipper_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
-/// Ships batches until the ledger is empty, retrying failed writes with capped full-jitter
-/// backoff for as long as it takes (the caller cancels it to stop).
+/// Ships batches until the ledger is empty (the caller cancels it to stop). Transient failures
+/// keep the batch pending and are retried with capped full-jitter backoff for as long as it
+/// takes; a rejected batch is split until the refused entries are alone (see [`isolate`]).
 async fn ship_backlog(shared: &Arc<Shared>) {
     let c = &shared.counters;
     let limit = shared.cfg.ship_batch.max(1);
     let mut attempt = 0u32;
     loop {
-        let batch = match shared.with_ledger(move |l| l.pending(limit)).await {
-            Ok(batch) => batch,
+        let batch = match shared
+            .with_ledger(move |l| l.pending(limit, now_ms()))
+            .await
+        {
+            Ok((batch, set_aside)) => {
+                if set_aside > 0 {
+                    counted_dead(shared, set_aside);
+                }
+                batch
+            }
             Err(err) => {
                 tracing::error!(error = %err, "reading the metrics ledger failed; retrying");
                 c.ledger_errors.fetch_add(1, Ordering::Relaxed);
@@ -601,45 +740,163 @@ async fn ship_backlog(shared: &Arc<Shared>) {
                  }| ((seq, version), entry),
             )
             .unzip();
-        match shared.sink.write(&entries).await {
-            Ok(report) => {
-                c.retried.fetch_add(report.retries, Ordering::Relaxed);
-                let removed = loop {
-                    let keys = keys.clone();
-                    match shared.with_ledger(move |l| l.mark_shipped(&keys)).await {
-                        Ok(n) => break n,
-                        Err(err) => {
-                            // The sink has them; resending later is harmless (idempotent).
-                            tracing::error!(error = %err, "marking metrics shipped failed; retrying");
-                            c.ledger_errors.fetch_add(1, Ordering::Relaxed);
-                            backoff(shared, &mut attempt).await;
-                        }
-                    }
-                };
-                attempt = 0;
-                c.shipped.fetch_add(entries.len() as u64, Ordering::Relaxed);
-                let _ = c
-                    .pending
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
-                        Some(p.saturating_sub(removed))
-                    });
-                let shared2 = Arc::clone(shared);
-                if let Ok((_, oldest)) = shared2.with_ledger(|l| l.backlog()).await {
-                    c.oldest_pending_ms
-                        .store(oldest.unwrap_or(0), Ordering::Release);
-                }
-                shared.bump();
+        let round = match shared.sink.write(&entries).await {
+            Ok(report) => Round {
+                shipped: keys,
+                retries: report.retries,
+                ..Round::default()
+            },
+            Err(err) if err.is_rejection() => {
+                shared.note_error(&err);
+                tracing::warn!(sink = shared.sink.name(), error = %err, entries = entries.len(),
+                    "metrics sink refused a batch; isolating the refused entries");
+                isolate(shared, &keys, &entries, err).await
             }
-            Err(err) => {
-                c.failed_writes.fetch_add(1, Ordering::Relaxed);
-                c.retried.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(sink = shared.sink.name(), error = %err, entries = entries.len(), attempt,
-                    "metrics sink write failed; entries stay in the ledger and are retried");
-                shared.bump();
-                backoff(shared, &mut attempt).await;
-            }
+            Err(err) => Round {
+                transient: Some(err),
+                ..Round::default()
+            },
+        };
+        c.retried.fetch_add(round.retries, Ordering::Relaxed);
+        if !round.shipped.is_empty() || !round.refused.is_empty() {
+            settle(shared, round.shipped, round.refused, &mut attempt).await;
+            attempt = 0;
+            c.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if let Some(err) = round.transient {
+            shared.note_error(&err);
+            c.retried.fetch_add(1, Ordering::Relaxed);
+            let failures = c.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(sink = shared.sink.name(), error = %err, entries = entries.len(),
+                attempt, consecutive_failures = failures,
+                "metrics sink write failed; entries stay in the ledger and are retried");
+            shared.bump();
+            backoff(shared, &mut attempt).await;
         }
     }
+}
+
+/// What one shipping round achieved.
+#[derive(Default)]
+struct Round {
+    /// `(seq, version)` of the entries the sink confirmed.
+    shipped: Vec<(i64, i64)>,
+    /// Entries the sink refused on their own.
+    refused: Vec<Refused>,
+    /// Resends inside the sink.
+    retries: u64,
+    /// A transient failure that ended the round; what was not settled stays pending.
+    transient: Option<StoreError>,
+}
+
+struct Refused {
+    reject: Reject,
+    key: String,
+    kind: &'static str,
+}
+
+/// Finds the entries of a rejected batch that the sink refuses, by writing halves: a half that
+/// succeeds is shipped, a refused half is split again, and a refused single entry is set aside
+/// with the error it got alone. One bad entry among `n` costs about `2·log2(n)` writes, and a
+/// batch of good entries never waits behind it. Resending the halves that had already been
+/// stored before the rejection is harmless: sink writes are idempotent per key. A transient
+/// failure on the way stops the search; the next round starts it again from the ledger.
+async fn isolate(
+    shared: &Shared,
+    keys: &[(i64, i64)],
+    entries: &[Entry],
+    rejection: StoreError,
+) -> Round {
+    let mut round = Round::default();
+    // Depth first, left half first, so entries ship in about their ledger order.
+    let mut todo = vec![(0, entries.len(), Some(rejection))];
+    while let Some((lo, hi, known)) = todo.pop() {
+        let err = match known {
+            Some(err) => err,
+            None => match shared.sink.write(&entries[lo..hi]).await {
+                Ok(report) => {
+                    round.retries += report.retries;
+                    round.shipped.extend_from_slice(&keys[lo..hi]);
+                    continue;
+                }
+                Err(err) if err.is_rejection() => {
+                    shared.note_error(&err);
+                    err
+                }
+                Err(err) => {
+                    round.transient = Some(err);
+                    break;
+                }
+            },
+        };
+        if hi - lo == 1 {
+            let (seq, version) = keys[lo];
+            round.refused.push(Refused {
+                reject: Reject {
+                    seq,
+                    version,
+                    error: err.to_string(),
+                },
+                key: entries[lo].key().into_owned(),
+                kind: entries[lo].kind(),
+            });
+            continue;
+        }
+        let mid = lo + (hi - lo) / 2;
+        todo.push((mid, hi, None));
+        todo.push((lo, mid, None));
+    }
+    round
+}
+
+/// Records a round's outcome in the ledger (retrying until the disk takes it) and the counters.
+async fn settle(
+    shared: &Arc<Shared>,
+    shipped: Vec<(i64, i64)>,
+    refused: Vec<Refused>,
+    attempt: &mut u32,
+) {
+    let c = &shared.counters;
+    let confirmed = shipped.len() as u64;
+    let shipped = Arc::new(shipped);
+    let rejects: Arc<Vec<Reject>> = Arc::new(refused.iter().map(|r| r.reject.clone()).collect());
+    let settled = loop {
+        let (shipped, rejects) = (Arc::clone(&shipped), Arc::clone(&rejects));
+        let now = now_ms();
+        match shared
+            .with_ledger(move |l| Ok((l.settle(&shipped, &rejects, now)?, l.backlog()?)))
+            .await
+        {
+            Ok(done) => break done,
+            Err(err) => {
+                // The sink has the shipped ones; resending them later is harmless (idempotent),
+                // and the refused ones are simply refused again.
+                tracing::error!(error = %err, "recording shipped metrics in the ledger failed; retrying");
+                c.ledger_errors.fetch_add(1, Ordering::Relaxed);
+                backoff(shared, attempt).await;
+            }
+        }
+    };
+    let (settled, (_, oldest)) = settled;
+    for r in &refused {
+        tracing::error!(sink = shared.sink.name(), entry_key = %r.key, kind = r.kind,
+            error = %r.reject.error,
+            "metrics entry refused by the sink; kept in the ledger's dead_letters table until requeued");
+    }
+    c.shipped.fetch_add(confirmed, Ordering::Relaxed);
+    counted_dead(shared, settled.dead_lettered);
+    shared.left_outbox(settled.shipped);
+    c.oldest_pending_ms
+        .store(oldest.unwrap_or(0), Ordering::Release);
+    shared.bump();
+}
+
+/// Counts rows that moved from the outbox to `dead_letters`.
+fn counted_dead(shared: &Shared, rows: u64) {
+    let c = &shared.counters;
+    c.dead_lettered.fetch_add(rows, Ordering::Relaxed);
+    c.dead_letters.fetch_add(rows, Ordering::Relaxed);
+    shared.left_outbox(rows);
 }
 
 async fn backoff(shared: &Shared, attempt: &mut u32) {

@@ -35,6 +35,16 @@ const KEY_ATTRS: [&str; 7] = ["PK", "SK", "GSI1PK", "GSI1SK", "GSI2PK", "GSI2SK"
 /// huge output cannot exceed the 400 KB item limit and block the outbox behind it forever.
 pub const MAX_CONTENT_BYTES: usize = 350_000;
 
+/// Error codes by which DynamoDB refuses the items themselves (too large, a bad or empty
+/// attribute, an item collection over its size limit): the same items fail every time, so they
+/// become [`StoreError::Rejected`] and the shipper sets them aside. A missing table or denied
+/// access fails every item alike and stays an ordinary (retried) error.
+const REJECTION_CODES: [&str; 3] = [
+    "ValidationException",
+    "ItemCollectionSizeLimitExceededException",
+    "SerializationException",
+];
+
 /// The backoff of the in-sink resend loop (unprocessed items and throttling).
 #[derive(Debug, Clone, Copy)]
 pub struct DynamoRetry {
@@ -356,7 +366,7 @@ impl DynamoStore {
             {
                 Some(u64::MAX)
             }
-            Err(err) => return Err(self.sdk_error("UpdateItem", &err)),
+            Err(err) => return Err(self.write_error("UpdateItem", &err)),
         };
         if stored_created.is_none_or(|c| c <= meta.created_at_ms) {
             return Ok(());
@@ -381,7 +391,7 @@ impl DynamoStore {
             {
                 Ok(())
             }
-            Err(err) => Err(self.sdk_error("UpdateItem", &err)),
+            Err(err) => Err(self.write_error("UpdateItem", &err)),
         }
     }
 
@@ -412,6 +422,30 @@ impl DynamoStore {
             message: DisplayErrorContext(err).to_string(),
             retryable,
         }
+    }
+
+    /// [`DynamoStore::sdk_error`] for the write path, where a refusal of the items is told
+    /// apart ([`StoreError::Rejected`]) so the shipper can isolate the offending entries.
+    fn write_error<E, R>(&self, operation: &'static str, err: &SdkError<E, R>) -> StoreError
+    where
+        E: std::error::Error + ProvideErrorMetadata + 'static,
+        R: std::fmt::Debug,
+    {
+        let code = match err {
+            SdkError::ServiceError(e) => e.err().code(),
+            _ => None,
+        };
+        if code.is_some_and(|c| REJECTION_CODES.contains(&c)) {
+            return StoreError::Rejected {
+                sink: "dynamodb",
+                message: format!(
+                    "{operation} on table {}: {}",
+                    self.table,
+                    DisplayErrorContext(err)
+                ),
+            };
+        }
+        self.sdk_error(operation, err)
     }
 
     /// Writes one ≤ 25-item request, resending only `UnprocessedItems` (and whole requests that
@@ -452,7 +486,7 @@ impl DynamoStore {
                 Err(err) if is_throttle(&err) => {
                     tracing::debug!(attempt, error = %DisplayErrorContext(&err), "DynamoDB throttled a batch; backing off");
                 }
-                Err(err) => return Err(self.sdk_error("BatchWriteItem", &err)),
+                Err(err) => return Err(self.write_error("BatchWriteItem", &err)),
             }
         }
         Err(StoreError::Unprocessed {

@@ -91,16 +91,60 @@ pub enum StoreError {
     Task(String),
     #[error("the local metrics ledger could not be read: {0}")]
     Ledger(String),
+    /// The store refused the data itself (DynamoDB `ValidationException`: an item over 400 KB,
+    /// a bad attribute): resending the same entries can never succeed. The metrics shipper
+    /// isolates the offending entries and moves them to the ledger's `dead_letters` table.
+    #[error(
+        "{sink} rejected the write: {message}; resending cannot help, fix the entry or the store and requeue the dead letters"
+    )]
+    Rejected { sink: &'static str, message: String },
 }
 
 impl StoreError {
+    /// Retrying later can succeed: throttling, outages, timeouts, a busy or full disk.
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Dynamo { retryable, .. } => *retryable,
             StoreError::Unprocessed { .. } | StoreError::Task(_) | StoreError::Ledger(_) => true,
-            StoreError::Sqlite { .. } => true,
-            StoreError::Decode { .. } => false,
+            StoreError::Sqlite { .. } => !self.is_rejection(),
+            StoreError::Decode { .. } | StoreError::Rejected { .. } => false,
         }
+    }
+
+    /// The write failed because of what was written, not because of the store's state: the
+    /// same entries will fail again however often they are resent, while other entries can
+    /// succeed. A batch failing this way is split to find the entries to set aside.
+    ///
+    /// Errors that are permanent but not about the data (a missing table, denied access, bad
+    /// credentials) are not rejections: every entry would fail the same way, so setting entries
+    /// aside would only empty the outbox. Those keep the entries pending until an operator
+    /// fixes the configuration.
+    pub fn is_rejection(&self) -> bool {
+        match self {
+            StoreError::Rejected { .. } | StoreError::Decode { .. } => true,
+            StoreError::Sqlite { source, .. } => sqlite_rejects_data(source),
+            StoreError::Dynamo { .. }
+            | StoreError::Unprocessed { .. }
+            | StoreError::Task(_)
+            | StoreError::Ledger(_) => false,
+        }
+    }
+}
+
+/// SQLite errors caused by the row itself: constraint violations (including `RAISE(ABORT)` in
+/// triggers), values too big or of the wrong type. Busy, locked, I/O, full-disk and read-only
+/// errors are about the database and pass with time or an operator's fix.
+fn sqlite_rejects_data(err: &rusqlite::Error) -> bool {
+    use rusqlite::ffi::ErrorCode;
+    match err {
+        rusqlite::Error::SqliteFailure(e, _) => matches!(
+            e.code,
+            ErrorCode::ConstraintViolation | ErrorCode::TooBig | ErrorCode::TypeMismatch
+        ),
+        rusqlite::Error::ToSqlConversionFailure(_)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::NulError(_) => true,
+        _ => false,
     }
 }
 
@@ -151,6 +195,50 @@ mod tests {
         assert_eq!(iso_ts(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(iso_ts(1_764_080_467_123), "2025-11-25T14:21:07.123Z");
         assert_eq!(day_of(1_764_080_467_123), "2025-11-25");
+    }
+
+    #[test]
+    fn sqlite_constraint_errors_are_rejections_and_busy_disks_are_not() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT NOT NULL);
+             CREATE TRIGGER no_bad BEFORE INSERT ON t WHEN NEW.id = 'bad'
+               BEGIN SELECT RAISE(ABORT, 'bad is refused'); END;",
+        )
+        .unwrap();
+        let sqlite = |source| StoreError::Sqlite {
+            path: "t.sqlite3".into(),
+            source,
+        };
+        let not_null = conn
+            .execute("INSERT INTO t (id, v) VALUES ('a', NULL)", [])
+            .unwrap_err();
+        let trigger = conn
+            .execute("INSERT INTO t (id, v) VALUES ('bad', 'x')", [])
+            .unwrap_err();
+        for err in [sqlite(not_null), sqlite(trigger)] {
+            assert!(err.is_rejection() && !err.is_retryable(), "{err}");
+        }
+        let busy = sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        ));
+        assert!(!busy.is_rejection() && busy.is_retryable());
+        let denied = StoreError::Dynamo {
+            operation: "BatchWriteItem",
+            table: "t".into(),
+            message: "AccessDeniedException".into(),
+            retryable: false,
+        };
+        assert!(
+            !denied.is_rejection(),
+            "a config error must not dead-letter entries"
+        );
+        let rejected = StoreError::Rejected {
+            sink: "dynamodb",
+            message: "ValidationException".into(),
+        };
+        assert!(rejected.is_rejection() && !rejected.is_retryable());
     }
 
     #[test]

@@ -556,3 +556,318 @@ async fn start_from_env_uses_sqlite_without_a_table_name_and_dynamo_with_one() {
     let tracker = metrics::start_from_env(&env).await.unwrap();
     assert_eq!(tracker.health().sink, "dynamodb");
 }
+
+/// `records(n)` with the request ids at `poisoned` replaced by `poison-{i}`, so a fault can
+/// target them.
+fn records_with_poison(n: u64, poisoned: &[usize]) -> Vec<RequestRecord> {
+    let mut recs = records(n);
+    for &i in poisoned {
+        recs[i] = recs[i].clone().with_request_id(&format!("poison-{i}"));
+    }
+    recs
+}
+
+#[tokio::test]
+async fn dynamo_refusing_one_item_ships_the_rest_dead_letters_it_and_requeue_delivers_it() {
+    let moto = Moto::start().await;
+    let proxy = FaultProxy::start(&moto.endpoint).await;
+    let client = table(&moto, "m-dead").await;
+    proxy.reject_batches_containing(Some("poison-7"));
+    let dir = TempDir::new("metrics-dead");
+    let ledger = dir.file("l.sqlite3");
+    let store =
+        DynamoStore::new(moto::client(&proxy.endpoint).await, "m-dead").with_retry(fast_retry());
+    let tracker = Tracker::start(config(ledger.clone()), Arc::new(store))
+        .await
+        .unwrap();
+    record_all(&tracker, &records_with_poison(30, &[7])).await;
+    let (h, ok) = tracker
+        .wait_for(WAIT, |h| h.dead_letters == 1 && h.pending == 0)
+        .await;
+    assert!(ok, "{h:?}");
+
+    let ids: Vec<String> = request_items(&scan(&client, "m-dead").await)
+        .iter()
+        .map(|i| s(i, "requestId"))
+        .collect();
+    assert_eq!(ids.len(), 29, "every other item arrived");
+    assert!(!ids.contains(&"poison-7".to_owned()));
+    // One 30-entry write (split 25 + 5 by the sink; the first request is refused), then halves:
+    // [0,15) refused, [0,7) ok, [7,15) refused, [7,11), [7,9), [7,8) refused → dead letter,
+    // then [8,9), [9,11), [11,15), [15,30) ship.
+    assert_eq!(
+        proxy.batch_sizes(),
+        vec![25, 15, 7, 8, 4, 2, 1, 1, 2, 4, 15]
+    );
+    assert_eq!(
+        (h.shipped, h.dead_lettered, h.dead_letters, h.failed_writes),
+        (29, 1, 1, 6),
+        "{h:?}"
+    );
+    assert_eq!((h.retried, h.consecutive_failures), (0, 0), "{h:?}");
+    let last = h.last_error.as_deref().unwrap();
+    assert!(last.contains("ValidationException"), "{last}");
+
+    let dead = tracker.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].key.as_str(), dead[0].kind.as_str()),
+        ("poison-7", "request")
+    );
+    assert_eq!(dead[0].entry["requestId"], "poison-7");
+    assert!(
+        dead[0]
+            .error
+            .contains("Item size has exceeded the maximum allowed size"),
+        "{}",
+        dead[0].error
+    );
+    assert!(dead[0].dead_lettered_ms >= dead[0].accepted_ms);
+    // Kept in the ledger file itself, not only in memory.
+    let conn = rusqlite::Connection::open(&ledger).unwrap();
+    let held: i64 = conn
+        .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(held, 1);
+
+    // The operator fixes the cause and requeues: the entry arrives.
+    proxy.reject_batches_containing(None);
+    assert_eq!(tracker.requeue_dead_letters().await.unwrap(), 1);
+    let (h, ok) = tracker
+        .wait_for(WAIT, |h| h.shipped == 30 && h.pending == 0)
+        .await;
+    assert!(ok, "{h:?}");
+    assert_eq!(
+        (h.dead_letters, h.dead_lettered, h.requeued),
+        (0, 1, 1),
+        "{h:?}"
+    );
+    assert!(tracker.dead_letters(10).await.unwrap().is_empty());
+    let items = scan(&client, "m-dead").await;
+    assert_eq!(request_items(&items).len(), 30);
+    assert!(items.iter().any(|i| s(i, "requestId") == "poison-7"));
+    let report = tracker
+        .shutdown(Instant::now() + Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        (
+            report.left_in_ledger,
+            report.dead_lettered,
+            report.dead_letters
+        ),
+        (0, 1, 0),
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_constraint_refusal_is_dead_lettered_reported_at_shutdown_kept_and_requeued() {
+    let dir = TempDir::new("metrics-dead-sqlite");
+    // Ledger and store share the file, as in the default deployment.
+    let path = dir.file("keyvex.sqlite3");
+    let store = SqliteStore::open(&path).unwrap();
+    // A real SQLite constraint error from the store's own insert: a trigger refusing one id.
+    let admin = rusqlite::Connection::open(&path).unwrap();
+    admin
+        .execute_batch(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON requests
+               WHEN NEW.request_id = 'poison-3'
+               BEGIN SELECT RAISE(ABORT, 'request poison-3 violates a check'); END;",
+        )
+        .unwrap();
+    let mut cfg = config(path.clone());
+    cfg.flush_interval = Duration::from_secs(3600);
+    let tracker = Tracker::start(cfg.clone(), Arc::new(store.clone()))
+        .await
+        .unwrap();
+    record_all(&tracker, &records_with_poison(20, &[3])).await;
+    let report = tracker
+        .shutdown(Instant::now() + Duration::from_secs(10))
+        .await;
+    assert!(!report.deadline_hit, "{report:?}");
+    assert_eq!(
+        (
+            report.shipped,
+            report.left_in_ledger,
+            report.dead_lettered,
+            report.dead_letters
+        ),
+        (19, 0, 1, 1),
+        "nothing lost: 19 shipped, 1 set aside: {report:?}"
+    );
+    assert_eq!(
+        store.requests_between(T0, T0 + 60_000).await.unwrap().len(),
+        19
+    );
+    drop(tracker);
+
+    // The next start still holds it and says so.
+    let tracker = Tracker::start(cfg, Arc::new(store.clone())).await.unwrap();
+    let h = tracker.health();
+    assert_eq!(
+        (h.dead_letters, h.dead_lettered, h.pending),
+        (1, 0, 0),
+        "{h:?}"
+    );
+    let dead = tracker.dead_letters(10).await.unwrap();
+    assert_eq!(dead[0].key, "poison-3");
+    assert!(
+        dead[0].error.contains("poison-3 violates a check"),
+        "{}",
+        dead[0].error
+    );
+
+    // Requeued before the cause is fixed: refused again, back in dead letters, nothing stuck.
+    assert_eq!(tracker.requeue_dead_letters().await.unwrap(), 1);
+    let report = tracker
+        .shutdown(Instant::now() + Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        (
+            report.left_in_ledger,
+            report.dead_lettered,
+            report.dead_letters
+        ),
+        (0, 1, 1),
+        "{report:?}"
+    );
+    drop(tracker);
+
+    admin.execute_batch("DROP TRIGGER refuse_poison").unwrap();
+    let mut cfg = config(path.clone());
+    cfg.flush_interval = Duration::from_millis(20);
+    let tracker = Tracker::start(cfg, Arc::new(store.clone())).await.unwrap();
+    assert_eq!(tracker.requeue_dead_letters().await.unwrap(), 1);
+    let (h, ok) = tracker
+        .wait_for(WAIT, |h| h.shipped == 1 && h.pending == 0)
+        .await;
+    assert!(ok, "{h:?}");
+    assert_eq!(h.dead_letters, 0, "{h:?}");
+    let back = store.requests_between(T0, T0 + 60_000).await.unwrap();
+    assert_eq!(back.len(), 20);
+    assert!(back.iter().any(|r| r.request_id == "poison-3"));
+}
+
+/// An in-memory sink with scripted failures: while `down` it fails every write with a
+/// non-retryable configuration error (which must not dead-letter anything), `script` fails the
+/// next writes in order (`None` = behave normally), and it refuses any batch holding a key of
+/// `refused`.
+struct ScriptedSink {
+    stored: std::sync::Mutex<HashMap<String, keyvex_engine::store::Entry>>,
+    refused: Vec<String>,
+    down: std::sync::atomic::AtomicBool,
+    script: std::sync::Mutex<std::collections::VecDeque<Option<keyvex_engine::store::StoreError>>>,
+}
+
+impl Sink for ScriptedSink {
+    fn name(&self) -> &'static str {
+        "scripted"
+    }
+
+    fn write<'a>(
+        &'a self,
+        entries: &'a [keyvex_engine::store::Entry],
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<keyvex_engine::store::WriteReport, keyvex_engine::store::StoreError>,
+    > {
+        use keyvex_engine::store::StoreError;
+        Box::pin(async move {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Dynamo {
+                    operation: "BatchWriteItem",
+                    table: "m".into(),
+                    message: "AccessDeniedException: not authorized".into(),
+                    retryable: false,
+                });
+            }
+            if let Some(Some(err)) = self.script.lock().unwrap().pop_front() {
+                return Err(err);
+            }
+            if let Some(bad) = entries
+                .iter()
+                .find(|e| self.refused.iter().any(|r| *r == e.key()))
+            {
+                return Err(StoreError::Rejected {
+                    sink: "scripted",
+                    message: format!("entry {} is refused", bad.key()),
+                });
+            }
+            let mut stored = self.stored.lock().unwrap();
+            for e in entries {
+                stored.insert(e.key().into_owned(), e.clone());
+            }
+            Ok(keyvex_engine::store::WriteReport::default())
+        })
+    }
+}
+
+#[tokio::test]
+async fn config_errors_never_dead_letter_and_isolation_survives_a_transient_failure() {
+    use keyvex_engine::store::StoreError;
+    let dir = TempDir::new("metrics-isolate");
+    let poisoned = [0, 50, 99];
+    let sink = Arc::new(ScriptedSink {
+        stored: Default::default(),
+        refused: poisoned.iter().map(|i| format!("poison-{i}")).collect(),
+        down: true.into(),
+        // Once up: the whole batch and its first half are refused, then the connection drops
+        // in the middle of the search.
+        script: std::sync::Mutex::new(
+            [
+                None,
+                None,
+                Some(StoreError::Task("connection reset".into())),
+            ]
+            .into(),
+        ),
+    });
+    let tracker = Tracker::start(config(dir.file("l.sqlite3")), sink.clone())
+        .await
+        .unwrap();
+    record_all(&tracker, &records_with_poison(100, &poisoned)).await;
+
+    // A store-wide permanent error (denied access): pending grows, nothing is set aside, and
+    // health says why.
+    let (h, ok) = tracker
+        .wait_for(WAIT, |h| h.consecutive_failures >= 3)
+        .await;
+    assert!(ok, "{h:?}");
+    assert_eq!(
+        (h.pending, h.shipped, h.dead_lettered),
+        (100, 0, 0),
+        "{h:?}"
+    );
+    assert!(
+        h.last_error.as_deref().unwrap().contains("AccessDenied"),
+        "{h:?}"
+    );
+    assert!(h.last_error_age_ms.is_some());
+
+    sink.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (h, ok) = tracker
+        .wait_for(WAIT, |h| h.pending == 0 && h.dead_letters == 3)
+        .await;
+    assert!(ok, "{h:?}");
+    assert_eq!(
+        (h.shipped, h.dead_lettered, h.consecutive_failures),
+        (97, 3, 0),
+        "{h:?}"
+    );
+    assert!(
+        h.retried >= 4,
+        "config errors and the reset were retried: {h:?}"
+    );
+    let stored = sink.stored.lock().unwrap().clone();
+    assert_eq!(stored.len(), 97);
+    assert!(stored.keys().all(|k| !k.starts_with("poison-")));
+    // Newest first, and the limit holds.
+    let keys: Vec<String> = tracker
+        .dead_letters(2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.key)
+        .collect();
+    assert_eq!(keys, vec!["poison-99", "poison-50"]);
+}

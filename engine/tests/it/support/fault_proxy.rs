@@ -1,6 +1,8 @@
 //! A fault-injecting HTTP proxy between the AWS SDK and moto. It forwards requests, and per a
 //! script answers BatchWriteItem with throttling errors, forwards only part of a batch and
-//! reports the rest as `UnprocessedItems`, or drops every connection while an outage is on.
+//! reports the rest as `UnprocessedItems`, refuses every batch holding a chosen item with a
+//! `ValidationException` (as DynamoDB refuses a whole request with an item over 400 KB), or drops
+//! every connection while an outage is on.
 
 // Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -31,6 +33,8 @@ struct ProxyState {
     upstream: String,
     http: reqwest::Client,
     script: Mutex<VecDeque<Fault>>,
+    /// BatchWriteItem requests whose body contains this text are refused.
+    reject: Mutex<Option<String>>,
     outage: Arc<AtomicBool>,
     /// Item count of every BatchWriteItem request received (faulted or not).
     batch_sizes: Mutex<Vec<usize>>,
@@ -89,6 +93,7 @@ impl FaultProxy {
             upstream: upstream.to_owned(),
             http: reqwest::Client::new(),
             script: Mutex::new(VecDeque::new()),
+            reject: Mutex::new(None),
             outage: Arc::clone(&outage),
             batch_sizes: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
@@ -117,6 +122,12 @@ impl FaultProxy {
         self.state.script.lock().unwrap().extend(faults);
     }
 
+    /// From now on, refuse every BatchWriteItem request whose body contains `needle` (e.g. a
+    /// request id) with a `ValidationException`, before forwarding anything of it; `None` stops.
+    pub fn reject_batches_containing(&self, needle: Option<&str>) {
+        *self.state.reject.lock().unwrap() = needle.map(str::to_owned);
+    }
+
     pub fn set_outage(&self, on: bool) {
         self.state.outage.store(on, Ordering::SeqCst);
     }
@@ -141,10 +152,10 @@ impl Drop for FaultProxy {
     }
 }
 
-fn dynamo_error(kind: &str) -> Response {
+fn dynamo_error(kind: &str, message: &str) -> Response {
     let body = serde_json::json!({
         "__type": format!("com.amazonaws.dynamodb.v20120810#{kind}"),
-        "message": "Rate of requests exceeds the allowed throughput.",
+        "message": message,
     });
     json_response(StatusCode::BAD_REQUEST, body.to_string().into())
 }
@@ -197,11 +208,21 @@ async fn handle(state: &ProxyState, req: Request) -> Response {
             .map(|v| v.as_array().unwrap().len())
             .sum();
         state.batch_sizes.lock().unwrap().push(count);
+        let needle = state.reject.lock().unwrap().clone();
+        if needle.is_some_and(|n| !n.is_empty() && body.windows(n.len()).any(|w| w == n.as_bytes()))
+        {
+            // DynamoDB's wording for an item over 400 KB; the whole request is refused.
+            return dynamo_error(
+                "ValidationException",
+                "Item size has exceeded the maximum allowed size",
+            );
+        }
+        const THROTTLED: &str = "Rate of requests exceeds the allowed throughput.";
         let fault = state.script.lock().unwrap().pop_front();
         match fault {
-            Some(Fault::Throttling) => return dynamo_error("ThrottlingException"),
+            Some(Fault::Throttling) => return dynamo_error("ThrottlingException", THROTTLED),
             Some(Fault::ProvisionedThroughputExceeded) => {
-                return dynamo_error("ProvisionedThroughputExceededException");
+                return dynamo_error("ProvisionedThroughputExceededException", THROTTLED);
             }
             Some(Fault::Partial { keep }) => {
                 let mut left = keep;
