@@ -19,3 +19,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --locked
+
+step "latency budget gate (benches/budgets.toml, relative to a calibration bench of the same run)"
+cargo run --locked -p benches --bin gate
