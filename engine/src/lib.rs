@@ -7,6 +7,8 @@ pub mod agent_run;
 pub mod catalog;
 pub mod config;
 pub mod cost;
+pub mod dashboard;
+pub mod demo;
 pub mod metrics;
 pub mod pipeline;
 pub mod provider;
