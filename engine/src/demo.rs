@@ -407,9 +407,10 @@ impl<'a> Generator<'a> {
         let model = self.model(process, false)?;
         let user = self.caller();
         let id = self.id(ts);
+        // Sonnet: 300k+ input tokens alone are about $0.90; the answer takes it over $1.
         let usage = Usage {
-            input: self.rng.random_range(150_000..250_000),
-            output: self.rng.random_range(50_000..64_000),
+            input: self.rng.random_range(300_000..360_000),
+            output: self.rng.random_range(8_000..12_000),
             ..Usage::default()
         };
         let (ttft_base, tokens_per_s) = Self::speed(model);

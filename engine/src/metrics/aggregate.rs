@@ -161,13 +161,13 @@ pub fn aggregate_by(
         let request_micro = rec.cost().micro_usd();
         a.max_request_cost_micro_usd = a.max_request_cost_micro_usd.max(request_micro);
         if let Some(h) = acc.cost.as_mut() {
-            h.saturating_record(request_micro);
+            record(h, request_micro);
         }
         if let Some(h) = acc.latency.as_mut() {
-            h.saturating_record(rec.latency_ms);
+            record(h, rec.latency_ms);
         }
         if let (Some(h), Some(t)) = (acc.ttft.as_mut(), rec.ttft_ms) {
-            h.saturating_record(t);
+            record(h, t);
         }
     }
     groups
@@ -188,6 +188,14 @@ pub fn aggregate_by(
             acc.agg
         })
         .collect()
+}
+
+/// `Histogram::new` starts with a tiny range and grows on `record`; `saturating_record` alone
+/// would never grow it and would clamp every value above ~2 047 (2 s of latency) to that bound.
+fn record(h: &mut Histogram<u64>, value: u64) {
+    if h.record(value).is_err() {
+        h.saturating_record(value);
+    }
 }
 
 fn percentiles(h: &Histogram<u64>) -> Percentiles {
@@ -240,6 +248,26 @@ mod tests {
         assert_eq!(aggregate(&recs, GroupBy::Hour)[0].key, "2025-11-25T00");
         assert_eq!(aggregate(&recs, GroupBy::User)[0].key, "u");
         assert_eq!(aggregate(&recs, GroupBy::Minute)[0].key, "2025-11-25T00:00");
+    }
+
+    #[test]
+    fn large_values_are_not_clamped() {
+        // Latencies of 1..=100 seconds and costs of 1..=100 dollars (in micro-dollars).
+        let recs: Vec<RequestRecord> = (1..=100u64)
+            .map(|i| {
+                RequestRecord::new("u", "magicSpark", "openai", "m")
+                    .with_latency(i * 1_000, Some(i * 100))
+                    .with_cost(Cost::from_micro_usd(i * 1_000_000))
+            })
+            .collect();
+        let a = &aggregate(&recs, GroupBy::Process)[0];
+        let near = |got: u64, want: u64| got.abs_diff(want) * 1000 <= want;
+        assert!(near(a.latency_ms.p50, 50_000), "{:?}", a.latency_ms);
+        assert!(near(a.latency_ms.p99, 99_000), "{:?}", a.latency_ms);
+        assert!(near(a.ttft_ms.unwrap().p95, 9_500), "{:?}", a.ttft_ms);
+        let c = a.cost_per_request_micro_usd;
+        assert!(near(c.p50, 50_000_000) && near(c.p95, 95_000_000), "{c:?}");
+        assert_eq!(a.max_request_cost_micro_usd, 100_000_000);
     }
 
     #[test]

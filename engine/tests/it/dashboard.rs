@@ -210,7 +210,7 @@ async fn browser(port: u16, profile: &Path) -> Client {
             "args": [
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-sync", "--window-size=1440,1100",
+                "--no-first-run", "--disable-sync", "--window-size=1440,2000",
                 format!("--user-data-dir={}", profile.display()),
             ],
         },

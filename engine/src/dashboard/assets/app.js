@@ -35,7 +35,7 @@ function usd(v) {
   if (v == null) return "–";
   if (v === 0) return "$0";
   if (Math.abs(v) >= 1000) return `$${nf.format(Math.round(v))}`;
-  if (Math.abs(v) >= 1) return `$${v.toFixed(2)}`;
+  if (Math.abs(v) >= 0.1) return `$${v.toFixed(2)}`;
   if (Math.abs(v) >= 0.01) return `$${v.toFixed(3)}`;
   return `$${v.toPrecision(2)}`;
 }
@@ -328,7 +328,7 @@ function renderCost(panel, d) {
     })),
     chartCard("Spend by provider", null, (h) => hbarChart(h, {
       series: "Spend", format: usd,
-      rows: sortedBy(d.byProvider.groups, (g) => g.costUsd).map((g, i) => ({ label: g.key, value: g.costUsd, color: PALETTE[i + 2] })),
+      rows: sortedBy(d.byProvider.groups, (g) => g.costUsd).map((g, i) => ({ label: g.key, value: g.costUsd, color: PALETTE[i === 0 ? 0 : 4] })),
     })),
     chartCard("Spend by model", null, (h) => hbarChart(h, {
       series: "Spend", format: usd,
@@ -348,7 +348,7 @@ function renderUsage(panel, d) {
     kpi("Requests", nf.format(t.requests), `${nf.format(t.errors)} failed · ${nf.format(t.cancelled)} cancelled`),
     kpi("Input tokens", compact(t.inputTokens), `${pct(t.inputTokens ? t.cachedInputTokens / t.inputTokens : 0)} read from cache`),
     kpi("Cached input tokens", compact(t.cachedInputTokens)),
-    kpi("Output tokens", compact(t.outputTokens), t.requests ? `${compact(t.outputTokens / t.requests)} per request` : null),
+    kpi("Output tokens", compact(t.outputTokens), t.requests ? `${compact(Math.round(t.outputTokens / t.requests))} per request` : null),
   ])];
   if (!hasData(d)) {
     blocks.push(grid([chartCard("Requests over time", null, (h) => emptyState(h, NO_DATA), true)]));
