@@ -9,6 +9,8 @@ pub mod bench_support;
 pub mod catalog;
 pub mod config;
 pub mod cost;
+pub mod dashboard;
+pub mod demo;
 pub mod limits;
 pub mod metrics;
 pub mod pipeline;

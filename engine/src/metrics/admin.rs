@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::metrics::aggregate::{Aggregate, GroupBy, Percentiles, aggregate, aggregate_by};
-use crate::metrics::{Alert, MetricsHealth, RequestRecord, Tracker, now_ms};
+use crate::metrics::aggregate::{Aggregate, GroupBy, aggregate, aggregate_by};
+use crate::metrics::{Alert, AlertConfig, MetricsHealth, RequestRecord, Tracker, now_ms};
 use crate::store::StoreError;
 use crate::store::dynamo::DynamoStore;
 use crate::store::iso_ts;
@@ -239,6 +239,29 @@ pub struct AdminMetrics {
     /// The metrics pipeline's own counters, when the reader knows the tracker.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<MetricsHealth>,
+    /// The alert thresholds in force, so a dashboard can draw them against the figures.
+    pub thresholds: AlertThresholds,
+}
+
+/// [`AlertConfig`] in display units (dollars, milliseconds, a 0..1 rate).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertThresholds {
+    pub cost_per_day_usd: f64,
+    pub cost_per_request_usd: f64,
+    pub avg_latency_ms: u64,
+    pub error_rate: f64,
+}
+
+impl From<&AlertConfig> for AlertThresholds {
+    fn from(cfg: &AlertConfig) -> Self {
+        AlertThresholds {
+            cost_per_day_usd: cfg.cost_per_day.usd(),
+            cost_per_request_usd: cfg.cost_per_request.usd(),
+            avg_latency_ms: cfg.avg_latency_ms,
+            error_rate: cfg.error_rate,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -252,6 +275,7 @@ enum Backend {
 pub struct MetricsReader {
     backend: Backend,
     tracker: Option<Tracker>,
+    thresholds: AlertThresholds,
 }
 
 impl MetricsReader {
@@ -259,6 +283,7 @@ impl MetricsReader {
         MetricsReader {
             backend: Backend::Sqlite(store),
             tracker: None,
+            thresholds: AlertThresholds::from(&AlertConfig::default()),
         }
     }
 
@@ -266,12 +291,19 @@ impl MetricsReader {
         MetricsReader {
             backend: Backend::Dynamo(store),
             tracker: None,
+            thresholds: AlertThresholds::from(&AlertConfig::default()),
         }
     }
 
     /// Include `tracker.health()` in every [`AdminMetrics`].
     pub fn with_health(mut self, tracker: Tracker) -> MetricsReader {
         self.tracker = Some(tracker);
+        self
+    }
+
+    /// Report these thresholds (the tracker's [`AlertConfig`]) instead of the defaults.
+    pub fn with_alert_config(mut self, cfg: &AlertConfig) -> MetricsReader {
+        self.thresholds = AlertThresholds::from(cfg);
         self
     }
 
@@ -286,7 +318,7 @@ impl MetricsReader {
         let records = self.requests(from_ms, to_ms, filter).await?;
         let totals = aggregate_by(&records, |_| "total".to_owned())
             .pop()
-            .unwrap_or_else(empty_totals);
+            .unwrap_or_else(|| Aggregate::empty("total"));
         Ok(AdminMetrics {
             from: iso_ts(from_ms),
             to: iso_ts(to_ms),
@@ -295,6 +327,7 @@ impl MetricsReader {
             totals,
             groups: group_by.map(|g| aggregate(&records, g)).unwrap_or_default(),
             pipeline: self.tracker.as_ref().map(Tracker::health),
+            thresholds: self.thresholds.clone(),
         })
     }
 
@@ -320,24 +353,6 @@ impl MetricsReader {
             Backend::Sqlite(s) => s.requests_filtered(from_ms, to_ms, process, provider).await,
             Backend::Dynamo(d) => d.requests_filtered(from_ms, to_ms, process, provider).await,
         }
-    }
-}
-
-fn empty_totals() -> Aggregate {
-    Aggregate {
-        key: "total".to_owned(),
-        requests: 0,
-        errors: 0,
-        cancelled: 0,
-        error_rate: 0.0,
-        input_tokens: 0,
-        cached_input_tokens: 0,
-        output_tokens: 0,
-        cost_pico_usd: 0,
-        cost_micro_usd: 0,
-        cost_usd: 0.0,
-        latency_ms: Percentiles::default(),
-        ttft_ms: None,
     }
 }
 

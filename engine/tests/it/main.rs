@@ -4,6 +4,7 @@
 
 mod admin;
 mod agents;
+mod dashboard;
 mod metrics;
 mod providers;
 mod queue;
