@@ -21,4 +21,12 @@ step "cargo test"
 cargo test --workspace --locked
 
 step "latency budget gate (benches/budgets.toml, relative to a calibration bench of the same run)"
-cargo run --locked -p benches --bin gate
+# `cargo test` above already built the gate (its own tests run it). Running that binary avoids a
+# `cargo run -p benches` / `cargo build --bins`, which resolve features without the dev-dependencies
+# and would rebuild much of the dependency tree.
+gate="${CARGO_TARGET_DIR:-target}/debug/gate"
+if [[ ! -x "$gate" ]]; then
+    echo "test.sh: $gate was not built by cargo test; run: cargo build -p benches --bin gate" >&2
+    exit 1
+fi
+"$gate"
