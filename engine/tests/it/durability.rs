@@ -696,6 +696,23 @@ impl Drop for Keyvex {
     }
 }
 
+/// Polls `/readyz` until the server is ready with nothing pending, and returns that answer. A
+/// separate process has no signal to wait on, so this polls.
+async fn wait_drained(base: &str) -> Value {
+    let http = reqwest::Client::new();
+    let mut last = Value::Null;
+    for _ in 0..1500 {
+        if let Ok(resp) = http.get(format!("{base}/readyz")).send().await {
+            last = resp.json().await.unwrap();
+            if last["ready"] == true && last["metrics"]["pending"] == 0 {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{base} never reported an empty ledger: {last}");
+}
+
 /// Request records waiting in the ledger's outbox (alerts the binary may raise left out).
 fn outbox_requests(ledger: &Path) -> u64 {
     let conn = rusqlite::Connection::open(ledger).unwrap();
@@ -874,6 +891,10 @@ async fn kill_9_under_load_then_restart_ships_every_record_a_client_was_told_abo
     assert!(durable >= told.len() as u64, "{durable} < {}", told.len());
 
     let restarted = start_keyvex(&ledger, &moto.endpoint, &name, 20, "fast");
+    // The restart ships the outbox at once; /readyz shows it drained. (Waiting also keeps the
+    // SIGTERM clear of the window after "listening on" in which the binary has no handler yet.)
+    let ready = wait_drained(&restarted.base).await;
+    assert_eq!(ready["metrics"]["sink"], "dynamodb", "{ready}");
     let (status, log) = restarted.terminate().await;
     assert!(
         status.success(),
