@@ -5,6 +5,7 @@
 mod admin;
 mod agents;
 mod dashboard;
+mod durability;
 mod metrics;
 mod providers;
 mod queue;
