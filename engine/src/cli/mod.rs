@@ -148,7 +148,9 @@ mod tests {
                             let rest = &text[i + pat.len()..];
                             let name: String = rest
                                 .chars()
-                                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                                .take_while(|c| {
+                                    c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_'
+                                })
                                 .collect();
                             if !name.is_empty() && rest[name.len()..].starts_with('"') {
                                 read.insert(name);
@@ -159,8 +161,14 @@ mod tests {
             }
         }
         assert!(read.contains("SQS_AI_PROCESSING_QUEUE_URL"), "{read:?}");
-        let missing: Vec<_> = read.iter().filter(|n| !listed.contains(&n.as_str())).collect();
-        assert!(missing.is_empty(), "read but not in keyvex --help: {missing:?}");
+        let missing: Vec<_> = read
+            .iter()
+            .filter(|n| !listed.contains(&n.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "read but not in keyvex --help: {missing:?}"
+        );
         let help = env_help();
         assert!(help.contains("KEYVEX_WORKER_CONCURRENCY"), "{help}");
     }

@@ -53,10 +53,7 @@ pub enum ApiError {
     ShuttingDown,
     /// A part the route needs is not configured or not reachable (the queue, the store).
     #[error("{message}")]
-    Unavailable {
-        code: &'static str,
-        message: String,
-    },
+    Unavailable { code: &'static str, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -87,7 +84,9 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream { status, .. } => *status,
-            ApiError::ShuttingDown | ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ShuttingDown | ApiError::Unavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

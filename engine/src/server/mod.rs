@@ -35,17 +35,19 @@ use tower_http::trace::TraceLayer;
 use crate::config::{EngineConfig, Env, ServerConfig};
 use crate::limits::{CallerLimits, LimitedProvider, ProviderRates, Rate};
 use crate::metrics::admin::MetricsReader;
-use crate::metrics::{MetricsConfig, MetricsError, Receipt, RequestRecord, ShutdownReport, Tracker};
+use crate::metrics::{
+    MetricsConfig, MetricsError, Receipt, RequestRecord, ShutdownReport, Tracker,
+};
 use crate::queue::worker::{Worker, WorkerConfig, WorkerCounts};
 use crate::queue::{JobsCtx, QueueError};
-use crate::store::StoreError;
-use crate::store::sessions::{SessionMessage, SessionStore};
 use crate::router::{Router, RouterConfig};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::server::auth::{ApiKeys, Caller};
 use crate::server::error::{ApiError, BodyLimit};
 use crate::server::prom::ServerMetrics;
 use crate::server::sse::{CallScope, CancelObserver, Guarded};
+use crate::store::StoreError;
+use crate::store::sessions::{SessionMessage, SessionStore};
 
 pub use auth::Caller as AuthenticatedCaller;
 

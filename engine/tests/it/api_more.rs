@@ -295,9 +295,7 @@ async fn admin_routes_report_metrics_alerts_and_dead_letters_to_admins_only() {
         .await;
     assert!(ok, "{health:?}");
 
-    let m = h
-        .get_json("/v1/admin/metrics?groupBy=process", ADMIN)
-        .await;
+    let m = h.get_json("/v1/admin/metrics?groupBy=process", ADMIN).await;
     assert_eq!(m["totals"]["requests"], 3, "{m}");
     assert_eq!(m["totals"]["inputTokens"], input_tokens);
     assert!(m["totals"]["costMicroUsd"].as_u64().unwrap() > 0);
@@ -307,13 +305,12 @@ async fn admin_routes_report_metrics_alerts_and_dead_letters_to_admins_only() {
     assert_eq!(m["pipeline"]["sink"], "sqlite");
     assert!(m["thresholds"]["costPerRequestUsd"].as_f64().unwrap() > 0.0);
     let alerts = h.get_json("/v1/admin/alerts", ADMIN).await;
-    assert!(alerts["alerts"].is_array() && alerts["from"].is_string(), "{alerts}");
+    assert!(
+        alerts["alerts"].is_array() && alerts["from"].is_string(),
+        "{alerts}"
+    );
 
-    let e = error_of(
-        h.get("/v1/admin/metrics?groupBy=week", ADMIN).await,
-        400,
-    )
-    .await;
+    let e = error_of(h.get("/v1/admin/metrics?groupBy=week", ADMIN).await, 400).await;
     assert_eq!(e["param"], "groupBy");
     assert!(e["message"].as_str().unwrap().contains("groupBy"), "{e}");
     for path in [
@@ -354,7 +351,10 @@ async fn admin_routes_report_metrics_alerts_and_dead_letters_to_admins_only() {
     let letter = &dead["deadLetters"][0];
     assert_eq!(letter["kind"], "request");
     assert!(
-        letter["error"].as_str().unwrap().contains("refused by the test"),
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("refused by the test"),
         "{letter}"
     );
     assert_eq!(letter["entry"]["process"], "styleMaster");
@@ -377,7 +377,10 @@ async fn admin_routes_report_metrics_alerts_and_dead_letters_to_admins_only() {
         .await;
     assert!(ok, "{health:?}");
     let m = h
-        .get_json("/v1/admin/metrics?groupBy=process&process=styleMaster", ADMIN)
+        .get_json(
+            "/v1/admin/metrics?groupBy=process&process=styleMaster",
+            ADMIN,
+        )
         .await;
     assert_eq!(m["totals"]["requests"], 1, "{m}");
 
@@ -479,7 +482,10 @@ async fn jobs_run_on_the_in_process_worker_and_only_their_owner_sees_them() {
         400,
     )
     .await;
-    assert!(unknown["message"].as_str().unwrap().contains("sparkle"), "{unknown}");
+    assert!(
+        unknown["message"].as_str().unwrap().contains("sparkle"),
+        "{unknown}"
+    );
     let extra = error_of(
         h.post("/v1/jobs", ALICE)
             .json(&json!({ "target": "magicSpark", "input": business(), "nope": 1 }))
@@ -527,7 +533,11 @@ async fn jobs_run_on_the_in_process_worker_and_only_their_owner_sees_them() {
     assert!(ok, "{health:?}");
     let report = h.stop().await;
     assert!(report.ledger_flushed, "{report:?}");
-    assert_eq!(progress.borrow().received, 1, "nothing else reached the worker");
+    assert_eq!(
+        progress.borrow().received,
+        1,
+        "nothing else reached the worker"
+    );
 }
 
 /// The built binary writes demo traffic into a fresh SQLite file and says what it wrote.
@@ -569,7 +579,7 @@ async fn demo_traffic_fills_a_sqlite_file_through_the_binary() {
         )
         .unwrap();
     assert_eq!(rows, 300);
-    assert!(users <= 3 && users >= 1, "{users}");
+    assert!((1..=3).contains(&users), "{users}");
     let outbox: i64 = conn
         .query_row("SELECT COUNT(*) FROM metrics_outbox", [], |r| r.get(0))
         .unwrap();

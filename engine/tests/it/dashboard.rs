@@ -73,7 +73,9 @@ async fn start_server(dir: &TempDir) -> (SocketAddr, StoreFault) {
     let records = demo::generate(&cfg, &Catalog::embedded().unwrap()).unwrap();
     assert_eq!(demo::record_all(&tracker, records).await.unwrap(), 1_500);
     let (health, shipped) = tracker
-        .wait_for(Duration::from_secs(30), |h| h.pending == 0 && h.shipped >= 1_500)
+        .wait_for(Duration::from_secs(30), |h| {
+            h.pending == 0 && h.shipped >= 1_500
+        })
         .await;
     assert!(shipped, "{health:?}");
     assert!(health.alerts_raised >= 2, "{health:?}");

@@ -101,14 +101,15 @@ async fn dead_letters(
 
 /// Moves every dead letter back to the outbox (for after the cause was fixed).
 async fn requeue(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let moved = state
-        .tracker()
-        .requeue_dead_letters()
-        .await
-        .map_err(|e| ApiError::Unavailable {
-            code: "ledger_unavailable",
-            message: format!("requeueing the dead letters failed: {e}"),
-        })?;
+    let moved =
+        state
+            .tracker()
+            .requeue_dead_letters()
+            .await
+            .map_err(|e| ApiError::Unavailable {
+                code: "ledger_unavailable",
+                message: format!("requeueing the dead letters failed: {e}"),
+            })?;
     Ok(Json(json!({
         "requeued": moved,
         "remaining": state.tracker().health().dead_letters,

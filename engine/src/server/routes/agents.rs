@@ -81,10 +81,18 @@ async fn run(
     // output, so a session read right after `done` has both.
     let mut receipts = Vec::new();
     if let Some(sid) = &session {
-        receipts.push(state.record_message(
-            SessionMessage::new(sid, &caller.id, Role::User, process.key(), body.input.clone())
+        receipts.push(
+            state.record_message(
+                SessionMessage::new(
+                    sid,
+                    &caller.id,
+                    Role::User,
+                    process.key(),
+                    body.input.clone(),
+                )
                 .with_request(&request_id),
-        ));
+            ),
+        );
     }
     let router = state.router().clone();
     let events = {
