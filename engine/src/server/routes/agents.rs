@@ -141,13 +141,13 @@ pub(super) fn check_session_id(id: Option<&str>) -> Result<(), ApiError> {
     let Some(id) = id else { return Ok(()) };
     if id.trim().is_empty()
         || id.chars().count() > MAX_SESSION_ID_CHARS
-        || id.chars().any(|c| c.is_control() || c == '/')
+        || id.chars().any(char::is_control)
     {
         return Err(ApiError::bad_request(
             "invalid_field",
             Some("sessionId"),
             format!(
-                "`sessionId` must be 1 to {MAX_SESSION_ID_CHARS} characters without '/' or control characters"
+                "`sessionId` must be 1 to {MAX_SESSION_ID_CHARS} characters without control characters"
             ),
         ));
     }
