@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (moto in .venv for the DynamoDB/SQS
-# tests), then runs every check CI runs — formatting, clippy with warnings denied, all tests.
+# tests, Debian's chromium and chromedriver for the dashboard browser test), then runs every check CI runs — formatting, clippy with warnings denied, all tests.
 # Usage: scripts/test.sh            (from anywhere; works on a fresh machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,9 @@ step() { printf '\n== %s\n' "$*" >&2; }
 step "installing test dependencies (moto server in .venv)"
 scripts/ensure-moto.sh
 export MOTO_SERVER="$PWD/.venv/bin/moto_server"
+
+step "installing test dependencies (chromium and chromedriver for the dashboard test)"
+scripts/ensure-chromium.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -32,8 +32,12 @@ pub struct DemoArgs {
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let env = ProcessEnv;
-    let catalog = Catalog::load(env.var("KEYVEX_MODELS_FILE").as_deref().map(std::path::Path::new))
-        .context("loading the model catalog")?;
+    let catalog = Catalog::load(
+        env.var("KEYVEX_MODELS_FILE")
+            .as_deref()
+            .map(std::path::Path::new),
+    )
+    .context("loading the model catalog")?;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("the system clock is before 1970")?

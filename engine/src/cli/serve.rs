@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use keyvex_engine::config::{ApiKeySpec, CallerRole, EngineConfig, ProcessEnv, ServerConfig};
 use keyvex_engine::provider::ApiKey;
-use keyvex_engine::server::Server;
+use keyvex_engine::server::{Backends, Server};
 
 #[derive(Debug, Default, clap::Args)]
 pub struct ServeArgs {
@@ -18,6 +18,10 @@ pub struct ServeArgs {
     /// TOML config file (also KEYVEX_CONFIG).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Also run the AI-processing queue worker in this process (needs
+    /// SQS_AI_PROCESSING_QUEUE_URL); SIGTERM drains it together with the open streams.
+    #[arg(long)]
+    with_worker: bool,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -49,13 +53,30 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             env_var("KEYVEX_METRICS_DB").unwrap_or_else(|| "keyvex-metrics.sqlite3".to_owned())
         ),
     };
-    let server = Server::bind(config, &engine, tracker).await?;
+    let backends = Backends::from_env(&env, &tracker, args.with_worker)
+        .await
+        .context("setting up the stores and the queue")?;
+    let queue = match &backends.jobs {
+        Some(jobs) => format!("{} (POST /v1/jobs on)", jobs.queue_url),
+        None => "off (set SQS_AI_PROCESSING_QUEUE_URL for POST /v1/jobs)".to_owned(),
+    };
+    let worker = match &backends.worker {
+        Some(w) => format!("on, {} job(s) at once", w.concurrency),
+        None if backends.jobs.is_some() => {
+            "off (run `keyvex worker` or serve --with-worker to process jobs)".to_owned()
+        }
+        None => "off".to_owned(),
+    };
+    let server = Server::bind_with(config, &engine, tracker, backends).await?;
     let addr = server.local_addr().context("reading the bound address")?;
     eprintln!(
         "keyvex: providers {}",
         server.runtime().providers_description
     );
     eprintln!("keyvex: metrics store {store}");
+    eprintln!("keyvex: queue {queue}");
+    eprintln!("keyvex: worker {worker}");
+    eprintln!("keyvex: dashboard http://{addr}/admin");
     eprintln!("keyvex: listening on http://{addr}");
     let report = server.run(shutdown_signal()).await?;
     eprintln!(

@@ -13,6 +13,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::limits::CallerLimited;
+use crate::metrics::admin::AdminError;
+use crate::queue::QueueError;
 
 /// What went wrong with a request, before any stream started.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,9 @@ pub enum ApiError {
     },
     #[error("the server is shutting down and accepts no new work; retry against another instance")]
     ShuttingDown,
+    /// A part the route needs is not configured or not reachable (the queue, the store).
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -79,7 +84,9 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream { status, .. } => *status,
-            ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ShuttingDown | ApiError::Unavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -96,6 +103,7 @@ impl ApiError {
             ApiError::RateLimited(_) => ("rate_limit_error", "rate_limit_exceeded"),
             ApiError::Upstream { code, .. } => ("api_error", code),
             ApiError::ShuttingDown => ("server_error", "shutting_down"),
+            ApiError::Unavailable { code, .. } => ("server_error", code),
             ApiError::Internal(_) => ("server_error", "internal"),
         }
     }
@@ -163,6 +171,53 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(ceil_secs(wait)));
         }
         response
+    }
+}
+
+impl From<AdminError> for ApiError {
+    /// The admin boundary's status, code and message, in the server's error shape.
+    fn from(e: AdminError) -> Self {
+        let message = e.to_string();
+        let code = e.code();
+        match e {
+            AdminError::InvalidParam { name, .. } => ApiError::BadRequest {
+                code,
+                param: Some(name.to_owned()),
+                message,
+            },
+            AdminError::UnknownParam { name, .. } => ApiError::BadRequest {
+                code,
+                param: Some(name),
+                message,
+            },
+            AdminError::NotFound { .. } => ApiError::NotFound {
+                code,
+                param: None,
+                message,
+            },
+            AdminError::Store(ref store) if store.is_retryable() => ApiError::Unavailable {
+                code,
+                message: format!("{message}; retry shortly"),
+            },
+            AdminError::Store(_) => ApiError::Internal(message),
+        }
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::InvalidRequest(_) => ApiError::BadRequest {
+                code: "invalid_job",
+                param: None,
+                message: format!("{e}; see docs/API.md for POST /v1/jobs"),
+            },
+            _ if e.http_status() == StatusCode::SERVICE_UNAVAILABLE => ApiError::Unavailable {
+                code: "queue_unavailable",
+                message: format!("{e}; retry shortly"),
+            },
+            other => ApiError::Internal(other.to_string()),
+        }
     }
 }
 

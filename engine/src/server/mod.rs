@@ -32,15 +32,22 @@ use tower_http::request_id::{
 };
 use tower_http::trace::TraceLayer;
 
-use crate::config::{EngineConfig, ServerConfig};
+use crate::config::{EngineConfig, Env, ServerConfig};
 use crate::limits::{CallerLimits, LimitedProvider, ProviderRates, Rate};
-use crate::metrics::{Receipt, RequestRecord, ShutdownReport, Tracker};
+use crate::metrics::admin::MetricsReader;
+use crate::metrics::{
+    MetricsConfig, MetricsError, Receipt, RequestRecord, ShutdownReport, Tracker,
+};
+use crate::queue::worker::{Worker, WorkerConfig, WorkerCounts};
+use crate::queue::{JobsCtx, QueueError};
 use crate::router::{Router, RouterConfig};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::server::auth::{ApiKeys, Caller};
 use crate::server::error::{ApiError, BodyLimit};
 use crate::server::prom::ServerMetrics;
 use crate::server::sse::{CallScope, CancelObserver, Guarded};
+use crate::store::StoreError;
+use crate::store::sessions::{SessionMessage, SessionStore};
 
 pub use auth::Caller as AuthenticatedCaller;
 
@@ -61,6 +68,91 @@ pub enum ServerError {
         "no API key is configured; set KEYVEX_API_KEYS (KEY=CALLER:ROLE) or server.api_keys in the config file"
     )]
     NoApiKeys,
+    #[error("could not open the metrics store for the admin and session routes: {0}")]
+    Store(#[from] StoreError),
+    #[error("metrics settings: {0}")]
+    Metrics(#[from] MetricsError),
+    #[error("the AI-processing queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error(
+        "--with-worker needs the queue; set SQS_AI_PROCESSING_QUEUE_URL (printed by `keyvex queue create`)"
+    )]
+    WorkerWithoutQueue,
+}
+
+/// What the server reads and queues besides the metrics tracker. Each part is optional: a
+/// route whose part is missing answers 503 naming what to configure, so a server built for one
+/// purpose (a test, a bench) needs only what it uses.
+#[derive(Clone, Default)]
+pub struct Backends {
+    /// `/v1/admin/metrics` and `/v1/admin/alerts`.
+    pub metrics: Option<MetricsReader>,
+    /// `/v1/sessions*`.
+    pub sessions: Option<SessionStore>,
+    /// `/v1/jobs*`.
+    pub jobs: Option<JobsCtx>,
+    /// Run a queue worker inside the server (`serve --with-worker`); needs `jobs`.
+    pub worker: Option<WorkerConfig>,
+}
+
+impl Backends {
+    /// The read side of the store the tracker ships to (the same choice as
+    /// [`crate::metrics::start_from_env`]: DynamoDB when `DYNAMODB_TABLE_NAME` is set, else the
+    /// SQLite file `KEYVEX_METRICS_DB`), reading through `tracker` for what is not shipped yet;
+    /// the queue when `SQS_AI_PROCESSING_QUEUE_URL` is set; and a worker when `with_worker`.
+    pub async fn from_env(
+        env: &dyn Env,
+        tracker: &Tracker,
+        with_worker: bool,
+    ) -> Result<Backends, ServerError> {
+        let metrics_cfg = MetricsConfig::from_env(env)?;
+        let (reader, sessions) = match env.var("DYNAMODB_TABLE_NAME") {
+            Some(table) => {
+                let client =
+                    crate::store::dynamo::client(env.var("DYNAMODB_ENDPOINT").as_deref()).await;
+                let store = crate::store::dynamo::DynamoStore::new(client, &table);
+                (
+                    MetricsReader::dynamo(store.clone()),
+                    SessionStore::dynamo(store),
+                )
+            }
+            None => {
+                let path = metrics_cfg.ledger_path.clone();
+                let store = tokio::task::spawn_blocking(move || {
+                    crate::store::sqlite::SqliteStore::open(&path)
+                })
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))??;
+                (
+                    MetricsReader::sqlite(store.clone()),
+                    SessionStore::sqlite(store),
+                )
+            }
+        };
+        let jobs = match env.var("SQS_AI_PROCESSING_QUEUE_URL") {
+            Some(_) => Some(JobsCtx::from_env(env).await?),
+            None => None,
+        };
+        let worker = match (&jobs, with_worker) {
+            (_, false) => None,
+            (None, true) => return Err(ServerError::WorkerWithoutQueue),
+            (Some((_, queue)), true) => Some(WorkerConfig {
+                concurrency: queue.concurrency,
+                dlq_url: queue.dlq_url.clone(),
+                ..WorkerConfig::default()
+            }),
+        };
+        Ok(Backends {
+            metrics: Some(
+                reader
+                    .with_health(tracker.clone())
+                    .with_alert_config(&metrics_cfg.alerts),
+            ),
+            sessions: Some(sessions.with_pending(Arc::new(tracker.clone()))),
+            jobs: jobs.map(|(ctx, _)| ctx),
+            worker,
+        })
+    }
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -83,6 +175,7 @@ struct Inner {
     streams: TaskTracker,
     /// Cancelled when the drain deadline passes: open streams end with a `shutdown` error.
     force_end: CancellationToken,
+    backends: Backends,
 }
 
 impl AppState {
@@ -104,6 +197,10 @@ impl AppState {
 
     pub fn config(&self) -> &ServerConfig {
         &self.inner.config
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.inner.backends
     }
 
     pub fn is_draining(&self) -> bool {
@@ -131,6 +228,23 @@ impl AppState {
         let id = rec.request_id.clone();
         if let Err(error) = self.record_call(rec).durable().await {
             tracing::error!(request_id = %id, %error, "metrics record not confirmed durable");
+        }
+    }
+
+    /// Hands a session message to the ledger; await the receipt (see
+    /// [`AppState::await_durable`]) before telling the caller the exchange is done.
+    pub fn record_message(&self, msg: SessionMessage) -> (String, Receipt) {
+        let id = msg.message_id.clone();
+        (id, self.inner.tracker.record_session_message(msg))
+    }
+
+    /// Waits for session-message receipts. A failure is logged like a metrics record's: the
+    /// caller still gets the answer and `/readyz` reports the ledger.
+    pub async fn await_durable(&self, receipts: Vec<(String, Receipt)>) {
+        for (id, receipt) in receipts {
+            if let Err(error) = receipt.durable().await {
+                tracing::error!(message_id = %id, %error, "session message not confirmed durable");
+            }
         }
     }
 
@@ -185,11 +299,15 @@ fn api_routes() -> axum::Router<AppState> {
         .merge(routes::agents::routes())
         .merge(routes::pipeline::routes())
         .merge(routes::chat::routes())
+        .merge(routes::sessions::routes())
+        .merge(routes::jobs::routes())
 }
 
 /// Admin routes (`/v1/admin/*`): one line per route module.
 fn admin_routes() -> axum::Router<AppState> {
-    axum::Router::new().merge(routes::health::admin_routes())
+    axum::Router::new()
+        .merge(routes::health::admin_routes())
+        .merge(routes::admin::admin_routes())
 }
 
 /// Builds the axum app: public health routes, authenticated API routes with per-caller limits,
@@ -206,6 +324,9 @@ pub fn app(state: AppState) -> axum::Router {
         ));
     axum::Router::new()
         .merge(routes::health::routes())
+        // The dashboard page is public: it holds no data and calls the admin API with the key
+        // the user types.
+        .merge(crate::dashboard::routes())
         .merge(api)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
@@ -297,18 +418,35 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     state: AppState,
     runtime: Runtime,
+    /// The in-process queue worker (`serve --with-worker`), started by [`Server::run`].
+    worker: Option<Worker>,
 }
 
 impl Server {
-    /// Assembles the engine for serving: the router's cancellation observer records into
-    /// `tracker`, every provider sits behind its rate budget, and the listener is bound.
+    /// [`Server::bind_with`] without stores or queue: the admin metrics, session and job routes
+    /// answer 503 saying what to configure.
     pub async fn bind(
         config: ServerConfig,
         engine: &EngineConfig,
         tracker: Tracker,
     ) -> Result<Server, ServerError> {
+        Self::bind_with(config, engine, tracker, Backends::default()).await
+    }
+
+    /// Assembles the engine for serving: the router's cancellation observer records into
+    /// `tracker`, every provider sits behind its rate budget, the worker (if asked for) shares
+    /// the router and tracker, and the listener is bound.
+    pub async fn bind_with(
+        config: ServerConfig,
+        engine: &EngineConfig,
+        tracker: Tracker,
+        backends: Backends,
+    ) -> Result<Server, ServerError> {
         if config.api_keys.is_empty() {
             return Err(ServerError::NoApiKeys);
+        }
+        if backends.worker.is_some() && backends.jobs.is_none() {
+            return Err(ServerError::WorkerWithoutQueue);
         }
         let prom = Arc::new(ServerMetrics::new());
         let router_config = RouterConfig {
@@ -337,6 +475,15 @@ impl Server {
             period: Duration::from_secs(3600),
             burst: nz(config.burst),
         });
+        let worker = match (&backends.jobs, &backends.worker) {
+            (Some(ctx), Some(cfg)) => Some(Worker::new(
+                ctx.clone(),
+                runtime.router.clone(),
+                tracker.clone(),
+                cfg.clone(),
+            )),
+            _ => None,
+        };
         let state = AppState {
             inner: Arc::new(Inner {
                 router: runtime.router.clone(),
@@ -348,12 +495,14 @@ impl Server {
                 draining: AtomicBool::new(false),
                 streams: TaskTracker::new(),
                 force_end: CancellationToken::new(),
+                backends,
             }),
         };
         Ok(Server {
             listener,
             state,
             runtime,
+            worker,
         })
     }
 
@@ -369,13 +518,21 @@ impl Server {
         &self.runtime
     }
 
+    /// The in-process worker's counts, updated after every message; `None` without a worker.
+    pub fn worker_progress(&self) -> Option<tokio::sync::watch::Receiver<WorkerCounts>> {
+        self.worker.as_ref().map(Worker::progress)
+    }
+
     /// Serves until `signal` resolves, then shuts down in this order:
-    /// 1. mark draining (`/readyz` 503, new work refused) and stop accepting connections;
+    /// 1. mark draining (`/readyz` 503, new work refused), stop accepting connections, and
+    ///    cancel the worker (it stops receiving; its jobs in flight run on for its
+    ///    `shutdown_grace`, then are released to other workers);
     /// 2. let open streams finish, up to `drain_timeout`;
     /// 3. end the streams still open with an `error` event of kind `shutdown`;
-    /// 4. wait for every connection to close;
+    /// 4. wait for every connection to close and for the worker to stop (both record metrics,
+    ///    so both end before the flush);
     /// 5. flush metrics (`Tracker::shutdown`) within `metrics_flush_timeout`;
-    /// 6. stop the in-process simulator, if any.
+    /// 6. stop the in-process simulator, if any (the worker's jobs used it until step 4).
     pub async fn run(
         self,
         signal: impl Future<Output = ()> + Send + 'static,
@@ -384,9 +541,23 @@ impl Server {
             listener,
             state,
             runtime,
+            worker,
         } = self;
         let stop_accepting = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let worker_stop = stop_accepting.child_token();
+        if let Some(worker) = worker {
+            let handle = worker.spawn(&tasks, worker_stop);
+            // Watched at once, so a worker that cannot start (an unreachable queue) is reported
+            // when it happens, not at shutdown.
+            tasks.spawn(async move {
+                match handle.await {
+                    Ok(Ok(counts)) => tracing::info!(?counts, "queue worker stopped"),
+                    Ok(Err(error)) => tracing::error!(%error, "queue worker failed; POST /v1/jobs still enqueues, but nothing here runs the jobs"),
+                    Err(error) => tracing::error!(%error, "queue worker task panicked"),
+                }
+            });
+        }
         tasks.spawn({
             let state = state.clone();
             let stop_accepting = stop_accepting.clone();
@@ -414,8 +585,10 @@ impl Server {
             }
         });
         let served = axum::serve(listener, app(state.clone()))
-            .with_graceful_shutdown(stop_accepting.cancelled_owned())
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
             .await;
+        // The server can also stop without the signal (a listener error): stop the worker then.
+        stop_accepting.cancel();
         tasks.close();
         tasks.wait().await;
         let flush = state.inner.config.metrics_flush_timeout;

@@ -1,37 +1,23 @@
 //! End-to-end test of the admin dashboard in a real headless Chromium (driven over WebDriver by
-//! chromedriver): demo traffic goes through the metrics `Tracker` into SQLite, a small harness
-//! app serves `dashboard::routes()` and the two admin endpoints behind a bearer check, and the
-//! test signs in, visits every tab, checks the charts carry data, the alerts list the incident,
-//! and that wrong keys and failing refreshes show clear messages. Screenshots are saved to
-//! `<target>/dashboard-screenshots/`.
-//!
-//! The harness stands in for the real server (not on this branch yet); when it lands, mount the
-//! real router here instead of `harness_app`.
+//! chromedriver) against the real server: demo traffic goes through the server's metrics
+//! `Tracker` into SQLite before it starts, `Server::bind_with` serves the page at `/admin` and the
+//! admin API behind its real authentication, and the test signs in, visits every tab, checks the
+//! charts carry data, the alerts list the incident, and that wrong keys and failing refreshes
+//! show clear messages. Screenshots are saved to `<target>/dashboard-screenshots/`.
 
 // Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Json;
-use axum::Router;
-use axum::extract::{Query, Request, State};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use fantoccini::{Client, ClientBuilder, Locator};
-use http::StatusCode;
 use keyvex_engine::catalog::Catalog;
-use keyvex_engine::dashboard;
+use keyvex_engine::config::{ApiKeySpec, EngineConfig, MapEnv, ServerConfig};
 use keyvex_engine::demo::{self, DemoConfig};
-use keyvex_engine::metrics::admin::{MetricsReader, alerts_json, metrics_json};
-use keyvex_engine::metrics::{MetricsConfig, Tracker};
-use keyvex_engine::store::sqlite::SqliteStore;
+use keyvex_engine::metrics::start_from_env;
+use keyvex_engine::server::{Backends, Server};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -41,68 +27,25 @@ const ADMIN_KEY: &str = "kvx_admin_test_key";
 const USER_KEY: &str = "kvx_user_test_key";
 const WAIT: Duration = Duration::from_secs(20);
 
-// ------------------------------------------------------------------ the harness server
+// ------------------------------------------------------------------ the server
 
-#[derive(Clone)]
-struct AppState {
-    reader: MetricsReader,
-    /// When set, the admin endpoints answer 503 (a store outage) so the page's banner shows.
-    fail: Arc<AtomicBool>,
+/// Makes the metrics store fail and recover: the `requests` table is renamed away (every read
+/// then fails with a store error the server answers with 503) and back.
+struct StoreFault {
+    db: PathBuf,
 }
 
-fn harness_app(state: AppState) -> Router {
-    let admin = Router::new()
-        .route("/v1/admin/metrics", get(metrics))
-        .route("/v1/admin/alerts", get(alerts))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
-        .with_state(state);
-    admin.merge(dashboard::routes())
-}
-
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        Json(serde_json::json!({ "error": { "code": code, "message": message } })),
-    )
-        .into_response()
-}
-
-/// One admin key and one user key, like the server's roles.
-async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let bearer = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match bearer {
-        Some(ADMIN_KEY) if state.fail.load(Ordering::SeqCst) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            "the metrics store is unreachable",
-        ),
-        Some(ADMIN_KEY) => next.run(req).await,
-        Some(USER_KEY) => error(StatusCode::FORBIDDEN, "forbidden", "admin role required"),
-        _ => error(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key"),
-    }
-}
-
-async fn metrics(
-    State(state): State<AppState>,
-    Query(params): Query<HashMap<String, String>>,
-) -> Response {
-    match metrics_json(&state.reader, &params).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => (e.status(), Json(e.body())).into_response(),
-    }
-}
-
-async fn alerts(
-    State(state): State<AppState>,
-    Query(params): Query<HashMap<String, String>>,
-) -> Response {
-    match alerts_json(&state.reader, &params).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => (e.status(), Json(e.body())).into_response(),
+impl StoreFault {
+    fn set(&self, failing: bool) {
+        let sql = if failing {
+            "ALTER TABLE requests RENAME TO requests_away"
+        } else {
+            "ALTER TABLE requests_away RENAME TO requests"
+        };
+        rusqlite::Connection::open(&self.db)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap();
     }
 }
 
@@ -113,40 +56,46 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Demo traffic through the real Tracker into SQLite; returns the reader and the server address.
-async fn start_harness(dir: &TempDir) -> (SocketAddr, AppState) {
-    let store = SqliteStore::open(&dir.file("store.sqlite3")).unwrap();
-    let tracker = Tracker::start(
-        MetricsConfig::new(dir.file("ledger.sqlite3")),
-        Arc::new(store.clone()),
-    )
-    .await
-    .unwrap();
+/// The real server on a fresh SQLite file, with demo traffic recorded through its tracker and
+/// shipped before the first page load. The server runs until the test's runtime ends.
+async fn start_server(dir: &TempDir) -> (SocketAddr, StoreFault) {
+    let db = dir.file("metrics.sqlite3");
+    let env = MapEnv::new([
+        ("KEYVEX_METRICS_DB", db.to_str().unwrap()),
+        ("KEYVEX_METRICS_FLUSH_MS", "20"),
+        ("KEYVEX_SIMULATE", "always"),
+    ]);
+    let tracker = start_from_env(&env).await.unwrap();
     let cfg = DemoConfig {
         requests: 1_500,
         ..DemoConfig::new(now_ms())
     };
     let records = demo::generate(&cfg, &Catalog::embedded().unwrap()).unwrap();
     assert_eq!(demo::record_all(&tracker, records).await.unwrap(), 1_500);
-    let report = tracker
-        .shutdown(tokio::time::Instant::now() + Duration::from_secs(30))
+    let (health, shipped) = tracker
+        .wait_for(Duration::from_secs(30), |h| {
+            h.pending == 0 && h.shipped >= 1_500
+        })
         .await;
-    assert_eq!(report.left_in_ledger, 0, "{report:?}");
-    assert!(
-        tracker.health().alerts_raised >= 2,
-        "{:?}",
-        tracker.health()
-    );
+    assert!(shipped, "{health:?}");
+    assert!(health.alerts_raised >= 2, "{health:?}");
 
-    let state = AppState {
-        reader: MetricsReader::sqlite(store).with_health(tracker),
-        fail: Arc::new(AtomicBool::new(false)),
+    let backends = Backends::from_env(&env, &tracker, false).await.unwrap();
+    let config = ServerConfig {
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        api_keys: vec![
+            ApiKeySpec::parse(&format!("{ADMIN_KEY}=ops:admin")).unwrap(),
+            ApiKeySpec::parse(&format!("{USER_KEY}=someone:user")).unwrap(),
+        ],
+        ..ServerConfig::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = harness_app(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, state)
+    let engine = EngineConfig::from_env(&env).unwrap();
+    let server = Server::bind_with(config, &engine, tracker, backends)
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run(std::future::pending()));
+    (addr, StoreFault { db })
 }
 
 // ------------------------------------------------------------------ the browser
@@ -291,16 +240,16 @@ async fn open_tab(c: &Client, tab: &str) {
 async fn dashboard_in_headless_chromium() {
     ensure_chromium();
     let dir = TempDir::new("dashboard-e2e");
-    let (addr, state) = start_harness(&dir).await;
+    let (addr, fault) = start_server(&dir).await;
     let (mut driver, port) = start_chromedriver().await;
     let c = browser(port, &dir.file("chromium-profile")).await;
-    let result = run_scenario(&c, addr, &state).await;
+    let result = run_scenario(&c, addr, &fault).await;
     let _ = c.close().await;
     let _ = driver.kill().await;
     result
 }
 
-async fn run_scenario(c: &Client, addr: SocketAddr, state: &AppState) {
+async fn run_scenario(c: &Client, addr: SocketAddr, fault: &StoreFault) {
     c.goto(&format!("http://{addr}/admin")).await.unwrap();
     wait_for(c, "body[data-state='signed-out'] #login:not([hidden])").await;
 
@@ -416,7 +365,7 @@ async fn run_scenario(c: &Client, addr: SocketAddr, state: &AppState) {
     screenshot(c, "cost-7d.png").await;
 
     // A failing store: a banner, and the last data stays on screen.
-    state.fail.store(true, Ordering::SeqCst);
+    fault.set(true);
     c.find(Locator::Id("refresh"))
         .await
         .unwrap()
@@ -433,7 +382,7 @@ async fn run_scenario(c: &Client, addr: SocketAddr, state: &AppState) {
     );
     assert!(data_marks(c, "cost").await >= 7, "last data kept");
     screenshot(c, "refresh-failed.png").await;
-    state.fail.store(false, Ordering::SeqCst);
+    fault.set(false);
 
     // An empty range says so instead of drawing broken charts.
     c.execute(

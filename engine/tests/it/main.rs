@@ -4,6 +4,7 @@
 
 mod admin;
 mod agents;
+mod api_more;
 mod dashboard;
 mod durability;
 mod metrics;

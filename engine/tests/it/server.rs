@@ -193,10 +193,15 @@ async fn agent_stream_is_ordered_and_usage_is_durable_before_it_is_sent() {
     );
     assert!(events[n.len() - 2].1["output"]["concepts"].is_array());
 
-    // The record carries caller, process and session.
-    h.tracker
-        .wait_for(Duration::from_secs(10), |m| m.shipped >= 1)
+    // The record carries caller, process and session. Shipped entries are the call's record
+    // and the session's two messages (input and output).
+    let (health, ok) = h
+        .tracker
+        .wait_for(Duration::from_secs(10), |m| {
+            m.shipped >= 3 && m.pending == 0
+        })
         .await;
+    assert!(ok, "{health:?}");
     let rows = records(&h.db);
     let rec = rows
         .iter()
@@ -246,9 +251,14 @@ async fn pipeline_stream_tags_every_event_and_ends_with_the_tool() {
     assert_eq!(done["status"], "succeeded");
     assert_eq!(done["stages"].as_array().unwrap().len(), 4);
     assert!(events[n.len() - 2].1["tool"].is_object());
-    h.tracker
-        .wait_for(Duration::from_secs(10), |m| m.shipped >= 4)
+    // Four call records and five session messages (the business and four stage outputs).
+    let (health, ok) = h
+        .tracker
+        .wait_for(Duration::from_secs(10), |m| {
+            m.shipped >= 9 && m.pending == 0
+        })
         .await;
+    assert!(ok, "{health:?}");
     let rows = records(&h.db);
     assert!(rows.len() >= 4);
     for r in &rows {
@@ -624,6 +634,7 @@ async fn sigterm_drains_streams_flushes_metrics_and_exits_zero() {
         .env_remove("OPENAI_API_KEY")
         .env_remove("ANTHROPIC_API_KEY")
         .env_remove("DYNAMODB_TABLE_NAME")
+        .env_remove("SQS_AI_PROCESSING_QUEUE_URL")
         .env_remove("KEYVEX_CONFIG")
         .stderr(std::process::Stdio::piped())
         .spawn()

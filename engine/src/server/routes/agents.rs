@@ -19,6 +19,7 @@ use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
 use crate::server::sse::{CallScope, event};
 use crate::server::{AppState, request_id};
+use crate::store::sessions::{Role, SessionMessage};
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new().route("/v1/agents/{agent}", post(run))
@@ -71,23 +72,51 @@ async fn run(
 ) -> Result<Response, ApiError> {
     let process = parse_agent(&agent)?;
     check_input(process, &body.input, "input")?;
+    check_session_id(body.session_id.as_deref())?;
     state.ensure_accepting()?;
     let request_id = request_id(&headers);
+    let session = body.session_id.clone();
     let scope = CallScope::new(&caller.id, &request_id, Some(process), body.session_id);
+    // The input is handed to the ledger now (no I/O) and awaited before `done`, like the
+    // output, so a session read right after `done` has both.
+    let mut receipts = Vec::new();
+    if let Some(sid) = &session {
+        receipts.push(
+            state.record_message(
+                SessionMessage::new(
+                    sid,
+                    &caller.id,
+                    Role::User,
+                    process.key(),
+                    body.input.clone(),
+                )
+                .with_request(&request_id),
+            ),
+        );
+    }
     let router = state.router().clone();
     let events = {
         let state = state.clone();
         let scope = Arc::clone(&scope);
         let request_id = request_id.clone();
+        let caller_id = caller.id.clone();
         async_stream::stream! {
             let mut agent = Box::pin(run_agent(router, process, body.input));
             while let Some(ev) = agent.next().await {
                 match ev {
                     AgentEvent::Result { output, outcome } => {
+                        if let Some(sid) = &session {
+                            receipts.push(state.record_message(
+                                SessionMessage::new(sid, &caller_id, Role::Assistant, process.key(), output.clone())
+                                    .with_request(&request_id),
+                            ));
+                        }
+                        state.await_durable(std::mem::take(&mut receipts)).await;
                         yield event("result", &json!({ "stage": process, "output": output }));
                         yield done(&request_id, process, "succeeded", &outcome);
                     }
                     AgentEvent::Error { error, outcome } => {
+                        state.await_durable(std::mem::take(&mut receipts)).await;
                         yield event("error", &json!({ "stage": process, "kind": error.kind(), "message": error.to_string() }));
                         yield done(&request_id, process, "failed", &outcome);
                     }
@@ -102,6 +131,27 @@ async fn run(
     };
     let shutdown = shutdown_event(Some(process));
     Ok(state.sse(events.boxed(), scope, shutdown))
+}
+
+/// Longest accepted `sessionId`, the same bound the session read routes apply.
+const MAX_SESSION_ID_CHARS: usize = 256;
+
+/// A session id must be readable back through `GET /v1/sessions/{id}`.
+pub(super) fn check_session_id(id: Option<&str>) -> Result<(), ApiError> {
+    let Some(id) = id else { return Ok(()) };
+    if id.trim().is_empty()
+        || id.chars().count() > MAX_SESSION_ID_CHARS
+        || id.chars().any(char::is_control)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            Some("sessionId"),
+            format!(
+                "`sessionId` must be 1 to {MAX_SESSION_ID_CHARS} characters without control characters"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The `error` event that ends a stream cut by shutdown.

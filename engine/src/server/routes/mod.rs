@@ -1,6 +1,9 @@
 //! Route modules; each exposes `routes()` (and admin ones `admin_routes()`).
 
+pub mod admin;
 pub mod agents;
 pub mod chat;
 pub mod health;
+pub mod jobs;
 pub mod pipeline;
+pub mod sessions;

@@ -16,9 +16,10 @@ use crate::agent_run::AgentEvent;
 use crate::pipeline::{PipelineEvent, PipelineInput, RunRollup, run_pipeline};
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
-use crate::server::routes::agents::{check_input, shutdown_event, translate};
+use crate::server::routes::agents::{check_input, check_session_id, shutdown_event, translate};
 use crate::server::sse::{CallScope, event};
 use crate::server::{AppState, request_id};
+use crate::store::sessions::{Role, SessionMessage};
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new().route("/v1/pipelines/tool", post(run))
@@ -44,9 +45,14 @@ async fn run(
     ApiJson(body): ApiJson<PipelineBody>,
 ) -> Result<Response, ApiError> {
     check_input(Process::MagicSpark, &body.business, "business")?;
+    check_session_id(body.session_id.as_deref())?;
     state.ensure_accepting()?;
     let request_id = request_id(&headers);
+    let session = body.session_id.clone();
     let scope = CallScope::new(&caller.id, &request_id, None, body.session_id);
+    // The business is Magic Spark's input: recorded as the user's message of the run once the
+    // run id is known, then each stage's validated output; all awaited before `done`.
+    let business = session.as_ref().map(|_| body.business.clone());
     let input = PipelineInput {
         business: body.business,
         concept_index: body.concept_index,
@@ -57,7 +63,19 @@ async fn run(
         let state = state.clone();
         let scope = Arc::clone(&scope);
         let request_id = request_id.clone();
+        let caller_id = caller.id.clone();
         async_stream::stream! {
+            let mut receipts = Vec::new();
+            let mut run = String::new();
+            let message = |role: Role, stage: Process, run: &str, content: serde_json::Value| {
+                session.as_deref().map(|sid| {
+                    state.record_message(
+                        SessionMessage::new(sid, &caller_id, role, stage.key(), content)
+                            .with_request(&request_id)
+                            .with_run(run, stage.key()),
+                    )
+                })
+            };
             let models = |stage: Process| {
                 let r = router.catalog().route(stage);
                 [r.primary.clone(), r.fallback.clone()]
@@ -68,6 +86,10 @@ async fn run(
                 match ev {
                     PipelineEvent::RunStarted { run_id } => {
                         scope.set_run(&run_id);
+                        run.clone_from(&run_id);
+                        if let Some(business) = &business {
+                            receipts.extend(message(Role::User, Process::MagicSpark, &run, business.clone()));
+                        }
                         yield event("run", &json!({ "requestId": request_id, "runId": run_id }));
                     }
                     PipelineEvent::Stage { stage, event: ev } => {
@@ -75,6 +97,7 @@ async fn run(
                             AgentEvent::Start { .. } => scope.stage_started(stage, models(stage)),
                             AgentEvent::Result { output, .. } => {
                                 scope.stage_finished(stage);
+                                receipts.extend(message(Role::Assistant, stage, &run, output.clone()));
                                 yield event("stageResult", &json!({ "stage": stage, "output": output }));
                                 continue;
                             }
@@ -91,10 +114,12 @@ async fn run(
                         }
                     }
                     PipelineEvent::Done { tool, rollup } => {
+                        state.await_durable(std::mem::take(&mut receipts)).await;
                         yield event("result", &json!({ "tool": tool }));
                         yield done(&request_id, "succeeded", None, &rollup);
                     }
                     PipelineEvent::Failed { stage, error, rollup } => {
+                        state.await_durable(std::mem::take(&mut receipts)).await;
                         if !stage_error_sent {
                             yield event("error", &json!({ "stage": stage, "kind": "pipeline", "message": error }));
                         }

@@ -1,0 +1,71 @@
+//! `GET /v1/sessions/{id}` and `GET /v1/sessions`: a caller's conversation sessions, with the
+//! messages the agent and pipeline routes recorded. A user sees only their own sessions; another
+//! user's session is a 404, exactly like a missing one, so session ids cannot be probed.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use axum::{Extension, Json};
+use serde_json::Value;
+
+use crate::config::CallerRole;
+use crate::metrics::admin::{get_session_json, user_sessions_json};
+use crate::server::AppState;
+use crate::server::auth::Caller;
+use crate::server::error::ApiError;
+use crate::store::sessions::SessionStore;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/sessions", get(list))
+        .route("/v1/sessions/{id}", get(one))
+}
+
+fn store(state: &AppState) -> Result<&SessionStore, ApiError> {
+    state
+        .backends()
+        .sessions
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable {
+            code: "sessions_not_configured",
+            message: "this server was started without a session store; `keyvex serve` reads the one metrics are written to (KEYVEX_METRICS_DB or DYNAMODB_TABLE_NAME)".to_owned(),
+        })
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound {
+        code: "session_not_found",
+        param: Some("id".to_owned()),
+        message: format!(
+            "no session {id:?} for this caller; sessions are created by POST /v1/agents/{{agent}} or /v1/pipelines/tool with a sessionId"
+        ),
+    }
+}
+
+async fn one(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let session = match get_session_json(store(&state)?, &id).await {
+        Ok(v) => v,
+        Err(crate::metrics::admin::AdminError::NotFound { .. }) => return Err(not_found(&id)),
+        Err(e) => return Err(e.into()),
+    };
+    let owner = session["metadata"]["userId"].as_str();
+    if caller.role != CallerRole::Admin && owner != Some(caller.id.as_str()) {
+        return Err(not_found(&id));
+    }
+    Ok(Json(session))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        user_sessions_json(store(&state)?, &caller.id, &params).await?,
+    ))
+}
