@@ -25,6 +25,9 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // Install the signal handlers first: a SIGTERM that arrives while we start up (or right after
+    // "listening on") must drain and flush, not kill the process with the default action.
+    let shutdown = shutdown_signal()?;
     let env = ProcessEnv;
     let mut config =
         ServerConfig::load(&env, args.config.as_deref()).context("reading server configuration")?;
@@ -78,7 +81,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     eprintln!("keyvex: worker {worker}");
     eprintln!("keyvex: dashboard http://{addr}/admin");
     eprintln!("keyvex: listening on http://{addr}");
-    let report = server.run(shutdown_signal()).await?;
+    let report = server.run(shutdown).await?;
     eprintln!(
         "keyvex: stopped; metrics ledger flushed: {}, shipped {}, left for next start {}",
         report.ledger_flushed, report.shipped, report.left_in_ledger
@@ -91,30 +94,28 @@ fn env_var(name: &str) -> Option<String> {
     ProcessEnv.var(name)
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Registers SIGINT (Ctrl-C) and SIGTERM handlers now and returns a future that resolves on
+/// either. Registration happens here, not on first poll, so no signal is missed during start-up.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            if let Err(error) = tokio::signal::ctrl_c().await {
+                tracing::error!(%error, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+        })
     }
 }
