@@ -100,11 +100,24 @@ impl PartialJson {
 
     /// Appends `delta`; returns the best-effort value when it differs from the last one returned.
     pub fn push(&mut self, delta: &str) -> Option<Value> {
+        self.append(delta);
+        self.snapshot()
+    }
+
+    /// Appends `delta` and scans it (each byte once), without building a value. Pair with
+    /// [`snapshot`](Self::snapshot) to build values less often than deltas arrive: building one
+    /// parses the whole prefix, so doing it on every delta is quadratic in the answer's length.
+    pub fn append(&mut self, delta: &str) {
         self.buf.push_str(delta);
         while let Some(&b) = self.buf.as_bytes().get(self.scanned) {
             self.step(b, self.scanned);
             self.scanned += 1;
         }
+    }
+
+    /// The best-effort value of everything appended so far, when it differs from the last one
+    /// returned.
+    pub fn snapshot(&mut self) -> Option<Value> {
         let candidate = self.candidate()?;
         let value: Value = serde_json::from_str(&candidate).ok()?;
         if self.last.as_ref() == Some(&value) {

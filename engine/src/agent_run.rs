@@ -18,6 +18,11 @@ use crate::stream::{ProviderKind, Usage};
 /// How many times a model may be asked to fix an invalid answer.
 const MAX_REPAIRS: u32 = 1;
 
+/// A `Partial` event re-sends the whole output parsed so far, so sending one per delta would be
+/// quadratic in bytes on the wire and in parsing CPU. One per this many new bytes (and one when
+/// the JSON closes) keeps previews live at a linear cost.
+const PARTIAL_EVERY_BYTES: usize = 256;
+
 /// What went wrong running an agent. `kind()` is the stable label for metrics.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AgentError {
@@ -185,6 +190,7 @@ pub fn run_agent(
                 temperature: None,
             };
             let mut partial = agents::PartialJson::new();
+            let mut unseen_bytes = 0usize;
             let mut route = router.stream_process(process, request);
             let mut finished: Option<RouteOutcome> = None;
             while let Some(event) = route.next().await {
@@ -199,7 +205,14 @@ pub fn run_agent(
                         if outcome.ttft.is_none() {
                             outcome.ttft = Some(started.elapsed());
                         }
-                        let update = partial.push(&text);
+                        partial.append(&text);
+                        unseen_bytes += text.len();
+                        let update = if unseen_bytes >= PARTIAL_EVERY_BYTES || partial.is_complete() {
+                            unseen_bytes = 0;
+                            partial.snapshot()
+                        } else {
+                            None
+                        };
                         yield AgentEvent::Delta(text);
                         if let Some(value) = update {
                             yield AgentEvent::Partial(value);
