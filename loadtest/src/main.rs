@@ -197,7 +197,9 @@ fn weights(file: &TargetsFile, overrides: &[String]) -> Result<Vec<(Route, usize
         .filter(|(_, n)| *n > 0)
         .collect();
     if list.is_empty() {
-        return Err(RunError::Usage("every scenario weight is 0: nothing to run".into()));
+        return Err(RunError::Usage(
+            "every scenario weight is 0: nothing to run".into(),
+        ));
     }
     Ok(list)
 }
@@ -207,7 +209,11 @@ async fn run(args: Args) -> Result<(Summary, PathBuf), RunError> {
     let targets = file.targets(&args.target_overrides)?;
     let routes = weights(&file, &args.weights)?;
     let users = args.users.or(file.load.users).unwrap_or(8).max(1);
-    let run_secs = args.run_time.or(file.load.run_time_secs).unwrap_or(45).max(1);
+    let run_secs = args
+        .run_time
+        .or(file.load.run_time_secs)
+        .unwrap_or(45)
+        .max(1);
     // A stream must never hit the client's whole-body timeout before it would miss its target.
     let timeout = targets
         .longest_e2e()
@@ -265,16 +271,18 @@ async fn run(args: Args) -> Result<(Summary, PathBuf), RunError> {
     let outcome = if args.open_loop {
         run_open_loop(&args, &ctx, &base_url, &routes, run_secs, timeout).await
     } else {
-        run_goose(&ctx, &base_url, &routes, &targets, users, run_secs, &args, timeout, &dir)
-            .await
-            .map(|t| (t, None))
+        run_goose(
+            &ctx, &base_url, &routes, &targets, users, run_secs, &args, timeout, &dir,
+        )
+        .await
+        .map(|t| (t, None))
     };
     let duration_secs = clock.elapsed().as_secs_f64();
     let sim = local.as_ref().map(selfhost::SelfHost::sim_stats);
-    if let Some(host) = local {
-        if let Err(error) = host.stop().await {
-            tracing::warn!(%error, "the local engine did not stop cleanly");
-        }
+    if let Some(host) = local
+        && let Err(error) = host.stop().await
+    {
+        tracing::warn!(%error, "the local engine did not stop cleanly");
     }
     let (goose_thresholds, open) = outcome?;
 
@@ -315,8 +323,13 @@ async fn run_open_loop(
     routes: &[(Route, usize)],
     run_secs: u64,
     timeout: Duration,
-) -> Result<(Vec<goose::threshold::ThresholdResult>, Option<open_loop::OpenLoopSummary>), RunError>
-{
+) -> Result<
+    (
+        Vec<goose::threshold::ThresholdResult>,
+        Option<open_loop::OpenLoopSummary>,
+    ),
+    RunError,
+> {
     let cfg = OpenLoopConfig {
         rate: open_loop::parse_rate(&args.rate)?,
         poisson: args.poisson,
@@ -375,8 +388,8 @@ async fn run_goose(
     config.no_telnet = true;
     config.no_websocket = true;
     config.quiet = 1;
-    let mut attack = GooseAttack::initialize_with_config(config)
-        .map_err(|e| RunError::Goose(Box::new(e)))?;
+    let mut attack =
+        GooseAttack::initialize_with_config(config).map_err(|e| RunError::Goose(Box::new(e)))?;
     for (route, weight) in routes {
         let scenario =
             scenarios::scenario(ctx, *route, *weight).map_err(|e| RunError::Goose(Box::new(e)))?;

@@ -21,7 +21,9 @@ pub enum ReportError {
         #[source]
         source: std::io::Error,
     },
-    #[error("could not read the baseline {path}: {source}; pass a run folder that holds summary.json")]
+    #[error(
+        "could not read the baseline {path}: {source}; pass a run folder that holds summary.json"
+    )]
     ReadBaseline {
         path: String,
         #[source]
@@ -72,7 +74,9 @@ pub struct Summary {
 pub fn run_dir(root: &Path) -> Result<PathBuf, ReportError> {
     let now = time::OffsetDateTime::now_utc();
     let fmt = time::macros::format_description!("[year][month][day]-[hour][minute][second]");
-    let stamp = now.format(&fmt).unwrap_or_else(|_| now.unix_timestamp().to_string());
+    let stamp = now
+        .format(&fmt)
+        .unwrap_or_else(|_| now.unix_timestamp().to_string());
     let mut dir = root.join(&stamp);
     let mut n = 2;
     while dir.exists() {
@@ -89,7 +93,14 @@ pub fn run_dir(root: &Path) -> Result<PathBuf, ReportError> {
 /// The targets table: what was asked, what was achieved, and by how much a miss missed.
 pub fn targets_table(targets: &[TargetResult], markdown: bool) -> String {
     let mut t = table(markdown);
-    t.set_header(["target", "limit", "achieved", "result", "missed by", "judged by"]);
+    t.set_header([
+        "target",
+        "limit",
+        "achieved",
+        "result",
+        "missed by",
+        "judged by",
+    ]);
     for r in targets {
         t.add_row([
             r.name.clone(),
@@ -223,7 +234,11 @@ pub fn markdown(s: &Summary) -> String {
         md += &format!(
             "\n## Open loop\n\n{:.2} arrivals/s ({}), {} scheduled, {} sent, {} dropped (in-flight bound {}), {} late. Mean latency from scheduled time: first quarter {}, last quarter {}.\n",
             o.rate_per_sec,
-            if o.poisson { "Poisson" } else { "fixed interval" },
+            if o.poisson {
+                "Poisson"
+            } else {
+                "fixed interval"
+            },
             o.scheduled,
             o.sent,
             o.dropped,
@@ -306,20 +321,65 @@ pub struct Delta {
 /// The headline metrics of `now` against `base`.
 pub fn compare(base: &StatsSummary, now: &StatsSummary) -> Vec<Delta> {
     let rows: [(&str, &str, f64, f64); 14] = [
-        ("requests", "count", base.requests as f64, now.requests as f64),
-        ("error rate", "%", base.error_rate * 100.0, now.error_rate * 100.0),
-        ("fallbacks", "count", base.fallbacks as f64, now.fallbacks as f64),
-        ("first event p50", "ms", base.first_event_ms.p50, now.first_event_ms.p50),
+        (
+            "requests",
+            "count",
+            base.requests as f64,
+            now.requests as f64,
+        ),
+        (
+            "error rate",
+            "%",
+            base.error_rate * 100.0,
+            now.error_rate * 100.0,
+        ),
+        (
+            "fallbacks",
+            "count",
+            base.fallbacks as f64,
+            now.fallbacks as f64,
+        ),
+        (
+            "first event p50",
+            "ms",
+            base.first_event_ms.p50,
+            now.first_event_ms.p50,
+        ),
         ("ttft p50", "ms", base.ttft_ms.p50, now.ttft_ms.p50),
         ("ttft p95", "ms", base.ttft_ms.p95, now.ttft_ms.p95),
         ("e2e mean", "ms", base.e2e_ms.mean, now.e2e_ms.mean),
         ("e2e p95", "ms", base.e2e_ms.p95, now.e2e_ms.p95),
-        ("pipeline e2e p95", "ms", base.pipeline_e2e_ms.p95, now.pipeline_e2e_ms.p95),
-        ("time per output token mean", "ms", base.tpot_ms.mean, now.tpot_ms.mean),
+        (
+            "pipeline e2e p95",
+            "ms",
+            base.pipeline_e2e_ms.p95,
+            now.pipeline_e2e_ms.p95,
+        ),
+        (
+            "time per output token mean",
+            "ms",
+            base.tpot_ms.mean,
+            now.tpot_ms.mean,
+        ),
         ("stall p99", "ms", base.stall_ms.p99, now.stall_ms.p99),
-        ("cost per request mean", "$", base.cost_per_request_usd.mean, now.cost_per_request_usd.mean),
-        ("cost per request max", "$", base.cost_per_request_usd.max, now.cost_per_request_usd.max),
-        ("cost per pipeline mean", "$", base.cost_per_pipeline_usd.mean, now.cost_per_pipeline_usd.mean),
+        (
+            "cost per request mean",
+            "$",
+            base.cost_per_request_usd.mean,
+            now.cost_per_request_usd.mean,
+        ),
+        (
+            "cost per request max",
+            "$",
+            base.cost_per_request_usd.max,
+            now.cost_per_request_usd.max,
+        ),
+        (
+            "cost per pipeline mean",
+            "$",
+            base.cost_per_pipeline_usd.mean,
+            now.cost_per_pipeline_usd.mean,
+        ),
     ];
     rows.into_iter()
         .map(|(metric, unit, b, c)| Delta {
@@ -353,7 +413,8 @@ pub fn baseline_table(deltas: &[Delta], markdown: bool) -> String {
                 if d.delta >= 0.0 { "+" } else { "-" },
                 show(&d.unit, d.delta.abs())
             ),
-            d.delta_pct.map_or("n/a".to_owned(), |p| format!("{p:+.1}%")),
+            d.delta_pct
+                .map_or("n/a".to_owned(), |p| format!("{p:+.1}%")),
         ]);
     }
     t.to_string()

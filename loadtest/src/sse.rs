@@ -245,7 +245,9 @@ impl<'a> StreamObserver<'a> {
             "error" => {
                 self.out.stream_errors += 1;
                 let kind = data["kind"].as_str().unwrap_or("unknown");
-                self.out.failure.get_or_insert_with(|| format!("stream error: {kind}"));
+                self.out
+                    .failure
+                    .get_or_insert_with(|| format!("stream error: {kind}"));
             }
             "done" => {
                 self.saw_done = true;
@@ -289,10 +291,14 @@ impl<'a> StreamObserver<'a> {
         if let Some(error) = data.get("error") {
             self.out.stream_errors += 1;
             let code = error["code"].as_str().unwrap_or("unknown");
-            self.out.failure.get_or_insert_with(|| format!("stream error: {code}"));
+            self.out
+                .failure
+                .get_or_insert_with(|| format!("stream error: {code}"));
             return;
         }
-        let content = data["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        let content = data["choices"][0]["delta"]["content"]
+            .as_str()
+            .unwrap_or("");
         if !content.is_empty() {
             self.delta("chat", at, elapsed);
         }
@@ -352,7 +358,10 @@ mod tests {
             },
             ..StreamOutcome::default()
         };
-        assert_eq!(out.time_per_output_token(), Some(Duration::from_millis(100)));
+        assert_eq!(
+            out.time_per_output_token(),
+            Some(Duration::from_millis(100))
+        );
     }
 
     #[test]

@@ -24,9 +24,7 @@ pub enum TargetError {
         "unknown target {0:?}; use error_rate, cost_per_request[_STAT], cost_per_pipeline[_STAT] or METRIC_STAT with METRIC one of first_event, ttft, e2e, pipeline_e2e, tpot, stall and STAT one of avg, p50, p90, p95, p99, max"
     )]
     UnknownName(String),
-    #[error(
-        "target {name}: {value:?} is not a {kind}; write it like {example}"
-    )]
+    #[error("target {name}: {value:?} is not a {kind}; write it like {example}")]
     BadValue {
         name: String,
         value: String,
@@ -87,7 +85,14 @@ pub fn fmt_usd(usd: f64) -> String {
     }
 }
 
-const TIME_METRICS: [&str; 6] = ["first_event", "ttft", "e2e", "pipeline_e2e", "tpot", "stall"];
+const TIME_METRICS: [&str; 6] = [
+    "first_event",
+    "ttft",
+    "e2e",
+    "pipeline_e2e",
+    "tpot",
+    "stall",
+];
 const STATS: [&str; 6] = ["avg", "p50", "p90", "p95", "p99", "max"];
 
 /// What a target name measures.
@@ -282,7 +287,10 @@ impl Targets {
                 // Microseconds keep sub-millisecond limits (tpot) exact.
                 Some((
                     name.clone(),
-                    format!("{stat}<{}us for {STREAM_METHOD} {metric}", d.as_micros().max(1)),
+                    format!(
+                        "{stat}<{}us for {STREAM_METHOD} {metric}",
+                        d.as_micros().max(1)
+                    ),
                 ))
             })
             .collect()
@@ -472,7 +480,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             t.goose_rules(),
-            vec![("ttft_p95".to_owned(), "p95<1000us for STREAM ttft".to_owned())]
+            vec![(
+                "ttft_p95".to_owned(),
+                "p95<1000us for STREAM ttft".to_owned()
+            )]
         );
         // goose accepts what we generate.
         let rule: goose::threshold::Threshold = t.goose_rules()[0].1.parse().unwrap();

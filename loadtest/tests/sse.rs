@@ -1,6 +1,9 @@
 //! The SSE parser on streams split at every possible byte, and the observer's reading of the
 //! engine's agent and chat streams.
 
+// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use keyvex_engine::catalog::Catalog;
@@ -29,7 +32,10 @@ fn parse_in_pieces(text: &[u8], cuts: &[usize]) -> Vec<SseEvent> {
 fn every_split_point_gives_the_same_events() {
     let bytes = AGENT_STREAM.as_bytes();
     let whole = parse_in_pieces(bytes, &[]);
-    let names: Vec<_> = whole.iter().map(|e| e.event.as_deref().unwrap_or("")).collect();
+    let names: Vec<_> = whole
+        .iter()
+        .map(|e| e.event.as_deref().unwrap_or(""))
+        .collect();
     assert_eq!(names, ["start", "delta", "delta", "usage", "done"]);
     assert_eq!(whole[1].data, "{\"stage\":\"magicSpark\",\"text\":\"Hel\"}");
     for a in 1..bytes.len() {
@@ -46,8 +52,14 @@ fn multi_line_data_is_joined_and_comments_are_skipped() {
     assert_eq!(
         events,
         vec![
-            SseEvent { event: None, data: "a\nb".into() },
-            SseEvent { event: None, data: "[DONE]".into() },
+            SseEvent {
+                event: None,
+                data: "a\nb".into()
+            },
+            SseEvent {
+                event: None,
+                data: "[DONE]".into()
+            },
         ]
     );
 }
@@ -55,7 +67,13 @@ fn multi_line_data_is_joined_and_comments_are_skipped() {
 #[test]
 fn a_final_event_without_its_blank_line_is_kept() {
     let events = parse_in_pieces(b"data: last", &[3]);
-    assert_eq!(events, vec![SseEvent { event: None, data: "last".into() }]);
+    assert_eq!(
+        events,
+        vec![SseEvent {
+            event: None,
+            data: "last".into()
+        }]
+    );
 }
 
 #[test]
@@ -75,7 +93,10 @@ fn the_observer_reads_timing_tokens_and_cost_of_an_agent_stream() {
     assert_eq!(out.cost_micro_usd, 90);
     assert!(out.succeeded);
     // (600 − 200) / (2 − 1)
-    assert_eq!(out.time_per_output_token(), Some(Duration::from_millis(400)));
+    assert_eq!(
+        out.time_per_output_token(),
+        Some(Duration::from_millis(400))
+    );
 }
 
 #[test]
@@ -107,7 +128,10 @@ fn chat_streams_are_priced_from_the_catalog_and_a_fallback_model_is_counted() {
          data: {{\"model\":\"{fallback}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":1000000,\"completion_tokens\":0,\"total_tokens\":1000000}}}}\n\n\
          data: [DONE]\n\n"
     );
-    for (i, e) in parse_in_pieces(body.as_bytes(), &[5, 50]).iter().enumerate() {
+    for (i, e) in parse_in_pieces(body.as_bytes(), &[5, 50])
+        .iter()
+        .enumerate()
+    {
         obs.observe(e, t0 + Duration::from_millis(10 * i as u64));
     }
     let out = obs.finish(t0 + Duration::from_millis(50));
@@ -115,6 +139,11 @@ fn chat_streams_are_priced_from_the_catalog_and_a_fallback_model_is_counted() {
     assert_eq!(out.ttft, Some(Duration::from_millis(10)));
     assert_eq!(out.fallbacks, 1);
     // One million input tokens cost exactly the model's input price per million.
-    let price = catalog.model(&fallback).unwrap().pricing.input.usd_per_mtok();
+    let price = catalog
+        .model(&fallback)
+        .unwrap()
+        .pricing
+        .input
+        .usd_per_mtok();
     assert_eq!(out.cost_micro_usd, (price * 1e6).round() as u64);
 }

@@ -21,9 +21,9 @@ mod tracker;
 
 pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate, aggregate_by};
 pub use alerts::{Alert, AlertConfig, AlertType, Severity};
+pub use from_outcome::CallContext;
 pub use ledger::DeadLetter;
 pub(crate) use record::now_ms;
-pub use from_outcome::CallContext;
 pub use record::{RequestRecord, RequestStatus};
 pub use tracker::{MetricsConfig, MetricsHealth, Receipt, ShutdownReport, Tracker, start_from_env};
 
