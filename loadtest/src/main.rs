@@ -386,7 +386,6 @@ async fn run_goose(
     config.no_reset_metrics = true;
     config.no_print_metrics = true;
     config.no_telnet = true;
-    config.no_websocket = true;
     config.quiet = 1;
     let mut attack =
         GooseAttack::initialize_with_config(config).map_err(|e| RunError::Goose(Box::new(e)))?;
