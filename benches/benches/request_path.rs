@@ -69,14 +69,14 @@ fn metrics_record(c: &mut Criterion) {
             }
             let took = start.elapsed();
             let accepted = tracker.health().accepted;
-            let _ = runtime.block_on(
-                tracker.wait_for(Duration::from_secs(120), |h| h.durable >= accepted),
-            );
+            let _ = runtime
+                .block_on(tracker.wait_for(Duration::from_secs(120), |h| h.durable >= accepted));
             took
         });
     });
     g.finish();
-    let _ = runtime.block_on(tracker.shutdown(tokio::time::Instant::now() + Duration::from_secs(10)));
+    let _ =
+        runtime.block_on(tracker.shutdown(tokio::time::Instant::now() + Duration::from_secs(10)));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

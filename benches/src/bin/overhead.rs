@@ -114,7 +114,11 @@ struct Servers {
     engine: Option<Running>,
 }
 
-fn start_servers(args: &Args, timing: SimTiming, work_dir: &std::path::Path) -> anyhow::Result<Servers> {
+fn start_servers(
+    args: &Args,
+    timing: SimTiming,
+    work_dir: &std::path::Path,
+) -> anyhow::Result<Servers> {
     let config = |role, forward_to: Option<String>| RoleConfig {
         role,
         timing,
@@ -126,7 +130,10 @@ fn start_servers(args: &Args, timing: SimTiming, work_dir: &std::path::Path) -> 
     let floor = roles::spawn(&config(Role::Floor, Some(sim.base_url.clone())))?;
     let engine = match args.upstream {
         Some(_) => None,
-        None => Some(roles::spawn(&config(Role::Engine, Some(sim.base_url.clone())))?),
+        None => Some(roles::spawn(&config(
+            Role::Engine,
+            Some(sim.base_url.clone()),
+        ))?),
     };
     eprintln!(
         "overhead: simulator {} (pid {}), floor {} (pid {}), engine {}",
@@ -134,9 +141,10 @@ fn start_servers(args: &Args, timing: SimTiming, work_dir: &std::path::Path) -> 
         sim.pid(),
         floor.base_url,
         floor.pid(),
-        engine
-            .as_ref()
-            .map_or_else(|| format!("external {:?}", args.upstream), |e| format!("{} (pid {})", e.base_url, e.pid())),
+        engine.as_ref().map_or_else(
+            || format!("external {:?}", args.upstream),
+            |e| format!("{} (pid {})", e.base_url, e.pid())
+        ),
     );
     Ok(Servers { sim, floor, engine })
 }
@@ -219,8 +227,14 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
         },
     };
     let targets = [
-        (target("direct", &servers.sim.base_url, SIM_KEY), Some(servers.sim.pid())),
-        (target("floor", &servers.floor.base_url, SIM_KEY), Some(servers.floor.pid())),
+        (
+            target("direct", &servers.sim.base_url, SIM_KEY),
+            Some(servers.sim.pid()),
+        ),
+        (
+            target("floor", &servers.floor.base_url, SIM_KEY),
+            Some(servers.floor.pid()),
+        ),
         (engine_target, engine_pid),
     ];
     let client = load::client().context("could not build the load client")?;
@@ -245,7 +259,10 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
                 );
             }
         }
-        let mut runs: Vec<TargetRun> = targets.iter().map(|(t, _)| TargetRun::new(t.name)).collect();
+        let mut runs: Vec<TargetRun> = targets
+            .iter()
+            .map(|(t, _)| TargetRun::new(t.name))
+            .collect();
         for r in 0..rounds {
             // Rotate the order so no target always runs first (or right after the busiest one).
             for k in 0..targets.len() {
@@ -333,7 +350,8 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
     let servers = start_servers(args, timing, dir)?;
     let client = load::client().context("could not build the load client")?;
     // A chunk every ~soak_secs/100 s; five cadences without one is a stall.
-    let stall = Duration::from_millis(args.soak_secs.max(1) * 1000 / 100 * 5).max(Duration::from_millis(500));
+    let stall = Duration::from_millis(args.soak_secs.max(1) * 1000 / 100 * 5)
+        .max(Duration::from_millis(500));
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let mut results = serde_json::Map::new();
     let mut out = std::io::stdout().lock();
@@ -369,7 +387,10 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
             if loaded.is_none() && flowing as usize >= n && ended == 0 {
                 loaded = Some(mem);
                 all_flowing_after = Some(opened_at.elapsed());
-                eprintln!("overhead: soak {name}: all {n} streams flowing, RSS {:.1} MiB", mib(mem.rss));
+                eprintln!(
+                    "overhead: soak {name}: all {n} streams flowing, RSS {:.1} MiB",
+                    mib(mem.rss)
+                );
             }
         }
         let sample = task.await.context("the soak task failed")?;

@@ -316,6 +316,8 @@ mod tests {
         assert!(!has_content(
             br#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#
         ));
-        assert!(!has_content(br#"{"choices":[],"usage":{"prompt_tokens":3}}"#));
+        assert!(!has_content(
+            br#"{"choices":[],"usage":{"prompt_tokens":3}}"#
+        ));
     }
 }

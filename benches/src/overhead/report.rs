@@ -84,7 +84,7 @@ fn median(values: &[f64]) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    if v.len() % 2 == 0 {
+    if v.len().is_multiple_of(2) {
         f64::midpoint(v[mid - 1], v[mid])
     } else {
         v[mid]
@@ -162,7 +162,10 @@ pub fn level_json(level: &Level) -> Value {
     let mut added_map = serde_json::Map::new();
     for t in &level.targets {
         if t.name != "direct" {
-            added_map.insert(format!("{}_vs_direct", t.name), added(level, t.name, "direct"));
+            added_map.insert(
+                format!("{}_vs_direct", t.name),
+                added(level, t.name, "direct"),
+            );
         }
     }
     if level.get("floor").is_some() && level.get("engine").is_some() {
@@ -223,7 +226,8 @@ pub fn level_table(level: &Level) -> String {
             ms(q(&s.e2e, 0.5)),
             ms(q(&s.e2e, 0.99)),
             format!("{:.1}", t.streams_per_sec()),
-            t.cpu_per_event_us().map_or("–".into(), |c| format!("{c:.2}")),
+            t.cpu_per_event_us()
+                .map_or("–".into(), |c| format!("{c:.2}")),
         ]);
     }
     let mut added_table = Table::new();
@@ -301,7 +305,7 @@ pub fn verdicts(levels: &[Level]) -> Vec<Verdict> {
         out.push(Verdict {
             target: "c=1 added TTFT p50 ≤ floor's + 0.1 ms".into(),
             measured: format!("engine {e50:.3} ms, floor {f50:.3} ms (paired round medians)"),
-            pass: finite(e50, f50).then(|| e50 <= f50 + 0.1),
+            pass: finite(e50, f50).then_some(e50 <= f50 + 0.1),
         });
         let (e99, f99) = (added_q(l, "engine", 0.99), added_q(l, "floor", 0.99));
         out.push(Verdict {
@@ -316,7 +320,7 @@ pub fn verdicts(levels: &[Level]) -> Vec<Verdict> {
         out.push(Verdict {
             target: "c=32 added TTFT p99 ≤ floor's + 2 ms".into(),
             measured: format!("engine {e99:.3} ms, floor {f99:.3} ms"),
-            pass: finite(e99, f99).then(|| e99 <= f99 + 2.0),
+            pass: finite(e99, f99).then_some(e99 <= f99 + 2.0),
         });
         if let (Some(e), Some(f)) = (l.get("engine"), l.get("floor")) {
             let ratio = e.streams_per_sec() / f.streams_per_sec();

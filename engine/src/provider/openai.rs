@@ -335,9 +335,9 @@ where
         .map(|event| match event {
             Ok(event) => serde_json::from_str::<CreateChatCompletionStreamResponse>(&event.data)
                 .map_err(|e| OpenAIError::JSONDeserialize(e, event.data)),
-            Err(e) => Err(OpenAIError::StreamError(Box::new(StreamError::EventStream(
-                e.to_string(),
-            )))),
+            Err(e) => Err(OpenAIError::StreamError(Box::new(
+                StreamError::EventStream(e.to_string()),
+            ))),
         })
 }
 
