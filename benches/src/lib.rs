@@ -8,3 +8,4 @@
 pub mod cases;
 pub mod fixtures;
 pub mod gate;
+pub mod overhead;

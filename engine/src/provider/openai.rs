@@ -1,9 +1,15 @@
 //! OpenAI Chat Completions streaming provider, built on `async-openai` with its retries disabled.
 //!
-//! The SDK does the HTTP call and the SSE/JSON decoding; this file builds the request, installs a
-//! small tower service under the SDK (to own the transport, see the headers of error answers and
-//! notice the `data: [DONE]` terminator), and turns the SDK's chunk stream into
-//! [`ProviderEvent`]s with [`adapt_chunks`].
+//! The SDK builds and sends the request and decodes error answers; this file builds the request,
+//! installs a small tower service under the SDK (to own the transport, see the headers of error
+//! answers and keep the body of a successful one), decodes that body inline — `eventsource-stream`
+//! framing and the SDK's chunk type, noticing the `data: [DONE]` terminator on the way — and turns
+//! the chunks into [`ProviderEvent`]s with [`adapt_chunks`].
+//!
+//! Why the body is not left to the SDK: `create_stream` reads it in a task of its own and hands
+//! every chunk over an unbounded channel, one more task wake-up and hand-off per chunk, and a task
+//! per stream outside our ownership. Decoding in the caller's stream keeps the relay to the tasks
+//! hyper needs.
 //!
 //! Known SDK limits: `FinishReason` and the delta `Role` are closed enums in `async-openai`, so a
 //! value OpenAI (or a compatible server) adds later — e.g. role `developer` — fails decoding the
@@ -12,13 +18,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_openai::Client;
 use async_openai::config::OpenAIConfig;
-use async_openai::error::OpenAIError;
+use async_openai::error::{OpenAIError, StreamError};
 use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
@@ -27,6 +33,8 @@ use async_openai::types::chat::{
     CreateChatCompletionStreamResponse, FinishReason as WireFinishReason, ResponseFormat,
     ResponseFormatJsonSchema,
 };
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
@@ -110,8 +118,8 @@ impl OpenAiProvider {
     /// (TLS roots and all) on every call; the SDK builds its requests with the client given here.
     ///
     /// The service is per attempt because it also records what the SDK does not expose: the
-    /// status and `retry-after`/`x-request-id` headers of the answer, and whether the body
-    /// carried the `[DONE]` terminator.
+    /// status and `retry-after`/`x-request-id` headers of the answer, and it keeps the body of a
+    /// successful answer for [`sse_chunks`].
     fn attempt_client(&self, wire: Arc<AttemptWire>) -> Client<OpenAIConfig> {
         Client::build(self.http.clone(), self.config.clone()).with_http_service(AttemptService {
             http: self.http.clone(),
@@ -135,18 +143,27 @@ impl Provider for OpenAiProvider {
         let model = request.model.clone();
         let body = wire_request(&request);
         Box::pin(async_stream::stream! {
-            let chunks = match client.chat().create_stream(body).await {
-                Ok(chunks) => chunks,
+            match client.chat().create_stream(body).await {
+                // The SDK's stream runs over the empty stand-in body and ends at once.
+                Ok(stand_in) => drop(stand_in),
                 Err(err) => {
                     let err = setup_error(err, wire.answer.get(), &endpoint);
                     tracing::debug!(error = %err, "openai stream setup failed");
                     yield ProviderEvent::Error(err);
                     return;
                 }
+            }
+            let Some(response) = wire.take_body() else {
+                yield ProviderEvent::Error(ProviderError::Transport {
+                    provider: KIND,
+                    message: "the answer's body was not kept by the transport; this is a bug".into(),
+                });
+                return;
             };
             yield ProviderEvent::Start { provider: KIND, model };
-            let saw_done = move || wire.saw_done.load(Ordering::Acquire);
-            let events = adapt_chunks(chunks, saw_done);
+            let saw_done = Arc::new(AtomicBool::new(false));
+            let chunks = sse_chunks(response.bytes_stream(), Arc::clone(&saw_done));
+            let events = adapt_chunks(chunks, move || saw_done.load(Ordering::Acquire));
             futures::pin_mut!(events);
             while let Some(event) = events.next().await {
                 yield event;
@@ -204,9 +221,18 @@ fn wire_request(request: &ChatRequest) -> CreateChatCompletionRequest {
 struct AttemptWire {
     /// Status and headers of the answer; set once (there is exactly one request per attempt).
     answer: OnceLock<AnswerMeta>,
-    /// Whether the body contained the `data: [DONE]` line. The SDK ends its stream silently both
-    /// on `[DONE]` and on a plain end of body, so this is the only way to tell them apart.
-    saw_done: AtomicBool,
+    /// The successful answer, taken from the SDK (which gets an empty stand-in) and decoded by
+    /// [`sse_chunks`] in the caller's stream.
+    body: Mutex<Option<reqwest::Response>>,
+}
+
+impl AttemptWire {
+    fn take_body(&self) -> Option<reqwest::Response> {
+        self.body
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -227,8 +253,8 @@ impl AnswerMeta {
     }
 }
 
-/// Sends the SDK's request once with our client; records the answer's metadata and taps a
-/// successful body for the `[DONE]` terminator. Never retries.
+/// Sends the SDK's request once with our client; records the answer's metadata and keeps a
+/// successful answer's body, giving the SDK an empty stand-in. Never retries.
 #[derive(Clone)]
 struct AttemptService {
     http: reqwest::Client,
@@ -261,31 +287,58 @@ impl tower::Service<HttpRequestFactory> for AttemptService {
                 // The SDK reads and decodes the error body itself.
                 return Ok(response);
             }
-            Ok(tap_for_done(response, wire))
+            Ok(keep_body(response, &wire))
         })
     }
 }
 
-/// Rebuilds `response` with a body that passes every byte through unchanged while watching for
-/// the `data: [DONE]` line.
-fn tap_for_done(response: reqwest::Response, wire: Arc<AttemptWire>) -> reqwest::Response {
-    let status = response.status();
-    let version = response.version();
-    let headers = response.headers().clone();
+/// Stores `response` in `wire` and returns a stand-in with the same status and headers and an
+/// empty body, for the SDK's status check.
+fn keep_body(response: reqwest::Response, wire: &AttemptWire) -> reqwest::Response {
+    let mut stand_in = http::Response::new(reqwest::Body::from(Bytes::new()));
+    *stand_in.status_mut() = response.status();
+    *stand_in.version_mut() = response.version();
+    *stand_in.headers_mut() = response.headers().clone();
+    *wire.body.lock().unwrap_or_else(PoisonError::into_inner) = Some(response);
+    reqwest::Response::from(stand_in)
+}
+
+/// A successful answer's bytes as the SDK's chunks, decoded the way `async-openai` does it
+/// (`eventsource-stream` framing; `[DONE]` ends the stream, `keepalive` events are skipped, each
+/// other event is one JSON chunk), without its task and channel. Sets `saw_done` when the
+/// terminator line arrives.
+pub(crate) fn sse_chunks<S, B, E>(
+    bytes: S,
+    saw_done: Arc<AtomicBool>,
+) -> impl Stream<Item = Result<CreateChatCompletionStreamResponse, OpenAIError>> + Send
+where
+    S: Stream<Item = Result<B, E>> + Send,
+    B: AsRef<[u8]> + Send,
+    E: std::fmt::Display + Send,
+{
     let mut scanner = DoneScanner::default();
-    let body = reqwest::Body::wrap_stream(response.bytes_stream().map(move |chunk| {
-        if let Ok(bytes) = &chunk
-            && scanner.feed(bytes)
+    let tapped = bytes.map(move |piece| {
+        if let Ok(piece) = &piece
+            && scanner.feed(piece.as_ref())
         {
-            wire.saw_done.store(true, Ordering::Release);
+            saw_done.store(true, Ordering::Release);
         }
-        chunk
-    }));
-    let mut rebuilt = http::Response::new(body);
-    *rebuilt.status_mut() = status;
-    *rebuilt.version_mut() = version;
-    *rebuilt.headers_mut() = headers;
-    reqwest::Response::from(rebuilt)
+        piece
+    });
+    tapped
+        .eventsource()
+        .take_while(|event| {
+            let more = !matches!(event, Ok(e) if e.data == "[DONE]");
+            futures::future::ready(more)
+        })
+        .filter(|event| futures::future::ready(!matches!(event, Ok(e) if e.event == "keepalive")))
+        .map(|event| match event {
+            Ok(event) => serde_json::from_str::<CreateChatCompletionStreamResponse>(&event.data)
+                .map_err(|e| OpenAIError::JSONDeserialize(e, event.data)),
+            Err(e) => Err(OpenAIError::StreamError(Box::new(
+                StreamError::EventStream(e.to_string()),
+            ))),
+        })
 }
 
 /// Finds a `data: [DONE]` (or `data:[DONE]`) line in an SSE byte stream fed in arbitrary pieces.

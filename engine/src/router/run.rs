@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agents::Process;
 use futures::{Stream, StreamExt};
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 
 use crate::catalog::ModelSpec;
 use crate::provider::{ChatRequest, ProviderError, SharedProvider};
@@ -168,6 +168,12 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
             let attempt_span = run.in_flight.as_ref().map(|f| f.span.clone()).unwrap_or_else(tracing::Span::none);
             let mut events = Box::pin(InSpan { inner: provider.stream(request), span: attempt_span });
             let ttft_deadline = deadline_in(run.shared.config.ttft_timeout);
+            // One timer per attempt, moved forward at each event: a fresh `timeout_at` per chunk
+            // registered and removed a timer-wheel entry (under the driver's lock) for every
+            // chunk that had to wait, while moving a registered deadline later is a single
+            // atomic update.
+            let timer = tokio::time::sleep_until(ttft_deadline);
+            tokio::pin!(timer);
             let end = loop {
                 let content = run.has_content();
                 let deadline = if content {
@@ -175,7 +181,15 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                 } else {
                     ttft_deadline
                 };
-                let event = match timeout_at(deadline, events.next()).await {
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                let next = tokio::select! {
+                    biased;
+                    next = events.next() => Ok(next),
+                    () = &mut timer => Err(()),
+                };
+                let event = match next {
                     Ok(Some(event)) => event,
                     Ok(None) => ProviderEvent::Error(ProviderError::Truncated {
                         provider: provider.kind(),

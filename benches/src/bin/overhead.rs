@@ -1,0 +1,453 @@
+//! `overhead`: measures what the engine adds between a caller and the model, against the
+//! simulator directly and against a do-nothing relay (the floor), in one run, in alternating
+//! rounds. See `docs/PERFORMANCE.md` ("End-to-end overhead") for how to run and read it.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use benches::overhead::load::{self, Progress, Target};
+use benches::overhead::report::{self, Level, TargetRun};
+use benches::overhead::roles::{self, Role, RoleConfig, Running, SimTiming};
+use benches::overhead::{ENGINE_KEY, SIM_KEY, procfs};
+use clap::Parser;
+use serde_json::{Value, json};
+
+/// Engine-overhead benchmark: simulator direct vs a pass-through relay (floor) vs the engine.
+#[derive(Debug, Parser)]
+#[command(name = "overhead")]
+struct Args {
+    /// Concurrency levels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,32,1000")]
+    levels: Vec<usize>,
+    /// Rounds per level at concurrency 1 and 32 (each round runs every target once).
+    #[arg(long, default_value_t = 8)]
+    rounds: usize,
+    /// Rounds at concurrency ≥ 100 (shorter: they are CPU-bound).
+    #[arg(long, default_value_t = 3)]
+    big_rounds: usize,
+    /// Streams per round at concurrency 1.
+    #[arg(long, default_value_t = 15)]
+    streams_c1: usize,
+    /// Streams per worker per round at concurrency > 1 and < 100.
+    #[arg(long, default_value_t = 5)]
+    per_worker: usize,
+    /// Simulated time to first token, ms.
+    #[arg(long = "sim-ttft-ms", default_value_t = 50)]
+    sim_ttft_ms: u64,
+    /// Simulated output speed (fixed chunk cadence).
+    #[arg(long = "sim-tokens-per-sec", default_value_t = 500.0)]
+    sim_tokens_per_sec: f64,
+    /// Simulated answer length in tokens.
+    #[arg(long = "sim-output-tokens", default_value_t = 64)]
+    sim_output_tokens: u32,
+    /// A gap between two content chunks longer than this counts as a stall.
+    #[arg(long, default_value_t = 250)]
+    stall_ms: u64,
+    /// Measure an external OpenAI-compatible gateway (base URL with /v1) as the "engine" path
+    /// instead of starting the engine; point its OpenAI base URL at `--sim-port`.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Bearer key sent to `--upstream`.
+    #[arg(long, default_value = ENGINE_KEY)]
+    upstream_key: String,
+    /// Soak instead: hold this many concurrent streams through the floor and the engine and
+    /// report memory per stream and stalls. Needs about 2×N+100 open files (`ulimit -n`).
+    #[arg(long)]
+    soak: Option<usize>,
+    /// Length of one soak stream, seconds (the simulator paces it).
+    #[arg(long, default_value_t = 20)]
+    soak_secs: u64,
+    /// Log filter of the engine child (`keyvex serve` logs at info).
+    #[arg(long, default_value = "info")]
+    engine_log: String,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Internal: run as one of the servers (the benchmark starts itself with this).
+    #[arg(long, hide = true)]
+    role: Option<Role>,
+    /// Internal: the base URL a floor or engine child forwards to.
+    #[arg(long, hide = true)]
+    forward_to: Option<String>,
+    /// Internal: the children's scratch directory.
+    #[arg(long, hide = true)]
+    work_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.role {
+        Some(role) => roles::run(&RoleConfig {
+            role,
+            timing: timing(&args),
+            upstream: args.forward_to.clone(),
+            engine_log: args.engine_log.clone(),
+            work_dir: args.work_dir.clone().unwrap_or_else(std::env::temp_dir),
+        }),
+        None => bench(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("overhead: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn timing(args: &Args) -> SimTiming {
+    SimTiming {
+        ttft_ms: args.sim_ttft_ms,
+        tokens_per_sec: args.sim_tokens_per_sec,
+        output_tokens: args.sim_output_tokens,
+    }
+}
+
+struct Servers {
+    sim: Running,
+    floor: Running,
+    engine: Option<Running>,
+}
+
+fn start_servers(
+    args: &Args,
+    timing: SimTiming,
+    work_dir: &std::path::Path,
+) -> anyhow::Result<Servers> {
+    let config = |role, forward_to: Option<String>| RoleConfig {
+        role,
+        timing,
+        upstream: forward_to,
+        engine_log: args.engine_log.clone(),
+        work_dir: work_dir.to_path_buf(),
+    };
+    let sim = roles::spawn(&config(Role::Sim, None))?;
+    let floor = roles::spawn(&config(Role::Floor, Some(sim.base_url.clone())))?;
+    let engine = match args.upstream {
+        Some(_) => None,
+        None => Some(roles::spawn(&config(
+            Role::Engine,
+            Some(sim.base_url.clone()),
+        ))?),
+    };
+    eprintln!(
+        "overhead: simulator {} (pid {}), floor {} (pid {}), engine {}",
+        sim.base_url,
+        sim.pid(),
+        floor.base_url,
+        floor.pid(),
+        engine.as_ref().map_or_else(
+            || format!("external {:?}", args.upstream),
+            |e| format!("{} (pid {})", e.base_url, e.pid())
+        ),
+    );
+    Ok(Servers { sim, floor, engine })
+}
+
+fn target(name: &'static str, base: &str, key: &str) -> Target {
+    Target {
+        name,
+        url: format!("{}/chat/completions", base.trim_end_matches('/')),
+        bearer: key.to_owned(),
+    }
+}
+
+fn work_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("keyvex-overhead-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned());
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    json!({
+        "cpus": std::thread::available_parallelism().map_or(0, usize::from),
+        "cpu_model": model,
+        "loadavg": loadavg.split_whitespace().take(3).collect::<Vec<_>>(),
+        "open_files_limit": procfs::open_files_limit(),
+    })
+}
+
+fn out_path(args: &Args, name: &str) -> PathBuf {
+    args.out.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/overhead")
+            .join(name)
+    })
+}
+
+fn write_json(path: &std::path::Path, value: &Value) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("could not write {}", path.display()))
+}
+
+fn bench(args: &Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the load client's runtime")?;
+    let dir = work_dir()?;
+    let result = if let Some(n) = args.soak {
+        runtime.block_on(soak(args, n, &dir))
+    } else {
+        runtime.block_on(latency(args, &dir))
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// CPU time of a child, or `None` when it cannot be read (then no CPU figure is reported).
+fn cpu(pid: Option<u32>) -> Option<Duration> {
+    pid.and_then(|p| procfs::cpu_time(p).ok())
+}
+
+async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
+    let servers = start_servers(args, timing(args), dir)?;
+    let machine_before = machine();
+    let engine_pid = servers.engine.as_ref().map(Running::pid);
+    let engine_idle = engine_pid.and_then(|p| procfs::memory(p).ok());
+    let engine_target = match &args.upstream {
+        Some(url) => target("engine", url, &args.upstream_key),
+        None => match &servers.engine {
+            Some(e) => target("engine", &e.base_url, ENGINE_KEY),
+            None => anyhow::bail!("no engine and no --upstream"),
+        },
+    };
+    let targets = [
+        (
+            target("direct", &servers.sim.base_url, SIM_KEY),
+            Some(servers.sim.pid()),
+        ),
+        (
+            target("floor", &servers.floor.base_url, SIM_KEY),
+            Some(servers.floor.pid()),
+        ),
+        (engine_target, engine_pid),
+    ];
+    let client = load::client().context("could not build the load client")?;
+    let stall = Duration::from_millis(args.stall_ms);
+    let sim_pid = Some(servers.sim.pid());
+    let mut levels = Vec::new();
+    for &c in &args.levels {
+        let (rounds, per_worker) = match c {
+            1 => (args.rounds, args.streams_c1),
+            c if c >= 100 => (args.big_rounds, 1),
+            _ => (args.rounds, args.per_worker),
+        };
+        eprintln!("overhead: concurrency {c}: warming up");
+        // Warm-up: open the connections (client → target → simulator) so no round pays for them.
+        for (t, _) in &targets {
+            let (sample, _) = load::round(&client, t, c, 1, stall).await;
+            if sample.failed > 0 {
+                anyhow::bail!(
+                    "warm-up against {} failed: {}",
+                    t.name,
+                    sample.first_error.unwrap_or_default()
+                );
+            }
+        }
+        let mut runs: Vec<TargetRun> = targets
+            .iter()
+            .map(|(t, _)| TargetRun::new(t.name))
+            .collect();
+        for r in 0..rounds {
+            // Rotate the order so no target always runs first (or right after the busiest one).
+            for k in 0..targets.len() {
+                let i = (r + k) % targets.len();
+                let (t, pid) = &targets[i];
+                let (cpu0, sim0) = (cpu(*pid), cpu(sim_pid));
+                let (sample, wall) = load::round(&client, t, c, per_worker, stall).await;
+                let (cpu1, sim1) = (cpu(*pid), cpu(sim_pid));
+                let run = &mut runs[i];
+                run.round_ttft_p50_ms.push(report::q(&sample.ttft, 0.5));
+                run.sample.merge(&sample);
+                run.wall += wall;
+                if let (Some(a), Some(b)) = (cpu0, cpu1) {
+                    run.server_cpu = Some(run.server_cpu.unwrap_or_default() + b.saturating_sub(a));
+                }
+                if let (Some(a), Some(b)) = (sim0, sim1) {
+                    run.sim_cpu = Some(run.sim_cpu.unwrap_or_default() + b.saturating_sub(a));
+                }
+            }
+            eprintln!("overhead: concurrency {c}: round {}/{rounds} done", r + 1);
+        }
+        let level = Level {
+            concurrency: c,
+            rounds,
+            per_worker,
+            targets: runs,
+        };
+        eprint!("{}", report::level_table(&level));
+        levels.push(level);
+    }
+    // Idle again: what the engine keeps after the load.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let engine_after = engine_pid.and_then(|p| procfs::memory(p).ok());
+    let verdicts = report::verdicts(&levels);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let value = json!({
+        "kind": "latency",
+        "machine": machine_before,
+        "machine_after": machine(),
+        "sim": { "ttft_ms": args.sim_ttft_ms, "tokens_per_sec": args.sim_tokens_per_sec, "output_tokens": args.sim_output_tokens },
+        "engine_external": args.upstream,
+        "engine_log": args.engine_log,
+        "engine_rss_idle_mib": engine_idle.map(|m| mib(m.rss)),
+        "engine_rss_after_load_mib": engine_after.map(|m| mib(m.rss)),
+        "engine_rss_peak_mib": engine_after.map(|m| mib(m.peak)),
+        "levels": levels.iter().map(report::level_json).collect::<Vec<_>>(),
+        "verdicts": verdicts.iter().map(report::Verdict::json).collect::<Vec<_>>(),
+    });
+    let path = out_path(args, "latest.json");
+    write_json(&path, &value)?;
+    let mut out = std::io::stdout().lock();
+    for level in &levels {
+        writeln!(out, "{}", report::level_table(level))?;
+    }
+    if let (Some(idle), Some(after)) = (engine_idle, engine_after) {
+        writeln!(
+            out,
+            "engine RSS: idle {:.1} MiB, after the load {:.1} MiB, peak {:.1} MiB",
+            mib(idle.rss),
+            mib(after.rss),
+            mib(after.peak)
+        )?;
+    }
+    writeln!(out, "{}", report::verdict_table(&verdicts))?;
+    writeln!(out, "results: {}", path.display())?;
+    drop(servers);
+    Ok(())
+}
+
+async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::Result<()> {
+    // The engine child holds two sockets per stream (caller and upstream); leave some room.
+    let limit = procfs::open_files_limit().unwrap_or(1024);
+    let n = requested.min(usize::try_from(limit.saturating_sub(200) / 2).unwrap_or(usize::MAX));
+    if n < requested {
+        eprintln!(
+            "overhead: open-files limit {limit} allows {n} streams, not {requested}; raise it with `ulimit -n` (see benches/overhead.sh)"
+        );
+    }
+    let output_tokens = 100u32;
+    let timing = SimTiming {
+        ttft_ms: args.sim_ttft_ms,
+        tokens_per_sec: f64::from(output_tokens) / args.soak_secs.max(1) as f64,
+        output_tokens,
+    };
+    let servers = start_servers(args, timing, dir)?;
+    let client = load::client().context("could not build the load client")?;
+    // A chunk every ~soak_secs/100 s; five cadences without one is a stall.
+    let stall = Duration::from_millis(args.soak_secs.max(1) * 1000 / 100 * 5)
+        .max(Duration::from_millis(500));
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut results = serde_json::Map::new();
+    let mut out = std::io::stdout().lock();
+    let mut runs: Vec<(&'static str, Target, u32)> = vec![(
+        "floor",
+        target("floor", &servers.floor.base_url, SIM_KEY),
+        servers.floor.pid(),
+    )];
+    if let Some(e) = &servers.engine {
+        runs.push(("engine", target("engine", &e.base_url, ENGINE_KEY), e.pid()));
+    }
+    for (name, t, pid) in runs {
+        // One stream first, so lazy start-up allocations do not count as per-stream memory.
+        let fresh = procfs::memory(pid)?;
+        let (warm, _) = load::round(&client, &t, 1, 1, Duration::from_secs(60)).await;
+        let idle = procfs::memory(pid)?;
+        let progress = Arc::new(Progress::default());
+        eprintln!("overhead: soak {name}: opening {n} streams");
+        let task = tokio::spawn({
+            let (client, t, progress) = (client.clone(), t.clone(), Arc::clone(&progress));
+            async move { load::soak(&client, &t, n, stall, progress).await }
+        });
+        let mut loaded = None;
+        let mut max_rss = idle.rss;
+        let opened_at = tokio::time::Instant::now();
+        let mut all_flowing_after = None;
+        while !task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mem = procfs::memory(pid)?;
+            max_rss = max_rss.max(mem.rss);
+            let flowing = progress.flowing.load(Ordering::Relaxed);
+            let ended = progress.ended.load(Ordering::Relaxed);
+            if loaded.is_none() && flowing as usize >= n && ended == 0 {
+                loaded = Some(mem);
+                all_flowing_after = Some(opened_at.elapsed());
+                eprintln!(
+                    "overhead: soak {name}: all {n} streams flowing, RSS {:.1} MiB",
+                    mib(mem.rss)
+                );
+            }
+        }
+        let sample = task.await.context("the soak task failed")?;
+        let loaded_rss = loaded.map_or(max_rss, |m| m.rss);
+        let per_stream = loaded_rss.saturating_sub(idle.rss) as f64 / n.max(1) as f64;
+        writeln!(
+            out,
+            "soak {name}: {n} streams, {} completed, {} failed, {} stalls (> {} ms), max gap {:.0} ms; RSS fresh {:.1} MiB, idle {:.1} MiB, with all streams open {:.1} MiB ({:.1} KiB per stream), max {:.1} MiB",
+            sample.streams,
+            sample.failed,
+            sample.stalls,
+            stall.as_millis(),
+            sample.max_gap.as_secs_f64() * 1e3,
+            mib(fresh.rss),
+            mib(idle.rss),
+            mib(loaded_rss),
+            per_stream / 1024.0,
+            mib(max_rss),
+        )?;
+        if let Some(e) = &sample.first_error {
+            writeln!(out, "  first error: {e}")?;
+        }
+        results.insert(
+            name.to_owned(),
+            json!({
+                "streams": n,
+                "completed": sample.streams,
+                "failed": sample.failed,
+                "first_error": sample.first_error,
+                "warm_up_failed": warm.failed,
+                "stalls": sample.stalls,
+                "stall_threshold_ms": stall.as_millis() as u64,
+                "max_gap_ms": sample.max_gap.as_secs_f64() * 1e3,
+                "all_flowing_after_s": all_flowing_after.map(|d| d.as_secs_f64()),
+                "rss_fresh_mib": mib(fresh.rss),
+                "rss_idle_mib": mib(idle.rss),
+                "rss_all_open_mib": mib(loaded_rss),
+                "rss_max_mib": mib(max_rss),
+                "rss_per_stream_kib": per_stream / 1024.0,
+                "ttft_p50_ms": report::q(&sample.ttft, 0.5),
+                "ttft_p99_ms": report::q(&sample.ttft, 0.99),
+                "chunk_gap_p99_ms": report::q(&sample.gap, 0.99),
+            }),
+        );
+    }
+    let value = json!({
+        "kind": "soak",
+        "machine": machine(),
+        "requested_streams": requested,
+        "streams": n,
+        "stream_secs": args.soak_secs,
+        "engine_log": args.engine_log,
+        "results": results,
+    });
+    let path = out_path(args, "soak.json");
+    write_json(&path, &value)?;
+    writeln!(out, "results: {}", path.display())?;
+    drop(servers);
+    Ok(())
+}
