@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use aws_sdk_dynamodb::Client as DynamoClient;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -673,28 +673,7 @@ impl DynamoJobs {
         E: std::error::Error + ProvideErrorMetadata + 'static,
         R: std::fmt::Debug,
     {
-        let retryable = match err {
-            SdkError::TimeoutError(_)
-            | SdkError::DispatchFailure(_)
-            | SdkError::ResponseError(_) => true,
-            SdkError::ServiceError(e) => matches!(
-                e.err().code(),
-                Some(
-                    "ThrottlingException"
-                        | "ProvisionedThroughputExceededException"
-                        | "RequestLimitExceeded"
-                        | "InternalServerError"
-                        | "ServiceUnavailable"
-                )
-            ),
-            _ => false,
-        };
-        StoreError::Dynamo {
-            operation,
-            table: self.table.clone(),
-            message: DisplayErrorContext(err).to_string(),
-            retryable,
-        }
+        crate::store::dynamo::sdk_error(&self.table, operation, err)
     }
 
     async fn create(&self, rec: &JobRecord) -> Result<bool, StoreError> {

@@ -400,28 +400,7 @@ impl DynamoStore {
         E: std::error::Error + ProvideErrorMetadata + 'static,
         R: std::fmt::Debug,
     {
-        let retryable = match err {
-            SdkError::TimeoutError(_)
-            | SdkError::DispatchFailure(_)
-            | SdkError::ResponseError(_) => true,
-            SdkError::ServiceError(e) => matches!(
-                e.err().code(),
-                Some(
-                    "ThrottlingException"
-                        | "ProvisionedThroughputExceededException"
-                        | "RequestLimitExceeded"
-                        | "InternalServerError"
-                        | "ServiceUnavailable"
-                )
-            ),
-            _ => false,
-        };
-        StoreError::Dynamo {
-            operation,
-            table: self.table.clone(),
-            message: DisplayErrorContext(err).to_string(),
-            retryable,
-        }
+        sdk_error(&self.table, operation, err)
     }
 
     /// [`DynamoStore::sdk_error`] for the write path, where a refusal of the items is told
@@ -909,6 +888,41 @@ pub async fn create_table(client: &Client, name: &str) -> Result<(), StoreError>
             Ok(())
         }
         Err(err) => Err(store.sdk_error("UpdateTimeToLive", &err)),
+    }
+}
+
+/// Turns an SDK error into a [`StoreError::Dynamo`], deciding once for every DynamoDB caller which
+/// failures are worth retrying (timeouts, dispatch failures, throttling, 5xx) and which are not.
+pub(crate) fn sdk_error<E, R>(
+    table: &str,
+    operation: &'static str,
+    err: &SdkError<E, R>,
+) -> StoreError
+where
+    E: std::error::Error + ProvideErrorMetadata + 'static,
+    R: std::fmt::Debug,
+{
+    let retryable = match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(e) => matches!(
+            e.err().code(),
+            Some(
+                "ThrottlingException"
+                    | "ProvisionedThroughputExceededException"
+                    | "RequestLimitExceeded"
+                    | "InternalServerError"
+                    | "ServiceUnavailable"
+            )
+        ),
+        _ => false,
+    };
+    StoreError::Dynamo {
+        operation,
+        table: table.to_owned(),
+        message: DisplayErrorContext(err).to_string(),
+        retryable,
     }
 }
 
