@@ -12,10 +12,9 @@ use agents::Process;
 use aws_sdk_sqs::types::QueueAttributeName;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use keyvex_engine::config::{ApiKeySpec, EngineConfig, MapEnv, ProviderSetup, ServerConfig};
+use keyvex_engine::config::{ApiKeySpec, MapEnv, ServerConfig};
 use keyvex_engine::metrics::{ShutdownReport, Tracker, start_from_env};
-use keyvex_engine::provider::sim::{self, SimConfig, SimHandle};
-use keyvex_engine::provider::{ApiKey, ProviderConfig};
+use keyvex_engine::provider::sim::SimHandle;
 use keyvex_engine::queue::admin::{self, QueueSettings};
 use keyvex_engine::queue::jobs::SqliteJobs;
 use keyvex_engine::queue::worker::{WorkerConfig, WorkerCounts};
@@ -55,24 +54,7 @@ enum With {
 
 async fn harness(with: With) -> Harness {
     let dir = TempDir::new("api-more");
-    let sim = sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), SimConfig::fast(5))
-        .await
-        .unwrap();
-    let provider = ProviderConfig {
-        base_url: sim.base_url(),
-        api_key: ApiKey::new("sim-key"),
-        connect_timeout: Duration::from_secs(2),
-    };
-    let engine = EngineConfig {
-        providers: ProviderSetup::Real {
-            openai: Some(provider.clone()),
-            anthropic: Some(provider),
-        },
-        models_file: None,
-        connect_timeout: Duration::from_secs(2),
-        ttft_timeout: Duration::from_secs(10),
-        stall_timeout: Duration::from_secs(10),
-    };
+    let (sim, engine) = crate::support::simulated_engine(5).await;
     let db = dir.file("metrics.sqlite3");
     let flush = match &with {
         With::Stores { flush_ms } => flush_ms.to_string(),

@@ -23,11 +23,10 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use keyvex_engine::config::{ApiKeySpec, EngineConfig, ProviderSetup, ServerConfig};
+use keyvex_engine::config::{ApiKeySpec, ServerConfig};
 use keyvex_engine::metrics::admin::{MetricsFilter, MetricsReader};
 use keyvex_engine::metrics::{GroupBy, MetricsConfig, RequestRecord, ShutdownReport, Tracker};
-use keyvex_engine::provider::sim::{self, SimConfig, SimHandle};
-use keyvex_engine::provider::{ApiKey, ProviderConfig};
+use keyvex_engine::provider::sim::SimHandle;
 use keyvex_engine::server::{Server, ServerError};
 use keyvex_engine::store::dynamo::{self, DynamoRetry, DynamoStore};
 use keyvex_engine::store::sqlite::SqliteStore;
@@ -75,24 +74,7 @@ fn fast_retry() -> DynamoRetry {
 }
 
 async fn serve(sink: Arc<dyn Sink>, ledger: &Path, seed: u64) -> Served {
-    let sim = sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), SimConfig::fast(seed))
-        .await
-        .unwrap();
-    let provider = ProviderConfig {
-        base_url: sim.base_url(),
-        api_key: ApiKey::new("sim-key"),
-        connect_timeout: Duration::from_secs(2),
-    };
-    let engine = EngineConfig {
-        providers: ProviderSetup::Real {
-            openai: Some(provider.clone()),
-            anthropic: Some(provider),
-        },
-        models_file: None,
-        connect_timeout: Duration::from_secs(2),
-        ttft_timeout: Duration::from_secs(10),
-        stall_timeout: Duration::from_secs(10),
-    };
+    let (sim, engine) = crate::support::simulated_engine(seed).await;
     let tracker = Tracker::start(fast_metrics(ledger), sink).await.unwrap();
     let cfg = ServerConfig {
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),

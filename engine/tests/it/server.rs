@@ -16,10 +16,9 @@ use async_openai::types::chat::{
 };
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use keyvex_engine::config::{ApiKeySpec, EngineConfig, MapEnv, ProviderSetup, ServerConfig};
+use keyvex_engine::config::{ApiKeySpec, MapEnv, ServerConfig};
 use keyvex_engine::metrics::{ShutdownReport, Tracker, start_from_env};
-use keyvex_engine::provider::sim::{self, Fault, Rule, SimConfig, SimHandle};
-use keyvex_engine::provider::{ApiKey, ProviderConfig};
+use keyvex_engine::provider::sim::{Fault, Rule, SimHandle};
 use keyvex_engine::server::{Server, ServerError};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -43,24 +42,7 @@ struct Harness {
 
 async fn harness(tweak: impl FnOnce(&mut ServerConfig)) -> Harness {
     let dir = TempDir::new("server");
-    let sim = sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), SimConfig::fast(7))
-        .await
-        .unwrap();
-    let provider = ProviderConfig {
-        base_url: sim.base_url(),
-        api_key: ApiKey::new("sim-key"),
-        connect_timeout: Duration::from_secs(2),
-    };
-    let engine = EngineConfig {
-        providers: ProviderSetup::Real {
-            openai: Some(provider.clone()),
-            anthropic: Some(provider),
-        },
-        models_file: None,
-        connect_timeout: Duration::from_secs(2),
-        ttft_timeout: Duration::from_secs(10),
-        stall_timeout: Duration::from_secs(10),
-    };
+    let (sim, engine) = crate::support::simulated_engine(7).await;
     let db = dir.file("metrics.sqlite3");
     let tracker = start_from_env(&MapEnv::new([
         ("KEYVEX_METRICS_DB", db.to_str().unwrap()),

@@ -27,3 +27,41 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A fast simulator on loopback and an engine configuration whose two providers point at it
+/// through the real client code (what every server-level test starts from).
+pub async fn simulated_engine(
+    seed: u64,
+) -> (
+    keyvex_engine::provider::sim::SimHandle,
+    keyvex_engine::config::EngineConfig,
+) {
+    use std::time::Duration;
+
+    use keyvex_engine::config::{EngineConfig, ProviderSetup};
+    use keyvex_engine::provider::sim::{self, SimConfig};
+    use keyvex_engine::provider::{ApiKey, ProviderConfig};
+
+    let sim = sim::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        SimConfig::fast(seed),
+    )
+    .await
+    .unwrap();
+    let provider = ProviderConfig {
+        base_url: sim.base_url(),
+        api_key: ApiKey::new("sim-key"),
+        connect_timeout: Duration::from_secs(2),
+    };
+    let engine = EngineConfig {
+        providers: ProviderSetup::Real {
+            openai: Some(provider.clone()),
+            anthropic: Some(provider),
+        },
+        models_file: None,
+        connect_timeout: Duration::from_secs(2),
+        ttft_timeout: Duration::from_secs(10),
+        stall_timeout: Duration::from_secs(10),
+    };
+    (sim, engine)
+}
