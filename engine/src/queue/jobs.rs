@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use aws_sdk_dynamodb::Client as DynamoClient;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
@@ -329,14 +329,7 @@ impl SqliteJobs {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let conn = Arc::clone(&self.conn);
-        let path = self.path.display().to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            f(&mut conn).map_err(|source| StoreError::Sqlite { path, source })
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        crate::store::sqlite::run_blocking(&self.conn, &self.path, f).await
     }
 
     async fn create(&self, rec: JobRecord) -> Result<bool, StoreError> {

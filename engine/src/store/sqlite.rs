@@ -82,14 +82,7 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let conn = Arc::clone(&self.conn);
-        let path = self.path.display().to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            f(&mut conn).map_err(|source| StoreError::Sqlite { path, source })
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        run_blocking(&self.conn, &self.path, f).await
     }
 
     /// Requests that started in `[from_ms, to_ms]`, oldest first.
@@ -343,4 +336,22 @@ impl Sink for SqliteStore {
             Ok(WriteReport::default())
         })
     }
+}
+
+/// Runs `f` on a shared SQLite connection on the blocking pool (rusqlite blocks; the async
+/// workers must not), mapping its error to [`StoreError::Sqlite`] with the file's path. A
+/// poisoned lock is taken anyway: SQLite's own transactions keep the file consistent.
+pub(crate) async fn run_blocking<T: Send + 'static>(
+    conn: &Arc<Mutex<Connection>>,
+    path: &std::path::Path,
+    f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+) -> Result<T, StoreError> {
+    let conn = Arc::clone(conn);
+    let path = path.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut conn).map_err(|source| StoreError::Sqlite { path, source })
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
 }
