@@ -28,7 +28,7 @@ use governor::{NotUntil, Quota, RateLimiter};
 
 use crate::provider::{ChatRequest, EventStream, Provider, ProviderError, SharedProvider};
 use crate::stream::{ProviderEvent, ProviderKind, Usage};
-use crate::tokenize::{count_prompt_tokens, count_tokens};
+use crate::tokenize::{estimate_prompt_tokens, estimate_tokens as estimate_text_tokens};
 
 /// A governor clock reading `tokio::time::Instant`, so paused test time drives the limiters.
 #[derive(Debug, Clone, Copy, Default)]
@@ -372,9 +372,11 @@ impl LimitedProvider {
     }
 }
 
-/// Tokens a request may use: its prompt plus its output cap.
+/// Tokens a request may use: its prompt plus its output cap. The prompt side is a byte-length
+/// estimate, not a tokenizer count: the reservation is settled with the provider's usage when the
+/// stream ends, so exactness here would buy nothing and cost a tokenizer pass per request.
 pub fn estimate_tokens(request: &ChatRequest) -> u64 {
-    count_prompt_tokens(request.system.as_deref(), &request.messages)
+    estimate_prompt_tokens(request.system.as_deref(), &request.messages)
         + u64::from(request.max_output_tokens)
 }
 
@@ -383,21 +385,24 @@ struct Meter {
     reservation: Option<Reservation>,
     prompt_tokens: u64,
     started: bool,
+    done: bool,
     usage: Option<Usage>,
-    output_chars: String,
+    /// Bytes of content seen: enough to estimate the output of a stream that ended early.
+    output_bytes: usize,
 }
 
 impl Meter {
     fn used(&self) -> u64 {
-        if let Some(u) = self.usage {
+        let seen_output = estimate_text_tokens(self.output_bytes);
+        match self.usage {
+            // A finished stream's usage is the provider's own account: exact.
+            Some(u) if self.done => u.input + u.output,
             // A partial usage (before an error) has an exact input side; its output may lag.
-            return u.input + u.output.max(count_tokens(&self.output_chars));
-        }
-        if !self.started {
+            Some(u) => u.input + u.output.max(seen_output),
             // Refused before the stream opened: nothing was consumed.
-            return 0;
+            None if !self.started => 0,
+            None => self.prompt_tokens + seen_output,
         }
-        self.prompt_tokens + count_tokens(&self.output_chars)
     }
 }
 
@@ -441,19 +446,21 @@ impl Provider for LimitedProvider {
         };
         let mut meter = Meter {
             reservation: Some(reservation),
-            prompt_tokens: count_prompt_tokens(request.system.as_deref(), &request.messages),
+            prompt_tokens: estimate_prompt_tokens(request.system.as_deref(), &request.messages),
             started: false,
+            done: false,
             usage: None,
-            output_chars: String::new(),
+            output_bytes: 0,
         };
         let mut inner = self.inner.stream(request);
         Box::pin(async_stream::stream! {
             while let Some(event) = inner.next().await {
                 match &event {
                     ProviderEvent::Start { .. } => meter.started = true,
-                    ProviderEvent::Delta(text) => meter.output_chars.push_str(text),
+                    ProviderEvent::Delta(text) => meter.output_bytes += text.len(),
                     ProviderEvent::Usage(u) => meter.usage = Some(*u),
-                    ProviderEvent::Done { .. } | ProviderEvent::Error(_) => {}
+                    ProviderEvent::Done { .. } => meter.done = true,
+                    ProviderEvent::Error(_) => {}
                 }
                 let terminal = event.is_terminal();
                 yield event;
