@@ -44,8 +44,9 @@ pub fn count_prompt_tokens(system: Option<&str>, messages: &[ChatMessage]) -> u6
 /// Used where a count only has to be close and is corrected later (rate-limit reservations are
 /// settled with the provider's reported usage): tokenizing there would cost CPU on every request
 /// and load the ~40 MiB vocabulary into a process that otherwise never needs it. o200k averages
-/// about 4 bytes per token on English prose and about 3 on code, JSON and CJK text (3-byte
-/// characters, roughly a token each), so one token per 3 bytes rarely undercounts.
+/// about 4 bytes per token on English prose and about 3 on JSON and CJK text (3-byte characters,
+/// roughly a token each), so one token per 3 bytes overcounts most text and undercounts only
+/// punctuation-dense code, by a few percent.
 pub fn estimate_tokens(bytes: usize) -> u64 {
     (bytes as u64).div_ceil(3)
 }
@@ -84,7 +85,7 @@ mod tests {
     }
 
     #[test]
-    fn estimate_rarely_undercounts_the_vocabulary() {
+    fn estimate_stays_near_the_vocabulary_count() {
         let samples = [
             "Hello, world! This is a short sentence about accounting for freelancers.",
             r#"{"inputs":[{"id":"hours","label":"Billable hours","min":0,"max":80}]}"#,
@@ -94,7 +95,10 @@ mod tests {
         for text in samples {
             let exact = count_tokens(text);
             let quick = estimate_tokens(text.len());
-            assert!(quick >= exact, "{text:?}: estimate {quick} < exact {exact}");
+            assert!(
+                quick * 10 >= exact * 9,
+                "{text:?}: estimate {quick} over 10% below exact {exact}"
+            );
             assert!(quick <= exact * 3, "{text:?}: estimate {quick} far above exact {exact}");
         }
         let msgs = [ChatMessage::user("Hi there")];
