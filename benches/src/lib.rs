@@ -9,3 +9,4 @@ pub mod cases;
 pub mod fixtures;
 pub mod gate;
 pub mod overhead;
+pub mod pipeline_wall;

@@ -317,6 +317,7 @@ pub(crate) async fn messages(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let received = tokio::time::Instant::now();
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -401,6 +402,7 @@ pub(crate) async fn messages(
         (None, false) => "end_turn",
     };
     let mut response = if request.stream {
+        let schema_name = tool.as_ref().map(|(_, name)| name.clone());
         let encoder = EventEncoder {
             id,
             model: request.model.clone(),
@@ -414,6 +416,12 @@ pub(crate) async fn messages(
             tokens_per_sec: plan.tokens_per_sec,
             ping_every: state.config.latency.ping_every,
             failure: plan.failure,
+            served: streaming::Served {
+                protocol: ProviderKind::Anthropic,
+                model: request.model.clone(),
+                schema_name,
+                received,
+            },
         };
         let mut response = streaming::body(state.clone(), script, encoder).into_response();
         let h = response.headers_mut();

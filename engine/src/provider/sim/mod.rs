@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use knobs::{Fault, Rule};
-pub use stats::{SeenRequest, SimStats};
+pub use stats::{SeenRequest, ServedStream, SimStats};
 
 /// Default port of `keyvex sim` (Prism's convention for mock servers).
 pub const DEFAULT_PORT: u16 = 4010;
@@ -203,6 +203,12 @@ impl SimHandle {
     /// The last requests received (up to 64, oldest first), as parsed: what a client sent.
     pub fn requests(&self) -> Vec<SeenRequest> {
         self.state.stats.seen_requests()
+    }
+
+    /// The streams served to their end since the last call (up to 64, oldest first), with the
+    /// simulator's own service time of each; the log is emptied so runs can be told apart.
+    pub fn take_served(&self) -> Vec<ServedStream> {
+        self.state.stats.take_served()
     }
 
     /// Waits until at least `n` streams in total were closed by their client before finishing.

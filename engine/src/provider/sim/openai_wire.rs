@@ -346,6 +346,7 @@ pub(crate) async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let received = tokio::time::Instant::now();
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -434,6 +435,12 @@ pub(crate) async fn chat_completions(
             tokens_per_sec: plan.tokens_per_sec,
             ping_every: Duration::ZERO,
             failure: plan.failure,
+            served: streaming::Served {
+                protocol: ProviderKind::OpenAi,
+                model: request.model.clone(),
+                schema_name: request.schema.as_ref().map(|(name, _)| name.clone()),
+                received,
+            },
         };
         let mut response = streaming::body(state.clone(), script, encoder).into_response();
         let h = response.headers_mut();

@@ -28,6 +28,17 @@ pub struct SeenRequest {
     pub schema_name: Option<String>,
 }
 
+/// One stream the simulator served to its end, with how long it took from the moment its request
+/// body was in hand to the last byte handed to hyper: the provider's own share of a call, which a
+/// client's timing of the same call minus this is the client's (and the network's) share of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedStream {
+    pub protocol: ProviderKind,
+    pub model: String,
+    pub schema_name: Option<String>,
+    pub service: Duration,
+}
+
 /// A snapshot of the simulator's counters (also served as JSON at `GET /sim/stats`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimStats {
@@ -58,6 +69,7 @@ pub(crate) struct Stats {
     /// The client-closed count, watched by `wait_for_disconnects`.
     client_closed: watch::Sender<u64>,
     seen: Mutex<VecDeque<SeenRequest>>,
+    served: Mutex<VecDeque<ServedStream>>,
 }
 
 impl Default for Stats {
@@ -71,6 +83,7 @@ impl Default for Stats {
             streams_aborted: AtomicU64::new(0),
             client_closed: watch::Sender::new(0),
             seen: Mutex::new(VecDeque::with_capacity(REQUEST_LOG_LEN)),
+            served: Mutex::new(VecDeque::with_capacity(REQUEST_LOG_LEN)),
         }
     }
 }
@@ -105,6 +118,27 @@ impl Stats {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .cloned()
+            .collect()
+    }
+
+    /// Keeps a finished stream in the bounded served log.
+    pub fn served(&self, stream: ServedStream) {
+        let mut served = self
+            .served
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if served.len() == REQUEST_LOG_LEN {
+            served.pop_front();
+        }
+        served.push_back(stream);
+    }
+
+    /// Takes the served log, oldest first, leaving it empty.
+    pub fn take_served(&self) -> Vec<ServedStream> {
+        self.served
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
             .collect()
     }
 

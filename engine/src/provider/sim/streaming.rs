@@ -11,7 +11,8 @@ use tokio::time::Instant;
 
 use super::SimState;
 use super::knobs::Failure;
-use super::stats::{Ending, StreamGuard};
+use super::stats::{Ending, ServedStream, StreamGuard};
+use crate::stream::ProviderKind;
 use crate::tokenize::count_tokens;
 
 /// The bytes of one protocol's stream events.
@@ -41,6 +42,28 @@ pub(crate) struct Script {
     /// Only stream failures (cut, stall, in-stream error, malformed) are acted on here; HTTP
     /// failures never reach a stream.
     pub failure: Option<Failure>,
+    /// What the served log says of this stream when it completes.
+    pub served: Served,
+}
+
+/// The request a stream answers, for the served log.
+pub(crate) struct Served {
+    pub protocol: ProviderKind,
+    pub model: String,
+    pub schema_name: Option<String>,
+    /// When the handler had the request body.
+    pub received: Instant,
+}
+
+impl Served {
+    fn log(self, state: &SimState) {
+        state.stats.served(ServedStream {
+            protocol: self.protocol,
+            model: self.model,
+            schema_name: self.schema_name,
+            service: self.received.elapsed(),
+        });
+    }
 }
 
 /// Sleeps until `deadline`; `false` when the simulator is shutting down first.
@@ -172,6 +195,7 @@ pub(crate) fn body<E: Encoder>(state: Arc<SimState>, script: Script, mut enc: E)
             yield Ok(bytes);
         }
         guard.end(Ending::Completed);
+        script.served.log(&state);
     };
     Body::from_stream(stream)
 }

@@ -1,0 +1,388 @@
+//! Pipeline wall time against its critical path: how much the engine adds to a whole four-stage
+//! run beyond the time the models themselves take.
+//!
+//! The critical path is Magic Spark → Logic Architect → the longer of Content Crafter and Style
+//! Master, each stage timed **by the simulator** (request body in hand → last byte handed to
+//! hyper, [`ServedStream::service`]). So everything else in the client's wall time is the
+//! engine's: HTTP handling, prompt rendering, the provider clients, partial previews, validation,
+//! glue between stages, metric writes and the final tool assembly.
+//!
+//! The simulator runs on its own runtime (its pacing timers and token counting must not queue
+//! behind the engine's work), the engine is `Server::bind` with both providers pointed at it, and
+//! the client is the pipeline route's real caller: `POST /v1/pipelines/tool`, SSE read to `done`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use agents::Process;
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use keyvex_engine::config::{EngineConfig, MapEnv, ServerConfig};
+use keyvex_engine::provider::sim::{self, FaultRates, LatencyProfile, ServedStream, SimConfig};
+use keyvex_engine::server::Server;
+use serde::Serialize;
+use serde_json::Value;
+
+const SIM_KEY: &str = "sk-pipeline-bench";
+const ENGINE_KEY: &str = "kvx-pipeline-bench";
+
+/// How the benchmark runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Measured runs (one warm-up run more is made and not counted).
+    pub runs: usize,
+    pub ttft: Duration,
+    pub tokens_per_sec: f64,
+    /// Where the engine keeps its SQLite metrics ledger.
+    pub work_dir: std::path::PathBuf,
+}
+
+/// One measured run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub wall_ms: f64,
+    pub critical_path_ms: f64,
+    /// `wall_ms − critical_path_ms`: the engine's share.
+    pub added_ms: f64,
+    /// Simulator service time per stage, in pipeline order.
+    pub stage_service_ms: Vec<(String, f64)>,
+}
+
+/// All runs and their summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub runs: Vec<Run>,
+    pub added_ms_p50: f64,
+    pub added_ms_max: f64,
+    pub wall_ms_p50: f64,
+    pub critical_path_ms_p50: f64,
+    pub target_added_ms: f64,
+    pub pass: bool,
+    pub ttft_ms: u64,
+    pub tokens_per_sec: f64,
+}
+
+/// The target of the issue: wall ≤ critical path + 5 ms.
+pub const TARGET_ADDED_MS: f64 = 5.0;
+
+/// Starts the simulator (own runtime) and the engine, makes `runs + 1` pipeline runs, and
+/// returns the measured ones.
+pub async fn measure(settings: &Settings) -> anyhow::Result<Report> {
+    let sim = SimThread::start(settings)?;
+    let engine = bind_engine(&sim.base_url, &settings.work_dir).await?;
+    let addr = engine
+        .local_addr()
+        .context("the engine has no local address")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(engine.run(async move {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .context("could not build the HTTP client")?;
+
+    let mut runs = Vec::with_capacity(settings.runs);
+    for i in 0..=settings.runs {
+        // Each run a different business, so prompts and outputs are not one cached answer.
+        let wall = one_pipeline(&client, addr, i as u64).await?;
+        let served = sim.handle.take_served();
+        let run = critical_path(wall, &served)
+            .with_context(|| format!("run {i}: the simulator's served log does not fit"))?;
+        if i > 0 {
+            runs.push(run);
+        }
+    }
+    let _ = stop.send(());
+    serving
+        .await
+        .context("the engine task panicked")?
+        .context("the engine did not stop cleanly")?;
+    sim.stop();
+    Ok(summarise(runs, settings))
+}
+
+fn summarise(runs: Vec<Run>, settings: &Settings) -> Report {
+    let added: Vec<f64> = runs.iter().map(|r| r.added_ms).collect();
+    let wall: Vec<f64> = runs.iter().map(|r| r.wall_ms).collect();
+    let cp: Vec<f64> = runs.iter().map(|r| r.critical_path_ms).collect();
+    let added_ms_p50 = median(&added);
+    Report {
+        added_ms_max: added.iter().copied().fold(f64::NAN, f64::max),
+        wall_ms_p50: median(&wall),
+        critical_path_ms_p50: median(&cp),
+        target_added_ms: TARGET_ADDED_MS,
+        pass: added_ms_p50 <= TARGET_ADDED_MS,
+        added_ms_p50,
+        runs,
+        ttft_ms: settings.ttft.as_millis() as u64,
+        tokens_per_sec: settings.tokens_per_sec,
+    }
+}
+
+/// Median of `values` (`NaN` when empty).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Wall time against the critical path of one run, from the simulator's log of its streams.
+/// Exactly one served stream per stage is expected: a repair or a fallback would add a call that
+/// is not on the model-time critical path, and is reported as an error instead of mismeasured.
+pub fn critical_path(wall: Duration, served: &[ServedStream]) -> anyhow::Result<Run> {
+    let mut stage_ms = Vec::with_capacity(4);
+    for stage in Process::ALL {
+        let name = agents::schema_name(stage);
+        let mut matching = served
+            .iter()
+            .filter(|s| s.schema_name.as_deref() == Some(name));
+        let (Some(one), None) = (matching.next(), matching.next()) else {
+            bail!(
+                "expected exactly one served stream for {} (schema {name}), found {} of {} in all; \
+                 a repair, retry or fallback happened, which this benchmark does not measure",
+                stage.key(),
+                served
+                    .iter()
+                    .filter(|s| s.schema_name.as_deref() == Some(name))
+                    .count(),
+                served.len()
+            );
+        };
+        stage_ms.push((stage, one.service.as_secs_f64() * 1e3));
+    }
+    let ms = |p: Process| {
+        stage_ms
+            .iter()
+            .find(|(s, _)| *s == p)
+            .map_or(0.0, |(_, ms)| *ms)
+    };
+    let critical_path_ms = ms(Process::MagicSpark)
+        + ms(Process::LogicArchitect)
+        + ms(Process::ContentCrafter).max(ms(Process::StyleMaster));
+    let wall_ms = wall.as_secs_f64() * 1e3;
+    Ok(Run {
+        wall_ms,
+        critical_path_ms,
+        added_ms: wall_ms - critical_path_ms,
+        stage_service_ms: stage_ms
+            .into_iter()
+            .map(|(p, ms)| (p.key().to_owned(), ms))
+            .collect(),
+    })
+}
+
+/// One `POST /v1/pipelines/tool`, read to its `done` event; the wall time from just before the
+/// request is sent to the `done` event's last byte.
+async fn one_pipeline(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    seed: u64,
+) -> anyhow::Result<Duration> {
+    let body = serde_json::json!({
+        "business": agents::samples::sample_input(Process::MagicSpark, seed),
+    });
+    let started = Instant::now();
+    let response = client
+        .post(format!("http://{addr}/v1/pipelines/tool"))
+        .bearer_auth(ENGINE_KEY)
+        .json(&body)
+        .send()
+        .await
+        .context("the pipeline request failed")?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        bail!("the pipeline route answered {status}: {text}");
+    }
+    let mut bytes = response.bytes_stream();
+    let mut buffer = Vec::new();
+    while let Some(chunk) = bytes.next().await {
+        buffer.extend_from_slice(&chunk.context("the pipeline stream broke")?);
+        if let Some(done) = done_event(&buffer) {
+            let wall = started.elapsed();
+            let status = done.get("status").and_then(Value::as_str).unwrap_or("");
+            if status != "succeeded" {
+                bail!("the pipeline run did not succeed: {done}");
+            }
+            return Ok(wall);
+        }
+    }
+    bail!("the pipeline stream ended without a done event")
+}
+
+/// The JSON of a complete `event: done` frame in `buffer`, if one has arrived.
+pub fn done_event(buffer: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(buffer).ok()?;
+    let start = text.find("event: done\n")?;
+    let rest = &text[start..];
+    let end = rest.find("\n\n")?;
+    let data = rest[..end].lines().find_map(|l| l.strip_prefix("data: "))?;
+    serde_json::from_str(data).ok()
+}
+
+/// The engine as `keyvex serve` assembles it, both providers pointed at the simulator, rate
+/// limits, cost accounting and durable metric writes on.
+async fn bind_engine(upstream: &str, work_dir: &Path) -> anyhow::Result<Server> {
+    let db = work_dir.join("pipeline-bench-metrics.sqlite3");
+    let db = db.to_string_lossy().into_owned();
+    let keys = format!("{ENGINE_KEY}=pipeline-bench:user");
+    let env = MapEnv::new([
+        ("OPENAI_API_KEY", SIM_KEY),
+        ("OPENAI_BASE_URL", upstream),
+        ("ANTHROPIC_API_KEY", SIM_KEY),
+        ("ANTHROPIC_BASE_URL", upstream),
+        ("KEYVEX_SIMULATE", "never"),
+        ("KEYVEX_ADDR", "127.0.0.1:0"),
+        ("KEYVEX_API_KEYS", keys.as_str()),
+        ("KEYVEX_RATE_LIMIT_PER_HOUR", "1000000000"),
+        ("KEYVEX_RATE_LIMIT_BURST", "1000000000"),
+        ("KEYVEX_PROVIDER_RPM", "1000000000"),
+        ("KEYVEX_PROVIDER_TPM", "4000000000"),
+        ("KEYVEX_METRICS_DB", db.as_str()),
+    ]);
+    let engine = EngineConfig::from_env(&env)?;
+    let server = ServerConfig::load(&env, None)?;
+    let tracker = keyvex_engine::metrics::start_from_env(&env).await?;
+    Ok(Server::bind(server, &engine, tracker).await?)
+}
+
+/// The simulator on a thread with its own single-worker runtime.
+struct SimThread {
+    base_url: String,
+    handle: std::sync::Arc<sim::SimHandle>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SimThread {
+    fn start(settings: &Settings) -> anyhow::Result<SimThread> {
+        let config = SimConfig {
+            seed: 11,
+            latency: LatencyProfile {
+                ttft: settings.ttft,
+                ttft_jitter: Duration::ZERO,
+                tokens_per_sec: settings.tokens_per_sec,
+                output_tokens: None,
+                ping_every: Duration::ZERO,
+            },
+            faults: FaultRates::default(),
+            require_auth: true,
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("simulator".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!(
+                            "could not start the simulator's runtime: {e}"
+                        )));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+                    match sim::start(any_port, config).await {
+                        Ok(handle) => {
+                            let handle = std::sync::Arc::new(handle);
+                            let _ = ready_tx.send(Ok(std::sync::Arc::clone(&handle)));
+                            let _ = stop_rx.await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx
+                                .send(Err(anyhow::anyhow!("could not start the simulator: {e}")));
+                        }
+                    }
+                });
+            })
+            .context("could not spawn the simulator thread")?;
+        let handle = ready_rx
+            .recv()
+            .context("the simulator thread ended before starting")??;
+        Ok(SimThread {
+            base_url: handle.base_url(),
+            handle,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(stage: Process, ms: u64) -> ServedStream {
+        ServedStream {
+            protocol: keyvex_engine::stream::ProviderKind::OpenAi,
+            model: "m".to_owned(),
+            schema_name: Some(agents::schema_name(stage).to_owned()),
+            service: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn critical_path_takes_the_longer_parallel_stage() {
+        let log = [
+            served(Process::MagicSpark, 100),
+            served(Process::LogicArchitect, 200),
+            served(Process::StyleMaster, 50),
+            served(Process::ContentCrafter, 300),
+        ];
+        let run = critical_path(Duration::from_millis(604), &log).unwrap();
+        assert!((run.critical_path_ms - 600.0).abs() < 1e-9);
+        assert!((run.added_ms - 4.0).abs() < 1e-9);
+        assert_eq!(run.stage_service_ms[0].0, "magicSpark");
+    }
+
+    #[test]
+    fn a_repair_or_missing_stage_is_an_error_not_a_number() {
+        let repaired = [
+            served(Process::MagicSpark, 100),
+            served(Process::MagicSpark, 100),
+            served(Process::LogicArchitect, 200),
+            served(Process::StyleMaster, 50),
+            served(Process::ContentCrafter, 300),
+        ];
+        let e = critical_path(Duration::from_secs(1), &repaired).unwrap_err();
+        assert!(e.to_string().contains("magicSpark"), "{e}");
+        let missing = [served(Process::MagicSpark, 100)];
+        assert!(critical_path(Duration::from_secs(1), &missing).is_err());
+    }
+
+    #[test]
+    fn done_event_waits_for_the_whole_frame() {
+        let partial = b"event: delta\ndata: {}\n\nevent: done\ndata: {\"status\":\"succ";
+        assert!(done_event(partial).is_none());
+        let whole = b"event: delta\ndata: {}\n\nevent: done\ndata: {\"status\":\"succeeded\"}\n\n";
+        assert_eq!(done_event(whole).unwrap()["status"], "succeeded");
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
+        assert!((median(&[4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-12);
+        assert!(median(&[]).is_nan());
+    }
+}
