@@ -214,7 +214,20 @@ async fn pipeline_stream_tags_every_event_and_ends_with_the_tool() {
         .send()
         .await
         .unwrap();
-    let events = read_sse(resp, |_, _| {}).await;
+    // The pipeline does not wait for a stage's record to commit before the next stage starts,
+    // but each `usage` event still waits for its own record.
+    let tracker = h.tracker.clone();
+    let mut usages = 0;
+    let events = read_sse(resp, |name, _| {
+        if name == "usage" {
+            usages += 1;
+            assert!(
+                tracker.health().durable >= usages,
+                "usage event sent before its record was durable"
+            );
+        }
+    })
+    .await;
     let n = names(&events);
     assert_eq!(n[0], "run");
     let run_id = events[0].1["runId"].as_str().unwrap().to_owned();

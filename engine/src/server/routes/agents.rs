@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::agent_run::{AgentEvent, AgentOutcome, run_agent};
+use crate::agent_run::{AgentEvent, AgentOutcome, CallUsage, run_agent};
 use crate::metrics::RequestRecord;
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
@@ -217,25 +217,29 @@ pub(super) async fn translate(
         }
         AgentEvent::Usage(call) => {
             let rec = RequestRecord::from_route_outcome(&call.outcome, &scope.context(Some(stage)));
-            let record_id = rec.request_id.clone();
-            let status = rec.status.as_str();
+            let usage = usage_event(stage, &call, &rec);
             state.record_durably(rec).await;
-            event(
-                "usage",
-                &json!({
-                    "stage": stage,
-                    "recordId": record_id,
-                    "status": status,
-                    "provider": call.provider,
-                    "model": call.model,
-                    "tokens": call.usage,
-                    "costUsd": call.cost_usd,
-                    "costMicroUsd": call.cost.micro_usd(),
-                    "estimated": call.estimated,
-                    "fallbackUsed": call.fallback_used,
-                }),
-            )
+            usage
         }
         AgentEvent::Result { .. } | AgentEvent::Error { .. } => return None,
     })
+}
+
+/// The `usage` event of one model call; send it only once `rec` is durable.
+pub(super) fn usage_event(stage: Process, call: &CallUsage, rec: &RequestRecord) -> Event {
+    event(
+        "usage",
+        &json!({
+            "stage": stage,
+            "recordId": rec.request_id,
+            "status": rec.status.as_str(),
+            "provider": call.provider,
+            "model": call.model,
+            "tokens": call.usage,
+            "costUsd": call.cost_usd,
+            "costMicroUsd": call.cost.micro_usd(),
+            "estimated": call.estimated,
+            "fallbackUsed": call.fallback_used,
+        }),
+    )
 }

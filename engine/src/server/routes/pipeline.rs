@@ -7,16 +7,22 @@ use axum::Extension;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
+use axum::response::sse::Event;
 use axum::routing::post;
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::agent_run::AgentEvent;
+use crate::metrics::RequestRecord;
 use crate::pipeline::{PipelineEvent, PipelineInput, RunRollup, run_pipeline};
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
-use crate::server::routes::agents::{check_input, check_session_id, shutdown_event, translate};
+use crate::server::routes::agents::{
+    check_input, check_session_id, shutdown_event, translate, usage_event,
+};
 use crate::server::sse::{CallScope, event};
 use crate::server::{AppState, request_id};
 use crate::store::sessions::{Role, SessionMessage};
@@ -82,7 +88,24 @@ async fn run(
             };
             let mut pipeline = Box::pin(run_pipeline(router.clone(), input));
             let mut stage_error_sent = false;
-            while let Some(ev) = pipeline.next().await {
+            // `usage` events wait for their record to be durable, but the pipeline must not wait
+            // with them: an fsync between stages would sit on the run's critical path. They are
+            // held here, in order, and sent as their records commit; all before `done`.
+            let mut held: FuturesOrdered<BoxFuture<'static, Event>> = FuturesOrdered::new();
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    Some(usage) = held.next(), if !held.is_empty() => Next::Durable(usage),
+                    ev = pipeline.next() => Next::Pipeline(ev),
+                };
+                let ev = match next {
+                    Next::Durable(usage) => {
+                        yield usage;
+                        continue;
+                    }
+                    Next::Pipeline(Some(ev)) => ev,
+                    Next::Pipeline(None) => break,
+                };
                 match ev {
                     PipelineEvent::RunStarted { run_id } => {
                         scope.set_run(&run_id);
@@ -107,6 +130,19 @@ async fn run(
                                 yield event("error", &json!({ "stage": stage, "kind": error.kind(), "message": error.to_string() }));
                                 continue;
                             }
+                            AgentEvent::Usage(call) => {
+                                let rec = RequestRecord::from_route_outcome(&call.outcome, &scope.context(Some(stage)));
+                                let usage = usage_event(stage, &call, &rec);
+                                let record_id = rec.request_id.clone();
+                                let receipt = state.record_call(rec);
+                                held.push_back(Box::pin(async move {
+                                    if let Err(error) = receipt.durable().await {
+                                        tracing::error!(request_id = %record_id, %error, "metrics record not confirmed durable");
+                                    }
+                                    usage
+                                }));
+                                continue;
+                            }
                             _ => {}
                         }
                         if let Some(e) = translate(&state, &scope, &request_id, stage, ev).await {
@@ -114,11 +150,17 @@ async fn run(
                         }
                     }
                     PipelineEvent::Done { tool, rollup } => {
+                        while let Some(usage) = held.next().await {
+                            yield usage;
+                        }
                         state.await_durable(std::mem::take(&mut receipts)).await;
                         yield event("result", &json!({ "tool": tool }));
                         yield done(&request_id, "succeeded", None, &rollup);
                     }
                     PipelineEvent::Failed { stage, error, rollup } => {
+                        while let Some(usage) = held.next().await {
+                            yield usage;
+                        }
                         state.await_durable(std::mem::take(&mut receipts)).await;
                         if !stage_error_sent {
                             yield event("error", &json!({ "stage": stage, "kind": "pipeline", "message": error }));
@@ -127,9 +169,22 @@ async fn run(
                     }
                 }
             }
+            // The pipeline always ends with `Done` or `Failed`, which flush; this keeps a held
+            // event from being dropped if that ever changed.
+            while let Some(usage) = held.next().await {
+                yield usage;
+            }
         }
     };
     Ok(state.sse(events.boxed(), scope, shutdown_event(None)))
+}
+
+/// What the event loop woke for.
+enum Next {
+    /// A held `usage` event whose record is now durable.
+    Durable(Event),
+    /// The pipeline's next event (`None`: it ended).
+    Pipeline(Option<PipelineEvent>),
 }
 
 fn done(
