@@ -47,6 +47,8 @@ pub struct Run {
     pub added_ms: f64,
     /// Simulator service time per stage, in pipeline order.
     pub stage_service_ms: Vec<(String, f64)>,
+    /// Where the engine's share went, from the client's event arrival times.
+    pub phases: Option<Phases>,
 }
 
 /// All runs and their summary.
@@ -59,6 +61,8 @@ pub struct Report {
     pub critical_path_ms_p50: f64,
     pub target_added_ms: f64,
     pub pass: bool,
+    /// Median of each phase over the runs.
+    pub phases_p50: Phases,
     pub ttft_ms: u64,
     pub tokens_per_sec: f64,
 }
@@ -86,10 +90,11 @@ pub async fn measure(settings: &Settings) -> anyhow::Result<Report> {
     let mut runs = Vec::with_capacity(settings.runs);
     for i in 0..=settings.runs {
         // Each run a different business, so prompts and outputs are not one cached answer.
-        let wall = one_pipeline(&client, addr, i as u64).await?;
+        let timeline = one_pipeline(&client, addr, i as u64).await?;
         let served = sim.handle.take_served();
-        let run = critical_path(wall, &served)
+        let mut run = critical_path(timeline.wall, &served)
             .with_context(|| format!("run {i}: the simulator's served log does not fit"))?;
+        run.phases = timeline.phases();
         if i > 0 {
             runs.push(run);
         }
@@ -108,7 +113,22 @@ fn summarise(runs: Vec<Run>, settings: &Settings) -> Report {
     let wall: Vec<f64> = runs.iter().map(|r| r.wall_ms).collect();
     let cp: Vec<f64> = runs.iter().map(|r| r.critical_path_ms).collect();
     let added_ms_p50 = median(&added);
+    let phase = |f: fn(&Phases) -> f64| {
+        median(
+            &runs
+                .iter()
+                .filter_map(|r| r.phases.as_ref().map(f))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let phases_p50 = Phases {
+        lead_in_ms: phase(|p| p.lead_in_ms),
+        spark_to_logic_ms: phase(|p| p.spark_to_logic_ms),
+        logic_to_last_stages_ms: phase(|p| p.logic_to_last_stages_ms),
+        tail_ms: phase(|p| p.tail_ms),
+    };
     Report {
+        phases_p50,
         added_ms_max: added.iter().copied().fold(f64::NAN, f64::max),
         wall_ms_p50: median(&wall),
         critical_path_ms_p50: median(&cp),
@@ -174,16 +194,81 @@ pub fn critical_path(wall: Duration, served: &[ServedStream]) -> anyhow::Result<
             .into_iter()
             .map(|(p, ms)| (p.key().to_owned(), ms))
             .collect(),
+        phases: None,
     })
 }
 
-/// One `POST /v1/pipelines/tool`, read to its `done` event; the wall time from just before the
-/// request is sent to the `done` event's last byte.
+/// When, after the request was sent, the client saw what: the wall time and the events that
+/// bound the engine's own phases.
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    pub wall: Duration,
+    /// `(event, stage, arrival)` of every `start`, `delta` and `done` event.
+    pub marks: Vec<(String, Option<String>, Duration)>,
+}
+
+/// The engine's share of a run split by where it is spent, each bounded by events the client
+/// saw (so each includes one loopback hop and the simulator's header turnaround):
+/// request → Magic Spark's stream opens; a stage's last delta → the next stage's stream opens
+/// (validation, next prompt, provider request); the last delta → `done` (validation, assembly,
+/// the last records' commit).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Phases {
+    pub lead_in_ms: f64,
+    pub spark_to_logic_ms: f64,
+    pub logic_to_last_stages_ms: f64,
+    pub tail_ms: f64,
+}
+
+impl Timeline {
+    fn first(&self, event: &str, stage: &str) -> Option<Duration> {
+        self.marks
+            .iter()
+            .find(|(e, s, _)| e == event && s.as_deref() == Some(stage))
+            .map(|(_, _, at)| *at)
+    }
+
+    fn last(&self, event: &str, stage: &str) -> Option<Duration> {
+        self.marks
+            .iter()
+            .rev()
+            .find(|(e, s, _)| e == event && s.as_deref() == Some(stage))
+            .map(|(_, _, at)| *at)
+    }
+
+    /// The phases, or `None` when an event that bounds one is missing.
+    pub fn phases(&self) -> Option<Phases> {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let gap = |from: Duration, to: Duration| ms(to.saturating_sub(from));
+        let spark = Process::MagicSpark.key();
+        let logic = Process::LogicArchitect.key();
+        let content = Process::ContentCrafter.key();
+        let style = Process::StyleMaster.key();
+        let last_stages_open = self
+            .first("start", content)?
+            .min(self.first("start", style)?);
+        let last_delta = self.last("delta", content)?.max(self.last("delta", style)?);
+        let done = self
+            .marks
+            .iter()
+            .find(|(e, _, _)| e == "done")
+            .map(|(_, _, at)| *at)?;
+        Some(Phases {
+            lead_in_ms: ms(self.first("start", spark)?),
+            spark_to_logic_ms: gap(self.last("delta", spark)?, self.first("start", logic)?),
+            logic_to_last_stages_ms: gap(self.last("delta", logic)?, last_stages_open),
+            tail_ms: gap(last_delta, done),
+        })
+    }
+}
+
+/// One `POST /v1/pipelines/tool`, read to its `done` event; times from just before the request is
+/// sent.
 async fn one_pipeline(
     client: &reqwest::Client,
     addr: SocketAddr,
     seed: u64,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Timeline> {
     let body = serde_json::json!({
         "business": agents::samples::sample_input(Process::MagicSpark, seed),
     });
@@ -202,28 +287,57 @@ async fn one_pipeline(
     }
     let mut bytes = response.bytes_stream();
     let mut buffer = Vec::new();
+    let mut timeline = Timeline::default();
     while let Some(chunk) = bytes.next().await {
+        let at = started.elapsed();
         buffer.extend_from_slice(&chunk.context("the pipeline stream broke")?);
-        if let Some(done) = done_event(&buffer) {
-            let wall = started.elapsed();
-            let status = done.get("status").and_then(Value::as_str).unwrap_or("");
-            if status != "succeeded" {
-                bail!("the pipeline run did not succeed: {done}");
+        for (event, data) in take_frames(&mut buffer) {
+            if !matches!(event.as_str(), "start" | "delta" | "done") {
+                continue;
             }
-            return Ok(wall);
+            let data: Value = serde_json::from_str(&data)
+                .with_context(|| format!("a {event} event's data is not JSON: {data}"))?;
+            let stage = data.get("stage").and_then(Value::as_str).map(str::to_owned);
+            timeline.marks.push((event.clone(), stage, at));
+            if event == "done" {
+                timeline.wall = at;
+                let status = data.get("status").and_then(Value::as_str).unwrap_or("");
+                if status != "succeeded" {
+                    bail!("the pipeline run did not succeed: {data}");
+                }
+                return Ok(timeline);
+            }
         }
     }
     bail!("the pipeline stream ended without a done event")
 }
 
-/// The JSON of a complete `event: done` frame in `buffer`, if one has arrived.
-pub fn done_event(buffer: &[u8]) -> Option<Value> {
-    let text = std::str::from_utf8(buffer).ok()?;
-    let start = text.find("event: done\n")?;
-    let rest = &text[start..];
-    let end = rest.find("\n\n")?;
-    let data = rest[..end].lines().find_map(|l| l.strip_prefix("data: "))?;
-    serde_json::from_str(data).ok()
+/// Splits the complete SSE frames off the front of `buffer` as `(event name, data)`, leaving an
+/// incomplete frame in it. Frames end with a blank line; comments and `id:` lines are skipped.
+pub fn take_frames(buffer: &mut Vec<u8>) -> Vec<(String, String)> {
+    let mut frames = Vec::new();
+    let mut consumed = 0;
+    while let Some(end) = buffer[consumed..].windows(2).position(|w| w == b"\n\n") {
+        let frame = String::from_utf8_lossy(&buffer[consumed..consumed + end]);
+        let mut event = String::from("message");
+        let mut data = String::new();
+        for line in frame.lines() {
+            if let Some(name) = line.strip_prefix("event:") {
+                event = name.trim_start().to_owned();
+            } else if let Some(d) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(d.strip_prefix(' ').unwrap_or(d));
+            }
+        }
+        if !data.is_empty() {
+            frames.push((event, data));
+        }
+        consumed += end + 2;
+    }
+    buffer.drain(..consumed);
+    frames
 }
 
 /// The engine as `keyvex serve` assembles it, both providers pointed at the simulator, rate
@@ -372,11 +486,56 @@ mod tests {
     }
 
     #[test]
-    fn done_event_waits_for_the_whole_frame() {
-        let partial = b"event: delta\ndata: {}\n\nevent: done\ndata: {\"status\":\"succ";
-        assert!(done_event(partial).is_none());
-        let whole = b"event: delta\ndata: {}\n\nevent: done\ndata: {\"status\":\"succeeded\"}\n\n";
-        assert_eq!(done_event(whole).unwrap()["status"], "succeeded");
+    fn frames_are_taken_only_when_complete() {
+        let mut buf = b"event: delta\ndata: {\"stage\":\"magicSpark\"}\n\n: keep-alive\n\nevent: done\ndata: {\"st".to_vec();
+        let frames = take_frames(&mut buf);
+        assert_eq!(
+            frames,
+            [("delta".to_owned(), r#"{"stage":"magicSpark"}"#.to_owned())]
+        );
+        assert_eq!(buf, b"event: done\ndata: {\"st");
+        buf.extend_from_slice(b"atus\":\"succeeded\"}\n\n");
+        let frames = take_frames(&mut buf);
+        assert_eq!(frames[0].0, "done");
+        assert!(buf.is_empty());
+    }
+
+    fn mark(event: &str, stage: Option<Process>, ms: u64) -> (String, Option<String>, Duration) {
+        (
+            event.to_owned(),
+            stage.map(|p| p.key().to_owned()),
+            Duration::from_millis(ms),
+        )
+    }
+
+    #[test]
+    fn phases_are_bounded_by_the_right_events() {
+        use Process::*;
+        let timeline = Timeline {
+            wall: Duration::from_millis(100),
+            marks: vec![
+                mark("start", Some(MagicSpark), 2),
+                mark("delta", Some(MagicSpark), 10),
+                mark("delta", Some(MagicSpark), 20),
+                mark("start", Some(LogicArchitect), 23),
+                mark("delta", Some(LogicArchitect), 50),
+                mark("start", Some(StyleMaster), 54),
+                mark("start", Some(ContentCrafter), 55),
+                mark("delta", Some(ContentCrafter), 90),
+                mark("delta", Some(StyleMaster), 80),
+                mark("done", None, 100),
+            ],
+        };
+        let p = timeline.phases().unwrap();
+        assert!((p.lead_in_ms - 2.0).abs() < 1e-9);
+        assert!((p.spark_to_logic_ms - 3.0).abs() < 1e-9);
+        assert!((p.logic_to_last_stages_ms - 4.0).abs() < 1e-9);
+        assert!((p.tail_ms - 10.0).abs() < 1e-9);
+        let cut = Timeline {
+            marks: timeline.marks[..4].to_vec(),
+            ..timeline
+        };
+        assert!(cut.phases().is_none());
     }
 
     #[test]

@@ -105,6 +105,13 @@ fn print_table(report: &Report) -> anyhow::Result<()> {
         "simulator: TTFT {} ms, {} tokens/s; added = wall − critical path (stage times by the simulator)",
         report.ttft_ms, report.tokens_per_sec
     )?;
+    let p = &report.phases_p50;
+    writeln!(
+        out,
+        "where it went (p50, client-side event gaps): request → first stream {:.2} ms; \
+         magicSpark → logicArchitect {:.2} ms; logicArchitect → last two {:.2} ms; last delta → done {:.2} ms",
+        p.lead_in_ms, p.spark_to_logic_ms, p.logic_to_last_stages_ms, p.tail_ms
+    )?;
     writeln!(
         out,
         "added p50 {:.2} ms, max {:.2} ms over {} runs (wall p50 {:.1} ms, critical path p50 {:.1} ms); target ≤ {} ms: {}",
