@@ -222,6 +222,44 @@ async fn sessions_hold_input_and_output_right_after_done_for_their_owner_only() 
     assert_eq!(theirs["code"], missing["code"]);
     assert_eq!(h.get_json("/v1/sessions/sess-a", ADMIN).await, session);
 
+    // Nor can another user write into it: refused before anything runs or is recorded, on
+    // both routes that take a sessionId.
+    let requests_before = h.sim.stats().requests_total;
+    let bobs_write = h
+        .post("/v1/agents/magic-spark", BOB)
+        .json(&json!({ "input": business(), "sessionId": "sess-a" }))
+        .send()
+        .await
+        .unwrap();
+    let e = error_of(bobs_write, 403).await;
+    assert!(
+        e["message"].as_str().unwrap().contains("another caller"),
+        "{e}"
+    );
+    let bobs_run = h
+        .post("/v1/pipelines/tool", BOB)
+        .json(&json!({ "business": business(), "sessionId": "sess-a" }))
+        .send()
+        .await
+        .unwrap();
+    error_of(bobs_run, 403).await;
+    assert_eq!(
+        h.sim.stats().requests_total,
+        requests_before,
+        "no model was called"
+    );
+    assert_eq!(h.get_json("/v1/sessions/sess-a", ALICE).await, session);
+    // The owner may add to it.
+    let (_, events) = h
+        .agent(
+            "magic-spark",
+            json!({ "input": business(), "sessionId": "sess-a" }),
+        )
+        .await;
+    assert_eq!(last(&events, "done")["status"], "succeeded");
+    let grown = h.get_json("/v1/sessions/sess-a", ALICE).await;
+    assert_eq!(grown["messageCount"], 4, "{grown}");
+
     let mine = h.get_json("/v1/sessions?limit=5", ALICE).await;
     assert_eq!(mine["sessions"][0]["sessionId"], "sess-a", "{mine}");
     let bobs = h.get_json("/v1/sessions", BOB).await;

@@ -17,6 +17,7 @@ use crate::agent_run::{AgentEvent, AgentOutcome, CallUsage, run_agent};
 use crate::metrics::RequestRecord;
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
+use crate::server::routes::sessions::check_session_owner;
 use crate::server::sse::{CallScope, event};
 use crate::server::{AppState, request_id};
 use crate::store::sessions::{Role, SessionMessage};
@@ -73,6 +74,7 @@ async fn run(
     let process = parse_agent(&agent)?;
     check_input(process, &body.input, "input")?;
     check_session_id(body.session_id.as_deref())?;
+    check_session_owner(&state, &caller, body.session_id.as_deref()).await?;
     state.ensure_accepting()?;
     let request_id = request_id(&headers);
     let session = body.session_id.clone();

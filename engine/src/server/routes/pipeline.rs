@@ -23,6 +23,7 @@ use crate::server::error::{ApiError, ApiJson};
 use crate::server::routes::agents::{
     check_input, check_session_id, shutdown_event, translate, usage_event,
 };
+use crate::server::routes::sessions::check_session_owner;
 use crate::server::sse::{CallScope, event};
 use crate::server::{AppState, request_id};
 use crate::store::sessions::{Role, SessionMessage};
@@ -52,6 +53,7 @@ async fn run(
 ) -> Result<Response, ApiError> {
     check_input(Process::MagicSpark, &body.business, "business")?;
     check_session_id(body.session_id.as_deref())?;
+    check_session_owner(&state, &caller, body.session_id.as_deref()).await?;
     state.ensure_accepting()?;
     let request_id = request_id(&headers);
     let session = body.session_id.clone();

@@ -43,6 +43,36 @@ fn not_found(id: &str) -> ApiError {
     }
 }
 
+/// A caller may add messages to a session that is new or its own; an admin key to any. Checked
+/// before a run starts, so nothing is spent or recorded for a refused request. Two callers
+/// creating the same new id at the same instant can both pass (ids are meant to be random).
+pub(super) async fn check_session_owner(
+    state: &AppState,
+    caller: &Caller,
+    session_id: Option<&str>,
+) -> Result<(), ApiError> {
+    let (Some(id), Some(store)) = (session_id, state.backends().sessions.as_ref()) else {
+        return Ok(());
+    };
+    if caller.role == CallerRole::Admin {
+        return Ok(());
+    }
+    match store.get_session(id).await {
+        Ok(Some(session)) if session.metadata.user_id != caller.id => {
+            Err(ApiError::Forbidden(format!(
+                "sessionId {id:?} belongs to another caller; start a new session with a new id (a UUID, for example)"
+            )))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(ApiError::Unavailable {
+            code: "session_store_unavailable",
+            message: format!(
+                "could not check who owns session {id:?}: {e}; retry, or send the request without sessionId"
+            ),
+        }),
+    }
+}
+
 async fn one(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
