@@ -47,8 +47,8 @@ pub struct Run {
     pub added_ms: f64,
     /// Simulator service time per stage, in pipeline order.
     pub stage_service_ms: Vec<(String, f64)>,
-    /// Where the engine's share went, from the client's event arrival times.
-    pub phases: Option<Phases>,
+    /// Where the engine's share went.
+    pub phases: Phases,
 }
 
 /// All runs and their summary.
@@ -90,11 +90,10 @@ pub async fn measure(settings: &Settings) -> anyhow::Result<Report> {
     let mut runs = Vec::with_capacity(settings.runs);
     for i in 0..=settings.runs {
         // Each run a different business, so prompts and outputs are not one cached answer.
-        let timeline = one_pipeline(&client, addr, i as u64).await?;
+        let (sent, wall) = one_pipeline(&client, addr, i as u64).await?;
         let served = sim.handle.take_served();
-        let mut run = critical_path(timeline.wall, &served)
+        let run = critical_path(sent, wall, &served)
             .with_context(|| format!("run {i}: the simulator's served log does not fit"))?;
-        run.phases = timeline.phases();
         if i > 0 {
             runs.push(run);
         }
@@ -113,18 +112,13 @@ fn summarise(runs: Vec<Run>, settings: &Settings) -> Report {
     let wall: Vec<f64> = runs.iter().map(|r| r.wall_ms).collect();
     let cp: Vec<f64> = runs.iter().map(|r| r.critical_path_ms).collect();
     let added_ms_p50 = median(&added);
-    let phase = |f: fn(&Phases) -> f64| {
-        median(
-            &runs
-                .iter()
-                .filter_map(|r| r.phases.as_ref().map(f))
-                .collect::<Vec<_>>(),
-        )
-    };
+    let phase =
+        |f: fn(&Phases) -> f64| median(&runs.iter().map(|r| f(&r.phases)).collect::<Vec<_>>());
     let phases_p50 = Phases {
         lead_in_ms: phase(|p| p.lead_in_ms),
         spark_to_logic_ms: phase(|p| p.spark_to_logic_ms),
         logic_to_last_stages_ms: phase(|p| p.logic_to_last_stages_ms),
+        parallel_skew_ms: phase(|p| p.parallel_skew_ms),
         tail_ms: phase(|p| p.tail_ms),
     };
     Report {
@@ -152,114 +146,89 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Wall time against the critical path of one run, from the simulator's log of its streams.
-/// Exactly one served stream per stage is expected: a repair or a fallback would add a call that
-/// is not on the model-time critical path, and is reported as an error instead of mismeasured.
-pub fn critical_path(wall: Duration, served: &[ServedStream]) -> anyhow::Result<Run> {
-    let mut stage_ms = Vec::with_capacity(4);
+/// Wall time against the critical path of one run, from the simulator's log of its streams
+/// (`sent`: when the client sent the request; `wall`: from then to `done`). Exactly one served
+/// stream per stage is expected: a repair or a fallback would add a call that is not on the
+/// model-time critical path, and is reported as an error instead of mismeasured.
+pub fn critical_path(
+    sent: Instant,
+    wall: Duration,
+    served: &[ServedStream],
+) -> anyhow::Result<Run> {
+    let mut stages = Vec::with_capacity(4);
     for stage in Process::ALL {
         let name = agents::schema_name(stage);
-        let mut matching = served
+        let matching: Vec<&ServedStream> = served
             .iter()
-            .filter(|s| s.schema_name.as_deref() == Some(name));
-        let (Some(one), None) = (matching.next(), matching.next()) else {
+            .filter(|s| s.schema_name.as_deref() == Some(name))
+            .collect();
+        let [one] = matching[..] else {
             bail!(
                 "expected exactly one served stream for {} (schema {name}), found {} of {} in all; \
                  a repair, retry or fallback happened, which this benchmark does not measure",
                 stage.key(),
-                served
-                    .iter()
-                    .filter(|s| s.schema_name.as_deref() == Some(name))
-                    .count(),
+                matching.len(),
                 served.len()
             );
         };
-        stage_ms.push((stage, one.service.as_secs_f64() * 1e3));
+        let received = one
+            .received_at
+            .context("the simulator did not say when it received a request")?;
+        stages.push((stage, received, one.service));
     }
-    let ms = |p: Process| {
-        stage_ms
+    let find = |p: Process| {
+        stages
             .iter()
-            .find(|(s, _)| *s == p)
-            .map_or(0.0, |(_, ms)| *ms)
+            .find(|(s, _, _)| *s == p)
+            .map(|(_, at, took)| (*at, *took))
+            .unwrap_or((sent, Duration::ZERO))
     };
-    let critical_path_ms = ms(Process::MagicSpark)
-        + ms(Process::LogicArchitect)
-        + ms(Process::ContentCrafter).max(ms(Process::StyleMaster));
-    let wall_ms = wall.as_secs_f64() * 1e3;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let gap = |from: Instant, to: Instant| ms(to.saturating_duration_since(from));
+    let (spark_at, spark) = find(Process::MagicSpark);
+    let (logic_at, logic) = find(Process::LogicArchitect);
+    let (content_at, content) = find(Process::ContentCrafter);
+    let (style_at, style) = find(Process::StyleMaster);
+    let last_start = content_at.min(style_at);
+    let last_end = (content_at + content).max(style_at + style);
+    let phases = Phases {
+        lead_in_ms: gap(sent, spark_at),
+        spark_to_logic_ms: gap(spark_at + spark, logic_at),
+        logic_to_last_stages_ms: gap(logic_at + logic, last_start),
+        parallel_skew_ms: ms(last_end.saturating_duration_since(last_start))
+            - ms(content.max(style)),
+        tail_ms: gap(last_end, sent + wall),
+    };
+    let critical_path_ms = ms(spark) + ms(logic) + ms(content.max(style));
+    let wall_ms = ms(wall);
     Ok(Run {
         wall_ms,
         critical_path_ms,
         added_ms: wall_ms - critical_path_ms,
-        stage_service_ms: stage_ms
-            .into_iter()
-            .map(|(p, ms)| (p.key().to_owned(), ms))
+        stage_service_ms: stages
+            .iter()
+            .map(|(p, _, took)| (p.key().to_owned(), ms(*took)))
             .collect(),
-        phases: None,
+        phases,
     })
 }
 
-/// When, after the request was sent, the client saw what: the wall time and the events that
-/// bound the engine's own phases.
-#[derive(Debug, Clone, Default)]
-pub struct Timeline {
-    pub wall: Duration,
-    /// `(event, stage, arrival)` of every `start`, `delta` and `done` event.
-    pub marks: Vec<(String, Option<String>, Duration)>,
-}
-
-/// The engine's share of a run split by where it is spent, each bounded by events the client
-/// saw (so each includes one loopback hop and the simulator's header turnaround):
-/// request → Magic Spark's stream opens; a stage's last delta → the next stage's stream opens
-/// (validation, next prompt, provider request); the last delta → `done` (validation, assembly,
-/// the last records' commit).
+/// The engine's share of a run split by where it is spent, from the simulator's timestamps of
+/// each stream (same process, same clock) and the client's: they add up to `added_ms`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Phases {
+    /// Request sent → Magic Spark's request in the simulator's hands.
     pub lead_in_ms: f64,
+    /// Magic Spark's last byte → Logic Architect's request (validation, next prompt, request).
     pub spark_to_logic_ms: f64,
+    /// Logic Architect's last byte → the first of the last two stages' requests.
     pub logic_to_last_stages_ms: f64,
+    /// How much longer the last two stages' span is than the longer of them: the second one
+    /// starting later.
+    pub parallel_skew_ms: f64,
+    /// The last stage's last byte → `done` at the client (validation, assembly, the last
+    /// records' commit).
     pub tail_ms: f64,
-}
-
-impl Timeline {
-    fn first(&self, event: &str, stage: &str) -> Option<Duration> {
-        self.marks
-            .iter()
-            .find(|(e, s, _)| e == event && s.as_deref() == Some(stage))
-            .map(|(_, _, at)| *at)
-    }
-
-    fn last(&self, event: &str, stage: &str) -> Option<Duration> {
-        self.marks
-            .iter()
-            .rev()
-            .find(|(e, s, _)| e == event && s.as_deref() == Some(stage))
-            .map(|(_, _, at)| *at)
-    }
-
-    /// The phases, or `None` when an event that bounds one is missing.
-    pub fn phases(&self) -> Option<Phases> {
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let gap = |from: Duration, to: Duration| ms(to.saturating_sub(from));
-        let spark = Process::MagicSpark.key();
-        let logic = Process::LogicArchitect.key();
-        let content = Process::ContentCrafter.key();
-        let style = Process::StyleMaster.key();
-        let last_stages_open = self
-            .first("start", content)?
-            .min(self.first("start", style)?);
-        let last_delta = self.last("delta", content)?.max(self.last("delta", style)?);
-        let done = self
-            .marks
-            .iter()
-            .find(|(e, _, _)| e == "done")
-            .map(|(_, _, at)| *at)?;
-        Some(Phases {
-            lead_in_ms: ms(self.first("start", spark)?),
-            spark_to_logic_ms: gap(self.last("delta", spark)?, self.first("start", logic)?),
-            logic_to_last_stages_ms: gap(self.last("delta", logic)?, last_stages_open),
-            tail_ms: gap(last_delta, done),
-        })
-    }
 }
 
 /// One `POST /v1/pipelines/tool`, read to its `done` event; times from just before the request is
@@ -268,7 +237,7 @@ async fn one_pipeline(
     client: &reqwest::Client,
     addr: SocketAddr,
     seed: u64,
-) -> anyhow::Result<Timeline> {
+) -> anyhow::Result<(Instant, Duration)> {
     let body = serde_json::json!({
         "business": agents::samples::sample_input(Process::MagicSpark, seed),
     });
@@ -287,26 +256,20 @@ async fn one_pipeline(
     }
     let mut bytes = response.bytes_stream();
     let mut buffer = Vec::new();
-    let mut timeline = Timeline::default();
     while let Some(chunk) = bytes.next().await {
         let at = started.elapsed();
         buffer.extend_from_slice(&chunk.context("the pipeline stream broke")?);
         for (event, data) in take_frames(&mut buffer) {
-            if !matches!(event.as_str(), "start" | "delta" | "done") {
+            if event != "done" {
                 continue;
             }
             let data: Value = serde_json::from_str(&data)
-                .with_context(|| format!("a {event} event's data is not JSON: {data}"))?;
-            let stage = data.get("stage").and_then(Value::as_str).map(str::to_owned);
-            timeline.marks.push((event.clone(), stage, at));
-            if event == "done" {
-                timeline.wall = at;
-                let status = data.get("status").and_then(Value::as_str).unwrap_or("");
-                if status != "succeeded" {
-                    bail!("the pipeline run did not succeed: {data}");
-                }
-                return Ok(timeline);
+                .with_context(|| format!("the done event's data is not JSON: {data}"))?;
+            let status = data.get("status").and_then(Value::as_str).unwrap_or("");
+            if status != "succeeded" {
+                bail!("the pipeline run did not succeed: {data}");
             }
+            return Ok((started, at));
         }
     }
     bail!("the pipeline stream ended without a done event")
@@ -447,42 +410,59 @@ impl SimThread {
 mod tests {
     use super::*;
 
-    fn served(stage: Process, ms: u64) -> ServedStream {
+    fn served(stage: Process, at: Instant, start_ms: u64, took_ms: u64) -> ServedStream {
         ServedStream {
             protocol: keyvex_engine::stream::ProviderKind::OpenAi,
             model: "m".to_owned(),
             schema_name: Some(agents::schema_name(stage).to_owned()),
-            service: Duration::from_millis(ms),
+            service: Duration::from_millis(took_ms),
+            received_at: Some(at + Duration::from_millis(start_ms)),
         }
     }
 
     #[test]
-    fn critical_path_takes_the_longer_parallel_stage() {
+    fn phases_add_up_to_what_the_engine_added() {
+        let t = Instant::now();
+        // Spark 2..102, Logic 105..305, Style 309..359, Content 310..610, done at 614.
         let log = [
-            served(Process::MagicSpark, 100),
-            served(Process::LogicArchitect, 200),
-            served(Process::StyleMaster, 50),
-            served(Process::ContentCrafter, 300),
+            served(Process::MagicSpark, t, 2, 100),
+            served(Process::LogicArchitect, t, 105, 200),
+            served(Process::StyleMaster, t, 309, 50),
+            served(Process::ContentCrafter, t, 310, 300),
         ];
-        let run = critical_path(Duration::from_millis(604), &log).unwrap();
-        assert!((run.critical_path_ms - 600.0).abs() < 1e-9);
-        assert!((run.added_ms - 4.0).abs() < 1e-9);
+        let run = critical_path(t, Duration::from_millis(614), &log).unwrap();
+        assert!((run.critical_path_ms - 600.0).abs() < 1e-6);
+        assert!((run.added_ms - 14.0).abs() < 1e-6);
+        let p = &run.phases;
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        assert!(close(p.lead_in_ms, 2.0), "{p:?}");
+        assert!(close(p.spark_to_logic_ms, 3.0), "{p:?}");
+        assert!(close(p.logic_to_last_stages_ms, 4.0), "{p:?}");
+        assert!(close(p.parallel_skew_ms, 1.0), "{p:?}");
+        assert!(close(p.tail_ms, 4.0), "{p:?}");
+        let sum = p.lead_in_ms
+            + p.spark_to_logic_ms
+            + p.logic_to_last_stages_ms
+            + p.parallel_skew_ms
+            + p.tail_ms;
+        assert!(close(sum, run.added_ms));
         assert_eq!(run.stage_service_ms[0].0, "magicSpark");
     }
 
     #[test]
     fn a_repair_or_missing_stage_is_an_error_not_a_number() {
+        let t = Instant::now();
         let repaired = [
-            served(Process::MagicSpark, 100),
-            served(Process::MagicSpark, 100),
-            served(Process::LogicArchitect, 200),
-            served(Process::StyleMaster, 50),
-            served(Process::ContentCrafter, 300),
+            served(Process::MagicSpark, t, 0, 100),
+            served(Process::MagicSpark, t, 101, 100),
+            served(Process::LogicArchitect, t, 202, 200),
+            served(Process::StyleMaster, t, 403, 50),
+            served(Process::ContentCrafter, t, 403, 300),
         ];
-        let e = critical_path(Duration::from_secs(1), &repaired).unwrap_err();
+        let e = critical_path(t, Duration::from_secs(1), &repaired).unwrap_err();
         assert!(e.to_string().contains("magicSpark"), "{e}");
-        let missing = [served(Process::MagicSpark, 100)];
-        assert!(critical_path(Duration::from_secs(1), &missing).is_err());
+        let missing = [served(Process::MagicSpark, t, 0, 100)];
+        assert!(critical_path(t, Duration::from_secs(1), &missing).is_err());
     }
 
     #[test]
@@ -498,44 +478,6 @@ mod tests {
         let frames = take_frames(&mut buf);
         assert_eq!(frames[0].0, "done");
         assert!(buf.is_empty());
-    }
-
-    fn mark(event: &str, stage: Option<Process>, ms: u64) -> (String, Option<String>, Duration) {
-        (
-            event.to_owned(),
-            stage.map(|p| p.key().to_owned()),
-            Duration::from_millis(ms),
-        )
-    }
-
-    #[test]
-    fn phases_are_bounded_by_the_right_events() {
-        use Process::*;
-        let timeline = Timeline {
-            wall: Duration::from_millis(100),
-            marks: vec![
-                mark("start", Some(MagicSpark), 2),
-                mark("delta", Some(MagicSpark), 10),
-                mark("delta", Some(MagicSpark), 20),
-                mark("start", Some(LogicArchitect), 23),
-                mark("delta", Some(LogicArchitect), 50),
-                mark("start", Some(StyleMaster), 54),
-                mark("start", Some(ContentCrafter), 55),
-                mark("delta", Some(ContentCrafter), 90),
-                mark("delta", Some(StyleMaster), 80),
-                mark("done", None, 100),
-            ],
-        };
-        let p = timeline.phases().unwrap();
-        assert!((p.lead_in_ms - 2.0).abs() < 1e-9);
-        assert!((p.spark_to_logic_ms - 3.0).abs() < 1e-9);
-        assert!((p.logic_to_last_stages_ms - 4.0).abs() < 1e-9);
-        assert!((p.tail_ms - 10.0).abs() < 1e-9);
-        let cut = Timeline {
-            marks: timeline.marks[..4].to_vec(),
-            ..timeline
-        };
-        assert!(cut.phases().is_none());
     }
 
     #[test]

@@ -108,9 +108,9 @@ fn print_table(report: &Report) -> anyhow::Result<()> {
     let p = &report.phases_p50;
     writeln!(
         out,
-        "where it went (p50, client-side event gaps): request → first stream {:.2} ms; \
-         magicSpark → logicArchitect {:.2} ms; logicArchitect → last two {:.2} ms; last delta → done {:.2} ms",
-        p.lead_in_ms, p.spark_to_logic_ms, p.logic_to_last_stages_ms, p.tail_ms
+        "where it went (p50 of each): request → Magic Spark's request {:.2} ms; Magic Spark → Logic Architect {:.2} ms; \
+         Logic Architect → last two {:.2} ms; last two starting apart {:.2} ms; last byte → done {:.2} ms",
+        p.lead_in_ms, p.spark_to_logic_ms, p.logic_to_last_stages_ms, p.parallel_skew_ms, p.tail_ms
     )?;
     writeln!(
         out,

@@ -37,6 +37,10 @@ pub struct ServedStream {
     pub model: String,
     pub schema_name: Option<String>,
     pub service: Duration,
+    /// When the request body was in hand, for a caller in the same process that wants to place
+    /// the stream on its own timeline (not serialized: instants mean nothing elsewhere).
+    #[serde(skip)]
+    pub received_at: Option<std::time::Instant>,
 }
 
 /// A snapshot of the simulator's counters (also served as JSON at `GET /sim/stats`).

@@ -62,6 +62,7 @@ impl Served {
             model: self.model,
             schema_name: self.schema_name,
             service: self.received.elapsed(),
+            received_at: Some(self.received.into_std()),
         });
     }
 }
