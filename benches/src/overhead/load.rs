@@ -468,15 +468,27 @@ impl SoakClient {
     }
 }
 
-/// Holds `n` streams open at once (opened in batches so the listen queues keep up) and returns
-/// their sample. `progress` is updated as they go.
+/// Streams a soak opens per tick of [`OPEN_TICK`] to open `per_sec` a second.
+pub fn opened_per_tick(per_sec: usize) -> usize {
+    (per_sec / 100).max(1)
+}
+
+/// How often a soak opens its next batch of streams.
+pub const OPEN_TICK: Duration = Duration::from_millis(10);
+
+/// Holds `n` streams open at once and returns their sample. They are opened about `open_per_sec`
+/// a second, in batches, so the servers' listen queues keep up: a connection refused by a full
+/// queue is retried by the kernel seconds later, which would stretch the ramp past the streams'
+/// length. `progress` is updated as they go.
 pub async fn soak(
     client: &SoakClient,
     target: &Target,
     n: usize,
+    open_per_sec: usize,
     stall: Duration,
     progress: Arc<Progress>,
 ) -> Sample {
+    let batch = opened_per_tick(open_per_sec);
     let body = request_body();
     let mut streams = tokio::task::JoinSet::new();
     for i in 0..n {
@@ -490,8 +502,8 @@ pub async fn soak(
             one_stream(via, &target, body, stall, &mut sample, Some(&progress)).await;
             sample
         });
-        if i % 200 == 199 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if i % batch == batch - 1 {
+            tokio::time::sleep(OPEN_TICK).await;
         }
     }
     let mut merged = Sample::default();
@@ -517,6 +529,15 @@ mod tests {
         assert!(!has_content(
             br#"{"choices":[],"usage":{"prompt_tokens":3}}"#
         ));
+    }
+
+    #[test]
+    fn opening_rate_in_batches() {
+        // The old fixed pace: 200 streams every 10 ms.
+        assert_eq!(opened_per_tick(20_000), 200);
+        assert_eq!(opened_per_tick(1_000), 10);
+        assert_eq!(opened_per_tick(1), 1);
+        assert_eq!(opened_per_tick(0), 1);
     }
 
     #[test]
@@ -562,6 +583,7 @@ mod tests {
             &SoakClient::H2c(pool),
             &target,
             10,
+            20_000,
             Duration::from_secs(60),
             Arc::clone(&progress),
         )

@@ -401,6 +401,8 @@ pub struct SoakRow {
     /// From the first request to every stream having content; `None` when some stream ended
     /// before the last one started (then memory is the maximum seen).
     pub all_flowing_after_s: Option<f64>,
+    /// Most streams flowing at once (with content, not ended) at one reading.
+    pub peak_open: u64,
     /// Streams × tokens per second ÷ tokens per chunk.
     pub chunks_per_sec_nominal: f64,
     /// Counted while every stream was flowing.
@@ -446,7 +448,10 @@ pub fn soak_table(rows: &[SoakRow]) -> String {
             format!("{:.1}", r.rss_all_open_mib),
             format!("{:.1}", r.rss_per_stream_kib),
             format!("{:.1}", r.rss_max_mib),
-            opt(r.all_flowing_after_s, 1),
+            r.all_flowing_after_s.map_or_else(
+                || format!("never (peak {})", r.peak_open),
+                |s| format!("{s:.1}"),
+            ),
             format!(
                 "{:.0} / {} / {:.0}",
                 r.chunks_per_sec_nominal,
