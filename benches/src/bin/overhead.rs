@@ -415,6 +415,7 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
         let nominal_rate = cadence.aggregate_chunks_per_sec(n, tokens_per_chunk);
         let idle = procfs::memory(pid)?;
         let progress = Arc::new(Progress::default());
+        let tcp_before = procfs::tcp_counters();
         let client = soak_client(transport, &http1, &t, transport.connections(n)).await?;
         eprintln!(
             "overhead: soak {name}: opening {n} streams over {} ({} connections); a chunk every {:.2} s per stream, {:.0} chunks/s in all; stall > {:.1} s",
@@ -466,6 +467,9 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
         let sample = task.await.context("the soak task failed")?;
         drop(client);
         let wall = opened_at.elapsed().as_secs_f64();
+        let tcp = procfs::tcp_counters()
+            .zip(tcp_before)
+            .map(|(after, before)| after.since(before));
         let chunks = progress.chunks.load(Ordering::Relaxed);
         let loaded_rss = loaded.map_or(max_rss, |m| m.rss);
         let per_stream = loaded_rss.saturating_sub(idle.rss) as f64 / n.max(1) as f64;
@@ -506,6 +510,8 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
                 "all_flowing_after_s": row.all_flowing_after_s,
                 "peak_open_streams": peak_open,
                 "open_per_sec": args.soak_open_per_sec,
+                "tcp_listen_overflows": tcp.map(|t| t.listen_overflows),
+                "tcp_syn_retransmits": tcp.map(|t| t.syn_retransmits),
                 "rss_fresh_mib": row.rss_fresh_mib,
                 "rss_idle_mib": row.rss_idle_mib,
                 "rss_all_open_mib": row.rss_all_open_mib,
@@ -526,6 +532,12 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
         );
         if let Some(e) = &sample.first_error {
             eprintln!("overhead: soak {name}: first error: {e}");
+        }
+        if let Some(t) = tcp.filter(|t| t.listen_overflows > 0 || t.syn_retransmits > 0) {
+            eprintln!(
+                "overhead: soak {name}: {} connections overflowed a listen queue, {} SYNs were retransmitted (the kernel retries them after 1, 3, 7, 15 s…); lower --soak-open-per-sec",
+                t.listen_overflows, t.syn_retransmits
+            );
         }
         rows.push((row, sample.first_error));
     }
