@@ -375,20 +375,20 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
         tokens_per_sec: cadence.tokens_per_sec,
         output_tokens: cadence.output_tokens,
     };
-    let servers = start_servers(args, timing, dir)?;
-    let http1 = load::client().context("could not build the load client")?;
+    let Servers { sim, floor, engine } = start_servers(args, timing, dir)?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let mut results = serde_json::Map::new();
     let mut rows = Vec::new();
-    let mut runs: Vec<(&'static str, Target, u32)> = vec![(
-        "floor",
-        target("floor", &servers.floor.base_url, SIM_KEY),
-        servers.floor.pid(),
-    )];
-    if let Some(e) = &servers.engine {
-        runs.push(("engine", target("engine", &e.base_url, ENGINE_KEY), e.pid()));
+    let mut runs: Vec<(&'static str, Target, Running)> =
+        vec![("floor", target("floor", &floor.base_url, SIM_KEY), floor)];
+    if let Some(e) = engine {
+        runs.push(("engine", target("engine", &e.base_url, ENGINE_KEY), e));
     }
-    for (name, t, pid) in runs {
+    for (name, t, server) in runs {
+        let pid = server.pid();
+        // A fresh client per target: the previous target's idle connections would otherwise
+        // hold this process's descriptors.
+        let http1 = load::client().context("could not build the load client")?;
         // One stream first, over the soak's transport, so lazy start-up allocations do not
         // count as per-stream memory; it also measures how many tokens a chunk carries.
         let fresh = procfs::memory(pid)?;
@@ -540,6 +540,12 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
             );
         }
         rows.push((row, sample.first_error));
+        // Stop this relay now: its pool keeps one idle keep-alive connection to the simulator
+        // per stream, and with the next relay's the simulator would need 2N descriptors and run
+        // out at N = 10,000 (the next relay's streams then wait in its accept queue until the
+        // engine's time-to-first-token deadline).
+        drop(http1);
+        server.stop();
     }
     let value = json!({
         "kind": "soak",
@@ -576,7 +582,7 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
         }
     }
     writeln!(out, "results: {}", path.display())?;
-    drop(servers);
+    drop(sim);
     Ok(())
 }
 
