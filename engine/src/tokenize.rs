@@ -99,10 +99,7 @@ mod tests {
                 quick * 10 >= exact * 9,
                 "{text:?}: estimate {quick} over 10% below exact {exact}"
             );
-            assert!(
-                quick <= exact * 3,
-                "{text:?}: estimate {quick} far above exact {exact}"
-            );
+            assert!(quick <= exact * 3, "{text:?}: estimate {quick} far above exact {exact}");
         }
         let msgs = [ChatMessage::user("Hi there")];
         assert_eq!(
