@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use benches::overhead::load::{self, Progress, Target};
-use benches::overhead::report::{self, Level, TargetRun};
+use benches::overhead::load::{self, Progress, SoakClient, Target, Transport};
+use benches::overhead::report::{self, Level, SoakRow, TargetRun};
 use benches::overhead::roles::{self, Role, RoleConfig, Running, SimTiming};
-use benches::overhead::{ENGINE_KEY, SIM_KEY, procfs};
+use benches::overhead::{ENGINE_KEY, SIM_KEY, procfs, soak};
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -56,12 +56,34 @@ struct Args {
     #[arg(long, default_value = ENGINE_KEY)]
     upstream_key: String,
     /// Soak instead: hold this many concurrent streams through the floor and the engine and
-    /// report memory per stream and stalls. Needs about 2×N+100 open files (`ulimit -n`).
+    /// report memory per stream and stalls. Over HTTP/1.1 a relay needs about 2×N+200 open
+    /// files (`ulimit -n`), over h2c about N + N/100 + 200.
     #[arg(long)]
     soak: Option<usize>,
-    /// Length of one soak stream, seconds (the simulator paces it).
-    #[arg(long, default_value_t = 20)]
-    soak_secs: u64,
+    /// Length of one soak stream, seconds (the simulator paces it); 20 unless both
+    /// `--soak-tokens-per-sec` and `--soak-output-tokens` fix it.
+    #[arg(long)]
+    soak_secs: Option<u64>,
+    /// Soak cadence: simulated tokens per second per stream (default: output tokens / secs).
+    #[arg(long)]
+    soak_tokens_per_sec: Option<f64>,
+    /// Soak answer length in tokens (default: 100, or tokens per second × secs).
+    #[arg(long)]
+    soak_output_tokens: Option<u32>,
+    /// How the soak's load client talks to the floor and the engine: 1 = HTTP/1.1, one
+    /// connection per stream; 2 = h2c (HTTP/2 cleartext, prior knowledge), streams multiplexed.
+    /// The relays' leg to the simulator stays HTTP/1.1.
+    #[arg(long, default_value_t = 1)]
+    soak_http: u8,
+    /// With `--soak-http 2`: streams per connection (at most 200, hyper's server default
+    /// `max_concurrent_streams`).
+    #[arg(long, default_value_t = 100)]
+    soak_streams_per_conn: usize,
+    /// Soak streams opened per second (in batches every 10 ms). Opening faster than the
+    /// simulator accepts overflows its listen queue and the kernel retries those connections
+    /// seconds later.
+    #[arg(long, default_value_t = 20_000)]
+    soak_open_per_sec: usize,
     /// Log filter of the engine child (`keyvex serve` logs at info).
     #[arg(long, default_value = "info")]
     engine_log: String,
@@ -333,121 +355,252 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::Result<()> {
-    // The engine child holds two sockets per stream (caller and upstream); leave some room.
+    let transport = soak::transport(args.soak_http, args.soak_streams_per_conn)?;
+    let cadence = soak::Cadence::from_flags(
+        args.soak_secs,
+        args.soak_tokens_per_sec,
+        args.soak_output_tokens,
+    )?;
     let limit = procfs::open_files_limit().unwrap_or(1024);
-    let n = requested.min(usize::try_from(limit.saturating_sub(200) / 2).unwrap_or(usize::MAX));
+    let n = soak::streams(requested, transport, limit);
     if n < requested {
         eprintln!(
-            "overhead: open-files limit {limit} allows {n} streams, not {requested}; raise it with `ulimit -n` (see benches/overhead.sh)"
+            "overhead: open-files limit {limit} allows {n} streams over {}, not {requested} (a relay needs about {} descriptors for them); raise it with `ulimit -n` (see benches/overhead.sh) or use --soak-http 2",
+            transport.name(),
+            transport.relay_descriptors(requested) as u64 + load::DESCRIPTOR_RESERVE,
         );
     }
-    let output_tokens = 100u32;
     let timing = SimTiming {
         ttft_ms: args.sim_ttft_ms,
-        tokens_per_sec: f64::from(output_tokens) / args.soak_secs.max(1) as f64,
-        output_tokens,
+        tokens_per_sec: cadence.tokens_per_sec,
+        output_tokens: cadence.output_tokens,
     };
-    let servers = start_servers(args, timing, dir)?;
-    let client = load::client().context("could not build the load client")?;
-    // A chunk every ~soak_secs/100 s; five cadences without one is a stall.
-    let stall = Duration::from_millis(args.soak_secs.max(1) * 1000 / 100 * 5)
-        .max(Duration::from_millis(500));
+    let Servers { sim, floor, engine } = start_servers(args, timing, dir)?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let mut results = serde_json::Map::new();
-    let mut out = std::io::stdout().lock();
-    let mut runs: Vec<(&'static str, Target, u32)> = vec![(
-        "floor",
-        target("floor", &servers.floor.base_url, SIM_KEY),
-        servers.floor.pid(),
-    )];
-    if let Some(e) = &servers.engine {
-        runs.push(("engine", target("engine", &e.base_url, ENGINE_KEY), e.pid()));
+    let mut rows = Vec::new();
+    let mut runs: Vec<(&'static str, Target, Running)> =
+        vec![("floor", target("floor", &floor.base_url, SIM_KEY), floor)];
+    if let Some(e) = engine {
+        runs.push(("engine", target("engine", &e.base_url, ENGINE_KEY), e));
     }
-    for (name, t, pid) in runs {
-        // One stream first, so lazy start-up allocations do not count as per-stream memory.
+    for (name, t, server) in runs {
+        let pid = server.pid();
+        // A fresh client per target: the previous target's idle connections would otherwise
+        // hold this process's descriptors.
+        let http1 = load::client().context("could not build the load client")?;
+        // One stream first, over the soak's transport, so lazy start-up allocations do not
+        // count as per-stream memory; it also measures how many tokens a chunk carries.
         let fresh = procfs::memory(pid)?;
-        let (warm, _) = load::round(&client, &t, 1, 1, Duration::from_secs(60)).await;
+        let warm_client = soak_client(transport, &http1, &t, 1).await?;
+        let warm = load::soak(
+            &warm_client,
+            &t,
+            1,
+            args.soak_open_per_sec,
+            Duration::from_secs(3600),
+            Arc::new(Progress::default()),
+        )
+        .await;
+        drop(warm_client);
+        let warm_chunks = warm.gap.len() + warm.streams;
+        if warm.failed > 0 || warm_chunks == 0 {
+            anyhow::bail!(
+                "the warm-up stream through {name} failed: {}",
+                warm.first_error.unwrap_or_default()
+            );
+        }
+        let tokens_per_chunk = f64::from(cadence.output_tokens) / warm_chunks as f64;
+        let stall = cadence.stall_threshold(tokens_per_chunk);
+        let nominal_rate = cadence.aggregate_chunks_per_sec(n, tokens_per_chunk);
         let idle = procfs::memory(pid)?;
         let progress = Arc::new(Progress::default());
-        eprintln!("overhead: soak {name}: opening {n} streams");
+        let tcp_before = procfs::tcp_counters();
+        let client = soak_client(transport, &http1, &t, transport.connections(n)).await?;
+        eprintln!(
+            "overhead: soak {name}: opening {n} streams over {} ({} connections); a chunk every {:.2} s per stream, {:.0} chunks/s in all; stall > {:.1} s",
+            transport.name(),
+            transport.connections(n),
+            cadence.chunk_cadence(tokens_per_chunk).as_secs_f64(),
+            nominal_rate,
+            stall.as_secs_f64(),
+        );
         let task = tokio::spawn({
             let (client, t, progress) = (client.clone(), t.clone(), Arc::clone(&progress));
-            async move { load::soak(&client, &t, n, stall, progress).await }
+            let open_per_sec = args.soak_open_per_sec;
+            async move { load::soak(&client, &t, n, open_per_sec, stall, progress).await }
         });
         let mut loaded = None;
         let mut max_rss = idle.rss;
         let opened_at = tokio::time::Instant::now();
         let mut all_flowing_after = None;
+        // Content chunks counted from the moment all streams flow to the first one ending.
+        let mut window: Option<(tokio::time::Instant, u64)> = None;
+        let mut measured_rate = None;
+        // Most streams with content and not ended at one reading, when not all were at once.
+        let mut peak_open = 0u64;
         while !task.is_finished() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let mem = procfs::memory(pid)?;
             max_rss = max_rss.max(mem.rss);
             let flowing = progress.flowing.load(Ordering::Relaxed);
             let ended = progress.ended.load(Ordering::Relaxed);
+            let chunks = progress.chunks.load(Ordering::Relaxed);
+            peak_open = peak_open.max(flowing.saturating_sub(ended));
             if loaded.is_none() && flowing as usize >= n && ended == 0 {
                 loaded = Some(mem);
                 all_flowing_after = Some(opened_at.elapsed());
+                window = Some((tokio::time::Instant::now(), chunks));
                 eprintln!(
                     "overhead: soak {name}: all {n} streams flowing, RSS {:.1} MiB",
                     mib(mem.rss)
                 );
             }
+            if ended > 0
+                && measured_rate.is_none()
+                && let Some((since, from)) = window
+            {
+                let secs = since.elapsed().as_secs_f64();
+                measured_rate = (secs > 0.0).then(|| chunks.saturating_sub(from) as f64 / secs);
+            }
         }
         let sample = task.await.context("the soak task failed")?;
+        drop(client);
+        let wall = opened_at.elapsed().as_secs_f64();
+        let tcp = procfs::tcp_counters()
+            .zip(tcp_before)
+            .map(|(after, before)| after.since(before));
+        let chunks = progress.chunks.load(Ordering::Relaxed);
         let loaded_rss = loaded.map_or(max_rss, |m| m.rss);
         let per_stream = loaded_rss.saturating_sub(idle.rss) as f64 / n.max(1) as f64;
-        writeln!(
-            out,
-            "soak {name}: {n} streams, {} completed, {} failed, {} stalls (> {} ms), max gap {:.0} ms; RSS fresh {:.1} MiB, idle {:.1} MiB, with all streams open {:.1} MiB ({:.1} KiB per stream), max {:.1} MiB",
-            sample.streams,
-            sample.failed,
-            sample.stalls,
-            stall.as_millis(),
-            sample.max_gap.as_secs_f64() * 1e3,
-            mib(fresh.rss),
-            mib(idle.rss),
-            mib(loaded_rss),
-            per_stream / 1024.0,
-            mib(max_rss),
-        )?;
-        if let Some(e) = &sample.first_error {
-            writeln!(out, "  first error: {e}")?;
-        }
+        let row = SoakRow {
+            target: name,
+            transport: transport.name(),
+            streams: n,
+            connections: transport.connections(n),
+            completed: sample.streams,
+            failed: sample.failed,
+            stalls: sample.stalls,
+            stall_ms: stall.as_millis() as u64,
+            max_gap_ms: sample.max_gap.as_secs_f64() * 1e3,
+            rss_fresh_mib: mib(fresh.rss),
+            rss_idle_mib: mib(idle.rss),
+            rss_all_open_mib: mib(loaded_rss),
+            rss_per_stream_kib: per_stream / 1024.0,
+            rss_max_mib: mib(max_rss),
+            all_flowing_after_s: all_flowing_after.map(|d| d.as_secs_f64()),
+            peak_open,
+            chunks_per_sec_nominal: nominal_rate,
+            chunks_per_sec_measured: measured_rate,
+            chunks_per_sec_average: chunks as f64 / wall,
+        };
         results.insert(
             name.to_owned(),
             json!({
+                "transport": row.transport,
                 "streams": n,
+                "connections": row.connections,
                 "completed": sample.streams,
                 "failed": sample.failed,
                 "first_error": sample.first_error,
                 "warm_up_failed": warm.failed,
                 "stalls": sample.stalls,
-                "stall_threshold_ms": stall.as_millis() as u64,
-                "max_gap_ms": sample.max_gap.as_secs_f64() * 1e3,
-                "all_flowing_after_s": all_flowing_after.map(|d| d.as_secs_f64()),
-                "rss_fresh_mib": mib(fresh.rss),
-                "rss_idle_mib": mib(idle.rss),
-                "rss_all_open_mib": mib(loaded_rss),
-                "rss_max_mib": mib(max_rss),
-                "rss_per_stream_kib": per_stream / 1024.0,
+                "stall_threshold_ms": row.stall_ms,
+                "max_gap_ms": row.max_gap_ms,
+                "all_flowing_after_s": row.all_flowing_after_s,
+                "peak_open_streams": peak_open,
+                "open_per_sec": args.soak_open_per_sec,
+                "tcp_listen_overflows": tcp.map(|t| t.listen_overflows),
+                "tcp_syn_retransmits": tcp.map(|t| t.syn_retransmits),
+                "rss_fresh_mib": row.rss_fresh_mib,
+                "rss_idle_mib": row.rss_idle_mib,
+                "rss_all_open_mib": row.rss_all_open_mib,
+                "rss_max_mib": row.rss_max_mib,
+                "rss_per_stream_kib": row.rss_per_stream_kib,
                 "ttft_p50_ms": report::q(&sample.ttft, 0.5),
                 "ttft_p99_ms": report::q(&sample.ttft, 0.99),
+                "ttft_max_ms": report::q(&sample.ttft, 1.0),
+                "chunk_gap_p50_ms": report::q(&sample.gap, 0.5),
                 "chunk_gap_p99_ms": report::q(&sample.gap, 0.99),
+                "tokens_per_chunk": tokens_per_chunk,
+                "content_chunks": chunks,
+                "chunks_per_sec_nominal": nominal_rate,
+                "chunks_per_sec_all_flowing": measured_rate,
+                "chunks_per_sec_average": row.chunks_per_sec_average,
+                "soak_wall_s": wall,
             }),
         );
+        if let Some(e) = &sample.first_error {
+            eprintln!("overhead: soak {name}: first error: {e}");
+        }
+        if let Some(t) = tcp.filter(|t| t.listen_overflows > 0 || t.syn_retransmits > 0) {
+            eprintln!(
+                "overhead: soak {name}: {} connections overflowed a listen queue, {} SYNs were retransmitted (the kernel retries them after 1, 3, 7, 15 s…); lower --soak-open-per-sec",
+                t.listen_overflows, t.syn_retransmits
+            );
+        }
+        rows.push((row, sample.first_error));
+        // Stop this relay now: its pool keeps one idle keep-alive connection to the simulator
+        // per stream, and with the next relay's the simulator would need 2N descriptors and run
+        // out at N = 10,000 (the next relay's streams then wait in its accept queue until the
+        // engine's time-to-first-token deadline).
+        drop(http1);
+        server.stop();
     }
     let value = json!({
         "kind": "soak",
         "machine": machine(),
         "requested_streams": requested,
         "streams": n,
-        "stream_secs": args.soak_secs,
+        "transport": transport.name(),
+        "streams_per_connection": match transport {
+            Transport::Http1 => 1,
+            Transport::H2c { streams_per_conn } => streams_per_conn,
+        },
+        "stream_secs": cadence.stream_secs,
+        "sim": { "ttft_ms": args.sim_ttft_ms, "tokens_per_sec": cadence.tokens_per_sec, "output_tokens": cadence.output_tokens },
         "engine_log": args.engine_log,
         "results": results,
     });
     let path = out_path(args, "soak.json");
     write_json(&path, &value)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "soak: {n} streams over {}, {:.1} tokens/s × {} tokens per stream ({:.0} s), TTFT {} ms",
+        transport.name(),
+        cadence.tokens_per_sec,
+        cadence.output_tokens,
+        cadence.stream_secs,
+        args.sim_ttft_ms,
+    )?;
+    let (table_rows, errors): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
+    writeln!(out, "{}", report::soak_table(&table_rows))?;
+    for (row, error) in table_rows.iter().zip(errors) {
+        if let Some(e) = error {
+            writeln!(out, "  {} first error: {e}", row.target)?;
+        }
+    }
     writeln!(out, "results: {}", path.display())?;
-    drop(servers);
+    drop(sim);
     Ok(())
+}
+
+/// A soak client over `transport` with room for `streams` streams (h2c opens its connections
+/// now; HTTP/1.1 connects per stream through the pool).
+async fn soak_client(
+    transport: Transport,
+    http1: &reqwest::Client,
+    target: &Target,
+    connections: usize,
+) -> anyhow::Result<SoakClient> {
+    Ok(match transport {
+        Transport::Http1 => SoakClient::Http1(http1.clone()),
+        Transport::H2c { .. } => SoakClient::H2c(
+            load::H2Pool::connect(target, connections)
+                .await
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("could not open h2c connections to {}", target.name))?,
+        ),
+    })
 }

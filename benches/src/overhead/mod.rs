@@ -5,12 +5,14 @@
 //!
 //! Every server runs as a child process of the benchmark binary ([`roles`]), so the CPU time and
 //! memory of each can be read from `/proc/<pid>` ([`procfs`]) without the load client's share.
-//! [`load`] drives streams and times them; [`report`] turns the histograms into a table and JSON.
+//! [`load`] drives streams and times them; [`report`] turns the histograms into a table and JSON;
+//! [`soak`] plans the many-streams soak.
 
 pub mod load;
 pub mod procfs;
 pub mod report;
 pub mod roles;
+pub mod soak;
 
 /// The catalog OpenAI model every stream asks for.
 pub const MODEL: &str = "gpt-5.4-mini";

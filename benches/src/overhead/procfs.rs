@@ -82,6 +82,48 @@ pub fn open_files_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// Kernel TCP counters of this network namespace, from `/proc/net/netstat`: a soak that opens
+/// connections faster than a server accepts them shows up here, and explains connects that the
+/// kernel retried seconds later.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// Connections dropped because a listen (accept) queue was full.
+    pub listen_overflows: u64,
+    /// SYNs sent again because the first got no answer.
+    pub syn_retransmits: u64,
+}
+
+impl TcpCounters {
+    /// What happened between `earlier` and `self`.
+    pub fn since(self, earlier: TcpCounters) -> TcpCounters {
+        TcpCounters {
+            listen_overflows: self
+                .listen_overflows
+                .saturating_sub(earlier.listen_overflows),
+            syn_retransmits: self.syn_retransmits.saturating_sub(earlier.syn_retransmits),
+        }
+    }
+}
+
+/// Reads [`TcpCounters`]; `None` when `/proc/net/netstat` is missing or lacks them.
+pub fn tcp_counters() -> Option<TcpCounters> {
+    parse_netstat(&std::fs::read_to_string("/proc/net/netstat").ok()?)
+}
+
+/// `/proc/net/netstat` has pairs of lines per group: `TcpExt: Name…` then `TcpExt: value…`.
+fn parse_netstat(text: &str) -> Option<TcpCounters> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let field = |name: &str| {
+        let i = names.split_whitespace().position(|n| n == name)?;
+        values.split_whitespace().nth(i)?.parse::<u64>().ok()
+    };
+    Some(TcpCounters {
+        listen_overflows: field("ListenOverflows")?,
+        syn_retransmits: field("TCPSynRetrans")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +142,27 @@ mod tests {
         std::hint::black_box(x);
         assert!(cpu_time(pid).unwrap() > before);
         assert!(open_files_limit().unwrap() > 0);
+    }
+
+    #[test]
+    fn netstat_counters() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops TCPSynRetrans\n\
+                    TcpExt: 0 91573 2 17\n\
+                    IpExt: InNoRoutes\nIpExt: 0\n";
+        let now = parse_netstat(text).unwrap();
+        assert_eq!(
+            now,
+            TcpCounters {
+                listen_overflows: 91_573,
+                syn_retransmits: 17
+            }
+        );
+        let before = TcpCounters {
+            listen_overflows: 91_000,
+            syn_retransmits: 20,
+        };
+        assert_eq!(now.since(before).listen_overflows, 573);
+        assert_eq!(now.since(before).syn_retransmits, 0);
+        assert_eq!(parse_netstat("IpExt: A\nIpExt: 1\n"), None);
     }
 }

@@ -379,3 +379,86 @@ pub fn verdict_table(verdicts: &[Verdict]) -> String {
     }
     table.to_string()
 }
+
+/// One target of a soak.
+#[derive(Debug, Clone)]
+pub struct SoakRow {
+    pub target: &'static str,
+    pub transport: &'static str,
+    pub streams: usize,
+    /// Client connections the streams ran on (one per stream over HTTP/1.1).
+    pub connections: usize,
+    pub completed: u64,
+    pub failed: u64,
+    pub stalls: u64,
+    pub stall_ms: u64,
+    pub max_gap_ms: f64,
+    pub rss_fresh_mib: f64,
+    pub rss_idle_mib: f64,
+    pub rss_all_open_mib: f64,
+    pub rss_per_stream_kib: f64,
+    pub rss_max_mib: f64,
+    /// From the first request to every stream having content; `None` when some stream ended
+    /// before the last one started (then memory is the maximum seen).
+    pub all_flowing_after_s: Option<f64>,
+    /// Most streams flowing at once (with content, not ended) at one reading.
+    pub peak_open: u64,
+    /// Streams × tokens per second ÷ tokens per chunk.
+    pub chunks_per_sec_nominal: f64,
+    /// Counted while every stream was flowing.
+    pub chunks_per_sec_measured: Option<f64>,
+    /// All content chunks over the soak's wall time (ramp-up and tail included).
+    pub chunks_per_sec_average: f64,
+}
+
+/// A readable table of a soak, one row per target.
+pub fn soak_table(rows: &[SoakRow]) -> String {
+    let mut table = Table::new();
+    table.set_header([
+        "target",
+        "transport",
+        "streams",
+        "conns",
+        "done",
+        "fail",
+        "stalls (> ms)",
+        "max gap ms",
+        "RSS fresh MiB",
+        "idle MiB",
+        "all open MiB",
+        "KiB/stream",
+        "max MiB",
+        "all flowing after s",
+        "chunks/s nominal / flowing / avg",
+    ]);
+    let opt =
+        |v: Option<f64>, digits: usize| v.map_or("–".to_owned(), |v| format!("{v:.digits$}"));
+    for r in rows {
+        table.add_row([
+            r.target.to_owned(),
+            r.transport.to_owned(),
+            r.streams.to_string(),
+            r.connections.to_string(),
+            r.completed.to_string(),
+            r.failed.to_string(),
+            format!("{} (> {})", r.stalls, r.stall_ms),
+            format!("{:.0}", r.max_gap_ms),
+            format!("{:.1}", r.rss_fresh_mib),
+            format!("{:.1}", r.rss_idle_mib),
+            format!("{:.1}", r.rss_all_open_mib),
+            format!("{:.1}", r.rss_per_stream_kib),
+            format!("{:.1}", r.rss_max_mib),
+            r.all_flowing_after_s.map_or_else(
+                || format!("never (peak {})", r.peak_open),
+                |s| format!("{s:.1}"),
+            ),
+            format!(
+                "{:.0} / {} / {:.0}",
+                r.chunks_per_sec_nominal,
+                opt(r.chunks_per_sec_measured, 0),
+                r.chunks_per_sec_average
+            ),
+        ]);
+    }
+    table.to_string()
+}
