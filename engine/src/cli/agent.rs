@@ -12,6 +12,8 @@ use keyvex_engine::config::{EngineConfig, ProcessEnv};
 use keyvex_engine::router::RouterConfig;
 use keyvex_engine::runtime::Runtime;
 
+use super::record::CliMetrics;
+
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
     /// magic-spark, logic-architect, content-crafter or style-master (camelCase keys work too).
@@ -33,6 +35,7 @@ pub struct AgentArgs {
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let input = read_input(&args)?;
     let config = EngineConfig::from_env(&ProcessEnv).context("reading configuration")?;
+    let mut metrics = CliMetrics::start().await?;
     let runtime = Runtime::start(&config, RouterConfig::default()).await?;
     eprintln!("keyvex: providers {}", runtime.providers_description);
 
@@ -60,6 +63,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             }
             AgentEvent::Delta(_) | AgentEvent::Partial(_) => {}
             AgentEvent::Usage(u) => {
+                metrics.record(&u.outcome, Some(args.agent), None);
                 eprintln!(
                     "\nkeyvex: call on {} {}: tokens in {} (cached {}) / out {}, cost {}{}",
                     u.provider.map_or_else(|| "-".to_owned(), |p| p.to_string()),
@@ -111,6 +115,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }
     drop(events);
     runtime.shutdown().await;
+    eprintln!("{}", metrics.finish().await);
     Ok(code)
 }
 

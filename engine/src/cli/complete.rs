@@ -11,6 +11,8 @@ use keyvex_engine::provider::ChatMessage;
 use keyvex_engine::router::{RouteEvent, RouteOutcome, RouteRequest, RouterConfig};
 use keyvex_engine::runtime::Runtime;
 
+use super::record::CliMetrics;
+
 #[derive(Debug, clap::Args)]
 pub struct CompleteArgs {
     /// Process whose primary/fallback models serve the request (magicSpark, logicArchitect,
@@ -29,6 +31,7 @@ pub struct CompleteArgs {
 
 pub async fn run(args: CompleteArgs) -> anyhow::Result<ExitCode> {
     let config = EngineConfig::from_env(&ProcessEnv).context("reading configuration")?;
+    let mut metrics = CliMetrics::start().await?;
     let runtime = Runtime::start(&config, RouterConfig::default()).await?;
     eprintln!("keyvex: providers {}", runtime.providers_description);
 
@@ -61,9 +64,11 @@ pub async fn run(args: CompleteArgs) -> anyhow::Result<ExitCode> {
             RouteEvent::Finished(outcome) => {
                 writeln!(stdout)?;
                 eprintln!("{}", summary(&outcome));
+                metrics.record(&outcome, Some(args.process), None);
             }
             RouteEvent::Failed(failure) => {
                 writeln!(stdout)?;
+                metrics.record(&failure.outcome, Some(args.process), None);
                 eprintln!("keyvex: request failed: {}", failure.error);
                 eprintln!("{}", summary(&failure.outcome));
                 code = ExitCode::FAILURE;
@@ -72,6 +77,7 @@ pub async fn run(args: CompleteArgs) -> anyhow::Result<ExitCode> {
     }
     drop(stream);
     runtime.shutdown().await;
+    eprintln!("{}", metrics.finish().await);
     Ok(code)
 }
 

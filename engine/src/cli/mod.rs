@@ -5,6 +5,7 @@ mod complete;
 mod demo;
 mod pipeline;
 mod queue;
+mod record;
 mod serve;
 mod worker;
 

@@ -17,6 +17,8 @@ use keyvex_engine::pipeline::{PipelineEvent, PipelineInput, RunRollup, run_pipel
 use keyvex_engine::router::RouterConfig;
 use keyvex_engine::runtime::Runtime;
 
+use super::record::CliMetrics;
+
 #[derive(Debug, clap::Args)]
 pub struct PipelineArgs {
     /// What the business does, in a sentence or two.
@@ -41,6 +43,7 @@ pub struct PipelineArgs {
 
 pub async fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
     let config = EngineConfig::from_env(&ProcessEnv).context("reading configuration")?;
+    let mut metrics = CliMetrics::start().await?;
     let runtime = Runtime::start(&config, RouterConfig::default()).await?;
     eprintln!("keyvex: providers {}", runtime.providers_description);
 
@@ -61,10 +64,19 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
     let progress = StageProgress::new();
     let mut events = Box::pin(run_pipeline(runtime.router.clone(), input));
     let mut code = ExitCode::FAILURE;
+    let mut run = String::new();
     while let Some(event) = events.next().await {
         match event {
-            PipelineEvent::RunStarted { run_id } => progress.note(&format!("run {run_id}")),
-            PipelineEvent::Stage { stage, event } => progress.update(stage, &event),
+            PipelineEvent::RunStarted { run_id } => {
+                progress.note(&format!("run {run_id}"));
+                run = run_id;
+            }
+            PipelineEvent::Stage { stage, event } => {
+                if let AgentEvent::Usage(call) = &event {
+                    metrics.record(&call.outcome, Some(stage), Some(&run));
+                }
+                progress.update(stage, &event);
+            }
             PipelineEvent::Done { tool, rollup } => {
                 progress.finish();
                 let pretty = serde_json::to_string_pretty(&tool)?;
@@ -89,6 +101,7 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
     }
     drop(events);
     runtime.shutdown().await;
+    eprintln!("{}", metrics.finish().await);
     Ok(code)
 }
 

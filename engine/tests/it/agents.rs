@@ -618,6 +618,7 @@ async fn dropping_the_pipeline_mid_run_cancels_both_streams_and_keeps_their_cost
 #[test]
 fn the_cli_pipeline_writes_a_valid_tool_and_prints_the_stage_table() {
     let out = std::env::temp_dir().join(format!("keyvex-tool-{}.json", uuid::Uuid::new_v4()));
+    let db = std::env::temp_dir().join(format!("keyvex-cli-{}.sqlite3", uuid::Uuid::new_v4()));
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_keyvex"))
         .args([
             "pipeline",
@@ -631,6 +632,8 @@ fn the_cli_pipeline_writes_a_valid_tool_and_prints_the_stage_table() {
         .env_remove("KEYVEX_MODELS_FILE")
         .env("KEYVEX_SIMULATE", "always")
         .env("KEYVEX_SIM_PROFILE", "fast")
+        .env("KEYVEX_METRICS_DB", &db)
+        .env_remove("DYNAMODB_TABLE_NAME")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -651,12 +654,45 @@ fn the_cli_pipeline_writes_a_valid_tool_and_prints_the_stage_table() {
         "latency ms",
         "fast timing",
         "tool definition written to",
+        "keyvex: metrics: 4 call record(s)",
     ] {
         assert!(
             stderr.contains(needle),
             "stderr lacks {needle:?}:\n{stderr}"
         );
     }
+    // The run's four calls are in the embedded store, one per stage, under the CLI's user.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mut stmt = conn.prepare("SELECT body FROM requests").unwrap();
+    let records: Vec<serde_json::Value> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|b| serde_json::from_str(&b.unwrap()).unwrap())
+        .collect();
+    drop(stmt);
+    drop(conn);
+    for suffix in ["", "-wal", "-shm"] {
+        std::fs::remove_file(format!("{}{suffix}", db.display())).ok();
+    }
+    let mut stages: Vec<&str> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(r["userId"], "cli", "{r}");
+            assert_eq!(r["status"], "succeeded", "{r}");
+            assert!(r["runId"].is_string(), "{r}");
+            r["stage"].as_str().unwrap()
+        })
+        .collect();
+    stages.sort_unstable();
+    assert_eq!(
+        stages,
+        [
+            "contentCrafter",
+            "logicArchitect",
+            "magicSpark",
+            "styleMaster"
+        ]
+    );
 }
 
 #[tokio::test]
