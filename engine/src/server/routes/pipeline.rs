@@ -17,7 +17,7 @@ use crate::pipeline::{PipelineEvent, PipelineInput, RunRollup, run_pipeline};
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
 use crate::server::routes::agents::{check_input, check_session_id, shutdown_event, translate};
-use crate::server::sse::{CallScope, event};
+use crate::server::sse::{CallScope, Event, event};
 use crate::server::{AppState, request_id};
 use crate::store::sessions::{Role, SessionMessage};
 
@@ -137,7 +137,7 @@ fn done(
     status: &str,
     failure: Option<(Option<Process>, &str)>,
     rollup: &RunRollup,
-) -> axum::response::sse::Event {
+) -> Event {
     event(
         "done",
         &json!({
