@@ -128,6 +128,37 @@ impl OpenAiProvider {
     }
 }
 
+impl OpenAiProvider {
+    /// Sends the request through the SDK; the successful answer, whose body is still unread.
+    fn open(
+        &self,
+        request: &ChatRequest,
+    ) -> impl Future<Output = Result<reqwest::Response, ProviderError>> + Send + 'static {
+        let wire = Arc::new(AttemptWire::default());
+        let client = self.attempt_client(Arc::clone(&wire));
+        let endpoint = self.endpoint.clone();
+        let body = wire_request(request);
+        async move {
+            let setup = client.chat().create_stream(body).await;
+            // A successful answer's body was kept by the transport, which then ended the SDK's
+            // call with `BodyKept`; anything else the SDK returns is the call's error.
+            match (wire.take_body(), setup) {
+                (Some(response), _) => Ok(response),
+                (None, Err(err)) => {
+                    let err = setup_error(err, wire.answer.get(), &endpoint);
+                    tracing::debug!(error = %err, "openai stream setup failed");
+                    Err(err)
+                }
+                (None, Ok(_)) => Err(ProviderError::Transport {
+                    provider: KIND,
+                    message: "the answer's body was not kept by the transport; this is a bug"
+                        .into(),
+                }),
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Trait impl
 
@@ -137,28 +168,15 @@ impl Provider for OpenAiProvider {
     }
 
     fn stream(&self, request: ChatRequest) -> EventStream {
-        let wire = Arc::new(AttemptWire::default());
-        let client = self.attempt_client(Arc::clone(&wire));
-        let endpoint = self.endpoint.clone();
         let model = request.model.clone();
-        let body = wire_request(&request);
+        // Boxed apart from the stream: the SDK's call is several KiB of future state that would
+        // otherwise stay allocated inside every open stream long after the answer's headers.
+        let setup = Box::pin(self.open(&request));
         Box::pin(async_stream::stream! {
-            let setup = client.chat().create_stream(body).await;
-            // A successful answer's body was kept by the transport, which then ended the SDK's
-            // call with `BodyKept`; anything else the SDK returns is the call's error.
-            let response = match (wire.take_body(), setup) {
-                (Some(response), _) => response,
-                (None, Err(err)) => {
-                    let err = setup_error(err, wire.answer.get(), &endpoint);
-                    tracing::debug!(error = %err, "openai stream setup failed");
+            let response = match setup.await {
+                Ok(response) => response,
+                Err(err) => {
                     yield ProviderEvent::Error(err);
-                    return;
-                }
-                (None, Ok(_)) => {
-                    yield ProviderEvent::Error(ProviderError::Transport {
-                        provider: KIND,
-                        message: "the answer's body was not kept by the transport; this is a bug".into(),
-                    });
                     return;
                 }
             };
