@@ -59,7 +59,11 @@ impl Event {
 
 /// `event: <name>\n` (when named), `data: <json>\n\n`. Compact JSON never holds a raw line
 /// break (serde escapes them inside strings), so the data always fits one `data:` line.
-fn encode(name: Option<&str>, data: &impl Serialize, fallback: impl FnOnce(String) -> String) -> Event {
+fn encode(
+    name: Option<&str>,
+    data: &impl Serialize,
+    fallback: impl FnOnce(String) -> String,
+) -> Event {
     let mut buf = Vec::with_capacity(256);
     if let Some(name) = name {
         buf.extend_from_slice(b"event: ");
