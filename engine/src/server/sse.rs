@@ -458,3 +458,103 @@ impl<F> Drop for Scoped<F> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+
+    fn guarded(
+        events: BoxStream<'static, Event>,
+        force: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Guarded {
+        Guarded::new(
+            events,
+            GuardConfig {
+                scope: CallScope::new("u", "r", None, None),
+                force: force.clone().cancelled_owned(),
+                shutdown_event: event("error", &serde_json::json!({ "kind": "shutdown" })),
+                prom: Arc::new(ServerMetrics::new()),
+                in_flight: tracker.token(),
+                keep_alive: Duration::from_secs(15),
+            },
+        )
+    }
+
+    async fn next_frame(body: &mut Guarded) -> Option<String> {
+        let frame = futures::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+            .await?
+            .ok()?;
+        let data = frame.into_data().ok()?;
+        Some(String::from_utf8_lossy(&data).into_owned())
+    }
+
+    #[test]
+    fn events_are_encoded_as_axum_did() {
+        let named = event("delta", &serde_json::json!({ "text": "a\nb" }));
+        assert_eq!(
+            named.as_bytes(),
+            b"event: delta\ndata: {\"text\":\"a\\nb\"}\n\n"
+        );
+        let plain = data(&serde_json::json!({ "n": 1 }));
+        assert_eq!(plain.as_bytes(), b"data: {\"n\":1}\n\n");
+        assert_eq!(Event::text("[DONE]").as_bytes(), b"data: [DONE]\n\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_comes_after_the_interval_of_silence_only() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Event>();
+        let (force, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let mut body = guarded(rx.boxed(), &force, &tracker);
+
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        tx.unbounded_send(data(&1)).unwrap();
+        assert_eq!(next_frame(&mut body).await.unwrap(), "data: 1\n\n");
+        let sent = tokio::time::Instant::now();
+        // The silence started with that event, not when the stream opened.
+        assert_eq!(next_frame(&mut body).await.unwrap(), ": keep-alive\n\n");
+        assert_eq!(sent.elapsed(), Duration::from_secs(15));
+        assert_eq!(next_frame(&mut body).await.unwrap(), ": keep-alive\n\n");
+        assert_eq!(sent.elapsed(), Duration::from_secs(30));
+
+        drop(tx);
+        assert_eq!(next_frame(&mut body).await, None);
+        drop(body);
+        tracker.close();
+        assert!(
+            tracker.is_empty(),
+            "the stream stops being counted once dropped"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_deadline_ends_an_open_stream_with_the_shutdown_event() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Event>();
+        let (force, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let mut body = guarded(rx.boxed(), &force, &tracker);
+        tx.unbounded_send(data(&1)).unwrap();
+        assert_eq!(next_frame(&mut body).await.unwrap(), "data: 1\n\n");
+
+        let reader = tokio::spawn(async move {
+            let mut frames = Vec::new();
+            while let Some(frame) = next_frame(&mut body).await {
+                frames.push(frame);
+            }
+            frames
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        force.cancel();
+        let frames = reader.await.unwrap();
+        assert_eq!(
+            frames,
+            ["event: error\ndata: {\"kind\":\"shutdown\"}\n\n".to_owned()]
+        );
+        assert!(tx.is_closed(), "the inner stream was dropped");
+    }
+}
