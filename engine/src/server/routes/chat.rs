@@ -21,7 +21,8 @@ use serde_json::{Value, json};
 use crate::metrics::RequestRecord;
 use crate::provider::{ChatMessage, ResponseSchema};
 use crate::router::{
-    AttemptError, RouteError, RouteEvent, RouteFailure, RouteOutcome, RouteRequest, RouteStream,
+    AttemptError, RouteError, RouteEvent, RouteFailure, RouteOptions, RouteOutcome, RouteRequest,
+    RouteStream,
 };
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
@@ -379,11 +380,14 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let request = route_request(&mut body)?;
     let process = body.model.parse::<Process>().ok();
+    // The route's deltas are relayed as they come; only the non-streaming answer needs the
+    // whole text, and it gathers it from the deltas itself.
+    let options = RouteOptions { keep_text: false };
     let route = match process {
-        Some(p) => state.router().stream_process(p, request),
+        Some(p) => state.router().stream_process_with(p, request, options),
         None => state
             .router()
-            .stream_model(&body.model, request)
+            .stream_model_with(&body.model, request, options)
             .map_err(route_error)?,
     };
     state.ensure_accepting()?;
