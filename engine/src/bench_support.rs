@@ -2,8 +2,9 @@
 //!
 //! The providers' SSE-to-event adapters are `pub(crate)` because their inputs (SDK chunk streams,
 //! `reqwest-eventsource` sources) are implementation details. Benches need to feed them captured
-//! bytes without a socket, so these wrappers rebuild exactly the decoding each provider does on a
-//! live response — the same crates, in the same order — and stop where the network would start.
+//! bytes without a socket: the OpenAI replay calls the provider's own body decoding
+//! (`sse_chunks`); the Anthropic one rebuilds what `reqwest-eventsource` runs on a live response
+//! (the same crate, in the same order) and stops where the network would start.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -11,20 +12,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use async_openai::error::{OpenAIError, StreamError};
-use async_openai::types::chat::CreateChatCompletionStreamResponse;
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use reqwest_eventsource::{Error as SseError, Event};
 
 use crate::provider::anthropic::{self, AdaptOptions, SseSource};
-use crate::provider::openai::{self, DoneScanner};
+use crate::provider::openai;
 use crate::stream::ProviderEvent;
 
 /// Replays an OpenAI Chat Completions SSE body, delivered in `pieces` as the socket would, through
-/// the provider's decoding: the `[DONE]` tap, `eventsource-stream` framing, the SDK's per-event
-/// JSON decoding (skipping `[DONE]` and `keepalive` as `async-openai` does) and `adapt_chunks`.
+/// the provider's own decoding of a live body (`sse_chunks`: the `[DONE]` tap, `eventsource-stream`
+/// framing, the SDK's per-event JSON decoding) and `adapt_chunks`.
 ///
 /// Yields `Delta`* · `Usage`? · `Done`|`Error`; the `Start` the live provider sends on HTTP 200
 /// is not part of this path.
@@ -34,28 +33,8 @@ where
     I::IntoIter: Send,
 {
     let saw_done = Arc::new(AtomicBool::new(false));
-    let tap = Arc::clone(&saw_done);
-    let mut scanner = DoneScanner::default();
-    let bytes = futures::stream::iter(pieces).map(move |piece| {
-        if scanner.feed(&piece) {
-            tap.store(true, Ordering::Release);
-        }
-        Ok::<_, Infallible>(piece)
-    });
-    let chunks = bytes
-        .eventsource()
-        .take_while(|event| {
-            let more = !matches!(event, Ok(e) if e.data == "[DONE]");
-            futures::future::ready(more)
-        })
-        .filter(|event| futures::future::ready(!matches!(event, Ok(e) if e.event == "keepalive")))
-        .map(|event| match event {
-            Ok(event) => serde_json::from_str::<CreateChatCompletionStreamResponse>(&event.data)
-                .map_err(|e| OpenAIError::JSONDeserialize(e, event.data)),
-            Err(e) => Err(OpenAIError::StreamError(Box::new(
-                StreamError::EventStream(e.to_string()),
-            ))),
-        });
+    let bytes = futures::stream::iter(pieces).map(Ok::<_, Infallible>);
+    let chunks = openai::sse_chunks(bytes, Arc::clone(&saw_done));
     openai::adapt_chunks(chunks, move || saw_done.load(Ordering::Acquire))
 }
 

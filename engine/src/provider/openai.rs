@@ -9,7 +9,8 @@
 //! Why the body is not left to the SDK: `create_stream` reads it in a task of its own and hands
 //! every chunk over an unbounded channel, one more task wake-up and hand-off per chunk, and a task
 //! per stream outside our ownership. Decoding in the caller's stream keeps the relay to the tasks
-//! hyper needs.
+//! hyper needs. The transport does not even hand the SDK an empty stand-in: it ends the SDK's call
+//! with a private `BodyKept` error, since a response of any kind costs that task and channel.
 //!
 //! Known SDK limits: `FinishReason` and the delta `Role` are closed enums in `async-openai`, so a
 //! value OpenAI (or a compatible server) adds later — e.g. role `developer` — fails decoding the
@@ -33,7 +34,6 @@ use async_openai::types::chat::{
     CreateChatCompletionStreamResponse, FinishReason as WireFinishReason, ResponseFormat,
     ResponseFormatJsonSchema,
 };
-use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
@@ -128,6 +128,37 @@ impl OpenAiProvider {
     }
 }
 
+impl OpenAiProvider {
+    /// Sends the request through the SDK; the successful answer, whose body is still unread.
+    fn open(
+        &self,
+        request: &ChatRequest,
+    ) -> impl Future<Output = Result<reqwest::Response, ProviderError>> + Send + 'static {
+        let wire = Arc::new(AttemptWire::default());
+        let client = self.attempt_client(Arc::clone(&wire));
+        let endpoint = self.endpoint.clone();
+        let body = wire_request(request);
+        async move {
+            let setup = client.chat().create_stream(body).await;
+            // A successful answer's body was kept by the transport, which then ended the SDK's
+            // call with `BodyKept`; anything else the SDK returns is the call's error.
+            match (wire.take_body(), setup) {
+                (Some(response), _) => Ok(response),
+                (None, Err(err)) => {
+                    let err = setup_error(err, wire.answer.get(), &endpoint);
+                    tracing::debug!(error = %err, "openai stream setup failed");
+                    Err(err)
+                }
+                (None, Ok(_)) => Err(ProviderError::Transport {
+                    provider: KIND,
+                    message: "the answer's body was not kept by the transport; this is a bug"
+                        .into(),
+                }),
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Trait impl
 
@@ -137,28 +168,17 @@ impl Provider for OpenAiProvider {
     }
 
     fn stream(&self, request: ChatRequest) -> EventStream {
-        let wire = Arc::new(AttemptWire::default());
-        let client = self.attempt_client(Arc::clone(&wire));
-        let endpoint = self.endpoint.clone();
         let model = request.model.clone();
-        let body = wire_request(&request);
+        // Boxed apart from the stream: the SDK's call is several KiB of future state that would
+        // otherwise stay allocated inside every open stream long after the answer's headers.
+        let setup = Box::pin(self.open(&request));
         Box::pin(async_stream::stream! {
-            match client.chat().create_stream(body).await {
-                // The SDK's stream runs over the empty stand-in body and ends at once.
-                Ok(stand_in) => drop(stand_in),
+            let response = match setup.await {
+                Ok(response) => response,
                 Err(err) => {
-                    let err = setup_error(err, wire.answer.get(), &endpoint);
-                    tracing::debug!(error = %err, "openai stream setup failed");
                     yield ProviderEvent::Error(err);
                     return;
                 }
-            }
-            let Some(response) = wire.take_body() else {
-                yield ProviderEvent::Error(ProviderError::Transport {
-                    provider: KIND,
-                    message: "the answer's body was not kept by the transport; this is a bug".into(),
-                });
-                return;
             };
             yield ProviderEvent::Start { provider: KIND, model };
             let saw_done = Arc::new(AtomicBool::new(false));
@@ -221,8 +241,8 @@ fn wire_request(request: &ChatRequest) -> CreateChatCompletionRequest {
 struct AttemptWire {
     /// Status and headers of the answer; set once (there is exactly one request per attempt).
     answer: OnceLock<AnswerMeta>,
-    /// The successful answer, taken from the SDK (which gets an empty stand-in) and decoded by
-    /// [`sse_chunks`] in the caller's stream.
+    /// The successful answer, kept from the SDK and decoded by [`sse_chunks`] in the caller's
+    /// stream.
     body: Mutex<Option<reqwest::Response>>,
 }
 
@@ -254,7 +274,7 @@ impl AnswerMeta {
 }
 
 /// Sends the SDK's request once with our client; records the answer's metadata and keeps a
-/// successful answer's body, giving the SDK an empty stand-in. Never retries.
+/// successful answer's body, ending the SDK's call with [`BodyKept`]. Never retries.
 #[derive(Clone)]
 struct AttemptService {
     http: reqwest::Client,
@@ -287,21 +307,18 @@ impl tower::Service<HttpRequestFactory> for AttemptService {
                 // The SDK reads and decodes the error body itself.
                 return Ok(response);
             }
-            Ok(keep_body(response, &wire))
+            *wire.body.lock().unwrap_or_else(PoisonError::into_inner) = Some(response);
+            Err(OpenAIError::Boxed(Box::new(BodyKept)))
         })
     }
 }
 
-/// Stores `response` in `wire` and returns a stand-in with the same status and headers and an
-/// empty body, for the SDK's status check.
-fn keep_body(response: reqwest::Response, wire: &AttemptWire) -> reqwest::Response {
-    let mut stand_in = http::Response::new(reqwest::Body::from(Bytes::new()));
-    *stand_in.status_mut() = response.status();
-    *stand_in.version_mut() = response.version();
-    *stand_in.headers_mut() = response.headers().clone();
-    *wire.body.lock().unwrap_or_else(PoisonError::into_inner) = Some(response);
-    reqwest::Response::from(stand_in)
-}
+/// Ends the SDK's call once the transport kept a successful answer's body: handed a response,
+/// `create_stream` would spawn a task and a channel to read it (see the module doc), even an
+/// empty one, on every request.
+#[derive(Debug, thiserror::Error)]
+#[error("the answer's body is read by the provider, not the SDK")]
+struct BodyKept;
 
 /// A successful answer's bytes as the SDK's chunks, decoded the way `async-openai` does it
 /// (`eventsource-stream` framing; `[DONE]` ends the stream, `keepalive` events are skipped, each

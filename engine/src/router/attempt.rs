@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::cost::{Cost, Pricing, cost};
 use crate::provider::ProviderError;
 use crate::stream::{FinishReason, ProviderKind, Usage};
-use crate::tokenize::count_tokens;
+use crate::tokenize::{count_tokens, estimate_tokens};
 
 /// What became of one attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,11 +104,19 @@ pub(crate) struct AttemptMeter {
     opened: bool,
     first_content: Option<Instant>,
     usage: Option<Usage>,
-    text: String,
+    /// The content, when the route keeps it (`RouteOptions::keep_text`).
+    text: Option<String>,
+    output_bytes: usize,
+    output_chars: usize,
 }
 
 impl AttemptMeter {
-    pub(crate) fn new(provider: ProviderKind, model: &str, pricing: Pricing) -> Self {
+    pub(crate) fn new(
+        provider: ProviderKind,
+        model: &str,
+        pricing: Pricing,
+        keep_text: bool,
+    ) -> Self {
         Self {
             provider,
             model: model.to_owned(),
@@ -118,7 +126,9 @@ impl AttemptMeter {
             opened: false,
             first_content: None,
             usage: None,
-            text: String::new(),
+            text: keep_text.then(String::new),
+            output_bytes: 0,
+            output_chars: 0,
         }
     }
 
@@ -131,7 +141,11 @@ impl AttemptMeter {
     pub(crate) fn on_delta(&mut self, text: &str) -> bool {
         // A delta implies the stream opened even if a provider skipped `Start`.
         self.opened = true;
-        self.text.push_str(text);
+        self.output_bytes += text.len();
+        self.output_chars += text.chars().count();
+        if let Some(kept) = &mut self.text {
+            kept.push_str(text);
+        }
         if self.first_content.is_some() {
             return false;
         }
@@ -149,7 +163,8 @@ impl AttemptMeter {
     }
 
     /// Ends the attempt. `error` is `None` when the provider sent `Done`; `prompt_tokens` is
-    /// only called when usage has to be estimated (tokenizing a long prompt is not free).
+    /// only called when usage has to be estimated (tokenizing a long prompt is not free). The
+    /// text is empty when it was not kept.
     pub(crate) fn finish(
         self,
         finish_reason: Option<FinishReason>,
@@ -173,7 +188,7 @@ impl AttemptMeter {
                     input,
                     cached_input: reported.cached_input.min(input),
                     cache_write: reported.cache_write.min(input),
-                    output: reported.output.max(count_tokens(&self.text)),
+                    output: reported.output.max(self.seen_output_tokens()),
                 };
                 (usage, true)
             }
@@ -189,9 +204,18 @@ impl AttemptMeter {
             cost: cost(&usage, &self.pricing),
             finish_reason,
             error,
-            output_chars: self.text.chars().count(),
+            output_chars: self.output_chars,
         };
-        (record, self.text)
+        (record, self.text.unwrap_or_default())
+    }
+
+    /// Output tokens of the content seen: counted when the text was kept, else estimated from
+    /// its length.
+    fn seen_output_tokens(&self) -> u64 {
+        match &self.text {
+            Some(text) => count_tokens(text),
+            None => estimate_tokens(self.output_bytes),
+        }
     }
 }
 
@@ -240,7 +264,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn never_opened_costs_nothing() {
-        let m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing());
+        let m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing(), true);
         let err = AttemptError::Cancelled;
         let (r, _) = m.finish(None, Some(err), || panic!("must not estimate"));
         assert_eq!(r.cost, Cost::ZERO);
@@ -249,7 +273,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn partial_usage_keeps_the_exact_prompt_and_counts_the_output() {
-        let mut m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing());
+        let mut m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing(), true);
         m.on_open();
         m.on_usage(Usage {
             input: 100,
@@ -263,6 +287,22 @@ mod tests {
         assert_eq!(r.usage.input, 100);
         assert!(r.usage.output > 1);
         assert_eq!(text, "Hello there, this is several tokens long.");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_text_a_cut_stream_is_estimated_from_its_length() {
+        let mut m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing(), false);
+        m.on_open();
+        m.on_delta("Hello there, ");
+        m.on_delta("this is several tokens long. ñ");
+        let (r, text) = m.finish(None, Some(AttemptError::Cancelled), || 7);
+        assert!(text.is_empty());
+        assert!(r.usage_estimated);
+        assert_eq!(r.usage.input, 7);
+        // 44 bytes at three bytes a token, rounded up.
+        assert_eq!(r.usage.output, 15);
+        assert_eq!(r.output_chars, 43);
+        assert!(r.cost > Cost::ZERO);
     }
 
     #[test]

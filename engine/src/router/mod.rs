@@ -136,6 +136,22 @@ pub struct RouteRequest {
     pub temperature: Option<f32>,
 }
 
+/// What a route keeps for its outcome besides the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteOptions {
+    /// Whether [`RouteOutcome::text`] holds the answer. A caller that relays the deltas itself
+    /// turns it off, so an open stream does not also hold everything it already relayed (a long
+    /// answer is tens of KiB per stream); a cut stream's output is then estimated from its byte
+    /// count instead of by tokenizing the text.
+    pub keep_text: bool,
+}
+
+impl Default for RouteOptions {
+    fn default() -> Self {
+        Self { keep_text: true }
+    }
+}
+
 /// What the caller of a route sees, in order: for each attempt that opened a stream a `Start`;
 /// a `Fallback` before each switch to a different model; the committed attempt's `Delta`s; and
 /// exactly one terminal `Finished` or `Failed`.
@@ -205,6 +221,16 @@ impl Router {
     /// `temperature` as defaults. A model whose provider is not configured is left out; when
     /// none is left the stream fails with `NoProvider`.
     pub fn stream_process(&self, process: Process, request: RouteRequest) -> RouteStream {
+        self.stream_process_with(process, request, RouteOptions::default())
+    }
+
+    /// [`Router::stream_process`] with `options`.
+    pub fn stream_process_with(
+        &self,
+        process: Process,
+        request: RouteRequest,
+        options: RouteOptions,
+    ) -> RouteStream {
         let catalog = &self.inner.catalog;
         let route = catalog.route(process);
         let models: Vec<&ModelSpec> = [&route.primary, &route.fallback]
@@ -217,7 +243,7 @@ impl Router {
             ..request
         };
         let span = tracing::info_span!("route", process = %process, primary = %route.primary);
-        self.start(Some(process), &models, request, span)
+        self.start(Some(process), &models, request, options, span)
     }
 
     /// One catalog model, retried on the same model only (no fallback): for direct model calls.
@@ -229,6 +255,20 @@ impl Router {
         &self,
         model_id: &str,
         request: RouteRequest,
+    ) -> Result<RouteStream, RouteError> {
+        self.stream_model_with(model_id, request, RouteOptions::default())
+    }
+
+    /// [`Router::stream_model`] with `options`.
+    #[expect(
+        clippy::result_large_err,
+        reason = "RouteError keeps the API's shape (ProviderError inline); errors are once per request"
+    )]
+    pub fn stream_model_with(
+        &self,
+        model_id: &str,
+        request: RouteRequest,
+        options: RouteOptions,
     ) -> Result<RouteStream, RouteError> {
         let catalog = &self.inner.catalog;
         let Some(model) = catalog.model(model_id) else {
@@ -244,7 +284,7 @@ impl Router {
             });
         }
         let span = tracing::info_span!("route", process = "-", primary = %model.id);
-        Ok(self.start(None, &[model], request, span))
+        Ok(self.start(None, &[model], request, options, span))
     }
 
     fn start(
@@ -252,9 +292,10 @@ impl Router {
         process: Option<Process>,
         models: &[&ModelSpec],
         request: RouteRequest,
+        options: RouteOptions,
         span: tracing::Span,
     ) -> RouteStream {
-        let plan = run::Plan::new(&self.inner.providers, process, models, request);
+        let plan = run::Plan::new(&self.inner.providers, process, models, request, options);
         Box::pin(InSpan {
             inner: run::route(self.inner.clone(), plan),
             span,

@@ -17,7 +17,7 @@ use crate::tokenize::count_prompt_tokens;
 use super::attempt::{AttemptError, AttemptMeter, AttemptRecord, wall_clock};
 use super::breaker::{Admission, Refusal};
 use super::outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
-use super::{InSpan, Providers, RouteEvent, RouteRequest, Shared, deadline_in};
+use super::{InSpan, Providers, RouteEvent, RouteOptions, RouteRequest, Shared, deadline_in};
 
 /// A model the route may call, with its provider resolved.
 struct Candidate {
@@ -34,6 +34,7 @@ pub(super) struct Plan {
     /// Models left out because their provider is not configured, first one first.
     unavailable: Vec<RouteError>,
     request: RouteRequest,
+    options: RouteOptions,
 }
 
 impl Plan {
@@ -42,6 +43,7 @@ impl Plan {
         process: Option<Process>,
         models: &[&ModelSpec],
         request: RouteRequest,
+        options: RouteOptions,
     ) -> Self {
         let mut candidates = Vec::with_capacity(models.len());
         let mut unavailable = Vec::new();
@@ -63,6 +65,7 @@ impl Plan {
             candidates,
             unavailable,
             request,
+            options,
         }
     }
 
@@ -314,6 +317,7 @@ impl RouteRun {
                 candidate.spec.provider,
                 &candidate.spec.id,
                 candidate.spec.pricing,
+                self.plan.options.keep_text,
             ),
             admission,
             span,

@@ -22,7 +22,6 @@ use std::time::Duration;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::BoxStream;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +44,7 @@ use crate::runtime::{Runtime, RuntimeError};
 use crate::server::auth::{ApiKeys, Caller};
 use crate::server::error::{ApiError, BodyLimit};
 use crate::server::prom::ServerMetrics;
-use crate::server::sse::{CallScope, CancelObserver, Guarded};
+use crate::server::sse::{CallScope, CancelObserver, Event, GuardConfig, Guarded};
 use crate::store::StoreError;
 use crate::store::sessions::{SessionMessage, SessionStore};
 
@@ -255,21 +254,18 @@ impl AppState {
         scope: Arc<CallScope>,
         shutdown_event: Event,
     ) -> Response {
-        let guarded = Guarded::new(
+        Guarded::new(
             events,
-            scope,
-            self.inner.force_end.clone().cancelled_owned(),
-            shutdown_event,
-            Arc::clone(&self.inner.prom),
-            self.inner.streams.token(),
-        );
-        Sse::new(guarded)
-            .keep_alive(
-                KeepAlive::new()
-                    .interval(self.inner.config.keep_alive)
-                    .text("keep-alive"),
-            )
-            .into_response()
+            GuardConfig {
+                scope,
+                force: self.inner.force_end.clone().cancelled_owned(),
+                shutdown_event,
+                prom: Arc::clone(&self.inner.prom),
+                in_flight: self.inner.streams.token(),
+                keep_alive: self.inner.config.keep_alive,
+            },
+        )
+        .into_response()
     }
 }
 

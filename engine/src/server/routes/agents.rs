@@ -7,7 +7,6 @@ use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::response::sse::Event;
 use axum::routing::post;
 use futures::StreamExt;
 use serde::Deserialize;
@@ -18,7 +17,7 @@ use crate::metrics::RequestRecord;
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
 use crate::server::routes::sessions::check_session_owner;
-use crate::server::sse::{CallScope, event};
+use crate::server::sse::{CallScope, Event, event};
 use crate::server::{AppState, request_id};
 use crate::store::sessions::{Role, SessionMessage};
 

@@ -11,22 +11,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use agents::Process;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json};
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::metrics::RequestRecord;
 use crate::provider::{ChatMessage, ResponseSchema};
 use crate::router::{
-    AttemptError, RouteError, RouteEvent, RouteFailure, RouteOutcome, RouteRequest, RouteStream,
+    AttemptError, RouteError, RouteEvent, RouteFailure, RouteOptions, RouteOutcome, RouteRequest,
+    RouteStream,
 };
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
-use crate::server::sse::{CallScope, Scoped, data};
+use crate::server::sse::{CallScope, Event, Scoped, data};
 use crate::server::{AppState, request_id};
 
 pub fn routes() -> axum::Router<AppState> {
@@ -227,38 +227,107 @@ struct Meta {
     model: String,
 }
 
-impl Meta {
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Event {
-        data(&json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
-            "usage": null,
-        }))
-    }
+/// One `chat.completion.chunk`, borrowing everything: a chunk is encoded straight from the
+/// route's delta into its SSE frame, with no JSON tree and no copies of id and model.
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    /// One choice, or none in the usage chunk.
+    choices: &'a [Choice<'a>],
+    usage: Option<WireUsage>,
+}
 
-    fn usage_chunk(&self, o: &RouteOutcome) -> Event {
-        data(&json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage_json(o),
-        }))
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    /// Always `null`: we never ask for log probabilities.
+    logprobs: (),
+    finish_reason: Option<&'a str>,
+}
+
+/// `{"role":"assistant","content":""}` first, `{"content":…}` per delta, `{}` at the end.
+#[derive(Serialize, Default)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+impl<'a> Delta<'a> {
+    fn content(text: &'a str) -> Self {
+        Delta {
+            role: None,
+            content: Some(text),
+        }
     }
 }
 
-fn usage_json(o: &RouteOutcome) -> Value {
-    json!({
-        "prompt_tokens": o.usage.input,
-        "completion_tokens": o.usage.output,
-        "total_tokens": o.usage.total(),
-        "prompt_tokens_details": { "cached_tokens": o.usage.cached_input },
-        "completion_tokens_details": { "reasoning_tokens": 0 },
-    })
+/// OpenAI's `usage` object.
+#[derive(Serialize)]
+struct WireUsage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    prompt_tokens_details: PromptDetails,
+    completion_tokens_details: CompletionDetails,
+}
+
+#[derive(Serialize)]
+struct PromptDetails {
+    cached_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct CompletionDetails {
+    reasoning_tokens: u64,
+}
+
+impl Meta {
+    fn chunk(&self, delta: Delta<'_>, finish_reason: Option<&str>) -> Event {
+        data(&Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: &[Choice {
+                index: 0,
+                delta,
+                logprobs: (),
+                finish_reason,
+            }],
+            usage: None,
+        })
+    }
+
+    fn usage_chunk(&self, o: &RouteOutcome) -> Event {
+        data(&Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: &[],
+            usage: Some(wire_usage(o)),
+        })
+    }
+}
+
+fn wire_usage(o: &RouteOutcome) -> WireUsage {
+    WireUsage {
+        prompt_tokens: o.usage.input,
+        completion_tokens: o.usage.output,
+        total_tokens: o.usage.total(),
+        prompt_tokens_details: PromptDetails {
+            cached_tokens: o.usage.cached_input,
+        },
+        completion_tokens_details: CompletionDetails {
+            reasoning_tokens: 0,
+        },
+    }
 }
 
 fn finish_reason(o: &RouteOutcome) -> &str {
@@ -311,11 +380,14 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let request = route_request(&mut body)?;
     let process = body.model.parse::<Process>().ok();
+    // The route's deltas are relayed as they come; only the non-streaming answer needs the
+    // whole text, and it gathers it from the deltas itself.
+    let options = RouteOptions { keep_text: false };
     let route = match process {
-        Some(p) => state.router().stream_process(p, request),
+        Some(p) => state.router().stream_process_with(p, request, options),
         None => state
             .router()
-            .stream_model(&body.model, request)
+            .stream_model_with(&body.model, request, options)
             .map_err(route_error)?,
     };
     state.ensure_accepting()?;
@@ -351,32 +423,32 @@ async fn completions(
         let state = state.clone();
         let scope = Arc::clone(&scope);
         async_stream::stream! {
-            yield meta.chunk(json!({ "role": "assistant", "content": "" }), None);
+            yield meta.chunk(Delta { role: Some("assistant"), content: Some("") }, None);
             let mut route = match peeked {
                 Peeked::Finished(o) => {
                     record(&state, &scope, &o).await;
-                    yield meta.chunk(json!({}), Some(finish_reason(&o)));
+                    yield meta.chunk(Delta::default(), Some(finish_reason(&o)));
                     if include_usage {
                         yield meta.usage_chunk(&o);
                     }
-                    yield Event::default().data("[DONE]");
+                    yield Event::text("[DONE]");
                     return;
                 }
                 Peeked::Content(first, route) => {
-                    yield meta.chunk(json!({ "content": first }), None);
+                    yield meta.chunk(Delta::content(&first), None);
                     route
                 }
             };
             while let Some(ev) = route.next().await {
                 match ev {
-                    RouteEvent::Delta(text) => yield meta.chunk(json!({ "content": text }), None),
+                    RouteEvent::Delta(text) => yield meta.chunk(Delta::content(&text), None),
                     RouteEvent::Finished(o) => {
                         record(&state, &scope, &o).await;
-                        yield meta.chunk(json!({}), Some(finish_reason(&o)));
+                        yield meta.chunk(Delta::default(), Some(finish_reason(&o)));
                         if include_usage {
                             yield meta.usage_chunk(&o);
                         }
-                        yield Event::default().data("[DONE]");
+                        yield Event::text("[DONE]");
                         return;
                     }
                     RouteEvent::Failed(f) => {
@@ -467,7 +539,7 @@ async fn complete(
             "logprobs": null,
             "finish_reason": finish_reason(&outcome),
         }],
-        "usage": usage_json(&outcome),
+        "usage": wire_usage(&outcome),
     });
     Ok(Json(body).into_response())
 }

@@ -7,7 +7,6 @@ use axum::Extension;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::response::sse::Event;
 use axum::routing::post;
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -24,7 +23,7 @@ use crate::server::routes::agents::{
     check_input, check_session_id, shutdown_event, translate, usage_event,
 };
 use crate::server::routes::sessions::check_session_owner;
-use crate::server::sse::{CallScope, event};
+use crate::server::sse::{CallScope, Event, event};
 use crate::server::{AppState, request_id};
 use crate::store::sessions::{Role, SessionMessage};
 
@@ -196,7 +195,7 @@ fn done(
     status: &str,
     failure: Option<(Option<Process>, &str)>,
     rollup: &RunRollup,
-) -> axum::response::sse::Event {
+) -> Event {
     event(
         "done",
         &json!({
