@@ -1,6 +1,6 @@
 //! Hidden entry points that let the `benches` crate drive crate-private hot paths; not an API.
 //!
-//! The providers' SSE-to-event adapters are `pub(crate)` because their inputs (SDK chunk streams,
+//! The providers' SSE-to-event adapters are `pub(crate)` because their inputs (decoded chunk streams,
 //! `reqwest-eventsource` sources) are implementation details. Benches need to feed them captured
 //! bytes without a socket: the OpenAI replay calls the provider's own body decoding
 //! (`sse_chunks`); the Anthropic one rebuilds what `reqwest-eventsource` runs on a live response
@@ -22,8 +22,8 @@ use crate::provider::openai;
 use crate::stream::ProviderEvent;
 
 /// Replays an OpenAI Chat Completions SSE body, delivered in `pieces` as the socket would, through
-/// the provider's own decoding of a live body (`sse_chunks`: the `[DONE]` tap, `eventsource-stream`
-/// framing, the SDK's per-event JSON decoding) and `adapt_chunks`.
+/// the provider's own decoding of a live body (`sse_chunks`: SSE framing, `[DONE]`, per-event JSON
+/// decoding into the wire structs) and `adapt_chunks`.
 ///
 /// Yields `Delta`* · `Usage`? · `Done`|`Error`; the `Start` the live provider sends on HTTP 200
 /// is not part of this path.

@@ -7,6 +7,7 @@
 pub mod anthropic;
 pub mod openai;
 pub mod sim;
+mod sse_frames;
 
 use std::fmt;
 use std::pin::Pin;

@@ -2,9 +2,9 @@
 //!
 //! The SDK builds and sends the request and decodes error answers; this file builds the request,
 //! installs a small tower service under the SDK (to own the transport, see the headers of error
-//! answers and keep the body of a successful one), decodes that body inline — `eventsource-stream`
-//! framing and the SDK's chunk type, noticing the `data: [DONE]` terminator on the way — and turns
-//! the chunks into [`ProviderEvent`]s with [`adapt_chunks`].
+//! answers and keep the body of a successful one), decodes that body inline — our own SSE framing
+//! ([`super::sse_frames`]) and borrowed wire structs, the `data: [DONE]` terminator noticed on the
+//! way — and turns the chunks into [`ProviderEvent`]s with [`adapt_chunks`].
 //!
 //! Why the body is not left to the SDK: `create_stream` reads it in a task of its own and hands
 //! every chunk over an unbounded channel, one more task wake-up and hand-off per chunk, and a task
@@ -12,10 +12,13 @@
 //! hyper needs. The transport does not even hand the SDK an empty stand-in: it ends the SDK's call
 //! with a private `BodyKept` error, since a response of any kind costs that task and channel.
 //!
-//! Known SDK limits: `FinishReason` and the delta `Role` are closed enums in `async-openai`, so a
-//! value OpenAI (or a compatible server) adds later — e.g. role `developer` — fails decoding the
-//! whole chunk and surfaces here as [`ProviderError::Malformed`] rather than being ignored.
+//! Why not the SDK's chunk type either: it owns every field of every chunk (id, model,
+//! fingerprint, role… a handful of allocations per chunk to read one piece of text), and its
+//! closed enums (`FinishReason`, `Role`) fail the whole chunk on a value a compatible server adds
+//! later. The wire structs here read only what the engine uses, borrow the text unless it has
+//! escapes, and keep an unknown finish reason verbatim.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,20 +28,19 @@ use std::time::Duration;
 
 use async_openai::Client;
 use async_openai::config::OpenAIConfig;
-use async_openai::error::{OpenAIError, StreamError};
+use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
-    CreateChatCompletionStreamResponse, FinishReason as WireFinishReason, ResponseFormat,
+    ChatCompletionStreamOptions, CreateChatCompletionRequest, ResponseFormat,
     ResponseFormatJsonSchema,
 };
-use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
 
+use super::sse_frames::{SseEvent, SseFramer};
 use super::{
     ApiKey, ChatRequest, EventStream, Provider, ProviderConfig, ProviderError, ProviderInitError,
     Role, error_chain, parse_retry_after, truncate, validate_base_url,
@@ -320,83 +322,161 @@ impl tower::Service<HttpRequestFactory> for AttemptService {
 #[error("the answer's body is read by the provider, not the SDK")]
 struct BodyKept;
 
-/// A successful answer's bytes as the SDK's chunks, decoded the way `async-openai` does it
-/// (`eventsource-stream` framing; `[DONE]` ends the stream, `keepalive` events are skipped, each
-/// other event is one JSON chunk), without its task and channel. Sets `saw_done` when the
-/// terminator line arrives.
+/// A successful answer's bytes as decoded chunks: SSE framing ([`SseFramer`]), `[DONE]` ends the
+/// stream (and sets `saw_done`), `keepalive` events are skipped, every other event is one JSON
+/// chunk read into borrowed wire structs ([`decode_chunk`]). A transport error ends the stream
+/// with that error.
 pub(crate) fn sse_chunks<S, B, E>(
     bytes: S,
     saw_done: Arc<AtomicBool>,
-) -> impl Stream<Item = Result<CreateChatCompletionStreamResponse, OpenAIError>> + Send
+) -> impl Stream<Item = Result<Chunk, ProviderError>> + Send
 where
     S: Stream<Item = Result<B, E>> + Send,
     B: AsRef<[u8]> + Send,
     E: std::fmt::Display + Send,
 {
-    let mut scanner = DoneScanner::default();
-    let tapped = bytes.map(move |piece| {
-        if let Ok(piece) = &piece
-            && scanner.feed(piece.as_ref())
-        {
-            saw_done.store(true, Ordering::Release);
-        }
-        piece
-    });
-    tapped
-        .eventsource()
-        .take_while(|event| {
-            let more = !matches!(event, Ok(e) if e.data == "[DONE]");
-            futures::future::ready(more)
-        })
-        .filter(|event| futures::future::ready(!matches!(event, Ok(e) if e.event == "keepalive")))
-        .map(|event| match event {
-            Ok(event) => serde_json::from_str::<CreateChatCompletionStreamResponse>(&event.data)
-                .map_err(|e| OpenAIError::JSONDeserialize(e, event.data)),
-            Err(e) => Err(OpenAIError::StreamError(Box::new(
-                StreamError::EventStream(e.to_string()),
-            ))),
-        })
-}
-
-/// Finds a `data: [DONE]` (or `data:[DONE]`) line in an SSE byte stream fed in arbitrary pieces.
-/// JSON payloads cannot contain a raw line break, so such a line is always the real terminator,
-/// never model text.
-#[derive(Debug, Default)]
-pub(crate) struct DoneScanner {
-    /// The start of the current line; longer lines are only marked as too long.
-    line: Vec<u8>,
-    too_long: bool,
-}
-
-impl DoneScanner {
-    const LONGEST: usize = b"data: [DONE]".len();
-
-    /// Feeds bytes; true once a complete terminator line has been seen in them.
-    pub(crate) fn feed(&mut self, bytes: &[u8]) -> bool {
-        let mut found = false;
-        for &byte in bytes {
-            if byte == b'\n' || byte == b'\r' {
-                found |=
-                    !self.too_long && (self.line == b"data: [DONE]" || self.line == b"data:[DONE]");
-                self.line.clear();
-                self.too_long = false;
-            } else if self.line.len() < Self::LONGEST {
-                self.line.push(byte);
-            } else {
-                self.too_long = true;
+    async_stream::stream! {
+        futures::pin_mut!(bytes);
+        let mut framer = SseFramer::default();
+        let mut ready: Vec<SseEvent> = Vec::new();
+        loop {
+            for event in ready.drain(..) {
+                if event.data == "[DONE]" {
+                    saw_done.store(true, Ordering::Release);
+                    return;
+                }
+                if event.event == "keepalive" {
+                    continue;
+                }
+                let chunk = decode_chunk(&event.data);
+                let failed = chunk.is_err();
+                yield chunk;
+                if failed {
+                    return;
+                }
+            }
+            match bytes.next().await {
+                Some(Ok(piece)) => {
+                    if let Err(e) = framer.feed(piece.as_ref(), &mut ready) {
+                        yield Err(ProviderError::Malformed { provider: KIND, detail: e.to_string() });
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    yield Err(ProviderError::Transport { provider: KIND, message: e.to_string() });
+                    return;
+                }
+                None => return,
             }
         }
-        found
     }
+}
+
+/// What one chunk says, owned: the only allocation per chunk is its text.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Chunk {
+    /// Choice 0's content, when non-empty.
+    content: Option<String>,
+    refusal: bool,
+    finish: Option<FinishReason>,
+    usage: Option<Usage>,
+}
+
+/// Decodes one `data:` payload: a chunk, or a mid-stream `{"error": …}` (classified by its
+/// `type`, as openai-python does), or malformed. Unknown finish reasons are kept verbatim rather
+/// than failing the chunk, so a compatible server with a new value still streams.
+pub(crate) fn decode_chunk(data: &str) -> Result<Chunk, ProviderError> {
+    let wire: WireChunk<'_> = serde_json::from_str(data).map_err(|e| ProviderError::Malformed {
+        provider: KIND,
+        detail: format!("{e} in {}", truncate(data)),
+    })?;
+    if let Some(error) = wire.error {
+        return Err(ProviderError::InStream {
+            provider: KIND,
+            error_type: error
+                .error_type
+                .or_else(|| error.code.as_ref().and_then(code_string))
+                .unwrap_or_else(|| "unknown".to_owned()),
+            message: error.message.unwrap_or_default(),
+        });
+    }
+    let Some(choices) = wire.choices else {
+        return Err(ProviderError::Malformed {
+            provider: KIND,
+            detail: format!("a chunk without `choices` or `error`: {}", truncate(data)),
+        });
+    };
+    let mut chunk = Chunk {
+        usage: wire.usage.map(|u| u.normalised()),
+        ..Chunk::default()
+    };
+    // We never ask for `n > 1`; other indexes would be another answer.
+    for choice in choices.into_iter().filter(|c| c.index == 0) {
+        if let Some(delta) = choice.delta {
+            if let Some(text) = delta.content
+                && !text.is_empty()
+            {
+                chunk.content = Some(text.into_owned());
+            }
+            chunk.refusal |= delta.refusal.is_some_and(|r| !r.is_empty());
+        }
+        if let Some(reason) = choice.finish_reason {
+            chunk.finish = Some(finish_reason(&reason));
+        }
+    }
+    Ok(chunk)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Wire structs
 
-/// A mid-stream error payload: `{"error": {"message", "type", "code", ...}}`.
+/// One chunk as sent; every field optional so that a mid-stream `{"error": …}` decodes too, and
+/// strings borrowed from the payload unless they contain escapes.
 #[derive(Debug, Deserialize)]
-struct WireErrorEnvelope {
-    error: WireErrorBody,
+struct WireChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Option<Vec<WireChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<WireErrorBody>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireChoice<'a> {
+    #[serde(default)]
+    index: u32,
+    #[serde(default, borrow)]
+    delta: Option<WireDelta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    refusal: Option<Cow<'a, str>>,
+}
+
+/// The usage chunk (`stream_options.include_usage`).
+#[derive(Debug, Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<WirePromptDetails>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WirePromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    cache_write_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -412,15 +492,15 @@ struct WireErrorBody {
 // ---------------------------------------------------------------------------------------------
 // SSE-to-event adapter
 
-/// Turns the SDK's decoded chunk stream (after `Start`) into `Delta`* · `Usage`? · `Done`|`Error`.
+/// Turns the decoded chunk stream (after `Start`) into `Delta`* · `Usage`? · `Done`|`Error`.
 ///
 /// `saw_done` says whether the `[DONE]` terminator arrived; it is asked only after the chunk
 /// stream ended. A normal end needs both a finish reason and `[DONE]`; anything less is
-/// [`ProviderError::Truncated`]. The first error ends the stream (the SDK stream is dropped).
-/// If the usage chunk already arrived before a failure, it is emitted just before the `Error`.
+/// [`ProviderError::Truncated`]. The first error ends the stream. If the usage chunk already
+/// arrived before a failure, it is emitted just before the `Error`.
 pub(crate) fn adapt_chunks<S, F>(chunks: S, saw_done: F) -> impl Stream<Item = ProviderEvent>
 where
-    S: Stream<Item = Result<CreateChatCompletionStreamResponse, OpenAIError>> + Send,
+    S: Stream<Item = Result<Chunk, ProviderError>> + Send,
     F: Fn() -> bool + Send,
 {
     async_stream::stream! {
@@ -435,26 +515,19 @@ where
                     if let Some(usage) = usage {
                         yield ProviderEvent::Usage(usage);
                     }
-                    yield ProviderEvent::Error(stream_error(err));
+                    yield ProviderEvent::Error(err);
                     return;
                 }
             };
-            if let Some(wire_usage) = &chunk.usage {
-                usage = Some(usage_from_wire(wire_usage));
+            if chunk.usage.is_some() {
+                usage = chunk.usage;
             }
-            // We never ask for `n > 1`; other indexes would be another answer.
-            for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
-                if let Some(text) = choice.delta.content
-                    && !text.is_empty()
-                {
-                    yield ProviderEvent::Delta(text);
-                }
-                if choice.delta.refusal.is_some_and(|r| !r.is_empty()) {
-                    refused = true;
-                }
-                if let Some(reason) = choice.finish_reason {
-                    finish = Some(finish_reason(reason));
-                }
+            refused |= chunk.refusal;
+            if chunk.finish.is_some() {
+                finish = chunk.finish;
+            }
+            if let Some(text) = chunk.content {
+                yield ProviderEvent::Delta(text);
             }
         }
         let detail = match (&finish, saw_done()) {
@@ -489,29 +562,26 @@ where
 // ---------------------------------------------------------------------------------------------
 // Conversions
 
-fn usage_from_wire(usage: &CompletionUsage) -> Usage {
-    // OpenAI counts cached tokens inside `prompt_tokens`: that is already our `input`.
-    let details = usage.prompt_tokens_details.as_ref();
-    Usage {
-        input: u64::from(usage.prompt_tokens),
-        cached_input: details
-            .and_then(|d| d.cached_tokens)
-            .map(u64::from)
-            .unwrap_or(0),
-        cache_write: details
-            .and_then(|d| d.cache_write_tokens)
-            .and_then(|v| u64::try_from(v).ok())
-            .unwrap_or(0),
-        output: u64::from(usage.completion_tokens),
+impl WireUsage {
+    fn normalised(&self) -> Usage {
+        // OpenAI counts cached tokens inside `prompt_tokens`: that is already our `input`.
+        let details = self.prompt_tokens_details.as_ref();
+        Usage {
+            input: self.prompt_tokens,
+            cached_input: details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            cache_write: details.and_then(|d| d.cache_write_tokens).unwrap_or(0),
+            output: self.completion_tokens,
+        }
     }
 }
 
-fn finish_reason(reason: WireFinishReason) -> FinishReason {
+fn finish_reason(reason: &str) -> FinishReason {
     match reason {
-        WireFinishReason::Stop => FinishReason::Stop,
-        WireFinishReason::Length => FinishReason::Length,
-        WireFinishReason::ToolCalls | WireFinishReason::FunctionCall => FinishReason::ToolCalls,
-        WireFinishReason::ContentFilter => FinishReason::ContentFilter,
+        "stop" => FinishReason::Stop,
+        "length" => FinishReason::Length,
+        "tool_calls" | "function_call" => FinishReason::ToolCalls,
+        "content_filter" => FinishReason::ContentFilter,
+        other => FinishReason::Other(other.to_owned()),
     }
 }
 
@@ -556,31 +626,13 @@ fn setup_error(err: OpenAIError, answer: Option<&AnswerMeta>, endpoint: &str) ->
             provider: KIND,
             message: error_chain(&e),
         },
-        other => stream_error(other),
+        other => sdk_error(other),
     }
 }
 
-/// An error read from the chunk stream after `Start`.
-fn stream_error(err: OpenAIError) -> ProviderError {
+/// An SDK error other than the ones `setup_error` reads the answer for.
+fn sdk_error(err: OpenAIError) -> ProviderError {
     match err {
-        // A mid-stream `data: {"error": …}` does not decode as a chunk: recognise it from the raw
-        // payload, as openai-python does, and classify it by its `type`.
-        OpenAIError::JSONDeserialize(decode_err, raw) => {
-            match serde_json::from_str::<WireErrorEnvelope>(&raw) {
-                Ok(WireErrorEnvelope { error }) => ProviderError::InStream {
-                    provider: KIND,
-                    error_type: error
-                        .error_type
-                        .or_else(|| error.code.as_ref().and_then(code_string))
-                        .unwrap_or_else(|| "unknown".to_owned()),
-                    message: error.message.unwrap_or_default(),
-                },
-                Err(_) => ProviderError::Malformed {
-                    provider: KIND,
-                    detail: format!("{decode_err} in {}", truncate(&raw)),
-                },
-            }
-        }
         OpenAIError::StreamError(e) => ProviderError::Transport {
             provider: KIND,
             message: e.to_string(),
@@ -593,6 +645,10 @@ fn stream_error(err: OpenAIError) -> ProviderError {
             provider: KIND,
             error_type: api.api_error.r#type.unwrap_or_else(|| "unknown".to_owned()),
             message: api.api_error.message,
+        },
+        OpenAIError::JSONDeserialize(e, raw) => ProviderError::Malformed {
+            provider: KIND,
+            detail: format!("{e} in {}", truncate(&raw)),
         },
         other => ProviderError::Malformed {
             provider: KIND,
@@ -617,24 +673,13 @@ mod tests {
     use super::*;
     use crate::provider::{ChatMessage, ResponseSchema};
 
-    /// Decodes `data:` payloads the way the SDK does (one JSON chunk each); `[DONE]` is not
-    /// passed (the SDK swallows it) and becomes the `saw_done` flag instead.
-    fn sdk_items(
-        payloads: &[&str],
-    ) -> Vec<Result<CreateChatCompletionStreamResponse, OpenAIError>> {
-        payloads
-            .iter()
-            .map(|p| {
-                serde_json::from_str(p)
-                    .map_err(|e| OpenAIError::JSONDeserialize(e, (*p).to_owned()))
-            })
-            .collect()
+    /// Decodes `data:` payloads one chunk each; `[DONE]` is not passed (the framing stops at it)
+    /// and becomes the `saw_done` flag instead.
+    fn sdk_items(payloads: &[&str]) -> Vec<Result<Chunk, ProviderError>> {
+        payloads.iter().map(|p| decode_chunk(p)).collect()
     }
 
-    async fn run(
-        items: Vec<Result<CreateChatCompletionStreamResponse, OpenAIError>>,
-        done: bool,
-    ) -> Vec<ProviderEvent> {
+    async fn run(items: Vec<Result<Chunk, ProviderError>>, done: bool) -> Vec<ProviderEvent> {
         adapt_chunks(futures::stream::iter(items), move || done)
             .collect()
             .await
@@ -729,12 +774,72 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn undecodable_chunk_is_malformed_including_unknown_finish_reasons() {
+    async fn undecodable_chunk_is_malformed_but_an_unknown_finish_reason_is_kept() {
+        for bad in [
+            r#"{"choices":"x"}"#,
+            "not json",
+            r#"{"id":"c","usage":null}"#,
+        ] {
+            let events = run(sdk_items(&[HEL, bad, LO]), true).await;
+            assert_eq!(events.len(), 2, "{bad}: {events:?}");
+            assert!(
+                matches!(
+                    events.last(),
+                    Some(ProviderEvent::Error(ProviderError::Malformed { .. }))
+                ),
+                "{bad}: {events:?}"
+            );
+        }
         let new_reason = r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"brand_new"}]}"#;
-        let events = run(sdk_items(&[HEL, new_reason]), true).await;
+        let events = run(sdk_items(&[HEL, new_reason, USAGE]), true).await;
         assert!(matches!(
             events.last(),
-            Some(ProviderEvent::Error(ProviderError::Malformed { .. }))
+            Some(ProviderEvent::Done { finish_reason: FinishReason::Other(r) }) if r == "brand_new"
+        ));
+    }
+
+    #[tokio::test]
+    async fn escaped_content_is_unescaped_and_other_choices_are_ignored() {
+        let escaped = r#"{"choices":[{"index":1,"delta":{"content":"other"}},{"index":0,"delta":{"content":"a \"quote\"\n\u00e9"}}]}"#;
+        let events = run(sdk_items(&[escaped, STOP, USAGE]), true).await;
+        assert_eq!(texts(&events), "a \"quote\"\n\u{e9}");
+    }
+
+    #[tokio::test]
+    async fn framing_stops_at_done_skips_keepalive_and_reports_transport_errors() {
+        let wire = format!(
+            "data: {HEL}\n\nevent: keepalive\ndata: {{}}\n\ndata: {LO}\r\n\r\ndata: {STOP}\n\ndata: {USAGE}\n\ndata: [DONE]\n\ndata: {HEL}\n\n"
+        );
+        let saw_done = Arc::new(AtomicBool::new(false));
+        // Delivered in 7-byte pieces, as a socket might.
+        let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+            wire.as_bytes().chunks(7).map(|c| Ok(c.to_vec())).collect();
+        let chunks = sse_chunks(futures::stream::iter(pieces), Arc::clone(&saw_done));
+        let flag = Arc::clone(&saw_done);
+        let events: Vec<ProviderEvent> = adapt_chunks(chunks, move || flag.load(Ordering::Acquire))
+            .collect()
+            .await;
+        assert!(saw_done.load(Ordering::Acquire));
+        assert_eq!(texts(&events), "Hello", "nothing after [DONE]: {events:?}");
+        assert!(matches!(
+            events.last(),
+            Some(ProviderEvent::Done {
+                finish_reason: FinishReason::Stop
+            })
+        ));
+
+        let broken: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+            Ok(format!("data: {HEL}\n\n").into_bytes()),
+            Err(std::io::Error::other("connection reset")),
+        ];
+        let chunks = sse_chunks(
+            futures::stream::iter(broken),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let events: Vec<ProviderEvent> = adapt_chunks(chunks, || false).collect().await;
+        assert!(matches!(
+            events.last(),
+            Some(ProviderEvent::Error(ProviderError::Transport { message, .. })) if message.contains("reset")
         ));
     }
 
@@ -765,19 +870,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn transport_error_mid_stream_is_transport() {
-        let mut items = sdk_items(&[HEL]);
-        items.push(Err(OpenAIError::StreamError(Box::new(
-            async_openai::error::StreamError::EventStream("connection reset".into()),
-        ))));
-        let events = run(items, false).await;
-        assert!(matches!(
-            events.last(),
-            Some(ProviderEvent::Error(ProviderError::Transport { .. }))
-        ));
-    }
-
-    #[tokio::test]
     async fn refusal_finishes_as_content_filter() {
         let refusal = r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"refusal":"I can't help with that."},"finish_reason":null}]}"#;
         let events = run(sdk_items(&[refusal, STOP, USAGE]), true).await;
@@ -787,18 +879,6 @@ mod tests {
                 finish_reason: FinishReason::ContentFilter
             })
         ));
-    }
-
-    #[test]
-    fn done_scanner_finds_the_terminator_across_chunk_borders_only_on_its_own_line() {
-        let mut s = DoneScanner::default();
-        assert!(!s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"data: [DONE]\"}}]}\n\n"));
-        assert!(!s.feed(b"data: [DO"));
-        assert!(s.feed(b"NE]\n\n"));
-        let mut s = DoneScanner::default();
-        assert!(s.feed(b"data:[DONE]\r\n"));
-        let mut s = DoneScanner::default();
-        assert!(!s.feed(b"data: [DONE]x\n"));
     }
 
     #[test]
