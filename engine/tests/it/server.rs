@@ -141,14 +141,13 @@ async fn agent_stream_is_ordered_and_usage_is_durable_before_it_is_sent() {
         .await
         .unwrap();
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
-    let tracker = h.tracker.clone();
-    let mut usages = 0;
-    let events = read_sse(resp, |name, _| {
+    let db = h.db.clone();
+    let events = read_sse(resp, |name, data| {
         if name == "usage" {
-            usages += 1;
+            let id = data["recordId"].as_str().unwrap();
             assert!(
-                tracker.health().durable >= usages,
-                "usage event sent before its record was durable"
+                record_committed(&db, id),
+                "usage event for {id} sent before its record was durable"
             );
         }
     })
@@ -196,6 +195,15 @@ async fn agent_stream_is_ordered_and_usage_is_durable_before_it_is_sent() {
     h.stop().await;
 }
 
+/// Whether metrics record `id` is committed: in the ledger's outbox or already shipped. The outbox
+/// is read first: a row shipped between the two reads is then found by the second.
+fn record_committed(db: &std::path::Path, id: &str) -> bool {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let count = |sql: &str| -> i64 { conn.query_row(sql, [id], |r| r.get(0)).unwrap() };
+    count("SELECT COUNT(*) FROM metrics_outbox WHERE entry_key = ?1") > 0
+        || count("SELECT COUNT(*) FROM requests WHERE request_id = ?1") > 0
+}
+
 fn records(db: &std::path::Path) -> Vec<Value> {
     let conn = rusqlite::Connection::open(db).unwrap();
     let mut stmt = conn.prepare("SELECT body FROM requests").unwrap();
@@ -208,6 +216,8 @@ fn records(db: &std::path::Path) -> Vec<Value> {
 #[tokio::test]
 async fn pipeline_stream_tags_every_event_and_ends_with_the_tool() {
     let h = harness(|_| {}).await;
+    let locker = rusqlite::Connection::open(&h.db).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
     let resp = h
         .post("/v1/pipelines/tool", USER_KEY)
         .json(&json!({ "business": business(), "sessionId": "sess-p" }))
@@ -215,19 +225,39 @@ async fn pipeline_stream_tags_every_event_and_ends_with_the_tool() {
         .await
         .unwrap();
     // The pipeline does not wait for a stage's record to commit before the next stage starts,
-    // but each `usage` event still waits for its own record.
-    let tracker = h.tracker.clone();
+    // but each `usage` event still waits for its own record: with the ledger's database locked,
+    // Logic Architect starts while no `usage` has been sent; once unlocked, all four arrive,
+    // each committed, before `done`.
+    let db = h.db.clone();
+    let mut lock = Some(locker);
     let mut usages = 0;
-    let events = read_sse(resp, |name, _| {
-        if name == "usage" {
-            usages += 1;
-            assert!(
-                tracker.health().durable >= usages,
-                "usage event sent before its record was durable"
-            );
-        }
-    })
-    .await;
+    // Bounded: a pipeline that waited for the commit would wait for the lock forever.
+    let events = tokio::time::timeout(
+        Duration::from_secs(30),
+        read_sse(resp, |name, data| {
+            if name == "usage" {
+                assert!(
+                    lock.is_none(),
+                    "usage sent while its record could not commit"
+                );
+                let id = data["recordId"].as_str().unwrap();
+                assert!(
+                    record_committed(&db, id),
+                    "usage event for {id} sent before its record was durable"
+                );
+                usages += 1;
+            }
+            if name == "start" && data["stage"] == "logicArchitect" {
+                if let Some(conn) = lock.take() {
+                    assert_eq!(usages, 0);
+                    conn.execute_batch("ROLLBACK").unwrap();
+                }
+            }
+        }),
+    )
+    .await
+    .expect("the pipeline stalled behind a metrics commit");
+    assert_eq!(usages, 4);
     let n = names(&events);
     assert_eq!(n[0], "run");
     let run_id = events[0].1["runId"].as_str().unwrap().to_owned();
