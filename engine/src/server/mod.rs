@@ -224,9 +224,21 @@ impl AppState {
     /// crash. A ledger failure is logged; the caller is still told (the data exists in the
     /// stream) and `/readyz` turns unready.
     pub async fn record_durably(&self, rec: RequestRecord) {
+        self.record_committing(rec).await;
+    }
+
+    /// Records a call now and returns what resolves once it is durable (failures logged as in
+    /// [`AppState::record_durably`]), for callers that must not wait for the commit themselves.
+    pub fn record_committing(
+        &self,
+        rec: RequestRecord,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let id = rec.request_id.clone();
-        if let Err(error) = self.record_call(rec).durable().await {
-            tracing::error!(request_id = %id, %error, "metrics record not confirmed durable");
+        let receipt = self.record_call(rec);
+        async move {
+            if let Err(error) = receipt.durable().await {
+                tracing::error!(request_id = %id, %error, "metrics record not confirmed durable");
+            }
         }
     }
 

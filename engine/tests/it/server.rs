@@ -247,11 +247,12 @@ async fn pipeline_stream_tags_every_event_and_ends_with_the_tool() {
                 );
                 usages += 1;
             }
-            if name == "start" && data["stage"] == "logicArchitect" {
-                if let Some(conn) = lock.take() {
-                    assert_eq!(usages, 0);
-                    conn.execute_batch("ROLLBACK").unwrap();
-                }
+            if name == "start"
+                && data["stage"] == "logicArchitect"
+                && let Some(conn) = lock.take()
+            {
+                assert_eq!(usages, 0);
+                conn.execute_batch("ROLLBACK").unwrap();
             }
         }),
     )

@@ -134,12 +134,9 @@ async fn run(
                             AgentEvent::Usage(call) => {
                                 let rec = RequestRecord::from_route_outcome(&call.outcome, &scope.context(Some(stage)));
                                 let usage = usage_event(stage, &call, &rec);
-                                let record_id = rec.request_id.clone();
-                                let receipt = state.record_call(rec);
+                                let committed = state.record_committing(rec);
                                 held.push_back(Box::pin(async move {
-                                    if let Err(error) = receipt.durable().await {
-                                        tracing::error!(request_id = %record_id, %error, "metrics record not confirmed durable");
-                                    }
+                                    committed.await;
                                     usage
                                 }));
                                 continue;
