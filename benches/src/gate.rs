@@ -352,6 +352,30 @@ pub fn evaluate(
 }
 
 impl Report {
+    /// Takes a re-measurement of some benches: each row of `retry` replaces this report's row of
+    /// the same bench when its verdict is better (passes, or a lower ratio). A shared machine can
+    /// slow one bench several-fold for a few hundred milliseconds; a real regression is over
+    /// budget every time it is measured, noise rarely twice.
+    pub fn keep_best(&mut self, retry: Report) {
+        for new in retry.rows {
+            if let Some(old) = self
+                .rows
+                .iter_mut()
+                .find(|r| r.measurement.name == new.measurement.name)
+                && (new.pass && !old.pass || new.ratio < old.ratio)
+            {
+                *old = new;
+            }
+        }
+    }
+
+    /// Names of the benches over budget.
+    pub fn failing_names(&self) -> Vec<String> {
+        self.failures()
+            .map(|r| r.measurement.name.clone())
+            .collect()
+    }
+
     pub fn failures(&self) -> impl Iterator<Item = &Row> {
         self.rows.iter().filter(|r| !r.pass)
     }
@@ -499,6 +523,46 @@ mod tests {
             evaluate(1.0, vec![], &Budgets::parse(FILE, "b").unwrap(), 0.0),
             Err(GateError::BadScale(_))
         ));
+    }
+
+    #[test]
+    fn a_re_measurement_replaces_a_row_only_when_it_is_better() {
+        let file = r#"
+            [budgets."calibration/sha256_4k"]
+            max_ns = 1000.0
+            [budgets."a/one"]
+            max_ratio = 2.0
+            [budgets."b/two"]
+            max_ratio = 2.0
+        "#;
+        let budgets = Budgets::parse(file, "t.toml").unwrap();
+        let first = evaluate(
+            100.0,
+            vec![m(CALIBRATION, 100.0), m("a/one", 400.0), m("b/two", 250.0)],
+            &budgets,
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(first.failing_names(), ["a/one", "b/two"]);
+        let mut report = first.clone();
+        // a/one was noise (now 1.5×, within its 2×); b/two is slower still: the first stays.
+        report.keep_best(
+            evaluate(
+                100.0,
+                vec![m(CALIBRATION, 100.0), m("a/one", 150.0), m("b/two", 300.0)],
+                &budgets,
+                1.0,
+            )
+            .unwrap(),
+        );
+        assert_eq!(report.failing_names(), ["b/two"]);
+        let b = report
+            .rows
+            .iter()
+            .find(|r| r.measurement.name == "b/two")
+            .unwrap();
+        assert!((b.ratio - 2.5).abs() < 1e-9);
+        assert!(!report.passed());
     }
 
     #[test]
