@@ -592,7 +592,12 @@ impl Server {
                 tracing::debug!(%error, "could not set TCP_NODELAY");
             }
         });
-        let served = axum::serve(listener, app(state.clone()))
+        // Given a `Router`, `axum::serve` rebuilds its route table for every connection (a
+        // `with_state` per accept: ~9 KiB of map and boxed routes per open connection here,
+        // found with heaptrack). Converted once and served through `into_make_service`, each
+        // connection gets an `Arc` clone and requests take the same path as before.
+        let routes = app(state.clone()).with_state(());
+        let served = axum::serve(listener, routes.into_make_service())
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
             .await;
         // The server can also stop without the signal (a listener error): stop the worker then.
