@@ -12,20 +12,17 @@
 //! the client is the pipeline route's real caller: `POST /v1/pipelines/tool`, SSE read to `done`.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agents::Process;
 use anyhow::{Context, bail};
 use futures::StreamExt;
-use keyvex_engine::config::{EngineConfig, MapEnv, ServerConfig};
 use keyvex_engine::provider::sim::{self, FaultRates, LatencyProfile, ServedStream, SimConfig};
-use keyvex_engine::server::Server;
 use serde::Serialize;
 use serde_json::Value;
 
-const SIM_KEY: &str = "sk-pipeline-bench";
-const ENGINE_KEY: &str = "kvx-pipeline-bench";
+use crate::overhead::ENGINE_KEY;
+use crate::overhead::roles::bind_engine;
 
 /// How the benchmark runs.
 #[derive(Debug, Clone)]
@@ -301,32 +298,6 @@ pub fn take_frames(buffer: &mut Vec<u8>) -> Vec<(String, String)> {
     }
     buffer.drain(..consumed);
     frames
-}
-
-/// The engine as `keyvex serve` assembles it, both providers pointed at the simulator, rate
-/// limits, cost accounting and durable metric writes on.
-async fn bind_engine(upstream: &str, work_dir: &Path) -> anyhow::Result<Server> {
-    let db = work_dir.join("pipeline-bench-metrics.sqlite3");
-    let db = db.to_string_lossy().into_owned();
-    let keys = format!("{ENGINE_KEY}=pipeline-bench:user");
-    let env = MapEnv::new([
-        ("OPENAI_API_KEY", SIM_KEY),
-        ("OPENAI_BASE_URL", upstream),
-        ("ANTHROPIC_API_KEY", SIM_KEY),
-        ("ANTHROPIC_BASE_URL", upstream),
-        ("KEYVEX_SIMULATE", "never"),
-        ("KEYVEX_ADDR", "127.0.0.1:0"),
-        ("KEYVEX_API_KEYS", keys.as_str()),
-        ("KEYVEX_RATE_LIMIT_PER_HOUR", "1000000000"),
-        ("KEYVEX_RATE_LIMIT_BURST", "1000000000"),
-        ("KEYVEX_PROVIDER_RPM", "1000000000"),
-        ("KEYVEX_PROVIDER_TPM", "4000000000"),
-        ("KEYVEX_METRICS_DB", db.as_str()),
-    ]);
-    let engine = EngineConfig::from_env(&env)?;
-    let server = ServerConfig::load(&env, None)?;
-    let tracker = keyvex_engine::metrics::start_from_env(&env).await?;
-    Ok(Server::bind(server, &engine, tracker).await?)
 }
 
 /// The simulator on a thread with its own single-worker runtime.

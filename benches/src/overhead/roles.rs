@@ -157,7 +157,9 @@ async fn stdin_closed() {
 
 /// The engine as `keyvex serve` assembles it, with the OpenAI provider pointed at `upstream`,
 /// rate limits, cost accounting and metric writes on. The limits are set far above the load so
-/// they are checked on every request but never refuse one.
+/// they are checked on every request but never refuse one. The Anthropic provider points at the
+/// same upstream (the simulator speaks both), so the pipeline benchmark can use this engine too;
+/// the overhead runs only call an OpenAI model.
 pub async fn bind_engine(upstream: &str, work_dir: &Path) -> anyhow::Result<Server> {
     let db = work_dir.join("engine-metrics.sqlite3");
     let db = db.to_string_lossy().into_owned();
@@ -165,6 +167,8 @@ pub async fn bind_engine(upstream: &str, work_dir: &Path) -> anyhow::Result<Serv
     let env = MapEnv::new([
         ("OPENAI_API_KEY", SIM_KEY),
         ("OPENAI_BASE_URL", upstream),
+        ("ANTHROPIC_API_KEY", SIM_KEY),
+        ("ANTHROPIC_BASE_URL", upstream),
         ("KEYVEX_SIMULATE", "never"),
         ("KEYVEX_ADDR", "127.0.0.1:0"),
         ("KEYVEX_API_KEYS", keys.as_str()),
