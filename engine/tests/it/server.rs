@@ -78,6 +78,12 @@ async fn harness(tweak: impl FnOnce(&mut ServerConfig)) -> Harness {
 }
 
 impl Harness {
+    /// The Prometheus exposition at `/metrics`.
+    async fn prometheus_text(&self) -> String {
+        let resp = self.http.get(format!("{}/metrics", self.base)).send();
+        resp.await.unwrap().text().await.unwrap()
+    }
+
     fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
         self.http
             .post(format!("{}{path}", self.base))
@@ -455,15 +461,7 @@ async fn callers_over_their_limit_get_429_with_headers() {
         .unwrap();
     assert_eq!(other.status(), 400);
 
-    let metrics = h
-        .http
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.prometheus_text().await;
     assert!(metrics.contains("keyvex_rate_limited_total"), "{metrics}");
     h.stop().await;
 }
@@ -592,15 +590,7 @@ async fn chat_completions_work_with_the_openai_sdk() {
         assert!(chunk.unwrap().usage.is_none());
     }
 
-    let metrics = h
-        .http
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.prometheus_text().await;
     for name in [
         "keyvex_calls_total",
         "keyvex_http_requests_total",
