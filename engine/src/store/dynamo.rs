@@ -289,6 +289,29 @@ impl DynamoStore {
         Ok(meta.map(|m| (m, messages)))
     }
 
+    /// Who created the session, from its `METADATA` item alone (no messages read).
+    pub async fn session_owner(&self, session_id: &str) -> Result<Option<String>, StoreError> {
+        let items = self
+            .query_all(Query {
+                index: None,
+                condition: "PK = :pk AND SK = :sk",
+                values: vec![
+                    (":pk", AttributeValue::S(format!("SESSION#{session_id}"))),
+                    (":sk", AttributeValue::S("METADATA".to_owned())),
+                ],
+                forward: true,
+                limit: Some(1),
+                consistent: true,
+            })
+            .await?;
+        items
+            .first()
+            .map(|item| {
+                from_item::<SessionMetadata>(item, "session metadata item").map(|m| m.user_id)
+            })
+            .transpose()
+    }
+
     /// A user's sessions, most recently active first: `Query` on GSI1 (`USER#{id}`, sort keys
     /// `SESSION#{last activity}`) backwards.
     pub async fn sessions_of_user(

@@ -262,6 +262,25 @@ impl SessionStore {
         }))
     }
 
+    /// Who created the session (`None`: nothing of it is stored or pending). Reads the metadata
+    /// and the ledger's pending messages only, so a long session costs no more than a new one.
+    pub async fn owner(&self, session_id: &str) -> Result<Option<String>, StoreError> {
+        // Pending first, store second, as in `get_session`.
+        let pending = self.pending(PendingFilter::Session(session_id)).await?;
+        let stored = match &self.backend {
+            Backend::Sqlite(s) => s.session_owner(session_id).await?,
+            Backend::Dynamo(d) => d.session_owner(session_id).await?,
+        };
+        // The stored metadata names the creator; before the first shipment, the earliest pending
+        // message does.
+        Ok(stored.or_else(|| {
+            pending
+                .iter()
+                .min_by(|a, b| a.order_key().cmp(&b.order_key()))
+                .map(|m| m.user_id.clone())
+        }))
+    }
+
     /// The user's sessions, most recently active first, at most `limit`.
     pub async fn sessions_of_user(
         &self,

@@ -166,6 +166,18 @@ impl SqliteStore {
         }
     }
 
+    /// Who created the session, from its metadata row alone (no messages read).
+    pub async fn session_owner(&self, session_id: &str) -> Result<Option<String>, StoreError> {
+        let id = session_id.to_owned();
+        self.run(move |c| {
+            c.prepare_cached("SELECT user_id FROM sessions WHERE session_id = ?1")?
+                .query_map([&id], |r| r.get::<_, String>(0))?
+                .next()
+                .transpose()
+        })
+        .await
+    }
+
     /// A user's sessions, most recently active first.
     pub async fn sessions_of_user(
         &self,

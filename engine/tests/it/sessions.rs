@@ -148,6 +148,9 @@ async fn sqlite_session_is_readable_right_after_durable_and_after_shipping() {
     assert_eq!(tracker.health().pending, 4);
     assert!(stored_only.get_session("s1").await.unwrap().is_none());
     assert_session(&merged.get_session("s1").await.unwrap().unwrap(), &s1);
+    // The owner is known from the pending messages alone, and only through the merged read.
+    assert_eq!(merged.owner("s1").await.unwrap().as_deref(), Some("u1"));
+    assert_eq!(stored_only.owner("s1").await.unwrap(), None);
     let listed = merged.sessions_of_user("u1", 10).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].updated_at_ms, T0 + 3_000);
@@ -157,6 +160,12 @@ async fn sqlite_session_is_readable_right_after_durable_and_after_shipping() {
     assert_session(&stored_only.get_session("s1").await.unwrap().unwrap(), &s1);
     assert_session(&merged.get_session("s1").await.unwrap().unwrap(), &s1);
     assert!(merged.get_session("nope").await.unwrap().is_none());
+    // Shipped: the metadata row names the owner.
+    assert_eq!(
+        stored_only.owner("s1").await.unwrap().as_deref(),
+        Some("u1")
+    );
+    assert_eq!(merged.owner("nope").await.unwrap(), None);
 
     // The handler returns the API's camelCase JSON, and a missing session is a 404.
     let body = get_session_json(&merged, "s1").await.unwrap();
@@ -335,10 +344,13 @@ async fn dynamo_session_items_have_single_table_keys_and_reads_never_scan() {
     assert_eq!(top.len(), 1);
     assert_eq!(top[0].session_id, "s2");
     assert_eq!(top[0].created_at_ms, T0 + 60_000);
+    // The owner check reads the one METADATA item of the partition, by key.
+    assert_eq!(store.owner("s4").await.unwrap().as_deref(), Some("u2"));
+    assert_eq!(store.owner("nope").await.unwrap(), None);
     let log = proxy.log();
     assert!(log.iter().all(|r| r.operation == "Query"), "{log:?}");
     assert_eq!(
         log.iter().map(|r| r.index.as_deref()).collect::<Vec<_>>(),
-        [None, Some("GSI1"), Some("GSI1")]
+        [None, Some("GSI1"), Some("GSI1"), None, None]
     );
 }

@@ -57,12 +57,10 @@ pub(super) async fn check_session_owner(
     if caller.role == CallerRole::Admin {
         return Ok(());
     }
-    match store.get_session(id).await {
-        Ok(Some(session)) if session.metadata.user_id != caller.id => {
-            Err(ApiError::Forbidden(format!(
-                "sessionId {id:?} belongs to another caller; start a new session with a new id (a UUID, for example)"
-            )))
-        }
+    match store.owner(id).await {
+        Ok(Some(owner)) if owner != caller.id => Err(ApiError::Forbidden(format!(
+            "sessionId {id:?} belongs to another caller; start a new session with a new id (a UUID, for example)"
+        ))),
         Ok(_) => Ok(()),
         Err(e) => Err(ApiError::Unavailable {
             code: "session_store_unavailable",
