@@ -31,10 +31,15 @@ pub fn count_tokens(text: &str) -> u64 {
 
 /// Estimated prompt tokens of a chat request: every message's tokens plus framing.
 pub fn count_prompt_tokens(system: Option<&str>, messages: &[ChatMessage]) -> u64 {
-    let system_tokens = system.map_or(0, |s| count_tokens(s) + TOKENS_PER_MESSAGE);
+    framed(system, messages, count_tokens)
+}
+
+/// Tokens of every message by `count`, plus the chat format's framing.
+fn framed(system: Option<&str>, messages: &[ChatMessage], count: impl Fn(&str) -> u64) -> u64 {
+    let system_tokens = system.map_or(0, |s| count(s) + TOKENS_PER_MESSAGE);
     let message_tokens: u64 = messages
         .iter()
-        .map(|m| count_tokens(&m.content) + TOKENS_PER_MESSAGE)
+        .map(|m| count(&m.content) + TOKENS_PER_MESSAGE)
         .sum();
     system_tokens + message_tokens + REPLY_PRIMER_TOKENS
 }
@@ -53,12 +58,7 @@ pub fn estimate_tokens(bytes: usize) -> u64 {
 
 /// [`count_prompt_tokens`] by [`estimate_tokens`]: same framing, no vocabulary.
 pub fn estimate_prompt_tokens(system: Option<&str>, messages: &[ChatMessage]) -> u64 {
-    let system_tokens = system.map_or(0, |s| estimate_tokens(s.len()) + TOKENS_PER_MESSAGE);
-    let message_tokens: u64 = messages
-        .iter()
-        .map(|m| estimate_tokens(m.content.len()) + TOKENS_PER_MESSAGE)
-        .sum();
-    system_tokens + message_tokens + REPLY_PRIMER_TOKENS
+    framed(system, messages, |text| estimate_tokens(text.len()))
 }
 
 #[cfg(test)]
