@@ -105,14 +105,7 @@ impl Stats {
 
     /// Keeps a parsed request in the bounded log.
     pub fn seen(&self, request: SeenRequest) {
-        let mut seen = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if seen.len() == REQUEST_LOG_LEN {
-            seen.pop_front();
-        }
-        seen.push_back(request);
+        push_bounded(&self.seen, request);
     }
 
     /// The logged requests, oldest first.
@@ -127,14 +120,7 @@ impl Stats {
 
     /// Keeps a finished stream in the bounded served log.
     pub fn served(&self, stream: ServedStream) {
-        let mut served = self
-            .served
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if served.len() == REQUEST_LOG_LEN {
-            served.pop_front();
-        }
-        served.push_back(stream);
+        push_bounded(&self.served, stream);
     }
 
     /// Takes the served log, oldest first, leaving it empty.
@@ -176,6 +162,18 @@ impl Stats {
             .await
             .is_ok_and(|r| r.is_ok())
     }
+}
+
+/// Appends to a log that keeps the last [`REQUEST_LOG_LEN`] entries, so a long-running
+/// `keyvex sim` does not grow without bound.
+fn push_bounded<T>(log: &Mutex<VecDeque<T>>, item: T) {
+    let mut log = log
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if log.len() == REQUEST_LOG_LEN {
+        log.pop_front();
+    }
+    log.push_back(item);
 }
 
 /// How a stream ended, as far as the simulator knows.
