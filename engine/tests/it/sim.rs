@@ -592,6 +592,23 @@ async fn schema_requests_get_valid_json_in_both_protocols() {
     assert_eq!(msg["content"][0]["type"], "tool_use");
     assert_eq!(msg["content"][0]["name"], "brand_brief");
     assert!(validator.is_valid(&msg["content"][0]["input"]));
+
+    // The served log has the two streams (not the non-streaming answer), each with its
+    // protocol and schema name, and is emptied by reading it.
+    let served = sim.take_served();
+    let seen: Vec<(ProviderKind, Option<&str>)> = served
+        .iter()
+        .map(|s| (s.protocol, s.schema_name.as_deref()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (ProviderKind::OpenAi, Some("brand_brief")),
+            (ProviderKind::Anthropic, Some("brand_brief"))
+        ]
+    );
+    assert!(served.iter().all(|s| s.received_at.is_some()));
+    assert!(sim.take_served().is_empty());
     sim.shutdown().await;
 }
 
