@@ -81,13 +81,8 @@ impl Ledger {
             path: path.display().to_string(),
             source,
         };
-        let conn = Connection::open(path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_err)?;
+        // FULL: a receipt promises the entry survives power loss, not just a process crash.
+        let conn = crate::store::sqlite::open_wal(path, "FULL").map_err(open_err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS metrics_outbox (
                 seq INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -291,11 +291,8 @@ impl SqliteJobs {
             path: path.display().to_string(),
             source,
         };
-        let conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        // FULL (SQLite's default, kept): a claim must not be forgotten by a power loss.
+        let conn = crate::store::sqlite::open_wal(path, "FULL").map_err(err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS jobs (
                 job_id TEXT PRIMARY KEY,

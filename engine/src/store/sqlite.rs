@@ -12,6 +12,17 @@ use crate::metrics::{Alert, RequestRecord};
 use crate::store::sessions::{SessionMessage, SessionMetadata};
 use crate::store::{Entry, Sink, StoreError, WriteReport};
 
+/// Opens a SQLite file the way every part of the engine shares one: WAL (readers do not block the
+/// writer), the given `synchronous` level, and a 5 s wait for the write lock, since the server,
+/// its ledger, the job table and one-shot CLI commands may all write the same file at once.
+pub(crate) fn open_wal(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
 #[derive(Clone)]
 pub struct SqliteStore {
     path: PathBuf,
@@ -24,15 +35,9 @@ impl SqliteStore {
             path: path.display().to_string(),
             source,
         };
-        let conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
         // The ledger keeps the entries until this write is confirmed, so NORMAL (durable against
         // process crashes, not power loss) is enough here: a lost write is shipped again.
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        let conn = open_wal(path, "NORMAL").map_err(err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS requests (
                 request_id TEXT PRIMARY KEY,
