@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::support::TempDir;
-use crate::support::moto::Moto;
+use crate::support::moto::{self, Moto};
 
 const ALICE: &str = "alice-key-0001";
 const BOB: &str = "bob-key-0002";
@@ -426,22 +426,6 @@ async fn admin_routes_report_metrics_alerts_and_dead_letters_to_admins_only() {
     h.stop().await;
 }
 
-async fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .test_credentials()
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .operation_timeout(Duration::from_secs(15))
-                .build(),
-        )
-        .load()
-        .await;
-    aws_sdk_sqs::Client::new(&conf)
-}
-
 async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> u64 {
     let out = sqs
         .get_queue_attributes()
@@ -461,7 +445,7 @@ async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> u64 {
 #[tokio::test]
 async fn jobs_run_on_the_in_process_worker_and_only_their_owner_sees_them() {
     let moto = Moto::start().await;
-    let sqs = sqs_client(&moto.endpoint).await;
+    let sqs = moto::sqs_client(&moto.endpoint).await;
     let urls = admin::create_queues_with(
         &sqs,
         "api-jobs",

@@ -33,23 +33,6 @@ use crate::support::moto::{self, Moto};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .test_credentials()
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(2))
-                // Above the longest poll the tests use (1 s) with room for a slow moto.
-                .operation_timeout(Duration::from_secs(15))
-                .build(),
-        )
-        .load()
-        .await;
-    aws_sdk_sqs::Client::new(&conf)
-}
-
 fn router(sim: &SimHandle, ttft_timeout: Duration) -> Router {
     let cfg = ProviderConfig {
         base_url: sim.base_url(),
@@ -107,7 +90,7 @@ struct Setup {
 impl Setup {
     async fn new(tag: &str, ttft_timeout: Duration) -> Setup {
         let moto = Moto::start().await;
-        let sqs = sqs_client(&moto.endpoint).await;
+        let sqs = moto::sqs_client(&moto.endpoint).await;
         let settings = QueueSettings {
             visibility: Duration::from_secs(2),
             ..QueueSettings::default()
@@ -255,7 +238,7 @@ where
 #[tokio::test]
 async fn queue_create_is_idempotent_and_sets_the_plan_attributes() {
     let moto = Moto::start().await;
-    let sqs = sqs_client(&moto.endpoint).await;
+    let sqs = moto::sqs_client(&moto.endpoint).await;
     let first = admin::create_queues(&sqs, "plan-queue", "plan-dlq")
         .await
         .unwrap();

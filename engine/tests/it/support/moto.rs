@@ -120,3 +120,22 @@ pub async fn client(endpoint: &str) -> aws_sdk_dynamodb::Client {
         .await;
     aws_sdk_dynamodb::Client::new(&conf)
 }
+
+/// An SQS client for `endpoint` with dummy credentials; SDK retries stay on (the worker relies on
+/// them like in production), and the operation timeout sits above the longest long-poll the tests
+/// use (1 s) with room for a slow moto.
+pub async fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .test_credentials()
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .operation_timeout(Duration::from_secs(15))
+                .build(),
+        )
+        .load()
+        .await;
+    aws_sdk_sqs::Client::new(&conf)
+}
