@@ -25,10 +25,10 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use keyvex_engine::config::{ApiKeySpec, ServerConfig};
 use keyvex_engine::metrics::admin::{MetricsFilter, MetricsReader};
-use keyvex_engine::metrics::{GroupBy, MetricsConfig, RequestRecord, ShutdownReport, Tracker};
+use keyvex_engine::metrics::{GroupBy, RequestRecord, ShutdownReport, Tracker};
 use keyvex_engine::provider::sim::SimHandle;
 use keyvex_engine::server::{Server, ServerError};
-use keyvex_engine::store::dynamo::{self, DynamoRetry, DynamoStore};
+use keyvex_engine::store::dynamo::{self, DynamoStore};
 use keyvex_engine::store::sqlite::SqliteStore;
 use keyvex_engine::store::{Entry, Sink, StoreError, WriteReport, day_of, iso_ts};
 use serde_json::{Value, json};
@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use crate::support::TempDir;
 use crate::support::fault_proxy::{Fault, FaultProxy};
 use crate::support::moto::{self, Moto};
+use crate::support::{fast_metrics, fast_retry};
 
 const USER_KEY: &str = "user-key-0001";
 const WAIT: Duration = Duration::from_secs(30);
@@ -52,25 +53,6 @@ struct Served {
     sim: SimHandle,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<ShutdownReport, ServerError>>,
-}
-
-/// Fast flushes and retries so the tests take milliseconds per round, and alert rules kept
-/// quiet so the table holds request items only (alerts have their own tests).
-fn fast_metrics(ledger: &Path) -> MetricsConfig {
-    let mut cfg = MetricsConfig::new(ledger);
-    cfg.flush_interval = Duration::from_millis(20);
-    cfg.retry_base = Duration::from_millis(5);
-    cfg.retry_cap = Duration::from_millis(50);
-    cfg.alerts.min_samples = usize::MAX;
-    cfg
-}
-
-fn fast_retry() -> DynamoRetry {
-    DynamoRetry {
-        base: Duration::from_millis(2),
-        cap: Duration::from_millis(20),
-        max_attempts: 8,
-    }
 }
 
 async fn serve(sink: Arc<dyn Sink>, ledger: &Path, seed: u64) -> Served {

@@ -12,10 +12,9 @@ use std::time::Duration;
 use aws_sdk_dynamodb::types::AttributeValue;
 use keyvex_engine::cost::Cost;
 use keyvex_engine::metrics::{
-    self, AlertConfig, AlertType, GroupBy, MetricsConfig, MetricsError, RequestRecord, Severity,
-    Tracker,
+    self, AlertConfig, AlertType, GroupBy, MetricsError, RequestRecord, Severity, Tracker,
 };
-use keyvex_engine::store::dynamo::{self, DynamoRetry, DynamoStore};
+use keyvex_engine::store::dynamo::{self, DynamoStore};
 use keyvex_engine::store::sqlite::SqliteStore;
 use keyvex_engine::store::{Sink, iso_ts};
 use tokio::time::Instant;
@@ -23,29 +22,11 @@ use tokio::time::Instant;
 use crate::support::TempDir;
 use crate::support::fault_proxy::{Fault, FaultProxy};
 use crate::support::moto::{self, Moto};
+use crate::support::{fast_metrics, fast_retry};
 
 /// 2025-11-25T23:59:00Z: the records straddle midnight, so two day partitions are used.
 const T0: u64 = 1_764_115_140_000;
 const WAIT: Duration = Duration::from_secs(20);
-
-fn config(path: std::path::PathBuf) -> MetricsConfig {
-    let mut cfg = MetricsConfig::new(path);
-    cfg.flush_interval = Duration::from_millis(20);
-    cfg.retry_base = Duration::from_millis(5);
-    cfg.retry_cap = Duration::from_millis(50);
-    // The test records fail 10 % of the time; keep the rolling rules quiet so counts are exact
-    // (alerts have their own test).
-    cfg.alerts.min_samples = usize::MAX;
-    cfg
-}
-
-fn fast_retry() -> DynamoRetry {
-    DynamoRetry {
-        base: Duration::from_millis(2),
-        cap: Duration::from_millis(20),
-        max_attempts: 8,
-    }
-}
 
 fn records(n: u64) -> Vec<RequestRecord> {
     (0..n)
@@ -136,7 +117,7 @@ async fn dynamo_gets_exactly_n_items_with_keys_gsis_ttl_in_25_item_batches() {
     let dir = TempDir::new("metrics-exact");
     let store =
         DynamoStore::new(moto::client(&proxy.endpoint).await, "m-exact").with_retry(fast_retry());
-    let tracker = Tracker::start(config(dir.file("l.sqlite3")), Arc::new(store.clone()))
+    let tracker = Tracker::start(fast_metrics(dir.file("l.sqlite3")), Arc::new(store.clone()))
         .await
         .unwrap();
     let recs = records(60);
@@ -221,7 +202,7 @@ async fn throttling_and_unprocessed_items_still_give_exactly_n() {
     let dir = TempDir::new("metrics-throttle");
     let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-throttle")
         .with_retry(fast_retry());
-    let tracker = Tracker::start(config(dir.file("l.sqlite3")), Arc::new(store))
+    let tracker = Tracker::start(fast_metrics(dir.file("l.sqlite3")), Arc::new(store))
         .await
         .unwrap();
     record_all(&tracker, &records(30)).await;
@@ -244,7 +225,7 @@ async fn outage_keeps_records_in_the_ledger_until_dynamo_is_back() {
     proxy.set_outage(true);
     let store =
         DynamoStore::new(moto::client(&proxy.endpoint).await, "m-outage").with_retry(fast_retry());
-    let tracker = Tracker::start(config(dir.file("l.sqlite3")), Arc::new(store))
+    let tracker = Tracker::start(fast_metrics(dir.file("l.sqlite3")), Arc::new(store))
         .await
         .unwrap();
     record_all(&tracker, &records(20)).await;
@@ -277,7 +258,7 @@ async fn restart_ships_what_an_abandoned_tracker_left_in_the_ledger() {
     {
         let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-restart")
             .with_retry(fast_retry());
-        let tracker = Tracker::start(config(ledger.clone()), Arc::new(store))
+        let tracker = Tracker::start(fast_metrics(ledger.clone()), Arc::new(store))
             .await
             .unwrap();
         record_all(&tracker, &records(15)).await;
@@ -286,7 +267,7 @@ async fn restart_ships_what_an_abandoned_tracker_left_in_the_ledger() {
     proxy.set_outage(false);
     let store =
         DynamoStore::new(moto::client(&proxy.endpoint).await, "m-restart").with_retry(fast_retry());
-    let tracker = Tracker::start(config(ledger), Arc::new(store))
+    let tracker = Tracker::start(fast_metrics(ledger), Arc::new(store))
         .await
         .unwrap();
     assert_eq!(
@@ -302,7 +283,7 @@ async fn restart_ships_what_an_abandoned_tracker_left_in_the_ledger() {
 async fn shutdown_flushes_to_sqlite_and_the_store_survives_reopen() {
     let dir = TempDir::new("metrics-shutdown");
     let path = dir.file("keyvex.sqlite3");
-    let mut cfg = config(path.clone());
+    let mut cfg = fast_metrics(path.clone());
     // Nothing would ship before the shutdown on its own.
     cfg.flush_interval = Duration::from_secs(3600);
     let store = SqliteStore::open(&path).unwrap();
@@ -339,7 +320,7 @@ async fn shutdown_deadline_leaves_the_rest_in_the_ledger_for_the_next_start() {
     proxy.set_outage(true);
     let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-deadline")
         .with_retry(fast_retry());
-    let tracker = Tracker::start(config(ledger.clone()), Arc::new(store))
+    let tracker = Tracker::start(fast_metrics(ledger.clone()), Arc::new(store))
         .await
         .unwrap();
     for r in records(10) {
@@ -355,7 +336,7 @@ async fn shutdown_deadline_leaves_the_rest_in_the_ledger_for_the_next_start() {
     proxy.set_outage(false);
     let store = DynamoStore::new(moto::client(&proxy.endpoint).await, "m-deadline")
         .with_retry(fast_retry());
-    let tracker = Tracker::start(config(ledger), Arc::new(store))
+    let tracker = Tracker::start(fast_metrics(ledger), Arc::new(store))
         .await
         .unwrap();
     let report = tracker
@@ -388,7 +369,7 @@ async fn alerts_once_per_episode_in_dynamo_and_sqlite() {
     let moto = Moto::start().await;
     let client = table(&moto, "m-alerts").await;
     let dir = TempDir::new("metrics-alerts");
-    let mut cfg = config(dir.file("l.sqlite3"));
+    let mut cfg = fast_metrics(dir.file("l.sqlite3"));
     cfg.alerts = AlertConfig::default();
     let store = DynamoStore::new(moto::client(&moto.endpoint).await, "m-alerts");
     let tracker = Tracker::start(cfg, Arc::new(store.clone())).await.unwrap();
@@ -422,7 +403,7 @@ async fn alerts_once_per_episode_in_dynamo_and_sqlite() {
     let dir2 = TempDir::new("metrics-alerts-sqlite");
     let path = dir2.file("k.sqlite3");
     let sqlite = SqliteStore::open(&path).unwrap();
-    let tracker = Tracker::start(config(path), Arc::new(sqlite.clone()))
+    let tracker = Tracker::start(fast_metrics(path), Arc::new(sqlite.clone()))
         .await
         .unwrap();
     record_all(&tracker, &expensive_runs()).await;
@@ -495,7 +476,7 @@ async fn create_table_is_idempotent_with_gsis_on_demand_and_ttl() {
 async fn records_are_group_committed_and_a_full_batch_ships_without_waiting_for_the_interval() {
     let dir = TempDir::new("metrics-group");
     let path = dir.file("k.sqlite3");
-    let mut cfg = config(path.clone());
+    let mut cfg = fast_metrics(path.clone());
     cfg.flush_interval = Duration::from_secs(3600);
     cfg.ship_batch = 1000;
     let sqlite = SqliteStore::open(&path).unwrap();
@@ -577,7 +558,7 @@ async fn dynamo_refusing_one_item_ships_the_rest_dead_letters_it_and_requeue_del
     let ledger = dir.file("l.sqlite3");
     let store =
         DynamoStore::new(moto::client(&proxy.endpoint).await, "m-dead").with_retry(fast_retry());
-    let tracker = Tracker::start(config(ledger.clone()), Arc::new(store))
+    let tracker = Tracker::start(fast_metrics(ledger.clone()), Arc::new(store))
         .await
         .unwrap();
     record_all(&tracker, &records_with_poison(30, &[7])).await;
@@ -675,7 +656,7 @@ async fn sqlite_constraint_refusal_is_dead_lettered_reported_at_shutdown_kept_an
                BEGIN SELECT RAISE(ABORT, 'request poison-3 violates a check'); END;",
         )
         .unwrap();
-    let mut cfg = config(path.clone());
+    let mut cfg = fast_metrics(path.clone());
     cfg.flush_interval = Duration::from_secs(3600);
     let tracker = Tracker::start(cfg.clone(), Arc::new(store.clone()))
         .await
@@ -734,7 +715,7 @@ async fn sqlite_constraint_refusal_is_dead_lettered_reported_at_shutdown_kept_an
     drop(tracker);
 
     admin.execute_batch("DROP TRIGGER refuse_poison").unwrap();
-    let mut cfg = config(path.clone());
+    let mut cfg = fast_metrics(path.clone());
     cfg.flush_interval = Duration::from_millis(20);
     let tracker = Tracker::start(cfg, Arc::new(store.clone())).await.unwrap();
     assert_eq!(tracker.requeue_dead_letters().await.unwrap(), 1);
@@ -822,7 +803,7 @@ async fn config_errors_never_dead_letter_and_isolation_survives_a_transient_fail
             .into(),
         ),
     });
-    let tracker = Tracker::start(config(dir.file("l.sqlite3")), sink.clone())
+    let tracker = Tracker::start(fast_metrics(dir.file("l.sqlite3")), sink.clone())
         .await
         .unwrap();
     record_all(&tracker, &records_with_poison(100, &poisoned)).await;

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use futures::future::BoxFuture;
+use keyvex_engine::metrics::Tracker;
 use keyvex_engine::metrics::admin::{AdminError, get_session_json, user_sessions_json};
-use keyvex_engine::metrics::{MetricsConfig, Tracker};
-use keyvex_engine::store::dynamo::{self, DynamoRetry, DynamoStore};
+use keyvex_engine::store::dynamo::{self, DynamoStore};
 use keyvex_engine::store::sessions::{Role, SessionMessage, SessionStore};
 use keyvex_engine::store::sqlite::SqliteStore;
 use keyvex_engine::store::{Entry, Sink, StoreError, WriteReport, iso_ts};
@@ -23,26 +23,11 @@ use serde_json::json;
 use crate::support::TempDir;
 use crate::support::fault_proxy::FaultProxy;
 use crate::support::moto::{self, Moto};
+use crate::support::{fast_metrics, fast_retry};
 
 /// 2025-11-25T14:21:07.123Z
 const T0: u64 = 1_764_080_467_123;
 const WAIT: Duration = Duration::from_secs(20);
-
-fn config(path: std::path::PathBuf) -> MetricsConfig {
-    let mut cfg = MetricsConfig::new(path);
-    cfg.flush_interval = Duration::from_millis(20);
-    cfg.retry_base = Duration::from_millis(5);
-    cfg.retry_cap = Duration::from_millis(50);
-    cfg
-}
-
-fn fast_retry() -> DynamoRetry {
-    DynamoRetry {
-        base: Duration::from_millis(2),
-        cap: Duration::from_millis(20),
-        max_attempts: 4,
-    }
-}
 
 /// A two-turn conversation: the user's input and the agent's output, twice.
 fn conversation(session: &str, user: &str, t0: u64) -> Vec<SessionMessage> {
@@ -136,7 +121,7 @@ async fn sqlite_session_is_readable_right_after_durable_and_after_shipping() {
         inner: sqlite.clone(),
         open: AtomicBool::new(false),
     });
-    let tracker = Tracker::start(config(path.clone()), gate.clone())
+    let tracker = Tracker::start(fast_metrics(path.clone()), gate.clone())
         .await
         .unwrap();
     let merged = SessionStore::sqlite(sqlite.clone()).with_pending(Arc::new(tracker.clone()));
@@ -191,7 +176,7 @@ async fn sessions_of_user_are_most_recent_first_in_sqlite() {
     let dir = TempDir::new("sessions-list");
     let path = dir.file("keyvex.sqlite3");
     let sqlite = SqliteStore::open(&path).unwrap();
-    let tracker = Tracker::start(config(path), Arc::new(sqlite.clone()))
+    let tracker = Tracker::start(fast_metrics(path), Arc::new(sqlite.clone()))
         .await
         .unwrap();
     for (session, user, t0) in [
@@ -268,9 +253,12 @@ async fn dynamo_session_items_have_single_table_keys_and_reads_never_scan() {
     let dir = TempDir::new("sessions-dynamo");
     let proxied =
         DynamoStore::new(moto::client(&proxy.endpoint).await, "s-main").with_retry(fast_retry());
-    let tracker = Tracker::start(config(dir.file("l.sqlite3")), Arc::new(proxied.clone()))
-        .await
-        .unwrap();
+    let tracker = Tracker::start(
+        fast_metrics(dir.file("l.sqlite3")),
+        Arc::new(proxied.clone()),
+    )
+    .await
+    .unwrap();
 
     // DynamoDB is unreachable: the messages are durable in the ledger only, and a read (which
     // goes straight to the table) still sees them through the pending merge.

@@ -7,6 +7,31 @@
 pub mod fault_proxy;
 pub mod moto;
 
+use std::time::Duration;
+
+use keyvex_engine::metrics::MetricsConfig;
+use keyvex_engine::store::dynamo::DynamoRetry;
+
+/// Fast flushes and retries so the tests take milliseconds per round, and the rolling alert rules
+/// kept quiet so counts of records are exact (alerts have their own tests).
+pub fn fast_metrics(ledger: impl Into<std::path::PathBuf>) -> MetricsConfig {
+    let mut cfg = MetricsConfig::new(ledger);
+    cfg.flush_interval = Duration::from_millis(20);
+    cfg.retry_base = Duration::from_millis(5);
+    cfg.retry_cap = Duration::from_millis(50);
+    cfg.alerts.min_samples = usize::MAX;
+    cfg
+}
+
+/// DynamoDB retries in milliseconds, so throttling and outages are exercised quickly.
+pub fn fast_retry() -> DynamoRetry {
+    DynamoRetry {
+        base: Duration::from_millis(2),
+        cap: Duration::from_millis(20),
+        max_attempts: 8,
+    }
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub std::path::PathBuf);
 
