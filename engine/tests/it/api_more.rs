@@ -19,11 +19,11 @@ use keyvex_engine::queue::admin::{self, QueueSettings};
 use keyvex_engine::queue::jobs::SqliteJobs;
 use keyvex_engine::queue::worker::{WorkerConfig, WorkerCounts};
 use keyvex_engine::queue::{JobStore, JobsCtx};
-use keyvex_engine::server::{Backends, Server, ServerError};
+use keyvex_engine::server::{Backends, Server};
 use serde_json::{Value, json};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 
+use crate::support::RunningServer;
 use crate::support::TempDir;
 use crate::support::moto::{self, Moto};
 
@@ -38,8 +38,7 @@ struct Harness {
     tracker: Tracker,
     db: std::path::PathBuf,
     progress: Option<watch::Receiver<WorkerCounts>>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<ShutdownReport, ServerError>>,
+    server: RunningServer,
     http: reqwest::Client,
     _dir: TempDir,
 }
@@ -95,19 +94,14 @@ async fn harness(with: With) -> Harness {
         .await
         .unwrap();
     let progress = server.worker_progress();
-    let addr = server.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = rx.await;
-    }));
+    let running = RunningServer::spawn(server);
     Harness {
-        base: format!("http://{addr}"),
+        base: running.base.clone(),
         sim,
         tracker,
         db,
         progress,
-        stop: Some(tx),
-        task,
+        server: running,
         http: reqwest::Client::new(),
         _dir: dir,
     }
@@ -148,13 +142,8 @@ impl Harness {
         (id, read_sse(resp).await)
     }
 
-    async fn stop(mut self) -> ShutdownReport {
-        let _ = self.stop.take().unwrap().send(());
-        let report = tokio::time::timeout(WAIT, &mut self.task)
-            .await
-            .expect("server stopped in time")
-            .unwrap()
-            .unwrap();
+    async fn stop(self) -> ShutdownReport {
+        let report = self.server.stop().await;
         self.sim.shutdown().await;
         report
     }

@@ -27,14 +27,14 @@ use keyvex_engine::config::{ApiKeySpec, ServerConfig};
 use keyvex_engine::metrics::admin::{MetricsFilter, MetricsReader};
 use keyvex_engine::metrics::{GroupBy, RequestRecord, ShutdownReport, Tracker};
 use keyvex_engine::provider::sim::SimHandle;
-use keyvex_engine::server::{Server, ServerError};
+use keyvex_engine::server::Server;
 use keyvex_engine::store::dynamo::{self, DynamoStore};
 use keyvex_engine::store::sqlite::SqliteStore;
 use keyvex_engine::store::{Entry, Sink, StoreError, WriteReport, day_of, iso_ts};
 use serde_json::{Value, json};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 
+use crate::support::RunningServer;
 use crate::support::TempDir;
 use crate::support::fault_proxy::{Fault, FaultProxy};
 use crate::support::moto::{self, Moto};
@@ -51,8 +51,7 @@ struct Served {
     base: String,
     tracker: Tracker,
     sim: SimHandle,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<ShutdownReport, ServerError>>,
+    server: RunningServer,
 }
 
 async fn serve(sink: Arc<dyn Sink>, ledger: &Path, seed: u64) -> Served {
@@ -64,29 +63,19 @@ async fn serve(sink: Arc<dyn Sink>, ledger: &Path, seed: u64) -> Served {
         ..ServerConfig::default()
     };
     let server = Server::bind(cfg, &engine, tracker.clone()).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = rx.await;
-    }));
+    let running = RunningServer::spawn(server);
     Served {
-        base: format!("http://{addr}"),
+        base: running.base.clone(),
         tracker,
         sim,
-        stop: Some(tx),
-        task,
+        server: running,
     }
 }
 
 impl Served {
     /// Stops the server the way SIGTERM does (drain, flush) and returns the flush report.
-    async fn stop(mut self) -> ShutdownReport {
-        let _ = self.stop.take().unwrap().send(());
-        let report = tokio::time::timeout(WAIT, &mut self.task)
-            .await
-            .expect("server stopped in time")
-            .unwrap()
-            .unwrap();
+    async fn stop(self) -> ShutdownReport {
+        let report = self.server.stop().await;
         self.sim.shutdown().await;
         report
     }

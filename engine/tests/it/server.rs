@@ -19,11 +19,10 @@ use futures::StreamExt;
 use keyvex_engine::config::{ApiKeySpec, MapEnv, ServerConfig};
 use keyvex_engine::metrics::{ShutdownReport, Tracker, start_from_env};
 use keyvex_engine::provider::sim::{Fault, Rule, SimHandle};
-use keyvex_engine::server::{Server, ServerError};
+use keyvex_engine::server::Server;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
+use crate::support::RunningServer;
 use crate::support::TempDir;
 
 const USER_KEY: &str = "user-key-0001";
@@ -34,8 +33,7 @@ struct Harness {
     sim: SimHandle,
     tracker: Tracker,
     db: std::path::PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<ShutdownReport, ServerError>>,
+    server: RunningServer,
     http: reqwest::Client,
     _dir: TempDir,
 }
@@ -60,18 +58,13 @@ async fn harness(tweak: impl FnOnce(&mut ServerConfig)) -> Harness {
     };
     tweak(&mut cfg);
     let server = Server::bind(cfg, &engine, tracker.clone()).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = rx.await;
-    }));
+    let running = RunningServer::spawn(server);
     Harness {
-        base: format!("http://{addr}"),
+        base: running.base.clone(),
         sim,
         tracker,
         db,
-        stop: Some(tx),
-        task,
+        server: running,
         http: reqwest::Client::new(),
         _dir: dir,
     }
@@ -90,13 +83,8 @@ impl Harness {
             .bearer_auth(key)
     }
 
-    async fn stop(mut self) -> ShutdownReport {
-        let _ = self.stop.take().unwrap().send(());
-        let report = tokio::time::timeout(Duration::from_secs(20), &mut self.task)
-            .await
-            .expect("server stopped in time")
-            .unwrap()
-            .unwrap();
+    async fn stop(self) -> ShutdownReport {
+        let report = self.server.stop().await;
         self.sim.shutdown().await;
         report
     }

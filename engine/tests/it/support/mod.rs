@@ -32,6 +32,41 @@ pub fn fast_retry() -> DynamoRetry {
     }
 }
 
+/// A bound server running on its own task, stopped the way SIGTERM stops `keyvex serve`.
+pub struct RunningServer {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<
+        Result<keyvex_engine::metrics::ShutdownReport, keyvex_engine::server::ServerError>,
+    >,
+}
+
+impl RunningServer {
+    pub fn spawn(server: keyvex_engine::server::Server) -> RunningServer {
+        let addr = server.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        RunningServer {
+            base: format!("http://{addr}"),
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// Drains, flushes the metrics and returns the flush report.
+    pub async fn stop(mut self) -> keyvex_engine::metrics::ShutdownReport {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
+            .await
+            .expect("server stopped in time")
+            .unwrap()
+            .unwrap()
+    }
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub std::path::PathBuf);
 
