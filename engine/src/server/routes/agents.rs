@@ -9,6 +9,8 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -103,7 +105,21 @@ async fn run(
         let caller_id = caller.id.clone();
         async_stream::stream! {
             let mut agent = Box::pin(run_agent(router, process, body.input));
-            while let Some(ev) = agent.next().await {
+            let mut held = HeldUsage::default();
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    Some(usage) = held.next(), if !held.is_empty() => Next::Committed(usage),
+                    ev = agent.next() => Next::Produced(ev),
+                };
+                let ev = match next {
+                    Next::Committed(usage) => {
+                        yield usage;
+                        continue;
+                    }
+                    Next::Produced(Some(ev)) => ev,
+                    Next::Produced(None) => break,
+                };
                 match ev {
                     AgentEvent::Result { output, outcome } => {
                         if let Some(sid) = &session {
@@ -112,21 +128,32 @@ async fn run(
                                     .with_request(&request_id),
                             ));
                         }
+                        while let Some(usage) = held.next().await {
+                            yield usage;
+                        }
                         state.await_durable(std::mem::take(&mut receipts)).await;
                         yield event("result", &json!({ "stage": process, "output": output }));
                         yield done(&request_id, process, "succeeded", &outcome);
                     }
                     AgentEvent::Error { error, outcome } => {
+                        while let Some(usage) = held.next().await {
+                            yield usage;
+                        }
                         state.await_durable(std::mem::take(&mut receipts)).await;
                         yield event("error", &json!({ "stage": process, "kind": error.kind(), "message": error.to_string() }));
                         yield done(&request_id, process, "failed", &outcome);
                     }
                     other => {
-                        if let Some(e) = translate(&state, &scope, &request_id, process, other).await {
+                        if let Some(e) = translate(&state, &scope, &request_id, process, other, &mut held) {
                             yield e;
                         }
                     }
                 }
+            }
+            // The agent always ends with `Result` or `Error`, which flush; this keeps a held event
+            // from being dropped if that ever changed.
+            while let Some(usage) = held.next().await {
+                yield usage;
             }
         }
     };
@@ -189,14 +216,16 @@ fn done(request_id: &str, stage: Process, status: &str, o: &AgentOutcome) -> Eve
     )
 }
 
-/// One non-terminal agent event as SSE. A `Usage` is recorded and made durable first, so a
-/// caller is never told about a cost the metrics could lose.
-pub(super) async fn translate(
+/// One non-terminal agent event as SSE. A `Usage` is recorded now and held in `held` until its
+/// record commits (it yields no event here), so a caller is never told about a cost the metrics
+/// could lose.
+pub(super) fn translate(
     state: &AppState,
     scope: &CallScope,
     request_id: &str,
     stage: Process,
     ev: AgentEvent,
+    held: &mut HeldUsage,
 ) -> Option<Event> {
     Some(match ev {
         AgentEvent::Start {
@@ -217,17 +246,52 @@ pub(super) async fn translate(
             event("repair", &json!({ "stage": stage, "errors": errors }))
         }
         AgentEvent::Usage(call) => {
-            let rec = RequestRecord::from_route_outcome(&call.outcome, &scope.context(Some(stage)));
-            let usage = usage_event(stage, &call, &rec);
-            state.record_durably(rec).await;
-            usage
+            held.hold(state, scope, stage, &call);
+            return None;
         }
         AgentEvent::Result { .. } | AgentEvent::Error { .. } => return None,
     })
 }
 
+/// `usage` events waiting for their records to commit, in call order. The agent or pipeline
+/// that produced them goes on meanwhile: an fsync must not sit between one model call's end and
+/// the next call (a pipeline stage, a repair). Routes send every held event before `done`.
+#[derive(Default)]
+pub(super) struct HeldUsage(FuturesOrdered<BoxFuture<'static, Event>>);
+
+impl HeldUsage {
+    fn hold(&mut self, state: &AppState, scope: &CallScope, stage: Process, call: &CallUsage) {
+        let rec = RequestRecord::from_route_outcome(&call.outcome, &scope.context(Some(stage)));
+        let usage = usage_event(stage, call, &rec);
+        let committed = state.record_committing(rec);
+        self.0.push_back(Box::pin(async move {
+            committed.await;
+            usage
+        }));
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The next held event once its record committed; `None` when nothing is held.
+    pub(super) async fn next(&mut self) -> Option<Event> {
+        self.0.next().await
+    }
+}
+
+/// What a route's event loop woke for. A short-lived local per event, so the size difference
+/// clippy warns of costs a stack copy, while boxing would cost an allocation per delta.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Next<T> {
+    /// A held `usage` event whose record is now durable.
+    Committed(Event),
+    /// The producer's next event (`None`: it ended).
+    Produced(Option<T>),
+}
+
 /// The `usage` event of one model call; send it only once `rec` is durable.
-pub(super) fn usage_event(stage: Process, call: &CallUsage, rec: &RequestRecord) -> Event {
+fn usage_event(stage: Process, call: &CallUsage, rec: &RequestRecord) -> Event {
     event(
         "usage",
         &json!({

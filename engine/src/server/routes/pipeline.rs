@@ -9,18 +9,15 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
 use futures::StreamExt;
-use futures::future::BoxFuture;
-use futures::stream::FuturesOrdered;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::agent_run::AgentEvent;
-use crate::metrics::RequestRecord;
 use crate::pipeline::{PipelineEvent, PipelineInput, RunRollup, run_pipeline};
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, ApiJson};
 use crate::server::routes::agents::{
-    check_input, check_session_id, shutdown_event, translate, usage_event,
+    HeldUsage, Next, check_input, check_session_id, shutdown_event, translate,
 };
 use crate::server::routes::sessions::check_session_owner;
 use crate::server::sse::{CallScope, Event, event};
@@ -90,22 +87,21 @@ async fn run(
             let mut pipeline = Box::pin(run_pipeline(router.clone(), input));
             let mut stage_error_sent = false;
             // `usage` events wait for their record to be durable, but the pipeline must not wait
-            // with them: an fsync between stages would sit on the run's critical path. They are
-            // held here, in order, and sent as their records commit; all before `done`.
-            let mut held: FuturesOrdered<BoxFuture<'static, Event>> = FuturesOrdered::new();
+            // with them: an fsync between stages would sit on the run's critical path.
+            let mut held = HeldUsage::default();
             loop {
                 let next = tokio::select! {
                     biased;
-                    Some(usage) = held.next(), if !held.is_empty() => Next::Durable(usage),
-                    ev = pipeline.next() => Next::Pipeline(ev),
+                    Some(usage) = held.next(), if !held.is_empty() => Next::Committed(usage),
+                    ev = pipeline.next() => Next::Produced(ev),
                 };
                 let ev = match next {
-                    Next::Durable(usage) => {
+                    Next::Committed(usage) => {
                         yield usage;
                         continue;
                     }
-                    Next::Pipeline(Some(ev)) => ev,
-                    Next::Pipeline(None) => break,
+                    Next::Produced(Some(ev)) => ev,
+                    Next::Produced(None) => break,
                 };
                 match ev {
                     PipelineEvent::RunStarted { run_id } => {
@@ -131,19 +127,9 @@ async fn run(
                                 yield event("error", &json!({ "stage": stage, "kind": error.kind(), "message": error.to_string() }));
                                 continue;
                             }
-                            AgentEvent::Usage(call) => {
-                                let rec = RequestRecord::from_route_outcome(&call.outcome, &scope.context(Some(stage)));
-                                let usage = usage_event(stage, &call, &rec);
-                                let committed = state.record_committing(rec);
-                                held.push_back(Box::pin(async move {
-                                    committed.await;
-                                    usage
-                                }));
-                                continue;
-                            }
                             _ => {}
                         }
-                        if let Some(e) = translate(&state, &scope, &request_id, stage, ev).await {
+                        if let Some(e) = translate(&state, &scope, &request_id, stage, ev, &mut held) {
                             yield e;
                         }
                     }
@@ -175,16 +161,6 @@ async fn run(
         }
     };
     Ok(state.sse(events.boxed(), scope, shutdown_event(None)))
-}
-
-/// What the event loop woke for. A short-lived local per event, so the size difference clippy
-/// warns of costs a stack copy, while boxing would cost an allocation per delta.
-#[allow(clippy::large_enum_variant)]
-enum Next {
-    /// A held `usage` event whose record is now durable.
-    Durable(Event),
-    /// The pipeline's next event (`None`: it ended).
-    Pipeline(Option<PipelineEvent>),
 }
 
 fn done(
