@@ -10,15 +10,14 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use keyvex_engine::config::MapEnv;
-use keyvex_engine::metrics::{RequestRecord, Tracker};
+use keyvex_engine::RequestRecord;
+use keyvex_store::{MetricsConfig, StoreConfig, Stores, Tracker};
 
 fn setup(runtime: &tokio::runtime::Runtime, dir: &std::path::Path) -> Option<Tracker> {
     let db = dir.join("bench-metrics.sqlite3");
-    let db = db.to_string_lossy().into_owned();
-    let env = MapEnv::new([("KEYVEX_METRICS_DB", db.as_str())]);
-    match runtime.block_on(keyvex_engine::metrics::start_from_env(&env)) {
-        Ok(tracker) => Some(tracker),
+    let store = StoreConfig::Sqlite { path: db.clone() };
+    match runtime.block_on(Stores::open(&store, MetricsConfig::new(db))) {
+        Ok(stores) => Some(stores.tracker),
         Err(error) => {
             eprintln!("request_path: could not start the tracker: {error}");
             None

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use agents::Process;
 use anyhow::{Context, bail};
 use futures::StreamExt;
-use keyvex_engine::provider::sim::{self, FaultRates, LatencyProfile, ServedStream, SimConfig};
+use keyvex_sim::{self as sim, FaultRates, LatencyProfile, ServedStream, SimConfig};
 use serde::Serialize;
 use serde_json::Value;
 

@@ -55,8 +55,9 @@ struct Args {
     /// style_master, pipeline, chat; 0 leaves it out).
     #[arg(long = "weight", value_name = "NAME=N")]
     weights: Vec<String>,
-    /// Folder the run folder is created in.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/runs"))]
+    /// Folder the run folder is created in, relative to the current directory (run from the
+    /// repository root, that is the gitignored `loadtest/runs/`).
+    #[arg(long, default_value = "loadtest/runs")]
     output_dir: PathBuf,
     /// An earlier run folder to compare with (deltas per metric).
     #[arg(long)]

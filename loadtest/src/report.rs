@@ -58,7 +58,7 @@ pub struct Summary {
     pub open_loop: Option<OpenLoopSummary>,
     /// The simulator's own counters (self-contained mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sim: Option<keyvex_engine::provider::sim::SimStats>,
+    pub sim: Option<keyvex_sim::SimStats>,
     /// goose's threshold results, as its reports show them.
     #[serde(default)]
     pub goose_thresholds: Vec<goose::threshold::ThresholdResult>,

@@ -1,20 +1,19 @@
 //! The self-contained mode: the provider simulator and the engine's HTTP server started
 //! in-process on loopback ports, so `cargo run -p loadtest` demonstrates itself offline.
 //!
-//! The server is assembled as the engine's own server tests do it: both providers point at the
-//! simulator, metrics go to a temp SQLite file, and one generated API key is accepted. Caller
-//! and provider limits are raised far above what a load test sends, so the run measures the
-//! engine, not its rate limiter.
+//! The engine is assembled exactly as `keyvex serve` assembles it (`keyvex::App` from a
+//! `Config`): both providers point at the simulator, metrics go to a temp SQLite file, and one
+//! generated API key is accepted. Caller and provider limits are raised far above what a load
+//! test sends, so the run measures the engine, not its rate limiter.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keyvex_engine::config::{ApiKeySpec, EngineConfig, MapEnv, ProviderSetup, ServerConfig};
-use keyvex_engine::metrics::{ShutdownReport, start_from_env};
-use keyvex_engine::provider::sim::{self, SimArgs, SimHandle, SimProfile, SimStats};
-use keyvex_engine::provider::{ApiKey, ProviderConfig};
-use keyvex_engine::server::{Server, ServerError};
+use keyvex::{App, Config, MapEnv};
+use keyvex_engine::ShutdownReport;
+use keyvex_server::{Server, ServerError};
+use keyvex_sim::{self as sim, SimArgs, SimHandle, SimProfile, SimStats};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -31,8 +30,8 @@ pub enum SelfHostError {
         #[source]
         source: std::io::Error,
     },
-    #[error("could not start the metrics ledger: {0}")]
-    Metrics(String),
+    #[error("could not assemble the engine: {0}")]
+    Engine(String),
     #[error("could not start the engine server: {0}")]
     Server(#[from] ServerError),
     #[error("the engine server task failed: {0}")]
@@ -121,48 +120,42 @@ type Started = (
 );
 
 async fn start_engine(sim: &SimHandle) -> Result<Started, SelfHostError> {
-    let provider = ProviderConfig {
-        base_url: sim.base_url(),
-        api_key: ApiKey::new("sim-key"),
-        connect_timeout: Duration::from_secs(2),
-    };
-    let engine = EngineConfig {
-        providers: ProviderSetup::Real {
-            openai: Some(provider.clone()),
-            anthropic: Some(provider),
-        },
-        models_file: None,
-        connect_timeout: Duration::from_secs(2),
-        ttft_timeout: Duration::from_secs(20),
-        stall_timeout: Duration::from_secs(30),
-    };
     let dir = std::env::temp_dir().join(format!("keyvex-loadtest-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).map_err(|source| SelfHostError::TempDir {
         path: dir.display().to_string(),
         source,
     })?;
     let db = dir.join("metrics.sqlite3");
-    let db_text = db.to_string_lossy().into_owned();
-    let tracker = start_from_env(&MapEnv::new([
-        ("KEYVEX_METRICS_DB", db_text.as_str()),
-        ("KEYVEX_METRICS_FLUSH_MS", "100"),
-    ]))
-    .await
-    .map_err(|e| SelfHostError::Metrics(e.to_string()))?;
+    let db = db.to_string_lossy().into_owned();
+    let base = sim.base_url();
     let api_key = format!("kvx-load-{}", uuid::Uuid::new_v4().simple());
-    let spec = ApiKeySpec::parse(&format!("{api_key}=loadtest:user"))
-        .map_err(|e| SelfHostError::Metrics(format!("generated key rejected: {e}")))?;
-    let config = ServerConfig {
-        addr: loopback(),
-        api_keys: vec![spec],
-        requests_per_hour: 10_000_000,
-        burst: 100_000,
-        provider_requests_per_minute: 1_000_000,
-        provider_tokens_per_minute: 1_000_000_000,
-        drain_timeout: Duration::from_secs(5),
-        ..ServerConfig::default()
-    };
-    let server = Server::bind(config, &engine, tracker).await?;
+    let keys = format!("{api_key}=loadtest:user");
+    let env = MapEnv::new([
+        ("OPENAI_API_KEY", "sim-key"),
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("ANTHROPIC_API_KEY", "sim-key"),
+        ("ANTHROPIC_BASE_URL", base.as_str()),
+        ("KEYVEX_SIMULATE", "never"),
+        ("KEYVEX_CONNECT_TIMEOUT_MS", "2000"),
+        ("KEYVEX_ADDR", "127.0.0.1:0"),
+        ("KEYVEX_API_KEYS", keys.as_str()),
+        ("KEYVEX_RATE_LIMIT_PER_HOUR", "10000000"),
+        ("KEYVEX_RATE_LIMIT_BURST", "100000"),
+        ("KEYVEX_PROVIDER_RPM", "1000000"),
+        ("KEYVEX_PROVIDER_TPM", "1000000000"),
+        ("KEYVEX_DRAIN_TIMEOUT_MS", "5000"),
+        ("KEYVEX_METRICS_DB", db.as_str()),
+        ("KEYVEX_METRICS_FLUSH_MS", "100"),
+    ]);
+    let config = Config::load(&env, None).map_err(|e| SelfHostError::Engine(e.to_string()))?;
+    let server_config = config.server.clone();
+    let app = App::start(config)
+        .await
+        .map_err(|e| SelfHostError::Engine(e.to_string()))?;
+    let parts = app
+        .server_parts(false)
+        .map_err(|e| SelfHostError::Engine(e.to_string()))?;
+    let server = Server::bind(server_config, parts).await?;
     let addr = server
         .local_addr()
         .map_err(|e| SelfHostError::Server(ServerError::Serve(e)))?;

@@ -11,8 +11,8 @@ use agents::Process;
 use anyhow::Context as _;
 use benches::fixtures::{ANTHROPIC_FILE, FIXTURE_PROCESS, FIXTURE_SEED, OPENAI_FILE};
 use keyvex_engine::catalog::Catalog;
-use keyvex_engine::provider::sim::{self, SimConfig};
 use keyvex_engine::stream::ProviderKind;
+use keyvex_sim::{self as sim, SimConfig};
 use serde_json::{Value, json};
 
 #[tokio::main(flavor = "current_thread")]

@@ -562,7 +562,7 @@ mod tests {
     /// the streams share the pool's connections.
     #[tokio::test]
     async fn h2c_soak_streams_complete() {
-        use keyvex_engine::provider::sim::{self, SimConfig};
+        use keyvex_sim::{self as sim, SimConfig};
         let handle = sim::start(([127, 0, 0, 1], 0).into(), SimConfig::fast(3))
             .await
             .unwrap();
@@ -597,7 +597,7 @@ mod tests {
 
     #[tokio::test]
     async fn h2c_reports_a_refused_request() {
-        use keyvex_engine::provider::sim::{self, SimConfig};
+        use keyvex_sim::{self as sim, SimConfig};
         let handle = sim::start(([127, 0, 0, 1], 0).into(), SimConfig::fast(3))
             .await
             .unwrap();

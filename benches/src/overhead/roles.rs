@@ -16,9 +16,9 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use keyvex_engine::config::{EngineConfig, MapEnv, ServerConfig};
-use keyvex_engine::provider::sim::{self, FaultRates, LatencyProfile, SimConfig};
-use keyvex_engine::server::Server;
+use keyvex::{App, Config, MapEnv};
+use keyvex_server::Server;
+use keyvex_sim::{self as sim, FaultRates, LatencyProfile, SimConfig};
 use tokio::io::AsyncReadExt;
 
 use super::{ENGINE_KEY, SIM_KEY};
@@ -178,10 +178,10 @@ pub async fn bind_engine(upstream: &str, work_dir: &Path) -> anyhow::Result<Serv
         ("KEYVEX_PROVIDER_TPM", "4000000000"),
         ("KEYVEX_METRICS_DB", db.as_str()),
     ]);
-    let engine = EngineConfig::from_env(&env)?;
-    let server = ServerConfig::load(&env, None)?;
-    let tracker = keyvex_engine::metrics::start_from_env(&env).await?;
-    Ok(Server::bind(server, &engine, tracker).await?)
+    let config = Config::load(&env, None)?;
+    let server = config.server.clone();
+    let app = App::start(config).await?;
+    Ok(Server::bind(server, app.server_parts(false)?).await?)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+//! Assembly: from one [`Config`] to a running [`App`] — the stores and the metrics tracker, the
+//! simulator when providers are simulated, the engine with its limits and budgets, and the
+//! queue when it is configured. Every command (and the load test's and the benchmarks'
+//! self-contained engines) starts here, so "which providers, which store, which limits" is
+//! decided once and reported the same way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use keyvex_engine::router::RouterConfig;
+use keyvex_engine::{Engine, EngineError, ShutdownReport};
+use keyvex_server::Backends;
+use keyvex_server::ServerParts;
+use keyvex_server::prom::ServerMetrics;
+use keyvex_server::queue::JobsCtx;
+use keyvex_server::queue::worker::WorkerConfig;
+use keyvex_sim::{SimConfig, SimProfile};
+use keyvex_store::{MetricsError, Stores};
+
+use crate::config::{Config, ProviderSetup};
+
+/// Why the engine could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(
+        "could not open the metrics store: {0}; set KEYVEX_METRICS_DB to a writable file (or DYNAMODB_TABLE_NAME for DynamoDB)"
+    )]
+    Store(#[from] MetricsError),
+    #[error("could not start the in-process simulator on 127.0.0.1: {0}")]
+    Simulator(#[source] std::io::Error),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(
+        "this command needs the AI-processing queue; set SQS_AI_PROCESSING_QUEUE_URL (printed by `keyvex queue create`)"
+    )]
+    NoQueue,
+}
+
+/// A running engine and what it runs on.
+pub struct App {
+    pub config: Config,
+    pub engine: Engine,
+    pub stores: Stores,
+    /// Counts every call the engine records (an observer of the engine); `/metrics` renders it.
+    pub prom: Arc<ServerMetrics>,
+    /// The queue, when `SQS_AI_PROCESSING_QUEUE_URL` is set.
+    pub queue: Option<JobsCtx>,
+}
+
+impl App {
+    /// Opens the store (the tracker ships what an earlier run left), starts the simulator if
+    /// providers are simulated, and builds the engine.
+    pub async fn start(config: Config) -> Result<App, AppError> {
+        let stores = Stores::open(&config.store, config.metrics.clone()).await?;
+        let prom = Arc::new(ServerMetrics::new());
+        let mut builder = Engine::builder()
+            .connect_timeout(config.connect_timeout)
+            .router(RouterConfig {
+                ttft_timeout: config.ttft_timeout,
+                stall_timeout: config.stall_timeout,
+                ..RouterConfig::default()
+            })
+            .provider_rates(config.provider_rates)
+            .caller_rate(config.caller_rate)
+            .recorder(Arc::new(stores.tracker.clone()))
+            .observer(prom.clone());
+        if let Some(path) = &config.models_file {
+            builder = builder.models_file(path);
+        }
+        builder = match &config.providers {
+            ProviderSetup::Simulated { seed, profile } => {
+                let sim_config = match profile {
+                    SimProfile::Fast => SimConfig::fast(*seed),
+                    SimProfile::Realistic => SimConfig::realistic(*seed),
+                };
+                let sim = keyvex_sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), sim_config)
+                    .await
+                    .map_err(AppError::Simulator)?;
+                builder.simulator(sim)
+            }
+            ProviderSetup::Real { openai, anthropic } => {
+                if let Some(u) = openai {
+                    builder = builder.openai_at(&u.base_url, u.key.expose());
+                }
+                if let Some(u) = anthropic {
+                    builder = builder.anthropic_at(&u.base_url, u.key.expose());
+                }
+                builder
+            }
+        };
+        let engine = builder.build()?;
+        let queue = match &config.queue {
+            Some(q) => Some(JobsCtx::connect(q, stores.jobs.clone()).await),
+            None => None,
+        };
+        Ok(App {
+            config,
+            engine,
+            stores,
+            prom,
+            queue,
+        })
+    }
+
+    /// What a server is built from: the engine, the tracker, the counters and the reads, plus
+    /// the queue and, when asked, an in-process worker.
+    pub fn server_parts(&self, with_worker: bool) -> Result<ServerParts, AppError> {
+        let mut backends = Backends::of(&self.stores);
+        backends.jobs = self.queue.clone();
+        if with_worker {
+            let Some(queue) = &self.config.queue else {
+                return Err(AppError::NoQueue);
+            };
+            backends.worker = Some(WorkerConfig {
+                concurrency: queue.concurrency,
+                dlq_url: queue.dlq_url.clone(),
+                ..WorkerConfig::default()
+            });
+        }
+        Ok(ServerParts {
+            engine: self.engine.clone(),
+            tracker: self.stores.tracker.clone(),
+            prom: Arc::clone(&self.prom),
+            backends,
+        })
+    }
+
+    /// One line per part, for start-up banners (stderr).
+    pub fn banner(&self) -> Vec<String> {
+        let providers = match &self.config.providers {
+            ProviderSetup::Simulated { profile, .. } => format!(
+                "{} (no OPENAI_API_KEY or ANTHROPIC_API_KEY set, or KEYVEX_SIMULATE=always; {} timing, KEYVEX_SIM_PROFILE)",
+                self.engine.providers_description(),
+                match profile {
+                    SimProfile::Fast => "fast",
+                    SimProfile::Realistic => "realistic",
+                }
+            ),
+            ProviderSetup::Real { .. } => self.engine.providers_description().to_owned(),
+        };
+        let rates = self.config.provider_rates;
+        vec![
+            format!("providers {providers}"),
+            format!("metrics store {}", self.stores.description),
+            format!(
+                "limits per process: {} requests and {} tokens per minute per provider, {} requests per hour per API key and endpoint",
+                rates.requests_per_minute,
+                rates.tokens_per_minute,
+                self.config.caller_rate.per_period
+            ),
+        ]
+    }
+
+    /// Flushes the metrics (within `flush`) and stops the simulator. Call once every stream ended.
+    pub async fn shutdown(&self, flush: std::time::Duration) -> ShutdownReport {
+        self.engine.shutdown(flush).await
+    }
+}

@@ -1,0 +1,800 @@
+//! The one place configuration is read: every environment variable and every key of the
+//! optional TOML file (`--config` or `KEYVEX_CONFIG`), parsed once into a validated [`Config`].
+//!
+//! Each setting is declared once in [`SETTINGS`] with its variable, its file key and what it
+//! does; `keyvex --help` prints that table, and the loader looks values up through it, so the
+//! three cannot drift apart. The environment wins over the file, the file over the defaults.
+//! A value that does not parse is an error naming the variable (or the file and key) and what
+//! is expected; an unknown file key is an error too, so a typo never silently does nothing.
+//! Secrets (API keys) are never echoed back in an error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keyvex_engine::limits::{ProviderRates, Rate};
+use keyvex_engine::provider::ApiKey;
+use keyvex_server::config::{ApiKeySpec, ServerConfig};
+use keyvex_server::queue::QueueConfig;
+use keyvex_sim::SimProfile;
+use keyvex_store::{MetricsConfig, StoreConfig};
+
+/// Read access to environment variables. Empty values count as unset.
+pub trait Env: Send + Sync {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// A fixed map, for tests and for programs that assemble an engine as `keyvex` would.
+#[derive(Debug, Clone, Default)]
+pub struct MapEnv(pub HashMap<String, String>);
+
+impl MapEnv {
+    pub fn new<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        )
+    }
+}
+
+impl Env for MapEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.get(name).filter(|v| !v.trim().is_empty()).cloned()
+    }
+}
+
+/// One setting: its environment variable, its key in the TOML file (if it may be set there),
+/// and what it does.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    pub env: &'static str,
+    pub file_key: Option<&'static str>,
+    pub purpose: &'static str,
+    /// Never echoed in an error.
+    pub secret: bool,
+}
+
+const fn setting(env: &'static str, file_key: &'static str, purpose: &'static str) -> Setting {
+    Setting {
+        env,
+        file_key: Some(file_key),
+        purpose,
+        secret: false,
+    }
+}
+
+const fn env_only(env: &'static str, purpose: &'static str) -> Setting {
+    Setting {
+        env,
+        file_key: None,
+        purpose,
+        secret: false,
+    }
+}
+
+const fn secret(mut s: Setting) -> Setting {
+    s.secret = true;
+    s
+}
+
+pub const OPENAI_API_KEY: Setting = secret(env_only(
+    "OPENAI_API_KEY",
+    "OpenAI API key; when unset (and no Anthropic key), providers are simulated",
+));
+pub const OPENAI_BASE_URL: Setting = setting(
+    "OPENAI_BASE_URL",
+    "providers.openai_base_url",
+    "OpenAI-compatible base URL including /v1 (default https://api.openai.com/v1)",
+);
+pub const ANTHROPIC_API_KEY: Setting = secret(env_only("ANTHROPIC_API_KEY", "Anthropic API key"));
+pub const ANTHROPIC_BASE_URL: Setting = setting(
+    "ANTHROPIC_BASE_URL",
+    "providers.anthropic_base_url",
+    "Anthropic base URL including /v1 (default https://api.anthropic.com/v1)",
+);
+pub const SIMULATE: Setting = setting(
+    "KEYVEX_SIMULATE",
+    "providers.simulate",
+    "auto (default: simulate when no provider key is set) | always | never",
+);
+pub const SIM_SEED: Setting = setting(
+    "KEYVEX_SIM_SEED",
+    "providers.sim_seed",
+    "seed of the in-process simulator (default 42)",
+);
+pub const SIM_PROFILE: Setting = setting(
+    "KEYVEX_SIM_PROFILE",
+    "providers.sim_profile",
+    "timing of the in-process simulator: realistic (default, hosted-model latency) | fast (no latency, for tests and CI)",
+);
+pub const MODELS_FILE: Setting = setting(
+    "KEYVEX_MODELS_FILE",
+    "providers.models_file",
+    "model catalog JSON to use instead of the embedded models/default-models.json",
+);
+pub const CONNECT_TIMEOUT: Setting = setting(
+    "KEYVEX_CONNECT_TIMEOUT_MS",
+    "providers.connect_timeout_ms",
+    "TCP connect timeout per provider call (default 5000)",
+);
+pub const TTFT_TIMEOUT: Setting = setting(
+    "KEYVEX_TTFT_TIMEOUT_MS",
+    "providers.ttft_timeout_ms",
+    "deadline for the first content token of an attempt before falling back (default 20000)",
+);
+pub const STALL_TIMEOUT: Setting = setting(
+    "KEYVEX_STALL_TIMEOUT_MS",
+    "providers.stall_timeout_ms",
+    "deadline between two chunks of a stream (default 30000)",
+);
+pub const CONFIG_FILE: Setting = env_only(
+    "KEYVEX_CONFIG",
+    "TOML file with the settings that have a file key (environment variables win); also --config",
+);
+pub const ADDR: Setting = setting(
+    "KEYVEX_ADDR",
+    "server.addr",
+    "address `keyvex serve` listens on (default 127.0.0.1:8080; port 0 picks a free one)",
+);
+pub const API_KEYS: Setting = secret(setting(
+    "KEYVEX_API_KEYS",
+    "server.api_keys",
+    "API keys as KEY=CALLER:ROLE, comma-separated (a list in the file); ROLE is user or admin (none: a development key is generated and printed)",
+));
+pub const MAX_BODY_BYTES: Setting = setting(
+    "KEYVEX_MAX_BODY_BYTES",
+    "server.max_body_bytes",
+    "largest request body the server accepts (default 1048576)",
+);
+pub const DRAIN_TIMEOUT: Setting = setting(
+    "KEYVEX_DRAIN_TIMEOUT_MS",
+    "server.drain_timeout_ms",
+    "on SIGTERM/SIGINT, how long open streams may run before they are ended (default 30000)",
+);
+pub const KEEP_ALIVE: Setting = setting(
+    "KEYVEX_KEEP_ALIVE_MS",
+    "server.keep_alive_ms",
+    "interval of SSE keep-alive comments on a silent stream (default 15000)",
+);
+pub const RATE_LIMIT_PER_HOUR: Setting = setting(
+    "KEYVEX_RATE_LIMIT_PER_HOUR",
+    "limits.requests_per_hour",
+    "requests per hour per API key and endpoint (default 1000)",
+);
+pub const RATE_LIMIT_BURST: Setting = setting(
+    "KEYVEX_RATE_LIMIT_BURST",
+    "limits.burst",
+    "requests an API key may make at once per endpoint before the hourly rate applies (default 100)",
+);
+pub const PROVIDER_RPM: Setting = setting(
+    "KEYVEX_PROVIDER_RPM",
+    "limits.provider_requests_per_minute",
+    "requests per minute sent to each provider, by every entry point of this process (default 500)",
+);
+pub const PROVIDER_TPM: Setting = setting(
+    "KEYVEX_PROVIDER_TPM",
+    "limits.provider_tokens_per_minute",
+    "tokens per minute (prompt + output cap reserved, real usage settled) per provider (default 2000000)",
+);
+pub const METRICS_DB: Setting = setting(
+    "KEYVEX_METRICS_DB",
+    "metrics.db",
+    "SQLite file of the metrics ledger and of the embedded store (default keyvex-metrics.sqlite3)",
+);
+pub const METRICS_FLUSH: Setting = setting(
+    "KEYVEX_METRICS_FLUSH_MS",
+    "metrics.flush_ms",
+    "how often pending metrics are shipped to the store (default 500)",
+);
+pub const DYNAMODB_TABLE: Setting = setting(
+    "DYNAMODB_TABLE_NAME",
+    "store.dynamodb_table",
+    "keep metrics, sessions and jobs in this DynamoDB table instead of the embedded SQLite store",
+);
+pub const DYNAMODB_ENDPOINT: Setting = setting(
+    "DYNAMODB_ENDPOINT",
+    "store.dynamodb_endpoint",
+    "DynamoDB endpoint override (an emulator such as moto or DynamoDB Local)",
+);
+pub const AWS_REGION: Setting = env_only(
+    "AWS_REGION",
+    "AWS region of the DynamoDB table and the SQS queues (read by the AWS SDK, with the standard AWS credentials)",
+);
+pub const QUEUE_URL: Setting = setting(
+    "SQS_AI_PROCESSING_QUEUE_URL",
+    "queue.url",
+    "URL of the AI-processing queue (printed by `keyvex queue create`); needed by the worker and POST /v1/jobs",
+);
+pub const DLQ_URL: Setting = setting(
+    "SQS_AI_PROCESSING_DLQ_URL",
+    "queue.dlq_url",
+    "URL of its dead-letter queue (default: read from the queue's RedrivePolicy)",
+);
+pub const SQS_ENDPOINT: Setting = setting(
+    "SQS_ENDPOINT",
+    "queue.endpoint",
+    "SQS endpoint override, e.g. http://127.0.0.1:5000 for moto",
+);
+pub const WORKER_CONCURRENCY: Setting = setting(
+    "KEYVEX_WORKER_CONCURRENCY",
+    "queue.worker_concurrency",
+    "jobs one worker runs at once (default 4)",
+);
+pub const RUST_LOG: Setting = env_only(
+    "RUST_LOG",
+    "log filter, e.g. info or keyvex_engine=debug (default warn for CLI commands, info for servers)",
+);
+
+/// Every setting, in the order `keyvex --help` lists them.
+pub const SETTINGS: &[Setting] = &[
+    OPENAI_API_KEY,
+    OPENAI_BASE_URL,
+    ANTHROPIC_API_KEY,
+    ANTHROPIC_BASE_URL,
+    SIMULATE,
+    SIM_SEED,
+    SIM_PROFILE,
+    MODELS_FILE,
+    CONNECT_TIMEOUT,
+    TTFT_TIMEOUT,
+    STALL_TIMEOUT,
+    CONFIG_FILE,
+    ADDR,
+    API_KEYS,
+    MAX_BODY_BYTES,
+    DRAIN_TIMEOUT,
+    KEEP_ALIVE,
+    RATE_LIMIT_PER_HOUR,
+    RATE_LIMIT_BURST,
+    PROVIDER_RPM,
+    PROVIDER_TPM,
+    METRICS_DB,
+    METRICS_FLUSH,
+    DYNAMODB_TABLE,
+    DYNAMODB_ENDPOINT,
+    AWS_REGION,
+    QUEUE_URL,
+    DLQ_URL,
+    SQS_ENDPOINT,
+    WORKER_CONCURRENCY,
+    RUST_LOG,
+];
+
+/// Why the configuration could not be read. Each message names the variable or file key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{origin} = {value:?} is invalid: {problem}")]
+    Invalid {
+        origin: String,
+        value: String,
+        problem: String,
+    },
+    #[error("config file {path} could not be read: {message}")]
+    FileRead { path: String, message: String },
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("config file {path}: unknown key {key}; the file accepts: {known}")]
+    UnknownKey {
+        path: String,
+        key: String,
+        known: String,
+    },
+}
+
+/// How the engine reaches its providers.
+#[derive(Debug, Clone)]
+pub enum ProviderSetup {
+    /// No keys (or `KEYVEX_SIMULATE=always`): an in-process simulator serves both protocols.
+    Simulated { seed: u64, profile: SimProfile },
+    /// Real providers; a provider without a key is `None` and its models are unavailable.
+    Real {
+        openai: Option<Upstream>,
+        anthropic: Option<Upstream>,
+    },
+}
+
+/// One real provider endpoint.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub base_url: String,
+    pub key: ApiKey,
+}
+
+/// Everything `keyvex` runs on, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub providers: ProviderSetup,
+    pub models_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub ttft_timeout: Duration,
+    pub stall_timeout: Duration,
+    /// Per API key and endpoint.
+    pub caller_rate: Rate,
+    /// Per provider.
+    pub provider_rates: ProviderRates,
+    pub store: StoreConfig,
+    pub metrics: MetricsConfig,
+    pub server: ServerConfig,
+    /// The AI-processing queue, when its URL is set.
+    pub queue: Option<QueueConfig>,
+    /// The SQS endpoint override, also without a queue URL (`keyvex queue create`).
+    pub sqs_endpoint: Option<String>,
+    pub worker_concurrency: usize,
+}
+
+/// A value and where it came from, for error messages.
+struct Found {
+    value: String,
+    origin: String,
+    secret: bool,
+}
+
+impl Found {
+    fn invalid(&self, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.clone(),
+            value: if self.secret {
+                "(redacted)".to_owned()
+            } else {
+                self.value.clone()
+            },
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The environment over the file.
+struct Sources<'a> {
+    env: &'a dyn Env,
+    file: Option<(String, BTreeMap<String, String>)>,
+}
+
+impl Sources<'_> {
+    fn get(&self, s: &Setting) -> Option<Found> {
+        if let Some(value) = self.env.var(s.env) {
+            return Some(Found {
+                value,
+                origin: format!("environment variable {}", s.env),
+                secret: s.secret,
+            });
+        }
+        let (path, values) = self.file.as_ref()?;
+        let key = s.file_key?;
+        values.get(key).map(|value| Found {
+            value: value.clone(),
+            origin: format!("config file {path} key {key}"),
+            secret: s.secret,
+        })
+    }
+
+    fn text(&self, s: &Setting) -> Option<String> {
+        self.get(s).map(|f| f.value.trim().to_owned())
+    }
+
+    fn parsed<T>(
+        &self,
+        s: &Setting,
+        default: T,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        match self.get(s) {
+            None => Ok(default),
+            Some(found) => parse(found.value.trim()).map_err(|problem| found.invalid(problem)),
+        }
+    }
+
+    fn millis(&self, s: &Setting, default_ms: u64) -> Result<Duration, ConfigError> {
+        self.parsed(s, Duration::from_millis(default_ms), |v| {
+            v.parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| "expected whole milliseconds, e.g. 5000".to_owned())
+        })
+    }
+
+    fn positive(&self, s: &Setting, default: u32) -> Result<NonZeroU32, ConfigError> {
+        self.parsed(
+            s,
+            NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN),
+            |v| {
+                v.parse::<u32>()
+                    .ok()
+                    .and_then(NonZeroU32::new)
+                    .ok_or_else(|| "expected a whole number between 1 and 4294967295".to_owned())
+            },
+        )
+    }
+
+    fn url(&self, s: &Setting) -> Result<Option<String>, ConfigError> {
+        let Some(found) = self.get(s) else {
+            return Ok(None);
+        };
+        let value = found.value.trim().trim_end_matches('/');
+        if !(value.starts_with("http://") || value.starts_with("https://")) {
+            return Err(found.invalid("expected an http:// or https:// URL"));
+        }
+        Ok(Some(value.to_owned()))
+    }
+}
+
+impl Config {
+    /// Defaults, then the TOML file (`file`, else `KEYVEX_CONFIG`), then the environment.
+    pub fn load(env: &dyn Env, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let path = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.var(CONFIG_FILE.env).map(PathBuf::from));
+        let file = match path {
+            Some(path) => Some(read_file(&path)?),
+            None => None,
+        };
+        let src = Sources { env, file };
+
+        let connect_timeout = src.millis(&CONNECT_TIMEOUT, 5_000)?;
+        let simulate = src.parsed(&SIMULATE, None, |v| match v {
+            "auto" => Ok(None),
+            "always" | "1" | "true" => Ok(Some(true)),
+            "never" | "0" | "false" => Ok(Some(false)),
+            _ => Err("expected auto, always or never".to_owned()),
+        })?;
+        let upstream = |key: &Setting, base: &Setting, default: &str| {
+            Ok::<_, ConfigError>(match src.text(key) {
+                Some(k) => Some(Upstream {
+                    base_url: src.url(base)?.unwrap_or_else(|| default.to_owned()),
+                    key: ApiKey::new(k),
+                }),
+                None => None,
+            })
+        };
+        let openai = upstream(
+            &OPENAI_API_KEY,
+            &OPENAI_BASE_URL,
+            "https://api.openai.com/v1",
+        )?;
+        let anthropic = upstream(
+            &ANTHROPIC_API_KEY,
+            &ANTHROPIC_BASE_URL,
+            "https://api.anthropic.com/v1",
+        )?;
+        let providers = if simulate.unwrap_or(openai.is_none() && anthropic.is_none()) {
+            ProviderSetup::Simulated {
+                seed: src.parsed(&SIM_SEED, 42, |v| {
+                    v.parse().map_err(|_| "expected a whole number".to_owned())
+                })?,
+                profile: src.parsed(&SIM_PROFILE, SimProfile::Realistic, |v| match v {
+                    "realistic" => Ok(SimProfile::Realistic),
+                    "fast" => Ok(SimProfile::Fast),
+                    _ => Err("expected fast or realistic".to_owned()),
+                })?,
+            }
+        } else {
+            ProviderSetup::Real { openai, anthropic }
+        };
+
+        let mut server = ServerConfig::default();
+        server.addr = src.parsed(&ADDR, server.addr, |v| {
+            v.parse::<SocketAddr>().map_err(|_| {
+                "expected HOST:PORT with an IP host, e.g. 127.0.0.1:8080 or 0.0.0.0:8080".to_owned()
+            })
+        })?;
+        server.api_keys = src.parsed(&API_KEYS, Vec::new(), |v| {
+            v.split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(ApiKeySpec::parse)
+                .collect()
+        })?;
+        server.max_body_bytes = src.parsed(&MAX_BODY_BYTES, server.max_body_bytes, |v| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| "expected a positive number of bytes".to_owned())
+        })?;
+        server.drain_timeout = src.millis(&DRAIN_TIMEOUT, 30_000)?;
+        server.keep_alive = src.millis(&KEEP_ALIVE, 15_000)?;
+        if server.keep_alive.is_zero()
+            && let Some(found) = src.get(&KEEP_ALIVE)
+        {
+            return Err(found.invalid("must be at least 1"));
+        }
+
+        let caller_rate = Rate {
+            per_period: src.positive(&RATE_LIMIT_PER_HOUR, 1_000)?,
+            period: Duration::from_secs(3_600),
+            burst: src.positive(&RATE_LIMIT_BURST, 100)?,
+        };
+        let provider_rates = ProviderRates {
+            requests_per_minute: src.positive(&PROVIDER_RPM, 500)?,
+            tokens_per_minute: src.positive(&PROVIDER_TPM, 2_000_000)?,
+        };
+
+        let ledger = PathBuf::from(
+            src.text(&METRICS_DB)
+                .unwrap_or_else(|| "keyvex-metrics.sqlite3".to_owned()),
+        );
+        let mut metrics = MetricsConfig::new(ledger.clone());
+        metrics.flush_interval = src.parsed(&METRICS_FLUSH, metrics.flush_interval, |v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|ms| (1..=60_000).contains(ms))
+                .map(Duration::from_millis)
+                .ok_or_else(|| "expected whole milliseconds between 1 and 60000".to_owned())
+        })?;
+        let store = match src.text(&DYNAMODB_TABLE) {
+            Some(table) => StoreConfig::Dynamo {
+                table,
+                endpoint: src.url(&DYNAMODB_ENDPOINT)?,
+            },
+            None => StoreConfig::Sqlite { path: ledger },
+        };
+
+        let sqs_endpoint = src.url(&SQS_ENDPOINT)?;
+        let worker_concurrency = src.parsed(&WORKER_CONCURRENCY, 4, |v| match v.parse() {
+            Ok(n @ 1..=256) => Ok(n),
+            _ => Err("expected a whole number from 1 to 256".to_owned()),
+        })?;
+        let queue = match src.get(&QUEUE_URL) {
+            None => None,
+            Some(found) => {
+                let url = found.value.trim();
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(found.invalid(
+                        "expected a queue URL such as https://sqs.us-east-1.amazonaws.com/123456789012/keyvex-ai-processing-queue",
+                    ));
+                }
+                Some(QueueConfig {
+                    queue_url: url.to_owned(),
+                    dlq_url: src.url(&DLQ_URL)?,
+                    endpoint: sqs_endpoint.clone(),
+                    concurrency: worker_concurrency,
+                })
+            }
+        };
+
+        Ok(Config {
+            providers,
+            models_file: src.text(&MODELS_FILE).map(PathBuf::from),
+            connect_timeout,
+            ttft_timeout: src.millis(&TTFT_TIMEOUT, 20_000)?,
+            stall_timeout: src.millis(&STALL_TIMEOUT, 30_000)?,
+            caller_rate,
+            provider_rates,
+            store,
+            metrics,
+            server,
+            queue,
+            sqs_endpoint,
+            worker_concurrency,
+        })
+    }
+}
+
+/// Reads the TOML file into `section.key` → text (lists joined with commas), refusing keys no
+/// setting declares.
+fn read_file(path: &Path) -> Result<(String, BTreeMap<String, String>), ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::FileRead {
+        path: shown.clone(),
+        message: e.to_string(),
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: shown.clone(),
+        message: e.to_string(),
+    })?;
+    let known: Vec<&str> = SETTINGS.iter().filter_map(|s| s.file_key).collect();
+    let mut values = BTreeMap::new();
+    for (section, entries) in table {
+        let toml::Value::Table(entries) = entries else {
+            return Err(ConfigError::File {
+                path: shown,
+                message: format!(
+                    "{section} must be a [section]; settings live under [server], [limits], [providers], [metrics], [store] or [queue]"
+                ),
+            });
+        };
+        for (name, value) in entries {
+            let key = format!("{section}.{name}");
+            if !known.contains(&key.as_str()) {
+                return Err(ConfigError::UnknownKey {
+                    path: shown,
+                    key,
+                    known: known.join(", "),
+                });
+            }
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|i| match i {
+                        toml::Value::String(s) => Ok(s.clone()),
+                        other => Err(other.to_string()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|item| ConfigError::File {
+                        path: shown.clone(),
+                        message: format!("{key}: list items must be strings, got {item}"),
+                    })?
+                    .join(","),
+                toml::Value::Datetime(_) | toml::Value::Table(_) => {
+                    return Err(ConfigError::File {
+                        path: shown,
+                        message: format!("{key} must be a string, a number or a list of strings"),
+                    });
+                }
+            };
+            values.insert(key, text);
+        }
+    }
+    Ok((shown, values))
+}
+
+/// The settings table as `keyvex --help` prints it.
+pub fn help() -> String {
+    let width = SETTINGS.iter().map(|s| s.env.len()).max().unwrap_or(0);
+    let mut help = String::from(
+        "Settings (environment variable, then its key in the --config TOML file, where it has one):\n",
+    );
+    for s in SETTINGS {
+        let key = s
+            .file_key
+            .map_or_else(String::new, |k| format!(" [file: {k}]"));
+        help.push_str(&format!("  {:width$}  {}{key}\n", s.env, s.purpose));
+    }
+    help
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_keys_means_simulated() {
+        let c = Config::load(&MapEnv::default(), None).unwrap();
+        assert!(matches!(
+            c.providers,
+            ProviderSetup::Simulated {
+                seed: 42,
+                profile: SimProfile::Realistic
+            }
+        ));
+        assert_eq!(
+            c.store,
+            StoreConfig::Sqlite {
+                path: "keyvex-metrics.sqlite3".into()
+            }
+        );
+        assert!(c.queue.is_none());
+    }
+
+    #[test]
+    fn sim_profile_is_read_and_checked() {
+        let env = MapEnv::new([("KEYVEX_SIM_PROFILE", "fast"), ("KEYVEX_SIM_SEED", "3")]);
+        let c = Config::load(&env, None).unwrap();
+        assert!(matches!(
+            c.providers,
+            ProviderSetup::Simulated {
+                seed: 3,
+                profile: SimProfile::Fast
+            }
+        ));
+        let env = MapEnv::new([("KEYVEX_SIM_PROFILE", "slow")]);
+        let e = Config::load(&env, None).unwrap_err().to_string();
+        assert!(e.contains("KEYVEX_SIM_PROFILE"), "{e}");
+    }
+
+    #[test]
+    fn a_key_means_real_and_base_url_is_trimmed() {
+        let env = MapEnv::new([
+            ("OPENAI_API_KEY", "sk-x"),
+            ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/"),
+        ]);
+        let c = Config::load(&env, None).unwrap();
+        let ProviderSetup::Real { openai, anthropic } = c.providers else {
+            panic!("expected real providers");
+        };
+        assert_eq!(openai.unwrap().base_url, "http://127.0.0.1:9/v1");
+        assert!(anthropic.is_none());
+    }
+
+    #[test]
+    fn env_over_file_over_defaults_and_typos_are_errors() {
+        let dir = std::env::temp_dir().join(format!("keyvex-cfg-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keyvex.toml");
+        std::fs::write(
+            &file,
+            "[server]\naddr = \"127.0.0.1:9000\"\napi_keys = [\"file-key-123=carol:admin\"]\n\
+             [limits]\nburst = 7\n[store]\ndynamodb_table = \"t1\"\n[queue]\nurl = \"http://127.0.0.1:5000/1/q\"\nworker_concurrency = 2\n",
+        )
+        .unwrap();
+        let env = MapEnv::new([
+            ("KEYVEX_ADDR", "127.0.0.1:0"),
+            ("KEYVEX_RATE_LIMIT_PER_HOUR", "60"),
+        ]);
+        let c = Config::load(&env, Some(&file)).unwrap();
+        assert_eq!(c.server.addr.port(), 0, "environment wins over the file");
+        assert_eq!(
+            (c.caller_rate.per_period.get(), c.caller_rate.burst.get()),
+            (60, 7)
+        );
+        assert_eq!(c.server.api_keys[0].caller, "carol");
+        assert!(matches!(c.store, StoreConfig::Dynamo { ref table, .. } if table == "t1"));
+        assert_eq!(c.queue.as_ref().map(|q| q.concurrency), Some(2));
+
+        std::fs::write(&file, "[server]\nadress = \"x\"\n").unwrap();
+        let e = Config::load(&MapEnv::default(), Some(&file))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.adress") && e.contains("keyvex.toml") && e.contains("server.addr"),
+            "{e}"
+        );
+        std::fs::write(&file, "[limits]\nburst = 0\n").unwrap();
+        let e = Config::load(&MapEnv::default(), Some(&file))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.burst") && e.contains("keyvex.toml"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn api_keys_never_echo() {
+        let env = MapEnv::new([("KEYVEX_API_KEYS", "k-aaaaaaaa=alice:admin, k-bbbbbbbb=bob")]);
+        let c = Config::load(&env, None).unwrap();
+        assert_eq!(c.server.api_keys.len(), 2);
+        let env = MapEnv::new([("KEYVEX_API_KEYS", "k-secret-value=alice:root")]);
+        let e = Config::load(&env, None).unwrap_err().to_string();
+        assert!(e.contains("root") && !e.contains("k-secret-value"), "{e}");
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable() {
+        for (name, value) in [
+            ("KEYVEX_TTFT_TIMEOUT_MS", "soon"),
+            ("KEYVEX_WORKER_CONCURRENCY", "zero"),
+            ("KEYVEX_METRICS_FLUSH_MS", "0"),
+            ("SQS_AI_PROCESSING_QUEUE_URL", "queue"),
+        ] {
+            let e = Config::load(&MapEnv::new([(name, value)]), None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(name), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_setting_is_listed_once_and_file_keys_are_unique() {
+        let mut envs: Vec<_> = SETTINGS.iter().map(|s| s.env).collect();
+        envs.sort_unstable();
+        envs.dedup();
+        assert_eq!(
+            envs.len(),
+            SETTINGS.len(),
+            "an environment variable is listed twice"
+        );
+        let mut keys: Vec<_> = SETTINGS.iter().filter_map(|s| s.file_key).collect();
+        let n = keys.len();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "a file key is listed twice");
+        let h = help();
+        assert!(h.contains("KEYVEX_WORKER_CONCURRENCY") && h.contains("queue.worker_concurrency"));
+    }
+}

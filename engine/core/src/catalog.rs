@@ -1,0 +1,387 @@
+//! The model catalog: which models exist, what they cost, and which model serves each process.
+//!
+//! Loaded from `models/default-models.json` (embedded at build time) or from a file given by
+//! path. Everything is checked at load: a bad catalog stops the process at start with an error
+//! naming the file and the key, never later in the middle of a request.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use agents::Process;
+use serde::Deserialize;
+
+use crate::cost::{Price, Pricing};
+use crate::stream::ProviderKind;
+
+/// The catalog shipped with the binary.
+pub const EMBEDDED_CATALOG: &str = include_str!("../../../models/default-models.json");
+const EMBEDDED_NAME: &str = "models/default-models.json (embedded)";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read model catalog {file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("model catalog {file} is not valid: {source}")]
+    Parse {
+        file: String,
+        source: serde_json::Error,
+    },
+    #[error("model catalog {file}: `{key}`: {problem}")]
+    Invalid {
+        file: String,
+        key: String,
+        problem: String,
+    },
+}
+
+/// One model, with its prices and limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub id: String,
+    pub provider: ProviderKind,
+    pub display_name: String,
+    pub pricing: Pricing,
+    pub context_window: u64,
+    pub max_output_tokens: u32,
+}
+
+/// Which models serve a process, and with what generation settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessRoute {
+    pub primary: String,
+    pub fallback: String,
+    pub max_output_tokens: u32,
+    pub temperature: Option<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    source: String,
+    version: String,
+    models: Vec<ModelSpec>,
+    by_id: HashMap<String, usize>,
+    processes: BTreeMap<Process, ProcessRoute>,
+}
+
+impl Catalog {
+    /// The catalog compiled into the binary.
+    pub fn embedded() -> Result<Catalog, CatalogError> {
+        Catalog::parse(EMBEDDED_CATALOG, EMBEDDED_NAME)
+    }
+
+    /// The embedded catalog, or the file at `path` when one is given.
+    pub fn load(path: Option<&Path>) -> Result<Catalog, CatalogError> {
+        let Some(path) = path else {
+            return Catalog::embedded();
+        };
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Catalog::parse(&text, &file)
+    }
+
+    /// Parses and validates catalog JSON; `file` is only used in error messages.
+    pub fn parse(json: &str, file: &str) -> Result<Catalog, CatalogError> {
+        let raw: RawCatalog = serde_json::from_str(json).map_err(|source| CatalogError::Parse {
+            file: file.to_owned(),
+            source,
+        })?;
+        let invalid = |key: String, problem: String| CatalogError::Invalid {
+            file: file.to_owned(),
+            key,
+            problem,
+        };
+
+        let mut models = Vec::with_capacity(raw.models.len());
+        let mut by_id = HashMap::new();
+        for (i, m) in raw.models.into_iter().enumerate() {
+            if m.id.trim().is_empty() {
+                return Err(invalid(
+                    format!("models[{i}].id"),
+                    "must not be empty".into(),
+                ));
+            }
+            if by_id.insert(m.id.clone(), i).is_some() {
+                return Err(invalid(
+                    format!("models[{i}].id"),
+                    format!("duplicate model id {:?}", m.id),
+                ));
+            }
+            let price = |name: &str, usd: f64| {
+                Price::from_usd_per_mtok(usd)
+                    .map_err(|p| invalid(format!("models[{i}].pricing.{name}"), p))
+            };
+            let pricing = Pricing {
+                input: price("inputPerMTok", m.pricing.input_per_mtok)?,
+                cached_input: price("cachedInputPerMTok", m.pricing.cached_input_per_mtok)?,
+                cache_write: m
+                    .pricing
+                    .cache_write_per_mtok
+                    .map(|w| price("cacheWritePerMTok", w))
+                    .transpose()?,
+                output: price("outputPerMTok", m.pricing.output_per_mtok)?,
+            };
+            if m.max_output_tokens == 0 || u64::from(m.max_output_tokens) > m.context_window {
+                return Err(invalid(
+                    format!("models[{i}].maxOutputTokens"),
+                    format!(
+                        "{} must be between 1 and the context window ({})",
+                        m.max_output_tokens, m.context_window
+                    ),
+                ));
+            }
+            models.push(ModelSpec {
+                display_name: m.display_name.unwrap_or_else(|| m.id.clone()),
+                id: m.id,
+                provider: m.provider,
+                pricing,
+                context_window: m.context_window,
+                max_output_tokens: m.max_output_tokens,
+            });
+        }
+
+        let mut processes = BTreeMap::new();
+        for (name, route) in raw.processes {
+            let process: Process = name.parse().map_err(|e: agents::UnknownProcess| {
+                invalid(format!("processes.{name}"), e.to_string())
+            })?;
+            let lookup = |which: &str, id: &str| {
+                by_id.get(id).map(|&i| &models[i]).ok_or_else(|| {
+                    invalid(
+                        format!("processes.{name}.{which}"),
+                        format!("{id:?} is not a model in this catalog"),
+                    )
+                })
+            };
+            let primary = lookup("primary", &route.primary)?;
+            let fallback = lookup("fallback", &route.fallback)?;
+            if primary.provider == fallback.provider {
+                return Err(invalid(
+                    format!("processes.{name}.fallback"),
+                    format!(
+                        "{:?} is on the same provider ({}) as the primary; a fallback must survive the primary provider's outage",
+                        fallback.id, primary.provider
+                    ),
+                ));
+            }
+            for m in [primary, fallback] {
+                if route.max_output_tokens > m.max_output_tokens {
+                    return Err(invalid(
+                        format!("processes.{name}.maxOutputTokens"),
+                        format!(
+                            "{} exceeds {}'s limit of {}",
+                            route.max_output_tokens, m.id, m.max_output_tokens
+                        ),
+                    ));
+                }
+            }
+            if route.max_output_tokens == 0 {
+                return Err(invalid(
+                    format!("processes.{name}.maxOutputTokens"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if let Some(t) = route.temperature
+                && !(0.0..=2.0).contains(&t)
+            {
+                return Err(invalid(
+                    format!("processes.{name}.temperature"),
+                    format!("{t} is outside 0..=2"),
+                ));
+            }
+            processes.insert(
+                process,
+                ProcessRoute {
+                    primary: route.primary,
+                    fallback: route.fallback,
+                    max_output_tokens: route.max_output_tokens,
+                    temperature: route.temperature,
+                },
+            );
+        }
+        for p in Process::ALL {
+            if !processes.contains_key(&p) {
+                return Err(invalid(
+                    format!("processes.{}", p.key()),
+                    "missing: every process needs a primary and a fallback model".into(),
+                ));
+            }
+        }
+
+        Ok(Catalog {
+            source: file.to_owned(),
+            version: raw.version,
+            models,
+            by_id,
+            processes,
+        })
+    }
+
+    /// Where this catalog came from (a path, or the embedded default).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn models(&self) -> &[ModelSpec] {
+        &self.models
+    }
+
+    pub fn model(&self, id: &str) -> Option<&ModelSpec> {
+        self.by_id.get(id).map(|&i| &self.models[i])
+    }
+
+    /// Every process has a route (checked at load), so this never fails.
+    pub fn route(&self, process: Process) -> &ProcessRoute {
+        // Validated in `parse`: all four processes are present.
+        &self.processes[&process]
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = (Process, &ProcessRoute)> {
+        self.processes.iter().map(|(p, r)| (*p, r))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCatalog {
+    version: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    notes: Option<String>,
+    models: Vec<RawModel>,
+    processes: BTreeMap<String, RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawModel {
+    id: String,
+    provider: ProviderKind,
+    display_name: Option<String>,
+    pricing: RawPricing,
+    context_window: u64,
+    max_output_tokens: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPricing {
+    #[serde(rename = "inputPerMTok")]
+    input_per_mtok: f64,
+    #[serde(rename = "cachedInputPerMTok")]
+    cached_input_per_mtok: f64,
+    #[serde(rename = "cacheWritePerMTok", default)]
+    cache_write_per_mtok: Option<f64>,
+    #[serde(rename = "outputPerMTok")]
+    output_per_mtok: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRoute {
+    primary: String,
+    fallback: String,
+    max_output_tokens: u32,
+    #[serde(default)]
+    temperature: Option<f32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn embedded_value() -> serde_json::Value {
+        serde_json::from_str(EMBEDDED_CATALOG).unwrap()
+    }
+
+    fn parse_value(v: &serde_json::Value) -> Result<Catalog, CatalogError> {
+        Catalog::parse(&v.to_string(), "test.json")
+    }
+
+    #[test]
+    fn embedded_catalog_is_valid_and_complete() {
+        let c = Catalog::embedded().unwrap();
+        for p in Process::ALL {
+            let r = c.route(p);
+            let primary = c.model(&r.primary).unwrap();
+            let fallback = c.model(&r.fallback).unwrap();
+            assert_ne!(primary.provider, fallback.provider, "{p}");
+        }
+        assert!(
+            c.models()
+                .iter()
+                .any(|m| m.provider == ProviderKind::OpenAi)
+        );
+        assert!(
+            c.models()
+                .iter()
+                .any(|m| m.provider == ProviderKind::Anthropic)
+        );
+    }
+
+    #[test]
+    fn unknown_model_in_a_process_names_the_key_and_file() {
+        let mut v = embedded_value();
+        v["processes"]["magicSpark"]["primary"] = "gpt-9".into();
+        let e = parse_value(&v).unwrap_err().to_string();
+        assert!(e.contains("test.json"), "{e}");
+        assert!(e.contains("processes.magicSpark.primary"), "{e}");
+        assert!(e.contains("gpt-9"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_id_is_rejected() {
+        let mut v = embedded_value();
+        let first = v["models"][0].clone();
+        v["models"].as_array_mut().unwrap().push(first);
+        let e = parse_value(&v).unwrap_err().to_string();
+        assert!(e.contains("duplicate model id"), "{e}");
+    }
+
+    #[test]
+    fn missing_price_is_rejected() {
+        let mut v = embedded_value();
+        v["models"][0]["pricing"]
+            .as_object_mut()
+            .unwrap()
+            .remove("outputPerMTok");
+        let e = parse_value(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("outputPerMTok") && e.contains("test.json"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_process_and_same_provider_fallback_are_rejected() {
+        let mut v = embedded_value();
+        v["processes"]
+            .as_object_mut()
+            .unwrap()
+            .remove("styleMaster");
+        let e = parse_value(&v).unwrap_err().to_string();
+        assert!(e.contains("processes.styleMaster"), "{e}");
+
+        let mut v = embedded_value();
+        let primary = v["processes"]["logicArchitect"]["primary"].clone();
+        v["processes"]["logicArchitect"]["fallback"] = primary;
+        let e = parse_value(&v).unwrap_err().to_string();
+        assert!(e.contains("same provider"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let mut v = embedded_value();
+        v["models"][0]["prise"] = 1.into();
+        assert!(parse_value(&v).is_err());
+    }
+}

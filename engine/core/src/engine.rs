@@ -1,0 +1,386 @@
+//! [`Engine`], the one composition root: the catalog, the providers (real or simulated), the
+//! router with its budgets and breakers, the caller limits, and the recorder every call record
+//! and session message goes to. Every entry point — the HTTP server, the queue worker, the CLI,
+//! the load test, an embedding program — builds one and makes its model calls through it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use agents::Process;
+use futures::Stream;
+use futures::future::BoxFuture;
+
+use crate::agent_run::{AgentEvent, SessionWrites, run_agent};
+use crate::call::{CallContext, CallStream, Calls};
+use crate::catalog::{Catalog, CatalogError};
+use crate::limits::{Allowance, CallerLimited, CallerLimits, ProviderRates, Rate};
+use crate::pipeline::{PipelineEvent, PipelineInput, run_pipeline};
+use crate::provider::anthropic::AnthropicProvider;
+use crate::provider::openai::OpenAiProvider;
+use crate::provider::{ApiKey, ProviderConfig, ProviderInitError, SharedProvider};
+use crate::record::{CallObserver, Recorder, ShutdownReport};
+use crate::router::{
+    CallTarget, CircuitState, Providers, RouteError, RouteOptions, RouteRequest, Router,
+    RouterConfig,
+};
+use crate::stream::ProviderKind;
+
+/// Why an engine could not be built. Raised once, at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Provider(#[from] ProviderInitError),
+    #[error(
+        "no recorder: every model call is recorded, so give the builder one (`.recorder(…)`: the metrics tracker of keyvex-store, or your own `Recorder`)"
+    )]
+    NoRecorder,
+}
+
+/// A provider simulator the engine points both providers at and stops on shutdown (the
+/// `keyvex-sim` crate's handle implements it).
+pub trait Simulator: Send + Sync + 'static {
+    /// Base URL including the version prefix, e.g. `http://127.0.0.1:4010/v1`.
+    fn base_url(&self) -> String;
+    /// One line for start-up banners.
+    fn describe(&self) -> String;
+    fn shutdown(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// The events of one agent run ([`Engine::agent`]).
+pub type AgentStream = std::pin::Pin<Box<dyn Stream<Item = AgentEvent> + Send>>;
+/// The events of one pipeline run ([`Engine::pipeline`]).
+pub type PipelineStream = std::pin::Pin<Box<dyn Stream<Item = PipelineEvent> + Send>>;
+
+/// The embeddable agent runtime. Cheap to clone; clones share everything.
+///
+/// ```no_run
+/// # async fn demo(recorder: std::sync::Arc<dyn keyvex_engine::Recorder>) -> Result<(), Box<dyn std::error::Error>> {
+/// use futures::StreamExt;
+/// use keyvex_engine::{AgentEvent, CallContext, Engine, Process};
+///
+/// let engine = Engine::builder()
+///     .openai(std::env::var("OPENAI_API_KEY")?)
+///     .recorder(recorder)
+///     .build()?;
+/// let input = serde_json::json!({
+///     "businessDescription": "Solar installer", "targetAudience": "homeowners", "industry": "energy",
+/// });
+/// let mut run = engine.agent(CallContext::new("alice"), Process::MagicSpark, input);
+/// while let Some(event) = run.next().await {
+///     if let AgentEvent::Result { output, .. } = event {
+///         println!("{output}");
+///     }
+/// }
+/// engine.shutdown(std::time::Duration::from_secs(10)).await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    calls: Calls,
+    catalog: Arc<Catalog>,
+    caller_limits: Option<CallerLimits>,
+    providers_description: String,
+    simulator: Mutex<Option<Box<dyn Simulator>>>,
+}
+
+impl Engine {
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// Runs one agent for `ctx`: `Start`/`Fallback`/`Delta`/`Partial`/`Usage` per model call,
+    /// maybe a `Repair`, then `Result` or `Error`. Dropping the stream cancels the call in
+    /// flight, which is recorded as cancelled with its cost.
+    pub fn agent(
+        &self,
+        ctx: CallContext,
+        process: Process,
+        input: serde_json::Value,
+    ) -> AgentStream {
+        Box::pin(run_agent(
+            self.inner.calls.clone(),
+            ctx,
+            process,
+            input,
+            SessionWrites { input: true },
+        ))
+    }
+
+    /// Runs the whole tool pipeline for `ctx` (with its run id, or a fresh one): Magic Spark →
+    /// Logic Architect → Content Crafter ∥ Style Master, every event tagged with its stage.
+    pub fn pipeline(&self, ctx: CallContext, input: PipelineInput) -> PipelineStream {
+        Box::pin(run_pipeline(self.inner.calls.clone(), ctx, input))
+    }
+
+    /// One routed model call: a process (primary, then fallback) or one catalog model. An
+    /// unknown model or a model whose provider is not configured is refused here.
+    #[expect(
+        clippy::result_large_err,
+        reason = "RouteError keeps the API's shape (ProviderError inline); errors are once per request"
+    )]
+    pub fn chat(
+        &self,
+        ctx: &CallContext,
+        target: &CallTarget,
+        request: RouteRequest,
+        options: RouteOptions,
+    ) -> Result<CallStream, RouteError> {
+        self.inner.calls.open(ctx, target, request, options)
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
+    /// The router (tests, benches and health pages read its breakers and settings).
+    pub fn router(&self) -> &Router {
+        self.inner.calls.router()
+    }
+
+    pub fn recorder(&self) -> &dyn Recorder {
+        self.inner.calls.recorder()
+    }
+
+    /// The circuit breaker state of a model (closed for a model never called).
+    pub fn circuit_state(&self, model_id: &str) -> CircuitState {
+        self.router().circuit_state(model_id)
+    }
+
+    /// Takes one request from `caller`'s limit on `endpoint`; always allowed when the engine was
+    /// built without caller limits.
+    pub fn check_caller(&self, caller: &str, endpoint: &str) -> Result<Allowance, CallerLimited> {
+        match &self.inner.caller_limits {
+            Some(limits) => limits.check(caller, endpoint),
+            None => Ok(Allowance {
+                limit: u32::MAX,
+                remaining: u32::MAX,
+                reset: Duration::ZERO,
+            }),
+        }
+    }
+
+    /// Which providers are in use, for start-up banners.
+    pub fn providers_description(&self) -> &str {
+        &self.inner.providers_description
+    }
+
+    /// Flushes the recorder (everything accepted becomes durable, and is shipped if the
+    /// recorder ships, within `flush`), then stops the simulator, if any. Call it once every
+    /// stream has ended.
+    pub async fn shutdown(&self, flush: Duration) -> ShutdownReport {
+        let deadline = tokio::time::Instant::now() + flush;
+        let report = self.inner.calls.recorder().shutdown(deadline).await;
+        let simulator = self
+            .inner
+            .simulator
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(simulator) = simulator {
+            simulator.shutdown().await;
+        }
+        report
+    }
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("router", self.router())
+            .field("providers", &self.inner.providers_description)
+            .finish()
+    }
+}
+
+/// Builds an [`Engine`]. Everything has a default except the recorder.
+pub struct EngineBuilder {
+    catalog: Option<Catalog>,
+    models_file: Option<PathBuf>,
+    openai: Option<ProviderConfig>,
+    anthropic: Option<ProviderConfig>,
+    custom: Vec<(ProviderKind, SharedProvider)>,
+    simulator: Option<Box<dyn Simulator>>,
+    connect_timeout: Duration,
+    router: RouterConfig,
+    caller_rate: Option<Rate>,
+    recorder: Option<Arc<dyn Recorder>>,
+    observers: Vec<Arc<dyn CallObserver>>,
+}
+
+impl Default for EngineBuilder {
+    fn default() -> Self {
+        EngineBuilder {
+            catalog: None,
+            models_file: None,
+            openai: None,
+            anthropic: None,
+            custom: Vec::new(),
+            simulator: None,
+            connect_timeout: Duration::from_secs(5),
+            router: RouterConfig::default(),
+            caller_rate: None,
+            recorder: None,
+            observers: Vec::new(),
+        }
+    }
+}
+
+const OPENAI_DEFAULT_BASE: &str = "https://api.openai.com/v1";
+const ANTHROPIC_DEFAULT_BASE: &str = "https://api.anthropic.com/v1";
+
+impl EngineBuilder {
+    /// The model catalog (default: the embedded `models/default-models.json`).
+    pub fn catalog(mut self, catalog: Catalog) -> Self {
+        self.catalog = Some(catalog);
+        self
+    }
+
+    /// A catalog JSON file to load and validate at `build`, instead of the embedded one.
+    pub fn models_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.models_file = Some(path.into());
+        self
+    }
+
+    /// The real OpenAI API with `key`.
+    pub fn openai(self, key: impl Into<String>) -> Self {
+        self.openai_at(OPENAI_DEFAULT_BASE, key)
+    }
+
+    /// An OpenAI-compatible upstream at `base_url` (including `/v1`).
+    pub fn openai_at(mut self, base_url: &str, key: impl Into<String>) -> Self {
+        self.openai = Some(ProviderConfig {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: ApiKey::new(key),
+            connect_timeout: self.connect_timeout,
+        });
+        self
+    }
+
+    /// The real Anthropic API with `key`.
+    pub fn anthropic(self, key: impl Into<String>) -> Self {
+        self.anthropic_at(ANTHROPIC_DEFAULT_BASE, key)
+    }
+
+    /// An Anthropic-compatible upstream at `base_url` (including `/v1`).
+    pub fn anthropic_at(mut self, base_url: &str, key: impl Into<String>) -> Self {
+        self.anthropic = Some(ProviderConfig {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: ApiKey::new(key),
+            connect_timeout: self.connect_timeout,
+        });
+        self
+    }
+
+    /// Both providers served by `simulator`, through the real client code over HTTP; the engine
+    /// stops it on shutdown.
+    pub fn simulator(self, simulator: impl Simulator) -> Self {
+        let base = simulator.base_url();
+        // The simulator accepts any key; a fixed one keeps the auth headers on the wire.
+        let mut this = self
+            .openai_at(&base, "sim-key")
+            .anthropic_at(&base, "sim-key");
+        this.simulator = Some(Box::new(simulator));
+        this
+    }
+
+    /// A provider of your own for one wire protocol (tests and benches use recorded streams).
+    pub fn provider(mut self, kind: ProviderKind, provider: SharedProvider) -> Self {
+        self.custom.push((kind, provider));
+        self
+    }
+
+    /// TCP connect timeout of provider calls (default 5 s). Set it before the providers.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        for cfg in [&mut self.openai, &mut self.anthropic]
+            .into_iter()
+            .flatten()
+        {
+            cfg.connect_timeout = timeout;
+        }
+        self
+    }
+
+    /// Deadlines, retries, breakers and provider budgets (default: [`RouterConfig::default`]).
+    pub fn router(mut self, config: RouterConfig) -> Self {
+        self.router = config;
+        self
+    }
+
+    /// Requests and tokens per minute each provider may be sent (default: unlimited).
+    pub fn provider_rates(mut self, rates: ProviderRates) -> Self {
+        self.router.provider_rates = Some(rates);
+        self
+    }
+
+    /// Requests per caller and endpoint ([`Engine::check_caller`]; default: unlimited).
+    pub fn caller_rate(mut self, rate: Rate) -> Self {
+        self.caller_rate = Some(rate);
+        self
+    }
+
+    /// Where call records and session messages go. Required.
+    pub fn recorder(mut self, recorder: Arc<dyn Recorder>) -> Self {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    /// Told about every call record before the recorder is (add as many as you like).
+    pub fn observer(mut self, observer: Arc<dyn CallObserver>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
+    /// Loads and validates the catalog and builds the provider clients and the router.
+    pub fn build(self) -> Result<Engine, EngineError> {
+        let recorder = self.recorder.ok_or(EngineError::NoRecorder)?;
+        let catalog = Arc::new(match (self.catalog, &self.models_file) {
+            (Some(catalog), _) => catalog,
+            (None, path) => Catalog::load(path.as_deref())?,
+        });
+        let mut providers = Providers::new();
+        let mut described = Vec::new();
+        if let Some(cfg) = &self.openai {
+            providers = providers.with(ProviderKind::OpenAi, Arc::new(OpenAiProvider::new(cfg)?));
+            described.push(format!("openai: {}", cfg.base_url));
+        }
+        if let Some(cfg) = &self.anthropic {
+            providers = providers.with(
+                ProviderKind::Anthropic,
+                Arc::new(AnthropicProvider::new(cfg)?),
+            );
+            described.push(format!("anthropic: {}", cfg.base_url));
+        }
+        for (kind, provider) in self.custom {
+            providers = providers.with(kind, provider);
+            described.push(format!("{kind}: custom provider"));
+        }
+        for kind in ProviderKind::ALL {
+            if providers.get(kind).is_none() {
+                described.push(format!("{kind}: not configured"));
+            }
+        }
+        let providers_description = match &self.simulator {
+            Some(sim) => format!("simulated: {}", sim.describe()),
+            None => described.join(", "),
+        };
+        let router = Router::new(Arc::clone(&catalog), providers, self.router);
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                calls: Calls::new(router, recorder, self.observers),
+                catalog,
+                caller_limits: self.caller_rate.map(CallerLimits::new),
+                providers_description,
+                simulator: Mutex::new(self.simulator),
+            }),
+        })
+    }
+}

@@ -1,0 +1,341 @@
+//! One attempt against one model: what it produced, what it used and what it cost.
+//!
+//! Every attempt is costed, because every attempt that reached a model may be billed:
+//! * usage reported and the stream ended with `Done` → exact;
+//! * the stream opened (`Start`) but usage is missing or partial (reported, then an error) →
+//!   estimated with the tokenizer and flagged `usage_estimated`;
+//! * the stream never opened (connect refused, HTTP error, circuit open) → nothing consumed,
+//!   cost 0, not estimated.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::time::Instant;
+
+use crate::cost::{Cost, Pricing, cost};
+use crate::provider::ProviderError;
+use crate::stream::{FinishReason, ProviderKind, Usage};
+use crate::tokenize::{count_tokens, estimate_tokens};
+
+/// What became of one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    pub provider: ProviderKind,
+    pub model: String,
+    pub started_at: SystemTime,
+    /// From the attempt's start to its end (0 for a model skipped without a call).
+    pub latency: Duration,
+    /// From the attempt's start to its first content delta.
+    pub ttft: Option<Duration>,
+    pub usage: Usage,
+    pub usage_estimated: bool,
+    pub cost: Cost,
+    pub finish_reason: Option<FinishReason>,
+    /// `None` when the attempt finished with `Done`.
+    pub error: Option<AttemptError>,
+    /// Characters of content the attempt produced.
+    pub output_chars: usize,
+}
+
+/// Why an attempt did not succeed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AttemptError {
+    #[error(transparent)]
+    Provider(ProviderError),
+    /// The model's circuit breaker refused the call; no request was sent. `until` is `None`
+    /// while the breaker is half-open and another request is making the one trial call.
+    #[error("{}", circuit_open_message(model, until))]
+    CircuitOpen {
+        model: String,
+        until: Option<SystemTime>,
+    },
+    /// Our own per-provider budget (requests or tokens per minute) had no room; no request was
+    /// sent. Not the provider's fault: it never counts against the model's circuit breaker.
+    #[error(
+        "the local {which}-per-minute budget for {provider} is spent (KEYVEX_PROVIDER_RPM / KEYVEX_PROVIDER_TPM); room again in {} ms",
+        retry_after.as_millis()
+    )]
+    BudgetRefused {
+        provider: ProviderKind,
+        /// `"requests"` or `"tokens"`.
+        which: &'static str,
+        retry_after: Duration,
+    },
+    /// The caller dropped the route stream while this attempt was running.
+    #[error("cancelled: the caller went away before the attempt finished")]
+    Cancelled,
+}
+
+impl AttemptError {
+    /// A short, stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AttemptError::Provider(e) => e.kind(),
+            AttemptError::CircuitOpen { .. } => "circuit_open",
+            AttemptError::BudgetRefused { .. } => "local_budget",
+            AttemptError::Cancelled => "cancelled",
+        }
+    }
+
+    /// The attempt was refused before any request went out (open circuit, spent local budget).
+    pub fn made_no_call(&self) -> bool {
+        matches!(
+            self,
+            AttemptError::CircuitOpen { .. } | AttemptError::BudgetRefused { .. }
+        )
+    }
+}
+
+fn circuit_open_message(model: &str, until: &Option<SystemTime>) -> String {
+    match until {
+        Some(t) => {
+            let when = OffsetDateTime::from(*t)
+                .format(&Rfc3339)
+                .unwrap_or_else(|_| format!("{t:?}"));
+            format!(
+                "circuit open for model {model} until {when} (it failed repeatedly; the router will try it again then)"
+            )
+        }
+        None => format!(
+            "circuit half-open for model {model}: another request is probing it, try again shortly"
+        ),
+    }
+}
+
+/// Wall-clock time of a `tokio` instant (which tests may pause), for display.
+pub(crate) fn wall_clock(at: Instant) -> SystemTime {
+    let now = Instant::now();
+    if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    }
+}
+
+/// Accumulates one running attempt's events.
+#[derive(Debug)]
+pub(crate) struct AttemptMeter {
+    provider: ProviderKind,
+    model: String,
+    pricing: Pricing,
+    started_at: SystemTime,
+    start: Instant,
+    opened: bool,
+    first_content: Option<Instant>,
+    usage: Option<Usage>,
+    /// The content, when the route keeps it (`RouteOptions::keep_text`).
+    text: Option<String>,
+    output_bytes: usize,
+    output_chars: usize,
+}
+
+impl AttemptMeter {
+    pub(crate) fn new(
+        provider: ProviderKind,
+        model: &str,
+        pricing: Pricing,
+        keep_text: bool,
+    ) -> Self {
+        Self {
+            provider,
+            model: model.to_owned(),
+            pricing,
+            started_at: SystemTime::now(),
+            start: Instant::now(),
+            opened: false,
+            first_content: None,
+            usage: None,
+            text: keep_text.then(String::new),
+            output_bytes: 0,
+            output_chars: 0,
+        }
+    }
+
+    /// The HTTP stream opened: from here on the provider may bill.
+    pub(crate) fn on_open(&mut self) {
+        self.opened = true;
+    }
+
+    /// Records content; returns whether it was the attempt's first.
+    pub(crate) fn on_delta(&mut self, text: &str) -> bool {
+        // A delta implies the stream opened even if a provider skipped `Start`.
+        self.opened = true;
+        self.output_bytes += text.len();
+        self.output_chars += text.chars().count();
+        if let Some(kept) = &mut self.text {
+            kept.push_str(text);
+        }
+        if self.first_content.is_some() {
+            return false;
+        }
+        self.first_content = Some(Instant::now());
+        true
+    }
+
+    pub(crate) fn on_usage(&mut self, usage: Usage) {
+        self.opened = true;
+        self.usage = Some(usage);
+    }
+
+    pub(crate) fn has_content(&self) -> bool {
+        self.first_content.is_some()
+    }
+
+    /// Ends the attempt. `error` is `None` when the provider sent `Done`; `prompt_tokens` is
+    /// only called when usage has to be estimated (tokenizing a long prompt is not free). The
+    /// text is empty when it was not kept.
+    pub(crate) fn finish(
+        self,
+        finish_reason: Option<FinishReason>,
+        error: Option<AttemptError>,
+        prompt_tokens: impl FnOnce() -> u64,
+    ) -> (AttemptRecord, String) {
+        let (usage, usage_estimated) = match (self.usage, &error) {
+            (Some(usage), None) => (usage, false),
+            _ if !self.opened => (Usage::default(), false),
+            (partial, _) => {
+                // A partial report (e.g. Anthropic's `message_start`) knows the prompt exactly,
+                // but its output count stops where the stream did: take the larger of what was
+                // reported and what we counted.
+                let reported = partial.unwrap_or_default();
+                let input = if reported.input > 0 {
+                    reported.input
+                } else {
+                    prompt_tokens()
+                };
+                let usage = Usage {
+                    input,
+                    cached_input: reported.cached_input.min(input),
+                    cache_write: reported.cache_write.min(input),
+                    output: reported.output.max(self.seen_output_tokens()),
+                };
+                (usage, true)
+            }
+        };
+        let record = AttemptRecord {
+            provider: self.provider,
+            model: self.model,
+            started_at: self.started_at,
+            latency: self.start.elapsed(),
+            ttft: self.first_content.map(|t| t - self.start),
+            usage,
+            usage_estimated,
+            cost: cost(&usage, &self.pricing),
+            finish_reason,
+            error,
+            output_chars: self.output_chars,
+        };
+        (record, self.text.unwrap_or_default())
+    }
+
+    /// Output tokens of the content seen: counted when the text was kept, else estimated from
+    /// its length.
+    fn seen_output_tokens(&self) -> u64 {
+        match &self.text {
+            Some(text) => count_tokens(text),
+            None => estimate_tokens(self.output_bytes),
+        }
+    }
+}
+
+impl AttemptRecord {
+    /// A model skipped without a call (its circuit is open, or our budget for its provider is
+    /// spent): nothing consumed.
+    pub(crate) fn skipped(provider: ProviderKind, model: &str, error: AttemptError) -> Self {
+        Self {
+            provider,
+            model: model.to_owned(),
+            started_at: SystemTime::now(),
+            latency: Duration::ZERO,
+            ttft: None,
+            usage: Usage::default(),
+            usage_estimated: false,
+            cost: Cost::ZERO,
+            finish_reason: None,
+            error: Some(error),
+            output_chars: 0,
+        }
+    }
+}
+
+impl fmt::Display for AttemptRecord {
+    /// `gpt-5.4 (openai): <error>` or `gpt-5.4 (openai): ok`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.error {
+            Some(e) => write!(f, "{} ({}): {e}", self.model, self.provider),
+            None => write!(f, "{} ({}): ok", self.model, self.provider),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::Price;
+
+    fn pricing() -> Pricing {
+        Pricing {
+            input: Price::from_usd_per_mtok(2.5).unwrap(),
+            cached_input: Price::from_usd_per_mtok(0.25).unwrap(),
+            cache_write: None,
+            output: Price::from_usd_per_mtok(15.0).unwrap(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_opened_costs_nothing() {
+        let m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing(), true);
+        let err = AttemptError::Cancelled;
+        let (r, _) = m.finish(None, Some(err), || panic!("must not estimate"));
+        assert_eq!(r.cost, Cost::ZERO);
+        assert!(!r.usage_estimated);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partial_usage_keeps_the_exact_prompt_and_counts_the_output() {
+        let mut m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing(), true);
+        m.on_open();
+        m.on_usage(Usage {
+            input: 100,
+            cached_input: 0,
+            cache_write: 0,
+            output: 1,
+        });
+        m.on_delta("Hello there, this is several tokens long.");
+        let (r, text) = m.finish(None, Some(AttemptError::Cancelled), || 7);
+        assert!(r.usage_estimated);
+        assert_eq!(r.usage.input, 100);
+        assert!(r.usage.output > 1);
+        assert_eq!(text, "Hello there, this is several tokens long.");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_text_a_cut_stream_is_estimated_from_its_length() {
+        let mut m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing(), false);
+        m.on_open();
+        m.on_delta("Hello there, ");
+        m.on_delta("this is several tokens long. ñ");
+        let (r, text) = m.finish(None, Some(AttemptError::Cancelled), || 7);
+        assert!(text.is_empty());
+        assert!(r.usage_estimated);
+        assert_eq!(r.usage.input, 7);
+        // 44 bytes at three bytes a token, rounded up.
+        assert_eq!(r.usage.output, 15);
+        assert_eq!(r.output_chars, 43);
+        assert!(r.cost > Cost::ZERO);
+    }
+
+    #[test]
+    fn circuit_open_names_the_model() {
+        let e = AttemptError::CircuitOpen {
+            model: "gpt-5.4".into(),
+            until: Some(SystemTime::UNIX_EPOCH),
+        };
+        assert_eq!(
+            e.to_string(),
+            "circuit open for model gpt-5.4 until 1970-01-01T00:00:00Z (it failed repeatedly; the router will try it again then)"
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! The router: turns one logical request into attempts against providers and one stream of
+//! [`RouteEvent`]s for the caller.
+//!
+//! A process has a primary and a fallback model on the other provider (`catalog`). Before the
+//! first content delta the router falls back freely on retryable errors; once content flows it
+//! is committed to that attempt, and a later failure ends the stream with an explicit
+//! [`RouteEvent::Failed`] carrying what was produced, never a clean but truncated end. Re-trying a model already
+//! tried waits a jittered backoff drawn from a shared [`RetryBudget`]; each model has a circuit
+//! breaker; every attempt is costed. `run.rs` holds the state machine of one route.
+
+mod attempt;
+mod breaker;
+mod budget;
+mod outcome;
+mod run;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use agents::Process;
+use futures::Stream;
+use pin_project_lite::pin_project;
+
+use crate::catalog::{Catalog, ModelSpec};
+use crate::limits::{ProviderBudget, ProviderRates};
+use crate::provider::{ChatMessage, ResponseSchema, SharedProvider};
+use crate::stream::ProviderKind;
+
+pub use attempt::{AttemptError, AttemptRecord};
+pub use breaker::{BreakerConfig, CircuitState};
+pub use budget::{RetryBudget, RetryBudgetConfig};
+pub use outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
+
+/// Told about a route its caller abandoned (the stream was dropped before its terminal event),
+/// which therefore cannot deliver that event. Given per route (see [`Router::open`]), so it
+/// knows whose route it was. Called synchronously from `Drop`: keep it cheap and non-blocking
+/// (hand the outcome to a channel, as the metrics ledger does).
+pub trait RouteObserver: Send + Sync + 'static {
+    fn on_cancelled(&self, outcome: RouteOutcome);
+}
+
+/// What a route serves: a process (its primary, then its fallback) or one catalog model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallTarget {
+    Process(Process),
+    Model(String),
+}
+
+impl CallTarget {
+    /// `magicSpark`, … parse as a process; anything else is taken as a model id.
+    pub fn parse(name: &str) -> CallTarget {
+        match name.parse::<Process>() {
+            Ok(p) => CallTarget::Process(p),
+            Err(_) => CallTarget::Model(name.to_owned()),
+        }
+    }
+
+    pub fn process(&self) -> Option<Process> {
+        match self {
+            CallTarget::Process(p) => Some(*p),
+            CallTarget::Model(_) => None,
+        }
+    }
+}
+
+/// How the router retries, times out and protects providers.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// From an attempt's start to its first content delta; past it the attempt fails with
+    /// `FirstTokenTimeout` and the router falls back.
+    pub ttft_timeout: Duration,
+    /// Longest silence between two provider events once content flows (`Stalled`).
+    pub stall_timeout: Duration,
+    /// Calls per route, counting the first (default 4: primary, fallback, primary, fallback).
+    /// Models skipped by an open circuit do not count: they make no call.
+    pub max_attempts: u32,
+    /// Full-jitter backoff before re-trying a model: uniform in `0..=min(cap, base × 2^(n-1))`
+    /// for its n-th retry. Switching to a different model does not wait.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// A `retry-after` longer than this skips the model for the rest of the route instead of
+    /// waiting.
+    pub max_retry_after: Duration,
+    pub budget: RetryBudgetConfig,
+    pub breaker: BreakerConfig,
+    /// Requests and tokens per minute each provider may be sent, reserved before every attempt
+    /// and settled with its usage; `None` leaves providers unlimited.
+    pub provider_rates: Option<ProviderRates>,
+}
+
+impl Default for RouterConfig {
+    /// Timeouts match `EngineConfig`'s defaults; backoff follows the OpenAI and Anthropic SDKs
+    /// (0.5 s doubling, capped at 8 s).
+    fn default() -> Self {
+        Self {
+            ttft_timeout: Duration::from_secs(20),
+            stall_timeout: Duration::from_secs(30),
+            max_attempts: 4,
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(8),
+            max_retry_after: Duration::from_secs(30),
+            budget: RetryBudgetConfig::default(),
+            breaker: BreakerConfig::default(),
+            provider_rates: None,
+        }
+    }
+}
+
+/// One provider per wire protocol; a missing one makes its models unavailable.
+#[derive(Clone, Default)]
+pub struct Providers {
+    by_kind: BTreeMap<ProviderKind, SharedProvider>,
+}
+
+impl Providers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, kind: ProviderKind, provider: SharedProvider) -> Self {
+        self.by_kind.insert(kind, provider);
+        self
+    }
+
+    pub fn get(&self, kind: ProviderKind) -> Option<&SharedProvider> {
+        self.by_kind.get(&kind)
+    }
+}
+
+impl fmt::Debug for Providers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.by_kind.keys()).finish()
+    }
+}
+
+/// What to ask, in provider-neutral form. `None` settings take the process's (or model's)
+/// defaults from the catalog.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RouteRequest {
+    pub system: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    pub response_schema: Option<ResponseSchema>,
+    pub max_output_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+}
+
+/// What a route keeps for its outcome besides the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteOptions {
+    /// Whether [`RouteOutcome::text`] holds the answer. A caller that relays the deltas itself
+    /// turns it off, so an open stream does not also hold everything it already relayed (a long
+    /// answer is tens of KiB per stream); a cut stream's output is then estimated from its byte
+    /// count instead of by tokenizing the text.
+    pub keep_text: bool,
+}
+
+impl Default for RouteOptions {
+    fn default() -> Self {
+        Self { keep_text: true }
+    }
+}
+
+/// What the caller of a route sees, in order: for each attempt that opened a stream a `Start`;
+/// a `Fallback` before each switch to a different model; the committed attempt's `Delta`s; and
+/// exactly one terminal `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteEvent {
+    Start {
+        provider: ProviderKind,
+        model: String,
+        /// 1-based position in the outcome's `attempts`.
+        attempt: u32,
+    },
+    Fallback {
+        from: String,
+        to: String,
+        reason: String,
+    },
+    Delta(String),
+    Finished(RouteOutcome),
+    Failed(RouteFailure),
+}
+
+/// The events of one route. Dropping it cancels the in-flight provider call.
+pub type RouteStream = Pin<Box<dyn Stream<Item = RouteEvent> + Send>>;
+
+/// Routes requests to models. Cheap to clone; clones share breakers and the retry budget.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Shared>,
+}
+
+/// What every route of one router shares.
+struct Shared {
+    catalog: Arc<Catalog>,
+    providers: Providers,
+    config: RouterConfig,
+    breakers: breaker::Breakers,
+    budget: RetryBudget,
+    /// Each provider's request and token budget, when `provider_rates` is set.
+    provider_budgets: BTreeMap<ProviderKind, Arc<ProviderBudget>>,
+}
+
+impl Router {
+    pub fn new(catalog: Arc<Catalog>, providers: Providers, config: RouterConfig) -> Self {
+        let provider_budgets = match config.provider_rates {
+            Some(rates) => providers
+                .by_kind
+                .keys()
+                .map(|kind| (*kind, Arc::new(ProviderBudget::new(*kind, rates))))
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        Self {
+            inner: Arc::new(Shared {
+                catalog,
+                providers,
+                breakers: breaker::Breakers::new(config.breaker),
+                budget: RetryBudget::new(config.budget),
+                provider_budgets,
+                config,
+            }),
+        }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.inner.config
+    }
+
+    /// The circuit breaker state of a model (closed for a model never called).
+    pub fn circuit_state(&self, model_id: &str) -> CircuitState {
+        self.inner.breakers.state(model_id)
+    }
+
+    /// Opens a route to `target`: a process, or one catalog model retried on itself (an
+    /// unknown model, or one whose provider is not configured, is an error here). `observer`
+    /// hears of the route if its caller drops it before the terminal event.
+    #[expect(
+        clippy::result_large_err,
+        reason = "RouteError keeps the API's shape (ProviderError inline); errors are once per request"
+    )]
+    pub fn open(
+        &self,
+        target: &CallTarget,
+        request: RouteRequest,
+        options: RouteOptions,
+        observer: Option<Arc<dyn RouteObserver>>,
+    ) -> Result<RouteStream, RouteError> {
+        let model_id = match target {
+            CallTarget::Process(process) => {
+                return Ok(self.open_process(*process, request, options, observer));
+            }
+            CallTarget::Model(model_id) => model_id,
+        };
+        let catalog = &self.inner.catalog;
+        let Some(model) = catalog.model(model_id) else {
+            return Err(RouteError::UnknownModel {
+                model: model_id.clone(),
+                known: catalog.models().iter().map(|m| m.id.clone()).collect(),
+            });
+        };
+        if self.inner.providers.get(model.provider).is_none() {
+            return Err(RouteError::NoProvider {
+                provider: model.provider,
+                model: model.id.clone(),
+            });
+        }
+        let span = tracing::info_span!("route", process = "-", primary = %model.id);
+        Ok(self.start(None, &[model], request, options, observer, span))
+    }
+
+    /// Primary, then fallback of the process, with the process's `max_output_tokens` and
+    /// `temperature` as defaults. A model whose provider is not configured is left out; when
+    /// none is left the stream fails with `NoProvider`.
+    pub fn open_process(
+        &self,
+        process: Process,
+        request: RouteRequest,
+        options: RouteOptions,
+        observer: Option<Arc<dyn RouteObserver>>,
+    ) -> RouteStream {
+        let catalog = &self.inner.catalog;
+        let route = catalog.route(process);
+        let models: Vec<&ModelSpec> = [&route.primary, &route.fallback]
+            .into_iter()
+            .filter_map(|id| catalog.model(id))
+            .collect();
+        let request = RouteRequest {
+            max_output_tokens: request.max_output_tokens.or(Some(route.max_output_tokens)),
+            temperature: request.temperature.or(route.temperature),
+            ..request
+        };
+        let span = tracing::info_span!("route", process = %process, primary = %route.primary);
+        self.start(Some(process), &models, request, options, observer, span)
+    }
+
+    /// A process's route with default options and no observer (tests and benches).
+    pub fn stream_process(&self, process: Process, request: RouteRequest) -> RouteStream {
+        self.open_process(process, request, RouteOptions::default(), None)
+    }
+
+    /// One catalog model, retried on itself, with default options and no observer.
+    #[expect(
+        clippy::result_large_err,
+        reason = "RouteError keeps the API's shape (ProviderError inline); errors are once per request"
+    )]
+    pub fn stream_model(
+        &self,
+        model_id: &str,
+        request: RouteRequest,
+    ) -> Result<RouteStream, RouteError> {
+        self.open(
+            &CallTarget::Model(model_id.to_owned()),
+            request,
+            RouteOptions::default(),
+            None,
+        )
+    }
+
+    fn start(
+        &self,
+        process: Option<Process>,
+        models: &[&ModelSpec],
+        request: RouteRequest,
+        options: RouteOptions,
+        observer: Option<Arc<dyn RouteObserver>>,
+        span: tracing::Span,
+    ) -> RouteStream {
+        let plan = run::Plan::new(
+            &self.inner.providers,
+            process,
+            models,
+            request,
+            options,
+            observer,
+        );
+        Box::pin(InSpan {
+            inner: run::route(self.inner.clone(), plan),
+            span,
+        })
+    }
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field("catalog", &self.inner.catalog.source())
+            .field("providers", &self.inner.providers)
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+/// `now + after`, saturating far in the future: a configured `Duration::MAX` means "never",
+/// and `Instant + Duration` would panic on overflow.
+pub(crate) fn deadline_in(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(60 * 60 * 24 * 365))
+}
+
+pin_project! {
+    /// Polls a stream inside a tracing span, so everything logged while it runs (router and
+    /// provider) carries the span's fields.
+    struct InSpan<S> {
+        #[pin]
+        inner: S,
+        span: tracing::Span,
+    }
+}
+
+impl<S: Stream> Stream for InSpan<S> {
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        this.inner.poll_next(cx)
+    }
+}

@@ -1,0 +1,144 @@
+//! The server's Prometheus metrics, in a registry of its own (no global recorder), so several
+//! servers can run in one process (tests) without mixing their counters.
+
+use std::fmt;
+
+use metrics::{counter, gauge, histogram, with_local_recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use keyvex_engine::record::{CallObserver, RequestRecord};
+use keyvex_store::MetricsHealth;
+
+/// Latency buckets in seconds: tens of milliseconds (TTFT against a fast model) up to two
+/// minutes (a long agent answer).
+const BUCKETS: &[f64] = &[
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+];
+
+pub struct ServerMetrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl fmt::Debug for ServerMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServerMetrics")
+    }
+}
+
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Every model call the engine records, whoever made it (routes, the in-process worker), is
+/// counted: the engine is built with the server's metrics as an observer.
+impl CallObserver for ServerMetrics {
+    fn on_record(&self, record: &RequestRecord) {
+        self.call(record);
+    }
+}
+
+impl ServerMetrics {
+    pub fn new() -> ServerMetrics {
+        let builder = PrometheusBuilder::new();
+        // The bucket list is a non-empty constant, so this cannot fail; fall back to summaries
+        // rather than panic if it ever did.
+        let builder = match builder.set_buckets(BUCKETS) {
+            Ok(b) => b,
+            Err(error) => {
+                tracing::warn!(%error, "histogram buckets rejected; exporting summaries");
+                PrometheusBuilder::new()
+            }
+        };
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        ServerMetrics { recorder, handle }
+    }
+
+    /// One HTTP request answered.
+    pub fn http_request(&self, route: &str, status: u16) {
+        with_local_recorder(&self.recorder, || {
+            counter!("keyvex_http_requests_total", "route" => route.to_owned(), "status" => status.to_string())
+                .increment(1);
+        });
+    }
+
+    /// A caller hit its rate limit.
+    pub fn rate_limited(&self, endpoint: &str) {
+        with_local_recorder(&self.recorder, || {
+            counter!("keyvex_rate_limited_total", "scope" => "caller", "endpoint" => endpoint.to_owned())
+                .increment(1);
+        });
+    }
+
+    pub fn stream_opened(&self) {
+        with_local_recorder(&self.recorder, || {
+            gauge!("keyvex_streams_in_flight").increment(1.0);
+        });
+    }
+
+    pub fn stream_closed(&self) {
+        with_local_recorder(&self.recorder, || {
+            gauge!("keyvex_streams_in_flight").decrement(1.0);
+        });
+    }
+
+    /// One routed model call, from its metrics record.
+    fn call(&self, rec: &RequestRecord) {
+        let labels = [
+            ("process", rec.process.clone()),
+            ("provider", rec.provider.clone()),
+            ("model", rec.model.clone()),
+        ];
+        with_local_recorder(&self.recorder, || {
+            let mut with_status = labels.to_vec();
+            with_status.push(("status", rec.status.as_str().to_owned()));
+            counter!("keyvex_calls_total", &with_status).increment(1);
+            if let Some(kind) = &rec.error_kind {
+                counter!("keyvex_call_errors_total", "kind" => kind.clone(), "process" => rec.process.clone())
+                    .increment(1);
+            }
+            if rec.fallback_used {
+                counter!("keyvex_fallbacks_total", "process" => rec.process.clone()).increment(1);
+            }
+            if rec.attempts > 1 {
+                counter!("keyvex_call_retries_total", "process" => rec.process.clone())
+                    .increment(u64::from(rec.attempts - 1));
+            }
+            histogram!("keyvex_call_latency_seconds", &labels)
+                .record(rec.latency_ms as f64 / 1000.0);
+            if let Some(ttft) = rec.ttft_ms {
+                histogram!("keyvex_call_ttft_seconds", &labels).record(ttft as f64 / 1000.0);
+            }
+            for (kind, n) in [
+                ("input", rec.input_tokens),
+                ("cached_input", rec.cached_input_tokens),
+                ("cache_write", rec.cache_write_tokens),
+                ("output", rec.output_tokens),
+            ] {
+                let mut l = labels.to_vec();
+                l.push(("type", kind.to_owned()));
+                counter!("keyvex_tokens_total", &l).increment(n);
+            }
+            counter!("keyvex_cost_micro_usd_total", &labels).increment(rec.cost_micro_usd);
+        });
+    }
+
+    /// The Prometheus text exposition, with the metrics pipeline's health sampled now.
+    pub fn render(&self, health: &MetricsHealth) -> String {
+        with_local_recorder(&self.recorder, || {
+            let sink = health.sink;
+            gauge!("keyvex_metrics_accepted", "sink" => sink).set(health.accepted as f64);
+            gauge!("keyvex_metrics_durable", "sink" => sink).set(health.durable as f64);
+            gauge!("keyvex_metrics_shipped", "sink" => sink).set(health.shipped as f64);
+            gauge!("keyvex_metrics_retried", "sink" => sink).set(health.retried as f64);
+            gauge!("keyvex_metrics_failed_writes", "sink" => sink).set(health.failed_writes as f64);
+            gauge!("keyvex_metrics_pending", "sink" => sink).set(health.pending as f64);
+            gauge!("keyvex_metrics_oldest_pending_age_seconds", "sink" => sink)
+                .set(health.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+        });
+        self.handle.render()
+    }
+}

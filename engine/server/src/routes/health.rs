@@ -1,0 +1,70 @@
+//! Liveness, readiness, Prometheus metrics, and the smallest admin route.
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json};
+use serde_json::json;
+
+use crate::AppState;
+use crate::auth::Caller;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+pub fn admin_routes() -> axum::Router<AppState> {
+    axum::Router::new().route("/v1/admin/whoami", get(whoami))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the catalog is loaded, the metrics ledger keeps up (no unrecovered commit errors)
+/// and the server is not draining.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let health = state.tracker().health();
+    let catalog = state.engine().catalog();
+    let ledger_ok = health.ledger_errors == 0 || health.durable >= health.accepted;
+    let draining = state.is_draining();
+    let ready = ledger_ok && !draining && !catalog.models().is_empty();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "draining": draining,
+        "catalog": { "version": catalog.version(), "models": catalog.models().len() },
+        "metrics": {
+            "sink": health.sink,
+            "ledgerWritable": ledger_ok,
+            "accepted": health.accepted,
+            "durable": health.durable,
+            "pending": health.pending,
+        },
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.prom().render(&state.tracker().health());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn whoami(Extension(caller): Extension<Caller>) -> Json<serde_json::Value> {
+    Json(json!({ "caller": caller.id, "role": caller.role }))
+}

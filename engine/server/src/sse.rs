@@ -1,0 +1,353 @@
+//! Server-sent event streams: the encoded event type, and the body every streaming response
+//! goes through (shutdown, in-flight accounting, keep-alive).
+//!
+//! When a client disconnects, hyper drops the response body; dropping the engine stream inside
+//! it drops the call, which the engine records as cancelled with the context it was opened with.
+//!
+//! Why not axum's `Sse`: its `Event` grows a `BytesMut` piece by piece, and its body re-arms the
+//! keep-alive timer after every event. Here an event is encoded once into one exactly-grown
+//! buffer, and the keep-alive timer moves only when it fires. The wire format is the same:
+//! `event: <name>\n` (if named), `data: <json>\n`, a blank line; keep-alives are `: keep-alive`.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use futures::stream::BoxStream;
+use futures::task::AtomicWaker;
+use http_body::Frame;
+use serde::Serialize;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use crate::prom::ServerMetrics;
+
+/// One server-sent event, already encoded for the wire.
+#[derive(Debug, Clone)]
+pub struct Event(Bytes);
+
+impl Event {
+    /// A data-only event with a fixed text (`[DONE]`); `text` must hold no line break.
+    pub fn text(text: &'static str) -> Event {
+        let mut buf = Vec::with_capacity(text.len() + 8);
+        buf.extend_from_slice(b"data: ");
+        buf.extend_from_slice(text.as_bytes());
+        buf.extend_from_slice(b"\n\n");
+        Event(Bytes::from(buf))
+    }
+
+    /// The encoded bytes (for tests and benches).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// `event: <name>\n` (when named), `data: <json>\n\n`. Compact JSON never holds a raw line
+/// break (serde escapes them inside strings), so the data always fits one `data:` line.
+fn encode(
+    name: Option<&str>,
+    data: &impl Serialize,
+    fallback: impl FnOnce(String) -> String,
+) -> Event {
+    let mut buf = Vec::with_capacity(256);
+    if let Some(name) = name {
+        buf.extend_from_slice(b"event: ");
+        buf.extend_from_slice(name.as_bytes());
+        buf.push(b'\n');
+    }
+    buf.extend_from_slice(b"data: ");
+    let start = buf.len();
+    if let Err(e) = serde_json::to_writer(&mut buf, data) {
+        buf.truncate(start);
+        buf.extend_from_slice(fallback(e.to_string()).as_bytes());
+    }
+    buf.extend_from_slice(b"\n\n");
+    Event(Bytes::from(buf))
+}
+
+/// An SSE event with a name and a JSON body. Serialization of our own types cannot fail; if it
+/// ever did, the event says so rather than panicking.
+pub fn event(name: &str, data: &impl Serialize) -> Event {
+    encode(Some(name), data, |e| {
+        format!(r#"{{"kind":"internal","message":"event could not be encoded: {e}"}}"#)
+    })
+}
+
+/// A data-only event (OpenAI chunks).
+pub fn data(data: &impl Serialize) -> Event {
+    encode(None, data, |e| {
+        format!(
+            r#"{{"error":{{"message":"chunk could not be encoded: {e}","type":"server_error"}}}}"#
+        )
+    })
+}
+
+/// The keep-alive comment, sent after `interval` without an event.
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Wakes the stream's task when the drain deadline passes, and says that it did: the
+/// cancellation future is then polled only when it fired, instead of taking the token's
+/// shared locks on every poll of every open stream.
+#[derive(Default)]
+struct ForceWake {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ForceWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// What [`Guarded`] needs from the server besides the stream.
+pub struct GuardConfig {
+    pub force: WaitForCancellationFutureOwned,
+    pub shutdown_event: Event,
+    pub prom: Arc<ServerMetrics>,
+    pub in_flight: TaskTrackerToken,
+    pub keep_alive: Duration,
+}
+
+/// The body of a streaming response: relays the event stream, ends it with `shutdown_event`
+/// when the drain deadline passes, sends a keep-alive comment after `keep_alive` of silence,
+/// and keeps the stream counted while it is open.
+pub struct Guarded {
+    inner: Option<BoxStream<'static, Event>>,
+    force: Pin<Box<WaitForCancellationFutureOwned>>,
+    force_wake: Arc<ForceWake>,
+    /// Whether `force` has been polled once (and so holds `force_wake` as its waker).
+    force_armed: bool,
+    shutdown_event: Option<Event>,
+    keep_alive: Pin<Box<Sleep>>,
+    keep_alive_every: Duration,
+    last_sent: Instant,
+    prom: Arc<ServerMetrics>,
+    _in_flight: TaskTrackerToken,
+}
+
+impl Guarded {
+    pub fn new(inner: BoxStream<'static, Event>, config: GuardConfig) -> Guarded {
+        config.prom.stream_opened();
+        let now = Instant::now();
+        Guarded {
+            inner: Some(inner),
+            force: Box::pin(config.force),
+            force_wake: Arc::new(ForceWake::default()),
+            force_armed: false,
+            shutdown_event: Some(config.shutdown_event),
+            keep_alive: Box::pin(tokio::time::sleep_until(now + config.keep_alive)),
+            keep_alive_every: config.keep_alive,
+            last_sent: now,
+            prom: config.prom,
+            _in_flight: config.in_flight,
+        }
+    }
+
+    /// The streaming response: `text/event-stream`, not cached, this body.
+    pub fn into_response(self) -> Response {
+        let mut response = Body::new(self).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        response
+    }
+
+    fn drop_inner(&mut self) {
+        self.inner = None;
+    }
+
+    /// Whether the drain deadline passed. Polls the cancellation future only on the first call
+    /// and after it woke us.
+    fn forced(&mut self, cx: &Context<'_>) -> bool {
+        self.force_wake.task.register(cx.waker());
+        let fired = self.force_wake.fired.swap(false, Ordering::Acquire);
+        if self.force_armed && !fired {
+            return false;
+        }
+        self.force_armed = true;
+        let waker = Waker::from(Arc::clone(&self.force_wake));
+        self.force
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready()
+    }
+
+    /// A keep-alive comment when the stream has been silent for the interval; otherwise arms
+    /// the timer for when it will have been.
+    fn poll_keep_alive(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
+        loop {
+            if self.keep_alive.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = self.last_sent + self.keep_alive_every;
+            let now = Instant::now();
+            if now >= due {
+                self.last_sent = now;
+                self.keep_alive.as_mut().reset(now + self.keep_alive_every);
+                return Poll::Ready(Bytes::from_static(KEEP_ALIVE));
+            }
+            // Events were sent since the timer was armed: the silence started later.
+            self.keep_alive.as_mut().reset(due);
+        }
+    }
+}
+
+impl HttpBody for Guarded {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        if this.inner.is_none() {
+            return Poll::Ready(None);
+        }
+        if this.forced(cx) {
+            tracing::warn!("drain deadline passed; ending an open stream");
+            this.drop_inner();
+            return Poll::Ready(this.shutdown_event.take().map(|e| Ok(Frame::data(e.0))));
+        }
+        let polled = match this.inner.as_mut() {
+            Some(inner) => inner.as_mut().poll_next(cx),
+            None => Poll::Ready(None),
+        };
+        match polled {
+            Poll::Ready(Some(e)) => {
+                this.last_sent = Instant::now();
+                Poll::Ready(Some(Ok(Frame::data(e.0))))
+            }
+            Poll::Ready(None) => {
+                this.drop_inner();
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.poll_keep_alive(cx) {
+                Poll::Ready(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.drop_inner();
+        self.prom.stream_closed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+
+    fn guarded(
+        events: BoxStream<'static, Event>,
+        force: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Guarded {
+        Guarded::new(
+            events,
+            GuardConfig {
+                force: force.clone().cancelled_owned(),
+                shutdown_event: event("error", &serde_json::json!({ "kind": "shutdown" })),
+                prom: Arc::new(ServerMetrics::new()),
+                in_flight: tracker.token(),
+                keep_alive: Duration::from_secs(15),
+            },
+        )
+    }
+
+    async fn next_frame(body: &mut Guarded) -> Option<String> {
+        let frame = futures::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+            .await?
+            .ok()?;
+        let data = frame.into_data().ok()?;
+        Some(String::from_utf8_lossy(&data).into_owned())
+    }
+
+    #[test]
+    fn events_are_encoded_as_axum_did() {
+        let named = event("delta", &serde_json::json!({ "text": "a\nb" }));
+        assert_eq!(
+            named.as_bytes(),
+            b"event: delta\ndata: {\"text\":\"a\\nb\"}\n\n"
+        );
+        let plain = data(&serde_json::json!({ "n": 1 }));
+        assert_eq!(plain.as_bytes(), b"data: {\"n\":1}\n\n");
+        assert_eq!(Event::text("[DONE]").as_bytes(), b"data: [DONE]\n\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_comes_after_the_interval_of_silence_only() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Event>();
+        let (force, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let mut body = guarded(rx.boxed(), &force, &tracker);
+
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        tx.unbounded_send(data(&1)).unwrap();
+        assert_eq!(next_frame(&mut body).await.unwrap(), "data: 1\n\n");
+        let sent = tokio::time::Instant::now();
+        // The silence started with that event, not when the stream opened.
+        assert_eq!(next_frame(&mut body).await.unwrap(), ": keep-alive\n\n");
+        assert_eq!(sent.elapsed(), Duration::from_secs(15));
+        assert_eq!(next_frame(&mut body).await.unwrap(), ": keep-alive\n\n");
+        assert_eq!(sent.elapsed(), Duration::from_secs(30));
+
+        drop(tx);
+        assert_eq!(next_frame(&mut body).await, None);
+        drop(body);
+        tracker.close();
+        assert!(
+            tracker.is_empty(),
+            "the stream stops being counted once dropped"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_deadline_ends_an_open_stream_with_the_shutdown_event() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Event>();
+        let (force, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let mut body = guarded(rx.boxed(), &force, &tracker);
+        tx.unbounded_send(data(&1)).unwrap();
+        assert_eq!(next_frame(&mut body).await.unwrap(), "data: 1\n\n");
+
+        let reader = tokio::spawn(async move {
+            let mut frames = Vec::new();
+            while let Some(frame) = next_frame(&mut body).await {
+                frames.push(frame);
+            }
+            frames
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        force.cancel();
+        let frames = reader.await.unwrap();
+        assert_eq!(
+            frames,
+            ["event: error\ndata: {\"kind\":\"shutdown\"}\n\n".to_owned()]
+        );
+        assert!(tx.is_closed(), "the inner stream was dropped");
+    }
+}

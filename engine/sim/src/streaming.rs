@@ -1,0 +1,230 @@
+//! The protocol-neutral stream driver: timing, pacing, pings and stream faults, with each
+//! protocol supplying only the bytes of its events through [`Encoder`].
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::SimState;
+use super::knobs::Failure;
+use super::stats::{Ending, ServedStream, StreamGuard};
+use keyvex_engine::stream::ProviderKind;
+use keyvex_engine::tokenize::count_tokens;
+
+/// The bytes of one protocol's stream events.
+pub(crate) trait Encoder: Send + 'static {
+    /// Sent with the headers, before the time to first token (Anthropic's `message_start`).
+    fn open(&mut self) -> Vec<Bytes>;
+    /// Sent at the first token, before the first content (OpenAI's role chunk, Anthropic's
+    /// `content_block_start`).
+    fn begin(&mut self) -> Vec<Bytes>;
+    fn delta(&mut self, piece: &str) -> Bytes;
+    /// Everything after the last content, terminator included.
+    fn finish(&mut self) -> Vec<Bytes>;
+    /// An in-stream error event.
+    fn error(&mut self, error_type: &str) -> Bytes;
+    /// A `data:` line that is not JSON.
+    fn malformed(&mut self) -> Bytes;
+    /// A keep-alive event, if the protocol has one.
+    fn ping(&mut self) -> Option<Bytes>;
+}
+
+/// What to stream and how.
+pub(crate) struct Script {
+    pub chunks: Vec<String>,
+    pub ttft: Duration,
+    pub tokens_per_sec: f64,
+    pub ping_every: Duration,
+    /// Only stream failures (cut, stall, in-stream error, malformed) are acted on here; HTTP
+    /// failures never reach a stream.
+    pub failure: Option<Failure>,
+    /// What the served log says of this stream when it completes.
+    pub served: Served,
+}
+
+/// The request a stream answers, for the served log.
+pub(crate) struct Served {
+    pub protocol: ProviderKind,
+    pub model: String,
+    pub schema_name: Option<String>,
+    /// When the handler had the request body.
+    pub received: Instant,
+}
+
+impl Served {
+    fn log(self, state: &SimState) {
+        state.stats.served(ServedStream {
+            protocol: self.protocol,
+            model: self.model,
+            schema_name: self.schema_name,
+            service: self.received.elapsed(),
+            received_at: Some(self.received.into_std()),
+        });
+    }
+}
+
+/// Sleeps until `deadline`; `false` when the simulator is shutting down first.
+async fn sleep_until(state: &SimState, deadline: Instant) -> bool {
+    // A timer for a past instant still waits for the next tick (~1 ms); skip it.
+    if deadline <= Instant::now() {
+        return !state.shutdown.is_cancelled();
+    }
+    tokio::select! {
+        () = tokio::time::sleep_until(deadline) => true,
+        () = state.shutdown.cancelled() => false,
+    }
+}
+
+fn threshold(failure: &Failure) -> Option<u64> {
+    match failure {
+        Failure::Cut { tokens }
+        | Failure::Stall { tokens, .. }
+        | Failure::InStream { tokens, .. }
+        | Failure::Malformed { tokens } => Some(*tokens),
+        Failure::Http { .. } | Failure::Quota => None,
+    }
+}
+
+/// The streaming response body. The guard inside counts the stream open until the body is
+/// dropped, and records whether it finished, was cut, or was abandoned by its client.
+pub(crate) fn body<E: Encoder>(state: Arc<SimState>, script: Script, mut enc: E) -> Body {
+    let stream = async_stream::stream! {
+        let mut guard = StreamGuard::new(state.clone());
+        let shutting_down = || io::Error::other("provider simulator is shutting down");
+        for bytes in enc.open() {
+            yield Ok::<Bytes, io::Error>(bytes);
+        }
+        // Time to first token, with keep-alives on the way like the real APIs.
+        let start = Instant::now();
+        let first_token_at = start + script.ttft;
+        let mut last_ping = start;
+        loop {
+            let next_ping = (!script.ping_every.is_zero()).then(|| last_ping + script.ping_every);
+            let wake = next_ping.map_or(first_token_at, |p| p.min(first_token_at));
+            if !sleep_until(&state, wake).await {
+                guard.end(Ending::Aborted);
+                yield Err(shutting_down());
+                return;
+            }
+            if Instant::now() >= first_token_at {
+                break;
+            }
+            if let Some(ping) = enc.ping() {
+                yield Ok(ping);
+            }
+            last_ping = Instant::now();
+        }
+        for bytes in enc.begin() {
+            yield Ok(bytes);
+        }
+        let content_start = Instant::now();
+        let paced = script.tokens_per_sec.is_finite() && script.tokens_per_sec > 0.0;
+        let mut failure = script.failure;
+        let mut sent: u64 = 0;
+        let mut index = 0;
+        loop {
+            // Stream faults fire once `sent` reaches their threshold, or before the terminator
+            // when the answer is shorter than that.
+            let at_end = index == script.chunks.len();
+            let due = failure
+                .as_ref()
+                .and_then(threshold)
+                .is_some_and(|t| sent >= t || at_end);
+            if due {
+                match failure.take() {
+                    Some(Failure::Cut { .. }) => {
+                        // Let hyper flush what was sent, then break the connection with no
+                        // terminator: the client sees a body that ends mid-stream.
+                        tokio::task::yield_now().await;
+                        guard.end(Ending::Aborted);
+                        state.stats.fault();
+                        yield Err(io::Error::other("simulated connection cut"));
+                        return;
+                    }
+                    Some(Failure::Stall { stall, .. }) => {
+                        state.stats.fault();
+                        if !sleep_until(&state, Instant::now() + stall).await {
+                            guard.end(Ending::Aborted);
+                            yield Err(shutting_down());
+                            return;
+                        }
+                    }
+                    Some(Failure::InStream { error_type, .. }) => {
+                        state.stats.fault();
+                        yield Ok(enc.error(&error_type));
+                        guard.end(Ending::Completed);
+                        return;
+                    }
+                    Some(Failure::Malformed { .. }) => {
+                        state.stats.fault();
+                        yield Ok(enc.malformed());
+                    }
+                    Some(Failure::Http { .. } | Failure::Quota) | None => {}
+                }
+            }
+            let Some(piece) = script.chunks.get(index) else {
+                break;
+            };
+            index += 1;
+            let tokens = count_tokens(piece);
+            if paced {
+                // Pace by the running total so rounding does not accumulate; skip sub-ms waits,
+                // which the timer would round up to a full millisecond each.
+                let due_at = content_start + Duration::from_secs_f64(sent as f64 / script.tokens_per_sec);
+                if due_at > Instant::now() + Duration::from_millis(1)
+                    && !sleep_until(&state, due_at).await
+                {
+                    guard.end(Ending::Aborted);
+                    yield Err(shutting_down());
+                    return;
+                }
+            }
+            yield Ok(enc.delta(piece));
+            sent += tokens;
+            if !script.ping_every.is_zero() && last_ping.elapsed() >= script.ping_every {
+                if let Some(ping) = enc.ping() {
+                    yield Ok(ping);
+                }
+                last_ping = Instant::now();
+            }
+        }
+        for bytes in enc.finish() {
+            yield Ok(bytes);
+        }
+        guard.end(Ending::Completed);
+        script.served.log(&state);
+    };
+    Body::from_stream(stream)
+}
+
+/// Frames one SSE event: an optional `event:` line, one `data:` line, a blank line.
+pub(crate) fn sse(event: Option<&str>, data: &str) -> Bytes {
+    let mut out = String::with_capacity(data.len() + 32);
+    if let Some(event) = event {
+        out.push_str("event: ");
+        out.push_str(event);
+        out.push('\n');
+    }
+    out.push_str("data: ");
+    out.push_str(data);
+    out.push_str("\n\n");
+    Bytes::from(out)
+}
+
+/// How long a non-streamed answer of `tokens` tokens takes to generate.
+pub(crate) fn generation_time(ttft: Duration, tokens_per_sec: f64, tokens: u64) -> Duration {
+    if tokens_per_sec.is_finite() && tokens_per_sec > 0.0 {
+        ttft + Duration::from_secs_f64(tokens as f64 / tokens_per_sec)
+    } else {
+        ttft
+    }
+}
+
+/// Sleeps `d` unless the simulator shuts down first (`false` then).
+pub(crate) async fn wait(state: &SimState, d: Duration) -> bool {
+    d.is_zero() || sleep_until(state, Instant::now() + d).await
+}
