@@ -4,8 +4,10 @@
 //! Each run measures a small subset briefly (milliseconds per bench), so the file stays fast;
 //! the verdicts do not depend on timing precision because the margins are orders of magnitude.
 
-// Helpers outside `#[test]` fns are not covered by clippy.toml's allow-unwrap-in-tests.
-#![allow(clippy::unwrap_used)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test (the tests' allowance does not reach helpers)"
+)]
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -3,8 +3,10 @@
 //! impossible target fails the exit code and is named, faults show up as errors and fallbacks,
 //! and the open loop counts drops.
 
-// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test (the tests' allowance does not reach helpers)"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

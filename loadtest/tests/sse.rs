@@ -1,9 +1,6 @@
 //! The SSE parser on streams split at every possible byte, and the observer's reading of the
 //! engine's agent and chat streams.
 
-// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::time::{Duration, Instant};
 
 use keyvex_engine::catalog::Catalog;

@@ -1,7 +1,9 @@
 //! Targets: parsing, overrides, and the verdict with how much a miss missed by.
 
-// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test (the tests' allowance does not reach helpers)"
+)]
 
 use std::time::Duration;
 

@@ -1,1 +1,16 @@
+//! Integration tests of the embeddable core, one test binary (link once): the provider clients
+//! against canned HTTP answers, the router's decisions against scripted providers, routing and
+//! agent runs against the simulator over HTTP on loopback, and the engine's one call path
+//! (every call recorded exactly once, with its context).
 
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod agent_runs;
+mod engine_calls;
+mod provider_clients;
+mod router_decisions;
+mod routing_over_http;

@@ -2,25 +2,19 @@
 //! DynamoDB (moto, real SDK) on the same traffic, with exact percentiles on a known
 //! distribution, and its DynamoDB reads are key or GSI `Query`s, never `Scan`.
 
-// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keyvex_engine::cost::Cost;
-use keyvex_engine::metrics::admin::{MetricsFilter, MetricsReader, alerts_json, metrics_json};
-use keyvex_engine::metrics::{
-    Alert, AlertType, GroupBy, MetricsConfig, RequestRecord, Severity, Tracker,
-};
-use keyvex_engine::store::dynamo::{self, DynamoRetry, DynamoStore};
-use keyvex_engine::store::sqlite::SqliteStore;
-use keyvex_engine::store::{Entry, Sink};
-
-use crate::support::TempDir;
-use crate::support::fault_proxy::FaultProxy;
-use crate::support::moto::{self, Moto};
+use keyvex_engine::record::RequestRecord;
+use keyvex_store::admin::{MetricsFilter, MetricsReader, alerts_json, metrics_json};
+use keyvex_store::dynamo::{self, DynamoRetry, DynamoStore};
+use keyvex_store::sqlite::SqliteStore;
+use keyvex_store::{Alert, AlertType, Entry, GroupBy, MetricsConfig, Severity, Sink, Tracker};
+use keyvex_testkit::TempDir;
+use keyvex_testkit::fault_proxy::FaultProxy;
+use keyvex_testkit::moto::{self, Moto};
 
 /// 2025-11-25T22:00:00Z: the 40 records span two UTC days and several hours.
 const T0: u64 = 1_764_108_000_000;

@@ -1,8 +1,7 @@
-//! A strict SSE parser (PROTOCOLS §0) and protocol checkers for OpenAI chunk streams and
-//! Anthropic event streams, used to hold the simulator to the wire format.
-
-// Test code: a failed unwrap is a failed assertion.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! A strict SSE parser and protocol checkers for OpenAI chunk streams and Anthropic event
+//! streams, used to hold the simulator to the wire format. The framing rules it enforces: lines
+//! end in `\n`, `\r\n` or `\r`; a blank line dispatches an event; `name: value` drops one
+//! space after the colon; several `data:` lines join with `\n`; `:` lines are comments.
 
 use serde_json::Value;
 
@@ -90,7 +89,8 @@ pub struct OpenAiStream {
     pub usage: Option<Value>,
 }
 
-/// Checks PROTOCOLS §1.2/1.3 invariants of a complete chunk stream and returns its content.
+/// Checks the invariants of a complete OpenAI chunk stream (one id, model and `created` for
+/// all chunks, `finish_reason` once, usage just before `[DONE]`) and returns its content.
 pub fn check_openai(events: &[SseEvent], include_usage: bool) -> OpenAiStream {
     assert!(events.len() >= 3, "too few events: {events:?}");
     assert_eq!(
@@ -174,7 +174,8 @@ pub struct AnthropicStream {
     pub pings: usize,
 }
 
-/// Checks PROTOCOLS §2.2 order and naming of a complete event stream.
+/// Checks the order and naming of a complete Anthropic event stream (`message_start`, blocks
+/// started, delta'd and stopped by index, `message_delta`, `message_stop`; `ping` anywhere).
 pub fn check_anthropic(events: &[SseEvent]) -> AnthropicStream {
     let mut parsed = Vec::new();
     for e in events {

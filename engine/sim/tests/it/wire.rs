@@ -1,22 +1,17 @@
-//! Integration tests: the provider simulator over real HTTP on loopback, checked by a strict SSE
-//! parser and per-protocol invariant checkers.
-
-// Test code: a failed unwrap is a failed assertion.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-#[path = "strict_sse.rs"]
-mod strict_sse;
+//! The simulator's two wire protocols over real HTTP on loopback, held to the wire format by a
+//! strict SSE parser and per-protocol invariant checkers (`strict_sse`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::StreamExt;
-use keyvex_engine::provider::sim::{self, Fault, Rule, SimConfig, SimHandle};
 use keyvex_engine::provider::{ChatMessage, Role};
 use keyvex_engine::stream::ProviderKind;
 use keyvex_engine::tokenize::{count_prompt_tokens, count_tokens};
+use keyvex_sim::{self as sim, Fault, Rule, SimConfig, SimHandle};
 use serde_json::{Value, json};
-use strict_sse::{check_anthropic, check_openai, parse};
+
+use crate::strict_sse::{self, check_anthropic, check_openai, parse};
 
 const SYSTEM: &str = "You are a concise small-business advisor.";
 const USER: &str = "How should a neighbourhood bakery price its weekly bread subscriptions?";

@@ -2,71 +2,58 @@
 //! partial JSON before a valid result; an invalid answer gets exactly one costed repair (and a
 //! second invalid one ends in `invalid_output`); a bad input never reaches a model; the pipeline
 //! tags every event with its stage, runs its last two stages at the same time, rolls up exact
-//! totals and, when dropped mid-run, cancels both streams while their cost is still reported;
-//! and the `keyvex pipeline` binary writes a valid tool definition.
-
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! totals and, when dropped mid-run, cancels both streams while every call is still recorded
+//! once, with its stage and cost.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use agents::Process;
 use futures::StreamExt;
-use keyvex_engine::agent_run::{AgentEvent, AgentOutcome, run_agent};
+use keyvex_engine::agent_run::{AgentEvent, AgentOutcome};
 use keyvex_engine::catalog::Catalog;
 use keyvex_engine::cost::Cost;
-use keyvex_engine::pipeline::{PipelineEvent, PipelineInput, RunRollup, run_pipeline};
-use keyvex_engine::provider::anthropic::AnthropicProvider;
-use keyvex_engine::provider::openai::OpenAiProvider;
-use keyvex_engine::provider::sim::{self, Fault, Rule, SimConfig, SimHandle};
-use keyvex_engine::provider::{ApiKey, ProviderConfig, Role};
-use keyvex_engine::router::{
-    Providers, RouteObserver, RouteOutcome, RouteStatus, Router, RouterConfig,
-};
-use keyvex_engine::stream::{ProviderKind, Usage};
+use keyvex_engine::pipeline::{PipelineEvent, PipelineInput, RunRollup};
+use keyvex_engine::provider::Role;
+use keyvex_engine::record::{RequestRecord, RequestStatus};
+use keyvex_engine::router::RouterConfig;
+use keyvex_engine::stream::Usage;
 use keyvex_engine::tokenize::count_tokens;
+use keyvex_engine::{CallContext, Engine};
+use keyvex_sim::{self as sim, Fault, Rule, SimConfig, SimHandle};
+use keyvex_testkit::MemoryRecorder;
 use serde_json::{Value, json};
 
 struct Setup {
     sim: SimHandle,
-    router: Router,
+    engine: Engine,
+    recorder: Arc<MemoryRecorder>,
     catalog: Arc<Catalog>,
 }
 
-async fn setup(config: SimConfig, observer: Option<Arc<dyn RouteObserver>>) -> Setup {
+async fn setup(config: SimConfig) -> Setup {
     let sim = sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
         .await
         .unwrap();
-    let catalog = Arc::new(Catalog::embedded().unwrap());
-    let provider_config = ProviderConfig {
-        base_url: sim.base_url(),
-        api_key: ApiKey::new("test-key"),
-        connect_timeout: Duration::from_secs(2),
-    };
-    let providers = Providers::new()
-        .with(
-            ProviderKind::OpenAi,
-            Arc::new(OpenAiProvider::new(&provider_config).unwrap()),
-        )
-        .with(
-            ProviderKind::Anthropic,
-            Arc::new(AnthropicProvider::new(&provider_config).unwrap()),
-        );
-    let router_config = RouterConfig {
-        ttft_timeout: Duration::from_secs(5),
-        stall_timeout: Duration::from_secs(5),
-        backoff_base: Duration::from_millis(10),
-        backoff_cap: Duration::from_millis(50),
-        observer,
-        ..RouterConfig::default()
-    };
-    let router = Router::new(catalog.clone(), providers, router_config);
+    let recorder = MemoryRecorder::new();
+    let engine = keyvex_testkit::sim_engine(&sim)
+        .router(RouterConfig {
+            ttft_timeout: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(10),
+            backoff_cap: Duration::from_millis(50),
+            ..RouterConfig::default()
+        })
+        .recorder(recorder.clone())
+        .build()
+        .unwrap();
     Setup {
         sim,
-        router,
-        catalog,
+        catalog: Arc::new(engine.catalog().clone()),
+        engine,
+        recorder,
     }
 }
 
@@ -79,15 +66,27 @@ fn fixed_latency(s: &Setup, ttft_ms: u64, tokens_per_sec: f64) {
     }));
 }
 
-async fn collect_agent(router: &Router, process: Process, input: Value) -> Vec<AgentEvent> {
-    run_agent(router.clone(), process, input).collect().await
+async fn collect_agent(engine: &Engine, process: Process, input: Value) -> Vec<AgentEvent> {
+    engine
+        .agent(CallContext::new("tester"), process, input)
+        .collect()
+        .await
+}
+
+async fn collect_pipeline(engine: &Engine) -> Vec<PipelineEvent> {
+    engine
+        .pipeline(CallContext::new("tester"), business())
+        .collect()
+        .await
 }
 
 /// The terminal event's outcome and result (`Ok(output)` or `Err((kind, message))`).
 fn terminal(events: &[AgentEvent]) -> (Result<Value, (String, String)>, AgentOutcome) {
     match events.last() {
-        Some(AgentEvent::Result { output, outcome }) => (Ok(output.clone()), outcome.clone()),
-        Some(AgentEvent::Error { error, outcome }) => (
+        Some(AgentEvent::Result {
+            output, outcome, ..
+        }) => (Ok(output.clone()), outcome.clone()),
+        Some(AgentEvent::Error { error, outcome, .. }) => (
             Err((error.kind().to_owned(), error.to_string())),
             outcome.clone(),
         ),
@@ -125,10 +124,10 @@ fn assert_cost_adds_up(outcome: &AgentOutcome) {
 
 #[tokio::test]
 async fn each_agent_streams_partials_then_a_valid_result() {
-    let s = setup(SimConfig::fast(11), None).await;
+    let s = setup(SimConfig::fast(11)).await;
     for process in Process::ALL {
         let input = agents::samples::sample_input(process, 3);
-        let events = collect_agent(&s.router, process, input).await;
+        let events = collect_agent(&s.engine, process, input).await;
         let (result, outcome) = terminal(&events);
         let output = result.unwrap_or_else(|e| panic!("{process} failed: {e:?}"));
 
@@ -235,7 +234,7 @@ fn logic_with_undeclared_input() -> String {
 
 #[tokio::test]
 async fn an_invalid_answer_gets_exactly_one_costed_repair() {
-    let s = setup(SimConfig::fast(12), None).await;
+    let s = setup(SimConfig::fast(12)).await;
     let process = Process::LogicArchitect;
     let model = primary(&s.catalog, process);
     let bad = logic_with_undeclared_input();
@@ -246,7 +245,7 @@ async fn an_invalid_answer_gets_exactly_one_costed_repair() {
         times: Some(1),
     });
     let input = agents::samples::sample_input(process, 4);
-    let events = collect_agent(&s.router, process, input).await;
+    let events = collect_agent(&s.engine, process, input).await;
     let (result, outcome) = terminal(&events);
     let output = result.unwrap_or_else(|e| panic!("the repair should succeed: {e:?}"));
     agents::validate_value(process, &output).unwrap();
@@ -309,7 +308,7 @@ async fn an_invalid_answer_gets_exactly_one_costed_repair() {
 
 #[tokio::test]
 async fn a_second_invalid_answer_ends_in_invalid_output_with_both_calls_costed() {
-    let s = setup(SimConfig::fast(13), None).await;
+    let s = setup(SimConfig::fast(13)).await;
     let process = Process::MagicSpark;
     let model = primary(&s.catalog, process);
     // Schema-shaped, but two concepts where the agent needs three to five.
@@ -327,7 +326,7 @@ async fn a_second_invalid_answer_ends_in_invalid_output_with_both_calls_costed()
     assert_eq!(response.status(), 201);
 
     let events = collect_agent(
-        &s.router,
+        &s.engine,
         process,
         agents::samples::sample_input(process, 1),
     )
@@ -357,10 +356,10 @@ async fn a_second_invalid_answer_ends_in_invalid_output_with_both_calls_costed()
 
 #[tokio::test]
 async fn an_invalid_input_names_the_field_and_calls_no_model() {
-    let s = setup(SimConfig::fast(14), None).await;
+    let s = setup(SimConfig::fast(14)).await;
     let mut input = agents::samples::sample_input(Process::MagicSpark, 2);
     input.as_object_mut().unwrap().remove("businessDescription");
-    let events = collect_agent(&s.router, Process::MagicSpark, input).await;
+    let events = collect_agent(&s.engine, Process::MagicSpark, input).await;
     assert_eq!(events.len(), 1, "only the error: {events:?}");
     let (result, outcome) = terminal(&events);
     let (kind, message) = result.unwrap_err();
@@ -373,7 +372,7 @@ async fn an_invalid_input_names_the_field_and_calls_no_model() {
 
 #[tokio::test]
 async fn bad_output_is_reachable_through_the_fault_header() {
-    let s = setup(SimConfig::fast(15), None).await;
+    let s = setup(SimConfig::fast(15)).await;
     let text = r#"{"concepts": "not a list"}"#;
     let body: Value = reqwest::Client::new()
         .post(format!("{}/chat/completions", s.sim.base_url()))
@@ -412,16 +411,16 @@ fn stage_of(rollup: &RunRollup, stage: Process) -> &keyvex_engine::pipeline::Sta
 
 #[tokio::test]
 async fn the_pipeline_tags_stages_overlaps_the_last_two_and_rolls_up_exact_totals() {
-    let s = setup(SimConfig::fast(16), None).await;
+    let s = setup(SimConfig::fast(16)).await;
     // 200 ms to first token, then paced output: every stage takes well over half a second.
     fixed_latency(&s, 200, 600.0);
-    let events: Vec<PipelineEvent> = run_pipeline(s.router.clone(), business()).collect().await;
+    let events: Vec<PipelineEvent> = collect_pipeline(&s.engine).await;
 
     assert!(matches!(
         events.first(),
         Some(PipelineEvent::RunStarted { .. })
     ));
-    let Some(PipelineEvent::Done { tool, rollup }) = events.last() else {
+    let Some(PipelineEvent::Done { tool, rollup, .. }) = events.last() else {
         panic!("the run should succeed: {:?}", events.last());
     };
 
@@ -529,27 +528,19 @@ async fn the_pipeline_tags_stages_overlaps_the_last_two_and_rolls_up_exact_total
     s.sim.shutdown().await;
 }
 
-/// Collects the outcomes of routes whose caller went away.
-#[derive(Default)]
-struct Cancelled(Mutex<Vec<RouteOutcome>>);
-
-impl RouteObserver for Cancelled {
-    fn on_cancelled(&self, outcome: RouteOutcome) {
-        self.0.lock().unwrap().push(outcome);
-    }
-}
-
 #[tokio::test]
-async fn dropping_the_pipeline_mid_run_cancels_both_streams_and_keeps_their_cost() {
-    let observer = Arc::new(Cancelled::default());
-    let s = setup(SimConfig::fast(17), Some(observer.clone())).await;
+async fn dropping_the_pipeline_mid_run_cancels_both_streams_and_records_each_with_its_stage() {
+    let s = setup(SimConfig::fast(17)).await;
     // Slow enough that the last two stages are still streaming when the test drops the run.
     fixed_latency(&s, 100, 400.0);
-    let mut run = Box::pin(run_pipeline(s.router.clone(), business()));
+    let ctx = CallContext::new("tester").with_correlation("req-17");
+    let mut run = s.engine.pipeline(ctx, business());
+    let mut run_id = String::new();
     let mut streaming: BTreeSet<Process> = BTreeSet::new();
     let mut finished_cost: BTreeMap<Process, Cost> = BTreeMap::new();
     while let Some(event) = run.next().await {
         match event {
+            PipelineEvent::RunStarted { run_id: id } => run_id = id,
             PipelineEvent::Stage {
                 stage,
                 event: AgentEvent::Result { outcome, .. },
@@ -586,118 +577,47 @@ async fn dropping_the_pipeline_mid_run_cancels_both_streams_and_keeps_their_cost
         "only the first two stages completed"
     );
 
-    // The first two stages' costs arrived in their events; the two cancelled calls reported an
-    // estimated cost to the observer.
+    // The first two stages' costs arrived in their events; every one of the four calls was
+    // recorded exactly once, the two dropped ones as cancelled with an estimated cost, each with
+    // its own stage and the run's context.
     assert_eq!(
         finished_cost.keys().copied().collect::<Vec<_>>(),
         [Process::MagicSpark, Process::LogicArchitect]
     );
     assert!(finished_cost.values().all(|c| *c > Cost::ZERO));
-    let cancelled = observer.0.lock().unwrap().clone();
-    assert_eq!(cancelled.len(), 2, "{cancelled:?}");
-    let mut models: Vec<String> = cancelled.iter().filter_map(|o| o.model.clone()).collect();
-    models.sort();
-    let mut expected = vec![
-        primary(&s.catalog, Process::ContentCrafter),
-        primary(&s.catalog, Process::StyleMaster),
-    ];
-    expected.sort();
-    assert_eq!(models, expected);
-    for o in &cancelled {
-        assert_eq!(o.status, RouteStatus::Cancelled);
-        assert!(o.cost > Cost::ZERO, "{o:?}");
+    let records = s.recorder.wait_for_records(4, Duration::from_secs(5)).await;
+    assert_eq!(records.len(), 4, "{records:?}");
+    let mut by_stage: BTreeMap<String, &RequestRecord> = BTreeMap::new();
+    for r in &records {
+        assert_eq!(r.user_id, "tester");
+        assert_eq!(r.run_id.as_deref(), Some(run_id.as_str()));
+        assert_eq!(r.correlation_id.as_deref(), Some("req-17"));
+        let stage = r.stage.clone().unwrap();
+        assert_eq!(r.process, stage, "a pipeline call's process is its stage");
+        assert!(by_stage.insert(stage, r).is_none(), "one record per stage");
+    }
+    for stage in [Process::MagicSpark, Process::LogicArchitect] {
+        let r = by_stage[stage.key()];
+        assert_eq!(r.status, RequestStatus::Succeeded, "{r:?}");
+        assert_eq!(r.cost(), finished_cost[&stage]);
+    }
+    for stage in [Process::ContentCrafter, Process::StyleMaster] {
+        let r = by_stage[stage.key()];
+        assert_eq!(r.status, RequestStatus::Cancelled, "{r:?}");
+        assert_eq!(r.model, primary(&s.catalog, stage));
+        assert!(r.cost() > Cost::ZERO, "{r:?}");
         assert!(
-            o.cost_estimated,
-            "a cut stream's output is estimated: {o:?}"
+            r.cost_estimated,
+            "a cut stream's output is estimated: {r:?}"
         );
-        assert!(o.usage.output > 0 && !o.text.is_empty(), "{o:?}");
+        assert!(r.output_tokens > 0, "{r:?}");
     }
     s.sim.shutdown().await;
 }
 
-#[test]
-fn the_cli_pipeline_writes_a_valid_tool_and_prints_the_stage_table() {
-    let out = std::env::temp_dir().join(format!("keyvex-tool-{}.json", uuid::Uuid::new_v4()));
-    let db = std::env::temp_dir().join(format!("keyvex-cli-{}.sqlite3", uuid::Uuid::new_v4()));
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keyvex"))
-        .args([
-            "pipeline",
-            "--business",
-            "Boutique accounting firm for freelancers",
-        ])
-        .arg("--out")
-        .arg(&out)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("KEYVEX_MODELS_FILE")
-        .env("KEYVEX_SIMULATE", "always")
-        .env("KEYVEX_SIM_PROFILE", "fast")
-        .env("KEYVEX_METRICS_DB", &db)
-        .env_remove("DYNAMODB_TABLE_NAME")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "exit {:?}: {stderr}",
-        output.status
-    );
-    let written = std::fs::read_to_string(&out).unwrap();
-    std::fs::remove_file(&out).ok();
-    let tool: agents::ToolDefinition = serde_json::from_str(&written).unwrap();
-    assert_eq!(tool.check(), vec![]);
-    for needle in [
-        "Magic Spark",
-        "Logic Architect",
-        "Content Crafter",
-        "Style Master",
-        "latency ms",
-        "fast timing",
-        "tool definition written to",
-        "keyvex: metrics: 4 call record(s)",
-    ] {
-        assert!(
-            stderr.contains(needle),
-            "stderr lacks {needle:?}:\n{stderr}"
-        );
-    }
-    // The run's four calls are in the embedded store, one per stage, under the CLI's user.
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    let mut stmt = conn.prepare("SELECT body FROM requests").unwrap();
-    let records: Vec<serde_json::Value> = stmt
-        .query_map([], |r| r.get::<_, String>(0))
-        .unwrap()
-        .map(|b| serde_json::from_str(&b.unwrap()).unwrap())
-        .collect();
-    drop(stmt);
-    drop(conn);
-    for suffix in ["", "-wal", "-shm"] {
-        std::fs::remove_file(format!("{}{suffix}", db.display())).ok();
-    }
-    let mut stages: Vec<&str> = records
-        .iter()
-        .map(|r| {
-            assert_eq!(r["userId"], "cli", "{r}");
-            assert_eq!(r["status"], "succeeded", "{r}");
-            assert!(r["runId"].is_string(), "{r}");
-            r["stage"].as_str().unwrap()
-        })
-        .collect();
-    stages.sort_unstable();
-    assert_eq!(
-        stages,
-        [
-            "contentCrafter",
-            "logicArchitect",
-            "magicSpark",
-            "styleMaster"
-        ]
-    );
-}
-
 #[tokio::test]
 async fn prose_instead_of_json_is_repaired_like_any_invalid_answer() {
-    let s = setup(SimConfig::fast(18), None).await;
+    let s = setup(SimConfig::fast(18)).await;
     let process = Process::StyleMaster;
     let model = primary(&s.catalog, process);
     let prose = "Sorry, I would rather describe the palette in words: calm blues.";
@@ -710,7 +630,7 @@ async fn prose_instead_of_json_is_repaired_like_any_invalid_answer() {
         times: Some(1),
     });
     let events = collect_agent(
-        &s.router,
+        &s.engine,
         process,
         agents::samples::sample_input(process, 2),
     )
@@ -736,7 +656,7 @@ async fn prose_instead_of_json_is_repaired_like_any_invalid_answer() {
 
 #[tokio::test]
 async fn a_stage_that_stays_invalid_fails_the_pipeline_before_the_last_stages() {
-    let s = setup(SimConfig::fast(19), None).await;
+    let s = setup(SimConfig::fast(19)).await;
     let logic_model = primary(&s.catalog, Process::LogicArchitect);
     s.sim.push_rule(Rule {
         model: Some(logic_model.clone()),
@@ -746,11 +666,12 @@ async fn a_stage_that_stays_invalid_fails_the_pipeline_before_the_last_stages() 
         },
         times: Some(2),
     });
-    let events: Vec<PipelineEvent> = run_pipeline(s.router.clone(), business()).collect().await;
+    let events: Vec<PipelineEvent> = collect_pipeline(&s.engine).await;
     let Some(PipelineEvent::Failed {
         stage,
         error,
         rollup,
+        ..
     }) = events.last()
     else {
         panic!("the run should fail: {:?}", events.last());

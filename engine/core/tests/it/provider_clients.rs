@@ -4,9 +4,6 @@
 //! answer (an SSE body or an error status). It is a test double, not the simulator: it checks the
 //! request the provider builds and how each kind of answer surfaces as `ProviderEvent`s.
 
-// Test helpers outside `#[test]` functions may unwrap too: a failure here is a broken fixture.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

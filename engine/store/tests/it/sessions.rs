@@ -2,9 +2,6 @@
 //! shipper → SQLite or DynamoDB on moto) and read back in order, including messages that are
 //! durable in the ledger but not shipped yet; DynamoDB reads are `Query` only.
 
-// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,18 +9,17 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use futures::future::BoxFuture;
-use keyvex_engine::metrics::Tracker;
-use keyvex_engine::metrics::admin::{AdminError, get_session_json, user_sessions_json};
-use keyvex_engine::store::dynamo::{self, DynamoStore};
-use keyvex_engine::store::sessions::{Role, SessionMessage, SessionStore};
-use keyvex_engine::store::sqlite::SqliteStore;
-use keyvex_engine::store::{Entry, Sink, StoreError, WriteReport, iso_ts};
+use keyvex_engine::record::SessionMessage;
+use keyvex_store::admin::{AdminError, get_session_json, user_sessions_json};
+use keyvex_store::dynamo::{self, DynamoStore};
+use keyvex_store::sessions::{Role, Session, SessionMetadata, SessionStore};
+use keyvex_store::sqlite::SqliteStore;
+use keyvex_store::{Entry, Sink, StoreError, Tracker, WriteReport, iso_ts};
+use keyvex_testkit::TempDir;
+use keyvex_testkit::fault_proxy::FaultProxy;
+use keyvex_testkit::moto::{self, Moto};
+use keyvex_testkit::{fast_metrics, fast_retry};
 use serde_json::json;
-
-use crate::support::TempDir;
-use crate::support::fault_proxy::FaultProxy;
-use crate::support::moto::{self, Moto};
-use crate::support::{fast_metrics, fast_retry};
 
 /// 2025-11-25T14:21:07.123Z
 const T0: u64 = 1_764_080_467_123;
@@ -80,7 +76,7 @@ async fn wait_shipped(tracker: &Tracker) {
 }
 
 /// Checks a read against the conversation it was recorded from.
-fn assert_session(got: &keyvex_engine::store::sessions::Session, want: &[SessionMessage]) {
+fn assert_session(got: &Session, want: &[SessionMessage]) {
     assert_eq!(got.messages, want, "messages in time order, bodies intact");
     assert_eq!(got.message_count, want.len());
     let meta = &got.metadata;
@@ -189,9 +185,8 @@ async fn sessions_of_user_are_most_recent_first_in_sqlite() {
     }
     wait_shipped(&tracker).await;
     let store = SessionStore::sqlite(sqlite);
-    let ids = |v: Vec<keyvex_engine::store::sessions::SessionMetadata>| -> Vec<String> {
-        v.into_iter().map(|m| m.session_id).collect()
-    };
+    let ids =
+        |v: Vec<SessionMetadata>| -> Vec<String> { v.into_iter().map(|m| m.session_id).collect() };
     assert_eq!(
         ids(store.sessions_of_user("u1", 10).await.unwrap()),
         ["b", "c", "a"]

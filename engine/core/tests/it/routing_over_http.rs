@@ -4,8 +4,6 @@
 //! 400/401, `retry-after` honoured, a cut and a stall after content ending in an explicit error
 //! with an estimated cost, and the circuit breaker opening and recovering.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +14,6 @@ use keyvex_engine::catalog::Catalog;
 use keyvex_engine::cost::cost;
 use keyvex_engine::provider::anthropic::AnthropicProvider;
 use keyvex_engine::provider::openai::OpenAiProvider;
-use keyvex_engine::provider::sim::{self, Fault, Rule, SimConfig, SimHandle};
 use keyvex_engine::provider::{ApiKey, ChatMessage, ProviderConfig};
 use keyvex_engine::router::{
     BreakerConfig, CircuitState, Providers, RouteEvent, RouteFailure, RouteOutcome, RouteRequest,
@@ -24,6 +21,7 @@ use keyvex_engine::router::{
 };
 use keyvex_engine::stream::ProviderKind;
 use keyvex_engine::tokenize::{count_prompt_tokens, count_tokens};
+use keyvex_sim::{self as sim, Fault, Rule, SimConfig, SimHandle};
 
 /// Which process has which provider as primary, in the embedded catalog.
 fn process_with_primary(kind: ProviderKind) -> Process {

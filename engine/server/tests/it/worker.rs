@@ -1,77 +1,47 @@
-//! Integration tests of the AI-processing queue: the real SQS SDK against moto, the worker running
-//! agents and the pipeline through the router against the simulator over HTTP, and the job store
-//! in SQLite (and DynamoDB on moto for the end-to-end case). Each test has its own moto, queues,
-//! simulator and metrics file; queues use a 2 s visibility so redelivery takes seconds.
+//! The queue worker against moto's SQS: the real SQS SDK, the worker running agents and the
+//! pipeline through the engine against the simulator over HTTP, and the job store in SQLite (and
+//! DynamoDB on moto for the end-to-end case). Each test has its own moto, queues, simulator and
+//! metrics file; queues use a 2 s visibility so redelivery takes seconds. Last, the worker inside
+//! the server (`serve --with-worker`) aborted at shutdown mid-stream.
 
-// Test code: a failed unwrap is a failed test.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agents::Process;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
-use keyvex_engine::catalog::Catalog;
-use keyvex_engine::metrics::{MetricsConfig, Tracker};
-use keyvex_engine::provider::anthropic::AnthropicProvider;
-use keyvex_engine::provider::openai::OpenAiProvider;
-use keyvex_engine::provider::sim::{self, Fault, Rule, SimConfig, SimHandle};
-use keyvex_engine::provider::{ApiKey, ProviderConfig};
-use keyvex_engine::queue::admin::{self, QueueSettings, QueueUrls};
-use keyvex_engine::queue::jobs::{DynamoJobs, SqliteJobs};
-use keyvex_engine::queue::worker::{Worker, WorkerConfig, WorkerCounts};
-use keyvex_engine::queue::{self, JobRequest, JobStatus, JobStore, JobsCtx, Priority, QueueError};
-use keyvex_engine::router::{Providers, Router, RouterConfig};
-use keyvex_engine::store::sqlite::SqliteStore;
-use keyvex_engine::stream::ProviderKind;
+use keyvex_engine::Engine;
+use keyvex_engine::router::RouterConfig;
+use keyvex_server::queue::admin::{self, QueueSettings};
+use keyvex_server::queue::worker::{Worker, WorkerConfig, WorkerCounts};
+use keyvex_server::queue::{self, JobRequest, JobStatus, JobStore, JobsCtx, Priority, QueueError};
+use keyvex_sim::{Fault, Rule, SimHandle};
+use keyvex_store::Tracker;
+use keyvex_store::jobs::{DynamoJobs, SqliteJobs};
+use keyvex_store::sqlite::SqliteStore;
+use keyvex_testkit::TempDir;
+use keyvex_testkit::moto::{self, Moto};
+use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::TempDir;
-use crate::support::moto::{self, Moto};
+use crate::support::{
+    ALICE, MotoQueue, Spec, TestServer, WAIT, depth, fast_worker, stored_records,
+};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn router(sim: &SimHandle, ttft_timeout: Duration) -> Router {
-    let cfg = ProviderConfig {
-        base_url: sim.base_url(),
-        api_key: ApiKey::new("test-key"),
-        connect_timeout: Duration::from_secs(2),
-    };
-    let providers = Providers::new()
-        .with(
-            ProviderKind::OpenAi,
-            Arc::new(OpenAiProvider::new(&cfg).unwrap()),
-        )
-        .with(
-            ProviderKind::Anthropic,
-            Arc::new(AnthropicProvider::new(&cfg).unwrap()),
-        );
-    let config = RouterConfig {
-        ttft_timeout,
-        stall_timeout: Duration::from_secs(10),
-        backoff_base: Duration::from_millis(10),
-        backoff_cap: Duration::from_millis(50),
-        ..RouterConfig::default()
-    };
-    Router::new(Arc::new(Catalog::embedded().unwrap()), providers, config)
-}
-
-fn worker_config() -> WorkerConfig {
-    WorkerConfig {
-        concurrency: 4,
-        max_messages: 10,
-        wait_time: Duration::from_secs(1),
-        heartbeat_every: Duration::from_secs(1),
-        heartbeat_extend: Duration::from_secs(3),
-        retry_backoff: Duration::from_secs(1),
-        busy_backoff: Duration::from_secs(1),
-        shutdown_grace: Duration::from_secs(5),
-        max_receives: None,
-        dlq_url: None,
-        queue_latency_target: Duration::from_secs(30),
-    }
+/// An engine on `sim` recording into `tracker`, with quick backoff and the given first-token
+/// deadline.
+fn engine(sim: &SimHandle, tracker: &Tracker, ttft_timeout: Duration) -> Engine {
+    keyvex_testkit::sim_engine(sim)
+        .router(RouterConfig {
+            ttft_timeout,
+            stall_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_millis(10),
+            backoff_cap: Duration::from_millis(50),
+            ..RouterConfig::default()
+        })
+        .recorder(Arc::new(tracker.clone()))
+        .build()
+        .unwrap()
 }
 
 /// Everything one test needs.
@@ -79,9 +49,9 @@ struct Setup {
     _moto: Moto,
     moto_endpoint: String,
     sqs: aws_sdk_sqs::Client,
-    urls: QueueUrls,
+    urls: admin::QueueUrls,
     sim: SimHandle,
-    router: Router,
+    engine: Engine,
     tracker: Tracker,
     dir: TempDir,
     ctx: JobsCtx,
@@ -89,32 +59,17 @@ struct Setup {
 
 impl Setup {
     async fn new(tag: &str, ttft_timeout: Duration) -> Setup {
-        let moto = Moto::start().await;
-        let sqs = moto::sqs_client(&moto.endpoint).await;
-        let settings = QueueSettings {
-            visibility: Duration::from_secs(2),
-            ..QueueSettings::default()
-        };
-        let urls = admin::create_queues_with(
-            &sqs,
-            &format!("{tag}-queue"),
-            &format!("{tag}-dlq"),
-            &settings,
+        let MotoQueue { moto, sqs, urls } = MotoQueue::start(tag, Duration::from_secs(2)).await;
+        let sim = keyvex_testkit::fast_sim(11).await;
+        let dir = TempDir::new(&format!("queue-{tag}"));
+        let db = dir.file("metrics.sqlite3");
+        let tracker = Tracker::start(
+            keyvex_testkit::fast_metrics(&db),
+            Arc::new(SqliteStore::open(&db).unwrap()),
         )
         .await
         .unwrap();
-        let sim = sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), SimConfig::fast(11))
-            .await
-            .unwrap();
-        let router = router(&sim, ttft_timeout);
-        let dir = TempDir::new(&format!("queue-{tag}"));
-        let db = dir.file("metrics.sqlite3");
-        let mut mcfg = MetricsConfig::new(&db);
-        mcfg.flush_interval = Duration::from_millis(20);
-        mcfg.alerts.min_samples = usize::MAX;
-        let tracker = Tracker::start(mcfg, Arc::new(SqliteStore::open(&db).unwrap()))
-            .await
-            .unwrap();
+        let engine = engine(&sim, &tracker, ttft_timeout);
         let ctx = JobsCtx {
             sqs: sqs.clone(),
             queue_url: urls.queue_url.clone(),
@@ -126,7 +81,7 @@ impl Setup {
             sqs,
             urls,
             sim,
-            router,
+            engine,
             tracker,
             dir,
             ctx,
@@ -139,7 +94,7 @@ impl Setup {
             jobs: JobStore::Sqlite(SqliteJobs::open(&self.dir.file("metrics.sqlite3")).unwrap()),
             ..self.ctx.clone()
         };
-        Worker::new(ctx, self.router.clone(), self.tracker.clone(), config)
+        Worker::new(ctx, self.engine.clone(), config)
     }
 
     async fn enqueue(&self, process: Process, seed: u64) -> String {
@@ -164,20 +119,7 @@ impl Setup {
 
     /// Visible plus in-flight messages of a queue.
     async fn depth(&self, url: &str) -> u64 {
-        let out = self
-            .sqs
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .unwrap();
-        out.attributes()
-            .unwrap()
-            .values()
-            .map(|v| v.parse::<u64>().unwrap())
-            .sum()
+        depth(&self.sqs, url).await
     }
 }
 
@@ -219,7 +161,8 @@ impl Running {
     }
 }
 
-/// Waits for state held by an external process (moto, the store) that sends no signal: polled.
+/// Waits for state held by an external process (moto, the store, the simulator) that sends no
+/// signal: polled.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -286,7 +229,7 @@ async fn an_enqueued_job_is_processed_and_its_result_and_cost_are_readable() {
     let mut s = Setup::new("e2e", Duration::from_secs(5)).await;
     // This test keeps job state in DynamoDB (moto), the others in SQLite.
     let ddb = moto::client(&s.moto_endpoint).await;
-    keyvex_engine::store::dynamo::create_table(&ddb, "keyvex-main-table")
+    keyvex_store::dynamo::create_table(&ddb, "keyvex-main-table")
         .await
         .unwrap();
     s.ctx.jobs = JobStore::Dynamo(DynamoJobs::new(ddb, "keyvex-main-table"));
@@ -297,7 +240,7 @@ async fn an_enqueued_job_is_processed_and_its_result_and_cost_are_readable() {
         "user-1",
         JobRequest {
             target: "magicSpark".into(),
-            input: serde_json::json!({ "nothing": true }),
+            input: json!({ "nothing": true }),
             priority: Priority::High,
             session_id: None,
         },
@@ -310,7 +253,7 @@ async fn an_enqueued_job_is_processed_and_its_result_and_cost_are_readable() {
         "user-1",
         JobRequest {
             target: "sparkle".into(),
-            input: serde_json::json!({}),
+            input: json!({}),
             priority: Priority::Normal,
             session_id: None,
         },
@@ -326,7 +269,7 @@ async fn an_enqueued_job_is_processed_and_its_result_and_cost_are_readable() {
         "user-2",
         JobRequest {
             target: "pipeline".into(),
-            input: serde_json::json!({
+            input: json!({
                 "business": agents::samples::sample_input(Process::MagicSpark, 2)
             }),
             priority: Priority::Low,
@@ -338,12 +281,7 @@ async fn an_enqueued_job_is_processed_and_its_result_and_cost_are_readable() {
     assert_eq!(pipeline_job.status, JobStatus::Queued);
     assert_eq!(s.status(&agent_job).await.status, JobStatus::Queued);
 
-    let worker = Worker::new(
-        s.ctx.clone(),
-        s.router.clone(),
-        s.tracker.clone(),
-        worker_config(),
-    );
+    let worker = Worker::new(s.ctx.clone(), s.engine.clone(), fast_worker());
     let mut w = start(worker);
     w.until("two successes", |c| c.succeeded == 2).await;
 
@@ -408,7 +346,7 @@ async fn a_message_delivered_twice_runs_once() {
         .await
         .unwrap();
 
-    let mut w = start(s.worker(worker_config()));
+    let mut w = start(s.worker(fast_worker()));
     w.until("one success", |c| c.succeeded == 1).await;
     eventually("the duplicate deleted too", || async {
         s.depth(&s.urls.queue_url).await == 0
@@ -435,7 +373,7 @@ async fn a_job_that_always_fails_is_dead_lettered_after_three_receives() {
         retry_after: None,
     }));
     let job = s.enqueue(Process::MagicSpark, 4).await;
-    let mut w = start(s.worker(worker_config()));
+    let mut w = start(s.worker(fast_worker()));
     w.until("dead-lettered", |c| c.dead_lettered == 1).await;
 
     let v = s.status(&job).await;
@@ -477,7 +415,7 @@ async fn a_poison_message_does_not_stop_other_jobs() {
     let s = Setup::new("poison", Duration::from_secs(5)).await;
     for body in [
         "this is not JSON".to_owned(),
-        serde_json::json!({
+        json!({
             "messageType": "AI_PROCESSING", "jobId": "poison-1", "userId": "u",
             "process": "sparkle", "input": {}, "priority": "normal", "timestamp": 1
         })
@@ -492,7 +430,7 @@ async fn a_poison_message_does_not_stop_other_jobs() {
             .unwrap();
     }
     let good = s.enqueue(Process::StyleMaster, 5).await;
-    let mut w = start(s.worker(worker_config()));
+    let mut w = start(s.worker(fast_worker()));
     w.until("both poisons and the good job", |c| {
         c.poison == 2 && c.succeeded == 1
     })
@@ -535,8 +473,8 @@ async fn two_workers_share_a_queue_and_run_each_of_fifty_jobs_once() {
     for i in 0..50 {
         ids.push(s.enqueue(Process::MagicSpark, 100 + i).await);
     }
-    let mut a = start(s.worker(worker_config()));
-    let mut b = start(s.worker(worker_config()));
+    let mut a = start(s.worker(fast_worker()));
+    let mut b = start(s.worker(fast_worker()));
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let done = a.progress.borrow().succeeded + b.progress.borrow().succeeded;
@@ -575,7 +513,7 @@ async fn cancelling_mid_job_releases_it_to_another_worker() {
     let job = s.enqueue(Process::MagicSpark, 6).await;
     let a = start(s.worker(WorkerConfig {
         shutdown_grace: Duration::from_millis(300),
-        ..worker_config()
+        ..fast_worker()
     }));
     eventually("the job running", || async {
         s.status(&job).await.status == JobStatus::Running
@@ -594,7 +532,7 @@ async fn cancelling_mid_job_releases_it_to_another_worker() {
 
     // Released with visibility 0: another worker takes it at once and finishes it.
     s.sim.clear_rules();
-    let mut b = start(s.worker(worker_config()));
+    let mut b = start(s.worker(fast_worker()));
     b.until("the released job done", |c| c.succeeded == 1).await;
     b.stop().await;
     let v = s.status(&job).await;
@@ -613,7 +551,7 @@ async fn cancelling_lets_a_short_job_in_flight_finish() {
             800,
         ))));
     let job = s.enqueue(Process::MagicSpark, 7).await;
-    let a = start(s.worker(worker_config()));
+    let a = start(s.worker(fast_worker()));
     eventually("the job running", || async {
         s.status(&job).await.status == JobStatus::Running
     })
@@ -622,4 +560,87 @@ async fn cancelling_lets_a_short_job_in_flight_finish() {
     assert_eq!((counts.succeeded, counts.released), (1, 0), "{counts:?}");
     assert_eq!(s.status(&job).await.status, JobStatus::Succeeded);
     assert_eq!(s.depth(&s.urls.queue_url).await, 0);
+}
+
+/// The worker inside the server (`serve --with-worker`), stopped while a job's model call is
+/// still streaming: after the short grace the job is released, and the call cut by the abort is
+/// recorded exactly once, as cancelled, for the job's owner, with the job as its run and
+/// correlation and the process as its stage. (The abort drops the engine's stream; the record
+/// comes from its `Drop` with the context given when the call opened. Before the engine did
+/// this, the record said user "unknown" and had no run.)
+#[tokio::test]
+async fn a_job_aborted_mid_stream_at_shutdown_records_its_call_once_as_cancelled_for_its_owner() {
+    let queue = MotoQueue::start("abort", Duration::from_secs(5)).await;
+    let mut spec = Spec::new(13);
+    spec.queue = Some(queue.for_server());
+    spec.worker = Some(WorkerConfig {
+        shutdown_grace: Duration::from_millis(300),
+        ..fast_worker()
+    });
+    let mut h = TestServer::sqlite(spec).await;
+    let progress = h.progress.take().expect("the server runs a worker");
+    // Slow output: minutes for a whole answer, so the call is mid-stream at the stop.
+    h.sim.push_rule(Rule::always(Fault::Latency {
+        ttft: Duration::ZERO,
+        tokens_per_sec: 5.0,
+    }));
+    let resp = h
+        .post("/v1/jobs", ALICE)
+        .json(&json!({
+            "target": "magicSpark",
+            "input": agents::samples::sample_input(Process::MagicSpark, 8),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let accepted: serde_json::Value = resp.json().await.unwrap();
+    let job_id = accepted["jobId"].as_str().unwrap().to_owned();
+    eventually("the job's model call streaming", || async {
+        h.sim.stats().streams_open == 1
+    })
+    .await;
+    let job = h.get_json(&format!("/v1/jobs/{job_id}"), ALICE).await;
+    assert_eq!(job["status"], "running", "{job}");
+    assert_eq!(h.sim.stats().requests_total, 1);
+
+    let stopped = tokio::time::Instant::now();
+    let done = h.stop().await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "the grace is 300 ms: {:?}",
+        stopped.elapsed()
+    );
+    assert!(done.report.ledger_flushed, "{:?}", done.report);
+    assert_eq!(done.report.left_in_ledger, 0, "{:?}", done.report);
+    let counts = progress.borrow().clone();
+    assert_eq!(
+        (counts.received, counts.released, counts.succeeded),
+        (1, 1, 0),
+        "{counts:?}"
+    );
+
+    let rows = stored_records(&done.db);
+    assert_eq!(rows.len(), 1, "one call, recorded once: {rows:?}");
+    let rec = &rows[0];
+    assert_eq!(rec["status"], "cancelled", "{rec}");
+    assert_eq!(rec["success"], false, "{rec}");
+    assert_eq!(
+        rec["userId"], "alice",
+        "the job's owner, not \"unknown\": {rec}"
+    );
+    assert_eq!(rec["runId"], job_id.as_str(), "{rec}");
+    assert_eq!(rec["correlationId"], job_id.as_str(), "{rec}");
+    assert_eq!(rec["stage"], "magicSpark", "{rec}");
+    assert_eq!(rec["process"], "magicSpark", "{rec}");
+    assert!(
+        rec["outputTokens"].as_u64().unwrap() > 0,
+        "mid-stream: {rec}"
+    );
+
+    // Released, not failed: queued again for another worker, after one run.
+    let jobs = SqliteJobs::open(&done.db).unwrap();
+    let job = JobStore::Sqlite(jobs).get(&job_id).await.unwrap().unwrap();
+    assert_eq!((job.status, job.runs), (JobStatus::Queued, 1), "{job:?}");
+    assert_eq!(job.user_id, "alice");
 }

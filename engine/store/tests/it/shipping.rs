@@ -1,9 +1,7 @@
-//! Integration tests: metrics that are never lost. The tracker, its SQLite ledger and the stores
-//! run for real; DynamoDB is moto (the real SDK, never mocked), with a fault-injecting proxy in
-//! between for throttling, partial batches and outages.
-
-// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The ledger → sink path: records and alerts are never lost. The tracker, its SQLite ledger and
+//! the stores run for real; DynamoDB is moto (the real SDK, never mocked), with a fault-injecting
+//! proxy in between for batches of 25, throttling, partial batches, outages and refused items
+//! (dead letters).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,18 +9,18 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use keyvex_engine::cost::Cost;
-use keyvex_engine::metrics::{
-    self, AlertConfig, AlertType, GroupBy, MetricsError, RequestRecord, Severity, Tracker,
+use keyvex_engine::record::{RecordError, RequestRecord};
+use keyvex_store::dynamo::{self, DynamoStore};
+use keyvex_store::sqlite::SqliteStore;
+use keyvex_store::{
+    AlertConfig, AlertType, Entry, GroupBy, Severity, Sink, StoreError, Tracker, WriteReport,
+    aggregate, iso_ts,
 };
-use keyvex_engine::store::dynamo::{self, DynamoStore};
-use keyvex_engine::store::sqlite::SqliteStore;
-use keyvex_engine::store::{Sink, iso_ts};
+use keyvex_testkit::TempDir;
+use keyvex_testkit::fault_proxy::{Fault, FaultProxy};
+use keyvex_testkit::moto::{self, Moto};
+use keyvex_testkit::{fast_metrics, fast_retry};
 use tokio::time::Instant;
-
-use crate::support::TempDir;
-use crate::support::fault_proxy::{Fault, FaultProxy};
-use crate::support::moto::{self, Moto};
-use crate::support::{fast_metrics, fast_retry};
 
 /// 2025-11-25T23:59:00Z: the records straddle midnight, so two day partitions are used.
 const T0: u64 = 1_764_115_140_000;
@@ -165,11 +163,7 @@ async fn dynamo_gets_exactly_n_items_with_keys_gsis_ttl_in_25_item_batches() {
         .unwrap();
     assert_eq!(narrow.len(), 2);
     let sqlite = SqliteStore::open(&dir.file("s.sqlite3")).unwrap();
-    let entries: Vec<_> = recs
-        .iter()
-        .cloned()
-        .map(keyvex_engine::store::Entry::Request)
-        .collect();
+    let entries: Vec<_> = recs.iter().cloned().map(Entry::Request).collect();
     sqlite.write(&entries).await.unwrap();
     let from_sqlite = sqlite.requests_between(T0, T0 + 60 * 3_000).await.unwrap();
     for group in [
@@ -178,12 +172,9 @@ async fn dynamo_gets_exactly_n_items_with_keys_gsis_ttl_in_25_item_batches() {
         GroupBy::Model,
         GroupBy::Day,
     ] {
-        assert_eq!(
-            metrics::aggregate(&back, group),
-            metrics::aggregate(&from_sqlite, group)
-        );
+        assert_eq!(aggregate(&back, group), aggregate(&from_sqlite, group));
     }
-    let by_process = metrics::aggregate(&back, GroupBy::Process);
+    let by_process = aggregate(&back, GroupBy::Process);
     assert_eq!(by_process.iter().map(|a| a.requests).sum::<u64>(), 60);
     assert_eq!(by_process.iter().map(|a| a.errors).sum::<u64>(), 6);
 }
@@ -298,7 +289,7 @@ async fn shutdown_flushes_to_sqlite_and_the_store_survives_reopen() {
     assert!(report.ledger_flushed && !report.deadline_hit, "{report:?}");
     assert_eq!((report.shipped, report.left_in_ledger), (50, 0));
     let late = tracker.record(records(1).remove(0)).durable().await;
-    assert!(matches!(late, Err(MetricsError::Closed)), "{late:?}");
+    assert!(matches!(late, Err(RecordError::Closed)), "{late:?}");
     drop(tracker);
 
     let reopened = SqliteStore::open(&path).unwrap();
@@ -499,45 +490,6 @@ async fn records_are_group_committed_and_a_full_batch_ships_without_waiting_for_
     assert_eq!(back.len(), 1000);
 }
 
-#[tokio::test]
-async fn start_from_env_uses_sqlite_without_a_table_name_and_dynamo_with_one() {
-    let dir = TempDir::new("metrics-env");
-    let path = dir.file("env.sqlite3");
-    let env = keyvex_engine::config::MapEnv::new([
-        ("KEYVEX_METRICS_DB", path.to_str().unwrap()),
-        ("KEYVEX_METRICS_FLUSH_MS", "10"),
-    ]);
-    let tracker = metrics::start_from_env(&env).await.unwrap();
-    assert_eq!(tracker.health().sink, "sqlite");
-    record_all(&tracker, &records(3)).await;
-    tracker
-        .shutdown(Instant::now() + Duration::from_secs(10))
-        .await;
-    let back = SqliteStore::open(&path)
-        .unwrap()
-        .requests_between(T0, T0 + 10_000)
-        .await
-        .unwrap();
-    assert_eq!(back.len(), 3);
-
-    let bad = keyvex_engine::config::MapEnv::new([("KEYVEX_METRICS_FLUSH_MS", "soon")]);
-    let err = metrics::start_from_env(&bad).await.err().unwrap();
-    assert!(err.to_string().contains("KEYVEX_METRICS_FLUSH_MS"), "{err}");
-
-    // Selection only: shipping to DynamoDB needs AWS credentials in the process environment,
-    // which tests do not touch; the DynamoDB sink itself is exercised by the tests above.
-    let env = keyvex_engine::config::MapEnv::new([
-        (
-            "KEYVEX_METRICS_DB",
-            dir.file("env2.sqlite3").to_str().unwrap(),
-        ),
-        ("DYNAMODB_TABLE_NAME", "m-env"),
-        ("DYNAMODB_ENDPOINT", "http://127.0.0.1:9"),
-    ]);
-    let tracker = metrics::start_from_env(&env).await.unwrap();
-    assert_eq!(tracker.health().sink, "dynamodb");
-}
-
 /// `records(n)` with the request ids at `poisoned` replaced by `poison-{i}`, so a fault can
 /// target them.
 fn records_with_poison(n: u64, poisoned: &[usize]) -> Vec<RequestRecord> {
@@ -734,10 +686,10 @@ async fn sqlite_constraint_refusal_is_dead_lettered_reported_at_shutdown_kept_an
 /// next writes in order (`None` = behave normally), and it refuses any batch holding a key of
 /// `refused`.
 struct ScriptedSink {
-    stored: std::sync::Mutex<HashMap<String, keyvex_engine::store::Entry>>,
+    stored: std::sync::Mutex<HashMap<String, Entry>>,
     refused: Vec<String>,
     down: std::sync::atomic::AtomicBool,
-    script: std::sync::Mutex<std::collections::VecDeque<Option<keyvex_engine::store::StoreError>>>,
+    script: std::sync::Mutex<std::collections::VecDeque<Option<StoreError>>>,
 }
 
 impl Sink for ScriptedSink {
@@ -747,12 +699,8 @@ impl Sink for ScriptedSink {
 
     fn write<'a>(
         &'a self,
-        entries: &'a [keyvex_engine::store::Entry],
-    ) -> futures::future::BoxFuture<
-        'a,
-        Result<keyvex_engine::store::WriteReport, keyvex_engine::store::StoreError>,
-    > {
-        use keyvex_engine::store::StoreError;
+        entries: &'a [Entry],
+    ) -> futures::future::BoxFuture<'a, Result<WriteReport, StoreError>> {
         Box::pin(async move {
             if self.down.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(StoreError::Dynamo {
@@ -778,14 +726,13 @@ impl Sink for ScriptedSink {
             for e in entries {
                 stored.insert(e.key().into_owned(), e.clone());
             }
-            Ok(keyvex_engine::store::WriteReport::default())
+            Ok(WriteReport::default())
         })
     }
 }
 
 #[tokio::test]
 async fn config_errors_never_dead_letter_and_isolation_survives_a_transient_failure() {
-    use keyvex_engine::store::StoreError;
     let dir = TempDir::new("metrics-isolate");
     let poisoned = [0, 50, 99];
     let sink = Arc::new(ScriptedSink {

@@ -3,9 +3,6 @@
 //! Each fake replays one script per call (events, waits, a hang) and counts calls, call times
 //! and closed streams, so the tests see exactly what the router asked of each provider.
 
-// clippy's allow-unwrap-in-tests covers `#[test]` functions, not the helpers around them.
-#![allow(clippy::unwrap_used)]
-
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,8 +15,8 @@ use keyvex_engine::cost::Cost;
 use keyvex_engine::provider::{ChatMessage, ChatRequest, EventStream, Provider, ProviderError};
 use keyvex_engine::router::{
     AttemptError, BreakerConfig, CircuitState, Providers, RetryBudgetConfig, RouteError,
-    RouteEvent, RouteObserver, RouteOutcome, RouteRequest, RouteStatus, RouteStream, Router,
-    RouterConfig,
+    RouteEvent, RouteObserver, RouteOptions, RouteOutcome, RouteRequest, RouteStatus, RouteStream,
+    Router, RouterConfig,
 };
 use keyvex_engine::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 use keyvex_engine::tokenize::count_tokens;
@@ -715,12 +712,8 @@ async fn dropping_the_stream_cancels_the_call_and_reports_to_the_observer() {
         ]],
     );
     let observer = Arc::new(Collect::default());
-    let config = RouterConfig {
-        observer: Some(observer.clone()),
-        ..config()
-    };
-    let router = router(&openai, &anthropic, config);
-    let mut stream = process(&router);
+    let router = router(&openai, &anthropic, config());
+    let mut stream = observed(&router, &observer);
     while let Some(event) = stream.next().await {
         if matches!(event, RouteEvent::Delta(_)) {
             break;
@@ -749,13 +742,21 @@ async fn a_route_that_ends_normally_does_not_call_the_observer() {
     let openai = Fake::new(OPENAI, vec![ok(OPENAI, PRIMARY, "done")]);
     let anthropic = Fake::new(ANTHROPIC, vec![]);
     let observer = Arc::new(Collect::default());
-    let config = RouterConfig {
-        observer: Some(observer.clone()),
-        ..config()
-    };
-    let events = collect(process(&router(&openai, &anthropic, config))).await;
+    let router = router(&openai, &anthropic, config());
+    let events = collect(observed(&router, &observer)).await;
     finished(&events);
     assert!(observer.0.lock().unwrap().is_empty());
+}
+
+/// A process route with `observer` as its own cancellation observer.
+fn observed(router: &Router, observer: &Arc<Collect>) -> RouteStream {
+    let observer: Arc<dyn RouteObserver> = observer.clone();
+    router.open_process(
+        Process::LogicArchitect,
+        request(),
+        RouteOptions::default(),
+        Some(observer),
+    )
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,30 +1,24 @@
 //! End-to-end test of the admin dashboard in a real headless Chromium (driven over WebDriver by
-//! chromedriver) against the real server: demo traffic goes through the server's metrics
-//! `Tracker` into SQLite before it starts, `Server::bind_with` serves the page at `/admin` and the
-//! admin API behind its real authentication, and the test signs in, visits every tab, checks the
-//! charts carry data, the alerts list the incident, and that wrong keys and failing refreshes
-//! show clear messages. Screenshots are saved to `<target>/dashboard-screenshots/`.
-
-// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! chromedriver) against the real server: demo traffic goes through the metrics `Tracker` into
+//! SQLite before the server starts, the server serves the page at `/admin` and the admin API
+//! behind its real authentication, and the test signs in, visits every tab, checks the charts
+//! carry data, the alerts list the incident, and that wrong keys and failing refreshes show clear
+//! messages. Screenshots are saved to `<target>/dashboard-screenshots/`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
-use keyvex_engine::catalog::Catalog;
-use keyvex_engine::config::{ApiKeySpec, EngineConfig, MapEnv, ServerConfig};
-use keyvex_engine::demo::{self, DemoConfig};
-use keyvex_engine::metrics::start_from_env;
-use keyvex_engine::server::{Backends, Server};
+use keyvex_engine::Catalog;
+use keyvex_store::MetricsConfig;
+use keyvex_store::demo::{self, DemoConfig};
+use keyvex_testkit::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::support::TempDir;
+use crate::support::{ADMIN, ALICE, Spec, TestServer, sqlite_stores};
 
-const ADMIN_KEY: &str = "kvx_admin_test_key";
-const USER_KEY: &str = "kvx_user_test_key";
 const WAIT: Duration = Duration::from_secs(20);
 
 // ------------------------------------------------------------------ the server
@@ -57,22 +51,24 @@ fn now_ms() -> u64 {
 }
 
 /// The real server on a fresh SQLite file, with demo traffic recorded through its tracker and
-/// shipped before the first page load. The server runs until the test's runtime ends.
-async fn start_server(dir: &TempDir) -> (SocketAddr, StoreFault) {
+/// shipped before the first page load.
+async fn start_server(dir: TempDir) -> (TestServer, StoreFault) {
     let db = dir.file("metrics.sqlite3");
-    let env = MapEnv::new([
-        ("KEYVEX_METRICS_DB", db.to_str().unwrap()),
-        ("KEYVEX_METRICS_FLUSH_MS", "20"),
-        ("KEYVEX_SIMULATE", "always"),
-    ]);
-    let tracker = start_from_env(&env).await.unwrap();
+    // The default alert rules: the demo's incident must raise alerts for the alerts tab.
+    let mut metrics = MetricsConfig::new(&db);
+    metrics.flush_interval = Duration::from_millis(20);
+    let stores = sqlite_stores(&db, metrics).await;
     let cfg = DemoConfig {
         requests: 1_500,
         ..DemoConfig::new(now_ms())
     };
     let records = demo::generate(&cfg, &Catalog::embedded().unwrap()).unwrap();
-    assert_eq!(demo::record_all(&tracker, records).await.unwrap(), 1_500);
-    let (health, shipped) = tracker
+    assert_eq!(
+        demo::record_all(&stores.tracker, records).await.unwrap(),
+        1_500
+    );
+    let (health, shipped) = stores
+        .tracker
         .wait_for(Duration::from_secs(30), |h| {
             h.pending == 0 && h.shipped >= 1_500
         })
@@ -80,29 +76,11 @@ async fn start_server(dir: &TempDir) -> (SocketAddr, StoreFault) {
     assert!(shipped, "{health:?}");
     assert!(health.alerts_raised >= 2, "{health:?}");
 
-    let backends = Backends::from_env(&env, &tracker, false).await.unwrap();
-    let config = ServerConfig {
-        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        api_keys: vec![
-            ApiKeySpec::parse(&format!("{ADMIN_KEY}=ops:admin")).unwrap(),
-            ApiKeySpec::parse(&format!("{USER_KEY}=someone:user")).unwrap(),
-        ],
-        ..ServerConfig::default()
-    };
-    let engine = EngineConfig::from_env(&env).unwrap();
-    let server = Server::bind_with(config, &engine, tracker, backends)
-        .await
-        .unwrap();
-    let addr = server.local_addr().unwrap();
-    tokio::spawn(server.run(std::future::pending()));
-    (addr, StoreFault { db })
+    let server = TestServer::on_stores(Spec::new(3), &stores, db.clone(), Some(dir)).await;
+    (server, StoreFault { db })
 }
 
 // ------------------------------------------------------------------ the browser
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// Installs chromium + chromedriver with the repository's script when either is missing.
 fn ensure_chromium() {
@@ -110,7 +88,7 @@ fn ensure_chromium() {
         return;
     }
     let out = std::process::Command::new("bash")
-        .arg(repo_root().join("scripts/ensure-chromium.sh"))
+        .arg(keyvex_testkit::moto::repo_root().join("scripts/ensure-chromium.sh"))
         .output()
         .unwrap();
     assert!(
@@ -240,13 +218,15 @@ async fn open_tab(c: &Client, tab: &str) {
 async fn dashboard_in_headless_chromium() {
     ensure_chromium();
     let dir = TempDir::new("dashboard-e2e");
-    let (addr, fault) = start_server(&dir).await;
+    let profile = dir.file("chromium-profile");
+    let (server, fault) = start_server(dir).await;
+    let addr: SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
     let (mut driver, port) = start_chromedriver().await;
-    let c = browser(port, &dir.file("chromium-profile")).await;
-    let result = run_scenario(&c, addr, &fault).await;
+    let c = browser(port, &profile).await;
+    run_scenario(&c, addr, &fault).await;
     let _ = c.close().await;
     let _ = driver.kill().await;
-    result
+    server.stop().await;
 }
 
 async fn run_scenario(c: &Client, addr: SocketAddr, fault: &StoreFault) {
@@ -264,7 +244,7 @@ async fn run_scenario(c: &Client, addr: SocketAddr, fault: &StoreFault) {
     c.execute("document.body.dataset.state = 'retry'", vec![])
         .await
         .unwrap();
-    sign_in(c, USER_KEY).await;
+    sign_in(c, ALICE).await;
     wait_for(c, "body[data-state='auth-error']").await;
     let text = c
         .find(Locator::Id("login-error"))
@@ -282,14 +262,14 @@ async fn run_scenario(c: &Client, addr: SocketAddr, fault: &StoreFault) {
     screenshot(c, "login-not-admin.png").await;
 
     // The key is kept for the session only, never in the URL.
-    sign_in(c, ADMIN_KEY).await;
+    sign_in(c, ADMIN).await;
     wait_for(c, "body[data-state='ready']").await;
-    assert!(!c.current_url().await.unwrap().as_str().contains(ADMIN_KEY));
+    assert!(!c.current_url().await.unwrap().as_str().contains(ADMIN));
     let stored = c
         .execute("return sessionStorage.getItem('keyvex.adminKey')", vec![])
         .await
         .unwrap();
-    assert_eq!(stored, ADMIN_KEY);
+    assert_eq!(stored, ADMIN);
 
     // Cost: spend over time, by process/provider/model, cost-per-request percentiles.
     assert!(data_marks(c, "cost").await >= 10, "cost charts have data");

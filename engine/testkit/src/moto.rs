@@ -2,9 +2,6 @@
 //! process group when the guard drops. Finds `moto_server` through `MOTO_SERVER` or
 //! `<repo>/.venv/bin/moto_server`, installing it with `scripts/ensure-moto.sh` when missing.
 
-// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -20,11 +17,9 @@ pub struct Moto {
 /// One install at a time inside this test binary (the script also locks across processes).
 static INSTALL: Mutex<()> = Mutex::new(());
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+/// The repository root (this crate is `engine/testkit`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn moto_bin() -> PathBuf {

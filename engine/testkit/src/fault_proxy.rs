@@ -4,9 +4,6 @@
 //! `ValidationException` (as DynamoDB refuses a whole request with an item over 400 KB), or drops
 //! every connection while an outage is on.
 
-// Test code: a failed unwrap is a failed test (clippy's test allowance does not reach helpers).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,11 @@
+//! Integration tests of the provider simulator, one test binary: both wire protocols over HTTP
+//! on loopback, checked by a strict SSE parser.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod strict_sse;
+mod wire;

@@ -1,0 +1,12 @@
+//! Integration tests of the store crate, one binary (link once): the tracker's ledger → sink
+//! path, sessions and the admin reads against real SQLite files and a local DynamoDB (moto).
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod admin_reads;
+mod sessions;
+mod shipping;
+mod stores_open;
