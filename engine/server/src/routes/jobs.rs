@@ -8,11 +8,13 @@ use axum::routing::{get, post};
 use axum::{Extension, Json};
 use serde_json::Value;
 
-use crate::AppState;
 use crate::auth::Caller;
 use crate::config::CallerRole;
 use crate::error::{ApiError, ApiJson};
 use crate::queue::{self, JobAccepted, JobRequest, JobView, JobsCtx};
+use crate::routes::agents::check_session_id;
+use crate::routes::sessions::check_session_owner;
+use crate::state::AppState;
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
@@ -37,6 +39,10 @@ async fn submit(
     ApiJson(request): ApiJson<JobRequest>,
 ) -> Result<(StatusCode, Json<JobAccepted>), ApiError> {
     let ctx = jobs(&state)?;
+    // A job with a session writes into it when it runs: the same checks as the direct routes,
+    // made now, since nobody is there to refuse when the worker runs it.
+    check_session_id(request.session_id.as_deref())?;
+    check_session_owner(&state, &caller, request.session_id.as_deref()).await?;
     state.ensure_accepting()?;
     let accepted = queue::enqueue(ctx, &caller.id, request).await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
