@@ -3,17 +3,11 @@
 
 use std::fmt;
 
-use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-use crate::AppState;
 use crate::config::{ApiKeySpec, CallerRole};
-use crate::error::ApiError;
 
-/// Who is calling; put in request extensions by [`authenticate`].
+/// Who is calling; put in request extensions by the `authenticate` middleware (`layers.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub id: String,
@@ -78,44 +72,6 @@ impl ApiKeys {
             }
         }
         found
-    }
-}
-
-const HOW: &str = "send `Authorization: Bearer <key>` with a key configured in KEYVEX_API_KEYS (KEY=CALLER:ROLE) or the config file; `keyvex serve` prints a development key at start when none is configured";
-
-/// Middleware: requires a valid bearer key and records the caller.
-pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let Some(key) = presented else {
-        return ApiError::Unauthenticated(format!("no API key given; {HOW}")).into_response();
-    };
-    let Some(caller) = state.keys().lookup(key) else {
-        return ApiError::Unauthenticated(format!("the API key is not valid; {HOW}"))
-            .into_response();
-    };
-    tracing::Span::current().record("caller", caller.id.as_str());
-    req.extensions_mut().insert(caller);
-    next.run(req).await
-}
-
-/// Middleware for admin routes (after [`authenticate`]).
-pub async fn require_admin(req: Request, next: Next) -> Response {
-    match req.extensions().get::<Caller>() {
-        Some(c) if c.role == CallerRole::Admin => next.run(req).await,
-        Some(c) => ApiError::Forbidden(format!(
-            "caller {} has role user; this route needs an admin key",
-            c.id
-        ))
-        .into_response(),
-        None => ApiError::Unauthenticated(format!("no API key given; {HOW}")).into_response(),
     }
 }
 

@@ -11,40 +11,35 @@ pub mod auth;
 pub mod config;
 pub mod dashboard;
 pub mod error;
+mod layers;
 pub mod prom;
 pub mod queue;
 mod routes;
 pub mod sse;
+mod state;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use futures::stream::BoxStream;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware;
+use axum::serve::ListenerExt as _;
 use keyvex_engine::Engine;
-use keyvex_engine::record::{Receipt, ShutdownReport};
-use keyvex_store::admin::MetricsReader;
-use keyvex_store::sessions::SessionStore;
-use keyvex_store::{Stores, Tracker};
+use keyvex_engine::record::ShutdownReport;
+use keyvex_store::Tracker;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::auth::{ApiKeys, Caller};
 use crate::config::ServerConfig;
 use crate::error::{ApiError, BodyLimit};
 use crate::prom::ServerMetrics;
-use crate::queue::worker::{Worker, WorkerConfig, WorkerCounts};
-use crate::queue::{JobsCtx, QueueError};
-use crate::sse::{Event, GuardConfig, Guarded};
+use crate::queue::QueueError;
+use crate::queue::worker::{Worker, WorkerCounts};
+pub use crate::state::{AppState, Backends, await_durable, request_id};
+use crate::state::{MakeV7, REQUEST_ID};
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -69,136 +64,6 @@ pub enum ServerError {
     WorkerWithoutQueue,
 }
 
-/// What the server reads and queues besides the engine. Each part is optional: a route whose
-/// part is missing answers 503 naming what to configure, so a server built for one purpose (a
-/// test, a bench) needs only what it uses.
-#[derive(Clone, Default)]
-pub struct Backends {
-    /// `/v1/admin/metrics` and `/v1/admin/alerts`.
-    pub metrics: Option<MetricsReader>,
-    /// `/v1/sessions*`, and the owner check of requests that name a session.
-    pub sessions: Option<SessionStore>,
-    /// `/v1/jobs*`.
-    pub jobs: Option<JobsCtx>,
-    /// Run a queue worker inside the server (`serve --with-worker`); needs `jobs`.
-    pub worker: Option<WorkerConfig>,
-}
-
-impl Backends {
-    /// The metrics and session reads of `stores`; no queue.
-    pub fn of(stores: &Stores) -> Backends {
-        Backends {
-            metrics: Some(stores.metrics.clone()),
-            sessions: Some(stores.sessions.clone()),
-            jobs: None,
-            worker: None,
-        }
-    }
-}
-
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Shared by every handler. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    engine: Engine,
-    tracker: Tracker,
-    keys: ApiKeys,
-    prom: Arc<ServerMetrics>,
-    config: ServerConfig,
-    draining: AtomicBool,
-    /// Open streams, so shutdown can wait for them.
-    streams: TaskTracker,
-    /// Cancelled when the drain deadline passes: open streams end with a `shutdown` error.
-    force_end: CancellationToken,
-    backends: Backends,
-}
-
-impl AppState {
-    pub fn engine(&self) -> &Engine {
-        &self.inner.engine
-    }
-
-    pub fn tracker(&self) -> &Tracker {
-        &self.inner.tracker
-    }
-
-    pub fn keys(&self) -> &ApiKeys {
-        &self.inner.keys
-    }
-
-    pub fn prom(&self) -> &ServerMetrics {
-        &self.inner.prom
-    }
-
-    pub fn config(&self) -> &ServerConfig {
-        &self.inner.config
-    }
-
-    pub fn backends(&self) -> &Backends {
-        &self.inner.backends
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.inner.draining.load(Ordering::Acquire)
-    }
-
-    /// Refuses new work once shutdown started.
-    pub fn ensure_accepting(&self) -> Result<(), ApiError> {
-        if self.is_draining() {
-            return Err(ApiError::ShuttingDown);
-        }
-        Ok(())
-    }
-
-    /// An SSE response over `events`, guarded for shutdown and counted while open.
-    pub fn sse(&self, events: BoxStream<'static, Event>, shutdown_event: Event) -> Response {
-        Guarded::new(
-            events,
-            GuardConfig {
-                force: self.inner.force_end.clone().cancelled_owned(),
-                shutdown_event,
-                prom: Arc::clone(&self.inner.prom),
-                in_flight: self.inner.streams.token(),
-                keep_alive: self.inner.config.keep_alive,
-            },
-        )
-        .into_response()
-    }
-}
-
-/// Waits until what `receipt` covers is durable. A failure is logged: the caller is still told
-/// (the data exists in the stream) and `/readyz` reports the ledger.
-pub async fn await_durable(what: &str, id: &str, receipt: Receipt) {
-    if let Err(error) = receipt.durable().await {
-        tracing::error!(what, id, %error, "not confirmed durable");
-    }
-}
-
-/// Request ids are UUID v7, like metrics records, so they sort by time.
-#[derive(Clone, Copy, Default)]
-struct MakeV7;
-
-impl MakeRequestId for MakeV7 {
-    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
-        HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
-            .ok()
-            .map(RequestId::new)
-    }
-}
-
-/// The request id header tower-http set (or the client sent).
-pub fn request_id(headers: &http::HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
-}
-
 /// The authenticated API: one line per route module.
 fn api_routes() -> axum::Router<AppState> {
     axum::Router::new()
@@ -220,13 +85,16 @@ fn admin_routes() -> axum::Router<AppState> {
 /// admin routes, and the edge middleware (request id, tracing, body limit).
 pub fn app(state: AppState) -> axum::Router {
     let limit = state.config().max_body_bytes;
-    let admin = admin_routes().route_layer(middleware::from_fn(auth::require_admin));
+    let admin = admin_routes().route_layer(middleware::from_fn(layers::require_admin));
     let api = api_routes()
         .merge(admin)
-        .route_layer(middleware::from_fn_with_state(state.clone(), rate_limit))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            auth::authenticate,
+            layers::rate_limit,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            layers::authenticate,
         ));
     axum::Router::new()
         .merge(routes::health::routes())
@@ -237,7 +105,7 @@ pub fn app(state: AppState) -> axum::Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            count_requests,
+            layers::count_requests,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)))
@@ -268,50 +136,6 @@ async fn not_found(req: Request) -> ApiError {
             req.method(),
             req.uri().path()
         ),
-    }
-}
-
-/// Counts answered requests by route and status.
-async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
-    let response = next.run(req).await;
-    state
-        .prom()
-        .http_request(&route, response.status().as_u16());
-    response
-}
-
-/// Per caller and endpoint (the matched route), with `x-ratelimit-*` on every answer.
-async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let endpoint = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| req.uri().path().to_owned(), |m| m.as_str().to_owned());
-    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
-        return ApiError::Internal("rate limit ran before authentication".into()).into_response();
-    };
-    match state.inner.engine.check_caller(&caller.id, &endpoint) {
-        Ok(allowance) => {
-            let mut response = next.run(req).await;
-            let h = response.headers_mut();
-            h.insert("x-ratelimit-limit", HeaderValue::from(allowance.limit));
-            h.insert(
-                "x-ratelimit-remaining",
-                HeaderValue::from(allowance.remaining),
-            );
-            h.insert(
-                "x-ratelimit-reset",
-                HeaderValue::from(error::ceil_secs(allowance.reset)),
-            );
-            response
-        }
-        Err(limited) => {
-            state.prom().rate_limited(&endpoint);
-            ApiError::RateLimited(limited).into_response()
-        }
     }
 }
 
@@ -357,19 +181,7 @@ impl Server {
                 addr: config.addr,
                 source,
             })?;
-        let state = AppState {
-            inner: Arc::new(Inner {
-                engine,
-                tracker,
-                keys: ApiKeys::new(&config.api_keys),
-                prom,
-                config,
-                draining: AtomicBool::new(false),
-                streams: TaskTracker::new(),
-                force_end: CancellationToken::new(),
-                backends,
-            }),
-        };
+        let state = AppState::new(engine, tracker, prom, config, backends);
         Ok(Server {
             listener,
             state,
@@ -434,17 +246,17 @@ impl Server {
             async move {
                 signal.await;
                 tracing::info!("shutdown requested: draining open streams");
-                state.inner.draining.store(true, Ordering::Release);
+                state.begin_drain();
                 stop_accepting.cancel();
-                let streams = &state.inner.streams;
+                let streams = state.streams();
                 streams.close();
-                let drain = state.inner.config.drain_timeout;
+                let drain = state.config().drain_timeout;
                 if tokio::time::timeout(drain, streams.wait()).await.is_err() {
                     tracing::warn!(
                         open = streams.len(),
                         "drain deadline passed; ending open streams"
                     );
-                    state.inner.force_end.cancel();
+                    state.end_open_streams();
                 }
             }
         });
@@ -466,12 +278,10 @@ impl Server {
         stop_accepting.cancel();
         tasks.close();
         tasks.wait().await;
-        let flush = state.inner.config.metrics_flush_timeout;
-        let report = state.inner.engine.shutdown(flush).await;
+        let flush = state.config().metrics_flush_timeout;
+        let report = state.engine().shutdown(flush).await;
         tracing::info!(?report, "metrics flushed");
         served.map_err(ServerError::Serve)?;
         Ok(report)
     }
 }
-
-use axum::serve::ListenerExt as _;

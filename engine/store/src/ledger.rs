@@ -11,8 +11,8 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::MetricsError;
 use crate::entry::Entry;
+use crate::error::MetricsError;
 use keyvex_engine::record::SessionMessage;
 
 use crate::sessions::PendingFilter;

@@ -18,8 +18,10 @@ pub mod alerts;
 pub mod demo;
 pub mod dynamo;
 pub mod entry;
+mod error;
 pub mod jobs;
 mod ledger;
+mod session_meta;
 pub mod sessions;
 pub mod sqlite;
 mod stores;
@@ -28,29 +30,7 @@ mod tracker;
 pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate, aggregate_by};
 pub use alerts::{Alert, AlertConfig, AlertType, Severity};
 pub use entry::{Entry, Sink, StoreError, WriteReport, day_of, full_jitter, iso_ts};
+pub use error::MetricsError;
 pub use ledger::DeadLetter;
 pub use stores::{StoreConfig, Stores};
 pub use tracker::{MetricsConfig, MetricsHealth, Tracker};
-
-/// Errors of the metrics boundary (ledger and tracker).
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error(
-        "metrics ledger {path} could not be used: {source}; check that the directory exists and is writable"
-    )]
-    LedgerOpen {
-        path: String,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("metrics ledger write failed: {0}; the records stay queued and are retried")]
-    Ledger(#[from] rusqlite::Error),
-    #[error("metrics store: {0}")]
-    Store(#[from] StoreError),
-    #[error("a metrics entry could not be encoded: {0}")]
-    Encode(#[from] serde_json::Error),
-    #[error(
-        "the metrics ledger task stopped before finishing this work (it panicked or the runtime is shutting down)"
-    )]
-    LedgerStopped,
-}

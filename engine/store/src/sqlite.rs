@@ -12,7 +12,7 @@ use keyvex_engine::record::{RequestRecord, SessionMessage};
 
 use crate::alerts::Alert;
 use crate::entry::{Entry, Sink, StoreError, WriteReport};
-use crate::sessions::SessionMetadata;
+use crate::session_meta::SessionMetadata;
 
 /// Opens a SQLite file the way every part of the engine shares one: WAL (readers do not block the
 /// writer), the given `synchronous` level, and a 5 s wait for the write lock, since the server,

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::MetricsError;
 use crate::admin::MetricsReader;
 use crate::dynamo::{DynamoStore, client};
 use crate::entry::{Sink, StoreError};
+use crate::error::MetricsError;
 use crate::jobs::{DynamoJobs, JobStore, SqliteJobs};
 use crate::sessions::SessionStore;
 use crate::sqlite::SqliteStore;
@@ -76,8 +76,7 @@ impl Stores {
     /// left in the ledger). The DynamoDB table is not created here (`keyvex table create` and
     /// `dynamo::create_table` provision it).
     pub async fn open(store: &StoreConfig, metrics: MetricsConfig) -> Result<Stores, MetricsError> {
-        let alerts = metrics.alerts.clone();
-        let (sink, reader, sessions, jobs): (Arc<dyn Sink>, _, _, _) = match store {
+        match store {
             StoreConfig::Sqlite { path } => {
                 let (db, jobs) = {
                     let path = path.clone();
@@ -88,38 +87,67 @@ impl Stores {
                     .map_err(|e| StoreError::Task(e.to_string()))??
                 };
                 tracing::info!(path = %path.display(), "metrics stored in embedded SQLite");
-                (
-                    Arc::new(db.clone()),
-                    MetricsReader::sqlite(db.clone()),
-                    SessionStore::sqlite(db),
-                    JobStore::Sqlite(jobs),
-                )
+                let parts = Parts {
+                    sink: Arc::new(db.clone()),
+                    metrics: MetricsReader::sqlite(db.clone()),
+                    sessions: SessionStore::sqlite(db),
+                    jobs: JobStore::Sqlite(jobs),
+                };
+                Stores::start(parts, metrics, store.describe()).await
             }
             StoreConfig::Dynamo { table, endpoint } => {
-                let client = client(endpoint.as_deref()).await;
-                let db = DynamoStore::new(client.clone(), table);
                 tracing::info!(
                     table,
                     endpoint = endpoint.as_deref().unwrap_or("aws"),
                     "metrics ship to DynamoDB"
                 );
-                (
-                    Arc::new(db.clone()),
-                    MetricsReader::dynamo(db.clone()),
-                    SessionStore::dynamo(db),
-                    JobStore::Dynamo(DynamoJobs::new(client, table)),
-                )
+                let client = client(endpoint.as_deref()).await;
+                Stores::open_dynamo(client, table, metrics).await
             }
+        }
+    }
+
+    /// [`Stores::open`] on a DynamoDB table through a client of the caller's (its own
+    /// credentials, region and timeouts).
+    pub async fn open_dynamo(
+        client: aws_sdk_dynamodb::Client,
+        table: &str,
+        metrics: MetricsConfig,
+    ) -> Result<Stores, MetricsError> {
+        let db = DynamoStore::new(client.clone(), table);
+        let parts = Parts {
+            sink: Arc::new(db.clone()),
+            metrics: MetricsReader::dynamo(db.clone()),
+            sessions: SessionStore::dynamo(db),
+            jobs: JobStore::Dynamo(DynamoJobs::new(client, table)),
         };
-        let tracker = Tracker::start(metrics, sink).await?;
+        Stores::start(parts, metrics, format!("DynamoDB table {table}")).await
+    }
+
+    async fn start(
+        parts: Parts,
+        metrics: MetricsConfig,
+        description: String,
+    ) -> Result<Stores, MetricsError> {
+        let alerts = metrics.alerts.clone();
+        let tracker = Tracker::start(metrics, parts.sink).await?;
         Ok(Stores {
-            metrics: reader
+            metrics: parts
+                .metrics
                 .with_health(tracker.clone())
                 .with_alert_config(&alerts),
-            sessions: sessions.with_pending(Arc::new(tracker.clone())),
-            jobs,
+            sessions: parts.sessions.with_pending(Arc::new(tracker.clone())),
+            jobs: parts.jobs,
             tracker,
-            description: store.describe(),
+            description,
         })
     }
+}
+
+/// What one store offers before the tracker starts on it.
+struct Parts {
+    sink: Arc<dyn Sink>,
+    metrics: MetricsReader,
+    sessions: SessionStore,
+    jobs: JobStore,
 }

@@ -9,8 +9,8 @@ use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 use keyvex_store::admin::{MetricsReader, alerts_json, metrics_json};
 
 /// Dead letters listed when `limit` is not given, and the most one call returns.

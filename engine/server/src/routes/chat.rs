@@ -25,7 +25,7 @@ use keyvex_engine::router::{
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
 use crate::sse::{Event, data};
-use crate::{AppState, await_durable, request_id};
+use crate::state::{AppState, await_durable, request_id};
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new().route("/v1/chat/completions", post(completions))

@@ -7,8 +7,8 @@ use axum::routing::get;
 use axum::{Extension, Json};
 use serde_json::json;
 
-use crate::AppState;
 use crate::auth::Caller;
+use crate::state::AppState;
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()

@@ -19,7 +19,7 @@ use crate::routes::agents::{
 };
 use crate::routes::sessions::check_session_owner;
 use crate::sse::{Event, event};
-use crate::{AppState, await_durable, request_id};
+use crate::state::{AppState, await_durable, request_id};
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new().route("/v1/pipelines/tool", post(run))

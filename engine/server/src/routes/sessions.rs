@@ -9,10 +9,10 @@ use axum::routing::get;
 use axum::{Extension, Json};
 use serde_json::Value;
 
-use crate::AppState;
 use crate::auth::Caller;
 use crate::config::CallerRole;
 use crate::error::ApiError;
+use crate::state::AppState;
 use keyvex_store::admin::{get_session_json, user_sessions_json};
 use keyvex_store::sessions::SessionStore;
 

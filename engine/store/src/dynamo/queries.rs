@@ -9,7 +9,7 @@ use super::DynamoStore;
 use super::codec::{alert_from_item, attr_s, from_item, message_from_item, request_from_item};
 use crate::alerts::{Alert, AlertType, Severity};
 use crate::entry::{StoreError, day_of, iso_ts};
-use crate::sessions::SessionMetadata;
+use crate::session_meta::SessionMetadata;
 
 impl DynamoStore {
     /// Requests that started in `[from_ms, to_ms]`: one `Query` per UTC day partition with `SK`

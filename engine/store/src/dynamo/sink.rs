@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use super::codec::{attr_s, entry_item, estimate_size};
 use super::{DynamoStore, MAX_BATCH_BYTES, MAX_BATCH_ITEMS};
 use crate::entry::{Entry, Sink, StoreError, WriteReport, full_jitter, iso_ts};
-use crate::sessions::SessionMetadata;
+use crate::session_meta::SessionMetadata;
 
 impl DynamoStore {
     /// Moves a session's `METADATA` item forward to cover `meta`. Idempotent and

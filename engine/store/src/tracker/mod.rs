@@ -27,9 +27,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::MetricsError;
 use crate::alerts::{AlertConfig, AlertEvaluator};
 use crate::entry::{Sink, StoreError};
+use crate::error::MetricsError;
 use crate::ledger::{DeadLetter, Ledger};
 use crate::sessions::{PendingFilter, PendingSessions};
 

@@ -1,0 +1,108 @@
+//! The middleware of the authenticated API, in the order a request meets it: the bearer key
+//! (`authenticate`), the admin role on admin routes (`require_admin`), the caller's limit on the
+//! route (`rate_limit`); and around everything, the answered-requests counter
+//! (`count_requests`).
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::Caller;
+use crate::config::CallerRole;
+use crate::error::{self, ApiError};
+use crate::state::AppState;
+
+const HOW: &str = "send `Authorization: Bearer <key>` with a key configured in KEYVEX_API_KEYS (KEY=CALLER:ROLE) or the config file; `keyvex serve` prints a development key at start when none is configured";
+
+/// Middleware: requires a valid bearer key and records the caller.
+pub(crate) async fn authenticate(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(key) = presented else {
+        return ApiError::Unauthenticated(format!("no API key given; {HOW}")).into_response();
+    };
+    let Some(caller) = state.keys().lookup(key) else {
+        return ApiError::Unauthenticated(format!("the API key is not valid; {HOW}"))
+            .into_response();
+    };
+    tracing::Span::current().record("caller", caller.id.as_str());
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// Middleware for admin routes (after [`authenticate`]).
+pub(crate) async fn require_admin(req: Request, next: Next) -> Response {
+    match req.extensions().get::<Caller>() {
+        Some(c) if c.role == CallerRole::Admin => next.run(req).await,
+        Some(c) => ApiError::Forbidden(format!(
+            "caller {} has role user; this route needs an admin key",
+            c.id
+        ))
+        .into_response(),
+        None => ApiError::Unauthenticated(format!("no API key given; {HOW}")).into_response(),
+    }
+}
+
+/// Counts answered requests by route and status.
+pub(crate) async fn count_requests(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let response = next.run(req).await;
+    state
+        .prom()
+        .http_request(&route, response.status().as_u16());
+    response
+}
+
+/// Per caller and endpoint (the matched route), with `x-ratelimit-*` on every answer.
+pub(crate) async fn rate_limit(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| req.uri().path().to_owned(), |m| m.as_str().to_owned());
+    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+        return ApiError::Internal("rate limit ran before authentication".into()).into_response();
+    };
+    match state.engine().check_caller(&caller.id, &endpoint) {
+        Ok(allowance) => {
+            let mut response = next.run(req).await;
+            let h = response.headers_mut();
+            h.insert("x-ratelimit-limit", HeaderValue::from(allowance.limit));
+            h.insert(
+                "x-ratelimit-remaining",
+                HeaderValue::from(allowance.remaining),
+            );
+            h.insert(
+                "x-ratelimit-reset",
+                HeaderValue::from(error::ceil_secs(allowance.reset)),
+            );
+            response
+        }
+        Err(limited) => {
+            state.prom().rate_limited(&endpoint);
+            ApiError::RateLimited(limited).into_response()
+        }
+    }
+}
