@@ -3,7 +3,7 @@
 # <repo>/.venv. Idempotent and quiet on success: a second run only checks the installed version.
 set -euo pipefail
 
-MOTO_VERSION="5.2.5" # verified against the Rust SDK (PROTOCOLS.md section 6)
+MOTO_VERSION="5.2.5" # the version the DynamoDB and SQS tests were verified against
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${repo_root}/.venv"
 python="${PYTHON:-python3}"

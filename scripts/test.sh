@@ -23,6 +23,18 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --workspace --locked
 
+step "the embedding example runs offline (engine/core/examples/pipeline.rs)"
+# `cargo test` above built it (examples are built with the tests); run it without cargo.
+example="${CARGO_TARGET_DIR:-target}/debug/examples/pipeline"
+if [[ ! -x "$example" ]]; then
+    echo "test.sh: $example was not built by cargo test" >&2
+    exit 1
+fi
+"$example" >/dev/null
+
+step "cargo doc of the embeddable core (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc -p keyvex-engine --no-deps --locked
+
 step "latency budget gate (benches/budgets.toml, relative to a calibration bench of the same run)"
 # `cargo test` above already built the gate (its own tests run it). Running that binary avoids a
 # `cargo run -p benches` / `cargo build --bins`, which resolve features without the dev-dependencies

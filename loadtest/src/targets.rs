@@ -1,4 +1,4 @@
-//! Targets: the product plan's limits (from `targets.toml` and `--target NAME=VALUE`), turned into
+//! Targets: the platform's limits (from `targets.toml` and `--target NAME=VALUE`), turned into
 //! goose threshold rules where goose can judge them, and judged against our histograms otherwise.
 //!
 //! Every target is an upper bound. Names are `<metric>_<stat>` for times (`ttft_p95`,
@@ -216,7 +216,7 @@ pub struct LoadSection {
     pub run_time_secs: Option<u64>,
 }
 
-/// The targets file shipped with the crate (the product plan's numbers).
+/// The targets file shipped with the crate (the platform's alarm numbers, and ours).
 pub const DEFAULT_TARGETS_TOML: &str = include_str!("../targets.toml");
 
 impl TargetsFile {

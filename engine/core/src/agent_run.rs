@@ -1,7 +1,7 @@
 //! Running one agent: render its prompt, route it to its models, stream deltas and partial JSON
 //! to the caller, validate the finished output, and repair once if the model got it wrong.
 //!
-//! Every model call (the first attempt and the repair) is opened through [`Calls`], so each is
+//! Every model call (the first attempt and the repair) is opened through `Calls` (`call.rs`), so each is
 //! routed with fallback, costed and recorded with the run's context; the agent's outcome carries
 //! all of them. With a session id in the context, the input and the validated output are
 //! recorded as session messages too.

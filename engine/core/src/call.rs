@@ -23,6 +23,19 @@ use crate::stream::ProviderKind;
 
 /// Who asked, and in what context: everything a record needs that the router does not know.
 /// Given with every call; nothing of it is kept between calls.
+///
+/// ```
+/// use keyvex_engine::CallContext;
+///
+/// // An HTTP request of caller `alice`, writing into her session:
+/// let ctx = CallContext::new("alice")
+///     .with_correlation("0193c1d2-request-id")
+///     .with_session(Some("s-1".to_owned()));
+/// assert_eq!(ctx.run_id, None);
+/// // A queued job: the job id is its run, and correlates its records.
+/// let job = CallContext::new("bob").with_correlation("job-7").with_run("job-7");
+/// assert_eq!(job.stage, None, "the engine sets the stage of each call in a run");
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallContext {
     /// The caller (API key owner, job owner, `cli`): the record's `userId`.

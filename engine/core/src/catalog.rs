@@ -255,7 +255,10 @@ impl Catalog {
 struct RawCatalog {
     version: String,
     #[serde(default)]
-    #[allow(dead_code)]
+    #[expect(
+        dead_code,
+        reason = "accepted so a catalog can carry notes for people; never read"
+    )]
     notes: Option<String>,
     models: Vec<RawModel>,
     processes: BTreeMap<String, RawRoute>,

@@ -57,25 +57,47 @@ pub type PipelineStream = std::pin::Pin<Box<dyn Stream<Item = PipelineEvent> + S
 
 /// The embeddable agent runtime. Cheap to clone; clones share everything.
 ///
-/// ```no_run
-/// # async fn demo(recorder: std::sync::Arc<dyn keyvex_engine::Recorder>) -> Result<(), Box<dyn std::error::Error>> {
-/// use futures::StreamExt;
-/// use keyvex_engine::{AgentEvent, CallContext, Engine, Process};
+/// Build it once with the providers and a [`Recorder`], then run agents, pipelines and chat calls
+/// for whoever asks, each with its own [`CallContext`]:
 ///
-/// let engine = Engine::builder()
-///     .openai(std::env::var("OPENAI_API_KEY")?)
-///     .recorder(recorder)
-///     .build()?;
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use futures::StreamExt;
+/// use keyvex_engine::{AgentEvent, CallContext, Engine, Process, Receipt, Recorder};
+/// use keyvex_engine::{RequestRecord, SessionMessage};
+///
+/// /// Where the records of model calls go (here: nowhere but a counter).
+/// #[derive(Default)]
+/// struct Count(std::sync::atomic::AtomicUsize);
+/// impl Recorder for Count {
+///     fn record(&self, _: RequestRecord) -> Receipt {
+///         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+///         Receipt::durable_now()
+///     }
+///     fn record_message(&self, _: SessionMessage) -> Receipt {
+///         Receipt::durable_now()
+///     }
+/// }
+///
+/// // Real providers are `.openai(key)` / `.anthropic(key)`; the simulator keeps this offline.
+/// let sim = keyvex_sim::start(([127, 0, 0, 1], 0).into(), keyvex_sim::SimConfig::fast(1)).await?;
+/// let calls = std::sync::Arc::new(Count::default());
+/// let engine = Engine::builder().simulator(sim).recorder(calls.clone()).build()?;
+///
 /// let input = serde_json::json!({
 ///     "businessDescription": "Solar installer", "targetAudience": "homeowners", "industry": "energy",
 /// });
 /// let mut run = engine.agent(CallContext::new("alice"), Process::MagicSpark, input);
+/// let mut ideas = None;
 /// while let Some(event) = run.next().await {
 ///     if let AgentEvent::Result { output, .. } = event {
-///         println!("{output}");
+///         ideas = Some(output);
 ///     }
 /// }
-/// engine.shutdown(std::time::Duration::from_secs(10)).await;
+/// assert!(ideas.is_some());
+/// assert_eq!(calls.0.load(std::sync::atomic::Ordering::Relaxed), 1, "one call, one record");
+/// engine.shutdown(std::time::Duration::from_secs(5)).await;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -121,7 +143,42 @@ impl Engine {
     }
 
     /// One routed model call: a process (primary, then fallback) or one catalog model. An
-    /// unknown model or a model whose provider is not configured is refused here.
+    /// unknown model or a model whose provider is not configured is refused here, before
+    /// anything is spent or recorded.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::StreamExt;
+    /// use keyvex_engine::provider::ChatMessage;
+    /// use keyvex_engine::{CallContext, CallEvent, CallTarget, Engine, RouteOptions, RouteRequest};
+    ///
+    /// # let sim = keyvex_sim::start(([127, 0, 0, 1], 0).into(), keyvex_sim::SimConfig::fast(2)).await?;
+    /// # let recorder = std::sync::Arc::new(keyvex_testkit::MemoryRecorder::default());
+    /// let engine = Engine::builder().simulator(sim).recorder(recorder.clone()).build()?;
+    /// let request = RouteRequest {
+    ///     messages: vec![ChatMessage::user("Three ideas for a bakery quiz?")],
+    ///     ..RouteRequest::default()
+    /// };
+    /// let ctx = CallContext::new("bob").with_correlation("req-42");
+    /// let target = CallTarget::parse("gpt-5.4-mini");
+    /// let mut call = engine.chat(&ctx, &target, request, RouteOptions::default())?;
+    /// let mut answer = String::new();
+    /// while let Some(event) = call.next().await {
+    ///     match event {
+    ///         CallEvent::Delta(text) => answer.push_str(&text),
+    ///         CallEvent::Finished { record, .. } => record.receipt.durable().await?,
+    ///         CallEvent::Failed { failure, .. } => return Err(failure.error.into()),
+    ///         CallEvent::Start { .. } | CallEvent::Fallback { .. } => {}
+    ///     }
+    /// }
+    /// assert!(!answer.is_empty());
+    /// assert_eq!(recorder.records()[0].correlation_id.as_deref(), Some("req-42"));
+    ///
+    /// let unknown = CallTarget::parse("gpt-9-ultra");
+    /// assert!(engine.chat(&ctx, &unknown, RouteRequest::default(), RouteOptions::default()).is_err());
+    /// # Ok(()) }
+    /// ```
     #[expect(
         clippy::result_large_err,
         reason = "RouteError keeps the API's shape (ProviderError inline); errors are once per request"

@@ -283,6 +283,21 @@ pub enum RecordError {
 
 /// Resolves once the recorder has made an entry durable. Dropping it does not cancel anything:
 /// the entry is committed either way.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use keyvex_engine::{Receipt, RecordError};
+///
+/// // A recorder that commits later hands out the receipt and keeps the commit.
+/// let (commit, receipt) = Receipt::pending();
+/// commit.done();
+/// assert_eq!(receipt.durable().await, Ok(()));
+/// // Several entries (a run's session messages) resolve together; the first failure wins.
+/// let all = Receipt::all(vec![Receipt::durable_now(), Receipt::refused(RecordError::Closed)]);
+/// assert_eq!(all.durable().await, Err(RecordError::Closed));
+/// # }
+/// ```
 pub struct Receipt(ReceiptState);
 
 enum ReceiptState {

@@ -1,5 +1,6 @@
 //! The Anthropic Messages side of the simulator (`POST /v1/messages`), streamed and not,
-//! byte-compatible with PROTOCOLS §2, including forced-tool JSON answers.
+//! byte-compatible with the Messages streaming format (named events `message_start`,
+//! `content_block_*`, `message_delta`, `message_stop`, `ping`), including forced-tool JSON answers.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +40,8 @@ struct ErrorObject<'a> {
     details: Option<Value>,
 }
 
-/// An HTTP error in Anthropic's shape (PROTOCOLS §2.4), with its `request-id` header.
+/// An HTTP error in Anthropic's shape (`{"type":"error","error":{type, message}}`), with its
+/// `request-id` header.
 fn error_response(
     status: StatusCode,
     kind: &str,

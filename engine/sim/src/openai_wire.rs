@@ -1,5 +1,6 @@
 //! The OpenAI Chat Completions side of the simulator (`POST /v1/chat/completions`), streamed
-//! and not, byte-compatible with PROTOCOLS §1.
+//! and not, byte-compatible with the Chat Completions streaming format (data-only
+//! `chat.completion.chunk` events, an optional usage chunk, `data: [DONE]`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +90,7 @@ fn id_header(id: &str) -> HeaderValue {
     HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("req_sim"))
 }
 
-/// The HTTP failure answers, shaped like the real ones (PROTOCOLS §1.4).
+/// The HTTP failure answers, shaped like the real ones (`{"error":{message, type, param, code}}`).
 fn http_failure(status: u16, model: &str, retry_after: Option<Duration>) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let not_found = format!("The model `{model}` does not exist or you do not have access to it.");

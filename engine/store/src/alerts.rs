@@ -1,4 +1,5 @@
-//! Alert rules from the product plan, evaluated incrementally as records reach the ledger.
+//! Alert rules (cost per day, cost per request, average latency, error rate), evaluated
+//! incrementally as records reach the ledger.
 //!
 //! Each rule raises **one** alert per breach episode: it fires when the metric crosses its
 //! threshold and stays quiet until the metric has recovered, so a bad hour is one alert, not
@@ -85,7 +86,8 @@ pub struct Alert {
     pub request_id: String,
 }
 
-/// Thresholds; defaults are the product plan's.
+/// Thresholds; the defaults are the Keyvex platform's alarms: $100 per day, $1.00 per request,
+/// 5 s average latency, 5 % errors.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlertConfig {
     pub cost_per_day: Cost,

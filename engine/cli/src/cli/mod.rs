@@ -120,8 +120,8 @@ mod tests {
                 let path = entry.unwrap().path();
                 let name = path.file_name().unwrap().to_string_lossy().into_owned();
                 if path.is_dir() {
-                    // Tests and examples may set up their own environment.
-                    if !matches!(name.as_str(), "tests" | "examples" | "target") {
+                    // Tests, examples and the test kit may set up their own environment.
+                    if !matches!(name.as_str(), "tests" | "examples" | "target" | "testkit") {
                         dirs.push(path);
                     }
                 } else if name.ends_with(".rs") {

@@ -1,9 +1,9 @@
 //! Anthropic Messages streaming provider, on `reqwest-eventsource` with reconnects disabled.
 //!
 //! `reqwest-eventsource` retries forever by default, re-sending the POST after any error and even
-//! after a normal end of body (PROTOCOLS 3.2): for an LLM call that is a second, billed
+//! after a normal end of body (`reqwest-eventsource` 0.6, `src/retry.rs`): for an LLM call that is a second, billed
 //! generation. So every [`EventSource`] gets the `Never` retry policy and is closed at
-//! `message_stop`, and [`adapt_events`] stops at the first error.
+//! `message_stop`, and `adapt_events` stops at the first error.
 
 use futures::{Stream, StreamExt};
 use reqwest_eventsource::{Error as SseError, Event, EventSource};
@@ -578,8 +578,10 @@ async fn http_error(status: StatusCode, response: reqwest012::Response) -> Provi
 // Tests
 
 #[cfg(test)]
-// The captured items' type is fixed by `reqwest_eventsource`; its error is large but not ours to box.
-#[allow(clippy::result_large_err)]
+#[expect(
+    clippy::result_large_err,
+    reason = "the captured items' type is fixed by `reqwest_eventsource`; its error is large but not ours to box"
+)]
 mod tests {
     use std::pin::Pin;
     use std::task::{Context, Poll};

@@ -3,8 +3,8 @@
 //! The SDK builds and sends the request and decodes error answers; this file builds the request,
 //! installs a small tower service under the SDK (to own the transport, see the headers of error
 //! answers and keep the body of a successful one), decodes that body inline — our own SSE framing
-//! ([`super::sse_frames`]) and borrowed wire structs, the `data: [DONE]` terminator noticed on the
-//! way — and turns the chunks into [`ProviderEvent`]s with [`adapt_chunks`].
+//! (`sse_frames.rs`) and borrowed wire structs, the `data: [DONE]` terminator noticed on the
+//! way — and turns the chunks into [`ProviderEvent`]s with `adapt_chunks`.
 //!
 //! Why the body is not left to the SDK: `create_stream` reads it in a task of its own and hands
 //! every chunk over an unbounded channel, one more task wake-up and hand-off per chunk, and a task

@@ -9,12 +9,12 @@ use aws_sdk_sqs::types::QueueAttributeName;
 
 use super::QueueError;
 
-/// The plan's names.
+/// The Keyvex platform's queue names.
 pub const DEFAULT_QUEUE: &str = "keyvex-ai-processing-queue";
 pub const DEFAULT_DLQ: &str = "keyvex-ai-processing-dlq";
 
-/// How the queues are made. `Default` is the product plan: visibility 300 s, retention 14 days
-/// on both, dead-letter after 3 receives.
+/// How the queues are made. `Default` is the Keyvex platform's queue setup: visibility 300 s,
+/// retention 14 days on both, dead-letter after 3 receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueSettings {
     pub visibility: Duration,
@@ -47,7 +47,7 @@ pub struct Redrive {
     pub max_receives: u32,
 }
 
-/// Creates the queue and its DLQ with the plan's settings. Idempotent: queues that exist with the
+/// Creates the queue and its DLQ with the platform's settings. Idempotent: queues that exist with the
 /// same attributes are fine; different attributes are a [`QueueError::QueueMismatch`].
 pub async fn create_queues(
     client: &Client,

@@ -1,4 +1,5 @@
-//! The `AI_PROCESSING` message on the wire (product plan, SQS section) and its validation into a
+//! The `AI_PROCESSING` message on the wire (`{messageType, sessionId, userId, process, input,
+//! priority, timestamp}`, as the Keyvex API sends it) and its validation into a
 //! [`Job`] the worker can run, or a [`Poison`] verdict saying why it never can.
 
 use agents::Process;

@@ -10,7 +10,7 @@
 //! SQS's redrive moves the message to the DLQ).
 //!
 //! Poison messages go to the DLQ directly rather than through three receives: they can never
-//! succeed, and waiting would cost two visibility timeouts (10 minutes at the plan's 300 s) of
+//! succeed, and waiting would cost two visibility timeouts (10 minutes at the platform's 300 s) of
 //! re-parsing before the same outcome. The copy in the DLQ carries the reason as the message
 //! attribute `keyvexFailureReason`.
 //!
@@ -49,7 +49,8 @@ const TRANSIENT_KINDS: &[&str] = &[
     "truncated",
 ];
 
-/// The worker's knobs. `Default` follows the product plan; tests shrink the durations.
+/// The worker's knobs. `Default` follows the platform's queue setup (300 s visibility, jobs
+/// started within 30 s); tests shrink the durations.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Jobs run at once.
@@ -74,7 +75,7 @@ pub struct WorkerConfig {
     pub max_receives: Option<u32>,
     /// Where poison messages go; `None` reads it from the queue's `RedrivePolicy`.
     pub dlq_url: Option<String>,
-    /// The plan's queue-latency target; slower starts are logged as warnings.
+    /// The platform's queue-latency target (30 s); slower starts are logged as warnings.
     pub queue_latency_target: Duration,
 }
 
