@@ -90,7 +90,14 @@ impl App {
         };
         let engine = builder.build()?;
         let queue = match &config.queue {
-            Some(q) => Some(JobsCtx::connect(q, stores.jobs.clone()).await),
+            Some(q) => {
+                let jobs = config
+                    .store
+                    .open_jobs()
+                    .await
+                    .map_err(MetricsError::Store)?;
+                Some(JobsCtx::connect(q, jobs).await)
+            }
             None => None,
         };
         Ok(App {

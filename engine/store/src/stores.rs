@@ -1,6 +1,7 @@
-//! The one place the SQLite-or-DynamoDB choice is made: [`StoreConfig`] names the store, and
-//! [`Stores::open`] opens everything that lives in it — the metrics tracker (its ledger and the
-//! sink it ships to), the admin metrics reader, the session store and the job table.
+//! The one place the SQLite-or-DynamoDB choice is made: [`StoreConfig`] names the store,
+//! [`Stores::open`] opens what every server and command uses — the metrics tracker (its ledger
+//! and the sink it ships to), the admin metrics reader and the session store — and
+//! [`StoreConfig::open_jobs`] the job table, for the processes that have a queue.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,7 +41,8 @@ impl StoreConfig {
         }
     }
 
-    /// Only the job table (what `keyvex queue enqueue|status` needs), without a tracker.
+    /// The job table of the AI-processing queue (the server's job routes, the worker, `keyvex
+    /// queue`). Opened only where a queue is configured: on SQLite it is one more connection.
     pub async fn open_jobs(&self) -> Result<JobStore, StoreError> {
         Ok(match self {
             StoreConfig::Sqlite { path } => {
@@ -66,8 +68,6 @@ pub struct Stores {
     pub metrics: MetricsReader,
     /// Sessions, including messages still waiting in the ledger.
     pub sessions: SessionStore,
-    /// Job state of the AI-processing queue.
-    pub jobs: JobStore,
     pub description: String,
 }
 
@@ -78,20 +78,17 @@ impl Stores {
     pub async fn open(store: &StoreConfig, metrics: MetricsConfig) -> Result<Stores, MetricsError> {
         match store {
             StoreConfig::Sqlite { path } => {
-                let (db, jobs) = {
+                let db = {
                     let path = path.clone();
-                    tokio::task::spawn_blocking(move || {
-                        Ok::<_, StoreError>((SqliteStore::open(&path)?, SqliteJobs::open(&path)?))
-                    })
-                    .await
-                    .map_err(|e| StoreError::Task(e.to_string()))??
+                    tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                        .await
+                        .map_err(|e| StoreError::Task(e.to_string()))??
                 };
                 tracing::info!(path = %path.display(), "metrics stored in embedded SQLite");
                 let parts = Parts {
                     sink: Arc::new(db.clone()),
                     metrics: MetricsReader::sqlite(db.clone()),
                     sessions: SessionStore::sqlite(db),
-                    jobs: JobStore::Sqlite(jobs),
                 };
                 Stores::start(parts, metrics, store.describe()).await
             }
@@ -114,12 +111,11 @@ impl Stores {
         table: &str,
         metrics: MetricsConfig,
     ) -> Result<Stores, MetricsError> {
-        let db = DynamoStore::new(client.clone(), table);
+        let db = DynamoStore::new(client, table);
         let parts = Parts {
             sink: Arc::new(db.clone()),
             metrics: MetricsReader::dynamo(db.clone()),
             sessions: SessionStore::dynamo(db),
-            jobs: JobStore::Dynamo(DynamoJobs::new(client, table)),
         };
         Stores::start(parts, metrics, format!("DynamoDB table {table}")).await
     }
@@ -137,7 +133,6 @@ impl Stores {
                 .with_health(tracker.clone())
                 .with_alert_config(&alerts),
             sessions: parts.sessions.with_pending(Arc::new(tracker.clone())),
-            jobs: parts.jobs,
             tracker,
             description,
         })
@@ -149,5 +144,4 @@ struct Parts {
     sink: Arc<dyn Sink>,
     metrics: MetricsReader,
     sessions: SessionStore,
-    jobs: JobStore,
 }

@@ -165,11 +165,17 @@ impl TestServer {
         dir: Option<TempDir>,
     ) -> TestServer {
         let mut backends = Backends::of(stores);
-        backends.jobs = spec.queue.as_ref().map(|q| JobsCtx {
-            sqs: q.sqs.clone(),
-            queue_url: q.queue_url.clone(),
-            jobs: stores.jobs.clone(),
-        });
+        if let Some(q) = &spec.queue {
+            let jobs = StoreConfig::Sqlite { path: db.clone() }
+                .open_jobs()
+                .await
+                .unwrap();
+            backends.jobs = Some(JobsCtx {
+                sqs: q.sqs.clone(),
+                queue_url: q.queue_url.clone(),
+                jobs,
+            });
+        }
         backends.worker = spec.worker.clone();
         TestServer::assemble(spec, stores.tracker.clone(), backends, db, dir).await
     }
