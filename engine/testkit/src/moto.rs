@@ -134,3 +134,45 @@ pub async fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
         .await;
     aws_sdk_sqs::Client::new(&conf)
 }
+
+/// One DynamoDB item.
+pub type Item = std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>;
+
+/// A client for `moto` with the single table `name` created (keys, both GSIs, TTL).
+pub async fn table(moto: &Moto, name: &str) -> aws_sdk_dynamodb::Client {
+    let client = client(&moto.endpoint).await;
+    keyvex_store::dynamo::create_table(&client, name)
+        .await
+        .unwrap();
+    client
+}
+
+/// Every item of `table`, page by page (a `Scan`: test reads only; the engine never scans).
+pub async fn scan_all(client: &aws_sdk_dynamodb::Client, table: &str) -> Vec<Item> {
+    let mut items = Vec::new();
+    let mut start = None;
+    loop {
+        let page = client
+            .scan()
+            .table_name(table)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .unwrap();
+        items.extend(page.items.unwrap_or_default());
+        match page.last_evaluated_key {
+            Some(k) if !k.is_empty() => start = Some(k),
+            _ => return items,
+        }
+    }
+}
+
+/// A string attribute of an item.
+pub fn s(item: &Item, name: &str) -> String {
+    item[name].as_s().unwrap().clone()
+}
+
+/// A number attribute of an item.
+pub fn n(item: &Item, name: &str) -> u64 {
+    item[name].as_n().unwrap().parse().unwrap()
+}

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use aws_sdk_dynamodb::types::AttributeValue;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use keyvex_engine::record::RequestRecord;
@@ -13,7 +12,7 @@ use keyvex_store::{day_of, dynamo, iso_ts};
 use serde_json::{Value, json};
 
 use crate::business;
-use crate::moto::{self, Moto};
+use crate::moto::{Item, n, s, scan_all};
 
 /// DynamoDB expires request items 30 days after the request.
 const TTL_SECS: u64 = 30 * 86_400;
@@ -126,48 +125,18 @@ pub fn unique_table(tag: &str) -> String {
     format!("dur-{tag}-{}", uuid::Uuid::now_v7().simple())
 }
 
-pub async fn table(moto: &Moto, name: &str) -> aws_sdk_dynamodb::Client {
-    let client = moto::client(&moto.endpoint).await;
-    dynamo::create_table(&client, name).await.unwrap();
-    client
-}
-
 /// The table's request items (alerts and sessions left out), by record id. Panics on a
 /// duplicate record id: one item per record is part of "exactly".
 pub async fn metric_items(client: &aws_sdk_dynamodb::Client, table: &str) -> HashMap<String, Item> {
     let mut out = HashMap::new();
-    let mut start = None;
-    loop {
-        let page = client
-            .scan()
-            .table_name(table)
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .unwrap();
-        for item in page.items.unwrap_or_default() {
-            if !item["PK"].as_s().unwrap().starts_with("METRIC#") {
-                continue;
-            }
-            let id = item["requestId"].as_s().unwrap().clone();
-            assert!(out.insert(id.clone(), item).is_none(), "two items for {id}");
+    for item in scan_all(client, table).await {
+        if !item["PK"].as_s().unwrap().starts_with("METRIC#") {
+            continue;
         }
-        match page.last_evaluated_key {
-            Some(k) if !k.is_empty() => start = Some(k),
-            _ => return out,
-        }
+        let id = item["requestId"].as_s().unwrap().clone();
+        assert!(out.insert(id.clone(), item).is_none(), "two items for {id}");
     }
-}
-
-/// One DynamoDB item.
-pub type Item = HashMap<String, AttributeValue>;
-
-pub fn s(item: &Item, name: &str) -> String {
-    item[name].as_s().unwrap().clone()
-}
-
-pub fn n(item: &Item, name: &str) -> u64 {
-    item[name].as_n().unwrap().parse().unwrap()
+    out
 }
 
 /// What identifies each stored record the way [`Told`] does: the request id of a chat

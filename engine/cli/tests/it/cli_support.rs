@@ -37,6 +37,18 @@ pub fn keyvex(sim: &SimHandle, db: &Path) -> Command {
     cmd
 }
 
+/// Runs `cmd` to its end, asserts it succeeded (showing its stderr if not), returns its stdout
+/// trimmed.
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let output = cmd.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
 /// The call records in the SQLite store `db`, oldest first.
 pub fn records(db: &Path) -> Vec<Value> {
     let conn = rusqlite::Connection::open(db).unwrap();

@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use keyvex_testkit::moto::Moto;
+use keyvex_testkit::moto::{Moto, table};
 use keyvex_testkit::traffic::{
-    Call, assert_exactly, drive_mix, metric_items, table, told_keys, unique_table,
+    Call, assert_exactly, drive_mix, metric_items, told_keys, unique_table,
 };
 use keyvex_testkit::{TempDir, business};
 use serde_json::{Value, json};

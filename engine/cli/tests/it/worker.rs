@@ -12,48 +12,36 @@ use keyvex_testkit::moto::Moto;
 use keyvex_testkit::{TempDir, fast_sim};
 use serde_json::Value;
 
-use crate::cli_support::{keyvex, records, signal, wait_until};
+use crate::cli_support::{keyvex, records, signal, stdout_of, wait_until};
 
 /// A fresh queue pair on moto; returns the queue URL (what `keyvex queue create` prints).
 fn create_queue(sim: &SimHandle, db: &std::path::Path, moto: &Moto, tag: &str) -> String {
     let name = format!("jobs-{tag}-{}", uuid::Uuid::new_v4().simple());
-    let output = keyvex(sim, db)
-        .env("SQS_ENDPOINT", &moto.endpoint)
-        .args(["queue", "create", "--name", &name, "--dlq-name"])
-        .arg(format!("{name}-dlq"))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    stdout_of(
+        keyvex(sim, db)
+            .env("SQS_ENDPOINT", &moto.endpoint)
+            .args(["queue", "create", "--name", &name, "--dlq-name"])
+            .arg(format!("{name}-dlq")),
+    )
 }
 
 /// `keyvex queue enqueue magicSpark` as `user`; returns the job id.
 fn enqueue(sim: &SimHandle, db: &std::path::Path, moto: &Moto, queue: &str, user: &str) -> String {
     let input = serde_json::to_string(&keyvex_testkit::business()).unwrap();
-    let output = keyvex(sim, db)
-        .env("SQS_ENDPOINT", &moto.endpoint)
-        .env("SQS_AI_PROCESSING_QUEUE_URL", queue)
-        .args([
-            "queue",
-            "enqueue",
-            "magicSpark",
-            "--user",
-            user,
-            "--json",
-            &input,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    stdout_of(
+        keyvex(sim, db)
+            .env("SQS_ENDPOINT", &moto.endpoint)
+            .env("SQS_AI_PROCESSING_QUEUE_URL", queue)
+            .args([
+                "queue",
+                "enqueue",
+                "magicSpark",
+                "--user",
+                user,
+                "--json",
+                &input,
+            ]),
+    )
 }
 
 /// `keyvex worker` on `queue`, with `extra` environment.

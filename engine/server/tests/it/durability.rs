@@ -18,9 +18,9 @@ use keyvex_store::dynamo::DynamoStore;
 use keyvex_store::sqlite::SqliteStore;
 use keyvex_store::{Entry, GroupBy, Sink, StoreError, Tracker, WriteReport};
 use keyvex_testkit::fault_proxy::{Fault, FaultProxy};
-use keyvex_testkit::moto::{self, Moto};
+use keyvex_testkit::moto::{self, Moto, table};
 use keyvex_testkit::traffic::{
-    assert_exactly, drive_mix, metric_items, pending_gauge, table, unique_table,
+    assert_exactly, drive_mix, metric_items, pending_gauge, unique_table,
 };
 use keyvex_testkit::{TempDir, fast_metrics, fast_retry};
 

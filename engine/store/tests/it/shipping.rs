@@ -18,7 +18,7 @@ use keyvex_store::{
 };
 use keyvex_testkit::TempDir;
 use keyvex_testkit::fault_proxy::{Fault, FaultProxy};
-use keyvex_testkit::moto::{self, Moto};
+use keyvex_testkit::moto::{self, Moto, n, s, scan_all as scan, table};
 use keyvex_testkit::{fast_metrics, fast_retry};
 use tokio::time::Instant;
 
@@ -45,42 +45,6 @@ fn records(n: u64) -> Vec<RequestRecord> {
             }
         })
         .collect()
-}
-
-async fn table(moto: &Moto, name: &str) -> aws_sdk_dynamodb::Client {
-    let client = moto::client(&moto.endpoint).await;
-    dynamo::create_table(&client, name).await.unwrap();
-    client
-}
-
-async fn scan(
-    client: &aws_sdk_dynamodb::Client,
-    table: &str,
-) -> Vec<HashMap<String, AttributeValue>> {
-    let mut items = Vec::new();
-    let mut start = None;
-    loop {
-        let out = client
-            .scan()
-            .table_name(table)
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .unwrap();
-        items.extend(out.items.unwrap_or_default());
-        match out.last_evaluated_key {
-            Some(k) if !k.is_empty() => start = Some(k),
-            _ => return items,
-        }
-    }
-}
-
-fn s(item: &HashMap<String, AttributeValue>, name: &str) -> String {
-    item[name].as_s().unwrap().clone()
-}
-
-fn n(item: &HashMap<String, AttributeValue>, name: &str) -> u64 {
-    item[name].as_n().unwrap().parse().unwrap()
 }
 
 /// Records everything and waits until each record is durable in the ledger.

@@ -95,16 +95,8 @@ async fn stores_open_with_dynamo_writes_to_the_table() {
     record_three(stores, "dynamodb").await;
 
     // Three request items in the table, one per record, all on the day of T0.
-    let items = client
-        .scan()
-        .table_name(TABLE)
-        .send()
-        .await
-        .unwrap()
-        .items
-        .unwrap_or_default();
-    let s = |i: &std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>,
-             k: &str| i[k].as_s().unwrap().clone();
+    let items = moto::scan_all(&client, TABLE).await;
+    let s = moto::s;
     let mut got: Vec<(String, String)> = items
         .iter()
         .map(|i| (s(i, "requestId"), s(i, "PK")))
