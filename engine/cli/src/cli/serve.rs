@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use keyvex::{App, Config, ProcessEnv};
+use keyvex::{App, AppError, Config, ProcessEnv};
 use keyvex_engine::provider::ApiKey;
 use keyvex_server::Server;
 use keyvex_server::config::{ApiKeySpec, CallerRole};
@@ -46,6 +46,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             caller: "dev".to_owned(),
             role: CallerRole::Admin,
         });
+    }
+    if args.with_worker && config.queue.is_none() {
+        return Err(AppError::NoQueue.into());
     }
     let server_config = config.server.clone();
     let app = App::start(config).await.context("starting the engine")?;

@@ -30,8 +30,12 @@ pub struct WorkerArgs {
 pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let stop = stop_signal()?;
     let config = Config::load(&ProcessEnv, None).context("reading configuration")?;
+    // Refuse before anything starts: without a queue there is nothing to work on.
+    let Some(queue) = config.queue.clone() else {
+        return Err(AppError::NoQueue.into());
+    };
     let app = App::start(config).await.context("starting the engine")?;
-    let (Some(ctx), Some(queue)) = (app.queue.clone(), app.config.queue.clone()) else {
+    let Some(ctx) = app.queue.clone() else {
         app.shutdown(Duration::from_secs(10)).await;
         return Err(AppError::NoQueue.into());
     };
