@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -14,6 +15,7 @@ use serde_json::Value;
 
 use super::content::Prompt;
 use super::knobs::Failure;
+use super::serve::ConnControl;
 use super::streaming::{self, Encoder, Script};
 use super::{Prepared, SeenRequest, SimState, new_id, prepare};
 use keyvex_engine::provider::{ChatMessage, Role};
@@ -316,6 +318,7 @@ fn rate_limit_headers(state: &SimState, headers: &mut HeaderMap, input_tokens: u
 /// `POST /v1/messages`.
 pub(crate) async fn messages(
     State(state): State<Arc<SimState>>,
+    conn: Option<Extension<ConnControl>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -384,6 +387,31 @@ pub(crate) async fn messages(
             state.stats.fault();
             return quota_failure();
         }
+        Some(Failure::Billing) => {
+            state.stats.fault();
+            return error_response(
+                StatusCode::PAYMENT_REQUIRED,
+                "billing_error",
+                "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits. (simulated)",
+                None,
+                None,
+            );
+        }
+        Some(Failure::ContextTooLong) => {
+            state.stats.fault();
+            let tokens = prepared_input(&request.system, &request.messages);
+            return bad_request(&format!(
+                "prompt is too long: {tokens} tokens > {} maximum",
+                tokens.saturating_sub(1)
+            ));
+        }
+        Some(Failure::ContentPolicy) => {
+            state.stats.fault();
+            return bad_request("Your request was blocked by the content policy. (simulated)");
+        }
+        Some(ref failure @ (Failure::Silent | Failure::Reset)) => {
+            return streaming::no_answer(&state, failure, conn.as_ref().map(|c| &c.0)).await;
+        }
         _ => {}
     }
     let prompt = Prompt {
@@ -418,6 +446,7 @@ pub(crate) async fn messages(
             tokens_per_sec: plan.tokens_per_sec,
             ping_every: state.config.latency.ping_every,
             failure: plan.failure,
+            line_ending: plan.line_ending,
             served: streaming::Served {
                 protocol: ProviderKind::Anthropic,
                 model: request.model.clone(),
@@ -659,8 +688,11 @@ impl Encoder for EventEncoder {
                 usage: self.usage,
             }
             .bytes(),
-            Event::MessageStop.bytes(),
         ]
+    }
+
+    fn terminator(&mut self) -> Bytes {
+        Event::MessageStop.bytes()
     }
 
     fn error(&mut self, error_type: &str) -> Bytes {

@@ -97,6 +97,66 @@ pub enum Fault {
     /// counts are those of `text`). For agents this is how a model "gets it wrong": broken JSON,
     /// or JSON that passes the schema but fails the agent's own rules, to exercise the repair.
     BadOutput { text: String },
+    /// Accept the request and never answer: no headers, until the client gives up.
+    Silent,
+    /// Headers, then only keep-alives (Anthropic `ping` events, SSE comments for OpenAI) every
+    /// `every`, never content.
+    PingsOnly {
+        #[serde(rename = "every_ms", with = "millis")]
+        every: Duration,
+    },
+    /// Content one piece every `every`, forever: the answer repeats and never finishes.
+    Drip {
+        #[serde(rename = "every_ms", with = "millis")]
+        every: Duration,
+    },
+    /// The whole answer, finish reason and usage included, but no terminator (`data: [DONE]`,
+    /// `message_stop`); the connection is held open `hold`, then the body ends cleanly.
+    NoTerminator {
+        #[serde(default, rename = "hold_ms", with = "millis")]
+        hold: Duration,
+    },
+    /// The body ends cleanly after about `tokens` tokens: no finish reason, usage or terminator.
+    CleanEnd { tokens: u32 },
+    /// After about `tokens` tokens, a `data:` line of `bytes` bytes that never ends (sent in
+    /// 64 KiB pieces), then the connection is cut.
+    HugeLine {
+        bytes: u64,
+        #[serde(default)]
+        tokens: u32,
+    },
+    /// Reset the connection (TCP RST) before any byte of the response.
+    Reset,
+    /// Out of credit: Anthropic's 402 `billing_error`; OpenAI's 429 `insufficient_quota`.
+    Billing,
+    /// The prompt does not fit: OpenAI's 400 `context_length_exceeded`, Anthropic's 400
+    /// "prompt is too long".
+    ContextTooLong,
+    /// Refused by the provider's content policy (HTTP 400).
+    ContentPolicy,
+    /// Frame the stream's lines with this line ending (SSE allows all three).
+    LineEnding(LineEnding),
+}
+
+/// The line ending of every line of a stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineEnding {
+    #[default]
+    Lf,
+    Crlf,
+    Cr,
+}
+
+impl LineEnding {
+    fn parse(s: &str) -> Option<LineEnding> {
+        match s.to_ascii_lowercase().as_str() {
+            "lf" => Some(LineEnding::Lf),
+            "crlf" => Some(LineEnding::Crlf),
+            "cr" => Some(LineEnding::Cr),
+            _ => None,
+        }
+    }
 }
 
 /// The failure part of a plan: what goes wrong, if anything.
@@ -121,6 +181,27 @@ pub(crate) enum Failure {
     Malformed {
         tokens: u64,
     },
+    Silent,
+    PingsOnly {
+        every: Duration,
+    },
+    Drip {
+        every: Duration,
+    },
+    NoTerminator {
+        hold: Duration,
+    },
+    CleanEnd {
+        tokens: u64,
+    },
+    HugeLine {
+        bytes: u64,
+        tokens: u64,
+    },
+    Reset,
+    Billing,
+    ContextTooLong,
+    ContentPolicy,
 }
 
 /// Everything the knobs decide about one request.
@@ -135,6 +216,7 @@ pub(crate) struct Plan {
     pub content: Option<String>,
     /// Replaces the configured seed (`x-sim-seed`).
     pub seed: Option<u64>,
+    pub line_ending: LineEnding,
 }
 
 /// The ordered rule list, shared by handlers and control endpoints.
@@ -151,6 +233,7 @@ enum Aspect {
     Cache,
     Failure,
     Content,
+    Framing,
 }
 
 fn aspect(fault: &Fault) -> Aspect {
@@ -158,7 +241,18 @@ fn aspect(fault: &Fault) -> Aspect {
         Fault::Latency { .. } | Fault::SlowFirstToken(_) => Aspect::Timing,
         Fault::CachedPromptTokens(_) => Aspect::Cache,
         Fault::BadOutput { .. } => Aspect::Content,
+        Fault::LineEnding(_) => Aspect::Framing,
         Fault::Http { .. }
+        | Fault::Silent
+        | Fault::PingsOnly { .. }
+        | Fault::Drip { .. }
+        | Fault::NoTerminator { .. }
+        | Fault::CleanEnd { .. }
+        | Fault::HugeLine { .. }
+        | Fault::Reset
+        | Fault::Billing
+        | Fault::ContextTooLong
+        | Fault::ContentPolicy
         | Fault::InsufficientQuota
         | Fault::CutAfter { .. }
         | Fault::StallAfter { .. }
@@ -253,6 +347,7 @@ impl RuleBook {
             failure: random_failure(&mut rng, rates, protocol),
             content: None,
             seed: None,
+            line_ending: LineEnding::Lf,
         };
         for fault in self.take(model, protocol) {
             apply(&mut plan, fault);
@@ -309,6 +404,26 @@ fn apply(plan: &mut Plan, fault: Fault) {
                 tokens: tokens.into(),
             })
         }
+        Fault::Silent => plan.failure = Some(Failure::Silent),
+        Fault::PingsOnly { every } => plan.failure = Some(Failure::PingsOnly { every }),
+        Fault::Drip { every } => plan.failure = Some(Failure::Drip { every }),
+        Fault::NoTerminator { hold } => plan.failure = Some(Failure::NoTerminator { hold }),
+        Fault::CleanEnd { tokens } => {
+            plan.failure = Some(Failure::CleanEnd {
+                tokens: tokens.into(),
+            })
+        }
+        Fault::HugeLine { bytes, tokens } => {
+            plan.failure = Some(Failure::HugeLine {
+                bytes,
+                tokens: tokens.into(),
+            })
+        }
+        Fault::Reset => plan.failure = Some(Failure::Reset),
+        Fault::Billing => plan.failure = Some(Failure::Billing),
+        Fault::ContextTooLong => plan.failure = Some(Failure::ContextTooLong),
+        Fault::ContentPolicy => plan.failure = Some(Failure::ContentPolicy),
+        Fault::LineEnding(ending) => plan.line_ending = ending,
     }
 }
 
@@ -434,6 +549,12 @@ fn apply_headers(plan: &mut Plan, headers: &HeaderMap) -> Result<(), KnobError> 
     if let Some(seed) = number::<u64>(headers, "x-sim-seed")? {
         plan.seed = Some(seed);
     }
+    if let Some(raw) = header(headers, "x-sim-line-ending")? {
+        plan.line_ending = LineEnding::parse(raw).ok_or_else(|| KnobError {
+            header: "x-sim-line-ending",
+            problem: format!("{raw:?} is not a line ending; expected lf, crlf or cr"),
+        })?;
+    }
     if let Some(spec) = header(headers, "x-sim-fault")? {
         match parse_fault(spec) {
             Ok(Fault::SlowFirstToken(delay)) => plan.ttft = delay,
@@ -450,12 +571,16 @@ fn apply_headers(plan: &mut Plan, headers: &HeaderMap) -> Result<(), KnobError> 
 }
 
 /// Parses the compact `x-sim-fault` syntax: `429`, `429:<retry_after_ms>`, `quota`,
-/// `slow:<ms>`, `cut:<tokens>`, `stall:<tokens>:<ms>`, `error:<type>:<tokens>`,
-/// `malformed:<tokens>`, `bad_output:<text>`.
+/// `billing`, `context`, `policy`, `slow:<ms>`, `cut:<tokens>`, `stall:<tokens>:<ms>`,
+/// `error:<type>:<tokens>`, `malformed:<tokens>`, `bad_output:<text>`, `silent`, `reset`,
+/// `pings[:<every_ms>]`, `drip:<every_ms>`, `no_terminator[:<hold_ms>]`, `clean_end:<tokens>`,
+/// `huge_line:<bytes>[:<tokens>]`.
 pub(crate) fn parse_fault(spec: &str) -> Result<Fault, String> {
-    const SYNTAX: &str = "expected one of 429, 429:<retry_after_ms>, quota, slow:<ms>, \
-                          cut:<tokens>, stall:<tokens>:<ms>, error:<type>:<tokens>, malformed:<tokens>, \
-                          bad_output:<text>";
+    const SYNTAX: &str = "expected one of 429, 429:<retry_after_ms>, quota, billing, context, \
+                          policy, slow:<ms>, cut:<tokens>, stall:<tokens>:<ms>, error:<type>:<tokens>, \
+                          malformed:<tokens>, bad_output:<text>, silent, reset, pings[:<every_ms>], \
+                          drip:<every_ms>, no_terminator[:<hold_ms>], clean_end:<tokens>, \
+                          huge_line:<bytes>[:<tokens>]";
     // The replacement text is free-form (usually JSON, full of colons): everything after the
     // first colon is the text, verbatim.
     if let Some(text) = spec.trim_start().strip_prefix("bad_output:") {
@@ -494,6 +619,35 @@ pub(crate) fn parse_fault(spec: &str) -> Result<Fault, String> {
             error_type: (*kind).to_owned(),
         }),
         ["malformed", n] => Ok(Fault::MalformedAfter { tokens: tokens(n)? }),
+        ["billing"] => Ok(Fault::Billing),
+        ["context"] => Ok(Fault::ContextTooLong),
+        ["policy"] => Ok(Fault::ContentPolicy),
+        ["silent"] => Ok(Fault::Silent),
+        ["reset"] => Ok(Fault::Reset),
+        ["pings"] => Ok(Fault::PingsOnly {
+            every: Duration::from_secs(1),
+        }),
+        ["pings", ms] => Ok(Fault::PingsOnly {
+            every: Duration::from_millis(num(ms)?.max(1)),
+        }),
+        ["drip", ms] => Ok(Fault::Drip {
+            every: Duration::from_millis(num(ms)?),
+        }),
+        ["no_terminator"] => Ok(Fault::NoTerminator {
+            hold: Duration::ZERO,
+        }),
+        ["no_terminator", ms] => Ok(Fault::NoTerminator {
+            hold: Duration::from_millis(num(ms)?),
+        }),
+        ["clean_end", n] => Ok(Fault::CleanEnd { tokens: tokens(n)? }),
+        ["huge_line", bytes] => Ok(Fault::HugeLine {
+            bytes: num(bytes)?,
+            tokens: 0,
+        }),
+        ["huge_line", bytes, n] => Ok(Fault::HugeLine {
+            bytes: num(bytes)?,
+            tokens: tokens(n)?,
+        }),
         _ => Err(format!("{spec:?} is not a fault; {SYNTAX}")),
     }
 }

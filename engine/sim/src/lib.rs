@@ -17,6 +17,7 @@ mod anthropic_wire;
 mod content;
 mod knobs;
 mod openai_wire;
+mod serve;
 mod stats;
 mod streaming;
 
@@ -29,12 +30,11 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use knobs::{Fault, Rule};
+pub use knobs::{Fault, LineEnding, Rule};
 pub use stats::{SeenRequest, ServedStream, SimStats};
 
 /// Default port of `keyvex sim` (Prism's convention for mock servers).
@@ -147,23 +147,9 @@ pub async fn start(addr: SocketAddr, config: SimConfig) -> std::io::Result<SimHa
         stats: stats::Stats::default(),
         shutdown: CancellationToken::new(),
     });
-    // Token streams are many small writes: without TCP_NODELAY, Nagle delays them by up to 40 ms
-    // and TTFT measurements against the simulator become meaningless.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "simulator could not set TCP_NODELAY");
-        }
-    });
     let app = router(state.clone());
     let token = state.shutdown.clone();
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "simulator server stopped with an error");
-        }
-    });
+    let task = tokio::spawn(serve::serve(listener, app, token));
     tracing::info!(%addr, "provider simulator listening");
     Ok(SimHandle { addr, state, task })
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -17,6 +18,7 @@ use super::knobs::Failure;
 use super::streaming::{self, Encoder, Script};
 use keyvex_engine::clock::unix_now;
 
+use super::serve::ConnControl;
 use super::{Prepared, SeenRequest, SimState, new_id, prepare};
 use keyvex_engine::provider::{ChatMessage, Role};
 use keyvex_engine::stream::ProviderKind;
@@ -346,6 +348,7 @@ fn rate_limit_headers(state: &SimState, headers: &mut HeaderMap, tokens: u64) {
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat_completions(
     State(state): State<Arc<SimState>>,
+    conn: Option<Extension<ConnControl>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -408,9 +411,29 @@ pub(crate) async fn chat_completions(
             rate_limit_headers(&state, response.headers_mut(), 0);
             return response;
         }
-        Some(Failure::Quota) => {
+        Some(Failure::Quota | Failure::Billing) => {
             state.stats.fault();
             return quota_failure();
+        }
+        Some(Failure::ContextTooLong) => {
+            state.stats.fault();
+            let tokens = prompt_total(&request);
+            let message = format!(
+                "This model's maximum context length is {} tokens. However, your messages resulted in {tokens} tokens. Please reduce the length of the messages. (simulated)",
+                tokens.saturating_sub(1)
+            );
+            return bad_request(&message, Some("messages"), Some("context_length_exceeded"));
+        }
+        Some(Failure::ContentPolicy) => {
+            state.stats.fault();
+            return bad_request(
+                "Your request was rejected as a result of our safety system. (simulated)",
+                None,
+                Some("content_policy_violation"),
+            );
+        }
+        Some(ref failure @ (Failure::Silent | Failure::Reset)) => {
+            return streaming::no_answer(&state, failure, conn.as_ref().map(|c| &c.0)).await;
         }
         _ => {}
     }
@@ -438,6 +461,7 @@ pub(crate) async fn chat_completions(
             tokens_per_sec: plan.tokens_per_sec,
             ping_every: Duration::ZERO,
             failure: plan.failure,
+            line_ending: plan.line_ending,
             served: streaming::Served {
                 protocol: ProviderKind::OpenAi,
                 model: request.model.clone(),
@@ -613,8 +637,11 @@ impl Encoder for ChunkEncoder {
         if self.include_usage {
             out.push(self.chunk(Vec::new(), Some(&self.usage)));
         }
-        out.push(streaming::sse(None, "[DONE]"));
         out
+    }
+
+    fn terminator(&mut self) -> Bytes {
+        streaming::sse(None, "[DONE]")
     }
 
     fn error(&mut self, error_type: &str) -> Bytes {

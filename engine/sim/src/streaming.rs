@@ -9,8 +9,11 @@ use axum::body::Body;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use axum::response::IntoResponse;
+
 use super::SimState;
-use super::knobs::Failure;
+use super::knobs::{Failure, LineEnding};
+use super::serve::ConnControl;
 use super::stats::{Ending, ServedStream, StreamGuard};
 use keyvex_engine::stream::ProviderKind;
 use keyvex_engine::tokenize::count_tokens;
@@ -23,8 +26,10 @@ pub(crate) trait Encoder: Send + 'static {
     /// `content_block_start`).
     fn begin(&mut self) -> Vec<Bytes>;
     fn delta(&mut self, piece: &str) -> Bytes;
-    /// Everything after the last content, terminator included.
+    /// Everything after the last content up to the terminator: finish reason and usage.
     fn finish(&mut self) -> Vec<Bytes>;
+    /// The stream's terminator (`data: [DONE]`, `message_stop`).
+    fn terminator(&mut self) -> Bytes;
     /// An in-stream error event.
     fn error(&mut self, error_type: &str) -> Bytes;
     /// A `data:` line that is not JSON.
@@ -44,6 +49,7 @@ pub(crate) struct Script {
     pub failure: Option<Failure>,
     /// What the served log says of this stream when it completes.
     pub served: Served,
+    pub line_ending: LineEnding,
 }
 
 /// The request a stream answers, for the served log.
@@ -84,19 +90,71 @@ fn threshold(failure: &Failure) -> Option<u64> {
         Failure::Cut { tokens }
         | Failure::Stall { tokens, .. }
         | Failure::InStream { tokens, .. }
-        | Failure::Malformed { tokens } => Some(*tokens),
-        Failure::Http { .. } | Failure::Quota => None,
+        | Failure::Malformed { tokens }
+        | Failure::CleanEnd { tokens }
+        | Failure::HugeLine { tokens, .. } => Some(*tokens),
+        _ => None,
     }
+}
+
+/// What fills a never-ending line: 64 KiB of one byte, sent without copying.
+static FILL: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+
+/// An SSE comment: what a protocol without keep-alive events sends to keep a connection busy.
+const COMMENT_PING: &[u8] = b": ping\n\n";
+
+/// `bytes` with each LF replaced by the stream's line ending. The encoders frame with LF only,
+/// and their JSON payloads never hold a raw line break, so every LF is a line end.
+fn framed(bytes: Bytes, ending: LineEnding) -> Bytes {
+    let with: &[u8] = match ending {
+        LineEnding::Lf => return bytes,
+        LineEnding::Crlf => b"\r\n",
+        LineEnding::Cr => b"\r",
+    };
+    let mut out = Vec::with_capacity(bytes.len() + 8);
+    for &b in bytes.iter() {
+        if b == b'\n' {
+            out.extend_from_slice(with);
+        } else {
+            out.push(b);
+        }
+    }
+    Bytes::from(out)
 }
 
 /// The streaming response body. The guard inside counts the stream open until the body is
 /// dropped, and records whether it finished, was cut, or was abandoned by its client.
-pub(crate) fn body<E: Encoder>(state: Arc<SimState>, script: Script, mut enc: E) -> Body {
-    let stream = async_stream::stream! {
+pub(crate) fn body<E: Encoder>(state: Arc<SimState>, script: Script, enc: E) -> Body {
+    let ending = script.line_ending;
+    let events = events(state, script, enc);
+    Body::from_stream(futures::StreamExt::map(events, move |item| {
+        item.map(|bytes| framed(bytes, ending))
+    }))
+}
+
+/// The stream's bytes, framed with LF.
+fn events<E: Encoder>(
+    state: Arc<SimState>,
+    script: Script,
+    mut enc: E,
+) -> impl futures::Stream<Item = Result<Bytes, io::Error>> + Send + 'static {
+    async_stream::stream! {
         let mut guard = StreamGuard::new(state.clone());
         let shutting_down = || io::Error::other("provider simulator is shutting down");
         for bytes in enc.open() {
             yield Ok::<Bytes, io::Error>(bytes);
+        }
+        if let Some(Failure::PingsOnly { every }) = &script.failure {
+            // Alive, never answering: only keep-alives until the client gives up.
+            state.stats.fault();
+            loop {
+                if !sleep_until(&state, Instant::now() + *every).await {
+                    guard.end(Ending::Aborted);
+                    yield Err(shutting_down());
+                    return;
+                }
+                yield Ok(enc.ping().unwrap_or_else(|| Bytes::from_static(COMMENT_PING)));
+            }
         }
         // Time to first token, with keep-alives on the way like the real APIs.
         let start = Instant::now();
@@ -120,6 +178,23 @@ pub(crate) fn body<E: Encoder>(state: Arc<SimState>, script: Script, mut enc: E)
         }
         for bytes in enc.begin() {
             yield Ok(bytes);
+        }
+        if let Some(Failure::Drip { every }) = &script.failure {
+            // One piece at a time, just often enough to look alive, forever.
+            state.stats.fault();
+            for piece in script.chunks.iter().cycle() {
+                yield Ok(enc.delta(piece));
+                if !sleep_until(&state, Instant::now() + *every).await {
+                    guard.end(Ending::Aborted);
+                    yield Err(shutting_down());
+                    return;
+                }
+            }
+            // An empty answer has nothing to drip: it just never ends.
+            state.shutdown.cancelled().await;
+            guard.end(Ending::Aborted);
+            yield Err(shutting_down());
+            return;
         }
         let content_start = Instant::now();
         let paced = script.tokens_per_sec.is_finite() && script.tokens_per_sec > 0.0;
@@ -163,7 +238,26 @@ pub(crate) fn body<E: Encoder>(state: Arc<SimState>, script: Script, mut enc: E)
                         state.stats.fault();
                         yield Ok(enc.malformed());
                     }
-                    Some(Failure::Http { .. } | Failure::Quota) | None => {}
+                    Some(Failure::CleanEnd { .. }) => {
+                        // A clean end of body with no finish reason, usage or terminator.
+                        state.stats.fault();
+                        guard.end(Ending::Completed);
+                        return;
+                    }
+                    Some(Failure::HugeLine { bytes, .. }) => {
+                        state.stats.fault();
+                        yield Ok(Bytes::from_static(b"data: "));
+                        let mut left = bytes;
+                        while left > 0 {
+                            let n = usize::try_from(left).unwrap_or(usize::MAX).min(FILL.len());
+                            yield Ok(Bytes::from_static(&FILL[..n]));
+                            left -= n as u64;
+                        }
+                        guard.end(Ending::Aborted);
+                        yield Err(io::Error::other("simulated connection cut after a huge line"));
+                        return;
+                    }
+                    _ => {}
                 }
             }
             let Some(piece) = script.chunks.get(index) else {
@@ -195,10 +289,22 @@ pub(crate) fn body<E: Encoder>(state: Arc<SimState>, script: Script, mut enc: E)
         for bytes in enc.finish() {
             yield Ok(bytes);
         }
+        if let Some(Failure::NoTerminator { hold }) = failure {
+            // A complete answer whose terminator never comes; the body ends cleanly later.
+            state.stats.fault();
+            if !sleep_until(&state, Instant::now() + hold).await {
+                guard.end(Ending::Aborted);
+                yield Err(shutting_down());
+                return;
+            }
+            guard.end(Ending::Completed);
+            script.served.log(&state);
+            return;
+        }
+        yield Ok(enc.terminator());
         guard.end(Ending::Completed);
         script.served.log(&state);
-    };
-    Body::from_stream(stream)
+    }
 }
 
 /// Frames one SSE event: an optional `event:` line, one `data:` line, a blank line.
@@ -222,6 +328,25 @@ pub(crate) fn generation_time(ttft: Duration, tokens_per_sec: f64, tokens: u64) 
     } else {
         ttft
     }
+}
+
+/// The answer to a request that gets none: held until the simulator shuts down (`silent`), or
+/// its connection reset (`reset`). Either way the client sees no byte of a response.
+pub(crate) async fn no_answer(
+    state: &SimState,
+    failure: &Failure,
+    conn: Option<&ConnControl>,
+) -> axum::response::Response {
+    state.stats.fault();
+    match (failure, conn) {
+        (Failure::Reset, Some(conn)) => conn.reset(),
+        (Failure::Reset, None) => {
+            tracing::warn!("reset fault without a connection handle; holding the request instead");
+        }
+        _ => {}
+    }
+    state.shutdown.cancelled().await;
+    axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
 }
 
 /// Sleeps `d` unless the simulator shuts down first (`false` then).
