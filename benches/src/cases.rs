@@ -163,7 +163,7 @@ fn sse_anthropic() -> Result<Case, SetupError> {
     const MODEL: &str = "replayed";
     let pieces = fixtures::frames(fixtures::ANTHROPIC);
     let events: Vec<_> = block_on(anthropic_sse_events(pieces.clone(), MODEL, true).collect());
-    replay_text(fixtures::ANTHROPIC_FILE, &events[1..])?;
+    replay_text(fixtures::ANTHROPIC_FILE, &events)?;
     Ok(Case::new(
         "sse/anthropic",
         Some(Work::Bytes(fixtures::ANTHROPIC.len() as u64)),
@@ -210,6 +210,7 @@ fn recorded_router(deltas: &[String]) -> Result<Router, SetupError> {
         }));
         events.push(ProviderEvent::Done {
             finish_reason: FinishReason::Stop,
+            unterminated: false,
         });
         let provider = Recorded {
             kind,

@@ -55,9 +55,14 @@ impl App {
         let prom = Arc::new(ServerMetrics::new());
         let mut builder = Engine::builder()
             .connect_timeout(config.connect_timeout)
+            .max_event_bytes(config.max_event_bytes)
             .router(RouterConfig {
                 ttft_timeout: config.ttft_timeout,
                 stall_timeout: config.stall_timeout,
+                header_timeout: config.header_timeout,
+                request_timeout: config.request_timeout,
+                same_model_retries: config.same_model_retries,
+                breaker: config.breaker,
                 ..RouterConfig::default()
             })
             .provider_rates(config.provider_rates)

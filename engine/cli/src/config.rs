@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyvex_engine::limits::{ProviderRates, Rate};
-use keyvex_engine::provider::ApiKey;
+use keyvex_engine::provider::{ApiKey, DEFAULT_MAX_EVENT_BYTES};
+use keyvex_engine::router::BreakerConfig;
 use keyvex_server::config::{ApiKeySpec, ServerConfig};
 use keyvex_server::queue::QueueConfig;
 use keyvex_sim::SimProfile;
@@ -141,6 +142,46 @@ pub const STALL_TIMEOUT: Setting = setting(
     "providers.stall_timeout_ms",
     "deadline between two chunks of a stream (default 30000)",
 );
+pub const HEADER_TIMEOUT: Setting = setting(
+    "KEYVEX_HEADER_TIMEOUT_MS",
+    "providers.header_timeout_ms",
+    "deadline for a provider's response headers before falling back (default 10000)",
+);
+pub const REQUEST_TIMEOUT: Setting = setting(
+    "KEYVEX_REQUEST_TIMEOUT_MS",
+    "providers.request_timeout_ms",
+    "total deadline of one model call, every attempt and wait included; ends a stream that drips forever (default 600000)",
+);
+pub const SAME_MODEL_RETRIES: Setting = setting(
+    "KEYVEX_SAME_MODEL_RETRIES",
+    "providers.same_model_retries",
+    "quick retries of the same model after a plain 5xx or a connection broken before the headers, before the fallback (default 1; 0 turns them off)",
+);
+pub const MAX_EVENT_BYTES: Setting = setting(
+    "KEYVEX_MAX_EVENT_BYTES",
+    "providers.max_event_bytes",
+    "longest SSE line or event a provider may send; a longer one ends the attempt as hostile (default 1048576)",
+);
+pub const BREAKER_THRESHOLD: Setting = setting(
+    "KEYVEX_BREAKER_THRESHOLD",
+    "breaker.failure_threshold",
+    "consecutive failures of a model that open its circuit (default 5; 0 turns circuit breaking off)",
+);
+pub const BREAKER_COOL_DOWN: Setting = setting(
+    "KEYVEX_BREAKER_COOL_DOWN_MS",
+    "breaker.cool_down_ms",
+    "how long an open circuit refuses a model before one probe call (default 5000)",
+);
+pub const BREAKER_PROBE: Setting = setting(
+    "KEYVEX_BREAKER_PROBE_INTERVAL_MS",
+    "breaker.probe_interval_ms",
+    "after a failed probe, how long until the next one (default 5000)",
+);
+pub const ACCOUNT_COOL_DOWN: Setting = setting(
+    "KEYVEX_ACCOUNT_COOL_DOWN_MS",
+    "breaker.account_cool_down_ms",
+    "how long a model is skipped after its provider refused our account for it (quota, billing, key, access) (default 60000)",
+);
 pub const CONFIG_FILE: Setting = env_only(
     "KEYVEX_CONFIG",
     "TOML file with the settings that have a file key (environment variables win); also --config",
@@ -252,6 +293,14 @@ pub const SETTINGS: &[Setting] = &[
     CONNECT_TIMEOUT,
     TTFT_TIMEOUT,
     STALL_TIMEOUT,
+    HEADER_TIMEOUT,
+    REQUEST_TIMEOUT,
+    SAME_MODEL_RETRIES,
+    MAX_EVENT_BYTES,
+    BREAKER_THRESHOLD,
+    BREAKER_COOL_DOWN,
+    BREAKER_PROBE,
+    ACCOUNT_COOL_DOWN,
     CONFIG_FILE,
     ADDR,
     API_KEYS,
@@ -322,6 +371,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub ttft_timeout: Duration,
     pub stall_timeout: Duration,
+    pub header_timeout: Duration,
+    pub request_timeout: Duration,
+    pub same_model_retries: u32,
+    pub max_event_bytes: usize,
+    pub breaker: BreakerConfig,
     /// Per API key and endpoint.
     pub caller_rate: Rate,
     /// Per provider.
@@ -568,6 +622,28 @@ impl Config {
             connect_timeout,
             ttft_timeout: src.millis(&TTFT_TIMEOUT, 20_000)?,
             stall_timeout: src.millis(&STALL_TIMEOUT, 30_000)?,
+            header_timeout: src.millis(&HEADER_TIMEOUT, 10_000)?,
+            request_timeout: src.millis(&REQUEST_TIMEOUT, 600_000)?,
+            same_model_retries: src.parsed(&SAME_MODEL_RETRIES, 1, |v| match v.parse() {
+                Ok(n @ 0..=5) => Ok(n),
+                _ => Err("expected a whole number from 0 to 5".to_owned()),
+            })?,
+            max_event_bytes: src.parsed(&MAX_EVENT_BYTES, DEFAULT_MAX_EVENT_BYTES, |v| match v
+                .parse::<usize>()
+            {
+                Ok(n @ 1024..=268_435_456) => Ok(n),
+                _ => Err("expected a byte count from 1024 to 268435456 (256 MiB)".to_owned()),
+            })?,
+            breaker: BreakerConfig {
+                failure_threshold: src.parsed(&BREAKER_THRESHOLD, 5, |v| {
+                    v.parse::<u32>().map_err(|_| {
+                        "expected a whole number (0 turns circuit breaking off)".to_owned()
+                    })
+                })?,
+                cool_down: src.millis(&BREAKER_COOL_DOWN, 5_000)?,
+                probe_interval: src.millis(&BREAKER_PROBE, 5_000)?,
+                account_cool_down: src.millis(&ACCOUNT_COOL_DOWN, 60_000)?,
+            },
             caller_rate,
             provider_rates,
             store,
@@ -599,7 +675,7 @@ fn read_file(path: &Path) -> Result<(String, BTreeMap<String, String>), ConfigEr
             return Err(ConfigError::File {
                 path: shown,
                 message: format!(
-                    "{section} must be a [section]; settings live under [server], [limits], [providers], [metrics], [store] or [queue]"
+                    "{section} must be a [section]; settings live under [server], [limits], [providers], [breaker], [metrics], [store] or [queue]"
                 ),
             });
         };

@@ -16,8 +16,8 @@ use futures::Stream;
 
 use crate::record::{CallObserver, Receipt, Recorded, Recorder, RequestRecord, SessionMessage};
 use crate::router::{
-    CallTarget, RouteError, RouteEvent, RouteFailure, RouteObserver, RouteOptions, RouteOutcome,
-    RouteRequest, RouteStatus, RouteStream, Router,
+    AttemptError, AttemptRecord, CallTarget, RouteError, RouteEvent, RouteFailure, RouteObserver,
+    RouteOptions, RouteOutcome, RouteRequest, RouteStatus, RouteStream, Router,
 };
 use crate::stream::ProviderKind;
 
@@ -82,7 +82,8 @@ impl CallContext {
 
 /// What the caller of one model call sees, in order: `Start` per attempt that opened a stream, a
 /// `Fallback` before each switch of model, the committed attempt's `Delta`s, then exactly one
-/// `Finished` or `Failed`, whose record has already been handed to the recorder.
+/// `Finished` or `Failed`, whose records (one per attempt that reached a model) have already been
+/// handed to the recorder.
 #[derive(Debug)]
 pub enum CallEvent {
     Start {
@@ -182,15 +183,24 @@ struct Books {
 }
 
 impl Books {
+    /// Hands every record of the route to the observers and the recorder. The returned id is
+    /// the last record's (the request's outcome); the receipt resolves once all are durable.
     fn record(&self, outcome: &RouteOutcome) -> Recorded {
-        let record = record_of(outcome, &self.ctx, self.process);
-        let id = record.request_id.clone();
-        for observer in &self.shared.observers {
-            observer.on_record(&record);
+        let records = records_of(outcome, &self.ctx, self.process);
+        let id = records
+            .last()
+            .map(|r| r.request_id.clone())
+            .unwrap_or_default();
+        let mut receipts = Vec::with_capacity(records.len());
+        for record in records {
+            for observer in &self.shared.observers {
+                observer.on_record(&record);
+            }
+            receipts.push(self.shared.recorder.record(record));
         }
         Recorded {
             id,
-            receipt: self.shared.recorder.record(record),
+            receipt: Receipt::all(receipts),
         }
     }
 }
@@ -248,37 +258,96 @@ impl Stream for CallStream {
     }
 }
 
-/// The one mapping from a routed call's outcome to its record: usage and cost summed over its
-/// attempts, the committed (or last tried) provider and model, timing from the route's start,
-/// and the status. A failed call's error kind is the last attempt's (`rate_limited`,
-/// `ttft_timeout`, …), which says more than the route-level summary.
-pub fn record_of(
+/// The one mapping from a routed call's outcome to its records: one per attempt that reached a
+/// model, in order, each with that call's own provider, model, usage and cost. Earlier attempts
+/// are `retried` (with their error); the last one carries the route's status and, for the
+/// caller's view, the route's timing (from the request's start, waits and earlier attempts
+/// included). A route that never reached a model (every model skipped by an open circuit or a
+/// spent local budget) still gets one `failed` record, with no usage, so the failure is seen.
+pub fn records_of(
     outcome: &RouteOutcome,
     ctx: &CallContext,
     process: Option<Process>,
-) -> RequestRecord {
-    let provider = outcome.provider.map_or("none", |p| p.as_str());
-    let model = outcome.model.as_deref().unwrap_or("none");
+) -> Vec<RequestRecord> {
     let process_key = process.map_or("direct", Process::key);
-    let mut rec = RequestRecord::new(&ctx.caller, process_key, provider, model)
-        .with_usage(&outcome.usage)
-        .with_cost(outcome.cost)
-        .with_cost_estimated(outcome.cost_estimated)
+    let calls: Vec<&AttemptRecord> = outcome
+        .attempts
+        .iter()
+        .filter(|a| !a.error.as_ref().is_some_and(AttemptError::made_no_call))
+        .collect();
+    let primary = outcome.attempts.first().map(|a| a.model.as_str());
+    let total = calls.len() as u32;
+    let base = |provider: &str, model: &str, started_at: SystemTime| {
+        let mut rec = RequestRecord::new(&ctx.caller, process_key, provider, model);
+        if let Ok(since) = started_at.duration_since(UNIX_EPOCH)
+            && started_at <= SystemTime::now()
+        {
+            rec = rec.with_timestamp_ms(since.as_millis() as u64);
+        }
+        rec.correlation_id.clone_from(&ctx.correlation_id);
+        rec.run_id.clone_from(&ctx.run_id);
+        rec.stage = ctx.stage.map(|s| s.key().to_owned());
+        rec.session_id.clone_from(&ctx.session_id);
+        rec.attempts = total;
+        rec
+    };
+    let Some((last, earlier)) = calls.split_last() else {
+        let (provider, model, started_at) = match outcome.attempts.last() {
+            Some(a) => (a.provider.as_str(), a.model.as_str(), a.started_at),
+            None => ("none", "none", SystemTime::now()),
+        };
+        let mut rec = base(provider, model, started_at)
+            .with_latency(outcome.latency.as_millis() as u64, None)
+            .with_attempts(0, primary.is_some_and(|p| p != model));
+        rec.attempt = 0;
+        return vec![final_status(rec, outcome)];
+    };
+    let mut records = Vec::with_capacity(calls.len());
+    for (i, attempt) in earlier.iter().enumerate() {
+        let mut rec = base(
+            attempt.provider.as_str(),
+            &attempt.model,
+            attempt.started_at,
+        )
+        .with_usage(&attempt.usage)
+        .with_cost(attempt.cost)
+        .with_cost_estimated(attempt.usage_estimated)
+        .with_latency(
+            attempt.latency.as_millis() as u64,
+            attempt.ttft.map(|t| t.as_millis() as u64),
+        )
+        .with_attempts(total, primary.is_some_and(|p| p != attempt.model));
+        rec.attempt = i as u32 + 1;
+        records.push(match &attempt.error {
+            Some(e) => rec.retried(e.kind(), &e.to_string()),
+            None => rec.retried("retried", "the attempt ended without an error"),
+        });
+    }
+    let mut rec = base(last.provider.as_str(), &last.model, last.started_at)
+        .with_usage(&last.usage)
+        .with_cost(last.cost)
+        .with_cost_estimated(last.usage_estimated)
         .with_latency(
             outcome.latency.as_millis() as u64,
             outcome.ttft.map(|t| t.as_millis() as u64),
         )
-        .with_attempts(outcome.attempts.len() as u32, outcome.fallback_used);
-    if let Some(first) = outcome.attempts.first()
+        .with_attempts(total, primary.is_some_and(|p| p != last.model));
+    rec.attempt = total;
+    rec.unterminated = last.unterminated;
+    // A request that started on an earlier model's clock: date it from its first call.
+    if let Some(first) = calls.first()
         && let Ok(since) = first.started_at.duration_since(UNIX_EPOCH)
         && first.started_at <= SystemTime::now()
     {
         rec = rec.with_timestamp_ms(since.as_millis() as u64);
     }
-    rec.correlation_id.clone_from(&ctx.correlation_id);
-    rec.run_id.clone_from(&ctx.run_id);
-    rec.stage = ctx.stage.map(|s| s.key().to_owned());
-    rec.session_id.clone_from(&ctx.session_id);
+    records.push(final_status(rec, outcome));
+    records
+}
+
+/// The route's status on its last record. A failed call's error kind is the last attempt's
+/// (`rate_limited`, `ttft_timeout`, …), which says more than the route-level summary.
+fn final_status(rec: RequestRecord, outcome: &RouteOutcome) -> RequestRecord {
     match outcome.status {
         RouteStatus::Succeeded => rec,
         RouteStatus::Cancelled => rec.cancelled(),
@@ -298,41 +367,47 @@ mod tests {
 
     use super::*;
     use crate::cost::Cost;
-    use crate::router::{AttemptError, AttemptRecord};
+    use crate::provider::ProviderError;
+    use crate::record::RequestStatus;
     use crate::stream::Usage;
 
-    fn outcome(status: RouteStatus, error: Option<AttemptError>) -> RouteOutcome {
-        let usage = Usage {
-            input: 100,
-            cached_input: 10,
-            cache_write: 0,
-            output: 20,
-        };
+    fn attempt(model: &str, error: Option<AttemptError>, input: u64, cost: u64) -> AttemptRecord {
+        AttemptRecord {
+            provider: ProviderKind::OpenAi,
+            model: model.into(),
+            started_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_000),
+            latency: Duration::from_millis(900),
+            ttft: Some(Duration::from_millis(200)),
+            usage: Usage {
+                input,
+                cached_input: 10,
+                cache_write: 0,
+                output: 20,
+            },
+            usage_estimated: false,
+            cost: Cost(cost),
+            finish_reason: None,
+            error,
+            output_chars: 80,
+            unterminated: false,
+        }
+    }
+
+    fn outcome(status: RouteStatus, attempts: Vec<AttemptRecord>) -> RouteOutcome {
+        let last = attempts.last().cloned();
         RouteOutcome {
-            attempts: vec![AttemptRecord {
-                provider: ProviderKind::OpenAi,
-                model: "gpt-5.4-mini".into(),
-                started_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_000),
-                latency: Duration::from_millis(900),
-                ttft: Some(Duration::from_millis(200)),
-                usage,
-                usage_estimated: false,
-                cost: Cost(1234),
-                finish_reason: None,
-                error,
-                output_chars: 80,
-            }],
             status,
             text: "x".into(),
             provider: Some(ProviderKind::OpenAi),
-            model: Some("gpt-5.4-mini".into()),
-            usage,
-            cost: Cost(1234),
+            model: last.as_ref().map(|a| a.model.clone()),
+            usage: last.as_ref().map(|a| a.usage).unwrap_or_default(),
+            cost: attempts.iter().map(|a| a.cost).sum(),
             cost_estimated: false,
             ttft: Some(Duration::from_millis(210)),
             latency: Duration::from_millis(950),
-            fallback_used: false,
+            fallback_used: attempts.len() > 1,
             finish_reason: None,
+            attempts,
         }
     }
 
@@ -343,11 +418,17 @@ mod tests {
             .with_run("run-1")
             .with_session(Some("s-1".into()))
             .with_stage(Process::MagicSpark);
-        let rec = record_of(
-            &outcome(RouteStatus::Succeeded, None),
+        let records = records_of(
+            &outcome(
+                RouteStatus::Succeeded,
+                vec![attempt("gpt-5.4-mini", None, 100, 1234)],
+            ),
             &ctx,
             Some(Process::MagicSpark),
         );
+        let [rec] = records.as_slice() else {
+            panic!("one call, one record: {records:?}");
+        };
         assert_ne!(rec.request_id, "req-1", "record ids are the engine's own");
         assert_eq!(rec.correlation_id.as_deref(), Some("req-1"));
         assert_eq!(rec.timestamp_ms, 1_700_000_000_000);
@@ -365,6 +446,7 @@ mod tests {
         );
         assert_eq!(rec.cost_pico_usd, 1234);
         assert_eq!((rec.latency_ms, rec.ttft_ms), (950, Some(210)));
+        assert_eq!((rec.attempt, rec.attempts), (1, 1));
         assert!(rec.success);
         assert_eq!(rec.run_id.as_deref(), Some("run-1"));
         assert_eq!(rec.stage.as_deref(), Some("magicSpark"));
@@ -372,28 +454,89 @@ mod tests {
     }
 
     #[test]
-    fn failed_and_cancelled_calls_say_why() {
-        let ctx = CallContext::new("u");
-        let rec = record_of(
-            &outcome(RouteStatus::Cancelled, Some(AttemptError::Cancelled)),
-            &ctx,
-            None,
-        );
-        assert_eq!(rec.status.as_str(), "cancelled");
-        assert_eq!(rec.process, "direct");
-        assert_eq!(rec.stage, None);
-        assert_eq!(rec.cost_pico_usd, 1234, "a cancelled call keeps its cost");
-        let rec = record_of(
+    fn every_call_of_a_fallback_is_its_own_record_and_usage_is_never_folded() {
+        let ctx = CallContext::new("u").with_correlation("req-2");
+        let overloaded = AttemptError::Provider(ProviderError::Http {
+            provider: ProviderKind::OpenAi,
+            status: 529,
+            error_type: None,
+            code: None,
+            message: "Overloaded".into(),
+            retry_after: None,
+            request_id: None,
+        });
+        let skipped = AttemptError::CircuitOpen {
+            model: "skipped".into(),
+            until: None,
+            account: None,
+        };
+        let records = records_of(
             &outcome(
-                RouteStatus::Failed,
-                Some(AttemptError::CircuitOpen {
-                    model: "m".into(),
-                    until: None,
-                }),
+                RouteStatus::Succeeded,
+                vec![
+                    attempt("primary", Some(overloaded), 16, 500),
+                    attempt("skipped", Some(skipped), 0, 0),
+                    attempt("fallback", None, 9, 700),
+                ],
             ),
             &ctx,
             None,
         );
+        assert_eq!(
+            records.len(),
+            2,
+            "a model skipped without a call has no record"
+        );
+        let (first, last) = (&records[0], &records[1]);
+        assert_eq!(first.status, RequestStatus::Retried);
+        assert_eq!(first.error_kind.as_deref(), Some("overloaded"));
+        assert_eq!((first.model.as_str(), first.input_tokens), ("primary", 16));
+        assert_eq!(first.cost_pico_usd, 500);
+        assert!(!first.fallback_used);
+        assert_eq!(last.status, RequestStatus::Succeeded);
+        assert_eq!((last.model.as_str(), last.input_tokens), ("fallback", 9));
+        assert_eq!(last.cost_pico_usd, 700);
+        assert!(last.fallback_used);
+        assert_eq!((first.attempt, last.attempt), (1, 2));
+        assert!(records.iter().all(|r| r.attempts == 2));
+        assert!(
+            records
+                .iter()
+                .all(|r| r.correlation_id.as_deref() == Some("req-2"))
+        );
+        assert_ne!(first.request_id, last.request_id);
+    }
+
+    #[test]
+    fn failed_and_cancelled_calls_say_why() {
+        let ctx = CallContext::new("u");
+        let records = records_of(
+            &outcome(
+                RouteStatus::Cancelled,
+                vec![attempt("m", Some(AttemptError::Cancelled), 100, 1234)],
+            ),
+            &ctx,
+            None,
+        );
+        let rec = &records[0];
+        assert_eq!(rec.status.as_str(), "cancelled");
+        assert_eq!(rec.process, "direct");
+        assert_eq!(rec.stage, None);
+        assert_eq!(rec.cost_pico_usd, 1234, "a cancelled call keeps its cost");
+        let circuit = AttemptError::CircuitOpen {
+            model: "m".into(),
+            until: None,
+            account: None,
+        };
+        let records = records_of(
+            &outcome(RouteStatus::Failed, vec![attempt("m", Some(circuit), 0, 0)]),
+            &ctx,
+            None,
+        );
+        let [rec] = records.as_slice() else {
+            panic!("a route that reached no model still has one record: {records:?}");
+        };
+        assert_eq!((rec.attempt, rec.attempts), (0, 0), "it made no call");
         assert!(!rec.success);
         assert_eq!(rec.error_kind.as_deref(), Some("circuit_open"));
     }

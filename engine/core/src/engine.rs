@@ -266,6 +266,7 @@ pub struct EngineBuilder {
     custom: Vec<(ProviderKind, SharedProvider)>,
     simulator: Option<Box<dyn Simulator>>,
     connect_timeout: Duration,
+    max_event_bytes: usize,
     router: RouterConfig,
     caller_rate: Option<Rate>,
     recorder: Option<Arc<dyn Recorder>>,
@@ -282,6 +283,7 @@ impl Default for EngineBuilder {
             custom: Vec::new(),
             simulator: None,
             connect_timeout: Duration::from_secs(5),
+            max_event_bytes: crate::provider::DEFAULT_MAX_EVENT_BYTES,
             router: RouterConfig::default(),
             caller_rate: None,
             recorder: None,
@@ -314,9 +316,8 @@ impl EngineBuilder {
     /// An OpenAI-compatible upstream at `base_url` (including `/v1`).
     pub fn openai_at(mut self, base_url: &str, key: impl Into<String>) -> Self {
         self.openai = Some(ProviderConfig {
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key: ApiKey::new(key),
             connect_timeout: self.connect_timeout,
+            ..ProviderConfig::new(base_url.trim_end_matches('/'), ApiKey::new(key))
         });
         self
     }
@@ -329,9 +330,8 @@ impl EngineBuilder {
     /// An Anthropic-compatible upstream at `base_url` (including `/v1`).
     pub fn anthropic_at(mut self, base_url: &str, key: impl Into<String>) -> Self {
         self.anthropic = Some(ProviderConfig {
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key: ApiKey::new(key),
             connect_timeout: self.connect_timeout,
+            ..ProviderConfig::new(base_url.trim_end_matches('/'), ApiKey::new(key))
         });
         self
     }
@@ -366,6 +366,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Longest SSE line or event a provider stream may send before it is cut off as hostile
+    /// (default 1 MiB).
+    pub fn max_event_bytes(mut self, bytes: usize) -> Self {
+        self.max_event_bytes = bytes;
+        self
+    }
+
     /// Deadlines, retries, breakers and provider budgets (default: [`RouterConfig::default`]).
     pub fn router(mut self, config: RouterConfig) -> Self {
         self.router = config;
@@ -397,7 +404,7 @@ impl EngineBuilder {
     }
 
     /// Loads and validates the catalog and builds the provider clients and the router.
-    pub fn build(self) -> Result<Engine, EngineError> {
+    pub fn build(mut self) -> Result<Engine, EngineError> {
         let recorder = self.recorder.ok_or(EngineError::NoRecorder)?;
         let catalog = Arc::new(match (self.catalog, &self.models_file) {
             (Some(catalog), _) => catalog,
@@ -405,6 +412,12 @@ impl EngineBuilder {
         });
         let mut providers = Providers::new();
         let mut described = Vec::new();
+        for cfg in [&mut self.openai, &mut self.anthropic]
+            .into_iter()
+            .flatten()
+        {
+            cfg.max_event_bytes = self.max_event_bytes;
+        }
         if let Some(cfg) = &self.openai {
             providers = providers.with(ProviderKind::OpenAi, Arc::new(OpenAiProvider::new(cfg)?));
             described.push(format!("openai: {}", cfg.base_url));

@@ -26,6 +26,9 @@ pub enum RequestStatus {
     Succeeded,
     Failed,
     Cancelled,
+    /// This call failed and its request went on to another call (a retry or the fallback):
+    /// billed here, but the request's outcome is in its last record.
+    Retried,
 }
 
 impl RequestStatus {
@@ -34,7 +37,14 @@ impl RequestStatus {
             RequestStatus::Succeeded => "succeeded",
             RequestStatus::Failed => "failed",
             RequestStatus::Cancelled => "cancelled",
+            RequestStatus::Retried => "retried",
         }
+    }
+
+    /// Whether this is the last call of its request (every status but `Retried`): counting
+    /// these counts requests, and their statuses are the requests' outcomes.
+    pub fn is_final(self) -> bool {
+        self != RequestStatus::Retried
     }
 }
 
@@ -74,10 +84,19 @@ pub struct RequestRecord {
     pub error_kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// This call went to a model other than its request's first choice.
     pub fallback_used: bool,
     /// True when usage was estimated with the tokenizer (stream cut before the provider reported it).
     pub cost_estimated: bool,
+    /// Calls its request made (each has its own record; 0 when every model was skipped without
+    /// a call, which still leaves this one failed record).
     pub attempts: u32,
+    /// This call's 1-based position among them (0 for a request that made no call).
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+    /// The answer was complete but its stream ended without the provider's terminator.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unterminated: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,6 +132,8 @@ impl RequestRecord {
             fallback_used: false,
             cost_estimated: false,
             attempts: 1,
+            attempt: 1,
+            unterminated: false,
             run_id: None,
             stage: None,
             session_id: None,
@@ -158,6 +179,15 @@ impl RequestRecord {
         self
     }
 
+    /// This call failed and its request went on to another call.
+    pub fn retried(mut self, kind: &str, error: &str) -> Self {
+        self.success = false;
+        self.status = RequestStatus::Retried;
+        self.error_kind = Some(kind.to_owned());
+        self.error = Some(error.to_owned());
+        self
+    }
+
     pub fn cancelled(mut self) -> Self {
         self.success = false;
         self.status = RequestStatus::Cancelled;
@@ -191,6 +221,10 @@ impl RequestRecord {
     pub fn end_ms(&self) -> u64 {
         self.timestamp_ms.saturating_add(self.latency_ms)
     }
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 /// One message of a session: an agent's input (`user`) or validated output (`assistant`), as

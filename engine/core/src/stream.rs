@@ -126,6 +126,9 @@ pub enum ProviderEvent {
     Usage(Usage),
     Done {
         finish_reason: FinishReason,
+        /// The answer was complete (finish reason and usage) but the stream ended without its
+        /// terminator (`data: [DONE]`, `message_stop`): accepted, and counted.
+        unterminated: bool,
     },
     Error(ProviderError),
 }
@@ -191,6 +194,47 @@ pub enum ProviderError {
         provider: ProviderKind,
         after: Duration,
     },
+    /// Connected and sent, but no response headers within the header timeout.
+    #[error("{provider} sent no response headers within {}ms", after.as_millis())]
+    HeaderTimeout {
+        provider: ProviderKind,
+        after: Duration,
+    },
+    /// The request's total deadline passed (a stream that drips forever ends here).
+    #[error("the request's total deadline of {}ms passed while {provider} was still streaming", after.as_millis())]
+    Deadline {
+        provider: ProviderKind,
+        after: Duration,
+    },
+    /// The provider sent more than we buffer: an SSE line or event, or an error body, over its cap.
+    #[error("{provider} sent {what} longer than the {limit}-byte cap; the stream was closed")]
+    Oversized {
+        provider: ProviderKind,
+        /// `"an SSE line"`, `"an SSE event"`, `"an error body"`.
+        what: &'static str,
+        limit: usize,
+    },
+}
+
+/// Whose fault a failed provider call is, which decides what the router does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultClass {
+    /// Worth another try: 5xx, overload, timeouts, broken connections, garbled streams.
+    Transient,
+    /// The provider asked us to slow down (429 that is not about credit).
+    RateLimited,
+    /// About our account with this provider: out of quota or credit, a spend limit, a key it
+    /// refuses (401/403), a model it does not serve us (404). Another model (usually on the
+    /// other provider) can answer; this one will not for a while.
+    Account,
+    /// About the request itself (400, 413, 422: invalid, refused by content policy). Another
+    /// model would refuse it too; the caller must change it.
+    Request,
+    /// The prompt does not fit the model's context window: only a model with a larger window
+    /// can help.
+    ContextTooLong,
+    /// The request's own deadline passed: nothing more is tried.
+    Deadline,
 }
 
 impl ProviderError {
@@ -203,42 +247,89 @@ impl ProviderError {
             | ProviderError::Truncated { provider, .. }
             | ProviderError::Transport { provider, .. }
             | ProviderError::FirstTokenTimeout { provider, .. }
-            | ProviderError::Stalled { provider, .. } => *provider,
+            | ProviderError::Stalled { provider, .. }
+            | ProviderError::HeaderTimeout { provider, .. }
+            | ProviderError::Deadline { provider, .. }
+            | ProviderError::Oversized { provider, .. } => *provider,
         }
     }
 
-    /// Whether trying again (the same model later, or the fallback) can help.
-    ///
-    /// Never retried: 400/401/403/404/413/422, and out-of-credit answers (`insufficient_quota`,
-    /// Anthropic's spend limit), which look like 429 but will not go away.
-    pub fn is_retryable(&self) -> bool {
+    /// Whose fault the failure is; see [`FaultClass`].
+    pub fn class(&self) -> FaultClass {
         match self {
             ProviderError::Connect { .. }
             | ProviderError::Transport { .. }
             | ProviderError::Truncated { .. }
             | ProviderError::Malformed { .. }
+            | ProviderError::Oversized { .. }
             | ProviderError::FirstTokenTimeout { .. }
-            | ProviderError::Stalled { .. } => true,
+            | ProviderError::Stalled { .. }
+            | ProviderError::HeaderTimeout { .. } => FaultClass::Transient,
+            ProviderError::Deadline { .. } => FaultClass::Deadline,
             ProviderError::Http {
                 status,
                 error_type,
                 code,
+                message,
                 ..
             } => {
-                if is_quota_exhausted(error_type.as_deref(), code.as_deref()) {
-                    return false;
+                let (error_type, code) = (error_type.as_deref(), code.as_deref());
+                if is_quota_exhausted(error_type, code) {
+                    return FaultClass::Account;
                 }
-                matches!(status, 408 | 409 | 429 | 500..=599)
+                match status {
+                    401..=404 => FaultClass::Account,
+                    400 | 413 | 422 if is_context_too_long(code, message) => {
+                        FaultClass::ContextTooLong
+                    }
+                    429 => FaultClass::RateLimited,
+                    408 | 409 | 500..=599 => FaultClass::Transient,
+                    _ => FaultClass::Request,
+                }
             }
-            ProviderError::InStream { error_type, .. } => matches!(
-                error_type.as_str(),
-                "overloaded_error"
-                    | "api_error"
-                    | "rate_limit_error"
-                    | "timeout_error"
-                    | "server_error"
-                    | "rate_limit_exceeded"
-            ),
+            ProviderError::InStream { error_type, .. } => match error_type.as_str() {
+                "rate_limit_error" | "rate_limit_exceeded" => FaultClass::RateLimited,
+                "insufficient_quota" | "billing_error" => FaultClass::Account,
+                "authentication_error" | "permission_error" | "not_found_error" => {
+                    FaultClass::Account
+                }
+                "invalid_request_error" | "request_too_large" => FaultClass::Request,
+                _ => FaultClass::Transient,
+            },
+        }
+    }
+
+    /// Whether trying again (the same model later, or the fallback) can help. Account errors
+    /// count as retryable: the fallback, on another account or provider, can answer.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.class(),
+            FaultClass::Transient | FaultClass::RateLimited | FaultClass::Account
+        )
+    }
+
+    /// Whether the failure says the model itself is unhealthy (what a circuit breaker counts):
+    /// transient failures and rate limits do; the caller's request, our account and our own
+    /// deadline do not.
+    pub fn counts_against_model(&self) -> bool {
+        matches!(
+            self.class(),
+            FaultClass::Transient | FaultClass::RateLimited
+        )
+    }
+
+    /// A failure before any byte of an answer that one quick retry of the same model usually
+    /// cures: a plain 5xx (not an overload that asked us to wait) or a connection that broke
+    /// before the response headers.
+    pub fn is_blip(&self) -> bool {
+        match self {
+            ProviderError::Connect { .. } => true,
+            ProviderError::Http {
+                status,
+                retry_after,
+                ..
+            } => matches!(status, 500 | 502 | 504) && retry_after.is_none(),
+            _ => false,
         }
     }
 
@@ -259,6 +350,9 @@ impl ProviderError {
             ProviderError::Malformed { .. } => "malformed",
             ProviderError::FirstTokenTimeout { .. } => "ttft_timeout",
             ProviderError::Stalled { .. } => "stalled",
+            ProviderError::HeaderTimeout { .. } => "header_timeout",
+            ProviderError::Deadline { .. } => "deadline",
+            ProviderError::Oversized { .. } => "oversized",
             ProviderError::InStream { error_type, .. } => match error_type.as_str() {
                 "overloaded_error" => "overloaded",
                 "rate_limit_error" | "rate_limit_exceeded" => "rate_limited",
@@ -273,7 +367,11 @@ impl ProviderError {
                 if is_quota_exhausted(error_type.as_deref(), code.as_deref()) {
                     return "quota_exhausted";
                 }
+                if self.class() == FaultClass::ContextTooLong {
+                    return "context_too_long";
+                }
                 match status {
+                    402 => "billing",
                     400 | 413 | 422 => "bad_request",
                     401 | 403 => "auth",
                     404 => "not_found",
@@ -298,20 +396,52 @@ fn is_quota_exhausted(error_type: Option<&str>, code: Option<&str>) -> bool {
     })
 }
 
-/// Parses `retry-after-ms`, then `retry-after` (seconds or an HTTP date is not supported: a date
-/// yields `None`, and the router falls back to its own backoff).
+/// Longest wait a `retry-after` header is taken at; anything longer (a year, `1e20`) is read as
+/// this, which is far beyond every router's cap and so means "skip this model for now".
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Parses `retry-after-ms`, then `retry-after` (delay-seconds, fractional accepted, or an
+/// HTTP-date). Defensive: a negative, non-finite or unparsable value is ignored, a huge one is
+/// clamped to [`MAX_RETRY_AFTER`] (`Duration::from_secs_f64` would panic on `1e20`), and a date
+/// in the past means "now".
 pub fn parse_retry_after(
     retry_after_ms: Option<&str>,
     retry_after: Option<&str>,
 ) -> Option<Duration> {
-    if let Some(ms) = retry_after_ms.and_then(|v| v.trim().parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
-    {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+    if let Some(ms) = retry_after_ms.and_then(|v| seconds(v, 1000.0)) {
+        return Some(ms);
     }
-    let secs = retry_after.and_then(|v| v.trim().parse::<f64>().ok())?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    let value = retry_after?.trim();
+    seconds(value, 1.0).or_else(|| {
+        let at = httpdate::parse_http_date(value).ok()?;
+        Some(
+            at.duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .min(MAX_RETRY_AFTER),
+        )
+    })
+}
+
+/// A non-negative finite number of `per_second` units, clamped to [`MAX_RETRY_AFTER`].
+fn seconds(value: &str, per_second: f64) -> Option<Duration> {
+    let n = value.trim().parse::<f64>().ok()?;
+    if !n.is_finite() || n < 0.0 {
+        return None;
+    }
+    let secs = n / per_second;
+    Some(if secs >= MAX_RETRY_AFTER.as_secs_f64() {
+        MAX_RETRY_AFTER
+    } else {
+        Duration::from_secs_f64(secs)
+    })
+}
+
+/// OpenAI says `code: "context_length_exceeded"`; Anthropic says it in words ("prompt is too
+/// long: 201000 tokens > 200000 maximum").
+fn is_context_too_long(code: Option<&str>, message: &str) -> bool {
+    code == Some("context_length_exceeded")
+        || message.contains("prompt is too long")
+        || message.contains("maximum context length")
 }
 
 #[cfg(test)]
@@ -319,34 +449,79 @@ mod tests {
     use super::*;
 
     fn http(status: u16, error_type: Option<&str>) -> ProviderError {
+        http_with(status, error_type, None, "m", None)
+    }
+
+    fn http_with(
+        status: u16,
+        error_type: Option<&str>,
+        code: Option<&str>,
+        message: &str,
+        retry_after: Option<Duration>,
+    ) -> ProviderError {
         ProviderError::Http {
             provider: ProviderKind::OpenAi,
             status,
             error_type: error_type.map(str::to_owned),
-            code: None,
-            message: "m".into(),
-            retry_after: None,
+            code: code.map(str::to_owned),
+            message: message.into(),
+            retry_after,
             request_id: None,
         }
     }
 
     #[test]
-    fn retry_classification_follows_the_sdks() {
-        for s in [408, 409, 429, 500, 502, 503, 529] {
-            assert!(http(s, None).is_retryable(), "{s} should be retryable");
+    fn faults_are_classed_by_whose_fault_they_are() {
+        for s in [408, 409, 500, 502, 503, 529] {
+            assert_eq!(http(s, None).class(), FaultClass::Transient, "{s}");
+            assert!(http(s, None).is_retryable());
         }
-        for s in [400, 401, 403, 404, 413, 422] {
-            assert!(!http(s, None).is_retryable(), "{s} must not be retried");
+        assert_eq!(http(429, None).class(), FaultClass::RateLimited);
+        for s in [401, 402, 403, 404] {
+            let e = http(s, None);
+            assert_eq!(e.class(), FaultClass::Account, "{s}");
+            // The fallback is on another account or provider: it can answer.
+            assert!(e.is_retryable(), "{s}");
+            assert!(!e.counts_against_model(), "{s}");
         }
-        assert!(!http(429, Some("insufficient_quota")).is_retryable());
-        assert_eq!(
-            http(429, Some("insufficient_quota")).kind(),
-            "quota_exhausted"
+        let quota = http(429, Some("insufficient_quota"));
+        assert_eq!(quota.class(), FaultClass::Account);
+        assert_eq!(quota.kind(), "quota_exhausted");
+        for s in [400, 413, 422] {
+            assert_eq!(http(s, None).class(), FaultClass::Request, "{s}");
+            assert!(!http(s, None).is_retryable(), "{s}");
+        }
+        let context = http_with(
+            400,
+            Some("invalid_request_error"),
+            Some("context_length_exceeded"),
+            "m",
+            None,
         );
+        assert_eq!(context.class(), FaultClass::ContextTooLong);
+        assert_eq!(context.kind(), "context_too_long");
+        let anthropic_context = http_with(
+            400,
+            Some("invalid_request_error"),
+            None,
+            "prompt is too long: 210000 tokens > 200000 maximum",
+            None,
+        );
+        assert_eq!(anthropic_context.class(), FaultClass::ContextTooLong);
     }
 
     #[test]
-    fn retry_after_prefers_milliseconds() {
+    fn only_plain_5xx_and_broken_connections_are_blips() {
+        assert!(http(500, None).is_blip());
+        assert!(http(502, None).is_blip());
+        let asked_to_wait = http_with(500, None, None, "m", Some(Duration::from_secs(1)));
+        assert!(!asked_to_wait.is_blip());
+        assert!(!http(529, None).is_blip());
+        assert!(!http(429, None).is_blip());
+    }
+
+    #[test]
+    fn retry_after_prefers_milliseconds_and_survives_hostile_values() {
         assert_eq!(
             parse_retry_after(Some("1500"), Some("9")),
             Some(Duration::from_millis(1500))
@@ -356,8 +531,32 @@ mod tests {
             Some(Duration::from_secs(2))
         );
         assert_eq!(
+            parse_retry_after(None, Some("0.25")),
+            Some(Duration::from_millis(250))
+        );
+        for huge in ["1e20", "18446744073709551616", "1e308"] {
+            assert_eq!(parse_retry_after(None, Some(huge)), Some(MAX_RETRY_AFTER));
+            assert_eq!(parse_retry_after(Some(huge), None), Some(MAX_RETRY_AFTER));
+        }
+        for junk in ["-1", "NaN", "inf", "-inf", "soon", ""] {
+            assert_eq!(parse_retry_after(None, Some(junk)), None, "{junk}");
+        }
+        // A bad `retry-after-ms` falls through to `retry-after`.
+        assert_eq!(
+            parse_retry_after(Some("-5"), Some("3")),
+            Some(Duration::from_secs(3))
+        );
+        // An HTTP-date in the past is "now"; one in the future is the time until it.
+        assert_eq!(
             parse_retry_after(None, Some("Wed, 21 Oct 2015 07:28:00 GMT")),
-            None
+            Some(Duration::ZERO)
+        );
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let wait = parse_retry_after(None, Some(&httpdate::fmt_http_date(later)))
+            .expect("a future date parses");
+        assert!(
+            wait > Duration::from_secs(100) && wait <= Duration::from_secs(120),
+            "{wait:?}"
         );
     }
 }

@@ -49,6 +49,11 @@ pub enum ApiError {
         message: String,
         retry_after: Option<Duration>,
     },
+    /// The provider refused the request itself (invalid, refused by its content policy, too
+    /// long for every model): the provider's own code and message, as a 400. Retrying the same
+    /// request cannot help, which a 5xx would invite SDKs to do.
+    #[error("{message}")]
+    Rejected { code: String, message: String },
     #[error("the server is shutting down and accepts no new work; retry against another instance")]
     ShuttingDown,
     /// A part the route needs is not configured or not reachable (the queue, the store).
@@ -70,7 +75,7 @@ pub struct ErrorObject<'a> {
     #[serde(rename = "type")]
     pub kind: &'a str,
     pub param: Option<String>,
-    pub code: Option<&'a str>,
+    pub code: Option<String>,
 }
 
 impl ApiError {
@@ -79,7 +84,7 @@ impl ApiError {
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest { .. } | ApiError::Rejected { .. } => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -91,9 +96,10 @@ impl ApiError {
         }
     }
 
-    /// OpenAI's `type` and our stable `code`.
-    fn kind_and_code(&self) -> (&'static str, &'static str) {
+    /// OpenAI's `type` and the `code`: our stable one, or the provider's for a rejection.
+    fn kind_and_code(&self) -> (&'static str, &str) {
         match self {
+            ApiError::Rejected { code, .. } => ("invalid_request_error", code),
             ApiError::Unauthenticated(_) => ("authentication_error", "invalid_api_key"),
             ApiError::Forbidden(_) => ("permission_error", "forbidden"),
             ApiError::NotFound { code, .. } => ("not_found_error", code),
@@ -122,7 +128,7 @@ impl ApiError {
             message: self.to_string(),
             kind,
             param: self.param(),
-            code: Some(code),
+            code: Some(code.to_owned()),
         }
     }
 

@@ -124,6 +124,7 @@ pub fn app(state: AppState) -> axum::Router {
             )
         }))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeV7))
+        .layer(middleware::map_request(state::cap_request_id))
         .with_state(state)
 }
 

@@ -100,12 +100,26 @@ impl ServerMetrics {
                 counter!("keyvex_call_errors_total", "kind" => kind.clone(), "process" => rec.process.clone())
                     .increment(1);
             }
-            if rec.fallback_used {
-                counter!("keyvex_fallbacks_total", "process" => rec.process.clone()).increment(1);
+            // Per request (its last call): whether it ended on a fallback, and how many calls
+            // before that it took.
+            if rec.status.is_final() {
+                if rec.fallback_used {
+                    counter!("keyvex_fallbacks_total", "process" => rec.process.clone())
+                        .increment(1);
+                }
+                if rec.attempts > 1 {
+                    counter!("keyvex_call_retries_total", "process" => rec.process.clone())
+                        .increment(u64::from(rec.attempts - 1));
+                }
             }
-            if rec.attempts > 1 {
-                counter!("keyvex_call_retries_total", "process" => rec.process.clone())
-                    .increment(u64::from(rec.attempts - 1));
+            if rec.unterminated {
+                counter!("keyvex_unterminated_streams_total", "provider" => rec.provider.clone(), "model" => rec.model.clone())
+                    .increment(1);
+            }
+            if let Some(kind) = rec.error_kind.as_deref().filter(|k| is_account_error(k)) {
+                // The router disabled the model for its account cool-down.
+                counter!("keyvex_model_disabled_total", "provider" => rec.provider.clone(), "model" => rec.model.clone(), "reason" => kind.to_owned())
+                    .increment(1);
             }
             histogram!("keyvex_call_latency_seconds", &labels)
                 .record(rec.latency_ms as f64 / 1000.0);
@@ -141,4 +155,10 @@ impl ServerMetrics {
         });
         self.handle.render()
     }
+}
+
+/// Error kinds the router answers by disabling the model for its account cool-down (the
+/// provider refused our account: quota, billing, key, access, model).
+fn is_account_error(kind: &str) -> bool {
+    matches!(kind, "quota_exhausted" | "billing" | "auth" | "not_found")
 }

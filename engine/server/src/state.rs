@@ -183,6 +183,36 @@ impl MakeRequestId for MakeV7 {
     }
 }
 
+/// Longest `x-request-id` kept from a client: room for any UUID, ULID or trace id, far below
+/// what a store key or a log line should carry.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Middleware (outermost): a client's `x-request-id` is only a correlation field, echoed back.
+/// One longer than [`MAX_REQUEST_ID_LEN`] is cut to it; one that is not visible ASCII is
+/// dropped, so the server draws its own. Every later reader then sees one stable value.
+pub(crate) async fn cap_request_id(mut req: axum::extract::Request) -> axum::extract::Request {
+    let headers = req.headers_mut();
+    let Some(value) = headers.get(REQUEST_ID) else {
+        return req;
+    };
+    let visible = value
+        .to_str()
+        .ok()
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic()));
+    match visible {
+        Some(v) if v.len() <= MAX_REQUEST_ID_LEN => {}
+        Some(v) => {
+            if let Ok(cut) = HeaderValue::from_str(&v[..MAX_REQUEST_ID_LEN]) {
+                headers.insert(REQUEST_ID, cut);
+            }
+        }
+        None => {
+            headers.remove(REQUEST_ID);
+        }
+    }
+    req
+}
+
 /// The request id header tower-http set (or the client sent).
 pub fn request_id(headers: &http::HeaderMap) -> String {
     headers

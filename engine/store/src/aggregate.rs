@@ -73,7 +73,11 @@ pub struct Percentiles {
 #[serde(rename_all = "camelCase")]
 pub struct Aggregate {
     pub key: String,
+    /// Requests, counted by their last call (a request that fell back is one request).
     pub requests: u64,
+    /// Calls that failed and whose request went on to another call (a quick retry or the
+    /// fallback): not in `requests`, but in the tokens and cost, since they are billed.
+    pub retried: u64,
     /// Failed requests (cancelled ones are counted apart, they are not errors).
     pub errors: u64,
     pub cancelled: u64,
@@ -104,6 +108,7 @@ impl Aggregate {
         Aggregate {
             key: key.to_owned(),
             requests: 0,
+            retried: 0,
             errors: 0,
             cancelled: 0,
             error_rate: 0.0,
@@ -150,13 +155,17 @@ pub fn aggregate_by(
             cost: Histogram::new(3).ok(),
         });
         let a = &mut acc.agg;
-        a.requests += 1;
-        a.errors += u64::from(rec.status == RequestStatus::Failed);
-        a.cancelled += u64::from(rec.status == RequestStatus::Cancelled);
         a.input_tokens += rec.input_tokens;
         a.cached_input_tokens += rec.cached_input_tokens;
         a.output_tokens += rec.output_tokens;
         a.cost_pico_usd = a.cost_pico_usd.saturating_add(rec.cost_pico_usd);
+        if !rec.status.is_final() {
+            a.retried += 1;
+            continue;
+        }
+        a.requests += 1;
+        a.errors += u64::from(rec.status == RequestStatus::Failed);
+        a.cancelled += u64::from(rec.status == RequestStatus::Cancelled);
         a.fallbacks += u64::from(rec.fallback_used);
         let request_micro = rec.cost().micro_usd();
         a.max_request_cost_micro_usd = a.max_request_cost_micro_usd.max(request_micro);

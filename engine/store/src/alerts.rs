@@ -196,7 +196,11 @@ impl AlertEvaluator {
         }
         self.request_breach = over;
 
-        // Rolling window rules.
+        // Rolling window rules, over requests: a call its request went on from (`retried`)
+        // is billed above but is not a request's outcome.
+        if !rec.status.is_final() {
+            return out;
+        }
         let failed = rec.status == RequestStatus::Failed;
         self.window.push_back(Sample {
             end_ms: end,

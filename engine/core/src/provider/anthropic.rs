@@ -1,19 +1,25 @@
-//! Anthropic Messages streaming provider, on `reqwest-eventsource` with reconnects disabled.
+//! Anthropic Messages streaming provider: `reqwest` sends one request, and the body is decoded
+//! by our own SSE framer (`sse_frames.rs`, shared with the OpenAI provider) into events.
 //!
-//! `reqwest-eventsource` retries forever by default, re-sending the POST after any error and even
-//! after a normal end of body (`reqwest-eventsource` 0.6, `src/retry.rs`): for an LLM call that is a second, billed
-//! generation. So every [`EventSource`] gets the `Never` retry policy and is closed at
-//! `message_stop`, and `adapt_events` stops at the first error.
+//! Why not `reqwest-eventsource`, which this provider used before: its parser
+//! (`eventsource-stream` 0.2) keeps an unterminated line in an unbounded buffer and re-parses
+//! that buffer on every piece that arrives, so a hostile line with no line end costs memory
+//! without limit and CPU that grows with the square of its length (measured here on a debug
+//! build: a 64 MiB line took 167 s to take in and 69 MiB of memory); it also never dispatches the
+//! last event of a stream framed with bare CR line ends (legal SSE), which turned a complete
+//! answer into a truncated one. And its default policy re-sends the POST after any error or
+//! even a normal end of body: a second, billed generation. Here there is exactly one request per
+//! attempt; the router owns retries.
 
 use futures::{Stream, StreamExt};
-use reqwest_eventsource::{Error as SseError, Event, EventSource};
-use reqwest012::StatusCode;
-use reqwest012::header::HeaderValue;
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use serde::{Deserialize, Serialize};
 
+use super::sse_frames::{SseEvent, sse_events};
 use super::{
     ChatRequest, EventStream, Provider, ProviderConfig, ProviderError, ProviderInitError, Role,
-    error_chain, parse_retry_after, truncate, validate_base_url,
+    error_chain, parse_retry_after, read_error_body, truncate, validate_base_url,
 };
 use crate::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 
@@ -53,10 +59,11 @@ fn api_key_header(config: &ProviderConfig) -> Result<HeaderValue, ProviderInitEr
 /// Streams messages from Anthropic (or any server speaking its Messages protocol).
 #[derive(Debug, Clone)]
 pub struct AnthropicProvider {
-    http: reqwest012::Client,
+    http: reqwest::Client,
     /// `{base}/messages`.
     messages_url: String,
     api_key: HeaderValue,
+    max_event_bytes: usize,
 }
 
 impl AnthropicProvider {
@@ -64,8 +71,8 @@ impl AnthropicProvider {
     pub fn new(config: &ProviderConfig) -> Result<Self, ProviderInitError> {
         let base_url = validate_base_url(KIND, &config.base_url)?;
         let api_key = api_key_header(config)?;
-        // No overall timeout: the router owns time-to-first-token and stall deadlines.
-        let http = reqwest012::Client::builder()
+        // No overall timeout: the router owns the header, first-token, stall and total deadlines.
+        let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(config.connect_timeout)
             .build()
@@ -77,6 +84,7 @@ impl AnthropicProvider {
             http,
             messages_url: format!("{base_url}/messages"),
             api_key,
+            max_event_bytes: config.max_event_bytes,
         })
     }
 }
@@ -90,31 +98,64 @@ impl Provider for AnthropicProvider {
     }
 
     fn stream(&self, request: ChatRequest) -> EventStream {
-        let builder = self
+        let send = self
             .http
             .post(&self.messages_url)
             .header("x-api-key", self.api_key.clone())
             .header("anthropic-version", ANTHROPIC_VERSION)
-            .json(&WireRequest::new(&request));
+            .header(ACCEPT, "text/event-stream")
+            .json(&WireRequest::new(&request))
+            .send();
         let options = AdaptOptions {
             model: request.model,
             forced_tool: request.response_schema.is_some(),
-            url: self.messages_url.clone(),
         };
-        let mut source = match EventSource::new(builder) {
-            Ok(source) => source,
-            // Only a streaming request body is not cloneable; ours is JSON bytes.
-            Err(e) => {
-                let err = ProviderError::Malformed {
-                    provider: KIND,
-                    detail: format!("request could not be prepared: {e}"),
-                };
-                return Box::pin(futures::stream::iter([ProviderEvent::Error(err)]));
+        let url = self.messages_url.clone();
+        let max_event_bytes = self.max_event_bytes;
+        Box::pin(async_stream::stream! {
+            let response = match send.await {
+                Ok(response) => response,
+                Err(e) => {
+                    yield ProviderEvent::Error(ProviderError::Connect {
+                        provider: KIND,
+                        url,
+                        message: error_chain(&e),
+                    });
+                    return;
+                }
+            };
+            let status = response.status();
+            if status != StatusCode::OK {
+                yield ProviderEvent::Error(http_error(status, response).await);
+                return;
             }
-        };
-        source.set_retry_policy(Box::new(reqwest_eventsource::retry::Never));
-        Box::pin(adapt_events(source, options))
+            if !is_event_stream(response.headers().get(CONTENT_TYPE)) {
+                let content_type = response.headers().get(CONTENT_TYPE).cloned();
+                yield ProviderEvent::Error(ProviderError::Malformed {
+                    provider: KIND,
+                    detail: format!(
+                        "HTTP 200 with content-type {content_type:?} instead of text/event-stream"
+                    ),
+                });
+                return;
+            }
+            yield ProviderEvent::Start { provider: KIND, model: options.model.clone() };
+            let frames = sse_events(KIND, response.bytes_stream(), max_event_bytes);
+            let events = adapt_events(frames, options);
+            futures::pin_mut!(events);
+            while let Some(event) = events.next().await {
+                yield event;
+            }
+        })
     }
+}
+
+/// `text/event-stream`, with or without parameters, in any letter case.
+fn is_event_stream(value: Option<&HeaderValue>) -> bool {
+    value
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,59 +330,66 @@ struct WireHttpError {
 // ---------------------------------------------------------------------------------------------
 // SSE-to-event adapter
 
-/// An SSE event source the adapter can close once the message is complete.
-pub(crate) trait SseSource:
-    Stream<Item = Result<Event, SseError>> + Unpin + Send + 'static
-{
-    fn close(&mut self);
-}
-
-impl SseSource for EventSource {
-    fn close(&mut self) {
-        EventSource::close(self);
-    }
-}
-
 /// What the adapter needs to know about the request.
 #[derive(Debug, Clone)]
 pub(crate) struct AdaptOptions {
     pub model: String,
     /// A schema tool was forced: its `tool_use` stop is the normal end of the answer.
     pub forced_tool: bool,
-    /// The endpoint, for connect errors.
-    pub url: String,
 }
 
-/// Turns an event source into `Start` · `Delta`* · `Usage`? · `Done`|`Error`.
+/// Turns the events of an opened stream into `Delta`* · `Usage`? · `Done`|`Error`.
 ///
-/// `Start` on `Open` (HTTP 200 with `text/event-stream`); `Usage` and `Done` at `message_stop`,
-/// where the source is closed. The first error ends the stream; if `message_start` already told
-/// us the input usage, that `Usage` is emitted just before the `Error` (partial usage).
-pub(crate) fn adapt_events<S: SseSource>(
-    mut source: S,
+/// `Usage` and `Done` at `message_stop`. Once `message_delta` has said why the message stopped
+/// (with its usage), the answer is complete: if `message_stop` then does not come within
+/// [`TERMINATOR_GRACE`], or the body ends (or breaks) first, it is accepted as `Done` with
+/// `unterminated` set. Otherwise the first error, or an end of body, ends the stream with an
+/// `Error`; if `message_start` already told us the input usage, that `Usage` is emitted just
+/// before it (partial usage).
+pub(crate) fn adapt_events<S>(
+    frames: S,
     options: AdaptOptions,
-) -> impl Stream<Item = ProviderEvent> + Send + 'static {
+) -> impl Stream<Item = ProviderEvent> + Send + 'static
+where
+    S: Stream<Item = Result<SseEvent, ProviderError>> + Send + 'static,
+{
     async_stream::stream! {
+        futures::pin_mut!(frames);
         let mut state = AdaptState::new(options);
-        while let Some(item) = source.next().await {
-            match state.step(item).await {
-                Step::Nothing => {}
-                Step::Start => yield ProviderEvent::Start {
-                    provider: KIND,
-                    model: state.options.model.clone(),
-                },
-                Step::Delta(text) => yield ProviderEvent::Delta(text),
-                Step::Finish(finish_reason) => {
-                    source.close();
-                    match state.usage.known() {
-                        Some(usage) => yield ProviderEvent::Usage(usage),
-                        None => tracing::warn!("anthropic stream completed without usage; cost will be estimated"),
+        loop {
+            let next = if state.stop_reason.is_some() {
+                // Complete but for the terminator: wait for it only briefly.
+                match super::within_grace(frames.next()).await {
+                    Some(Ok(frame)) => Some(Ok(frame)),
+                    Some(Err(_)) | None => {
+                        tracing::debug!("anthropic message complete without message_stop");
+                        for event in state.finish(true) {
+                            yield event;
+                        }
+                        return;
                     }
-                    yield ProviderEvent::Done { finish_reason };
+                }
+            } else {
+                frames.next().await
+            };
+            let step = match next {
+                Some(Ok(frame)) => state.message(&frame.event, &frame.data),
+                Some(Err(err)) => Step::Fail(err),
+                None => Step::Fail(ProviderError::Truncated {
+                    provider: KIND,
+                    detail: "the body ended before message_stop".to_owned(),
+                }),
+            };
+            match step {
+                Step::Nothing => {}
+                Step::Delta(text) => yield ProviderEvent::Delta(text),
+                Step::Finish => {
+                    for event in state.finish(false) {
+                        yield event;
+                    }
                     return;
                 }
                 Step::Fail(err) => {
-                    source.close();
                     tracing::debug!(error = %err, "anthropic stream failed");
                     if let Some(usage) = state.usage.known() {
                         yield ProviderEvent::Usage(usage);
@@ -351,29 +399,20 @@ pub(crate) fn adapt_events<S: SseSource>(
                 }
             }
         }
-        // The source closed without `message_stop` (with `Never` it ends after its error).
-        if let Some(usage) = state.usage.known() {
-            yield ProviderEvent::Usage(usage);
-        }
-        yield ProviderEvent::Error(ProviderError::Truncated {
-            provider: KIND,
-            detail: "the event stream ended before message_stop".to_owned(),
-        });
     }
 }
 
 enum Step {
     Nothing,
-    Start,
     Delta(String),
-    Finish(FinishReason),
+    Finish,
     Fail(ProviderError),
 }
 
 struct AdaptState {
     options: AdaptOptions,
-    opened: bool,
     usage: UsageState,
+    /// Set by the `message_delta` that says why the message stopped.
     stop_reason: Option<String>,
 }
 
@@ -381,21 +420,25 @@ impl AdaptState {
     fn new(options: AdaptOptions) -> Self {
         Self {
             options,
-            opened: false,
             usage: UsageState::default(),
             stop_reason: None,
         }
     }
 
-    async fn step(&mut self, item: Result<Event, SseError>) -> Step {
-        match item {
-            Ok(Event::Open) => {
-                self.opened = true;
-                Step::Start
+    /// The end of a complete message: its usage, then `Done`.
+    fn finish(&self, unterminated: bool) -> Vec<ProviderEvent> {
+        let mut out = Vec::with_capacity(2);
+        match self.usage.known() {
+            Some(usage) => out.push(ProviderEvent::Usage(usage)),
+            None => {
+                tracing::warn!("anthropic stream completed without usage; cost will be estimated")
             }
-            Ok(Event::Message(message)) => self.message(&message.event, &message.data),
-            Err(err) => Step::Fail(self.error(err).await),
         }
+        out.push(ProviderEvent::Done {
+            finish_reason: finish_reason(self.stop_reason.as_deref(), self.options.forced_tool),
+            unterminated,
+        });
+        out
     }
 
     fn message(&mut self, name: &str, data: &str) -> Step {
@@ -429,18 +472,15 @@ impl AdaptState {
                 _ => Step::Nothing,
             },
             WireEvent::MessageDelta { delta, usage } => {
-                if delta.stop_reason.is_some() {
-                    self.stop_reason = delta.stop_reason;
-                }
                 if let Some(usage) = &usage {
                     self.usage.apply(usage);
                 }
+                if delta.stop_reason.is_some() {
+                    self.stop_reason = delta.stop_reason;
+                }
                 Step::Nothing
             }
-            WireEvent::MessageStop => Step::Finish(finish_reason(
-                self.stop_reason.as_deref(),
-                self.options.forced_tool,
-            )),
+            WireEvent::MessageStop => Step::Finish,
             // Classified by `error.type`: the HTTP status of this response was 200.
             WireEvent::Error { error } => Step::Fail(ProviderError::InStream {
                 provider: KIND,
@@ -448,37 +488,6 @@ impl AdaptState {
                 message: error.message.unwrap_or_default(),
             }),
             WireEvent::Unknown => Step::Nothing,
-        }
-    }
-
-    async fn error(&self, err: SseError) -> ProviderError {
-        match err {
-            SseError::InvalidStatusCode(status, response) => http_error(status, response).await,
-            SseError::InvalidContentType(content_type, _) => ProviderError::Malformed {
-                provider: KIND,
-                detail: format!(
-                    "HTTP 200 with content-type {content_type:?} instead of text/event-stream"
-                ),
-            },
-            SseError::Transport(e) if !self.opened => ProviderError::Connect {
-                provider: KIND,
-                url: self.options.url.clone(),
-                message: error_chain(&e),
-            },
-            SseError::Transport(e) => ProviderError::Transport {
-                provider: KIND,
-                message: error_chain(&e),
-            },
-            SseError::StreamEnded => ProviderError::Truncated {
-                provider: KIND,
-                detail: "the body ended before message_stop".to_owned(),
-            },
-            other @ (SseError::Utf8(_) | SseError::Parser(_) | SseError::InvalidLastEventId(_)) => {
-                ProviderError::Malformed {
-                    provider: KIND,
-                    detail: other.to_string(),
-                }
-            }
         }
     }
 }
@@ -537,16 +546,14 @@ fn finish_reason(stop_reason: Option<&str>, forced_tool: bool) -> FinishReason {
     }
 }
 
-/// Reads a non-2xx answer into [`ProviderError::Http`], keeping the wait it asks for.
-async fn http_error(status: StatusCode, response: reqwest012::Response) -> ProviderError {
+/// Reads a non-2xx answer into [`ProviderError::Http`], keeping the wait it asks for. At most
+/// [`super::MAX_ERROR_BODY_BYTES`] of the body are read.
+async fn http_error(status: StatusCode, response: reqwest::Response) -> ProviderError {
     let headers = response.headers();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let retry_after = parse_retry_after(header("retry-after-ms"), header("retry-after"));
     let header_request_id = header(REQUEST_ID_HEADER).map(str::to_owned);
-    let body = match response.text().await {
-        Ok(body) => body,
-        Err(e) => format!("(the error body could not be read: {e})"),
-    };
+    let (body, over_cap) = read_error_body(response).await;
     let parsed = serde_json::from_str::<WireHttpError>(&body).ok();
     let (error_type, code, message, body_request_id) = match parsed {
         Some(WireHttpError { error, request_id }) => (
@@ -559,6 +566,16 @@ async fn http_error(status: StatusCode, response: reqwest012::Response) -> Provi
             None,
             None,
             status.canonical_reason().unwrap_or("no body").to_owned(),
+            None,
+        ),
+        None if over_cap => (
+            None,
+            None,
+            format!(
+                "an error body over the {}-byte cap, starting {}",
+                super::MAX_ERROR_BODY_BYTES,
+                truncate(&body)
+            ),
             None,
         ),
         None => (None, None, truncate(&body), None),
@@ -578,70 +595,36 @@ async fn http_error(status: StatusCode, response: reqwest012::Response) -> Provi
 // Tests
 
 #[cfg(test)]
-#[expect(
-    clippy::result_large_err,
-    reason = "the captured items' type is fixed by `reqwest_eventsource`; its error is large but not ours to box"
-)]
 mod tests {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
     use std::time::Duration;
-
-    use eventsource_stream::Event as MessageEvent;
 
     use super::*;
     use crate::provider::{ApiKey, ChatMessage, ResponseSchema};
 
-    /// A captured stream: hand-made events, recording whether the adapter closed it and
-    /// refusing to yield anything after `close()` (as the real `EventSource` does).
-    struct Captured {
-        items: std::collections::VecDeque<Result<Event, SseError>>,
-        closed: bool,
-    }
+    type Frame = Result<SseEvent, ProviderError>;
 
-    impl Stream for Captured {
-        type Item = Result<Event, SseError>;
-        fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            if self.closed {
-                return Poll::Ready(None);
-            }
-            Poll::Ready(self.items.pop_front())
-        }
-    }
-
-    impl SseSource for Captured {
-        fn close(&mut self) {
-            self.closed = true;
-        }
-    }
-
-    fn msg(event: &str, data: &str) -> Result<Event, SseError> {
-        Ok(Event::Message(MessageEvent {
+    fn frame(event: &str, data: &str) -> Frame {
+        Ok(SseEvent {
             event: event.to_owned(),
             data: data.to_owned(),
-            id: String::new(),
-            retry: None,
-        }))
+        })
     }
 
-    /// `(event, data)` pairs after an `Open`, then `tail`.
-    fn captured(pairs: &[(&str, &str)], tail: Option<SseError>) -> Captured {
-        let mut items: std::collections::VecDeque<_> = [Ok(Event::Open)].into();
-        items.extend(pairs.iter().map(|(e, d)| msg(e, d)));
+    /// `(event, data)` frames, then `tail` (an error the body ended with), then a clean end.
+    fn captured(pairs: &[(&str, &str)], tail: Option<ProviderError>) -> Vec<Frame> {
+        let mut items: Vec<Frame> = pairs.iter().map(|(e, d)| frame(e, d)).collect();
         items.extend(tail.map(Err));
-        Captured {
-            items,
-            closed: false,
-        }
+        items
     }
 
-    async fn run(source: Captured, forced_tool: bool) -> Vec<ProviderEvent> {
+    async fn run(frames: Vec<Frame>, forced_tool: bool) -> Vec<ProviderEvent> {
         let options = AdaptOptions {
             model: "claude-sonnet-4-5".into(),
             forced_tool,
-            url: "http://127.0.0.1:1/v1/messages".into(),
         };
-        adapt_events(source, options).collect().await
+        adapt_events(futures::stream::iter(frames), options)
+            .collect()
+            .await
     }
 
     const START: (&str, &str) = (
@@ -690,9 +673,6 @@ mod tests {
             None,
         );
         let events = run(source, false).await;
-        assert!(
-            matches!(&events[0], ProviderEvent::Start { model, .. } if model == "claude-sonnet-4-5")
-        );
         assert_eq!(texts(&events), "Hello world");
         let n = events.len();
         let ProviderEvent::Usage(usage) = events[n - 2] else {
@@ -711,7 +691,8 @@ mod tests {
         assert!(matches!(
             &events[n - 1],
             ProviderEvent::Done {
-                finish_reason: FinishReason::Stop
+                finish_reason: FinishReason::Stop,
+                unterminated: false
             }
         ));
     }
@@ -739,7 +720,8 @@ mod tests {
         assert!(matches!(
             events.last(),
             Some(ProviderEvent::Done {
-                finish_reason: FinishReason::Length
+                finish_reason: FinishReason::Length,
+                unterminated: false
             })
         ));
     }
@@ -784,7 +766,8 @@ mod tests {
         assert!(matches!(
             events.last(),
             Some(ProviderEvent::Done {
-                finish_reason: FinishReason::Stop
+                finish_reason: FinishReason::Stop,
+                unterminated: false
             })
         ));
         // Without a forced tool, the same stop means the model wants a tool.
@@ -792,7 +775,8 @@ mod tests {
         assert!(matches!(
             events.last(),
             Some(ProviderEvent::Done {
-                finish_reason: FinishReason::ToolCalls
+                finish_reason: FinishReason::ToolCalls,
+                unterminated: false
             })
         ));
     }
@@ -803,19 +787,18 @@ mod tests {
             "error",
             r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
         );
-        let mut source = captured(&[START, HELLO, overloaded, WORLD, STOP], None);
-        source.items.push_back(Err(SseError::StreamEnded));
+        let source = captured(&[START, HELLO, overloaded, WORLD, STOP], None);
         let events = run(source, false).await;
-        assert_eq!(events.len(), 4, "{events:?}");
+        assert_eq!(events.len(), 3, "{events:?}");
         assert!(matches!(
-            events[2],
+            events[1],
             ProviderEvent::Usage(Usage {
                 input: 2160,
                 output: 1,
                 ..
             })
         ));
-        match &events[3] {
+        match &events[2] {
             ProviderEvent::Error(e @ ProviderError::InStream { error_type, .. }) => {
                 assert_eq!(error_type, "overloaded_error");
                 assert_eq!(e.kind(), "overloaded");
@@ -826,16 +809,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stream_ended_before_message_stop_is_truncated() {
-        let source = captured(&[START, HELLO], Some(SseError::StreamEnded));
-        let events = run(source, false).await;
+    async fn a_body_that_ends_before_the_stop_reason_is_truncated() {
+        let events = run(captured(&[START, HELLO], None), false).await;
         assert!(matches!(events[events.len() - 2], ProviderEvent::Usage(_)));
         assert!(matches!(
             events.last(),
             Some(ProviderEvent::Error(ProviderError::Truncated { .. }))
         ));
-        // A source that simply stops is truncated too.
-        let events = run(captured(&[START, HELLO], None), false).await;
+        // Content blocks closed but no `message_delta` with a stop reason: still incomplete.
+        let events = run(captured(&[START, HELLO, BLOCK_STOP], None), false).await;
         assert!(matches!(
             events.last(),
             Some(ProviderEvent::Error(ProviderError::Truncated { .. }))
@@ -843,15 +825,67 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn message_stop_closes_the_source_and_ends_the_stream() {
-        // Anything after message_stop (here a StreamEnded the real source would report) is
-        // never read: the source is closed and the adapter has returned.
-        let source = captured(
-            &[START, HELLO, DELTA_END, STOP],
-            Some(SseError::StreamEnded),
-        );
+    async fn a_complete_message_without_message_stop_is_done_but_marked() {
+        // Clean end right after the stop reason.
+        let events = run(captured(&[START, HELLO, DELTA_END], None), false).await;
+        assert!(matches!(
+            events.last(),
+            Some(ProviderEvent::Done {
+                finish_reason: FinishReason::Stop,
+                unterminated: true
+            })
+        ));
+        assert!(matches!(
+            events[events.len() - 2],
+            ProviderEvent::Usage(Usage { output: 15, .. })
+        ));
+        // The connection breaks after the stop reason: the answer is still whole.
+        let broken = ProviderError::Transport {
+            provider: KIND,
+            message: "reset".into(),
+        };
+        let events = run(captured(&[START, HELLO, DELTA_END], Some(broken)), false).await;
+        assert!(matches!(
+            events.last(),
+            Some(ProviderEvent::Done {
+                unterminated: true,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_open_stream_after_the_stop_reason_ends_within_the_grace() {
+        let frames = futures::stream::iter(captured(&[START, HELLO, DELTA_END], None))
+            .chain(futures::stream::pending());
+        let options = AdaptOptions {
+            model: "claude-sonnet-4-5".into(),
+            forced_tool: false,
+        };
+        let started = tokio::time::Instant::now();
+        let events: Vec<ProviderEvent> = adapt_events(frames, options).collect().await;
+        assert_eq!(started.elapsed(), crate::provider::TERMINATOR_GRACE);
+        assert!(matches!(
+            events.last(),
+            Some(ProviderEvent::Done {
+                unterminated: true,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn nothing_after_message_stop_is_read() {
+        let source = captured(&[START, HELLO, DELTA_END, STOP, WORLD], None);
         let events = run(source, false).await;
-        assert!(matches!(events.last(), Some(ProviderEvent::Done { .. })));
+        assert_eq!(texts(&events), "Hello");
+        assert!(matches!(
+            events.last(),
+            Some(ProviderEvent::Done {
+                unterminated: false,
+                ..
+            })
+        ));
         assert_eq!(
             events.iter().filter(|e| e.is_terminal()).count(),
             1,
@@ -895,31 +929,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn transport_errors_are_connect_before_open_and_transport_after() {
-        // A real reqwest transport error: nothing listens on port 1.
-        let transport_error = || async {
-            let err = reqwest012::Client::new()
-                .get("http://127.0.0.1:1/")
-                .send()
-                .await
-                .unwrap_err();
-            SseError::Transport(err)
+    async fn a_broken_body_or_oversized_line_mid_stream_is_that_error() {
+        let broken = ProviderError::Transport {
+            provider: KIND,
+            message: "connection reset".into(),
         };
-        let before = Captured {
-            items: [Err(transport_error().await)].into(),
-            closed: false,
-        };
-        let events = run(before, false).await;
-        assert_eq!(events.len(), 1);
-        assert!(matches!(
-            &events[0],
-            ProviderEvent::Error(ProviderError::Connect { .. })
-        ));
-        let after = captured(&[START, HELLO], Some(transport_error().await));
-        let events = run(after, false).await;
+        let events = run(captured(&[START, HELLO], Some(broken)), false).await;
         assert!(matches!(
             events.last(),
             Some(ProviderEvent::Error(ProviderError::Transport { .. }))
+        ));
+        let oversized = ProviderError::Oversized {
+            provider: KIND,
+            what: "an SSE line",
+            limit: 1024,
+        };
+        let events = run(captured(&[START, HELLO], Some(oversized)), false).await;
+        assert!(matches!(
+            events.last(),
+            Some(ProviderEvent::Error(ProviderError::Oversized { .. }))
         ));
     }
 
@@ -933,20 +961,13 @@ mod tests {
                 r#"{"type":"error","error":{"type":"rate_limit_error","message":"Slow down","details":{"error_code":"enforced_spend_limit_reached"}},"request_id":"req_body"}"#,
             )
             .unwrap();
-        let source = Captured {
-            items: [Err(SseError::InvalidStatusCode(
-                StatusCode::TOO_MANY_REQUESTS,
-                reqwest012::Response::from(response),
-            ))]
-            .into(),
-            closed: false,
-        };
-        let events = run(source, false).await;
-        let [ProviderEvent::Error(err)] = events.as_slice() else {
-            panic!("expected one error: {events:?}");
-        };
+        let err = http_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            reqwest::Response::from(response),
+        )
+        .await;
         assert_eq!(
-            *err,
+            err,
             ProviderError::Http {
                 provider: KIND,
                 status: 429,
@@ -957,8 +978,28 @@ mod tests {
                 request_id: Some("req_123".into()),
             }
         );
-        // A spend cap looks like a rate limit but will not go away.
-        assert!(!err.is_retryable());
+        // A spend cap looks like a rate limit but is about our account: the fallback answers.
+        assert_eq!(err.class(), crate::stream::FaultClass::Account);
+    }
+
+    #[tokio::test]
+    async fn an_error_body_over_the_cap_is_cut_and_said_so() {
+        let huge = "x".repeat(super::super::MAX_ERROR_BODY_BYTES * 4);
+        let response = http::Response::builder().status(500).body(huge).unwrap();
+        let err = http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            reqwest::Response::from(response),
+        )
+        .await;
+        let ProviderError::Http { message, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(message.contains("over the 65536-byte cap"), "{message}");
+        assert!(
+            message.len() < 2048,
+            "the quoted part is short: {}",
+            message.len()
+        );
     }
 
     #[test]
@@ -1001,11 +1042,7 @@ mod tests {
 
     #[test]
     fn init_rejects_a_key_that_cannot_be_a_header_and_hides_it_in_debug() {
-        let config = |key: &str| ProviderConfig {
-            base_url: "http://127.0.0.1:1/v1".into(),
-            api_key: ApiKey::new(key),
-            connect_timeout: Duration::from_secs(1),
-        };
+        let config = |key: &str| ProviderConfig::new("http://127.0.0.1:1/v1", ApiKey::new(key));
         assert!(matches!(
             AnthropicProvider::new(&config("bad\nkey")),
             Err(ProviderInitError::InvalidApiKey { .. })

@@ -6,9 +6,12 @@
 
 pub mod anthropic;
 pub mod openai;
-mod sse_frames;
+pub(crate) mod sse_frames;
+
+pub use sse_frames::DEFAULT_MAX_EVENT_BYTES;
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,8 +119,74 @@ pub struct ProviderConfig {
     /// `http://127.0.0.1:4010/v1`.
     pub base_url: String,
     pub api_key: ApiKey,
-    /// TCP connect timeout. Time-to-first-token and stall deadlines belong to the router.
+    /// TCP connect timeout. Header, first-token, stall and total deadlines belong to the router.
     pub connect_timeout: Duration,
+    /// Longest SSE line or event the provider buffers ([`DEFAULT_MAX_EVENT_BYTES`]); past it
+    /// the stream ends with [`ProviderError::Oversized`].
+    pub max_event_bytes: usize,
+}
+
+impl ProviderConfig {
+    /// A provider at `base_url` with the default connect timeout (5 s) and event cap.
+    pub fn new(base_url: impl Into<String>, api_key: ApiKey) -> Self {
+        Self {
+            base_url: base_url.into(),
+            api_key,
+            connect_timeout: Duration::from_secs(5),
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+        }
+    }
+}
+
+/// Longest error body read from a provider; the rest is not read (the connection is dropped).
+/// Real error bodies are a few hundred bytes.
+pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// How long a complete answer (finish reason and usage seen) may wait for its terminator
+/// (`data: [DONE]`, `message_stop`) before it is accepted without one. Real providers send the
+/// terminator right behind the usage, usually in the same packet.
+pub const TERMINATOR_GRACE: Duration = Duration::from_millis(250);
+
+/// The next item of a stream whose answer is complete but for its terminator: taken at once if
+/// it is already there (the usual case, which needs no timer), else awaited for at most
+/// [`TERMINATOR_GRACE`]; `None` when it does not come in time.
+pub(crate) async fn within_grace<F, T>(next: F) -> Option<T>
+where
+    F: Future<Output = Option<T>>,
+{
+    let mut next = std::pin::pin!(next);
+    if let std::task::Poll::Ready(item) = futures::poll!(next.as_mut()) {
+        return item;
+    }
+    tokio::time::timeout(TERMINATOR_GRACE, next)
+        .await
+        .unwrap_or(None)
+}
+
+/// Reads at most [`MAX_ERROR_BODY_BYTES`] of an error answer's body; the flag says whether
+/// there was more. Read errors end the body where they happen (what was read is kept).
+pub(crate) async fn read_error_body(mut response: reqwest::Response) -> (String, bool) {
+    let mut body: Vec<u8> = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = MAX_ERROR_BODY_BYTES - body.len();
+                if chunk.len() > room {
+                    body.extend_from_slice(&chunk[..room]);
+                    return (String::from_utf8_lossy(&body).into_owned(), true);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                if body.is_empty() {
+                    return (format!("(the error body could not be read: {e})"), false);
+                }
+                break;
+            }
+        }
+    }
+    (String::from_utf8_lossy(&body).into_owned(), false)
 }
 
 /// Why a provider client could not be built from its [`ProviderConfig`]. Raised once at start-up,

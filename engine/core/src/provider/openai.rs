@@ -40,10 +40,11 @@ use futures::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
 
-use super::sse_frames::{SseEvent, SseFramer};
+use super::sse_frames::sse_events;
 use super::{
-    ApiKey, ChatRequest, EventStream, Provider, ProviderConfig, ProviderError, ProviderInitError,
-    Role, error_chain, parse_retry_after, truncate, validate_base_url,
+    ApiKey, ChatRequest, EventStream, MAX_ERROR_BODY_BYTES, Provider, ProviderConfig,
+    ProviderError, ProviderInitError, Role, error_chain, parse_retry_after, read_error_body,
+    truncate, validate_base_url,
 };
 use crate::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 
@@ -78,6 +79,7 @@ pub struct OpenAiProvider {
     http: reqwest::Client,
     /// `{base}/chat/completions`, for error messages.
     endpoint: String,
+    max_event_bytes: usize,
 }
 
 impl OpenAiProvider {
@@ -105,6 +107,7 @@ impl OpenAiProvider {
             config: sdk_config(&base_url, &config.api_key),
             endpoint: format!("{base_url}/chat/completions"),
             http,
+            max_event_bytes: config.max_event_bytes,
         })
     }
 
@@ -147,7 +150,8 @@ impl OpenAiProvider {
             match (wire.take_body(), setup) {
                 (Some(response), _) => Ok(response),
                 (None, Err(err)) => {
-                    let err = setup_error(err, wire.answer.get(), &endpoint);
+                    let cut = wire.error_body_cut.load(Ordering::Relaxed);
+                    let err = setup_error(err, wire.answer.get(), cut, &endpoint);
                     tracing::debug!(error = %err, "openai stream setup failed");
                     Err(err)
                 }
@@ -171,6 +175,7 @@ impl Provider for OpenAiProvider {
 
     fn stream(&self, request: ChatRequest) -> EventStream {
         let model = request.model.clone();
+        let max_event_bytes = self.max_event_bytes;
         // Boxed apart from the stream: the SDK's call is several KiB of future state that would
         // otherwise stay allocated inside every open stream long after the answer's headers.
         let setup = Box::pin(self.open(&request));
@@ -184,7 +189,7 @@ impl Provider for OpenAiProvider {
             };
             yield ProviderEvent::Start { provider: KIND, model };
             let saw_done = Arc::new(AtomicBool::new(false));
-            let chunks = sse_chunks(response.bytes_stream(), Arc::clone(&saw_done));
+            let chunks = sse_chunks(response.bytes_stream(), max_event_bytes, Arc::clone(&saw_done));
             let events = adapt_chunks(chunks, move || saw_done.load(Ordering::Acquire));
             futures::pin_mut!(events);
             while let Some(event) = events.next().await {
@@ -246,6 +251,8 @@ struct AttemptWire {
     /// The successful answer, kept from the SDK and decoded by [`sse_chunks`] in the caller's
     /// stream.
     body: Mutex<Option<reqwest::Response>>,
+    /// An error body was longer than [`MAX_ERROR_BODY_BYTES`] and was cut.
+    error_body_cut: AtomicBool,
 }
 
 impl AttemptWire {
@@ -306,13 +313,29 @@ impl tower::Service<HttpRequestFactory> for AttemptService {
                 response.headers(),
             ));
             if !status.is_success() {
-                // The SDK reads and decodes the error body itself.
-                return Ok(response);
+                // The SDK reads and decodes the error body itself, all of it: hand it at most
+                // MAX_ERROR_BODY_BYTES.
+                return Ok(capped_error(response, &wire).await);
             }
             *wire.body.lock().unwrap_or_else(PoisonError::into_inner) = Some(response);
             Err(OpenAIError::Boxed(Box::new(BodyKept)))
         })
     }
+}
+
+/// The error answer with its body cut to [`MAX_ERROR_BODY_BYTES`] (noted in `wire`).
+async fn capped_error(response: reqwest::Response, wire: &AttemptWire) -> reqwest::Response {
+    let status = response.status();
+    let version = response.version();
+    let mut headers = response.headers().clone();
+    headers.remove(reqwest::header::CONTENT_LENGTH);
+    let (body, over_cap) = read_error_body(response).await;
+    wire.error_body_cut.store(over_cap, Ordering::Relaxed);
+    let mut capped = http::Response::new(reqwest::Body::from(body));
+    *capped.status_mut() = status;
+    *capped.version_mut() = version;
+    *capped.headers_mut() = headers;
+    reqwest::Response::from(capped)
 }
 
 /// Ends the SDK's call once the transport kept a successful answer's body: handed a response,
@@ -322,12 +345,13 @@ impl tower::Service<HttpRequestFactory> for AttemptService {
 #[error("the answer's body is read by the provider, not the SDK")]
 struct BodyKept;
 
-/// A successful answer's bytes as decoded chunks: SSE framing ([`SseFramer`]), `[DONE]` ends the
-/// stream (and sets `saw_done`), `keepalive` events are skipped, every other event is one JSON
-/// chunk read into borrowed wire structs ([`decode_chunk`]). A transport error ends the stream
-/// with that error.
+/// A successful answer's bytes as decoded chunks: SSE framing ([`sse_events`], at most
+/// `max_event_bytes` buffered), `[DONE]` ends the stream (and sets `saw_done`), `keepalive`
+/// events are skipped, every other event is one JSON chunk read into borrowed wire structs
+/// ([`decode_chunk`]). A transport error or an oversized line ends the stream with that error.
 pub(crate) fn sse_chunks<S, B, E>(
     bytes: S,
+    max_event_bytes: usize,
     saw_done: Arc<AtomicBool>,
 ) -> impl Stream<Item = Result<Chunk, ProviderError>> + Send
 where
@@ -336,37 +360,28 @@ where
     E: std::fmt::Display + Send,
 {
     async_stream::stream! {
-        futures::pin_mut!(bytes);
-        let mut framer = SseFramer::default();
-        let mut ready: Vec<SseEvent> = Vec::new();
-        loop {
-            for event in ready.drain(..) {
-                if event.data == "[DONE]" {
-                    saw_done.store(true, Ordering::Release);
+        let events = sse_events(KIND, bytes, max_event_bytes);
+        futures::pin_mut!(events);
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(err) => {
+                    yield Err(err);
                     return;
                 }
-                if event.event == "keepalive" {
-                    continue;
-                }
-                let chunk = decode_chunk(&event.data);
-                let failed = chunk.is_err();
-                yield chunk;
-                if failed {
-                    return;
-                }
+            };
+            if event.data == "[DONE]" {
+                saw_done.store(true, Ordering::Release);
+                return;
             }
-            match bytes.next().await {
-                Some(Ok(piece)) => {
-                    if let Err(e) = framer.feed(piece.as_ref(), &mut ready) {
-                        yield Err(ProviderError::Malformed { provider: KIND, detail: e.to_string() });
-                        return;
-                    }
-                }
-                Some(Err(e)) => {
-                    yield Err(ProviderError::Transport { provider: KIND, message: e.to_string() });
-                    return;
-                }
-                None => return,
+            if event.event == "keepalive" {
+                continue;
+            }
+            let chunk = decode_chunk(&event.data);
+            let failed = chunk.is_err();
+            yield chunk;
+            if failed {
+                return;
             }
         }
     }
@@ -495,9 +510,12 @@ struct WireErrorBody {
 /// Turns the decoded chunk stream (after `Start`) into `Delta`* · `Usage`? · `Done`|`Error`.
 ///
 /// `saw_done` says whether the `[DONE]` terminator arrived; it is asked only after the chunk
-/// stream ended. A normal end needs both a finish reason and `[DONE]`; anything less is
-/// [`ProviderError::Truncated`]. The first error ends the stream. If the usage chunk already
-/// arrived before a failure, it is emitted just before the `Error`.
+/// stream ended. A normal end has a finish reason and `[DONE]`. Once both the finish reason and
+/// the usage chunk are in, the answer is complete: if `[DONE]` then does not come within
+/// [`TERMINATOR_GRACE`], or the body ends (or breaks) first, it is accepted as `Done` with
+/// `unterminated` set. Anything less is an error ([`ProviderError::Truncated`] for a body that
+/// ended early), never a truncated success. If the usage chunk arrived before a failure, it is
+/// emitted just before the `Error`.
 pub(crate) fn adapt_chunks<S, F>(chunks: S, saw_done: F) -> impl Stream<Item = ProviderEvent>
 where
     S: Stream<Item = Result<Chunk, ProviderError>> + Send,
@@ -508,16 +526,25 @@ where
         let mut usage: Option<Usage> = None;
         let mut finish: Option<FinishReason> = None;
         let mut refused = false;
-        while let Some(item) = chunks.next().await {
+        loop {
+            let complete = finish.is_some() && usage.is_some();
+            let item = if complete {
+                // Everything is in but the terminator: wait for it only briefly.
+                super::within_grace(chunks.next()).await
+            } else {
+                chunks.next().await
+            };
             let chunk = match item {
-                Ok(chunk) => chunk,
-                Err(err) => {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(_)) if complete => break,
+                Some(Err(err)) => {
                     if let Some(usage) = usage {
                         yield ProviderEvent::Usage(usage);
                     }
                     yield ProviderEvent::Error(err);
                     return;
                 }
+                None => break,
             };
             if chunk.usage.is_some() {
                 usage = chunk.usage;
@@ -530,29 +557,33 @@ where
                 yield ProviderEvent::Delta(text);
             }
         }
-        let detail = match (&finish, saw_done()) {
-            (Some(_), true) => None,
-            (Some(_), false) => Some("the body ended after the finish reason but without data: [DONE]"),
-            (None, true) => Some("data: [DONE] arrived without a finish reason"),
-            (None, false) => Some("the body ended without a finish reason or data: [DONE]"),
+        let terminated = saw_done();
+        let problem = match (&finish, usage.is_some(), terminated) {
+            (Some(_), _, true) | (Some(_), true, false) => None,
+            (Some(_), false, false) => Some("the body ended after the finish reason, without the usage chunk or data: [DONE]"),
+            (None, _, true) => Some("data: [DONE] arrived without a finish reason"),
+            (None, _, false) => Some("the body ended without a finish reason or data: [DONE]"),
         };
         if let Some(usage) = usage {
             yield ProviderEvent::Usage(usage);
         }
-        match (finish, detail) {
+        match (finish, problem) {
             (Some(reason), None) => {
                 if usage.is_none() {
                     tracing::warn!("openai stream completed without a usage chunk; cost will be estimated");
                 }
+                if !terminated {
+                    tracing::debug!("openai answer complete without data: [DONE]");
+                }
                 // A refusal streams in `delta.refusal` with finish reason `stop`; callers must
                 // not take the (empty) content for an answer.
                 let finish_reason = if refused { FinishReason::ContentFilter } else { reason };
-                yield ProviderEvent::Done { finish_reason };
+                yield ProviderEvent::Done { finish_reason, unterminated: !terminated };
             }
-            (_, detail) => {
+            (_, problem) => {
                 yield ProviderEvent::Error(ProviderError::Truncated {
                     provider: KIND,
-                    detail: detail.unwrap_or("incomplete stream").to_owned(),
+                    detail: problem.unwrap_or("incomplete stream").to_owned(),
                 });
             }
         }
@@ -586,7 +617,12 @@ fn finish_reason(reason: &str) -> FinishReason {
 }
 
 /// An error from `create_stream`, i.e. before any byte of the stream was read.
-fn setup_error(err: OpenAIError, answer: Option<&AnswerMeta>, endpoint: &str) -> ProviderError {
+fn setup_error(
+    err: OpenAIError,
+    answer: Option<&AnswerMeta>,
+    body_cut: bool,
+    endpoint: &str,
+) -> ProviderError {
     let http = |status: u16, error_type: Option<String>, code: Option<String>, message: String| {
         ProviderError::Http {
             provider: KIND,
@@ -607,7 +643,15 @@ fn setup_error(err: OpenAIError, answer: Option<&AnswerMeta>, endpoint: &str) ->
         ),
         // A non-2xx answer whose body is not the usual `{"error": …}` JSON.
         OpenAIError::JSONDeserialize(_, raw) if answer.is_some_and(|a| a.status >= 300) => {
-            http(answer.map_or(0, |a| a.status), None, None, truncate(&raw))
+            let message = if body_cut {
+                format!(
+                    "an error body over the {MAX_ERROR_BODY_BYTES}-byte cap, starting {}",
+                    truncate(&raw)
+                )
+            } else {
+                truncate(&raw)
+            };
+            http(answer.map_or(0, |a| a.status), None, None, message)
         }
         OpenAIError::Reqwest(e) if answer.is_some() => http(
             answer.map_or(0, |a| a.status),
@@ -720,7 +764,8 @@ mod tests {
         assert!(matches!(
             &events[n - 1],
             ProviderEvent::Done {
-                finish_reason: FinishReason::Stop
+                finish_reason: FinishReason::Stop,
+                unterminated: false
             }
         ));
         let usage = match events[n - 2] {
@@ -754,7 +799,8 @@ mod tests {
         assert!(matches!(
             events.last(),
             Some(ProviderEvent::Done {
-                finish_reason: FinishReason::Length
+                finish_reason: FinishReason::Length,
+                unterminated: false
             })
         ));
     }
@@ -794,7 +840,7 @@ mod tests {
         let events = run(sdk_items(&[HEL, new_reason, USAGE]), true).await;
         assert!(matches!(
             events.last(),
-            Some(ProviderEvent::Done { finish_reason: FinishReason::Other(r) }) if r == "brand_new"
+            Some(ProviderEvent::Done { finish_reason: FinishReason::Other(r), .. }) if r == "brand_new"
         ));
     }
 
@@ -814,7 +860,11 @@ mod tests {
         // Delivered in 7-byte pieces, as a socket might.
         let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
             wire.as_bytes().chunks(7).map(|c| Ok(c.to_vec())).collect();
-        let chunks = sse_chunks(futures::stream::iter(pieces), Arc::clone(&saw_done));
+        let chunks = sse_chunks(
+            futures::stream::iter(pieces),
+            crate::provider::DEFAULT_MAX_EVENT_BYTES,
+            Arc::clone(&saw_done),
+        );
         let flag = Arc::clone(&saw_done);
         let events: Vec<ProviderEvent> = adapt_chunks(chunks, move || flag.load(Ordering::Acquire))
             .collect()
@@ -824,7 +874,8 @@ mod tests {
         assert!(matches!(
             events.last(),
             Some(ProviderEvent::Done {
-                finish_reason: FinishReason::Stop
+                finish_reason: FinishReason::Stop,
+                unterminated: false
             })
         ));
 
@@ -834,6 +885,7 @@ mod tests {
         ];
         let chunks = sse_chunks(
             futures::stream::iter(broken),
+            crate::provider::DEFAULT_MAX_EVENT_BYTES,
             Arc::new(AtomicBool::new(false)),
         );
         let events: Vec<ProviderEvent> = adapt_chunks(chunks, || false).collect().await;
@@ -850,7 +902,7 @@ mod tests {
             events.last(),
             Some(ProviderEvent::Error(ProviderError::Truncated { .. }))
         ));
-        // A finish reason alone is not enough: the body must also reach `[DONE]`.
+        // A finish reason without the usage chunk or `[DONE]`: the end may have been lost.
         let events = run(sdk_items(&[HEL, STOP]), false).await;
         assert!(matches!(
             events.last(),
@@ -859,13 +911,62 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn usage_seen_before_a_failure_is_emitted_before_the_error() {
+    async fn a_complete_answer_without_done_is_accepted_and_marked() {
         let events = run(sdk_items(&[HEL, STOP, USAGE]), false).await;
         let n = events.len();
         assert!(matches!(events[n - 2], ProviderEvent::Usage(u) if u.input == 2100));
         assert!(matches!(
             events[n - 1],
-            ProviderEvent::Error(ProviderError::Truncated { .. })
+            ProviderEvent::Done {
+                finish_reason: FinishReason::Stop,
+                unterminated: true
+            }
+        ));
+        // Broken after the usage chunk: the answer is still whole.
+        let mut items = sdk_items(&[HEL, STOP, USAGE]);
+        items.push(Err(ProviderError::Transport {
+            provider: KIND,
+            message: "reset".into(),
+        }));
+        let events = run(items, false).await;
+        assert!(matches!(
+            events.last(),
+            Some(ProviderEvent::Done {
+                unterminated: true,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_open_body_after_the_usage_ends_within_the_grace() {
+        let chunks =
+            futures::stream::iter(sdk_items(&[HEL, STOP, USAGE])).chain(futures::stream::pending());
+        let started = tokio::time::Instant::now();
+        let events: Vec<ProviderEvent> = adapt_chunks(chunks, || false).collect().await;
+        assert_eq!(started.elapsed(), crate::provider::TERMINATOR_GRACE);
+        assert!(matches!(
+            events.last(),
+            Some(ProviderEvent::Done {
+                unterminated: true,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn usage_seen_before_a_failure_is_emitted_before_the_error() {
+        let mut items = sdk_items(&[HEL, USAGE]);
+        items.push(Err(ProviderError::Transport {
+            provider: KIND,
+            message: "reset".into(),
+        }));
+        let events = run(items, false).await;
+        let n = events.len();
+        assert!(matches!(events[n - 2], ProviderEvent::Usage(u) if u.input == 2100));
+        assert!(matches!(
+            events[n - 1],
+            ProviderEvent::Error(ProviderError::Transport { .. })
         ));
     }
 
@@ -876,7 +977,8 @@ mod tests {
         assert!(matches!(
             events.last(),
             Some(ProviderEvent::Done {
-                finish_reason: FinishReason::ContentFilter
+                finish_reason: FinishReason::ContentFilter,
+                unterminated: false
             })
         ));
     }
@@ -910,11 +1012,7 @@ mod tests {
 
     #[test]
     fn init_rejects_bad_urls_and_keys() {
-        let config = |url: &str, key: &str| ProviderConfig {
-            base_url: url.into(),
-            api_key: ApiKey::new(key),
-            connect_timeout: Duration::from_secs(1),
-        };
+        let config = |url: &str, key: &str| ProviderConfig::new(url, ApiKey::new(key));
         assert!(matches!(
             OpenAiProvider::new(&config("not a url", "k")),
             Err(ProviderInitError::InvalidBaseUrl { .. })

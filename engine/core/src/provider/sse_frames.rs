@@ -7,6 +7,10 @@
 //! event through a parser-combinator pass and several owned strings: here a line is sliced out of
 //! one reused buffer and only the event's `data` is copied, once.
 
+use futures::{Stream, StreamExt};
+
+use crate::stream::{ProviderError, ProviderKind};
+
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct SseEvent {
@@ -15,15 +19,22 @@ pub(crate) struct SseEvent {
     pub data: String,
 }
 
-/// A stream that is not UTF-8 text: the spec decodes it as UTF-8, providers only send UTF-8.
+/// Why a stream could not be framed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the event stream is not valid UTF-8 (a line starting {start:?})")]
-pub(crate) struct NotUtf8 {
-    pub start: String,
+pub(crate) enum FrameError {
+    /// Not UTF-8 text: the spec decodes the stream as UTF-8, and providers only send UTF-8.
+    #[error("the event stream is not valid UTF-8 (a line starting {start:?})")]
+    NotUtf8 { start: String },
+    /// A line, or the `data` of one event, grew past the cap: a hostile or broken upstream,
+    /// which must not make us buffer without bound.
+    #[error("{what} longer than {limit} bytes")]
+    TooLong { what: &'static str, limit: usize },
 }
 
 /// Incremental framer. Feed it pieces; complete events are appended to the caller's queue.
-#[derive(Debug, Default)]
+/// Memory is bounded: the unterminated line and the event being assembled are each kept to
+/// `max_bytes`, past which `feed` fails.
+#[derive(Debug)]
 pub(crate) struct SseFramer {
     /// The current, unterminated line.
     line: Vec<u8>,
@@ -33,14 +44,35 @@ pub(crate) struct SseFramer {
     has_data: bool,
     /// The last piece ended in CR: a LF starting the next one belongs to that line end.
     after_cr: bool,
+    max_bytes: usize,
 }
 
+impl Default for SseFramer {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_EVENT_BYTES)
+    }
+}
+
+/// Default cap of one SSE line or event: far above any real provider event (a chunk is well
+/// under 1 KiB, a long tool-call argument delta a few KiB).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+
 impl SseFramer {
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        Self {
+            line: Vec::new(),
+            event: SseEvent::default(),
+            has_data: false,
+            after_cr: false,
+            max_bytes: max_bytes.max(1),
+        }
+    }
+
     pub(crate) fn feed(
         &mut self,
         mut bytes: &[u8],
         out: &mut Vec<SseEvent>,
-    ) -> Result<(), NotUtf8> {
+    ) -> Result<(), FrameError> {
         if self.after_cr {
             self.after_cr = false;
             if let [b'\n', rest @ ..] = bytes {
@@ -59,8 +91,10 @@ impl SseFramer {
                 }
             }
             if self.line.is_empty() {
+                self.check_line(head.len())?;
                 self.line_done(head, out)?;
             } else {
+                self.check_line(self.line.len() + head.len())?;
                 self.line.extend_from_slice(head);
                 let line = std::mem::take(&mut self.line);
                 let result = self.line_done(&line, out);
@@ -70,11 +104,22 @@ impl SseFramer {
                 result?;
             }
         }
+        self.check_line(self.line.len() + bytes.len())?;
         self.line.extend_from_slice(bytes);
         Ok(())
     }
 
-    fn line_done(&mut self, line: &[u8], out: &mut Vec<SseEvent>) -> Result<(), NotUtf8> {
+    fn check_line(&self, len: usize) -> Result<(), FrameError> {
+        if len > self.max_bytes {
+            return Err(FrameError::TooLong {
+                what: "an SSE line",
+                limit: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn line_done(&mut self, line: &[u8], out: &mut Vec<SseEvent>) -> Result<(), FrameError> {
         if line.is_empty() {
             if self.has_data {
                 self.has_data = false;
@@ -84,7 +129,7 @@ impl SseFramer {
             }
             return Ok(());
         }
-        let line = std::str::from_utf8(line).map_err(|_| NotUtf8 {
+        let line = std::str::from_utf8(line).map_err(|_| FrameError::NotUtf8 {
             start: String::from_utf8_lossy(&line[..line.len().min(40)]).into_owned(),
         })?;
         let (field, value) = match line.split_once(':') {
@@ -94,6 +139,12 @@ impl SseFramer {
         };
         match field {
             "data" => {
+                if self.event.data.len() + value.len() + 1 > self.max_bytes {
+                    return Err(FrameError::TooLong {
+                        what: "an SSE event",
+                        limit: self.max_bytes,
+                    });
+                }
                 if self.has_data {
                     self.event.data.push('\n');
                 }
@@ -105,6 +156,62 @@ impl SseFramer {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// A response body as SSE events: framed with [`SseFramer`] (at most `max_bytes` buffered), a
+/// transport error or an oversized line ends it with that error, a clean end of body ends it
+/// with `None`.
+pub(crate) fn sse_events<S, B, E>(
+    provider: ProviderKind,
+    bytes: S,
+    max_bytes: usize,
+) -> impl Stream<Item = Result<SseEvent, ProviderError>> + Send
+where
+    S: Stream<Item = Result<B, E>> + Send,
+    B: AsRef<[u8]> + Send,
+    E: std::fmt::Display + Send,
+{
+    async_stream::stream! {
+        futures::pin_mut!(bytes);
+        let mut framer = SseFramer::new(max_bytes);
+        let mut ready: Vec<SseEvent> = Vec::new();
+        loop {
+            for event in ready.drain(..) {
+                yield Ok(event);
+            }
+            match bytes.next().await {
+                Some(Ok(piece)) => {
+                    if let Err(e) = framer.feed(piece.as_ref(), &mut ready) {
+                        // Events framed before the bad line are still delivered.
+                        for event in ready.drain(..) {
+                            yield Ok(event);
+                        }
+                        yield Err(frame_error(provider, e));
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    yield Err(ProviderError::Transport { provider, message: e.to_string() });
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+fn frame_error(provider: ProviderKind, error: FrameError) -> ProviderError {
+    match error {
+        FrameError::TooLong { what, limit } => ProviderError::Oversized {
+            provider,
+            what,
+            limit,
+        },
+        FrameError::NotUtf8 { .. } => ProviderError::Malformed {
+            provider,
+            detail: error.to_string(),
+        },
     }
 }
 
@@ -165,6 +272,41 @@ mod tests {
     fn an_unterminated_event_is_not_dispatched() {
         assert!(frame_all(&[b"data: half"]).is_empty());
         assert!(frame_all(&[b"data: half\n"]).is_empty());
+    }
+
+    #[test]
+    fn a_line_or_event_past_the_cap_is_an_error_and_memory_stays_bounded() {
+        let mut framer = SseFramer::new(64);
+        let mut out = Vec::new();
+        // A line that never ends, fed in pieces: refused once it passes the cap.
+        framer.feed(b"data: ", &mut out).unwrap();
+        let err = (0..100)
+            .find_map(|_| framer.feed(&[b'x'; 16], &mut out).err())
+            .expect("the cap is enforced");
+        assert_eq!(
+            err,
+            FrameError::TooLong {
+                what: "an SSE line",
+                limit: 64
+            }
+        );
+        assert!(framer.line.capacity() <= 128, "{}", framer.line.capacity());
+        // Many short data lines that add up to one huge event.
+        let mut framer = SseFramer::new(64);
+        let err = (0..100)
+            .find_map(|_| framer.feed(b"data: 0123456789\n", &mut out).err())
+            .expect("the event cap is enforced");
+        assert!(matches!(
+            err,
+            FrameError::TooLong {
+                what: "an SSE event",
+                ..
+            }
+        ));
+        // Exactly at the cap is fine.
+        let mut framer = SseFramer::new(16);
+        framer.feed(b"data: 0123456789\n\n", &mut out).unwrap();
+        assert_eq!(out.last().map(|e| e.data.as_str()), Some("0123456789"));
     }
 
     #[test]

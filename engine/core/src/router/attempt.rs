@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::cost::{Cost, Pricing, cost};
 use crate::provider::ProviderError;
 use crate::stream::{FinishReason, ProviderKind, Usage};
-use crate::tokenize::{count_tokens, estimate_tokens};
+use crate::tokenize::{TokenEstimator, count_tokens};
 
 /// What became of one attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +37,8 @@ pub struct AttemptRecord {
     pub error: Option<AttemptError>,
     /// Characters of content the attempt produced.
     pub output_chars: usize,
+    /// The answer was complete but its stream ended without the terminator.
+    pub unterminated: bool,
 }
 
 /// Why an attempt did not succeed.
@@ -45,11 +47,13 @@ pub enum AttemptError {
     #[error(transparent)]
     Provider(ProviderError),
     /// The model's circuit breaker refused the call; no request was sent. `until` is `None`
-    /// while the breaker is half-open and another request is making the one trial call.
-    #[error("{}", circuit_open_message(model, until))]
+    /// while the breaker is half-open and another request is making the one trial call;
+    /// `account` names the account error that disabled the model, if that is why.
+    #[error("{}", circuit_open_message(model, until, account))]
     CircuitOpen {
         model: String,
         until: Option<SystemTime>,
+        account: Option<&'static str>,
     },
     /// Our own per-provider budget (requests or tokens per minute) had no room; no request was
     /// sent. Not the provider's fault: it never counts against the model's circuit breaker.
@@ -88,17 +92,28 @@ impl AttemptError {
     }
 }
 
-fn circuit_open_message(model: &str, until: &Option<SystemTime>) -> String {
-    match until {
-        Some(t) => {
-            let when = OffsetDateTime::from(*t)
-                .format(&Rfc3339)
-                .unwrap_or_else(|_| format!("{t:?}"));
+fn circuit_open_message(
+    model: &str,
+    until: &Option<SystemTime>,
+    account: &Option<&'static str>,
+) -> String {
+    let when = |t: &SystemTime| {
+        OffsetDateTime::from(*t)
+            .format(&Rfc3339)
+            .unwrap_or_else(|_| format!("{t:?}"))
+    };
+    match (until, account) {
+        (Some(t), Some(kind)) => format!(
+            "model {model} is disabled until {} (the provider refused our account for it: {kind}; check the provider key, quota and billing; the router will try it again then)",
+            when(t)
+        ),
+        (Some(t), None) => {
             format!(
-                "circuit open for model {model} until {when} (it failed repeatedly; the router will try it again then)"
+                "circuit open for model {model} until {} (it failed repeatedly; the router will try it again then)",
+                when(t)
             )
         }
-        None => format!(
+        (None, _) => format!(
             "circuit half-open for model {model}: another request is probing it, try again shortly"
         ),
     }
@@ -127,7 +142,9 @@ pub(crate) struct AttemptMeter {
     usage: Option<Usage>,
     /// The content, when the route keeps it (`RouteOptions::keep_text`).
     text: Option<String>,
-    output_bytes: usize,
+    /// Counts the content as it passes when it is not kept, in case the provider never reports
+    /// usage (a cut or cancelled stream).
+    estimator: Option<TokenEstimator>,
     output_chars: usize,
 }
 
@@ -148,7 +165,7 @@ impl AttemptMeter {
             first_content: None,
             usage: None,
             text: keep_text.then(String::new),
-            output_bytes: 0,
+            estimator: (!keep_text).then(TokenEstimator::new),
             output_chars: 0,
         }
     }
@@ -162,10 +179,12 @@ impl AttemptMeter {
     pub(crate) fn on_delta(&mut self, text: &str) -> bool {
         // A delta implies the stream opened even if a provider skipped `Start`.
         self.opened = true;
-        self.output_bytes += text.len();
         self.output_chars += text.chars().count();
         if let Some(kept) = &mut self.text {
             kept.push_str(text);
+        }
+        if let Some(estimator) = &mut self.estimator {
+            estimator.feed(text);
         }
         if self.first_content.is_some() {
             return false;
@@ -181,6 +200,11 @@ impl AttemptMeter {
 
     pub(crate) fn has_content(&self) -> bool {
         self.first_content.is_some()
+    }
+
+    /// The provider accepted the request (response headers in).
+    pub(crate) fn is_open(&self) -> bool {
+        self.opened
     }
 
     /// Ends the attempt. `error` is `None` when the provider sent `Done`; `prompt_tokens` is
@@ -226,16 +250,18 @@ impl AttemptMeter {
             finish_reason,
             error,
             output_chars: self.output_chars,
+            unterminated: false,
         };
         (record, self.text.unwrap_or_default())
     }
 
-    /// Output tokens of the content seen: counted when the text was kept, else estimated from
-    /// its length.
+    /// Output tokens of the content seen: counted when the text was kept, else estimated as it
+    /// passed ([`TokenEstimator`]).
     fn seen_output_tokens(&self) -> u64 {
-        match &self.text {
-            Some(text) => count_tokens(text),
-            None => estimate_tokens(self.output_bytes),
+        match (&self.text, &self.estimator) {
+            (Some(text), _) => count_tokens(text),
+            (None, Some(estimator)) => estimator.total(),
+            (None, None) => 0,
         }
     }
 }
@@ -256,6 +282,7 @@ impl AttemptRecord {
             finish_reason: None,
             error: Some(error),
             output_chars: 0,
+            unterminated: false,
         }
     }
 }
@@ -321,8 +348,12 @@ mod tests {
         assert!(text.is_empty());
         assert!(r.usage_estimated);
         assert_eq!(r.usage.input, 7);
-        // 44 bytes at three bytes a token, rounded up.
-        assert_eq!(r.usage.output, 15);
+        // Words, blanks and punctuation as the estimator counts them, close to the tokenizer.
+        let estimate =
+            crate::tokenize::estimate_text_tokens("Hello there, this is several tokens long. ñ");
+        assert_eq!(r.usage.output, estimate);
+        let exact = count_tokens("Hello there, this is several tokens long. ñ");
+        assert!(estimate.abs_diff(exact) <= 2, "{estimate} vs {exact}");
         assert_eq!(r.output_chars, 43);
         assert!(r.cost > Cost::ZERO);
     }
@@ -332,6 +363,7 @@ mod tests {
         let e = AttemptError::CircuitOpen {
             model: "gpt-5.4".into(),
             until: Some(SystemTime::UNIX_EPOCH),
+            account: None,
         };
         assert_eq!(
             e.to_string(),

@@ -1,10 +1,12 @@
 //! A circuit breaker per model: stop calling a model that keeps failing, and probe it again
-//! after a cool-down.
+//! soon after.
 //!
-//! Closed → (N consecutive retryable failures) → Open until `now + cool_down` → (first request
-//! after that) HalfOpen with one trial call in flight → success closes, failure reopens.
-//! Only retryable failures count: a 400 says the request was bad, not that the model is down.
-//! Time is `tokio::time` so tests can pause it.
+//! Closed → (N consecutive failures that say the model is unhealthy) → Open until
+//! `now + cool_down` → (first request after that) HalfOpen with one trial call in flight →
+//! success closes, failure reopens for `probe_interval`. An account error (quota, billing, a
+//! refused key, a model we may not use) opens it at once for `account_cool_down`, then probes
+//! the same way. Failures that are about the request (400s) or our own limits say nothing of
+//! the model and do not count. Time is `tokio::time` so tests can pause it.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -15,19 +17,37 @@ use tokio::time::Instant;
 /// Settings of every model's breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
-    /// Consecutive retryable failures that open the breaker; 0 disables breakers.
+    /// Consecutive failures that open the breaker; 0 disables breakers.
     pub failure_threshold: u32,
-    /// How long an open breaker refuses calls before it lets one trial through.
+    /// How long a breaker opened by failures refuses calls before it lets one trial through.
     pub cool_down: Duration,
+    /// How long it refuses calls again after a failed trial.
+    pub probe_interval: Duration,
+    /// How long a model is skipped after our account was refused (quota, billing, key,
+    /// access) before one trial call.
+    pub account_cool_down: Duration,
 }
 
 impl Default for BreakerConfig {
+    /// A recovered model serves again within about 5 s.
     fn default() -> Self {
         Self {
             failure_threshold: 5,
-            cool_down: Duration::from_secs(30),
+            cool_down: Duration::from_secs(5),
+            probe_interval: Duration::from_secs(5),
+            account_cool_down: Duration::from_secs(60),
         }
     }
+}
+
+/// Why a breaker is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenReason {
+    /// Consecutive failures reached the threshold (or a trial failed).
+    Failures,
+    /// The provider refused our account for this model; the error kind (`quota_exhausted`,
+    /// `auth`, `not_found`, `billing`).
+    Account(&'static str),
 }
 
 /// The state of one model's breaker, as seen from outside (health pages, tests).
@@ -38,6 +58,7 @@ pub enum CircuitState {
     },
     Open {
         until: Instant,
+        reason: OpenReason,
     },
     /// The cool-down is over; `trial_in_flight` says whether the one probe call is running.
     HalfOpen {
@@ -48,8 +69,8 @@ pub enum CircuitState {
 /// Why a call was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
-    /// Open until this instant.
-    OpenUntil(Instant),
+    /// Open until this instant, for this reason.
+    OpenUntil(Instant, OpenReason),
     /// Half-open and another request is making the trial call.
     TrialInFlight,
 }
@@ -93,8 +114,8 @@ impl Breakers {
         };
         match *state {
             CircuitState::Closed { .. } => Ok(Admission::Normal),
-            CircuitState::Open { until } if Instant::now() < until => {
-                Err(Refusal::OpenUntil(until))
+            CircuitState::Open { until, reason } if Instant::now() < until => {
+                Err(Refusal::OpenUntil(until, reason))
             }
             CircuitState::Open { .. }
             | CircuitState::HalfOpen {
@@ -121,7 +142,7 @@ impl Breakers {
         );
     }
 
-    /// The call failed with a retryable error.
+    /// The call failed in a way that says the model is unhealthy.
     pub(crate) fn on_failure(&self, model: &str, admission: Admission) {
         if self.config.failure_threshold == 0 {
             return;
@@ -134,9 +155,13 @@ impl Breakers {
             });
         let open = CircuitState::Open {
             until: super::deadline_in(self.config.cool_down),
+            reason: OpenReason::Failures,
         };
         *state = match (*state, admission) {
-            (_, Admission::Trial) => open,
+            (_, Admission::Trial) => CircuitState::Open {
+                until: super::deadline_in(self.config.probe_interval),
+                reason: OpenReason::Failures,
+            },
             (
                 CircuitState::Closed {
                     consecutive_failures,
@@ -162,6 +187,26 @@ impl Breakers {
                 "circuit opened"
             );
         }
+    }
+
+    /// The provider refused our account for this model (`kind` is the error's kind): skip it
+    /// for `account_cool_down`, then probe. Applies even with failure counting disabled: the
+    /// model cannot answer, however healthy it is.
+    pub(crate) fn disable(&self, model: &str, kind: &'static str) {
+        let cool_down = self.config.account_cool_down;
+        self.lock().insert(
+            model.to_owned(),
+            CircuitState::Open {
+                until: super::deadline_in(cool_down),
+                reason: OpenReason::Account(kind),
+            },
+        );
+        tracing::warn!(
+            model,
+            kind,
+            cool_down_ms = cool_down.as_millis() as u64,
+            "model disabled: the provider refused our account for it"
+        );
     }
 
     /// The call ended without saying anything about the model's health (a non-retryable error,
@@ -195,6 +240,8 @@ mod tests {
         Breakers::new(BreakerConfig {
             failure_threshold: 2,
             cool_down: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(3),
+            account_cool_down: Duration::from_secs(60),
         })
     }
 
@@ -204,13 +251,16 @@ mod tests {
         b.on_failure("m", Admission::Normal);
         assert_eq!(b.admit("m"), Ok(Admission::Normal));
         b.on_failure("m", Admission::Normal);
-        assert!(matches!(b.admit("m"), Err(Refusal::OpenUntil(_))));
+        assert!(matches!(b.admit("m"), Err(Refusal::OpenUntil(..))));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(b.admit("m"), Ok(Admission::Trial));
         assert_eq!(b.admit("m"), Err(Refusal::TrialInFlight));
         b.on_failure("m", Admission::Trial);
         assert!(matches!(b.state("m"), CircuitState::Open { .. }));
-        tokio::time::advance(Duration::from_secs(10)).await;
+        // A failed trial holds for the probe interval, not the whole cool-down.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(matches!(b.admit("m"), Err(Refusal::OpenUntil(..))));
+        tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(b.admit("m"), Ok(Admission::Trial));
         b.on_success("m");
         assert_eq!(
@@ -219,6 +269,25 @@ mod tests {
                 consecutive_failures: 0
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_account_error_disables_the_model_for_the_account_cool_down() {
+        let b = breakers();
+        b.disable("m", "quota_exhausted");
+        assert!(matches!(
+            b.state("m"),
+            CircuitState::Open {
+                reason: OpenReason::Account("quota_exhausted"),
+                ..
+            }
+        ));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(matches!(b.admit("m"), Err(Refusal::OpenUntil(..))));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.admit("m"), Ok(Admission::Trial));
+        b.on_success("m");
+        assert_eq!(b.admit("m"), Ok(Admission::Normal));
     }
 
     #[tokio::test(start_paused = true)]

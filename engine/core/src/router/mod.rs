@@ -31,7 +31,7 @@ use crate::provider::{ChatMessage, ResponseSchema, SharedProvider};
 use crate::stream::ProviderKind;
 
 pub use attempt::{AttemptError, AttemptRecord};
-pub use breaker::{BreakerConfig, CircuitState};
+pub use breaker::{BreakerConfig, CircuitState, OpenReason};
 pub use budget::{RetryBudget, RetryBudgetConfig};
 pub use outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
 
@@ -75,6 +75,19 @@ pub struct RouterConfig {
     pub ttft_timeout: Duration,
     /// Longest silence between two provider events once content flows (`Stalled`).
     pub stall_timeout: Duration,
+    /// From an attempt's start to the provider's response headers; past it the attempt fails
+    /// with `HeaderTimeout` and the router falls back (a provider that accepts the connection
+    /// and stays silent is given up on here, not at the first-token deadline).
+    pub header_timeout: Duration,
+    /// The whole route, every attempt and wait included; past it the route ends with
+    /// `DeadlineExceeded` (or a mid-stream error once content flowed). Bounds a stream that
+    /// drips tokens just under the stall timeout.
+    pub request_timeout: Duration,
+    /// Quick retries of the same model after a blip (a plain 5xx, or a connection broken
+    /// before the response headers) before falling back.
+    pub same_model_retries: u32,
+    /// A quick retry waits a uniform random time up to this.
+    pub quick_retry_delay: Duration,
     /// Calls per route, counting the first (default 4: primary, fallback, primary, fallback).
     /// Models skipped by an open circuit do not count: they make no call.
     pub max_attempts: u32,
@@ -99,6 +112,10 @@ impl Default for RouterConfig {
         Self {
             ttft_timeout: Duration::from_secs(20),
             stall_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(600),
+            same_model_retries: 1,
+            quick_retry_delay: Duration::from_millis(200),
             max_attempts: 4,
             backoff_base: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(8),

@@ -38,8 +38,11 @@ pub struct RouteOutcome {
     /// The committed attempt's provider and model, or the last one tried.
     pub provider: Option<ProviderKind>,
     pub model: Option<String>,
-    /// Sums over every attempt: failed attempts may be billed too.
+    /// The answering attempt's own usage (for a failed route, the last attempt that made a
+    /// call). Failed attempts before it have their own usage in `attempts`.
     pub usage: Usage,
+    /// What the whole route cost: every attempt that reached a model, failed ones included
+    /// (each is billed in its own record).
     pub cost: Cost,
     /// Whether any attempt's usage was estimated.
     pub cost_estimated: bool,
@@ -83,6 +86,25 @@ pub enum RouteError {
         list(attempts)
     )]
     RetryBudgetExhausted { attempts: Vec<AttemptSummary> },
+    /// The provider refused the request itself (invalid, refused by its content policy, too
+    /// long for every model): the caller must change it; no other model was tried.
+    #[error("{model} ({provider}) refused the request: {error}")]
+    Rejected {
+        model: String,
+        provider: ProviderKind,
+        error: ProviderError,
+        attempts: Vec<AttemptSummary>,
+    },
+    #[error(
+        "the request's total deadline of {} ms passed after {} attempts: {}",
+        after.as_millis(),
+        attempts.len(),
+        list(attempts)
+    )]
+    DeadlineExceeded {
+        after: Duration,
+        attempts: Vec<AttemptSummary>,
+    },
     #[error("{model} ({provider}) failed after {produced_chars} characters had been sent: {error}")]
     MidStream {
         model: String,
@@ -102,6 +124,8 @@ impl RouteError {
             RouteError::AllAttemptsFailed { .. } => "all_attempts_failed",
             RouteError::RetryBudgetExhausted { .. } => "retry_budget_exhausted",
             RouteError::MidStream { .. } => "mid_stream",
+            RouteError::Rejected { .. } => "rejected",
+            RouteError::DeadlineExceeded { .. } => "deadline_exceeded",
         }
     }
 
@@ -110,7 +134,9 @@ impl RouteError {
         match self {
             RouteError::NotRetryable { attempts }
             | RouteError::AllAttemptsFailed { attempts }
-            | RouteError::RetryBudgetExhausted { attempts } => attempts,
+            | RouteError::RetryBudgetExhausted { attempts }
+            | RouteError::Rejected { attempts, .. }
+            | RouteError::DeadlineExceeded { attempts, .. } => attempts,
             _ => &[],
         }
     }

@@ -12,11 +12,11 @@ use tokio::time::Instant;
 use crate::catalog::ModelSpec;
 use crate::limits::{Reservation, estimate_tokens};
 use crate::provider::{ChatRequest, ProviderError, SharedProvider};
-use crate::stream::{FinishReason, ProviderEvent, Usage};
+use crate::stream::{FaultClass, FinishReason, ProviderEvent, ProviderKind, Usage};
 use crate::tokenize::count_prompt_tokens;
 
 use super::attempt::{AttemptError, AttemptMeter, AttemptRecord, wall_clock};
-use super::breaker::{Admission, Refusal};
+use super::breaker::{Admission, OpenReason, Refusal};
 use super::outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
 use super::{
     InSpan, Providers, RouteEvent, RouteObserver, RouteOptions, RouteRequest, Shared, deadline_in,
@@ -120,7 +120,8 @@ enum Skip {
 enum Step {
     Nothing,
     Forward(RouteEvent),
-    End(Result<FinishReason, ProviderError>),
+    /// The attempt ended: its finish reason and whether the terminator was missing, or its error.
+    End(Result<(FinishReason, bool), ProviderError>),
 }
 
 /// The mutable state of one route. It is also the cancellation guard: when the caller drops
@@ -137,6 +138,14 @@ struct RouteRun {
     excluded: Vec<bool>,
     not_before: Vec<Option<Instant>>,
     cursor: usize,
+    /// When the whole route must be over (`RouterConfig::request_timeout`).
+    deadline: Instant,
+    /// A candidate to call again at once, after a blip (a plain 5xx, a broken connection).
+    retry_same: Option<usize>,
+    /// Whether the next call is such a quick retry (a short jitter instead of the backoff).
+    quick_next: bool,
+    /// Per candidate: quick retries used.
+    quick_used: Vec<u32>,
     in_flight: Option<InFlight>,
     /// The candidate whose content the caller is receiving, and when its first delta came.
     committed: Option<(usize, Instant)>,
@@ -172,9 +181,15 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                     return;
                 }
                 let wait = run.retry_wait(idx);
-                tracing::debug!(model = %run.plan.candidates[idx].spec.id, wait_ms = wait.as_millis() as u64, "backing off before retry");
+                if Instant::now() + wait >= run.deadline {
+                    let error = run.deadline_error();
+                    yield RouteEvent::Failed(run.fail(error));
+                    return;
+                }
+                tracing::debug!(model = %run.plan.candidates[idx].spec.id, wait_ms = wait.as_millis() as u64, quick = run.quick_next, "waiting before retry");
                 tokio::time::sleep(wait).await;
             }
+            run.quick_next = false;
             let (provider, request) = match run.begin_attempt(idx) {
                 Ok(started) => started,
                 Err(skip) => {
@@ -184,20 +199,27 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
             };
             let attempt_span = run.in_flight.as_ref().map(|f| f.span.clone()).unwrap_or_else(tracing::Span::none);
             let mut events = Box::pin(InSpan { inner: provider.stream(request), span: attempt_span });
-            let ttft_deadline = deadline_in(run.shared.config.ttft_timeout);
+            let config = &run.shared.config;
+            let header_deadline = deadline_in(config.header_timeout);
+            let ttft_deadline = deadline_in(config.ttft_timeout);
+            let route_deadline = run.deadline;
             // One timer per attempt, moved forward at each event: a fresh `timeout_at` per chunk
             // registered and removed a timer-wheel entry (under the driver's lock) for every
             // chunk that had to wait, while moving a registered deadline later is a single
             // atomic update.
-            let timer = tokio::time::sleep_until(ttft_deadline);
+            let timer = tokio::time::sleep_until(header_deadline.min(ttft_deadline).min(route_deadline));
             tokio::pin!(timer);
             let end = loop {
-                let content = run.has_content();
+                let (content, opened) = run.progress();
+                let config = &run.shared.config;
                 let deadline = if content {
-                    deadline_in(run.shared.config.stall_timeout)
-                } else {
+                    deadline_in(config.stall_timeout)
+                } else if opened {
                     ttft_deadline
-                };
+                } else {
+                    header_deadline.min(ttft_deadline)
+                }
+                .min(route_deadline);
                 if timer.deadline() != deadline {
                     timer.as_mut().reset(deadline);
                 }
@@ -206,20 +228,14 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                     next = events.next() => Ok(next),
                     () = &mut timer => Err(()),
                 };
+                let kind = provider.kind();
                 let event = match next {
                     Ok(Some(event)) => event,
                     Ok(None) => ProviderEvent::Error(ProviderError::Truncated {
-                        provider: provider.kind(),
+                        provider: kind,
                         detail: "the provider stream ended without a terminal event".into(),
                     }),
-                    Err(_) if content => ProviderEvent::Error(ProviderError::Stalled {
-                        provider: provider.kind(),
-                        after: run.shared.config.stall_timeout,
-                    }),
-                    Err(_) => ProviderEvent::Error(ProviderError::FirstTokenTimeout {
-                        provider: provider.kind(),
-                        after: run.shared.config.ttft_timeout,
-                    }),
+                    Err(()) => ProviderEvent::Error(run.timed_out(kind, content, opened, header_deadline, ttft_deadline)),
                 };
                 match run.on_event(event) {
                     Step::Nothing => {}
@@ -241,7 +257,6 @@ impl RouteRun {
     fn new(shared: Arc<Shared>, plan: Plan) -> Self {
         let n = plan.candidates.len();
         Self {
-            shared,
             plan,
             started: Instant::now(),
             attempts: Vec::new(),
@@ -250,6 +265,11 @@ impl RouteRun {
             excluded: vec![false; n],
             not_before: vec![None; n],
             cursor: 0,
+            deadline: deadline_in(shared.config.request_timeout),
+            shared,
+            retry_same: None,
+            quick_next: false,
+            quick_used: vec![0; n],
             in_flight: None,
             committed: None,
             text: String::new(),
@@ -261,6 +281,12 @@ impl RouteRun {
     fn pick(&mut self) -> Option<usize> {
         if self.calls >= self.shared.config.max_attempts.max(1) {
             return None;
+        }
+        if let Some(idx) = self.retry_same.take()
+            && !self.excluded[idx]
+        {
+            self.quick_next = true;
+            return Some(idx);
         }
         let n = self.plan.candidates.len();
         let idx = (0..n)
@@ -297,6 +323,11 @@ impl RouteRun {
     /// `retry-after` has passed.
     fn retry_wait(&self, idx: usize) -> Duration {
         let config = &self.shared.config;
+        if self.quick_next {
+            // A blip: one quick, jittered retry of the same model before the fallback.
+            let ceiling_ns = u64::try_from(config.quick_retry_delay.as_nanos()).unwrap_or(u64::MAX);
+            return Duration::from_nanos(rand::random_range(0..=ceiling_ns));
+        }
         let retries_before = self.tried[idx].saturating_sub(1).min(30);
         let ceiling = config
             .backoff_base
@@ -371,14 +402,18 @@ impl RouteRun {
         let spec = &self.plan.candidates[idx].spec;
         let error = match skip {
             Skip::Circuit(refusal) => {
-                let until = match refusal {
-                    Refusal::OpenUntil(at) => Some(wall_clock(at)),
-                    Refusal::TrialInFlight => None,
+                let (until, account) = match refusal {
+                    Refusal::OpenUntil(at, OpenReason::Account(kind)) => {
+                        (Some(wall_clock(at)), Some(kind))
+                    }
+                    Refusal::OpenUntil(at, OpenReason::Failures) => (Some(wall_clock(at)), None),
+                    Refusal::TrialInFlight => (None, None),
                 };
                 self.excluded[idx] = true;
                 AttemptError::CircuitOpen {
                     model: spec.id.clone(),
                     until,
+                    account,
                 }
             }
             Skip::Budget(error) => {
@@ -397,10 +432,53 @@ impl RouteRun {
             .push(AttemptRecord::skipped(spec.provider, &spec.id, error));
     }
 
-    fn has_content(&self) -> bool {
-        self.in_flight
-            .as_ref()
-            .is_some_and(|f| f.meter.has_content())
+    /// Whether the running attempt has sent content, and whether its stream opened.
+    fn progress(&self) -> (bool, bool) {
+        self.in_flight.as_ref().map_or((false, false), |f| {
+            (f.meter.has_content(), f.meter.is_open())
+        })
+    }
+
+    /// Which deadline fired for the running attempt. Every one of them drops the attempt's
+    /// stream, and with it the upstream connection.
+    fn timed_out(
+        &self,
+        provider: ProviderKind,
+        content: bool,
+        opened: bool,
+        header_deadline: Instant,
+        ttft_deadline: Instant,
+    ) -> ProviderError {
+        let config = &self.shared.config;
+        let now = Instant::now();
+        if now >= self.deadline {
+            ProviderError::Deadline {
+                provider,
+                after: config.request_timeout,
+            }
+        } else if content {
+            ProviderError::Stalled {
+                provider,
+                after: config.stall_timeout,
+            }
+        } else if !opened && header_deadline <= ttft_deadline && now >= header_deadline {
+            ProviderError::HeaderTimeout {
+                provider,
+                after: config.header_timeout,
+            }
+        } else {
+            ProviderError::FirstTokenTimeout {
+                provider,
+                after: config.ttft_timeout,
+            }
+        }
+    }
+
+    fn deadline_error(&self) -> RouteError {
+        RouteError::DeadlineExceeded {
+            after: self.shared.config.request_timeout,
+            attempts: self.summaries(),
+        }
     }
 
     fn on_event(&mut self, event: ProviderEvent) -> Step {
@@ -429,13 +507,19 @@ impl RouteRun {
                 flight.meter.on_usage(usage);
                 Step::Nothing
             }
-            ProviderEvent::Done { finish_reason } => Step::End(Ok(finish_reason)),
+            ProviderEvent::Done {
+                finish_reason,
+                unterminated,
+            } => Step::End(Ok((finish_reason, unterminated))),
             ProviderEvent::Error(error) => Step::End(Err(error)),
         }
     }
 
     /// Closes the running attempt's books; returns the terminal event when the route ends.
-    fn end_attempt(&mut self, end: Result<FinishReason, ProviderError>) -> Option<RouteEvent> {
+    fn end_attempt(
+        &mut self,
+        end: Result<(FinishReason, bool), ProviderError>,
+    ) -> Option<RouteEvent> {
         let InFlight {
             idx,
             meter,
@@ -446,16 +530,17 @@ impl RouteRun {
         let model = self.plan.candidates[idx].spec.id.clone();
         let provider = self.plan.candidates[idx].spec.provider;
         let (finish_reason, error) = match &end {
-            Ok(reason) => (Some(reason.clone()), None),
+            Ok((reason, _)) => (Some(reason.clone()), None),
             Err(e) => (None, Some(AttemptError::Provider(e.clone()))),
         };
         let plan = &self.plan;
-        let (record, text) = meter.finish(finish_reason, error, || plan.prompt_tokens());
+        let (mut record, text) = meter.finish(finish_reason, error, || plan.prompt_tokens());
         if let Some(reservation) = reservation {
             reservation.settle(record.usage.total());
         }
         let error = match end {
-            Ok(reason) => {
+            Ok((reason, unterminated)) => {
+                record.unterminated = unterminated;
                 self.shared.breakers.on_success(&model);
                 if self.committed.is_none() {
                     // An empty but complete answer is still an answer.
@@ -468,10 +553,20 @@ impl RouteRun {
             }
             Err(error) => error,
         };
-        if error.is_retryable() {
-            self.shared.breakers.on_failure(&model, admission);
-        } else {
-            self.shared.breakers.on_neutral(&model, admission);
+        let class = error.class();
+        match class {
+            FaultClass::Transient | FaultClass::RateLimited => {
+                self.shared.breakers.on_failure(&model, admission);
+            }
+            FaultClass::Account => {
+                // Our account cannot use this model now (quota, billing, key, access): skip it
+                // in the next requests too, until the cool-down lets one probe through.
+                self.shared.breakers.disable(&model, error.kind());
+                self.excluded[idx] = true;
+            }
+            FaultClass::Request | FaultClass::ContextTooLong | FaultClass::Deadline => {
+                self.shared.breakers.on_neutral(&model, admission);
+            }
         }
         tracing::warn!(parent: &span, error = %error, kind = error.kind(), cost = %record.cost, "attempt failed");
         let produced_chars = record.output_chars;
@@ -486,11 +581,32 @@ impl RouteRun {
             };
             return Some(RouteEvent::Failed(self.fail(error)));
         }
-        if !error.is_retryable() {
-            let error = RouteError::NotRetryable {
-                attempts: self.summaries(),
-            };
-            return Some(RouteEvent::Failed(self.fail(error)));
+        match class {
+            FaultClass::Deadline => {
+                let error = self.deadline_error();
+                return Some(RouteEvent::Failed(self.fail(error)));
+            }
+            FaultClass::ContextTooLong if self.larger_context_available(idx) => {
+                tracing::info!(parent: &span, "prompt too long for {model}: trying a model with a larger context window");
+                self.excluded[idx] = true;
+                return None;
+            }
+            FaultClass::Request | FaultClass::ContextTooLong => {
+                let error = RouteError::Rejected {
+                    model,
+                    provider,
+                    error,
+                    attempts: self.summaries(),
+                };
+                return Some(RouteEvent::Failed(self.fail(error)));
+            }
+            FaultClass::Account => return None,
+            FaultClass::Transient | FaultClass::RateLimited => {}
+        }
+        if error.is_blip() && self.quick_used[idx] < self.shared.config.same_model_retries {
+            self.quick_used[idx] += 1;
+            self.retry_same = Some(idx);
+            return None;
         }
         if let Some(wait) = error.retry_after() {
             if wait > self.shared.config.max_retry_after {
@@ -501,6 +617,16 @@ impl RouteRun {
             }
         }
         None
+    }
+
+    /// Whether a candidate not yet ruled out has a larger context window than `idx`'s.
+    fn larger_context_available(&self, idx: usize) -> bool {
+        let window = self.plan.candidates[idx].spec.context_window;
+        self.plan
+            .candidates
+            .iter()
+            .enumerate()
+            .any(|(j, c)| j != idx && !self.excluded[j] && c.spec.context_window > window)
     }
 
     fn summaries(&self) -> Vec<AttemptSummary> {
@@ -525,11 +651,16 @@ impl RouteRun {
     }
 
     fn outcome(&self, status: RouteStatus, finish_reason: Option<FinishReason>) -> RouteOutcome {
-        let mut usage = Usage::default();
-        for a in &self.attempts {
-            usage.add(&a.usage);
-        }
         let called = |a: &&AttemptRecord| !a.error.as_ref().is_some_and(AttemptError::made_no_call);
+        // The answer is the last attempt that made a call (once committed, nothing follows
+        // it): its usage is what the caller is shown. Failed attempts keep their own usage and
+        // cost in `attempts`, and are billed there, never folded into the answer's.
+        let usage = self
+            .attempts
+            .iter()
+            .rev()
+            .find(called)
+            .map_or_else(Usage::default, |a| a.usage);
         let shown = match self.committed {
             Some((idx, _)) => {
                 let spec = &self.plan.candidates[idx].spec;

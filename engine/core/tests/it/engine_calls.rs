@@ -99,15 +99,32 @@ async fn a_finished_and_a_failed_call_are_each_recorded_once_with_their_context(
         matches!(events.last(), Some(CallEvent::Failed { .. })),
         "{events:?}"
     );
+    // One record per call that reached the model: the ones the request went on from are
+    // `retried`, the last one carries the request's failure.
     let records = recorder.records();
-    assert_eq!(records.len(), 2, "{records:?}");
-    let failed = &records[1];
+    let bob = &records[1..];
+    assert_eq!(
+        bob.len() as u64,
+        sim.stats().requests_total - 1,
+        "one record per call served: {records:?}"
+    );
+    let (failed, retried) = bob.split_last().unwrap();
+    assert!(!retried.is_empty());
+    for r in retried {
+        assert_eq!(r.status, RequestStatus::Retried);
+        assert_eq!(r.error_kind.as_deref(), Some("server_error"));
+    }
     assert_eq!(
         (failed.user_id.as_str(), failed.process.as_str()),
         ("bob", "direct")
     );
     assert_eq!(failed.status, RequestStatus::Failed);
     assert_eq!(failed.error_kind.as_deref(), Some("server_error"));
+    assert_eq!(failed.attempt, failed.attempts);
+    assert!(
+        bob.iter()
+            .all(|r| r.correlation_id == failed.correlation_id)
+    );
     sim.shutdown().await;
 }
 
@@ -296,8 +313,17 @@ async fn a_spent_local_budget_falls_back_and_leaves_the_breaker_closed() {
         }
     );
     let records = recorder.records();
-    assert_eq!(records.len(), 8, "one record per call: {records:?}");
-    assert!(records[1..].iter().all(|r| r.attempts >= 2));
+    assert_eq!(records.len(), 8, "one record per request here: {records:?}");
+    // The second request's only call went to the fallback; later ones found both providers'
+    // budgets spent and made no call at all, which their one failed record says.
+    assert!(records[1].fallback_used && records[1].attempts == 1);
+    for r in &records[2..] {
+        assert_eq!(r.status, RequestStatus::Failed, "{r:?}");
+        assert_eq!(
+            (r.attempts, r.error_kind.as_deref()),
+            (0, Some("local_budget"))
+        );
+    }
     sim.shutdown().await;
 }
 

@@ -11,6 +11,8 @@
 
 mod agent_runs;
 mod engine_calls;
+mod estimates;
 mod provider_clients;
+mod provider_faults;
 mod router_decisions;
 mod routing_over_http;

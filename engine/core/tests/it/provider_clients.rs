@@ -16,7 +16,7 @@ use keyvex_engine::provider::openai::OpenAiProvider;
 use keyvex_engine::provider::{
     ApiKey, ChatMessage, ChatRequest, Provider, ProviderConfig, ProviderError, ResponseSchema,
 };
-use keyvex_engine::stream::{FinishReason, ProviderEvent, Usage};
+use keyvex_engine::stream::{FaultClass, FinishReason, ProviderEvent, Usage};
 use serde_json::{Value, json};
 
 /// One request as the fixture saw it.
@@ -106,6 +106,7 @@ fn config_for(base_url: &str) -> ProviderConfig {
         base_url: base_url.to_owned(),
         api_key: ApiKey::new("test-key"),
         connect_timeout: Duration::from_secs(2),
+        max_event_bytes: keyvex_engine::provider::DEFAULT_MAX_EVENT_BYTES,
     }
 }
 
@@ -199,7 +200,8 @@ async fn openai_streams_and_sends_the_expected_request() {
     assert!(matches!(
         &events[n - 1],
         ProviderEvent::Done {
-            finish_reason: FinishReason::Stop
+            finish_reason: FinishReason::Stop,
+            ..
         }
     ));
 
@@ -272,7 +274,7 @@ async fn openai_503_prefers_retry_after_ms_and_keeps_a_non_json_body() {
 }
 
 #[tokio::test]
-async fn openai_401_and_400_bodies_are_read_and_not_retryable() {
+async fn openai_401_and_400_bodies_are_read_and_classed_by_whose_fault() {
     let fixture = Fixture::start(Reply::error(
         401,
         &[],
@@ -286,7 +288,8 @@ async fn openai_401_and_400_bodies_are_read_and_not_retryable() {
         ProviderError::Http { status: 401, code: Some(code), message, .. }
             if code == "invalid_api_key" && message.starts_with("Incorrect API key")
     ));
-    assert!(!err.is_retryable());
+    // Our key is refused: an account error, which the fallback (another account) can answer.
+    assert_eq!(err.class(), FaultClass::Account);
     assert_eq!(err.kind(), "auth");
 
     let fixture = Fixture::start(Reply::error(
@@ -298,7 +301,8 @@ async fn openai_401_and_400_bodies_are_read_and_not_retryable() {
     let provider = OpenAiProvider::new(&fixture.config()).unwrap();
     let err = only_error(&collect(&provider, request(false)).await).clone();
     assert!(matches!(&err, ProviderError::Http { status: 400, .. }));
-    assert_eq!(err.kind(), "bad_request");
+    assert_eq!(err.kind(), "context_too_long");
+    assert_eq!(err.class(), FaultClass::ContextTooLong);
     assert!(!err.is_retryable());
 }
 
@@ -313,7 +317,7 @@ async fn openai_connection_refused_is_connect_and_sent_once() {
 }
 
 #[tokio::test]
-async fn openai_mid_stream_error_and_missing_done_are_errors_not_clean_ends() {
+async fn openai_mid_stream_error_is_an_error_and_a_whole_answer_without_done_is_not() {
     let with_error = concat!(
         "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"},\"finish_reason\":null}]}\n\n",
         "data: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n",
@@ -327,19 +331,31 @@ async fn openai_mid_stream_error_and_missing_done_are_errors_not_clean_ends() {
         ProviderError::InStream { error_type, .. } if error_type == "server_error"
     ));
 
-    // Everything but the terminator: the body was cut after the usage chunk.
+    // Everything but the terminator: the answer is whole (finish reason and usage in), so it
+    // is a success, marked as unterminated.
     let cut = OPENAI_OK.trim_end_matches("data: [DONE]\n\n");
     let fixture = Fixture::start(Reply::sse(cut)).await;
     let provider = OpenAiProvider::new(&fixture.config()).unwrap();
     let events = collect(&provider, request(false)).await;
     assert!(matches!(
-        last_error(&events),
-        ProviderError::Truncated { .. }
+        events.last(),
+        Some(ProviderEvent::Done {
+            unterminated: true,
+            ..
+        })
     ));
-    // Usage was already reported, so it precedes the error (partial-usage rule).
     assert!(matches!(
         events[events.len() - 2],
         ProviderEvent::Usage(Usage { input: 1200, .. })
+    ));
+    // Cut before the usage chunk: the end may be missing, so it stays an error.
+    let before_usage = &cut[..cut.rfind("data: ").unwrap()];
+    let fixture = Fixture::start(Reply::sse(before_usage)).await;
+    let provider = OpenAiProvider::new(&fixture.config()).unwrap();
+    let events = collect(&provider, request(false)).await;
+    assert!(matches!(
+        last_error(&events),
+        ProviderError::Truncated { .. }
     ));
 }
 
@@ -390,7 +406,8 @@ async fn anthropic_streams_tool_json_and_sends_the_expected_request() {
     assert!(matches!(
         &events[n - 1],
         ProviderEvent::Done {
-            finish_reason: FinishReason::Stop
+            finish_reason: FinishReason::Stop,
+            ..
         }
     ));
 
@@ -478,7 +495,7 @@ async fn anthropic_401_body_and_overloaded_529_are_classified() {
         ProviderError::Http { status: 401, error_type: Some(t), message, request_id: Some(id), .. }
             if t == "authentication_error" && message == "invalid x-api-key" && id == "req_401"
     ));
-    assert!(!err.is_retryable());
+    assert_eq!(err.class(), FaultClass::Account);
 
     let fixture = Fixture::start(Reply::error(
         529,

@@ -14,9 +14,9 @@ use keyvex_engine::catalog::Catalog;
 use keyvex_engine::cost::Cost;
 use keyvex_engine::provider::{ChatMessage, ChatRequest, EventStream, Provider, ProviderError};
 use keyvex_engine::router::{
-    AttemptError, BreakerConfig, CircuitState, Providers, RetryBudgetConfig, RouteError,
-    RouteEvent, RouteObserver, RouteOptions, RouteOutcome, RouteRequest, RouteStatus, RouteStream,
-    Router, RouterConfig,
+    AttemptError, BreakerConfig, CircuitState, OpenReason, Providers, RetryBudgetConfig,
+    RouteError, RouteEvent, RouteObserver, RouteOptions, RouteOutcome, RouteRequest, RouteStatus,
+    RouteStream, Router, RouterConfig,
 };
 use keyvex_engine::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 use keyvex_engine::tokenize::count_tokens;
@@ -123,6 +123,7 @@ fn usage(input: u64, cached_input: u64, output: u64) -> Step {
 fn done() -> Step {
     Step::Ev(ProviderEvent::Done {
         finish_reason: FinishReason::Stop,
+        unterminated: false,
     })
 }
 
@@ -155,12 +156,15 @@ fn ok(kind: ProviderKind, model: &str, text: &str) -> Vec<Step> {
     vec![start(kind, model), delta(text), usage(20, 0, 5), done()]
 }
 
+/// Quick same-model retries off, so each scripted failure moves the route on; the tests of
+/// quick retries turn them on.
 fn config() -> RouterConfig {
     RouterConfig {
         ttft_timeout: Duration::from_secs(5),
         stall_timeout: Duration::from_secs(5),
         backoff_base: Duration::from_millis(100),
         backoff_cap: Duration::from_secs(1),
+        same_model_retries: 0,
         ..RouterConfig::default()
     }
 }
@@ -288,29 +292,54 @@ async fn falls_back_on_every_retryable_class() {
     }
 }
 
+fn coded(
+    kind: ProviderKind,
+    status: u16,
+    error_type: &str,
+    code: Option<&str>,
+    message: &str,
+) -> ProviderError {
+    ProviderError::Http {
+        provider: kind,
+        status,
+        error_type: Some(error_type.to_owned()),
+        code: code.map(str::to_owned),
+        message: message.into(),
+        retry_after: None,
+        request_id: None,
+    }
+}
+
 #[tokio::test(start_paused = true)]
-async fn never_retries_what_cannot_succeed() {
+async fn request_errors_are_rejected_without_a_fallback() {
     let cases = [
-        (http_error(OPENAI, 400, None, None), "HTTP 400"),
-        (http_error(OPENAI, 401, None, None), "HTTP 401"),
-        (http_error(OPENAI, 403, None, None), "HTTP 403"),
-        (http_error(OPENAI, 404, None, None), "HTTP 404"),
-        (
-            http_error(OPENAI, 429, Some("insufficient_quota"), None),
-            "insufficient_quota",
+        http_error(OPENAI, 400, None, None),
+        http_error(OPENAI, 413, None, None),
+        http_error(OPENAI, 422, None, None),
+        coded(
+            OPENAI,
+            400,
+            "invalid_request_error",
+            Some("content_policy_violation"),
+            "rejected by the safety system",
         ),
     ];
-    for (error, named) in cases {
+    for error in cases {
+        let named = error.to_string();
         let openai = Fake::new(OPENAI, vec![vec![err(error)]]);
         let anthropic = Fake::new(ANTHROPIC, vec![ok(ANTHROPIC, FALLBACK, "unused")]);
         let events = collect(process(&router(&openai, &anthropic, config()))).await;
         let (error, outcome) = failed(&events);
-        assert_eq!(error.kind(), "not_retryable");
-        let message = error.to_string();
-        assert!(
-            message.contains(PRIMARY) && message.contains(named),
-            "{message}"
-        );
+        let RouteError::Rejected {
+            model,
+            error: cause,
+            ..
+        } = error
+        else {
+            panic!("{error:?}");
+        };
+        assert_eq!(model, PRIMARY);
+        assert_eq!(cause.to_string(), named);
         assert_eq!((openai.calls(), anthropic.calls()), (1, 0), "{named}");
         assert_eq!(outcome.status, RouteStatus::Failed);
         assert_eq!(outcome.cost, Cost::ZERO);
@@ -319,7 +348,208 @@ async fn never_retries_what_cannot_succeed() {
                 .iter()
                 .any(|e| matches!(e, RouteEvent::Fallback { .. }))
         );
+        // The request was at fault, not the model.
+        assert!(matches!(
+            router(&openai, &anthropic, config()).circuit_state(PRIMARY),
+            CircuitState::Closed { .. }
+        ));
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn account_errors_go_to_the_fallback_at_once_and_disable_the_model() {
+    let cases = [
+        (http_error(OPENAI, 401, None, None), "auth"),
+        (http_error(OPENAI, 403, None, None), "auth"),
+        (http_error(OPENAI, 404, None, None), "not_found"),
+        (
+            http_error(OPENAI, 402, Some("billing_error"), None),
+            "quota_exhausted",
+        ),
+        (
+            http_error(OPENAI, 429, Some("insufficient_quota"), None),
+            "quota_exhausted",
+        ),
+    ];
+    for (error, kind) in cases {
+        let openai = Fake::new(
+            OPENAI,
+            vec![vec![err(error)], ok(OPENAI, PRIMARY, "primary is back")],
+        );
+        let anthropic = Fake::new(
+            ANTHROPIC,
+            vec![
+                ok(ANTHROPIC, FALLBACK, "one"),
+                ok(ANTHROPIC, FALLBACK, "two"),
+            ],
+        );
+        let settings = config();
+        let cool_down = settings.breaker.account_cool_down;
+        let routes = router(&openai, &anthropic, settings);
+        let events = collect(process(&routes)).await;
+        let outcome = finished(&events);
+        assert_eq!(
+            (outcome.model.as_deref(), outcome.text.as_str()),
+            (Some(FALLBACK), "one"),
+            "{kind}"
+        );
+        assert_eq!(provider_error(outcome, 0).kind(), kind);
+        let times = [openai.call_times()[0], anthropic.call_times()[0]];
+        assert_eq!(times[0], times[1], "{kind}: no backoff before the fallback");
+        assert!(matches!(
+            routes.circuit_state(PRIMARY),
+            CircuitState::Open { reason: OpenReason::Account(k), .. } if k == kind
+        ));
+        // The next request skips the disabled model without calling it.
+        let events = collect(process(&routes)).await;
+        let outcome = finished(&events);
+        assert_eq!(outcome.text, "two");
+        assert_eq!(
+            openai.calls(),
+            1,
+            "{kind}: the disabled model was not called"
+        );
+        let skipped = outcome.attempts[0].error.as_ref().unwrap();
+        assert!(
+            skipped.made_no_call() && skipped.to_string().contains("refused our account"),
+            "{skipped}"
+        );
+        // After the cool-down one request probes it, and it serves again.
+        tokio::time::advance(cool_down).await;
+        let events = collect(process(&routes)).await;
+        assert_eq!(finished(&events).text, "primary is back", "{kind}");
+        assert!(matches!(
+            routes.circuit_state(PRIMARY),
+            CircuitState::Closed { .. }
+        ));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_blip_gets_one_quick_retry_of_the_same_model_before_the_fallback() {
+    let quick = RouterConfig {
+        same_model_retries: 1,
+        ..config()
+    };
+    let refused = ProviderError::Connect {
+        provider: OPENAI,
+        url: "http://x".into(),
+        message: "connection reset before the response".into(),
+    };
+    for first in [http(OPENAI, 500), http(OPENAI, 502), vec![err(refused)]] {
+        let openai = Fake::new(OPENAI, vec![first, ok(OPENAI, PRIMARY, "second try")]);
+        let anthropic = Fake::new(ANTHROPIC, vec![]);
+        let events = collect(process(&router(&openai, &anthropic, quick.clone()))).await;
+        let outcome = finished(&events);
+        assert_eq!(outcome.text, "second try");
+        assert!(!outcome.fallback_used);
+        assert_eq!((openai.calls(), anthropic.calls()), (2, 0));
+        let t = openai.call_times();
+        assert!(t[1] - t[0] <= quick.quick_retry_delay, "{:?}", t[1] - t[0]);
+    }
+    // Twice in a row: then the fallback.
+    let openai = Fake::new(OPENAI, vec![http(OPENAI, 500), http(OPENAI, 500)]);
+    let anthropic = Fake::new(ANTHROPIC, vec![ok(ANTHROPIC, FALLBACK, "claude")]);
+    let events = collect(process(&router(&openai, &anthropic, quick.clone()))).await;
+    assert_eq!(finished(&events).text, "claude");
+    assert_eq!((openai.calls(), anthropic.calls()), (2, 1));
+    // An overload that asks us to wait, or a rate limit, is not a blip: straight to the fallback.
+    for not_blip in [http(OPENAI, 529), http(OPENAI, 429), http(OPENAI, 503)] {
+        let openai = Fake::new(OPENAI, vec![not_blip]);
+        let anthropic = Fake::new(ANTHROPIC, vec![ok(ANTHROPIC, FALLBACK, "claude")]);
+        let events = collect(process(&router(&openai, &anthropic, quick.clone()))).await;
+        assert_eq!(finished(&events).text, "claude");
+        assert_eq!((openai.calls(), anthropic.calls()), (1, 1));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prompt_too_long_goes_only_to_a_model_with_a_larger_context_window() {
+    // magicSpark: claude-sonnet-4-6 (1,000,000 tokens) → gpt-5.4 (1,050,000): worth a try.
+    let too_long = coded(
+        ANTHROPIC,
+        400,
+        "invalid_request_error",
+        None,
+        "prompt is too long: 1000200 tokens > 1000000 maximum",
+    );
+    let anthropic = Fake::new(ANTHROPIC, vec![vec![err(too_long)]]);
+    let openai = Fake::new(OPENAI, vec![ok(OPENAI, "gpt-5.4", "it fits")]);
+    let spark = router(&openai, &anthropic, config());
+    let events = collect(spark.stream_process(Process::MagicSpark, request())).await;
+    assert_eq!(finished(&events).text, "it fits");
+    // logicArchitect: gpt-5.4 (1,050,000) → claude-sonnet-4-6 (1,000,000): no model can take it.
+    let too_long = coded(
+        OPENAI,
+        400,
+        "invalid_request_error",
+        Some("context_length_exceeded"),
+        "This model's maximum context length is 1050000 tokens.",
+    );
+    let openai = Fake::new(OPENAI, vec![vec![err(too_long)]]);
+    let anthropic = Fake::new(ANTHROPIC, vec![ok(ANTHROPIC, FALLBACK, "unused")]);
+    let events = collect(process(&router(&openai, &anthropic, config()))).await;
+    let (error, _) = failed(&events);
+    let RouteError::Rejected { error: cause, .. } = error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(cause.kind(), "context_too_long");
+    assert_eq!(anthropic.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_never_answers_headers_is_left_at_the_header_timeout() {
+    let silent_config = RouterConfig {
+        header_timeout: Duration::from_secs(1),
+        ttft_timeout: Duration::from_secs(20),
+        ..config()
+    };
+    let openai = Fake::new(OPENAI, vec![vec![Step::Hang]]);
+    let anthropic = Fake::new(ANTHROPIC, vec![ok(ANTHROPIC, FALLBACK, "claude")]);
+    let events = collect(process(&router(&openai, &anthropic, silent_config))).await;
+    let outcome = finished(&events);
+    assert_eq!(outcome.text, "claude");
+    assert_eq!(provider_error(outcome, 0).kind(), "header_timeout");
+    assert_eq!(openai.closed(), 1, "the silent connection was closed");
+    let t = [openai.call_times()[0], anthropic.call_times()[0]];
+    assert_eq!(t[1] - t[0], Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_total_deadline_ends_a_stream_that_drips_under_the_stall_timeout() {
+    let drip_config = RouterConfig {
+        stall_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(3),
+        ..config()
+    };
+    let mut drip = vec![start(OPENAI, PRIMARY)];
+    for _ in 0..100 {
+        drip.push(delta("."));
+        drip.push(Step::Wait(Duration::from_millis(900)));
+    }
+    let openai = Fake::new(OPENAI, vec![drip]);
+    let anthropic = Fake::new(ANTHROPIC, vec![]);
+    let started = Instant::now();
+    let events = collect(process(&router(&openai, &anthropic, drip_config))).await;
+    let (error, outcome) = failed(&events);
+    let RouteError::MidStream { error: cause, .. } = error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(cause.kind(), "deadline");
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    assert_eq!(openai.closed(), 1);
+    assert!(outcome.cost > Cost::ZERO, "what it sent is billed");
+    // Before any content the deadline ends the route the same way, with its own error.
+    let silent_config = RouterConfig {
+        request_timeout: Duration::from_secs(2),
+        ttft_timeout: Duration::from_secs(20),
+        header_timeout: Duration::from_secs(20),
+        ..config()
+    };
+    let openai = Fake::new(OPENAI, vec![vec![start(OPENAI, PRIMARY), Step::Hang]]);
+    let events = collect(process(&router(&openai, &anthropic, silent_config))).await;
+    let (error, _) = failed(&events);
+    assert_eq!(error.kind(), "deadline_exceeded", "{error}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -510,6 +740,7 @@ async fn the_breaker_opens_skips_half_opens_and_closes() {
         breaker: BreakerConfig {
             failure_threshold: 2,
             cool_down: Duration::from_secs(60),
+            ..BreakerConfig::default()
         },
         ..config()
     };

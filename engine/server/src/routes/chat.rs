@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use keyvex_engine::call::{CallContext, CallEvent, CallStream};
 use keyvex_engine::clock::unix_now;
-use keyvex_engine::provider::{ChatMessage, ResponseSchema};
+use keyvex_engine::provider::{ChatMessage, ProviderError, ResponseSchema};
 use keyvex_engine::record::Recorded;
 use keyvex_engine::router::{
     AttemptError, CallTarget, RouteError, RouteOptions, RouteOutcome, RouteRequest,
@@ -172,6 +172,7 @@ fn route_request(body: &mut ChatBody) -> Result<RouteRequest, ApiError> {
 
 fn route_error(e: RouteError) -> ApiError {
     match e {
+        RouteError::Rejected { error, model, .. } => rejected(&model, &error),
         RouteError::UnknownModel { model, known } => ApiError::NotFound {
             code: "model_not_found",
             param: Some("model".to_owned()),
@@ -182,6 +183,26 @@ fn route_error(e: RouteError) -> ApiError {
         },
         other => upstream_error(&other),
     }
+}
+
+/// The provider's refusal of the request, with its code (`context_length_exceeded`,
+/// `content_policy_violation`, …) or, when it sent none, its error type or our kind.
+fn rejected(model: &str, error: &ProviderError) -> ApiError {
+    let (code, message) = match error {
+        ProviderError::Http {
+            code,
+            error_type,
+            message,
+            ..
+        } => (
+            code.clone()
+                .or_else(|| error_type.clone())
+                .unwrap_or_else(|| error.kind().to_owned()),
+            format!("{model} refused the request: {message}; change the request before retrying"),
+        ),
+        other => (other.kind().to_owned(), other.to_string()),
+    };
+    ApiError::Rejected { code, message }
 }
 
 /// A route that failed before any content, as an HTTP error.
@@ -210,6 +231,7 @@ fn upstream_error(e: &RouteError) -> ApiError {
         RouteError::RetryBudgetExhausted { .. } => {
             (StatusCode::SERVICE_UNAVAILABLE, "retry_budget_exhausted")
         }
+        RouteError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
         _ if all_rate_limited => (StatusCode::TOO_MANY_REQUESTS, "upstream_rate_limited"),
         _ => (StatusCode::BAD_GATEWAY, "upstream_failed"),
     };
@@ -365,7 +387,7 @@ async fn peek(mut call: CallStream, model: &mut String) -> Result<Peeked, ApiErr
             }
             CallEvent::Failed { failure, record } => {
                 committed(record).await;
-                return Err(upstream_error(&failure.error));
+                return Err(route_error(failure.error));
             }
         }
     }
