@@ -11,6 +11,7 @@ use reqwest012::StatusCode;
 use reqwest012::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 
+use super::anthropic_version::{AnthropicVersion, AnthropicVersions, KeyHeader};
 use super::{
     ChatRequest, EventStream, Provider, ProviderConfig, ProviderError, ProviderInitError, Role,
     error_chain, parse_retry_after, truncate, validate_base_url,
@@ -21,8 +22,6 @@ use crate::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 // Constants
 
 const KIND: ProviderKind = ProviderKind::Anthropic;
-/// The API version this adapter is written against (event names, usage fields).
-const ANTHROPIC_VERSION: &str = "2023-06-01";
 const REQUEST_ID_HEADER: &str = "request-id";
 /// Event names whose payload we must understand; a payload of any other event that does not
 /// decode is ignored, since Anthropic may add event types at any time.
@@ -39,12 +38,38 @@ const KNOWN_EVENTS: [&str; 7] = [
 // ---------------------------------------------------------------------------------------------
 // Credentials
 
-/// The `x-api-key` header value, marked sensitive so `Debug` never prints it.
-fn api_key_header(config: &ProviderConfig) -> Result<HeaderValue, ProviderInitError> {
-    let mut value = HeaderValue::from_str(config.api_key.expose())
-        .map_err(|_| ProviderInitError::InvalidApiKey { provider: KIND })?;
-    value.set_sensitive(true);
-    Ok(value)
+/// The key as a header value, in both forms the API versions use, each marked sensitive so
+/// `Debug` never prints it.
+#[derive(Debug, Clone)]
+struct Credentials {
+    /// `x-api-key: <key>` (2023-06-01).
+    x_api_key: HeaderValue,
+    /// `Authorization: Bearer <key>` (2026-10-21).
+    bearer: HeaderValue,
+}
+
+impl Credentials {
+    fn new(config: &ProviderConfig) -> Result<Self, ProviderInitError> {
+        let sensitive = |text: &str| {
+            let mut value = HeaderValue::from_str(text)
+                .map_err(|_| ProviderInitError::InvalidApiKey { provider: KIND })?;
+            value.set_sensitive(true);
+            Ok(value)
+        };
+        let key = config.api_key.expose();
+        Ok(Self {
+            x_api_key: sensitive(key)?,
+            bearer: sensitive(&format!("Bearer {key}"))?,
+        })
+    }
+
+    /// The header carrying the key the way `version`'s SDKs send it.
+    fn header(&self, version: AnthropicVersion) -> (&'static str, HeaderValue) {
+        match version.key_header() {
+            KeyHeader::XApiKey => ("x-api-key", self.x_api_key.clone()),
+            KeyHeader::Bearer => ("authorization", self.bearer.clone()),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -56,14 +81,18 @@ pub struct AnthropicProvider {
     http: reqwest012::Client,
     /// `{base}/messages`.
     messages_url: String,
-    api_key: HeaderValue,
+    credentials: Credentials,
+    /// The `anthropic-version` of each request, by model.
+    versions: AnthropicVersions,
 }
 
 impl AnthropicProvider {
-    /// Builds the client once; every [`Provider::stream`] call reuses its connection pool.
+    /// Builds the client once; every [`Provider::stream`] call reuses its connection pool. Every
+    /// model is called with API version 2023-06-01 until [`AnthropicProvider::with_versions`]
+    /// says otherwise.
     pub fn new(config: &ProviderConfig) -> Result<Self, ProviderInitError> {
         let base_url = validate_base_url(KIND, &config.base_url)?;
-        let api_key = api_key_header(config)?;
+        let credentials = Credentials::new(config)?;
         // No overall timeout: the router owns time-to-first-token and stall deadlines.
         let http = reqwest012::Client::builder()
             .tcp_nodelay(true)
@@ -76,8 +105,15 @@ impl AnthropicProvider {
         Ok(Self {
             http,
             messages_url: format!("{base_url}/messages"),
-            api_key,
+            credentials,
+            versions: AnthropicVersions::default(),
         })
+    }
+
+    /// Which API version each model is called with.
+    pub fn with_versions(mut self, versions: AnthropicVersions) -> Self {
+        self.versions = versions;
+        self
     }
 }
 
@@ -90,12 +126,18 @@ impl Provider for AnthropicProvider {
     }
 
     fn stream(&self, request: ChatRequest) -> EventStream {
+        let version = self.versions.for_model(&request.model);
+        if request.temperature.is_some() && !version.accepts_sampling_parameters() {
+            // Per request only at debug: a process's temperature is reported once, at start.
+            tracing::debug!(model = %request.model, %version, "temperature not sent: this API version has no sampling parameters");
+        }
+        let (key_name, key_value) = self.credentials.header(version);
         let builder = self
             .http
             .post(&self.messages_url)
-            .header("x-api-key", self.api_key.clone())
-            .header("anthropic-version", ANTHROPIC_VERSION)
-            .json(&WireRequest::new(&request));
+            .header(key_name, key_value)
+            .header("anthropic-version", version.as_str())
+            .json(&WireRequest::new(&request, version));
         let options = AdaptOptions {
             model: request.model,
             forced_tool: request.response_schema.is_some(),
@@ -158,8 +200,9 @@ struct WireToolChoice<'a> {
 
 impl<'a> WireRequest<'a> {
     /// A JSON answer is obtained by forcing one tool whose input schema is the answer's schema;
-    /// the tool input then streams as `input_json_delta` pieces.
-    fn new(request: &'a ChatRequest) -> Self {
+    /// the tool input then streams as `input_json_delta` pieces. On a version without sampling
+    /// parameters the temperature is left out: sending it, even at its default, is a 400 there.
+    fn new(request: &'a ChatRequest, version: AnthropicVersion) -> Self {
         let schema = request.response_schema.as_ref();
         Self {
             model: &request.model,
@@ -177,7 +220,9 @@ impl<'a> WireRequest<'a> {
                     content: &m.content,
                 })
                 .collect(),
-            temperature: request.temperature,
+            temperature: request
+                .temperature
+                .filter(|_| version.accepts_sampling_parameters()),
             tools: schema.map(|s| {
                 [WireTool {
                     name: &s.name,
@@ -974,7 +1019,8 @@ mod tests {
                 schema: serde_json::json!({"type": "object", "properties": {"text": {"type": "string"}}}),
             }),
         };
-        let body = serde_json::to_value(WireRequest::new(&request)).unwrap();
+        let body = serde_json::to_value(WireRequest::new(&request, AnthropicVersion::V2023_06_01))
+            .unwrap();
         assert_eq!(body["stream"], true);
         assert_eq!(body["max_tokens"], 300);
         assert_eq!(body["system"], "Be brief.");
@@ -987,16 +1033,43 @@ mod tests {
             body["tool_choice"],
             serde_json::json!({"type": "tool", "name": "answer"})
         );
+        // 2026-10-21 has no sampling parameters: the same request goes out without it.
+        let body = serde_json::to_value(WireRequest::new(&request, AnthropicVersion::V2026_10_21))
+            .unwrap();
+        assert!(body.get("temperature").is_none(), "{body}");
+        assert_eq!(body["tools"][0]["name"], "answer");
         let plain = ChatRequest {
             response_schema: None,
             system: None,
             temperature: None,
             ..request
         };
-        let body = serde_json::to_value(WireRequest::new(&plain)).unwrap();
+        let body =
+            serde_json::to_value(WireRequest::new(&plain, AnthropicVersion::V2023_06_01)).unwrap();
         for absent in ["tools", "tool_choice", "system", "temperature"] {
             assert!(body.get(absent).is_none(), "{absent} should be omitted");
         }
+    }
+
+    #[test]
+    fn the_key_travels_in_the_header_of_the_version() {
+        let config = ProviderConfig {
+            base_url: "http://127.0.0.1:1/v1".into(),
+            api_key: ApiKey::new("sk-ant-secret"),
+            connect_timeout: Duration::from_secs(1),
+        };
+        let credentials = Credentials::new(&config).unwrap();
+        let (name, value) = credentials.header(AnthropicVersion::V2023_06_01);
+        assert_eq!(
+            (name, value.to_str().unwrap()),
+            ("x-api-key", "sk-ant-secret")
+        );
+        let (name, value) = credentials.header(AnthropicVersion::V2026_10_21);
+        assert_eq!(
+            (name, value.to_str().unwrap()),
+            ("authorization", "Bearer sk-ant-secret")
+        );
+        assert!(value.is_sensitive());
     }
 
     #[test]
