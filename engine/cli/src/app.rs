@@ -60,6 +60,7 @@ impl App {
                 stall_timeout: config.stall_timeout,
                 ..RouterConfig::default()
             })
+            .anthropic_version(config.anthropic_version)
             .provider_rates(config.provider_rates)
             .caller_rate(config.caller_rate)
             .recorder(Arc::new(stores.tracker.clone()))
