@@ -1,5 +1,5 @@
 //! Integration tests of the provider simulator, one test binary: both wire protocols over HTTP
-//! on loopback, checked by a strict SSE parser.
+//! on loopback, checked by a strict SSE parser; and the Anthropic API versions and key headers.
 
 #![expect(
     clippy::unwrap_used,
@@ -8,4 +8,5 @@
 )]
 
 mod strict_sse;
+mod versions;
 mod wire;
