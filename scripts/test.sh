@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (moto in .venv for the DynamoDB/SQS
-# tests, Debian's chromium and chromedriver for the dashboard browser test), then runs every check CI runs — formatting, clippy with warnings denied, all tests.
+# tests, the latest official Anthropic SDKs for the simulator's SDK tests, Debian's chromium and
+# chromedriver for the dashboard browser test), then runs every check CI runs — formatting, clippy
+# with warnings denied, all tests.
 # Usage: scripts/test.sh            (from anywhere; works on a fresh machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +12,12 @@ step() { printf '\n== %s\n' "$*" >&2; }
 step "installing test dependencies (moto server in .venv)"
 scripts/ensure-moto.sh
 export MOTO_SERVER="$PWD/.venv/bin/moto_server"
+
+step "installing test dependencies (the latest anthropic Python SDK in .venv, @anthropic-ai/sdk in .sdk/node)"
+# Latest on purpose, not pinned: those tests exist to catch the next wire change an SDK release makes.
+scripts/ensure-anthropic-sdks.sh
+export KEYVEX_SDK_PYTHON="$PWD/.venv/bin/python"
+export KEYVEX_SDK_NODE_MODULES="$PWD/.sdk/node/node_modules"
 
 step "installing test dependencies (chromium and chromedriver for the dashboard test)"
 scripts/ensure-chromium.sh

@@ -65,6 +65,7 @@ impl App {
                 breaker: config.breaker,
                 ..RouterConfig::default()
             })
+            .anthropic_version(config.anthropic_version)
             .provider_rates(config.provider_rates)
             .caller_rate(config.caller_rate)
             .recorder(Arc::new(stores.tracker.clone()))

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyvex_engine::limits::{ProviderRates, Rate};
+use keyvex_engine::provider::anthropic_version::AnthropicVersion;
 use keyvex_engine::provider::{ApiKey, DEFAULT_MAX_EVENT_BYTES};
 use keyvex_engine::router::BreakerConfig;
 use keyvex_server::config::{ApiKeySpec, ServerConfig};
@@ -106,6 +107,11 @@ pub const ANTHROPIC_BASE_URL: Setting = setting(
     "ANTHROPIC_BASE_URL",
     "providers.anthropic_base_url",
     "Anthropic base URL including /v1 (default https://api.anthropic.com/v1)",
+);
+pub const ANTHROPIC_VERSION: Setting = setting(
+    "ANTHROPIC_VERSION",
+    "providers.anthropic_version",
+    "Anthropic API version: 2023-06-01 (default; sends the catalog's temperatures) | 2026-10-21 (no sampling parameters: temperatures are not sent; key as Authorization: Bearer); a catalog model's anthropicVersion wins",
 );
 pub const SIMULATE: Setting = setting(
     "KEYVEX_SIMULATE",
@@ -286,6 +292,7 @@ pub const SETTINGS: &[Setting] = &[
     OPENAI_BASE_URL,
     ANTHROPIC_API_KEY,
     ANTHROPIC_BASE_URL,
+    ANTHROPIC_VERSION,
     SIMULATE,
     SIM_SEED,
     SIM_PROFILE,
@@ -367,6 +374,8 @@ pub struct Upstream {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub providers: ProviderSetup,
+    /// The Anthropic API version of every Anthropic model that does not name its own.
+    pub anthropic_version: AnthropicVersion,
     pub models_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub ttft_timeout: Duration,
@@ -616,8 +625,19 @@ impl Config {
             }
         };
 
+        let anthropic_version =
+            src.parsed(&ANTHROPIC_VERSION, AnthropicVersion::default(), |v| {
+                v.parse::<AnthropicVersion>().map_err(|_| {
+                    format!(
+                        "expected an Anthropic API version the engine speaks: {}",
+                        AnthropicVersion::known_list()
+                    )
+                })
+            })?;
+
         Ok(Config {
             providers,
+            anthropic_version,
             models_file: src.text(&MODELS_FILE).map(PathBuf::from),
             connect_timeout,
             ttft_timeout: src.millis(&TTFT_TIMEOUT, 20_000)?,
@@ -825,6 +845,32 @@ mod tests {
             .to_string();
         assert!(
             e.contains("limits.burst") && e.contains("keyvex.toml"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn anthropic_version_is_read_from_env_or_file_and_checked() {
+        let c = Config::load(&MapEnv::default(), None).unwrap();
+        assert_eq!(c.anthropic_version, AnthropicVersion::V2023_06_01);
+        let env = MapEnv::new([("ANTHROPIC_VERSION", "2026-10-21")]);
+        let c = Config::load(&env, None).unwrap();
+        assert_eq!(c.anthropic_version, AnthropicVersion::V2026_10_21);
+
+        let dir = std::env::temp_dir().join(format!("keyvex-cfg-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keyvex.toml");
+        std::fs::write(&file, "[providers]\nanthropic_version = \"2026-10-21\"\n").unwrap();
+        let c = Config::load(&MapEnv::default(), Some(&file)).unwrap();
+        assert_eq!(c.anthropic_version, AnthropicVersion::V2026_10_21);
+
+        let env = MapEnv::new([("ANTHROPIC_VERSION", "2025-01-01")]);
+        let e = Config::load(&env, None).unwrap_err().to_string();
+        assert!(
+            e.contains("ANTHROPIC_VERSION")
+                && e.contains("2025-01-01")
+                && e.contains("2023-06-01, 2026-10-21"),
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();

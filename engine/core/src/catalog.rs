@@ -11,6 +11,7 @@ use agents::Process;
 use serde::Deserialize;
 
 use crate::cost::{Price, Pricing};
+use crate::provider::anthropic_version::{AnthropicVersion, AnthropicVersions};
 use crate::stream::ProviderKind;
 
 /// The catalog shipped with the binary.
@@ -46,6 +47,9 @@ pub struct ModelSpec {
     pub pricing: Pricing,
     pub context_window: u64,
     pub max_output_tokens: u32,
+    /// The Anthropic API version this model must be called with, whatever `ANTHROPIC_VERSION`
+    /// says (a newer model may exist only on a newer version). Anthropic models only.
+    pub anthropic_version: Option<AnthropicVersion>,
 }
 
 /// Which models serve a process, and with what generation settings.
@@ -55,6 +59,29 @@ pub struct ProcessRoute {
     pub fallback: String,
     pub max_output_tokens: u32,
     pub temperature: Option<f32>,
+}
+
+/// A process temperature one of its models is called without (see
+/// [`Catalog::unsent_temperatures`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnsentTemperature {
+    pub process: Process,
+    pub temperature: f32,
+    pub model: String,
+    pub version: AnthropicVersion,
+}
+
+impl std::fmt::Display for UnsentTemperature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} temperature {} on {} (API version {})",
+            self.process.key(),
+            self.temperature,
+            self.model,
+            self.version
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +162,23 @@ impl Catalog {
                     ),
                 ));
             }
+            let anthropic_version = match (&m.anthropic_version, m.provider) {
+                (None, _) => None,
+                (Some(text), ProviderKind::Anthropic) => {
+                    Some(text.parse::<AnthropicVersion>().map_err(|e| {
+                        invalid(format!("models[{i}].anthropicVersion"), e.to_string())
+                    })?)
+                }
+                (Some(_), other) => {
+                    return Err(invalid(
+                        format!("models[{i}].anthropicVersion"),
+                        format!(
+                            "{:?} is a {other} model; only Anthropic models have an API version, remove the key",
+                            m.id
+                        ),
+                    ));
+                }
+            };
             models.push(ModelSpec {
                 display_name: m.display_name.unwrap_or_else(|| m.id.clone()),
                 id: m.id,
@@ -142,6 +186,7 @@ impl Catalog {
                 pricing,
                 context_window: m.context_window,
                 max_output_tokens: m.max_output_tokens,
+                anthropic_version,
             });
         }
 
@@ -248,6 +293,45 @@ impl Catalog {
     pub fn routes(&self) -> impl Iterator<Item = (Process, &ProcessRoute)> {
         self.processes.iter().map(|(p, r)| (*p, r))
     }
+
+    /// The processes whose temperature will not reach one of their models: an Anthropic model
+    /// called with an API version that has no sampling parameters. In process order, primary
+    /// before fallback.
+    pub fn unsent_temperatures(&self, versions: &AnthropicVersions) -> Vec<UnsentTemperature> {
+        let mut unsent = Vec::new();
+        for (process, route) in self.routes() {
+            let Some(temperature) = route.temperature else {
+                continue;
+            };
+            for id in [&route.primary, &route.fallback] {
+                let Some(model) = self.model(id) else {
+                    continue;
+                };
+                let version = versions.for_model(id);
+                if model.provider == ProviderKind::Anthropic
+                    && !version.accepts_sampling_parameters()
+                {
+                    unsent.push(UnsentTemperature {
+                        process,
+                        temperature,
+                        model: id.clone(),
+                        version,
+                    });
+                }
+            }
+        }
+        unsent
+    }
+
+    /// The API version of each Anthropic model: its own `anthropicVersion`, else `default`.
+    pub fn anthropic_versions(&self, default: AnthropicVersion) -> AnthropicVersions {
+        self.models
+            .iter()
+            .filter_map(|m| Some((m.id.clone(), m.anthropic_version?)))
+            .fold(AnthropicVersions::new(default), |versions, (id, v)| {
+                versions.with_model(id, v)
+            })
+    }
 }
 
 #[derive(Deserialize)]
@@ -273,6 +357,9 @@ struct RawModel {
     pricing: RawPricing,
     context_window: u64,
     max_output_tokens: u32,
+    /// Parsed in `Catalog::parse`, so an unknown version is reported with its key.
+    #[serde(default)]
+    anthropic_version: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -379,6 +466,115 @@ mod tests {
         v["processes"]["logicArchitect"]["fallback"] = primary;
         let e = parse_value(&v).unwrap_err().to_string();
         assert!(e.contains("same provider"), "{e}");
+    }
+
+    #[test]
+    fn a_model_may_name_its_anthropic_version_and_a_bad_one_is_named() {
+        let mut v = embedded_value();
+        let anthropic = v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|m| m["provider"] == "anthropic")
+            .unwrap();
+        let id = v["models"][anthropic]["id"].as_str().unwrap().to_owned();
+        v["models"][anthropic]["anthropicVersion"] = "2026-10-21".into();
+        let c = parse_value(&v).unwrap();
+        assert_eq!(
+            c.model(&id).unwrap().anthropic_version,
+            Some(AnthropicVersion::V2026_10_21)
+        );
+        let versions = c.anthropic_versions(AnthropicVersion::V2023_06_01);
+        assert_eq!(versions.for_model(&id), AnthropicVersion::V2026_10_21);
+        let other = c
+            .models()
+            .iter()
+            .find(|m| m.provider == ProviderKind::Anthropic && m.id != id)
+            .unwrap();
+        assert_eq!(versions.for_model(&other.id), AnthropicVersion::V2023_06_01);
+
+        v["models"][anthropic]["anthropicVersion"] = "2024-01-01".into();
+        let e = parse_value(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("test.json")
+                && e.contains(&format!("models[{anthropic}].anthropicVersion"))
+                && e.contains("2024-01-01")
+                && e.contains("2023-06-01, 2026-10-21"),
+            "{e}"
+        );
+
+        let mut v = embedded_value();
+        let openai = v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|m| m["provider"] == "openai")
+            .unwrap();
+        v["models"][openai]["anthropicVersion"] = "2026-10-21".into();
+        let e = parse_value(&v).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("models[{openai}].anthropicVersion"))
+                && e.contains("only Anthropic models"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn temperatures_of_processes_on_anthropic_models_without_sampling_are_listed() {
+        // At least one process with a temperature on an Anthropic primary, whatever today's
+        // routes are.
+        let mut v = embedded_value();
+        let first = |provider: &str| {
+            v["models"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["provider"] == provider)
+                .unwrap()["id"]
+                .clone()
+        };
+        let (anthropic, openai) = (first("anthropic"), first("openai"));
+        v["processes"]["magicSpark"]["primary"] = anthropic;
+        v["processes"]["magicSpark"]["fallback"] = openai;
+        v["processes"]["magicSpark"]["temperature"] = 0.9.into();
+        let c = parse_value(&v).unwrap();
+        assert!(
+            c.unsent_temperatures(&AnthropicVersions::new(AnthropicVersion::V2023_06_01))
+                .is_empty()
+        );
+        let unsent = c.unsent_temperatures(&AnthropicVersions::new(AnthropicVersion::V2026_10_21));
+        // Exactly the (process, Anthropic model) pairs of processes that set a temperature.
+        let mut expected = Vec::new();
+        for (process, route) in c.routes() {
+            for id in [&route.primary, &route.fallback] {
+                if c.model(id).unwrap().provider == ProviderKind::Anthropic
+                    && let Some(t) = route.temperature
+                {
+                    expected.push((process, t, id.clone()));
+                }
+            }
+        }
+        assert!(expected.iter().any(|(p, ..)| *p == Process::MagicSpark));
+        let got: Vec<_> = unsent
+            .iter()
+            .map(|u| (u.process, u.temperature, u.model.clone()))
+            .collect();
+        assert_eq!(got, expected);
+        let line = unsent[0].to_string();
+        assert!(
+            line.contains(unsent[0].process.key()) && line.contains("2026-10-21"),
+            "{line}"
+        );
+
+        // A model pinned to the old version keeps its temperature under a new default.
+        let pinned = &expected[0].2;
+        let versions = AnthropicVersions::new(AnthropicVersion::V2026_10_21)
+            .with_model(pinned.clone(), AnthropicVersion::V2023_06_01);
+        assert!(
+            c.unsent_temperatures(&versions)
+                .iter()
+                .all(|u| &u.model != pinned)
+        );
     }
 
     #[test]

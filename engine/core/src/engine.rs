@@ -18,6 +18,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::limits::{Allowance, CallerLimited, CallerLimits, ProviderRates, Rate};
 use crate::pipeline::{PipelineEvent, PipelineInput, run_pipeline};
 use crate::provider::anthropic::AnthropicProvider;
+use crate::provider::anthropic_version::AnthropicVersion;
 use crate::provider::openai::OpenAiProvider;
 use crate::provider::{ApiKey, ProviderConfig, ProviderInitError, SharedProvider};
 use crate::record::{CallObserver, Recorder, ShutdownReport};
@@ -263,6 +264,7 @@ pub struct EngineBuilder {
     models_file: Option<PathBuf>,
     openai: Option<ProviderConfig>,
     anthropic: Option<ProviderConfig>,
+    anthropic_version: AnthropicVersion,
     custom: Vec<(ProviderKind, SharedProvider)>,
     simulator: Option<Box<dyn Simulator>>,
     connect_timeout: Duration,
@@ -280,6 +282,7 @@ impl Default for EngineBuilder {
             models_file: None,
             openai: None,
             anthropic: None,
+            anthropic_version: AnthropicVersion::default(),
             custom: Vec::new(),
             simulator: None,
             connect_timeout: Duration::from_secs(5),
@@ -333,6 +336,13 @@ impl EngineBuilder {
             connect_timeout: self.connect_timeout,
             ..ProviderConfig::new(base_url.trim_end_matches('/'), ApiKey::new(key))
         });
+        self
+    }
+
+    /// The Anthropic API version requests go out with (default 2023-06-01), except for catalog
+    /// models that name their own (`anthropicVersion`). On 2026-10-21 no temperature is sent.
+    pub fn anthropic_version(mut self, version: AnthropicVersion) -> Self {
+        self.anthropic_version = version;
         self
     }
 
@@ -423,11 +433,25 @@ impl EngineBuilder {
             described.push(format!("openai: {}", cfg.base_url));
         }
         if let Some(cfg) = &self.anthropic {
+            let versions = catalog.anthropic_versions(self.anthropic_version);
+            // Said once here rather than per request: the catalog sets these on purpose, and
+            // on this version they cannot be honoured.
+            let unsent = catalog.unsent_temperatures(&versions);
+            if !unsent.is_empty() {
+                let list: Vec<String> = unsent.iter().map(ToString::to_string).collect();
+                tracing::warn!(
+                    "temperature not sent to Anthropic models on an API version without sampling parameters: {}; Anthropic API version 2023-06-01 keeps it",
+                    list.join(", ")
+                );
+            }
             providers = providers.with(
                 ProviderKind::Anthropic,
-                Arc::new(AnthropicProvider::new(cfg)?),
+                Arc::new(AnthropicProvider::new(cfg)?.with_versions(versions)),
             );
-            described.push(format!("anthropic: {}", cfg.base_url));
+            described.push(format!(
+                "anthropic: {} (API version {})",
+                cfg.base_url, self.anthropic_version
+            ));
         }
         for (kind, provider) in self.custom {
             providers = providers.with(kind, provider);
@@ -439,7 +463,11 @@ impl EngineBuilder {
             }
         }
         let providers_description = match &self.simulator {
-            Some(sim) => format!("simulated: {}", sim.describe()),
+            Some(sim) => format!(
+                "simulated: {} (Anthropic API version {})",
+                sim.describe(),
+                self.anthropic_version
+            ),
             None => described.join(", "),
         };
         let router = Router::new(Arc::clone(&catalog), providers, self.router);

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::anthropic_version;
 use super::content::Prompt;
 use super::knobs::Failure;
 use super::serve::ConnControl;
@@ -333,23 +334,23 @@ pub(crate) async fn messages(
     state
         .stats
         .request(value.get("model").and_then(Value::as_str));
-    if state.config.require_auth {
-        let has_key = headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| !v.trim().is_empty());
-        if !has_key {
-            return error_response(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "x-api-key header is required",
-                None,
-                None,
-            );
-        }
-        if !headers.contains_key("anthropic-version") {
-            return bad_request("anthropic-version: header is required");
-        }
+    // The key may come as `x-api-key` or, from the 2026-10-21 SDKs, as `Authorization: Bearer`.
+    let key_header = anthropic_version::key_header(&headers);
+    if state.config.require_auth && key_header.is_none() {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "x-api-key header is required",
+            None,
+            None,
+        );
+    }
+    let version = match anthropic_version::requested(&headers, state.config.require_auth) {
+        Ok(version) => version,
+        Err(message) => return bad_request(&message),
+    };
+    if let Err(message) = anthropic_version::check(version, &value) {
+        return bad_request(&message);
     }
     let request = match parse(&value) {
         Ok(r) => r,
@@ -361,6 +362,9 @@ pub(crate) async fn messages(
         system: request.system.clone(),
         messages: request.messages.clone(),
         schema_name: request.tool.as_ref().map(|(name, _)| name.clone()),
+        api_version: Some(version.as_str().to_owned()),
+        key_header: key_header.map(str::to_owned),
+        sampling: anthropic_version::sampling_parameters(&value),
     });
     let plan = match state.rules.plan(
         &request.model,

@@ -13,6 +13,7 @@
 //! (chat messages, provider kinds, the tokenizer); [`SimHandle`] plugs into
 //! `Engine::builder().simulator(…)`.
 
+mod anthropic_version;
 mod anthropic_wire;
 mod content;
 mod knobs;
@@ -389,9 +390,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let handle = start(addr, config)
         .await
         .map_err(|e| anyhow::anyhow!("could not listen on {addr} ({e}); pick another --port"))?;
+    // The official SDKs take the server root and add `/v1` themselves; the engine's base URLs
+    // include it.
     eprintln!(
-        "keyvex sim: serving OpenAI and Anthropic protocols at {} (set OPENAI_BASE_URL / ANTHROPIC_BASE_URL to it); Ctrl-C stops",
-        handle.base_url()
+        "keyvex sim: serving OpenAI and Anthropic protocols at {} (set OPENAI_BASE_URL / ANTHROPIC_BASE_URL to it; the official Anthropic SDKs take http://{} without /v1); Anthropic API versions 2023-06-01 and 2026-10-21, key as x-api-key or Authorization: Bearer; Ctrl-C stops",
+        handle.base_url(),
+        handle.addr()
     );
     wait_for_stop_signal().await?;
     eprintln!("keyvex sim: stopping");

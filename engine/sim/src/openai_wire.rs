@@ -389,6 +389,13 @@ pub(crate) async fn chat_completions(
         system: request.system.clone(),
         messages: request.messages.clone(),
         schema_name: request.schema.as_ref().map(|(name, _)| name.clone()),
+        api_version: None,
+        key_header: authorized(&headers).then(|| "authorization".to_owned()),
+        sampling: ["temperature", "top_p"]
+            .into_iter()
+            .filter(|name| value.get(*name).is_some())
+            .map(str::to_owned)
+            .collect(),
     });
     let plan = match state.rules.plan(
         &request.model,

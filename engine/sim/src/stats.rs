@@ -26,6 +26,16 @@ pub struct SeenRequest {
     pub messages: Vec<ChatMessage>,
     /// The name of the response schema (OpenAI `json_schema.name`, Anthropic forced tool name).
     pub schema_name: Option<String>,
+    /// The API version the request was answered under (Anthropic's `anthropic-version`).
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// The header that carried the key: `x-api-key` or `authorization` (Bearer).
+    #[serde(default)]
+    pub key_header: Option<String>,
+    /// The sampling parameters the body carried (`temperature`, `top_p`, `top_k`), so a test can
+    /// check what a client put on the wire.
+    #[serde(default)]
+    pub sampling: Vec<String>,
 }
 
 /// One stream the simulator served to its end, with how long it took from the moment its request

@@ -16,6 +16,7 @@ use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use serde::{Deserialize, Serialize};
 
+use super::anthropic_version::{AnthropicVersion, AnthropicVersions, KeyHeader};
 use super::sse_frames::{SseEvent, sse_events};
 use super::{
     ChatRequest, EventStream, Provider, ProviderConfig, ProviderError, ProviderInitError, Role,
@@ -27,8 +28,6 @@ use crate::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 // Constants
 
 const KIND: ProviderKind = ProviderKind::Anthropic;
-/// The API version this adapter is written against (event names, usage fields).
-const ANTHROPIC_VERSION: &str = "2023-06-01";
 const REQUEST_ID_HEADER: &str = "request-id";
 /// Event names whose payload we must understand; a payload of any other event that does not
 /// decode is ignored, since Anthropic may add event types at any time.
@@ -45,12 +44,38 @@ const KNOWN_EVENTS: [&str; 7] = [
 // ---------------------------------------------------------------------------------------------
 // Credentials
 
-/// The `x-api-key` header value, marked sensitive so `Debug` never prints it.
-fn api_key_header(config: &ProviderConfig) -> Result<HeaderValue, ProviderInitError> {
-    let mut value = HeaderValue::from_str(config.api_key.expose())
-        .map_err(|_| ProviderInitError::InvalidApiKey { provider: KIND })?;
-    value.set_sensitive(true);
-    Ok(value)
+/// The key as a header value, in both forms the API versions use, each marked sensitive so
+/// `Debug` never prints it.
+#[derive(Debug, Clone)]
+struct Credentials {
+    /// `x-api-key: <key>` (2023-06-01).
+    x_api_key: HeaderValue,
+    /// `Authorization: Bearer <key>` (2026-10-21).
+    bearer: HeaderValue,
+}
+
+impl Credentials {
+    fn new(config: &ProviderConfig) -> Result<Self, ProviderInitError> {
+        let sensitive = |text: &str| {
+            let mut value = HeaderValue::from_str(text)
+                .map_err(|_| ProviderInitError::InvalidApiKey { provider: KIND })?;
+            value.set_sensitive(true);
+            Ok(value)
+        };
+        let key = config.api_key.expose();
+        Ok(Self {
+            x_api_key: sensitive(key)?,
+            bearer: sensitive(&format!("Bearer {key}"))?,
+        })
+    }
+
+    /// The header carrying the key the way `version`'s SDKs send it.
+    fn header(&self, version: AnthropicVersion) -> (&'static str, HeaderValue) {
+        match version.key_header() {
+            KeyHeader::XApiKey => ("x-api-key", self.x_api_key.clone()),
+            KeyHeader::Bearer => ("authorization", self.bearer.clone()),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -62,15 +87,19 @@ pub struct AnthropicProvider {
     http: reqwest::Client,
     /// `{base}/messages`.
     messages_url: String,
-    api_key: HeaderValue,
+    credentials: Credentials,
+    /// The `anthropic-version` of each request, by model.
+    versions: AnthropicVersions,
     max_event_bytes: usize,
 }
 
 impl AnthropicProvider {
-    /// Builds the client once; every [`Provider::stream`] call reuses its connection pool.
+    /// Builds the client once; every [`Provider::stream`] call reuses its connection pool. Every
+    /// model is called with API version 2023-06-01 until [`AnthropicProvider::with_versions`]
+    /// says otherwise.
     pub fn new(config: &ProviderConfig) -> Result<Self, ProviderInitError> {
         let base_url = validate_base_url(KIND, &config.base_url)?;
-        let api_key = api_key_header(config)?;
+        let credentials = Credentials::new(config)?;
         // No overall timeout: the router owns the header, first-token, stall and total deadlines.
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
@@ -83,9 +112,16 @@ impl AnthropicProvider {
         Ok(Self {
             http,
             messages_url: format!("{base_url}/messages"),
-            api_key,
+            credentials,
+            versions: AnthropicVersions::default(),
             max_event_bytes: config.max_event_bytes,
         })
+    }
+
+    /// Which API version each model is called with.
+    pub fn with_versions(mut self, versions: AnthropicVersions) -> Self {
+        self.versions = versions;
+        self
     }
 }
 
@@ -98,13 +134,19 @@ impl Provider for AnthropicProvider {
     }
 
     fn stream(&self, request: ChatRequest) -> EventStream {
+        let version = self.versions.for_model(&request.model);
+        if request.temperature.is_some() && !version.accepts_sampling_parameters() {
+            // Per request only at debug: a process's temperature is reported once, at start.
+            tracing::debug!(model = %request.model, %version, "temperature not sent: this API version has no sampling parameters");
+        }
+        let (key_name, key_value) = self.credentials.header(version);
         let send = self
             .http
             .post(&self.messages_url)
-            .header("x-api-key", self.api_key.clone())
-            .header("anthropic-version", ANTHROPIC_VERSION)
+            .header(key_name, key_value)
+            .header("anthropic-version", version.as_str())
             .header(ACCEPT, "text/event-stream")
-            .json(&WireRequest::new(&request))
+            .json(&WireRequest::new(&request, version))
             .send();
         let options = AdaptOptions {
             model: request.model,
@@ -199,8 +241,9 @@ struct WireToolChoice<'a> {
 
 impl<'a> WireRequest<'a> {
     /// A JSON answer is obtained by forcing one tool whose input schema is the answer's schema;
-    /// the tool input then streams as `input_json_delta` pieces.
-    fn new(request: &'a ChatRequest) -> Self {
+    /// the tool input then streams as `input_json_delta` pieces. On a version without sampling
+    /// parameters the temperature is left out: sending it, even at its default, is a 400 there.
+    fn new(request: &'a ChatRequest, version: AnthropicVersion) -> Self {
         let schema = request.response_schema.as_ref();
         Self {
             model: &request.model,
@@ -218,7 +261,9 @@ impl<'a> WireRequest<'a> {
                     content: &m.content,
                 })
                 .collect(),
-            temperature: request.temperature,
+            temperature: request
+                .temperature
+                .filter(|_| version.accepts_sampling_parameters()),
             tools: schema.map(|s| {
                 [WireTool {
                     name: &s.name,
@@ -1015,7 +1060,8 @@ mod tests {
                 schema: serde_json::json!({"type": "object", "properties": {"text": {"type": "string"}}}),
             }),
         };
-        let body = serde_json::to_value(WireRequest::new(&request)).unwrap();
+        let body = serde_json::to_value(WireRequest::new(&request, AnthropicVersion::V2023_06_01))
+            .unwrap();
         assert_eq!(body["stream"], true);
         assert_eq!(body["max_tokens"], 300);
         assert_eq!(body["system"], "Be brief.");
@@ -1028,16 +1074,39 @@ mod tests {
             body["tool_choice"],
             serde_json::json!({"type": "tool", "name": "answer"})
         );
+        // 2026-10-21 has no sampling parameters: the same request goes out without it.
+        let body = serde_json::to_value(WireRequest::new(&request, AnthropicVersion::V2026_10_21))
+            .unwrap();
+        assert!(body.get("temperature").is_none(), "{body}");
+        assert_eq!(body["tools"][0]["name"], "answer");
         let plain = ChatRequest {
             response_schema: None,
             system: None,
             temperature: None,
             ..request
         };
-        let body = serde_json::to_value(WireRequest::new(&plain)).unwrap();
+        let body =
+            serde_json::to_value(WireRequest::new(&plain, AnthropicVersion::V2023_06_01)).unwrap();
         for absent in ["tools", "tool_choice", "system", "temperature"] {
             assert!(body.get(absent).is_none(), "{absent} should be omitted");
         }
+    }
+
+    #[test]
+    fn the_key_travels_in_the_header_of_the_version() {
+        let config = ProviderConfig::new("http://127.0.0.1:1/v1", ApiKey::new("sk-ant-secret"));
+        let credentials = Credentials::new(&config).unwrap();
+        let (name, value) = credentials.header(AnthropicVersion::V2023_06_01);
+        assert_eq!(
+            (name, value.to_str().unwrap()),
+            ("x-api-key", "sk-ant-secret")
+        );
+        let (name, value) = credentials.header(AnthropicVersion::V2026_10_21);
+        assert_eq!(
+            (name, value.to_str().unwrap()),
+            ("authorization", "Bearer sk-ant-secret")
+        );
+        assert!(value.is_sensitive());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! `metrics`). Adding a provider is a file, a `mod` line and a [`ProviderKind`] variant.
 
 pub mod anthropic;
+pub mod anthropic_version;
 pub mod openai;
 pub(crate) mod sse_frames;
 
@@ -49,6 +50,8 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     /// Upper bound on generated tokens (`max_completion_tokens` / `max_tokens`).
     pub max_output_tokens: u32,
+    /// Sent where the wire has it: Anthropic's API version 2026-10-21 has no sampling parameters,
+    /// so a request on that version goes out without it.
     pub temperature: Option<f32>,
     /// When set, the model must answer with JSON matching this schema: OpenAI gets
     /// `response_format: json_schema`, Anthropic a forced tool whose `input_schema` it is (the

@@ -1,7 +1,7 @@
 //! Integration tests of the embeddable core, one test binary (link once): the provider clients
-//! against canned HTTP answers, the router's decisions against scripted providers, routing and
-//! agent runs against the simulator over HTTP on loopback, and the engine's one call path
-//! (every call recorded exactly once, with its context).
+//! against canned HTTP answers, the router's decisions against scripted providers, routing,
+//! agent runs and both Anthropic API versions against the simulator over HTTP on loopback, and
+//! the engine's one call path (every call recorded exactly once, with its context).
 
 #![expect(
     clippy::unwrap_used,
@@ -10,6 +10,7 @@
 )]
 
 mod agent_runs;
+mod anthropic_versions;
 mod engine_calls;
 mod estimates;
 mod provider_clients;

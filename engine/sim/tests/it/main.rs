@@ -1,5 +1,6 @@
 //! Integration tests of the provider simulator, one test binary: both wire protocols over HTTP
-//! on loopback, checked by a strict SSE parser.
+//! on loopback, checked by a strict SSE parser; the Anthropic API versions and key headers; and
+//! the official Anthropic SDKs run against it.
 
 #![expect(
     clippy::unwrap_used,
@@ -7,5 +8,7 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
+mod sdk;
 mod strict_sse;
+mod versions;
 mod wire;
