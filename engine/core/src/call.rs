@@ -155,16 +155,20 @@ impl Calls {
         request: RouteRequest,
         options: RouteOptions,
     ) -> Result<CallStream, RouteError> {
+        // One snapshot for the whole call: the route is priced with this catalog, and its
+        // record says which version that was, even if another is activated meanwhile.
+        let catalog = self.shared.router.catalog();
         let books = Arc::new(Books {
             shared: Arc::clone(&self.shared),
             ctx: ctx.clone(),
             process: target.process(),
+            catalog_version: catalog.version(),
         });
         let observer: Arc<dyn RouteObserver> = books.clone();
-        let route = self
-            .shared
-            .router
-            .open(target, request, options, Some(observer))?;
+        let route =
+            self.shared
+                .router
+                .open_on(&catalog, target, request, options, Some(observer))?;
         Ok(CallStream { route, books })
     }
 
@@ -179,11 +183,14 @@ struct Books {
     shared: Arc<Shared>,
     ctx: CallContext,
     process: Option<Process>,
+    /// The catalog version the route opened on (and was priced with).
+    catalog_version: u64,
 }
 
 impl Books {
     fn record(&self, outcome: &RouteOutcome) -> Recorded {
-        let record = record_of(outcome, &self.ctx, self.process);
+        let record =
+            record_of(outcome, &self.ctx, self.process).with_catalog_version(self.catalog_version);
         let id = record.request_id.clone();
         for observer in &self.shared.observers {
             observer.on_record(&record);
