@@ -102,7 +102,10 @@ impl App {
         // Start on the active version, not on version 0 until the first poll.
         match catalog.refresh().await {
             Ok(Applied::Switched { to, .. }) => {
-                tracing::info!(version = to, "model catalog version from the store in force");
+                tracing::info!(
+                    version = to,
+                    "model catalog version from the store in force"
+                );
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(

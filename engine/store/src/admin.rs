@@ -372,8 +372,14 @@ impl MetricsReader {
     ) -> Result<Vec<RequestRecord>, StoreError> {
         let (process, provider) = (filter.process.as_deref(), filter.provider.as_deref());
         let mut records = match &self.backend {
-            Backend::Sqlite(s) => s.requests_filtered(from_ms, to_ms, process, provider).await?,
-            Backend::Dynamo(d) => d.requests_filtered(from_ms, to_ms, process, provider).await?,
+            Backend::Sqlite(s) => {
+                s.requests_filtered(from_ms, to_ms, process, provider)
+                    .await?
+            }
+            Backend::Dynamo(d) => {
+                d.requests_filtered(from_ms, to_ms, process, provider)
+                    .await?
+            }
         };
         // Neither store has an index on the version; the range is read either way.
         if let Some(version) = filter.catalog_version {

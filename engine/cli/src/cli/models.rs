@@ -61,11 +61,12 @@ enum ModelsCommand {
 pub async fn run(args: ModelsArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&ProcessEnv, None).context("reading configuration")?;
     let base = Catalog::load(config.models_file.as_deref())?;
-    let versions = config
-        .store
-        .open_catalogs()
-        .await
-        .with_context(|| format!("opening the catalog versions in {}", config.store.describe()))?;
+    let versions = config.store.open_catalogs().await.with_context(|| {
+        format!(
+            "opening the catalog versions in {}",
+            config.store.describe()
+        )
+    })?;
     let poll_ms = config.catalog_poll.as_millis();
     let mut out = std::io::stdout();
     match args.command {
@@ -99,7 +100,13 @@ pub async fn run(args: ModelsArgs) -> anyhow::Result<ExitCode> {
             let active = versions.active().await?;
             let mut table = Table::new();
             table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-                "version", "active", "label", "published (UTC)", "author", "note", "changes",
+                "version",
+                "active",
+                "label",
+                "published (UTC)",
+                "author",
+                "note",
+                "changes",
             ]);
             table.add_row(vec![
                 "0".to_owned(),
@@ -162,7 +169,10 @@ pub async fn run(args: ModelsArgs) -> anyhow::Result<ExitCode> {
             }
         }
         ModelsCommand::Diff { a, b } => {
-            let (old, new) = (load(&versions, a, &base).await?, load(&versions, b, &base).await?);
+            let (old, new) = (
+                load(&versions, a, &base).await?,
+                load(&versions, b, &base).await?,
+            );
             write!(out, "{}", CatalogDiff::between(&old, &new))?;
         }
         ModelsCommand::Activate { version, author } => {
@@ -182,7 +192,11 @@ async fn load(versions: &CatalogVersions, version: u64, base: &Catalog) -> anyho
 }
 
 fn mark(active: bool) -> String {
-    if active { "*".to_owned() } else { String::new() }
+    if active {
+        "*".to_owned()
+    } else {
+        String::new()
+    }
 }
 
 fn print_activation(

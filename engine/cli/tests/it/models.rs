@@ -26,14 +26,28 @@ fn walk_through(cmd: &dyn Fn() -> Command, dir: &TempDir) {
         v["version"] = "2026-12-01".into();
         v["models"][2]["pricing"]["outputPerMTok"] = 9.0.into();
     });
-    let out = stdout_of(cmd().args(["models", "publish"]).arg(&prices).args(["--note", "mini output price up", "--author", "dana"]));
+    let out = stdout_of(cmd().args(["models", "publish"]).arg(&prices).args([
+        "--note",
+        "mini output price up",
+        "--author",
+        "dana",
+    ]));
     assert!(out.starts_with("published version 1"), "{out}");
-    assert!(out.contains("gpt-5.4-mini: outputPerMTok $4.5 → $9"), "{out}");
+    assert!(
+        out.contains("gpt-5.4-mini: outputPerMTok $4.5 → $9"),
+        "{out}"
+    );
 
     // A broken file: the start-up message for that file, exit 1, nothing stored.
     let broken = dir.file("broken.json");
-    write_catalog(&broken, |v| v["models"][0]["pricing"]["inputPerMTok"] = (-1.0).into());
-    let refused = cmd().args(["models", "publish"]).arg(&broken).output().unwrap();
+    write_catalog(&broken, |v| {
+        v["models"][0]["pricing"]["inputPerMTok"] = (-1.0).into()
+    });
+    let refused = cmd()
+        .args(["models", "publish"])
+        .arg(&broken)
+        .output()
+        .unwrap();
     assert!(!refused.status.success());
     let refused_err = String::from_utf8_lossy(&refused.stderr).to_string();
     let at_start = cmd()
@@ -43,22 +57,36 @@ fn walk_through(cmd: &dyn Fn() -> Command, dir: &TempDir) {
         .unwrap();
     assert!(!at_start.status.success());
     let start_err = String::from_utf8_lossy(&at_start.stderr).to_string();
-    let message = format!("model catalog {}: `models[0].pricing.inputPerMTok`", broken.display());
+    let message = format!(
+        "model catalog {}: `models[0].pricing.inputPerMTok`",
+        broken.display()
+    );
     assert!(refused_err.contains(&message), "{refused_err}");
     assert!(start_err.contains(&message), "{start_err}");
-    let problem = |text: &str| text.lines().find(|l| l.contains(&message)).map(|l| {
-        let from = l.find("model catalog").unwrap();
-        l[from..].trim_end_matches("; nothing was stored").to_owned()
-    });
+    let problem = |text: &str| {
+        text.lines().find(|l| l.contains(&message)).map(|l| {
+            let from = l.find("model catalog").unwrap();
+            l[from..]
+                .trim_end_matches("; nothing was stored")
+                .to_owned()
+        })
+    };
     assert_eq!(problem(&refused_err), problem(&start_err));
 
     let list = stdout_of(cmd().args(["models", "list"]));
-    assert!(list.contains("mini output price up") && list.contains("dana"), "{list}");
+    assert!(
+        list.contains("mini output price up") && list.contains("dana"),
+        "{list}"
+    );
     assert!(!list.contains("broken"), "{list}");
     let second = cmd().args(["models", "show", "2"]).output().unwrap();
-    assert!(!second.status.success(), "the broken catalog was not stored as version 2");
+    assert!(
+        !second.status.success(),
+        "the broken catalog was not stored as version 2"
+    );
 
-    let shown: Value = serde_json::from_str(&stdout_of(cmd().args(["models", "show", "1"]))).unwrap();
+    let shown: Value =
+        serde_json::from_str(&stdout_of(cmd().args(["models", "show", "1"]))).unwrap();
     assert_eq!(shown["models"][2]["pricing"]["outputPerMTok"], 9.0);
     let diff = stdout_of(cmd().args(["models", "diff", "0", "1"]));
     assert_eq!(
@@ -72,7 +100,12 @@ fn walk_through(cmd: &dyn Fn() -> Command, dir: &TempDir) {
     assert!(list.contains("version 1 active since"), "{list}");
 
     // A command started now prices with version 1.
-    stdout_of(cmd().args(["complete", "-p", "styleMaster", "Three colours for a bakery"]));
+    stdout_of(cmd().args([
+        "complete",
+        "-p",
+        "styleMaster",
+        "Three colours for a bakery",
+    ]));
 
     let out = stdout_of(cmd().args(["models", "rollback"]));
     assert!(out.starts_with("version 0 is active (was 1)"), "{out}");

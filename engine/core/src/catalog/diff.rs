@@ -29,11 +29,9 @@ impl CatalogDiff {
         ids.dedup();
         for id in ids {
             match (old.model(id), new.model(id)) {
-                (None, Some(m)) => changes.push(format!(
-                    "model {id} added ({}, {})",
-                    m.provider,
-                    prices(m)
-                )),
+                (None, Some(m)) => {
+                    changes.push(format!("model {id} added ({}, {})", m.provider, prices(m)))
+                }
                 (Some(_), None) => changes.push(format!("model {id} removed")),
                 (Some(a), Some(b)) => model_changes(a, b, &mut changes),
                 (None, None) => {}
@@ -57,7 +55,9 @@ impl CatalogDiff {
         let mut out = String::new();
         for (i, change) in self.changes.iter().enumerate() {
             let sep = if out.is_empty() { "" } else { "; " };
-            if !out.is_empty() && out.chars().count() + sep.len() + change.chars().count() > max_chars {
+            if !out.is_empty()
+                && out.chars().count() + sep.len() + change.chars().count() > max_chars
+            {
                 out.push_str(&format!("; … and {} more", self.changes.len() - i));
                 return out;
             }
@@ -112,7 +112,11 @@ fn model_changes(a: &ModelSpec, b: &ModelSpec, out: &mut Vec<String>) {
     let (pa, pb) = (&a.pricing, &b.pricing);
     for (name, x, y) in [
         ("inputPerMTok", Some(pa.input), Some(pb.input)),
-        ("cachedInputPerMTok", Some(pa.cached_input), Some(pb.cached_input)),
+        (
+            "cachedInputPerMTok",
+            Some(pa.cached_input),
+            Some(pb.cached_input),
+        ),
         ("cacheWritePerMTok", pa.cache_write, pb.cache_write),
         ("outputPerMTok", Some(pa.output), Some(pb.output)),
     ] {
@@ -140,7 +144,10 @@ fn route_changes(process: &str, a: &ProcessRoute, b: &ProcessRoute, out: &mut Ve
         out.push(format!("{process}: primary {} → {}", a.primary, b.primary));
     }
     if a.fallback != b.fallback {
-        out.push(format!("{process}: fallback {} → {}", a.fallback, b.fallback));
+        out.push(format!(
+            "{process}: fallback {} → {}",
+            a.fallback, b.fallback
+        ));
     }
     if a.max_output_tokens != b.max_output_tokens {
         out.push(format!(
@@ -191,7 +198,10 @@ mod tests {
         assert!(CatalogDiff::between(&new, &new).is_empty());
         assert_eq!(CatalogDiff::between(&new, &new).summary(100), "no changes");
         let back = CatalogDiff::between(&new, &old);
-        assert!(back.changes[1].starts_with("model gpt-5.5 added (openai, input $5"), "{back}");
+        assert!(
+            back.changes[1].starts_with("model gpt-5.5 added (openai, input $5"),
+            "{back}"
+        );
     }
 
     #[test]

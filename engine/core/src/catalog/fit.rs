@@ -18,9 +18,8 @@ pub fn regressions(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     for (process, route) in next.routes() {
-        let servable = |catalog: &Catalog, id: &str| {
-            catalog.model(id).is_some_and(|m| configured(m.provider))
-        };
+        let servable =
+            |catalog: &Catalog, id: &str| catalog.model(id).is_some_and(|m| configured(m.provider));
         let now = current.route(process);
         let primary_now = servable(current, &now.primary);
         let any_now = primary_now || servable(current, &now.fallback);

@@ -452,7 +452,10 @@ async fn a_swapped_catalog_applies_to_the_next_call_not_the_open_one() {
         .unwrap();
     // The open call has started on version 0 (its first event is out) when the swap happens.
     let first = open.next().await.unwrap();
-    assert!(matches!(first, CallEvent::Start { ref model, .. } if model == "gpt-5.4-mini"), "{first:?}");
+    assert!(
+        matches!(first, CallEvent::Start { ref model, .. } if model == "gpt-5.4-mini"),
+        "{first:?}"
+    );
     let previous = engine.swap_catalog(next.clone()).unwrap();
     assert_eq!(previous.version(), 0);
     assert_eq!(engine.catalog().activated_at_ms(), Some(1_764_000_000_000));
@@ -494,10 +497,17 @@ async fn a_swapped_catalog_applies_to_the_next_call_not_the_open_one() {
     let mut v: serde_json::Value = serde_json::from_str(EMBEDDED_CATALOG).unwrap();
     v["processes"]["logicArchitect"]["primary"] = "claude-sonnet-4-6".into();
     v["processes"]["logicArchitect"]["fallback"] = "gpt-5.4".into();
-    let moved = Catalog::parse(&v.to_string(), "v2.json").unwrap().as_version(2, None);
+    let moved = Catalog::parse(&v.to_string(), "v2.json")
+        .unwrap()
+        .as_version(2, None);
     let refused = openai_only.swap_catalog(moved).unwrap_err();
     assert_eq!((refused.version, refused.kept), (2, 0));
-    assert!(refused.to_string().contains("processes.logicArchitect.primary"), "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains("processes.logicArchitect.primary"),
+        "{refused}"
+    );
     assert_eq!(openai_only.catalog().version(), 0);
     assert_eq!(
         openai_only.catalog().route(Process::LogicArchitect).primary,

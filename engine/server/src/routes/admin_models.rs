@@ -45,7 +45,9 @@ impl From<CatalogStoreError> for ApiError {
     fn from(e: CatalogStoreError) -> Self {
         let message = e.to_string();
         match e {
-            CatalogStoreError::Invalid(_) => ApiError::bad_request("invalid_catalog", Some("catalog"), message),
+            CatalogStoreError::Invalid(_) => {
+                ApiError::bad_request("invalid_catalog", Some("catalog"), message)
+            }
             CatalogStoreError::TooLarge { .. } => {
                 ApiError::bad_request("catalog_too_large", Some("catalog"), message)
             }
@@ -76,7 +78,9 @@ fn parse_version(raw: &str) -> Result<u64, ApiError> {
         ApiError::bad_request(
             "invalid_parameter",
             Some("version"),
-            format!("{raw:?} is not a model catalog version; versions are whole numbers (0, 1, 2, …)"),
+            format!(
+                "{raw:?} is not a model catalog version; versions are whole numbers (0, 1, 2, …)"
+            ),
         )
     })
 }
@@ -134,8 +138,8 @@ async fn show(
     let catalog: Value = serde_json::from_str(&stored.catalog_json).map_err(|e| {
         ApiError::Internal(format!("stored catalog version {version} is not JSON: {e}"))
     })?;
-    let mut body = serde_json::to_value(&stored.info)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut body =
+        serde_json::to_value(&stored.info).map_err(|e| ApiError::Internal(e.to_string()))?;
     body["catalog"] = catalog;
     Ok(Json(body))
 }
@@ -162,9 +166,16 @@ async fn publish(
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let published = sync
         .versions()
-        .publish(&json, BODY_SOURCE, sync.base(), &caller.id, body.note.as_deref())
+        .publish(
+            &json,
+            BODY_SOURCE,
+            sync.base(),
+            &caller.id,
+            body.note.as_deref(),
+        )
         .await?;
-    let mut answer = serde_json::to_value(&published).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut answer =
+        serde_json::to_value(&published).map_err(|e| ApiError::Internal(e.to_string()))?;
     if body.activate {
         let activation = sync
             .versions()
@@ -182,7 +193,10 @@ async fn activate(
 ) -> Result<Json<Value>, ApiError> {
     let sync = sync(&state)?;
     let version = parse_version(&version)?;
-    let activation = sync.versions().activate(version, &caller.id, sync.base()).await?;
+    let activation = sync
+        .versions()
+        .activate(version, &caller.id, sync.base())
+        .await?;
     Ok(Json(activated(sync, activation).await))
 }
 

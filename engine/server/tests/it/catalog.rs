@@ -40,7 +40,10 @@ fn cheaper_spark() -> Value {
 
 /// Where the servers of a test keep their store.
 enum Store {
-    Sqlite { dir: TempDir, config: StoreConfig },
+    Sqlite {
+        dir: TempDir,
+        config: StoreConfig,
+    },
     Dynamo {
         moto: Moto,
         table: String,
@@ -93,12 +96,12 @@ impl Store {
     async fn versions(&self) -> CatalogVersions {
         match self {
             Store::Sqlite { config, .. } => config.open_catalogs().await.unwrap(),
-            Store::Dynamo { moto, table, .. } => CatalogVersions::dynamo(
-                keyvex_store::catalog_store::DynamoCatalogs::new(
+            Store::Dynamo { moto, table, .. } => {
+                CatalogVersions::dynamo(keyvex_store::catalog_store::DynamoCatalogs::new(
                     moto::client(&moto.endpoint).await,
                     table,
-                ),
-            ),
+                ))
+            }
         }
     }
 }
@@ -159,13 +162,23 @@ async fn admin_api_and_in_flight_switch(store: Store) {
     // Users may not touch the catalog.
     let e = error_of(h.get("/v1/admin/models", ALICE).await, 403).await;
     assert_eq!(e["type"], "permission_error");
-    let e = error_of(post_json(&h, "/v1/admin/models", ALICE, &json!({"catalog": {}})).await, 403).await;
+    let e = error_of(
+        post_json(&h, "/v1/admin/models", ALICE, &json!({"catalog": {}})).await,
+        403,
+    )
+    .await;
     assert_eq!(e["code"], "forbidden");
 
     // An invalid catalog: the start-up message, and nothing stored.
     let broken = edited(|v| v["processes"]["magicSpark"]["fallback"] = "claude-haiku-4-5".into());
     let e = error_of(
-        post_json(&h, "/v1/admin/models", ADMIN, &json!({ "catalog": broken, "activate": true })).await,
+        post_json(
+            &h,
+            "/v1/admin/models",
+            ADMIN,
+            &json!({ "catalog": broken, "activate": true }),
+        )
+        .await,
         400,
     )
     .await;
@@ -196,16 +209,29 @@ async fn admin_api_and_in_flight_switch(store: Store) {
     assert_eq!(readyz_catalog(&h).await["version"], 1);
 
     // Version 2 published but not active yet.
-    let resp = post_json(&h, "/v1/admin/models", ADMIN, &json!({ "catalog": cheaper_spark(), "note": "spark on mini" })).await;
+    let resp = post_json(
+        &h,
+        "/v1/admin/models",
+        ADMIN,
+        &json!({ "catalog": cheaper_spark(), "note": "spark on mini" }),
+    )
+    .await;
     assert_eq!(resp.status(), 201);
     let v2: Value = resp.json().await.unwrap();
     assert_eq!(v2["version"], 2);
     assert!(
-        v2["changes"].as_array().unwrap().iter().any(|c| c == "gpt-5.4-mini: outputPerMTok $4.5 → $9"),
+        v2["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "gpt-5.4-mini: outputPerMTok $4.5 → $9"),
         "{v2}"
     );
     let shown = h.get_json("/v1/admin/models/2", ADMIN).await;
-    assert_eq!(shown["catalog"]["processes"]["magicSpark"]["primary"], "gpt-5.4-mini");
+    assert_eq!(
+        shown["catalog"]["processes"]["magicSpark"]["primary"],
+        "gpt-5.4-mini"
+    );
     assert_eq!(shown["note"], "spark on mini");
     let e = error_of(h.get("/v1/admin/models/9", ADMIN).await, 404).await;
     assert_eq!(e["code"], "unknown_catalog_version");
@@ -257,7 +283,9 @@ async fn admin_api_and_in_flight_switch(store: Store) {
     assert_eq!(readyz_catalog(&h).await["version"], 2);
 
     // The next call uses the new primary and the new price.
-    let (_, second) = h.run_agent("magic-spark", ALICE, json!({ "input": business() })).await;
+    let (_, second) = h
+        .run_agent("magic-spark", ALICE, json!({ "input": business() }))
+        .await;
     assert_eq!(last(&second, "start")["model"], "gpt-5.4-mini");
     assert_eq!(last(&second, "done")["status"], "succeeded");
     assert_eq!(
@@ -289,20 +317,38 @@ async fn admin_api_and_in_flight_switch(store: Store) {
     assert_eq!(second_usage["costMicroUsd"], second_cost.micro_usd());
 
     // Each record says which version priced it; the admin metrics group and filter by it.
-    let (health, ok) = h.tracker.wait_for(WAIT, |m| m.shipped >= 2 && m.pending == 0).await;
+    let (health, ok) = h
+        .tracker
+        .wait_for(WAIT, |m| m.shipped >= 2 && m.pending == 0)
+        .await;
     assert!(ok, "{health:?}");
-    let by_version = h.get_json("/v1/admin/metrics?groupBy=catalogVersion", ADMIN).await;
+    let by_version = h
+        .get_json("/v1/admin/metrics?groupBy=catalogVersion", ADMIN)
+        .await;
     let groups: Vec<(String, u64)> = by_version["groups"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|g| (g["key"].as_str().unwrap().to_owned(), g["requests"].as_u64().unwrap()))
+        .map(|g| {
+            (
+                g["key"].as_str().unwrap().to_owned(),
+                g["requests"].as_u64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(groups, vec![("1".to_owned(), 1), ("2".to_owned(), 1)], "{by_version}");
-    let only_v1 = h.get_json("/v1/admin/metrics?catalogVersion=1", ADMIN).await;
+    assert_eq!(
+        groups,
+        vec![("1".to_owned(), 1), ("2".to_owned(), 1)],
+        "{by_version}"
+    );
+    let only_v1 = h
+        .get_json("/v1/admin/metrics?catalogVersion=1", ADMIN)
+        .await;
     assert_eq!(only_v1["totals"]["requests"], 1);
     assert_eq!(only_v1["totals"]["costPicoUsd"], first_cost.pico_usd());
-    let only_v2 = h.get_json("/v1/admin/metrics?catalogVersion=2", ADMIN).await;
+    let only_v2 = h
+        .get_json("/v1/admin/metrics?catalogVersion=2", ADMIN)
+        .await;
     assert_eq!(only_v2["totals"]["costPicoUsd"], second_cost.pico_usd());
     assert_eq!(only_v2["filter"]["catalogVersion"], 2);
 
@@ -315,18 +361,35 @@ async fn admin_api_and_in_flight_switch(store: Store) {
         .json()
         .await
         .unwrap();
-    assert_eq!((rolled["version"].clone(), rolled["previous"].clone()), (json!(1), json!(2)), "{rolled}");
+    assert_eq!(
+        (rolled["version"].clone(), rolled["previous"].clone()),
+        (json!(1), json!(2)),
+        "{rolled}"
+    );
     assert_eq!(readyz_catalog(&h).await["version"], 1);
-    let (_, third) = h.run_agent("magic-spark", ALICE, json!({ "input": business() })).await;
+    let (_, third) = h
+        .run_agent("magic-spark", ALICE, json!({ "input": business() }))
+        .await;
     assert_eq!(last(&third, "start")["model"], "claude-sonnet-4-6");
     let models = h.get_json("/v1/admin/models", ADMIN).await;
     assert_eq!(models["active"]["version"], 1);
     assert_eq!(models["active"]["history"], json!([0]));
     assert_eq!(models["versions"].as_array().unwrap().len(), 2);
     // Down to version 0, then nothing is left to roll back to.
-    let resp = h.post("/v1/admin/models/rollback", ADMIN).send().await.unwrap();
+    let resp = h
+        .post("/v1/admin/models/rollback", ADMIN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    let e = error_of(h.post("/v1/admin/models/rollback", ADMIN).send().await.unwrap(), 409).await;
+    let e = error_of(
+        h.post("/v1/admin/models/rollback", ADMIN)
+            .send()
+            .await
+            .unwrap(),
+        409,
+    )
+    .await;
     assert_eq!(e["code"], "nothing_to_roll_back");
     assert_eq!(readyz_catalog(&h).await["version"], 0);
     h.stop().await;
@@ -344,14 +407,22 @@ async fn two_servers_follow(store: Store) {
     let versions = store.versions().await;
     let base = Catalog::embedded().unwrap();
     let text = serde_json::to_string_pretty(&cheaper_spark()).unwrap();
-    let published = versions.publish(&text, "prices.json", &base, "ops", None).await.unwrap();
-    versions.activate(published.info.version, "ops", &base).await.unwrap();
+    let published = versions
+        .publish(&text, "prices.json", &base, "ops", None)
+        .await
+        .unwrap();
+    versions
+        .activate(published.info.version, "ops", &base)
+        .await
+        .unwrap();
     // The poll interval is 200 ms; the promise to operators is 10 s.
     for h in [&a, &b] {
         let catalog = wait_for_version(h, 1, Duration::from_secs(10)).await;
         assert_eq!(catalog["label"], "2026-12-01");
         assert!(catalog["activatedAtMs"].as_u64().unwrap() > 0);
-        let (_, events) = h.run_agent("magic-spark", ALICE, json!({ "input": business() })).await;
+        let (_, events) = h
+            .run_agent("magic-spark", ALICE, json!({ "input": business() }))
+            .await;
         assert_eq!(last(&events, "start")["model"], "gpt-5.4-mini");
     }
     versions.rollback("ops").await.unwrap();
@@ -368,7 +439,10 @@ async fn two_servers_follow(store: Store) {
 async fn a_replica_that_cannot_load_stays(store: Store) {
     let versions = store.versions().await;
     let base = Catalog::embedded().unwrap();
-    versions.publish(EMBEDDED_CATALOG, "default.json", &base, "ops", None).await.unwrap();
+    versions
+        .publish(EMBEDDED_CATALOG, "default.json", &base, "ops", None)
+        .await
+        .unwrap();
     versions.activate(1, "ops", &base).await.unwrap();
 
     let mut spec = Spec::new(3);
@@ -378,14 +452,21 @@ async fn a_replica_that_cannot_load_stays(store: Store) {
     spec.catalog_poll = Duration::from_millis(100);
     spec.openai_only = true;
     let partial = store.server(spec, "partial").await;
-    assert_eq!(readyz_catalog(&partial).await["version"], 1, "version 1 is servable there");
+    assert_eq!(
+        readyz_catalog(&partial).await["version"],
+        1,
+        "version 1 is servable there"
+    );
 
     let moved = edited(|v| {
         v["processes"]["logicArchitect"]["primary"] = "claude-sonnet-4-6".into();
         v["processes"]["logicArchitect"]["fallback"] = "gpt-5.4".into();
     });
     let text = serde_json::to_string_pretty(&moved).unwrap();
-    versions.publish(&text, "moved.json", &base, "ops", None).await.unwrap();
+    versions
+        .publish(&text, "moved.json", &base, "ops", None)
+        .await
+        .unwrap();
     versions.activate(2, "ops", &base).await.unwrap();
     wait_for_version(&full, 2, Duration::from_secs(10)).await;
 
@@ -417,23 +498,53 @@ async fn a_replica_that_cannot_load_stays(store: Store) {
     assert_eq!(catalog_alerts.len(), 1, "{alerts}");
     let alert = catalog_alerts[0];
     assert_eq!(alert["severity"], "critical");
-    assert_eq!((alert["observed"].as_f64(), alert["threshold"].as_f64()), (Some(2.0), Some(1.0)));
+    assert_eq!(
+        (alert["observed"].as_f64(), alert["threshold"].as_f64()),
+        (Some(2.0), Some(1.0))
+    );
     let message = alert["message"].as_str().unwrap();
     assert!(
-        message.contains("processes.logicArchitect.primary") && message.contains("anthropic") && message.contains("stays on version 1"),
+        message.contains("processes.logicArchitect.primary")
+            && message.contains("anthropic")
+            && message.contains("stays on version 1"),
         "{message}"
     );
     let (_, events) = partial
-        .run_agent("logic-architect", ALICE, json!({ "input": agents::samples::sample_input(agents::Process::LogicArchitect, 1) }))
+        .run_agent(
+            "logic-architect",
+            ALICE,
+            json!({ "input": agents::samples::sample_input(agents::Process::LogicArchitect, 1) }),
+        )
         .await;
-    assert_eq!(last(&events, "start")["model"], "gpt-5.4", "version 1's primary");
+    assert_eq!(
+        last(&events, "start")["model"],
+        "gpt-5.4",
+        "version 1's primary"
+    );
     let (_, events) = full
-        .run_agent("logic-architect", ALICE, json!({ "input": agents::samples::sample_input(agents::Process::LogicArchitect, 1) }))
+        .run_agent(
+            "logic-architect",
+            ALICE,
+            json!({ "input": agents::samples::sample_input(agents::Process::LogicArchitect, 1) }),
+        )
         .await;
-    assert_eq!(last(&events, "start")["model"], "claude-sonnet-4-6", "version 2's primary");
+    assert_eq!(
+        last(&events, "start")["model"],
+        "claude-sonnet-4-6",
+        "version 2's primary"
+    );
 
     // A price change it can serve: both follow, and the refusal is over.
-    versions.publish(&serde_json::to_string_pretty(&cheaper_spark()).unwrap(), "prices.json", &base, "ops", None).await.unwrap();
+    versions
+        .publish(
+            &serde_json::to_string_pretty(&cheaper_spark()).unwrap(),
+            "prices.json",
+            &base,
+            "ops",
+            None,
+        )
+        .await
+        .unwrap();
     versions.activate(3, "ops", &base).await.unwrap();
     let catalog = wait_for_version(&partial, 3, Duration::from_secs(10)).await;
     assert_eq!(catalog["refusedVersion"], Value::Null);

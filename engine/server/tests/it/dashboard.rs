@@ -280,7 +280,8 @@ async fn run_scenario(c: &Client, addr: SocketAddr, fault: &StoreFault) {
         .await
         .unwrap();
     assert!(
-        line.starts_with("Model catalog version 0 (2026-11-25)") && line.contains("in force since this server started"),
+        line.starts_with("Model catalog version 0 (2026-11-25)")
+            && line.contains("in force since this server started"),
         "{line}"
     );
 

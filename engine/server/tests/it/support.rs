@@ -10,12 +10,12 @@ use std::time::Duration;
 use aws_sdk_sqs::types::QueueAttributeName;
 use keyvex_engine::limits::{ProviderRates, Rate};
 use keyvex_engine::record::ShutdownReport;
+use keyvex_server::catalog_sync::CatalogSync;
 use keyvex_server::config::{ApiKeySpec, ServerConfig};
 use keyvex_server::prom::ServerMetrics;
 use keyvex_server::queue::JobsCtx;
 use keyvex_server::queue::admin::{self, QueueSettings, QueueUrls};
 use keyvex_server::queue::worker::{WorkerConfig, WorkerCounts};
-use keyvex_server::catalog_sync::CatalogSync;
 use keyvex_server::{Backends, Server, ServerError, ServerParts};
 use keyvex_sim::SimHandle;
 use keyvex_store::{CatalogVersions, MetricsConfig, StoreConfig, Stores, Tracker};
@@ -229,7 +229,8 @@ impl TestServer {
             .unwrap();
         // As `keyvex serve` does: start on the store's active catalog version, then poll.
         if let Some(catalogs) = catalogs {
-            let sync = CatalogSync::new(catalogs, engine.clone(), tracker.clone(), spec.catalog_poll);
+            let sync =
+                CatalogSync::new(catalogs, engine.clone(), tracker.clone(), spec.catalog_poll);
             sync.refresh().await.unwrap();
             backends.catalog = Some(sync);
         }

@@ -60,14 +60,18 @@ impl DynamoCatalogs {
         item.get(name)
             .and_then(|v| v.as_n().ok())
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| self.decode(what, format!("attribute {name} is missing or not a number")))
+            .ok_or_else(|| {
+                self.decode(what, format!("attribute {name} is missing or not a number"))
+            })
     }
 
     fn text(&self, item: &Item, name: &str, what: &'static str) -> Result<String, StoreError> {
         item.get(name)
             .and_then(|v| v.as_s().ok())
             .cloned()
-            .ok_or_else(|| self.decode(what, format!("attribute {name} is missing or not a string")))
+            .ok_or_else(|| {
+                self.decode(what, format!("attribute {name} is missing or not a string"))
+            })
     }
 
     /// The active pointer: one strongly consistent `GetItem` on its key, reading only the
@@ -99,7 +103,9 @@ impl DynamoCatalogs {
                 .iter()
                 .map(|v| v.as_n().ok().and_then(|n| n.parse::<u64>().ok()))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| self.decode(what, "history holds a value that is not a version".into()))?,
+                .ok_or_else(|| {
+                    self.decode(what, "history holds a value that is not a version".into())
+                })?,
             _ => Vec::new(),
         };
         Ok(Some(ActiveVersion {

@@ -47,14 +47,20 @@ pub enum CatalogStoreError {
         "the catalog is {bytes} bytes; at most {MAX_CATALOG_BYTES} can be stored (a DynamoDB item holds 400 KB)"
     )]
     TooLarge { bytes: usize },
-    #[error("model catalog version {version} does not exist; `keyvex models list` (or GET /v1/admin/models) shows the versions")]
+    #[error(
+        "model catalog version {version} does not exist; `keyvex models list` (or GET /v1/admin/models) shows the versions"
+    )]
     UnknownVersion { version: u64 },
     /// A stored version this binary cannot read (written by a newer one).
     #[error("stored model catalog version {version} does not load with this binary: {problem}")]
     Unloadable { version: u64, problem: CatalogError },
-    #[error("nothing to roll back to: version {active} is active and no earlier version was active before it")]
+    #[error(
+        "nothing to roll back to: version {active} is active and no earlier version was active before it"
+    )]
     NothingToRollBack { active: u64 },
-    #[error("another change of the catalog versions happened at the same time {RACE_TRIES} times in a row; try again")]
+    #[error(
+        "another change of the catalog versions happened at the same time {RACE_TRIES} times in a row; try again"
+    )]
     Contended,
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -239,7 +245,10 @@ impl CatalogVersions {
         if json.len() > MAX_CATALOG_BYTES {
             return Err(CatalogStoreError::TooLarge { bytes: json.len() });
         }
-        let note = note.map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned);
+        let note = note
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned);
         for _ in 0..RACE_TRIES {
             let latest = self.list().await?.last().map_or(0, |v| v.version);
             let previous = match self.load(latest, base).await {
@@ -344,7 +353,12 @@ impl CatalogVersions {
                 Backend::Dynamo(d) => d.set_active(&active, current.seq).await?,
             };
             if written {
-                tracing::info!(version, previous = current.version, by, "model catalog version activated");
+                tracing::info!(
+                    version,
+                    previous = current.version,
+                    by,
+                    "model catalog version activated"
+                );
                 return Ok(Activation {
                     active,
                     previous: current.version,

@@ -12,7 +12,10 @@ use crate::alerts::AlertEvaluator;
 use crate::entry::{Entry, full_jitter};
 
 fn count_raised_alert(shared: &Shared) {
-    shared.counters.alerts_raised.fetch_add(1, Ordering::Relaxed);
+    shared
+        .counters
+        .alerts_raised
+        .fetch_add(1, Ordering::Relaxed);
 }
 
 pub(super) async fn ledger_loop(

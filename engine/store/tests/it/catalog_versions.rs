@@ -35,18 +35,32 @@ async fn dynamo() -> (CatalogVersions, Held, aws_sdk_dynamodb::Client) {
     let moto = Moto::start().await;
     let client = moto::table(&moto, "catalogs").await;
     let catalogs = DynamoCatalogs::new(client.clone(), "catalogs");
-    (CatalogVersions::dynamo(catalogs), Held::Dynamo(moto), client)
+    (
+        CatalogVersions::dynamo(catalogs),
+        Held::Dynamo(moto),
+        client,
+    )
 }
 
 /// Publish, list, show, diff, activate, rollback and the refusals, on one store.
 async fn lifecycle(versions: &CatalogVersions) {
     let base = Catalog::embedded().unwrap();
-    assert_eq!(versions.active().await.unwrap().version, 0, "nothing activated yet");
+    assert_eq!(
+        versions.active().await.unwrap().version,
+        0,
+        "nothing activated yet"
+    );
     assert!(versions.list().await.unwrap().is_empty());
 
     // Version 1: the embedded catalog as it is; nothing changed against version 0.
     let v1 = versions
-        .publish(EMBEDDED_CATALOG, "default-models.json", &base, "ops", Some("as shipped"))
+        .publish(
+            EMBEDDED_CATALOG,
+            "default-models.json",
+            &base,
+            "ops",
+            Some("as shipped"),
+        )
         .await
         .unwrap();
     assert_eq!(v1.info.version, 1);
@@ -99,28 +113,47 @@ async fn lifecycle(versions: &CatalogVersions) {
         .publish(&broken, "broken.json", &base, "alice", None)
         .await
         .unwrap_err();
-    let at_start = Catalog::parse(&broken, "broken.json").unwrap_err().to_string();
+    let at_start = Catalog::parse(&broken, "broken.json")
+        .unwrap_err()
+        .to_string();
     assert!(matches!(e, CatalogStoreError::Invalid(_)), "{e}");
     assert_eq!(e.to_string(), format!("{at_start}; nothing was stored"));
-    assert!(at_start.contains("processes.styleMaster.primary"), "{at_start}");
+    assert!(
+        at_start.contains("processes.styleMaster.primary"),
+        "{at_start}"
+    );
     let e = versions
         .publish("{\"version\": 1", "truncated.json", &base, "alice", None)
         .await
         .unwrap_err();
-    assert!(e.to_string().starts_with("model catalog truncated.json is not valid"), "{e}");
-    assert_eq!(versions.list().await.unwrap().len(), 2, "nothing was stored");
+    assert!(
+        e.to_string()
+            .starts_with("model catalog truncated.json is not valid"),
+        "{e}"
+    );
+    assert_eq!(
+        versions.list().await.unwrap().len(),
+        2,
+        "nothing was stored"
+    );
 
     // Activate, activate again (no change), an unknown version (refused, nothing changes).
     let a = versions.activate(1, "alice", &base).await.unwrap();
     assert!(a.changed);
     assert_eq!((a.active.version, a.previous), (1, 0));
     let a = versions.activate(2, "bob", &base).await.unwrap();
-    assert_eq!((a.active.version, a.previous, a.active.history.clone()), (2, 1, vec![0, 1]));
+    assert_eq!(
+        (a.active.version, a.previous, a.active.history.clone()),
+        (2, 1, vec![0, 1])
+    );
     assert_eq!(a.active.activated_by, "bob");
     let again = versions.activate(2, "bob", &base).await.unwrap();
     assert!(!again.changed);
     let e = versions.activate(7, "bob", &base).await.unwrap_err();
-    assert!(matches!(e, CatalogStoreError::UnknownVersion { version: 7 }), "{e}");
+    assert!(
+        matches!(e, CatalogStoreError::UnknownVersion { version: 7 }),
+        "{e}"
+    );
     let active = versions.active().await.unwrap();
     assert_eq!((active.version, active.history.clone()), (2, vec![0, 1]));
     assert!(active.activated_at_ms > 0);
@@ -131,7 +164,10 @@ async fn lifecycle(versions: &CatalogVersions) {
     let r = versions.rollback("carol").await.unwrap();
     assert_eq!(r.active.version, 0);
     let e = versions.rollback("carol").await.unwrap_err();
-    assert!(matches!(e, CatalogStoreError::NothingToRollBack { active: 0 }), "{e}");
+    assert!(
+        matches!(e, CatalogStoreError::NothingToRollBack { active: 0 }),
+        "{e}"
+    );
     assert_eq!(versions.active().await.unwrap().version, 0);
 }
 
@@ -143,7 +179,10 @@ async fn concurrent_publishes(versions: &CatalogVersions) {
         let base = base.clone();
         async move {
             let json = edited(|v| v["version"] = format!("race-{i}").into());
-            versions.publish(&json, "race.json", &base, "racer", None).await.unwrap()
+            versions
+                .publish(&json, "race.json", &base, "racer", None)
+                .await
+                .unwrap()
         }
     });
     let mut numbers: Vec<u64> = futures::future::join_all(runs)
@@ -169,7 +208,10 @@ async fn versions_in_dynamodb() {
     lifecycle(&versions).await;
     // The plan's layout: PK=CONFIG, SK=MODEL_CONFIG#{version} and SK=ACTIVE_MODEL_CONFIG.
     let items = moto::scan_all(&client, "catalogs").await;
-    let config: Vec<_> = items.iter().filter(|i| moto::s(i, "PK") == "CONFIG").collect();
+    let config: Vec<_> = items
+        .iter()
+        .filter(|i| moto::s(i, "PK") == "CONFIG")
+        .collect();
     let mut keys: Vec<String> = config.iter().map(|i| moto::s(i, "SK")).collect();
     keys.sort();
     assert_eq!(
