@@ -287,9 +287,10 @@ fn route_decide() -> Result<Case, SetupError> {
         move || {
             let mut n = 0u64;
             for process in Process::ALL {
-                let route = router.catalog().route(black_box(process));
-                n += router
-                    .catalog()
+                // One snapshot per decision, as every call takes (the catalog can be swapped).
+                let catalog = router.catalog();
+                let route = catalog.route(black_box(process));
+                n += catalog
                     .model(&route.primary)
                     .map_or(0, |m| m.context_window);
                 // Built but never polled: planning happens here, the call on first poll.

@@ -11,6 +11,7 @@ use keyvex_engine::router::RouterConfig;
 use keyvex_engine::{Engine, EngineError, ShutdownReport};
 use keyvex_server::Backends;
 use keyvex_server::ServerParts;
+use keyvex_server::catalog_sync::{Applied, CatalogSync};
 use keyvex_server::prom::ServerMetrics;
 use keyvex_server::queue::JobsCtx;
 use keyvex_server::queue::worker::WorkerConfig;
@@ -45,6 +46,9 @@ pub struct App {
     pub prom: Arc<ServerMetrics>,
     /// The queue, when `SQS_AI_PROCESSING_QUEUE_URL` is set.
     pub queue: Option<JobsCtx>,
+    /// Keeps the engine on the store's active model catalog version (servers and workers run
+    /// its poller; one-shot commands use the version active when they started).
+    pub catalog: CatalogSync,
 }
 
 impl App {
@@ -95,6 +99,26 @@ impl App {
             }
         };
         let engine = builder.build()?;
+        let catalog = CatalogSync::new(
+            stores.catalogs.clone(),
+            engine.clone(),
+            stores.tracker.clone(),
+            config.catalog_poll,
+        );
+        // Start on the active version, not on version 0 until the first poll.
+        match catalog.refresh().await {
+            Ok(Applied::Switched { to, .. }) => {
+                tracing::info!(
+                    version = to,
+                    "model catalog version from the store in force"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(
+                %error,
+                "could not read the active model catalog version; starting on the built-in catalog (version 0) and retrying every poll interval"
+            ),
+        }
         let queue = match &config.queue {
             Some(q) => {
                 let jobs = config
@@ -112,6 +136,7 @@ impl App {
             stores,
             prom,
             queue,
+            catalog,
         })
     }
 
@@ -120,6 +145,7 @@ impl App {
     pub fn server_parts(&self, with_worker: bool) -> Result<ServerParts, AppError> {
         let mut backends = Backends::of(&self.stores);
         backends.jobs = self.queue.clone();
+        backends.catalog = Some(self.catalog.clone());
         if with_worker {
             let Some(queue) = &self.config.queue else {
                 return Err(AppError::NoQueue);
@@ -152,9 +178,16 @@ impl App {
             ProviderSetup::Real { .. } => self.engine.providers_description().to_owned(),
         };
         let rates = self.config.provider_rates;
+        let catalog = self.engine.catalog();
         vec![
             format!("providers {providers}"),
             format!("metrics store {}", self.stores.description),
+            format!(
+                "model catalog version {} ({}; checked every {} ms, KEYVEX_CATALOG_POLL_MS)",
+                catalog.version(),
+                catalog.label(),
+                self.config.catalog_poll.as_millis()
+            ),
             format!(
                 "limits per process: {} requests and {} tokens per minute per provider, {} requests per hour per API key and endpoint",
                 rates.requests_per_minute,

@@ -133,6 +133,11 @@ pub const MODELS_FILE: Setting = setting(
     "providers.models_file",
     "model catalog JSON to use instead of the embedded models/default-models.json",
 );
+pub const CATALOG_POLL: Setting = setting(
+    "KEYVEX_CATALOG_POLL_MS",
+    "providers.catalog_poll_ms",
+    "how often servers and workers read which model catalog version is active in the store (default 5000, so an activation is noticed within 10 s)",
+);
 pub const CONNECT_TIMEOUT: Setting = setting(
     "KEYVEX_CONNECT_TIMEOUT_MS",
     "providers.connect_timeout_ms",
@@ -297,6 +302,7 @@ pub const SETTINGS: &[Setting] = &[
     SIM_SEED,
     SIM_PROFILE,
     MODELS_FILE,
+    CATALOG_POLL,
     CONNECT_TIMEOUT,
     TTFT_TIMEOUT,
     STALL_TIMEOUT,
@@ -377,6 +383,8 @@ pub struct Config {
     /// The Anthropic API version of every Anthropic model that does not name its own.
     pub anthropic_version: AnthropicVersion,
     pub models_file: Option<PathBuf>,
+    /// Between two reads of the store's active catalog version.
+    pub catalog_poll: Duration,
     pub connect_timeout: Duration,
     pub ttft_timeout: Duration,
     pub stall_timeout: Duration,
@@ -639,6 +647,13 @@ impl Config {
             providers,
             anthropic_version,
             models_file: src.text(&MODELS_FILE).map(PathBuf::from),
+            catalog_poll: src.parsed(&CATALOG_POLL, Duration::from_secs(5), |v| {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|ms| (50..=600_000).contains(ms))
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| "expected whole milliseconds between 50 and 600000".to_owned())
+            })?,
             connect_timeout,
             ttft_timeout: src.millis(&TTFT_TIMEOUT, 20_000)?,
             stall_timeout: src.millis(&STALL_TIMEOUT, 30_000)?,
@@ -892,6 +907,7 @@ mod tests {
             ("KEYVEX_TTFT_TIMEOUT_MS", "soon"),
             ("KEYVEX_WORKER_CONCURRENCY", "zero"),
             ("KEYVEX_METRICS_FLUSH_MS", "0"),
+            ("KEYVEX_CATALOG_POLL_MS", "10"),
             ("SQS_AI_PROCESSING_QUEUE_URL", "queue"),
         ] {
             let e = Config::load(&MapEnv::new([(name, value)]), None)

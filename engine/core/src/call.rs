@@ -156,16 +156,20 @@ impl Calls {
         request: RouteRequest,
         options: RouteOptions,
     ) -> Result<CallStream, RouteError> {
+        // One snapshot for the whole call: the route is priced with this catalog, and its
+        // record says which version that was, even if another is activated meanwhile.
+        let catalog = self.shared.router.catalog();
         let books = Arc::new(Books {
             shared: Arc::clone(&self.shared),
             ctx: ctx.clone(),
             process: target.process(),
+            catalog_version: catalog.version(),
         });
         let observer: Arc<dyn RouteObserver> = books.clone();
-        let route = self
-            .shared
-            .router
-            .open(target, request, options, Some(observer))?;
+        let route =
+            self.shared
+                .router
+                .open_on(&catalog, target, request, options, Some(observer))?;
         Ok(CallStream { route, books })
     }
 
@@ -180,6 +184,8 @@ struct Books {
     shared: Arc<Shared>,
     ctx: CallContext,
     process: Option<Process>,
+    /// The catalog version the route opened on (and was priced with).
+    catalog_version: u64,
 }
 
 impl Books {
@@ -193,6 +199,7 @@ impl Books {
             .unwrap_or_default();
         let mut receipts = Vec::with_capacity(records.len());
         for record in records {
+            let record = record.with_catalog_version(self.catalog_version);
             for observer in &self.shared.observers {
                 observer.on_record(&record);
             }

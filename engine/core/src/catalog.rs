@@ -3,6 +3,13 @@
 //! Loaded from `models/default-models.json` (embedded at build time) or from a file given by
 //! path. Everything is checked at load: a bad catalog stops the process at start with an error
 //! naming the file and the key, never later in the middle of a request.
+//!
+//! A catalog can also be a numbered version kept in the store and swapped in while the engine
+//! runs; the catalog a process starts with is version 0. `diff` compares two catalogs, `fit`
+//! tells whether this engine can serve a version as written.
+
+pub mod diff;
+pub mod fit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -87,7 +94,12 @@ impl std::fmt::Display for UnsentTemperature {
 #[derive(Debug, Clone)]
 pub struct Catalog {
     source: String,
-    version: String,
+    /// The file's own `version` field: a label for people, not the store's version number.
+    label: String,
+    /// The store's version number; 0 for the catalog the process started with.
+    version: u64,
+    /// When this version became the active one (unix ms), where known.
+    activated_at_ms: Option<u64>,
     models: Vec<ModelSpec>,
     by_id: HashMap<String, usize>,
     processes: BTreeMap<Process, ProcessRoute>,
@@ -260,7 +272,9 @@ impl Catalog {
 
         Ok(Catalog {
             source: file.to_owned(),
-            version: raw.version,
+            label: raw.version,
+            version: 0,
+            activated_at_ms: None,
             models,
             by_id,
             processes,
@@ -272,8 +286,28 @@ impl Catalog {
         &self.source
     }
 
-    pub fn version(&self) -> &str {
-        &self.version
+    /// The file's `version` field (e.g. `2026-11-25`): a label chosen by whoever wrote it.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The store's version number of this catalog: 0 for the one the process started with
+    /// (embedded or `KEYVEX_MODELS_FILE`), 1, 2, … for versions published to the store.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// When this version became the active one (unix ms); `None` for a catalog that was never
+    /// activated in a store (version 0 from the start).
+    pub fn activated_at_ms(&self) -> Option<u64> {
+        self.activated_at_ms
+    }
+
+    /// This catalog as store version `version`, active since `activated_at_ms`.
+    pub fn as_version(mut self, version: u64, activated_at_ms: Option<u64>) -> Catalog {
+        self.version = version;
+        self.activated_at_ms = activated_at_ms;
+        self
     }
 
     pub fn models(&self) -> &[ModelSpec] {

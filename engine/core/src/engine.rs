@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 
 use crate::agent_run::{AgentEvent, SessionWrites, run_agent};
 use crate::call::{CallContext, CallStream, Calls};
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, fit};
 use crate::limits::{Allowance, CallerLimited, CallerLimits, ProviderRates, Rate};
 use crate::pipeline::{PipelineEvent, PipelineInput, run_pipeline};
 use crate::provider::anthropic::AnthropicProvider;
@@ -39,6 +39,19 @@ pub enum EngineError {
         "no recorder: every model call is recorded, so give the builder one (`.recorder(…)`: the metrics tracker of keyvex-store, or your own `Recorder`)"
     )]
     NoRecorder,
+}
+
+/// Why a catalog version was not put in force on an engine: serving it here would take away a
+/// model this replica serves now (see `catalog::fit`). The engine keeps the version it has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "model catalog version {version} cannot be served here as written: {}; this replica stays on version {kept}",
+    problems.join("; ")
+)]
+pub struct CatalogRefused {
+    pub version: u64,
+    pub kept: u64,
+    pub problems: Vec<String>,
 }
 
 /// A provider simulator the engine points both providers at and stops on shutdown (the
@@ -108,7 +121,8 @@ pub struct Engine {
 
 struct Inner {
     calls: Calls,
-    catalog: Arc<Catalog>,
+    /// Serialises catalog swaps (the check and the swap are one step); calls never take it.
+    swapping: Mutex<()>,
     caller_limits: Option<CallerLimits>,
     providers_description: String,
     simulator: Mutex<Option<Box<dyn Simulator>>>,
@@ -194,8 +208,33 @@ impl Engine {
         self.inner.calls.open(ctx, target, request, options)
     }
 
-    pub fn catalog(&self) -> &Catalog {
-        &self.inner.catalog
+    /// The catalog in force now. A snapshot: each call takes one when it opens and keeps it to
+    /// its end, so [`Engine::swap_catalog`] never changes a call in flight.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.inner.calls.router().catalog()
+    }
+
+    /// Puts `next` in force for the calls opened from now on, atomically; calls in flight
+    /// finish on (and are costed with) the version they started with. Refused, changing
+    /// nothing, when `next` would route a process here to a provider this engine has no key
+    /// for where the catalog in force does not. Returns the catalog it replaced.
+    pub fn swap_catalog(&self, next: Catalog) -> Result<Arc<Catalog>, CatalogRefused> {
+        let _one_at_a_time = self
+            .inner
+            .swapping
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let router = self.router();
+        let current = router.catalog();
+        let problems = fit::regressions(&current, &next, |kind| router.has_provider(kind));
+        if !problems.is_empty() {
+            return Err(CatalogRefused {
+                version: next.version(),
+                kept: current.version(),
+                problems,
+            });
+        }
+        Ok(router.replace_catalog(Arc::new(next)))
     }
 
     /// The router (tests, benches and health pages read its breakers and settings).
@@ -470,11 +509,11 @@ impl EngineBuilder {
             ),
             None => described.join(", "),
         };
-        let router = Router::new(Arc::clone(&catalog), providers, self.router);
+        let router = Router::new(catalog, providers, self.router);
         Ok(Engine {
             inner: Arc::new(Inner {
                 calls: Calls::new(router, recorder, self.observers),
-                catalog,
+                swapping: Mutex::new(()),
                 caller_limits: self.caller_rate.map(CallerLimits::new),
                 providers_description,
                 simulator: Mutex::new(self.simulator),

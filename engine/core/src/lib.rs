@@ -36,7 +36,9 @@ pub use agent_run::{AgentError, AgentEvent, AgentOutcome, CallUsage};
 pub use call::{CallContext, CallEvent, CallStream};
 pub use catalog::Catalog;
 pub use cost::Cost;
-pub use engine::{AgentStream, Engine, EngineBuilder, EngineError, PipelineStream, Simulator};
+pub use engine::{
+    AgentStream, CatalogRefused, Engine, EngineBuilder, EngineError, PipelineStream, Simulator,
+};
 pub use pipeline::{PipelineEvent, PipelineInput, RunRollup, StageRollup};
 pub use record::{
     CallObserver, Receipt, RecordError, Recorded, Recorder, RequestRecord, RequestStatus,

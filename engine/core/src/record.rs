@@ -103,6 +103,10 @@ pub struct RequestRecord {
     pub stage: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
+    /// The model catalog version whose prices costed the call (0: the catalog the process
+    /// started with; records written before versions existed read as 0).
+    #[serde(default)]
+    pub catalog_version: u64,
 }
 
 impl RequestRecord {
@@ -137,7 +141,13 @@ impl RequestRecord {
             run_id: None,
             stage: None,
             session_id: None,
+            catalog_version: 0,
         }
+    }
+
+    pub fn with_catalog_version(mut self, version: u64) -> Self {
+        self.catalog_version = version;
+        self
     }
 
     pub fn with_request_id(mut self, id: &str) -> Self {

@@ -54,6 +54,9 @@ pub enum ApiError {
     /// request cannot help, which a 5xx would invite SDKs to do.
     #[error("{message}")]
     Rejected { code: String, message: String },
+    /// The request conflicts with the state of what it names (e.g. nothing to roll back to).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
     #[error("the server is shutting down and accepts no new work; retry against another instance")]
     ShuttingDown,
     /// A part the route needs is not configured or not reachable (the queue, the store).
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::BadRequest { .. } | ApiError::Rejected { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -104,6 +108,7 @@ impl ApiError {
             ApiError::Forbidden(_) => ("permission_error", "forbidden"),
             ApiError::NotFound { code, .. } => ("not_found_error", code),
             ApiError::BadRequest { code, .. } => ("invalid_request_error", code),
+            ApiError::Conflict { code, .. } => ("invalid_request_error", code),
             ApiError::PayloadTooLarge { .. } => ("invalid_request_error", "payload_too_large"),
             ApiError::UnsupportedMediaType => ("invalid_request_error", "unsupported_media_type"),
             ApiError::RateLimited(_) => ("rate_limit_error", "rate_limit_exceeded"),

@@ -8,6 +8,7 @@
 //! worker live here too (`queue`). See `docs/API.md` for the wire contract.
 
 pub mod auth;
+pub mod catalog_sync;
 pub mod config;
 pub mod dashboard;
 pub mod error;
@@ -79,6 +80,7 @@ fn admin_routes() -> axum::Router<AppState> {
     axum::Router::new()
         .merge(routes::health::admin_routes())
         .merge(routes::admin::admin_routes())
+        .merge(routes::admin_models::admin_routes())
 }
 
 /// Builds the axum app: public health routes, authenticated API routes with per-caller limits,
@@ -217,6 +219,9 @@ impl Server {
     ///    so both end before the flush);
     /// 5. shut the engine down: flush metrics within `metrics_flush_timeout`, then stop the
     ///    in-process simulator, if any (the worker's jobs used it until step 4).
+    ///
+    /// While it serves, the catalog poller (when the backends have one) keeps the engine on the
+    /// store's active catalog version; it stops with step 1.
     pub async fn run(
         self,
         signal: impl Future<Output = ()> + Send + 'static,
@@ -229,6 +234,9 @@ impl Server {
         let stop_accepting = CancellationToken::new();
         let tasks = TaskTracker::new();
         let worker_stop = stop_accepting.child_token();
+        if let Some(sync) = state.backends().catalog.clone() {
+            tasks.spawn(sync.run(stop_accepting.child_token()));
+        }
         if let Some(worker) = worker {
             let handle = worker.spawn(&tasks, worker_stop);
             // Watched at once, so a worker that cannot start (an unreachable queue) is reported

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::request_id::{MakeRequestId, RequestId};
 
 use crate::auth::ApiKeys;
+use crate::catalog_sync::CatalogSync;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::prom::ServerMetrics;
@@ -37,6 +38,9 @@ pub struct Backends {
     pub jobs: Option<JobsCtx>,
     /// Run a queue worker inside the server (`serve --with-worker`); needs `jobs`.
     pub worker: Option<WorkerConfig>,
+    /// `/v1/admin/models*`, and the poller that keeps the engine on the store's active catalog
+    /// version (it must follow the engine the server is given).
+    pub catalog: Option<CatalogSync>,
 }
 
 impl Backends {
@@ -47,6 +51,7 @@ impl Backends {
             sessions: Some(stores.sessions.clone()),
             jobs: None,
             worker: None,
+            catalog: None,
         }
     }
 }

@@ -28,7 +28,14 @@ pub const DEFAULT_RANGE_MS: u64 = 86_400_000;
 pub const DEFAULT_SESSION_LIMIT: usize = 20;
 pub const MAX_SESSION_LIMIT: usize = 100;
 const MAX_ID_CHARS: usize = 256;
-const METRICS_PARAMS: &[&str] = &["from", "to", "groupBy", "process", "provider"];
+const METRICS_PARAMS: &[&str] = &[
+    "from",
+    "to",
+    "groupBy",
+    "process",
+    "provider",
+    "catalogVersion",
+];
 const RANGE_PARAMS: &[&str] = &["from", "to"];
 const SESSION_LIST_PARAMS: &[&str] = &["limit"];
 
@@ -82,7 +89,8 @@ impl AdminError {
     }
 }
 
-/// Restricts metrics to one process and/or provider (DynamoDB then queries GSI1/GSI2).
+/// Restricts metrics to one process and/or provider (DynamoDB then queries GSI1/GSI2), and/or
+/// to the calls priced by one model catalog version.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MetricsFilter {
@@ -90,6 +98,8 @@ pub struct MetricsFilter {
     pub process: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catalog_version: Option<u64>,
 }
 
 /// Validated parameters of the metrics and alerts endpoints.
@@ -172,6 +182,15 @@ fn parse_with(
         process: get("process").map(|v| parse_id("process", v)).transpose()?,
         provider: get("provider")
             .map(|v| parse_id("provider", v))
+            .transpose()?,
+        catalog_version: get("catalogVersion")
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| AdminError::InvalidParam {
+                    name: "catalogVersion",
+                    value: v.to_owned(),
+                    expected: "a model catalog version number (0, 1, 2, …)".to_owned(),
+                })
+            })
             .transpose()?,
     };
     Ok(AdminQuery {
@@ -352,10 +371,21 @@ impl MetricsReader {
         filter: &MetricsFilter,
     ) -> Result<Vec<RequestRecord>, StoreError> {
         let (process, provider) = (filter.process.as_deref(), filter.provider.as_deref());
-        match &self.backend {
-            Backend::Sqlite(s) => s.requests_filtered(from_ms, to_ms, process, provider).await,
-            Backend::Dynamo(d) => d.requests_filtered(from_ms, to_ms, process, provider).await,
+        let mut records = match &self.backend {
+            Backend::Sqlite(s) => {
+                s.requests_filtered(from_ms, to_ms, process, provider)
+                    .await?
+            }
+            Backend::Dynamo(d) => {
+                d.requests_filtered(from_ms, to_ms, process, provider)
+                    .await?
+            }
+        };
+        // Neither store has an index on the version; the range is read either way.
+        if let Some(version) = filter.catalog_version {
+            records.retain(|r| r.catalog_version == version);
         }
+        Ok(records)
     }
 }
 
@@ -368,7 +398,7 @@ fn to_json<T: Serialize>(value: &T) -> Result<Value, AdminError> {
     })
 }
 
-/// `GET /admin/metrics?from&to&groupBy&process&provider`.
+/// `GET /admin/metrics?from&to&groupBy&process&provider&catalogVersion`.
 pub async fn metrics_json(
     reader: &MetricsReader,
     params: &HashMap<String, String>,
@@ -493,9 +523,14 @@ mod tests {
         assert!(e.contains("at most 93 days"), "{e}");
         let e = err(&[("group_by", "day")]);
         assert!(
-            e.contains("\"group_by\"") && e.contains("from, to, groupBy, process, provider"),
+            e.contains("\"group_by\"")
+                && e.contains("from, to, groupBy, process, provider, catalogVersion"),
             "{e}"
         );
+        let e = err(&[("catalogVersion", "latest")]);
+        assert!(e.contains("catalogVersion=\"latest\""), "{e}");
+        let q = AdminQuery::parse_at(&params(&[("catalogVersion", "3")]), NOW).unwrap();
+        assert_eq!(q.filter.catalog_version, Some(3));
         let e = AdminQuery::parse_range_at(&params(&[("groupBy", "day")]), NOW)
             .unwrap_err()
             .to_string();

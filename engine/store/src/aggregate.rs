@@ -22,10 +22,13 @@ pub enum GroupBy {
     /// UTC minute of the request's start, `yyyy-mm-ddThh:mm` (the dashboard's series for ranges
     /// of a few hours, where hourly buckets would be two or three points).
     Minute,
+    /// The model catalog version that priced the request (`0`, `1`, …).
+    #[serde(rename = "catalogVersion")]
+    CatalogVersion,
 }
 
 impl GroupBy {
-    pub const ALL: [GroupBy; 7] = [
+    pub const ALL: [GroupBy; 8] = [
         GroupBy::Process,
         GroupBy::Provider,
         GroupBy::Model,
@@ -33,6 +36,7 @@ impl GroupBy {
         GroupBy::Hour,
         GroupBy::User,
         GroupBy::Minute,
+        GroupBy::CatalogVersion,
     ];
 
     /// The query-parameter spelling (same as the serialized one).
@@ -45,6 +49,7 @@ impl GroupBy {
             GroupBy::Hour => "hour",
             GroupBy::User => "user",
             GroupBy::Minute => "minute",
+            GroupBy::CatalogVersion => "catalogVersion",
         }
     }
 
@@ -58,6 +63,7 @@ impl GroupBy {
             GroupBy::Hour => crate::entry::iso_ts(rec.timestamp_ms)[..13].to_owned(),
             GroupBy::User => rec.user_id.clone(),
             GroupBy::Minute => crate::entry::iso_ts(rec.timestamp_ms)[..16].to_owned(),
+            GroupBy::CatalogVersion => rec.catalog_version.to_string(),
         }
     }
 }

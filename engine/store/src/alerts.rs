@@ -1,5 +1,6 @@
 //! Alert rules (cost per day, cost per request, average latency, error rate), evaluated
-//! incrementally as records reach the ledger.
+//! incrementally as records reach the ledger; and the one alert raised from outside the
+//! metrics path, a model catalog version a replica could not load ([`Alert::catalog_load`]).
 //!
 //! Each rule raises **one** alert per breach episode: it fires when the metric crosses its
 //! threshold and stays quiet until the metric has recovered, so a bad hour is one alert, not
@@ -23,14 +24,18 @@ pub enum AlertType {
     CostPerRequest,
     AvgLatency,
     ErrorRate,
+    /// A replica could not load the model catalog version activated in the store and stays
+    /// on its last good one.
+    CatalogLoad,
 }
 
 impl AlertType {
-    pub const ALL: [AlertType; 4] = [
+    pub const ALL: [AlertType; 5] = [
         AlertType::CostPerDay,
         AlertType::CostPerRequest,
         AlertType::AvgLatency,
         AlertType::ErrorRate,
+        AlertType::CatalogLoad,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,13 +44,17 @@ impl AlertType {
             AlertType::CostPerRequest => "cost_per_request",
             AlertType::AvgLatency => "avg_latency",
             AlertType::ErrorRate => "error_rate",
+            AlertType::CatalogLoad => "catalog_load",
         }
     }
 
-    /// Money rules are critical (they cost real dollars); quality rules warn.
+    /// Money rules are critical (they cost real dollars), and so is a replica left on another
+    /// catalog version than the fleet (it routes and prices differently); quality rules warn.
     pub fn severity(self) -> Severity {
         match self {
-            AlertType::CostPerDay | AlertType::ErrorRate => Severity::Critical,
+            AlertType::CostPerDay | AlertType::ErrorRate | AlertType::CatalogLoad => {
+                Severity::Critical
+            }
             AlertType::CostPerRequest | AlertType::AvgLatency => Severity::Warning,
         }
     }
@@ -79,11 +88,34 @@ pub struct Alert {
     /// Unix milliseconds of the record that crossed the threshold (its end time).
     pub timestamp_ms: u64,
     /// The metric's value when it crossed, in the threshold's unit (USD, ms or a 0..1 rate).
+    /// For `catalog_load`: the version that could not be loaded.
     pub observed: f64,
+    /// For `catalog_load`: the version the replica stays on.
     pub threshold: f64,
     pub message: String,
-    /// The request that crossed the threshold.
+    /// The request that crossed the threshold; empty for `catalog_load`.
+    #[serde(default)]
     pub request_id: String,
+}
+
+impl Alert {
+    /// A replica could not load catalog `version` and stays on `kept`; `reason` says why.
+    pub fn catalog_load(version: u64, kept: u64, reason: &str, at_ms: u64) -> Alert {
+        let alert_type = AlertType::CatalogLoad;
+        Alert {
+            alert_id: uuid::Uuid::now_v7().to_string(),
+            alert_type,
+            severity: alert_type.severity(),
+            timestamp_ms: at_ms,
+            observed: version as f64,
+            threshold: kept as f64,
+            message: format!(
+                "model catalog version {version} could not be loaded on this replica (process {}), which stays on version {kept}: {reason}",
+                std::process::id()
+            ),
+            request_id: String::new(),
+        }
+    }
 }
 
 /// Thresholds; the defaults are the Keyvex platform's alarms: $100 per day, $1.00 per request,

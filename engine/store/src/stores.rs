@@ -1,12 +1,14 @@
 //! The one place the SQLite-or-DynamoDB choice is made: [`StoreConfig`] names the store,
 //! [`Stores::open`] opens what every server and command uses — the metrics tracker (its ledger
-//! and the sink it ships to), the admin metrics reader and the session store — and
-//! [`StoreConfig::open_jobs`] the job table, for the processes that have a queue.
+//! and the sink it ships to), the admin metrics reader, the session store and the model catalog
+//! versions — [`StoreConfig::open_jobs`] the job table, for the processes that have a queue,
+//! and [`StoreConfig::open_catalogs`] the catalog versions alone (`keyvex models`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::admin::MetricsReader;
+use crate::catalog_store::{CatalogVersions, DynamoCatalogs, SqliteCatalogs};
 use crate::dynamo::{DynamoStore, client};
 use crate::entry::{Sink, StoreError};
 use crate::error::MetricsError;
@@ -41,6 +43,22 @@ impl StoreConfig {
         }
     }
 
+    /// The model catalog versions, without the metrics tracker (the `keyvex models` commands).
+    pub async fn open_catalogs(&self) -> Result<CatalogVersions, StoreError> {
+        Ok(match self {
+            StoreConfig::Sqlite { path } => {
+                let path = path.clone();
+                let catalogs = tokio::task::spawn_blocking(move || SqliteCatalogs::open(&path))
+                    .await
+                    .map_err(|e| StoreError::Task(e.to_string()))??;
+                CatalogVersions::sqlite(catalogs)
+            }
+            StoreConfig::Dynamo { table, endpoint } => CatalogVersions::dynamo(
+                DynamoCatalogs::new(client(endpoint.as_deref()).await, table),
+            ),
+        })
+    }
+
     /// The job table of the AI-processing queue (the server's job routes, the worker, `keyvex
     /// queue`). Opened only where a queue is configured: on SQLite it is one more connection.
     pub async fn open_jobs(&self) -> Result<JobStore, StoreError> {
@@ -68,6 +86,8 @@ pub struct Stores {
     pub metrics: MetricsReader,
     /// Sessions, including messages still waiting in the ledger.
     pub sessions: SessionStore,
+    /// The model catalog versions and which one is active.
+    pub catalogs: CatalogVersions,
     pub description: String,
 }
 
@@ -84,11 +104,18 @@ impl Stores {
                         .await
                         .map_err(|e| StoreError::Task(e.to_string()))??
                 };
+                let catalogs = {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || SqliteCatalogs::open(&path))
+                        .await
+                        .map_err(|e| StoreError::Task(e.to_string()))??
+                };
                 tracing::info!(path = %path.display(), "metrics stored in embedded SQLite");
                 let parts = Parts {
                     sink: Arc::new(db.clone()),
                     metrics: MetricsReader::sqlite(db.clone()),
                     sessions: SessionStore::sqlite(db),
+                    catalogs: CatalogVersions::sqlite(catalogs),
                 };
                 Stores::start(parts, metrics, store.describe()).await
             }
@@ -111,11 +138,13 @@ impl Stores {
         table: &str,
         metrics: MetricsConfig,
     ) -> Result<Stores, MetricsError> {
+        let catalogs = CatalogVersions::dynamo(DynamoCatalogs::new(client.clone(), table));
         let db = DynamoStore::new(client, table);
         let parts = Parts {
             sink: Arc::new(db.clone()),
             metrics: MetricsReader::dynamo(db.clone()),
             sessions: SessionStore::dynamo(db),
+            catalogs,
         };
         Stores::start(parts, metrics, format!("DynamoDB table {table}")).await
     }
@@ -133,6 +162,7 @@ impl Stores {
                 .with_health(tracker.clone())
                 .with_alert_config(&alerts),
             sessions: parts.sessions.with_pending(Arc::new(tracker.clone())),
+            catalogs: parts.catalogs,
             tracker,
             description,
         })
@@ -144,4 +174,5 @@ struct Parts {
     sink: Arc<dyn Sink>,
     metrics: MetricsReader,
     sessions: SessionStore,
+    catalogs: CatalogVersions,
 }

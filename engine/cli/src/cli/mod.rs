@@ -3,6 +3,7 @@
 mod agent;
 mod complete;
 mod demo;
+mod models;
 mod oneshot;
 mod pipeline;
 mod queue;
@@ -47,6 +48,8 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Fill the metrics store with deterministic sample traffic for the admin dashboard.
     DemoTraffic(demo::DemoArgs),
+    /// Model catalog versions in the store: publish, list, show, diff, activate, rollback.
+    Models(models::ModelsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -86,6 +89,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DemoTraffic(args) => {
             init_logging("warn");
             demo::run(args).await
+        }
+        Command::Models(args) => {
+            init_logging("warn");
+            models::run(args).await
         }
     }
 }

@@ -50,6 +50,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     };
     let worker = Worker::new(ctx, app.engine.clone(), worker_config);
     let cancel = CancellationToken::new();
+    // Jobs are routed and priced with the store's active catalog version, like the API's calls.
+    let catalog_poller = tokio::spawn(app.catalog.clone().run(cancel.child_token()));
     tokio::spawn({
         let cancel = cancel.clone();
         async move {
@@ -59,7 +61,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         }
     });
     eprintln!("keyvex: worker polling {}", queue.queue_url);
-    let result = worker.run(cancel).await;
+    let result = worker.run(cancel.clone()).await;
+    cancel.cancel();
+    let _ = catalog_poller.await;
 
     let report = app.shutdown(Duration::from_secs(10)).await;
     if report.left_in_ledger > 0 {

@@ -11,5 +11,6 @@
 mod cli_support;
 mod demo_traffic;
 mod durability;
+mod models;
 mod pipeline;
 mod worker;

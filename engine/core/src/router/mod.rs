@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use agents::Process;
+use arc_swap::ArcSwap;
 use futures::Stream;
 use pin_project_lite::pin_project;
 
@@ -213,7 +214,9 @@ pub struct Router {
 
 /// What every route of one router shares.
 struct Shared {
-    catalog: Arc<Catalog>,
+    /// The catalog in force. Each route loads it once when it opens and keeps that snapshot,
+    /// so swapping in a new version never changes a route already open.
+    catalog: ArcSwap<Catalog>,
     providers: Providers,
     config: RouterConfig,
     breakers: breaker::Breakers,
@@ -234,7 +237,7 @@ impl Router {
         };
         Self {
             inner: Arc::new(Shared {
-                catalog,
+                catalog: ArcSwap::new(catalog),
                 providers,
                 breakers: breaker::Breakers::new(config.breaker),
                 budget: RetryBudget::new(config.budget),
@@ -244,8 +247,20 @@ impl Router {
         }
     }
 
-    pub fn catalog(&self) -> &Catalog {
-        &self.inner.catalog
+    /// The catalog in force now (a snapshot: a later swap does not change it).
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.inner.catalog.load_full()
+    }
+
+    /// Makes `catalog` the one routes open on from now; routes already open keep theirs.
+    /// Returns the catalog it replaced.
+    pub fn replace_catalog(&self, catalog: Arc<Catalog>) -> Arc<Catalog> {
+        self.inner.catalog.swap(catalog)
+    }
+
+    /// Whether calls to `kind`'s models can be made (its provider is configured).
+    pub fn has_provider(&self, kind: crate::stream::ProviderKind) -> bool {
+        self.inner.providers.get(kind).is_some()
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -271,13 +286,29 @@ impl Router {
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
     ) -> Result<RouteStream, RouteError> {
+        self.open_on(&self.catalog(), target, request, options, observer)
+    }
+
+    /// [`Router::open`] on a catalog snapshot the caller took (so it can record which version
+    /// the route was priced with).
+    #[expect(
+        clippy::result_large_err,
+        reason = "RouteError keeps the API's shape (ProviderError inline); errors are once per request"
+    )]
+    pub fn open_on(
+        &self,
+        catalog: &Catalog,
+        target: &CallTarget,
+        request: RouteRequest,
+        options: RouteOptions,
+        observer: Option<Arc<dyn RouteObserver>>,
+    ) -> Result<RouteStream, RouteError> {
         let model_id = match target {
             CallTarget::Process(process) => {
-                return Ok(self.open_process(*process, request, options, observer));
+                return Ok(self.open_process_on(catalog, *process, request, options, observer));
             }
             CallTarget::Model(model_id) => model_id,
         };
-        let catalog = &self.inner.catalog;
         let Some(model) = catalog.model(model_id) else {
             return Err(RouteError::UnknownModel {
                 model: model_id.clone(),
@@ -304,7 +335,17 @@ impl Router {
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
     ) -> RouteStream {
-        let catalog = &self.inner.catalog;
+        self.open_process_on(&self.catalog(), process, request, options, observer)
+    }
+
+    fn open_process_on(
+        &self,
+        catalog: &Catalog,
+        process: Process,
+        request: RouteRequest,
+        options: RouteOptions,
+        observer: Option<Arc<dyn RouteObserver>>,
+    ) -> RouteStream {
         let route = catalog.route(process);
         let models: Vec<&ModelSpec> = [&route.primary, &route.fallback]
             .into_iter()
@@ -369,7 +410,7 @@ impl Router {
 impl fmt::Debug for Router {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Router")
-            .field("catalog", &self.inner.catalog.source())
+            .field("catalog", &self.inner.catalog.load().source())
             .field("providers", &self.inner.providers)
             .field("config", &self.inner.config)
             .finish()

@@ -51,7 +51,7 @@ async fn setup(config: SimConfig) -> Setup {
         .unwrap();
     Setup {
         sim,
-        catalog: Arc::new(engine.catalog().clone()),
+        catalog: engine.catalog(),
         engine,
         recorder,
     }

@@ -453,3 +453,91 @@ async fn the_simulator_given_to_the_builder_is_stopped_by_shutdown() {
         .await;
     assert!(refused.is_err(), "the simulator is stopped");
 }
+
+/// A catalog version swapped in while a call is open: the open call finishes on the version it
+/// started with and is costed with its prices; the next call routes and prices with the new one.
+/// A version that would move a primary to a provider this engine has no key for is refused and
+/// changes nothing.
+#[tokio::test]
+async fn a_swapped_catalog_applies_to_the_next_call_not_the_open_one() {
+    let sim = fast_sim(16).await;
+    let recorder = MemoryRecorder::new();
+    let engine = engine(&sim, &recorder);
+    assert_eq!(engine.catalog().version(), 0);
+    let mut v: serde_json::Value = serde_json::from_str(EMBEDDED_CATALOG).unwrap();
+    v["models"][2]["pricing"]["outputPerMTok"] = 9.0.into();
+    v["processes"]["styleMaster"]["primary"] = "gpt-5.4".into();
+    let next = Catalog::parse(&v.to_string(), "v1.json")
+        .unwrap()
+        .as_version(1, Some(1_764_000_000_000));
+
+    let ctx = CallContext::new("frank");
+    let target = CallTarget::Process(Process::StyleMaster);
+    let mut open = engine
+        .chat(&ctx, &target, request("palette"), RouteOptions::default())
+        .unwrap();
+    // The open call has started on version 0 (its first event is out) when the swap happens.
+    let first = open.next().await.unwrap();
+    assert!(
+        matches!(first, CallEvent::Start { ref model, .. } if model == "gpt-5.4-mini"),
+        "{first:?}"
+    );
+    let previous = engine.swap_catalog(next.clone()).unwrap();
+    assert_eq!(previous.version(), 0);
+    assert_eq!(engine.catalog().activated_at_ms(), Some(1_764_000_000_000));
+    while open.next().await.is_some() {}
+    let mut second = engine
+        .chat(&ctx, &target, request("palette"), RouteOptions::default())
+        .unwrap();
+    while second.next().await.is_some() {}
+
+    let records = recorder.wait_for_records(2, Duration::from_secs(5)).await;
+    let v0 = Catalog::embedded().unwrap();
+    let priced = |catalog: &Catalog, r: &keyvex_engine::RequestRecord| {
+        let usage = keyvex_engine::Usage {
+            input: r.input_tokens,
+            cached_input: r.cached_input_tokens,
+            cache_write: r.cache_write_tokens,
+            output: r.output_tokens,
+        };
+        keyvex_engine::cost::cost(&usage, &catalog.model(&r.model).unwrap().pricing).pico_usd()
+    };
+    assert_eq!(
+        (records[0].catalog_version, records[0].model.as_str()),
+        (0, "gpt-5.4-mini")
+    );
+    assert_eq!(records[0].cost_pico_usd, priced(&v0, &records[0]));
+    assert_eq!(
+        (records[1].catalog_version, records[1].model.as_str()),
+        (1, "gpt-5.4")
+    );
+    assert_eq!(records[1].cost_pico_usd, priced(&next, &records[1]));
+
+    // An engine with only OpenAI refuses a version that moves Logic Architect's primary (on
+    // OpenAI now) to Anthropic, and keeps its catalog.
+    let openai_only = Engine::builder()
+        .openai_at(&sim.base_url(), "sim-key")
+        .recorder(recorder.clone())
+        .build()
+        .unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(EMBEDDED_CATALOG).unwrap();
+    v["processes"]["logicArchitect"]["primary"] = "claude-sonnet-4-6".into();
+    v["processes"]["logicArchitect"]["fallback"] = "gpt-5.4".into();
+    let moved = Catalog::parse(&v.to_string(), "v2.json")
+        .unwrap()
+        .as_version(2, None);
+    let refused = openai_only.swap_catalog(moved).unwrap_err();
+    assert_eq!((refused.version, refused.kept), (2, 0));
+    assert!(
+        refused
+            .to_string()
+            .contains("processes.logicArchitect.primary"),
+        "{refused}"
+    );
+    assert_eq!(openai_only.catalog().version(), 0);
+    assert_eq!(
+        openai_only.catalog().route(Process::LogicArchitect).primary,
+        "gpt-5.4"
+    );
+    sim.shutdown().await;
+}

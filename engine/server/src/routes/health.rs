@@ -26,7 +26,9 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// Ready when the catalog is loaded, the metrics ledger keeps up (no unrecovered commit errors)
-/// and the server is not draining.
+/// and the server is not draining. `catalog.version` is the catalog version this replica's calls
+/// are routed and priced with; `catalog.refusedVersion` names an active store version it could
+/// not load (it then stays on its last good one, still ready).
 async fn readyz(State(state): State<AppState>) -> Response {
     let health = state.tracker().health();
     let catalog = state.engine().catalog();
@@ -41,7 +43,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let body = json!({
         "ready": ready,
         "draining": draining,
-        "catalog": { "version": catalog.version(), "models": catalog.models().len() },
+        "catalog": {
+            "version": catalog.version(),
+            "label": catalog.label(),
+            "models": catalog.models().len(),
+            "activatedAtMs": catalog.activated_at_ms(),
+            "refusedVersion": state.backends().catalog.as_ref().and_then(|s| s.refused()).map(|r| r.version),
+        },
         "metrics": {
             "sink": health.sink,
             "ledgerWritable": ledger_ok,

@@ -1,6 +1,7 @@
 //! Route modules; each exposes `routes()` (and admin ones `admin_routes()`).
 
 pub mod admin;
+pub mod admin_models;
 pub mod agents;
 pub mod chat;
 pub mod health;

@@ -271,6 +271,20 @@ async fn run_scenario(c: &Client, addr: SocketAddr, fault: &StoreFault) {
         .unwrap();
     assert_eq!(stored, ADMIN);
 
+    // The catalog version in force, and since when.
+    let line = c
+        .find(Locator::Id("catalog-line"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        line.starts_with("Model catalog version 0 (2026-11-25)")
+            && line.contains("in force since this server started"),
+        "{line}"
+    );
+
     // Cost: spend over time, by process/provider/model, cost-per-request percentiles.
     assert!(data_marks(c, "cost").await >= 10, "cost charts have data");
     assert_eq!(count(c, "#panel-cost svg[data-chart]").await, 5);

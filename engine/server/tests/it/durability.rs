@@ -208,18 +208,22 @@ async fn admin_metrics_from_sqlite_and_dynamo_agree_on_the_same_traffic() {
         MetricsFilter {
             process: Some("magicSpark".into()),
             provider: None,
+            ..MetricsFilter::default()
         },
         MetricsFilter {
             process: Some("direct".into()),
             provider: None,
+            ..MetricsFilter::default()
         },
         MetricsFilter {
             process: None,
             provider: Some("openai".into()),
+            ..MetricsFilter::default()
         },
         MetricsFilter {
             process: None,
             provider: Some("anthropic".into()),
+            ..MetricsFilter::default()
         },
     ];
     let groupings = std::iter::once(None).chain(GroupBy::ALL.into_iter().map(Some));
@@ -243,6 +247,7 @@ async fn admin_metrics_from_sqlite_and_dynamo_agree_on_the_same_traffic() {
             &MetricsFilter {
                 process: Some("direct".into()),
                 provider: None,
+                ..MetricsFilter::default()
             },
         )
         .await

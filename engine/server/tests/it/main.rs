@@ -10,6 +10,7 @@
 )]
 
 mod admin;
+mod catalog;
 mod dashboard;
 mod durability;
 mod jobs;

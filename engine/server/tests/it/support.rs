@@ -10,6 +10,7 @@ use std::time::Duration;
 use aws_sdk_sqs::types::QueueAttributeName;
 use keyvex_engine::limits::{ProviderRates, Rate};
 use keyvex_engine::record::ShutdownReport;
+use keyvex_server::catalog_sync::CatalogSync;
 use keyvex_server::config::{ApiKeySpec, ServerConfig};
 use keyvex_server::prom::ServerMetrics;
 use keyvex_server::queue::JobsCtx;
@@ -17,7 +18,7 @@ use keyvex_server::queue::admin::{self, QueueSettings, QueueUrls};
 use keyvex_server::queue::worker::{WorkerConfig, WorkerCounts};
 use keyvex_server::{Backends, Server, ServerError, ServerParts};
 use keyvex_sim::SimHandle;
-use keyvex_store::{MetricsConfig, StoreConfig, Stores, Tracker};
+use keyvex_store::{CatalogVersions, MetricsConfig, StoreConfig, Stores, Tracker};
 use keyvex_testkit::TempDir;
 use keyvex_testkit::moto::{self, Moto};
 use serde_json::Value;
@@ -84,6 +85,10 @@ pub struct Spec {
     pub queue: Option<Queue>,
     /// A worker inside the server (`serve --with-worker`); needs `queue`.
     pub worker: Option<WorkerConfig>,
+    /// How often the server reads the store's active catalog version (`KEYVEX_CATALOG_POLL_MS`).
+    pub catalog_poll: Duration,
+    /// Only the OpenAI provider is configured (a replica without an Anthropic key).
+    pub openai_only: bool,
 }
 
 fn nz(n: u32) -> NonZeroU32 {
@@ -119,6 +124,8 @@ impl Spec {
             flush: Duration::from_millis(20),
             queue: None,
             worker: None,
+            catalog_poll: Duration::from_secs(5),
+            openai_only: false,
         }
     }
 }
@@ -177,7 +184,8 @@ impl TestServer {
             });
         }
         backends.worker = spec.worker.clone();
-        TestServer::assemble(spec, stores.tracker.clone(), backends, db, dir).await
+        let catalogs = Some(stores.catalogs.clone());
+        TestServer::assemble(spec, stores.tracker.clone(), backends, catalogs, db, dir).await
     }
 
     /// A server that only records into `tracker` (no admin reads, sessions or queue): the
@@ -188,25 +196,44 @@ impl TestServer {
             "a queue needs a job store: use TestServer::sqlite"
         );
         let backends = Backends::default();
-        TestServer::assemble(spec, tracker, backends, ledger.to_owned(), None).await
+        TestServer::assemble(spec, tracker, backends, None, ledger.to_owned(), None).await
     }
 
     async fn assemble(
         spec: Spec,
         tracker: Tracker,
-        backends: Backends,
+        mut backends: Backends,
+        catalogs: Option<CatalogVersions>,
         db: PathBuf,
         dir: Option<TempDir>,
     ) -> TestServer {
         let sim = keyvex_testkit::fast_sim(spec.seed).await;
         let prom = Arc::new(ServerMetrics::new());
-        let engine = keyvex_testkit::sim_engine(&sim)
+        let builder = if spec.openai_only {
+            keyvex_engine::Engine::builder()
+                .router(keyvex_engine::router::RouterConfig {
+                    ttft_timeout: Duration::from_secs(10),
+                    stall_timeout: Duration::from_secs(10),
+                    ..Default::default()
+                })
+                .openai_at(&sim.base_url(), "sim-key")
+        } else {
+            keyvex_testkit::sim_engine(&sim)
+        };
+        let engine = builder
             .recorder(Arc::new(tracker.clone()))
             .observer(prom.clone())
             .caller_rate(spec.caller_rate)
             .provider_rates(spec.provider_rates)
             .build()
             .unwrap();
+        // As `keyvex serve` does: start on the store's active catalog version, then poll.
+        if let Some(catalogs) = catalogs {
+            let sync =
+                CatalogSync::new(catalogs, engine.clone(), tracker.clone(), spec.catalog_poll);
+            sync.refresh().await.unwrap();
+            backends.catalog = Some(sync);
+        }
         let parts = ServerParts {
             engine,
             tracker: tracker.clone(),

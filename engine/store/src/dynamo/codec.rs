@@ -280,6 +280,16 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn the_catalog_version_is_an_attribute_and_old_items_read_as_version_zero() {
+        let item = request_item(&rec(2).with_catalog_version(3));
+        assert_eq!(item["catalogVersion"], AttributeValue::N("3".into()));
+        assert_eq!(request_from_item(&item).unwrap().catalog_version, 3);
+        let mut old = request_item(&rec(2));
+        old.remove("catalogVersion");
+        assert_eq!(request_from_item(&old).unwrap(), rec(2));
+    }
+
+    #[test]
     fn long_errors_are_truncated() {
         let r = rec(1).failed("upstream", &"é".repeat(10_000));
         let item = request_item(&r);

@@ -11,6 +11,13 @@ use super::{Msg, Shared};
 use crate::alerts::AlertEvaluator;
 use crate::entry::{Entry, full_jitter};
 
+fn count_raised_alert(shared: &Shared) {
+    shared
+        .counters
+        .alerts_raised
+        .fetch_add(1, Ordering::Relaxed);
+}
+
 pub(super) async fn ledger_loop(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     shared: Arc<Shared>,
@@ -36,6 +43,12 @@ pub(super) async fn ledger_loop(
                 }
                 Msg::Message(msg, waiter) => {
                     entries.push(Entry::Message(msg));
+                    waiters.push(waiter);
+                }
+                Msg::Alert(alert, waiter) => {
+                    // Counted as accepted by `send`; only the raised counter is added here.
+                    entries.push(Entry::Alert(alert));
+                    count_raised_alert(&shared);
                     waiters.push(waiter);
                 }
                 // Later messages were sent before the close and are still received.

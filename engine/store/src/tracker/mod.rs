@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::alerts::{AlertConfig, AlertEvaluator};
+use crate::alerts::{Alert, AlertConfig, AlertEvaluator};
 use crate::entry::{Sink, StoreError};
 use crate::error::MetricsError;
 use crate::ledger::{DeadLetter, Ledger};
@@ -110,6 +110,8 @@ pub struct MetricsHealth {
 enum Msg {
     Record(RequestRecord, Commit),
     Message(SessionMessage, Commit),
+    /// An alert raised outside the rules (a catalog version a replica could not load).
+    Alert(Alert, Commit),
     Close,
 }
 
@@ -278,6 +280,16 @@ impl Tracker {
             return Receipt::refused(RecordError::Closed);
         }
         self.send(|tx| Msg::Message(msg, tx))
+    }
+
+    /// Raises an alert found outside the metrics rules: it goes through the ledger to the store
+    /// like any other entry (and counts in `alerts_raised`).
+    pub fn raise_alert(&self, alert: Alert) -> Receipt {
+        if self.inner.closed.load(Ordering::Acquire) {
+            tracing::warn!(alert_id = %alert.alert_id, "alert after shutdown was not accepted");
+            return Receipt::refused(RecordError::Closed);
+        }
+        self.send(|tx| Msg::Alert(alert, tx))
     }
 
     fn send(&self, msg: impl FnOnce(Commit) -> Msg) -> Receipt {

@@ -114,6 +114,7 @@ fn filter(process: Option<&str>, provider: Option<&str>) -> MetricsFilter {
     MetricsFilter {
         process: process.map(str::to_owned),
         provider: provider.map(str::to_owned),
+        ..MetricsFilter::default()
     }
 }
 

@@ -7,6 +7,7 @@
 )]
 
 mod admin_reads;
+mod catalog_versions;
 mod sessions;
 mod shipping;
 mod stores_open;

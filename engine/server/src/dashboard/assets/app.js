@@ -1,5 +1,6 @@
 // Keyvex admin dashboard: asks for an admin key (kept in sessionStorage only), reads the admin
-// API (/v1/admin/metrics and /v1/admin/alerts) for the chosen range and draws four tabs.
+// API (/v1/admin/metrics, /v1/admin/alerts, /v1/admin/models) for the chosen range and draws
+// four tabs under a line naming the model catalog version in force and since when.
 // Errors never blank the page: a bad key shows why, a failed refresh keeps the last data.
 
 import { PALETTE, barChart, emptyState, hbarChart, lineChart } from "./charts.js";
@@ -139,7 +140,7 @@ async function loadAll() {
   const metrics = (groupBy, extra = {}) =>
     api("/v1/admin/metrics", { from: String(from), to: String(to), groupBy, ...filter, ...extra });
   const todayStart = Math.floor(Date.now() / 86_400_000) * 86_400_000;
-  const [series, byProcess, byProvider, byModel, byUser, today, alerts] = await Promise.all([
+  const [series, byProcess, byProvider, byModel, byUser, today, alerts, models] = await Promise.all([
     metrics(bucket),
     metrics("process"),
     metrics("provider"),
@@ -148,8 +149,10 @@ async function loadAll() {
     // Today's spend is compared with the global daily alert, so it ignores the filters.
     api("/v1/admin/metrics", { from: String(todayStart), to: String(Date.now()) }),
     api("/v1/admin/alerts", { from: String(from), to: String(to) }),
+    // A server without catalog versions still shows its metrics.
+    api("/v1/admin/models", {}).catch((e) => { if (e instanceof AuthError) throw e; return null; }),
   ]);
-  return { from, to, bucket, series, byProcess, byProvider, byModel, byUser, today, alerts: alerts.alerts || [] };
+  return { from, to, bucket, series, byProcess, byProvider, byModel, byUser, today, alerts: alerts.alerts || [], models };
 }
 
 // ---------------------------------------------------------------- refresh cycle
@@ -470,7 +473,7 @@ function renderAlerts(panel, d) {
   const blocks = [kpis([
     kpi("Open (last hour)", nf.format(open.length), "raised in the last 60 minutes", open.length ? "bad" : null),
     kpi("Raised in range", nf.format(alerts.length)),
-    kpi("Critical", nf.format(critical), "cost per day, error rate", critical ? "bad" : null),
+    kpi("Critical", nf.format(critical), "cost per day, error rate, catalog load", critical ? "bad" : null),
     kpi("Warning", nf.format(alerts.length - critical), "cost per request, latency"),
   ])];
   const cards = [];
@@ -488,8 +491,10 @@ function renderAlerts(panel, d) {
         { name: "Warning", color: PALETTE[6], values: count("warning") },
       ],
     }), true));
-    const value = (a) => (a.alertType.startsWith("cost") ? usd(a.observed) : a.alertType === "error_rate" ? pct(a.observed) : ms(a.observed));
-    const limit = (a) => (a.alertType.startsWith("cost") ? usd(a.threshold) : a.alertType === "error_rate" ? pct(a.threshold) : ms(a.threshold));
+    // A catalog_load alert's figures are versions: the one refused and the one kept.
+    const fmt = (a, v) => (a.alertType.startsWith("cost") ? usd(v) : a.alertType === "error_rate" ? pct(v) : a.alertType === "catalog_load" ? `version ${v}` : ms(v));
+    const value = (a) => fmt(a, a.observed);
+    const limit = (a) => fmt(a, a.threshold);
     const rows = alerts.map((a) => {
       const sev = el("span", `pill ${a.severity === "critical" ? "bad" : "warn"}`, a.severity);
       const when = el("span", null, dateTime(a.timestampMs));
@@ -511,6 +516,16 @@ function renderAlerts(panel, d) {
 
 const RENDERERS = { cost: renderCost, usage: renderUsage, performance: renderPerformance, alerts: renderAlerts };
 
+/** The catalog version this server routes and prices with, and since when. */
+function catalogLine(m) {
+  if (!m) return "Model catalog: this server does not report its versions.";
+  const l = m.loaded;
+  const since = l.activatedAtMs ? `active since ${dateTime(l.activatedAtMs)}` : "the built-in catalog, in force since this server started";
+  const stored = m.active && m.active.version !== l.version ? ` · the store has version ${m.active.version} active` : "";
+  const refused = l.refused ? ` · version ${l.refused.version} could not be loaded here (see Alerts)` : "";
+  return `Model catalog version ${l.version} (${l.label}) · ${since}${stored}${refused}`;
+}
+
 function render() {
   const d = state.data;
   if (!d) return;
@@ -522,6 +537,9 @@ function render() {
   const filters = [$("filter-process").value && processName($("filter-process").value), $("filter-provider").value].filter(Boolean);
   $("status-line").textContent = `${dateTime(d.from)} – ${dateTime(d.to)} · ${d.bucket} buckets (UTC)` +
     `${filters.length ? ` · only ${filters.join(", ")}` : ""} · updated ${clock(state.loadedAt)}`;
+  const catalog = $("catalog-line");
+  catalog.textContent = catalogLine(d.models);
+  if (d.models) catalog.dataset.version = String(d.models.loaded.version);
   for (const tab of Object.keys(RENDERERS)) {
     const panel = $(`panel-${tab}`);
     panel.hidden = tab !== state.tab;
