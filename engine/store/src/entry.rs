@@ -74,6 +74,16 @@ pub enum StoreError {
         /// Throttling, timeouts and unreachable endpoints: retrying later can succeed.
         retryable: bool,
     },
+    /// The store accepted the connection (or not even that) but did not answer within the
+    /// client's timeouts. Transient: the entries stay pending and are sent again.
+    #[error(
+        "DynamoDB {operation} on table {table} timed out: {message}; the endpoint did not answer within the client's connect, attempt or operation timeout; check the endpoint and the network, and retry (the metrics shipper retries by itself and keeps the entries until then)"
+    )]
+    Timeout {
+        operation: &'static str,
+        table: String,
+        message: String,
+    },
     #[error(
         "DynamoDB left {left} of {total} items unprocessed after {attempts} attempts (throttled); they stay in the ledger and are retried"
     )]
@@ -102,10 +112,18 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Dynamo { retryable, .. } => *retryable,
-            StoreError::Unprocessed { .. } | StoreError::Task(_) | StoreError::Ledger(_) => true,
+            StoreError::Unprocessed { .. }
+            | StoreError::Timeout { .. }
+            | StoreError::Task(_)
+            | StoreError::Ledger(_) => true,
             StoreError::Sqlite { .. } => !self.is_rejection(),
             StoreError::Decode { .. } | StoreError::Rejected { .. } => false,
         }
+    }
+
+    /// The store did not answer in time (counted apart in the shipper's health).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StoreError::Timeout { .. })
     }
 
     /// The write failed because of what was written, not because of the store's state: the
@@ -121,6 +139,7 @@ impl StoreError {
             StoreError::Rejected { .. } | StoreError::Decode { .. } => true,
             StoreError::Sqlite { source, .. } => sqlite_rejects_data(source),
             StoreError::Dynamo { .. }
+            | StoreError::Timeout { .. }
             | StoreError::Unprocessed { .. }
             | StoreError::Task(_)
             | StoreError::Ledger(_) => false,
