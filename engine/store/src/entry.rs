@@ -92,6 +92,27 @@ pub enum StoreError {
         total: usize,
         attempts: u32,
     },
+    #[error(
+        "DynamoDB table {table} exists with a schema keyvex cannot use: {}; keyvex needs {}. Nothing was changed: point DYNAMODB_TABLE_NAME (or --table) at a new name and run `keyvex table create`, or migrate or delete this table",
+        differences.join("; "),
+        crate::dynamo::SCHEMA
+    )]
+    SchemaMismatch {
+        table: String,
+        differences: Vec<String>,
+    },
+    #[error(
+        "DynamoDB table {table} is still {status} after {waited_secs} s; wait and check it with `keyvex table describe`, then run `keyvex table create` again to finish (it is idempotent)"
+    )]
+    NotActive {
+        table: String,
+        status: String,
+        waited_secs: u64,
+    },
+    #[error(
+        "DynamoDB table {table} does not exist; create it with `keyvex table create` (DYNAMODB_TABLE_NAME or --table names it)"
+    )]
+    NoTable { table: String },
     #[error("stored {what} could not be decoded: {problem}")]
     Decode { what: &'static str, problem: String },
     #[error("store task failed: {0}")]
@@ -114,10 +135,14 @@ impl StoreError {
             StoreError::Dynamo { retryable, .. } => *retryable,
             StoreError::Unprocessed { .. }
             | StoreError::Timeout { .. }
+            | StoreError::NotActive { .. }
             | StoreError::Task(_)
             | StoreError::Ledger(_) => true,
             StoreError::Sqlite { .. } => !self.is_rejection(),
-            StoreError::Decode { .. } | StoreError::Rejected { .. } => false,
+            StoreError::Decode { .. }
+            | StoreError::Rejected { .. }
+            | StoreError::SchemaMismatch { .. }
+            | StoreError::NoTable { .. } => false,
         }
     }
 
@@ -140,6 +165,9 @@ impl StoreError {
             StoreError::Sqlite { source, .. } => sqlite_rejects_data(source),
             StoreError::Dynamo { .. }
             | StoreError::Timeout { .. }
+            | StoreError::SchemaMismatch { .. }
+            | StoreError::NotActive { .. }
+            | StoreError::NoTable { .. }
             | StoreError::Unprocessed { .. }
             | StoreError::Task(_)
             | StoreError::Ledger(_) => false,

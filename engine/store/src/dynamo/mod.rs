@@ -21,7 +21,10 @@ pub use codec::{
     alert_from_item, alert_item, entry_item, message_from_item, message_item, request_from_item,
     request_item,
 };
-pub use schema::create_table;
+pub use schema::{
+    ACTIVE_WAIT, IndexInfo, KeyInfo, Provision, Provisioned, SCHEMA, TTL_ATTRIBUTE, TableInfo,
+    TtlInfo, create_table, create_table_within, describe_table,
+};
 pub use sink::chunk_items;
 
 /// BatchWriteItem accepts at most 25 requests …
