@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
+use aws_sdk_dynamodb::error::SdkError;
 
 /// The three timeouts of one client. Each attempt (one HTTP exchange, the body included) is cut
 /// after `attempt`; the whole operation, retries and backoff included, after `operation`; a TCP
@@ -84,6 +85,16 @@ impl AwsTimeouts {
             ));
         }
         Ok(())
+    }
+}
+
+/// Whether an SDK error is one of the timeouts above (the operation's, an attempt's, or the
+/// connect's), which callers treat as transient: the endpoint may answer again.
+pub fn is_timeout<E, R>(err: &SdkError<E, R>) -> bool {
+    match err {
+        SdkError::TimeoutError(_) => true,
+        SdkError::DispatchFailure(e) => e.is_timeout(),
+        _ => false,
     }
 }
 

@@ -94,12 +94,7 @@ impl QueueError {
         E: std::error::Error + ProvideErrorMetadata + 'static,
         R: std::fmt::Debug,
     {
-        let timed_out = match err {
-            SdkError::TimeoutError(_) => true,
-            SdkError::DispatchFailure(e) => e.is_timeout(),
-            _ => false,
-        };
-        if timed_out {
+        if keyvex_store::aws::is_timeout(err) {
             return QueueError::Timeout {
                 operation,
                 message: DisplayErrorContext(err).to_string(),

@@ -171,12 +171,7 @@ where
     E: std::error::Error + ProvideErrorMetadata + 'static,
     R: std::fmt::Debug,
 {
-    let timed_out = match err {
-        SdkError::TimeoutError(_) => true,
-        SdkError::DispatchFailure(e) => e.is_timeout(),
-        _ => false,
-    };
-    if timed_out {
+    if crate::aws::is_timeout(err) {
         return StoreError::Timeout {
             operation,
             table: table.to_owned(),
