@@ -179,11 +179,47 @@ pub(crate) fn run_agent(
     writes: SessionWrites,
 ) -> impl Stream<Item = AgentEvent> + Send + 'static {
     // Within a run (pipeline or job), every call says which stage it served.
-    let ctx = if ctx.run_id.is_some() {
-        ctx.with_stage(process)
-    } else {
-        ctx
-    };
+    let in_run = ctx.run_id.is_some();
+    let ctx = if in_run { ctx.with_stage(process) } else { ctx };
+    // Within a pipeline the agent run is a stage of it; alone it is an agent run. Each model
+    // call (the first, then the repair) is a `route` span under it.
+    let span = tracing::info_span!(
+        "agent",
+        otel.name = %format_args!("{} {}", if in_run { "stage" } else { "agent" }, process.key()),
+        otel.status_code = tracing::field::Empty,
+        keyvex.process = process.key(),
+        keyvex.run_id = ctx.run_id.as_deref(),
+        keyvex.repairs = 0u32,
+        keyvex.outcome = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    let events = agent_events(calls, ctx, process, input, writes);
+    let ended = span.clone();
+    crate::router::InSpan {
+        inner: events,
+        span,
+    }
+    .inspect(move |event| {
+        let (outcome, error) = match event {
+            AgentEvent::Result { .. } => ("succeeded", None),
+            AgentEvent::Error { error, .. } => ("failed", Some(error.kind())),
+            _ => return,
+        };
+        ended.record("keyvex.outcome", outcome);
+        if let Some(kind) = error {
+            ended.record("otel.status_code", "ERROR");
+            ended.record("error.type", kind);
+        }
+    })
+}
+
+fn agent_events(
+    calls: Calls,
+    ctx: CallContext,
+    process: Process,
+    input: serde_json::Value,
+    writes: SessionWrites,
+) -> impl Stream<Item = AgentEvent> + Send + 'static {
     async_stream::stream! {
         let started = Instant::now();
         let mut outcome = AgentOutcome {
@@ -313,7 +349,8 @@ pub(crate) fn run_agent(
                 Err(errors) if repairs < MAX_REPAIRS => {
                     repairs += 1;
                     let listed: Vec<String> = errors.errors.iter().map(ToString::to_string).collect();
-                    tracing::info!(%process, errors = listed.len(), "agent output invalid; asking for a repair");
+                    tracing::Span::current().record("keyvex.repairs", repairs);
+                    tracing::info!(%process, errors = listed.len(), "repair");
                     yield AgentEvent::Repair { errors: listed };
                     chat.push(ChatMessage::assistant(text.clone()));
                     chat.push(ChatMessage::user(agents::repair_prompt(process, &errors, &text)));

@@ -164,6 +164,9 @@ impl Calls {
             ctx: ctx.clone(),
             process: target.process(),
             catalog_version: catalog.version(),
+            // The trace this call belongs to (its caller's span is current here), so a slow or
+            // failed record leads to the trace that tells its story.
+            trace_id: crate::trace_context::current_trace_id(),
         });
         let observer: Arc<dyn RouteObserver> = books.clone();
         let route =
@@ -186,6 +189,8 @@ struct Books {
     process: Option<Process>,
     /// The catalog version the route opened on (and was priced with).
     catalog_version: u64,
+    /// The OpenTelemetry trace id, when spans are exported.
+    trace_id: Option<String>,
 }
 
 impl Books {
@@ -199,7 +204,8 @@ impl Books {
             .unwrap_or_default();
         let mut receipts = Vec::with_capacity(records.len());
         for record in records {
-            let record = record.with_catalog_version(self.catalog_version);
+            let mut record = record.with_catalog_version(self.catalog_version);
+            record.trace_id.clone_from(&self.trace_id);
             for observer in &self.shared.observers {
                 observer.on_record(&record);
             }

@@ -26,6 +26,7 @@ pub mod router;
 pub mod stream;
 pub mod text;
 pub mod tokenize;
+pub mod trace_context;
 
 /// The four agents' types (inputs, outputs, validation, the pipeline graph), re-exported so an
 /// embedding program needs one dependency.

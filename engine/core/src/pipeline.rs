@@ -205,6 +205,46 @@ pub(crate) fn run_pipeline(
         .clone()
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let ctx = ctx.with_run(run_id.clone());
+    // The run's span: each stage's agent span, and so every model call, nests under it.
+    let span = tracing::info_span!(
+        "pipeline",
+        otel.name = "pipeline tool",
+        otel.status_code = tracing::field::Empty,
+        keyvex.run_id = %run_id,
+        keyvex.caller = %ctx.caller,
+        keyvex.outcome = tracing::field::Empty,
+        keyvex.failed_stage = tracing::field::Empty,
+        keyvex.cost_usd = tracing::field::Empty,
+    );
+    let ended = span.clone();
+    let events = pipeline_events(calls, ctx, input, run_id);
+    crate::router::InSpan {
+        inner: events,
+        span,
+    }
+    .inspect(move |event| match event {
+        PipelineEvent::Done { rollup, .. } => {
+            ended.record("keyvex.outcome", "succeeded");
+            ended.record("keyvex.cost_usd", rollup.cost.usd());
+        }
+        PipelineEvent::Failed { stage, rollup, .. } => {
+            ended.record("keyvex.outcome", "failed");
+            ended.record("otel.status_code", "ERROR");
+            ended.record("keyvex.cost_usd", rollup.cost.usd());
+            if let Some(stage) = stage {
+                ended.record("keyvex.failed_stage", stage.key());
+            }
+        }
+        _ => {}
+    })
+}
+
+fn pipeline_events(
+    calls: Calls,
+    ctx: CallContext,
+    input: PipelineInput,
+    run_id: String,
+) -> impl Stream<Item = PipelineEvent> + Send + 'static {
     let stage_writes = SessionWrites { input: false };
     async_stream::stream! {
         let mut tally = Tally {

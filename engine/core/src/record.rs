@@ -107,6 +107,10 @@ pub struct RequestRecord {
     /// started with; records written before versions existed read as 0).
     #[serde(default)]
     pub catalog_version: u64,
+    /// The OpenTelemetry trace id (32 hex digits) of the request the call served, when traces
+    /// were exported; records written before traces existed, or with export off, have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 impl RequestRecord {
@@ -142,6 +146,7 @@ impl RequestRecord {
             stage: None,
             session_id: None,
             catalog_version: 0,
+            trace_id: None,
         }
     }
 
@@ -487,8 +492,18 @@ mod tests {
         assert_eq!(json["status"], "succeeded");
         assert!(json.get("error").is_none());
         assert!(json.get("correlationId").is_none());
+        // Rows written before traces existed (or with export off) have no traceId.
+        assert!(json.get("traceId").is_none());
         let back: RequestRecord = serde_json::from_value(json).unwrap();
         assert_eq!(back, rec);
+        let mut traced = rec.clone();
+        traced.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+        let json = serde_json::to_value(&traced).unwrap();
+        assert_eq!(json["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            serde_json::from_value::<RequestRecord>(json).unwrap(),
+            traced
+        );
     }
 
     #[test]

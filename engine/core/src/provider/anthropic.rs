@@ -140,14 +140,17 @@ impl Provider for AnthropicProvider {
             tracing::debug!(model = %request.model, %version, "temperature not sent: this API version has no sampling parameters");
         }
         let (key_name, key_value) = self.credentials.header(version);
-        let send = self
+        let mut builder = self
             .http
             .post(&self.messages_url)
             .header(key_name, key_value)
             .header("anthropic-version", version.as_str())
-            .header(ACCEPT, "text/event-stream")
-            .json(&WireRequest::new(&request, version))
-            .send();
+            .header(ACCEPT, "text/event-stream");
+        // The attempt's span is current: the provider (or a proxy in front of it) can join the trace.
+        if let Some(traceparent) = crate::trace_context::current_traceparent() {
+            builder = builder.header(crate::trace_context::TRACEPARENT, traceparent);
+        }
+        let send = builder.json(&WireRequest::new(&request, version)).send();
         let options = AdaptOptions {
             model: request.model,
             forced_tool: request.response_schema.is_some(),

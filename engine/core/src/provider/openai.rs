@@ -125,10 +125,15 @@ impl OpenAiProvider {
     /// The service is per attempt because it also records what the SDK does not expose: the
     /// status and `retry-after`/`x-request-id` headers of the answer, and it keeps the body of a
     /// successful answer for [`sse_chunks`].
-    fn attempt_client(&self, wire: Arc<AttemptWire>) -> Client<OpenAIConfig> {
+    fn attempt_client(
+        &self,
+        wire: Arc<AttemptWire>,
+        traceparent: Option<String>,
+    ) -> Client<OpenAIConfig> {
         Client::build(self.http.clone(), self.config.clone()).with_http_service(AttemptService {
             http: self.http.clone(),
             wire,
+            traceparent,
         })
     }
 }
@@ -140,7 +145,9 @@ impl OpenAiProvider {
         request: &ChatRequest,
     ) -> impl Future<Output = Result<reqwest::Response, ProviderError>> + Send + 'static {
         let wire = Arc::new(AttemptWire::default());
-        let client = self.attempt_client(Arc::clone(&wire));
+        // Taken now, while the attempt's span is current; the request is built later.
+        let traceparent = crate::trace_context::current_traceparent();
+        let client = self.attempt_client(Arc::clone(&wire), traceparent);
         let endpoint = self.endpoint.clone();
         let body = wire_request(request);
         async move {
@@ -288,6 +295,8 @@ impl AnswerMeta {
 struct AttemptService {
     http: reqwest::Client,
     wire: Arc<AttemptWire>,
+    /// The attempt span's W3C trace context, sent with the request when spans are exported.
+    traceparent: Option<String>,
 }
 
 type ServiceFuture = Pin<Box<dyn Future<Output = Result<reqwest::Response, OpenAIError>> + Send>>;
@@ -304,8 +313,17 @@ impl tower::Service<HttpRequestFactory> for AttemptService {
     fn call(&mut self, factory: HttpRequestFactory) -> Self::Future {
         let http = self.http.clone();
         let wire = Arc::clone(&self.wire);
+        let traceparent = self
+            .traceparent
+            .as_deref()
+            .and_then(|v| reqwest::header::HeaderValue::from_str(v).ok());
         Box::pin(async move {
-            let request = factory.build().await?;
+            let mut request = factory.build().await?;
+            if let Some(value) = traceparent {
+                request
+                    .headers_mut()
+                    .insert(crate::trace_context::TRACEPARENT, value);
+            }
             let response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
             let status = response.status();
             let _ = wire.answer.set(AnswerMeta::from_headers(

@@ -104,6 +104,10 @@ pub struct RouterConfig {
     /// Requests and tokens per minute each provider may be sent, reserved before every attempt
     /// and settled with its usage; `None` leaves providers unlimited.
     pub provider_rates: Option<ProviderRates>,
+    /// Whether each attempt's span carries the prompt and the answer's text
+    /// (`gen_ai.input.messages`, `gen_ai.output.messages`). Off by default: prompts hold what
+    /// users typed, and a tracing backend is rarely cleared for that.
+    pub capture_content: bool,
 }
 
 impl Default for RouterConfig {
@@ -124,6 +128,7 @@ impl Default for RouterConfig {
             budget: RetryBudgetConfig::default(),
             breaker: BreakerConfig::default(),
             provider_rates: None,
+            capture_content: false,
         }
     }
 }
@@ -321,7 +326,7 @@ impl Router {
                 model: model.id.clone(),
             });
         }
-        let span = tracing::info_span!("route", process = "-", primary = %model.id);
+        let span = route_span("-", &model.id);
         Ok(self.start(None, &[model], request, options, observer, span))
     }
 
@@ -356,7 +361,7 @@ impl Router {
             temperature: request.temperature.or(route.temperature),
             ..request
         };
-        let span = tracing::info_span!("route", process = %process, primary = %route.primary);
+        let span = route_span(process.key(), &route.primary);
         self.start(Some(process), &models, request, options, observer, span)
     }
 
@@ -425,13 +430,35 @@ pub(crate) fn deadline_in(after: Duration) -> tokio::time::Instant {
         .unwrap_or_else(|| now + Duration::from_secs(60 * 60 * 24 * 365))
 }
 
+/// The span of one routed call. Its children are the attempts; its events say why the route
+/// moved on: `retry`, `fallback`, `breaker skip`, `budget skip` (a mid-stream `rescue` would
+/// join them). The outcome fields are filled in when the route ends.
+fn route_span(process: &str, primary: &str) -> tracing::Span {
+    tracing::info_span!(
+        "route",
+        otel.name = %format_args!("route {process}"),
+        otel.status_code = tracing::field::Empty,
+        process = %process,
+        primary = %primary,
+        keyvex.process = %process,
+        keyvex.primary_model = %primary,
+        keyvex.outcome = tracing::field::Empty,
+        keyvex.model = tracing::field::Empty,
+        keyvex.attempts = tracing::field::Empty,
+        keyvex.fallback_used = tracing::field::Empty,
+        keyvex.cost_usd = tracing::field::Empty,
+        keyvex.ttft_ms = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
 pin_project! {
     /// Polls a stream inside a tracing span, so everything logged while it runs (router and
     /// provider) carries the span's fields.
-    struct InSpan<S> {
+    pub(crate) struct InSpan<S> {
         #[pin]
-        inner: S,
-        span: tracing::Span,
+        pub(crate) inner: S,
+        pub(crate) span: tracing::Span,
     }
 }
 

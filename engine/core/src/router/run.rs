@@ -104,6 +104,7 @@ struct InFlight {
     /// What the attempt reserved of its provider's budget; settled with its usage at the end.
     reservation: Option<Reservation>,
     span: tracing::Span,
+    started: Instant,
 }
 
 /// Why a picked model was not called.
@@ -151,6 +152,8 @@ struct RouteRun {
     committed: Option<(usize, Instant)>,
     text: String,
     done: bool,
+    /// The route's span (current when the route starts): its outcome is recorded on it.
+    span: tracing::Span,
 }
 
 /// The event stream of one route.
@@ -172,6 +175,9 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                 return;
             };
             if let Some(event) = run.fallback_event(idx) {
+                if let RouteEvent::Fallback { from, to, reason } = &event {
+                    tracing::info!(from = %from, to = %to, reason = %reason, "fallback");
+                }
                 yield event;
             }
             if run.tried[idx] > 0 {
@@ -186,7 +192,7 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                     yield RouteEvent::Failed(run.fail(error));
                     return;
                 }
-                tracing::debug!(model = %run.plan.candidates[idx].spec.id, wait_ms = wait.as_millis() as u64, quick = run.quick_next, "waiting before retry");
+                tracing::info!(model = %run.plan.candidates[idx].spec.id, wait_ms = wait.as_millis() as u64, quick = run.quick_next, "retry");
                 tokio::time::sleep(wait).await;
             }
             run.quick_next = false;
@@ -198,7 +204,9 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                 }
             };
             let attempt_span = run.in_flight.as_ref().map(|f| f.span.clone()).unwrap_or_else(tracing::Span::none);
-            let mut events = Box::pin(InSpan { inner: provider.stream(request), span: attempt_span });
+            // Opened inside the attempt's span, so the provider's request carries its traceparent.
+            let inner = attempt_span.in_scope(|| provider.stream(request));
+            let mut events = Box::pin(InSpan { inner, span: attempt_span });
             let config = &run.shared.config;
             let header_deadline = deadline_in(config.header_timeout);
             let ttft_deadline = deadline_in(config.ttft_timeout);
@@ -274,6 +282,7 @@ impl RouteRun {
             committed: None,
             text: String::new(),
             done: false,
+            span: tracing::Span::current(),
         }
     }
 
@@ -372,14 +381,10 @@ impl RouteRun {
         self.calls += 1;
         self.tried[idx] += 1;
         let attempt = self.attempts.len() + 1;
-        let span = tracing::info_span!(
-            "attempt",
-            process = %self.plan.process.map_or("-", Process::key),
-            model = %candidate.spec.id,
-            provider = %candidate.spec.provider,
-            attempt,
-            trial = admission == Admission::Trial,
-        );
+        let span = attempt_span(&candidate.spec, self.plan.process, attempt, admission);
+        if self.shared.config.capture_content {
+            span.record("gen_ai.input.messages", input_messages(&request).as_str());
+        }
         self.in_flight = Some(InFlight {
             idx,
             meter: AttemptMeter::new(
@@ -391,6 +396,7 @@ impl RouteRun {
             admission,
             reservation,
             span,
+            started: Instant::now(),
         });
         Ok((candidate.provider.clone(), request))
     }
@@ -427,7 +433,12 @@ impl RouteRun {
                 error
             }
         };
-        tracing::warn!(model = %spec.id, error = %error, "skipping model");
+        let event = if matches!(error, AttemptError::CircuitOpen { .. }) {
+            "breaker skip"
+        } else {
+            "budget skip"
+        };
+        tracing::warn!(model = %spec.id, error = %error, "{event}");
         self.attempts
             .push(AttemptRecord::skipped(spec.provider, &spec.id, error));
     }
@@ -488,6 +499,7 @@ impl RouteRun {
         match event {
             ProviderEvent::Start { provider, model } => {
                 flight.meter.on_open();
+                flight.span.record("gen_ai.response.model", model.as_str());
                 Step::Forward(RouteEvent::Start {
                     provider,
                     model,
@@ -499,6 +511,9 @@ impl RouteRun {
                 if flight.meter.on_delta(&text) {
                     // Commit: from here on this attempt's content is the answer.
                     self.committed = Some((flight.idx, Instant::now()));
+                    flight
+                        .span
+                        .record("keyvex.ttft_ms", millis(flight.started.elapsed()));
                     tracing::debug!(parent: &flight.span, "committed at first content");
                 }
                 Step::Forward(RouteEvent::Delta(text))
@@ -526,6 +541,7 @@ impl RouteRun {
             admission,
             reservation,
             span,
+            started: _,
         } = self.in_flight.take()?;
         let model = self.plan.candidates[idx].spec.id.clone();
         let provider = self.plan.candidates[idx].spec.provider;
@@ -537,6 +553,10 @@ impl RouteRun {
         let (mut record, text) = meter.finish(finish_reason, error, || plan.prompt_tokens());
         if let Some(reservation) = reservation {
             reservation.settle(record.usage.total());
+        }
+        record_attempt_end(&span, &record, &end);
+        if self.shared.config.capture_content {
+            span.record("gen_ai.output.messages", output_messages(&text).as_str());
         }
         let error = match end {
             Ok((reason, unterminated)) => {
@@ -638,16 +658,19 @@ impl RouteRun {
 
     fn succeed(&mut self, finish_reason: FinishReason) -> RouteOutcome {
         self.done = true;
-        self.outcome(RouteStatus::Succeeded, Some(finish_reason))
+        let outcome = self.outcome(RouteStatus::Succeeded, Some(finish_reason));
+        record_route_end(&self.span, &outcome, "succeeded");
+        outcome
     }
 
     fn fail(&mut self, error: RouteError) -> RouteFailure {
         self.done = true;
         tracing::warn!(error = %error, kind = error.kind(), "route failed");
-        RouteFailure {
-            outcome: self.outcome(RouteStatus::Failed, None),
-            error,
-        }
+        let outcome = self.outcome(RouteStatus::Failed, None);
+        record_route_end(&self.span, &outcome, "failed");
+        self.span.record("otel.status_code", "ERROR");
+        self.span.record("error.type", error.kind());
+        RouteFailure { outcome, error }
     }
 
     fn outcome(&self, status: RouteStatus, finish_reason: Option<FinishReason>) -> RouteOutcome {
@@ -718,9 +741,124 @@ impl Drop for RouteRun {
             self.attempts.push(record);
         }
         let outcome = self.outcome(RouteStatus::Cancelled, None);
+        record_route_end(&self.span, &outcome, "cancelled");
         tracing::info!(attempts = outcome.attempts.len(), cost = %outcome.cost, "route cancelled by the caller");
         if let Some(observer) = self.plan.observer.take() {
             observer.on_cancelled(outcome);
         }
     }
+}
+
+/// The span of one provider call, named and attributed as the OpenTelemetry GenAI semantic
+/// conventions ask (`{operation} {model}`, a client span, `gen_ai.*`); the response fields are
+/// filled in as the attempt goes.
+fn attempt_span(
+    spec: &ModelSpec,
+    process: Option<Process>,
+    attempt: usize,
+    admission: Admission,
+) -> tracing::Span {
+    let empty = tracing::field::Empty;
+    tracing::info_span!(
+        "attempt",
+        otel.name = %format_args!("chat {}", spec.id),
+        otel.kind = "client",
+        otel.status_code = empty,
+        process = %process.map_or("-", Process::key),
+        model = %spec.id,
+        provider = %spec.provider,
+        attempt,
+        trial = admission == Admission::Trial,
+        gen_ai.operation.name = "chat",
+        gen_ai.provider.name = spec.provider.as_str(),
+        gen_ai.request.model = %spec.id,
+        gen_ai.response.model = empty,
+        gen_ai.usage.input_tokens = empty,
+        gen_ai.usage.output_tokens = empty,
+        gen_ai.input.messages = empty,
+        gen_ai.output.messages = empty,
+        keyvex.usage.cached_input_tokens = empty,
+        keyvex.usage.estimated = empty,
+        keyvex.cost_usd = empty,
+        keyvex.ttft_ms = empty,
+        error.type = empty,
+    )
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Usage, cost, finish reason and error of an ended attempt, on its span.
+fn record_attempt_end(
+    span: &tracing::Span,
+    record: &AttemptRecord,
+    end: &Result<(FinishReason, bool), ProviderError>,
+) {
+    span.record("gen_ai.usage.input_tokens", record.usage.input);
+    span.record("gen_ai.usage.output_tokens", record.usage.output);
+    span.record(
+        "keyvex.usage.cached_input_tokens",
+        record.usage.cached_input,
+    );
+    span.record("keyvex.usage.estimated", record.usage_estimated);
+    span.record("keyvex.cost_usd", record.cost.usd());
+    match end {
+        Ok((reason, _)) => {
+            // A string array in the conventions; `tracing` fields cannot hold one, so it is set
+            // through the OpenTelemetry span directly (a no-op when spans are not exported).
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let reasons = opentelemetry::Array::from(vec![opentelemetry::StringValue::from(
+                reason.as_str().to_owned(),
+            )]);
+            span.set_attribute(
+                "gen_ai.response.finish_reasons",
+                opentelemetry::Value::Array(reasons),
+            );
+        }
+        Err(error) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", error.kind());
+        }
+    }
+}
+
+/// What the route ended with, on its span.
+fn record_route_end(span: &tracing::Span, outcome: &RouteOutcome, status: &str) {
+    span.record("keyvex.outcome", status);
+    if let Some(model) = &outcome.model {
+        span.record("keyvex.model", model.as_str());
+    }
+    span.record("keyvex.attempts", outcome.attempts.len() as u64);
+    span.record("keyvex.fallback_used", outcome.fallback_used);
+    span.record("keyvex.cost_usd", outcome.cost.usd());
+    if let Some(ttft) = outcome.ttft {
+        span.record("keyvex.ttft_ms", millis(ttft));
+    }
+}
+
+/// The prompt as the conventions' `gen_ai.input.messages` JSON (only with content capture on).
+fn input_messages(request: &ChatRequest) -> String {
+    let mut messages = Vec::with_capacity(request.messages.len() + 1);
+    if let Some(system) = &request.system {
+        messages.push(
+            serde_json::json!({"role": "system", "parts": [{"type": "text", "content": system}]}),
+        );
+    }
+    for m in &request.messages {
+        let role = match m.role {
+            crate::provider::Role::User => "user",
+            crate::provider::Role::Assistant => "assistant",
+        };
+        messages.push(
+            serde_json::json!({"role": role, "parts": [{"type": "text", "content": m.content}]}),
+        );
+    }
+    serde_json::Value::Array(messages).to_string()
+}
+
+/// The answer as the conventions' `gen_ai.output.messages` JSON.
+fn output_messages(text: &str) -> String {
+    serde_json::json!([{"role": "assistant", "parts": [{"type": "text", "content": text}]}])
+        .to_string()
 }
