@@ -364,6 +364,10 @@ pub(crate) async fn messages(
         schema_name: request.tool.as_ref().map(|(name, _)| name.clone()),
         api_version: Some(version.as_str().to_owned()),
         key_header: key_header.map(str::to_owned),
+        traceparent: headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         sampling: anthropic_version::sampling_parameters(&value),
     });
     let plan = match state.rules.plan(

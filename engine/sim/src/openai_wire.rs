@@ -391,6 +391,10 @@ pub(crate) async fn chat_completions(
         schema_name: request.schema.as_ref().map(|(name, _)| name.clone()),
         api_version: None,
         key_header: authorized(&headers).then(|| "authorization".to_owned()),
+        traceparent: headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         sampling: ["temperature", "top_p"]
             .into_iter()
             .filter(|name| value.get(*name).is_some())

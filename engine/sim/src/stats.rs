@@ -36,6 +36,9 @@ pub struct SeenRequest {
     /// check what a client put on the wire.
     #[serde(default)]
     pub sampling: Vec<String>,
+    /// The W3C `traceparent` the request carried, so a test can follow a trace onto the wire.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 /// One stream the simulator served to its end, with how long it took from the moment its request
