@@ -37,7 +37,9 @@ pub(crate) async fn authenticate(
         return ApiError::Unauthenticated(format!("the API key is not valid; {HOW}"))
             .into_response();
     };
-    tracing::Span::current().record("caller", caller.id.as_str());
+    let span = tracing::Span::current();
+    span.record("caller", caller.id.as_str());
+    span.record("keyvex.caller", caller.id.as_str());
     req.extensions_mut().insert(caller);
     next.run(req).await
 }

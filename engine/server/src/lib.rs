@@ -112,22 +112,64 @@ pub fn app(state: AppState) -> axum::Router {
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let route = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or(req.uri().path(), MatchedPath::as_str);
-            tracing::info_span!(
-                "request",
-                request_id = %request_id(req.headers()),
-                method = %req.method(),
-                route,
-                caller = tracing::field::Empty,
-            )
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(record_response),
+        )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeV7))
         .layer(middleware::map_request(state::cap_request_id))
         .with_state(state)
+}
+
+/// The span of one HTTP request: the server span of its trace, a child of the caller's when it
+/// sent a W3C `traceparent`. It names the caller once authenticated (the key's id, never the
+/// key) and the status once answered; it ends when the body does, so an SSE stream's whole
+/// life is inside it.
+fn request_span(req: &Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(req.uri().path(), MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{} {route}", req.method()),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        request_id = %request_id(req.headers()),
+        method = %req.method(),
+        route,
+        caller = tracing::field::Empty,
+        http.request.method = %req.method(),
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+        keyvex.caller = tracing::field::Empty,
+    );
+    let traceparent = req
+        .headers()
+        .get(keyvex_engine::trace_context::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    keyvex_engine::trace_context::adopt_traceparent(&span, traceparent);
+    span
+}
+
+/// Records the status on the request span (a 5xx marks it failed), then logs as before.
+fn record_response(
+    res: &axum::response::Response,
+    latency: std::time::Duration,
+    span: &tracing::Span,
+) {
+    let status = res.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    tower_http::trace::OnResponse::on_response(
+        tower_http::trace::DefaultOnResponse::default(),
+        res,
+        latency,
+        span,
+    );
 }
 
 async fn not_found(req: Request) -> ApiError {

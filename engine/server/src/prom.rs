@@ -2,6 +2,8 @@
 //! servers can run in one process (tests) without mixing their counters.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use metrics::{counter, gauge, histogram, with_local_recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -14,6 +16,25 @@ use keyvex_store::MetricsHealth;
 const BUCKETS: &[f64] = &[
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
+
+/// What became of the spans finished while trace export was on. One set per process, like the
+/// tracing subscriber that feeds it; `/metrics` shows it once export has been installed.
+#[derive(Debug, Default)]
+pub struct SpanExportCounters {
+    /// Spans the collector accepted.
+    pub exported: AtomicU64,
+    /// Spans dropped because the export queue was full (the collector is slow or down).
+    pub dropped_queue_full: AtomicU64,
+    /// Spans dropped because their export failed (refused, unreachable, timed out).
+    pub dropped_export_failed: AtomicU64,
+}
+
+static SPAN_EXPORT: OnceLock<Arc<SpanExportCounters>> = OnceLock::new();
+
+/// The process's span export counters, created on first use (by the exporter as it starts).
+pub fn span_export_counters() -> Arc<SpanExportCounters> {
+    Arc::clone(SPAN_EXPORT.get_or_init(Arc::default))
+}
 
 pub struct ServerMetrics {
     recorder: PrometheusRecorder,
@@ -153,6 +174,14 @@ impl ServerMetrics {
             gauge!("keyvex_metrics_pending", "sink" => sink).set(health.pending as f64);
             gauge!("keyvex_metrics_oldest_pending_age_seconds", "sink" => sink)
                 .set(health.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+            if let Some(spans) = SPAN_EXPORT.get() {
+                counter!("keyvex_otel_spans_exported_total")
+                    .absolute(spans.exported.load(Ordering::Relaxed));
+                counter!("keyvex_otel_spans_dropped_total", "reason" => "queue_full")
+                    .absolute(spans.dropped_queue_full.load(Ordering::Relaxed));
+                counter!("keyvex_otel_spans_dropped_total", "reason" => "export_failed")
+                    .absolute(spans.dropped_export_failed.load(Ordering::Relaxed));
+            }
         });
         self.handle.render()
     }

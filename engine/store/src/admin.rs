@@ -37,6 +37,9 @@ const METRICS_PARAMS: &[&str] = &[
     "catalogVersion",
 ];
 const RANGE_PARAMS: &[&str] = &["from", "to"];
+const NOTABLE_PARAMS: &[&str] = &["from", "to", "process", "provider"];
+/// Requests listed per kind (slowest, failed) by the notable-requests endpoint.
+const NOTABLE_PER_KIND: usize = 10;
 const SESSION_LIST_PARAMS: &[&str] = &["limit"];
 
 /// Errors of the admin API boundary. Every message names what was wrong and what is accepted.
@@ -364,6 +367,38 @@ impl MetricsReader {
         Ok(alerts)
     }
 
+    /// The slowest requests and the newest failed ones in `[from_ms, to_ms]` (final records
+    /// only: a retried call is part of its request), each with its trace id when it has one.
+    pub async fn notable(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        filter: &MetricsFilter,
+    ) -> Result<NotableRequests, StoreError> {
+        let mut records = self.requests(from_ms, to_ms, filter).await?;
+        records.retain(|r| r.status.is_final());
+        let mut failed: Vec<&RequestRecord> = records
+            .iter()
+            .filter(|r| r.status == keyvex_engine::RequestStatus::Failed)
+            .collect();
+        failed
+            .sort_by(|a, b| (b.timestamp_ms, &b.request_id).cmp(&(a.timestamp_ms, &a.request_id)));
+        let mut slowest: Vec<&RequestRecord> = records.iter().collect();
+        slowest.sort_by(|a, b| (b.latency_ms, &b.request_id).cmp(&(a.latency_ms, &a.request_id)));
+        let brief = |list: Vec<&RequestRecord>| {
+            list.into_iter()
+                .take(NOTABLE_PER_KIND)
+                .map(NotableRequest::of)
+                .collect()
+        };
+        Ok(NotableRequests {
+            from: iso_ts(from_ms),
+            to: iso_ts(to_ms),
+            slowest: brief(slowest),
+            failed: brief(failed),
+        })
+    }
+
     async fn requests(
         &self,
         from_ms: u64,
@@ -387,6 +422,63 @@ impl MetricsReader {
         }
         Ok(records)
     }
+}
+
+/// One request as the dashboard lists it, with the trace id that leads to its spans.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NotableRequest {
+    pub request_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    pub at: String,
+    pub process: String,
+    pub provider: String,
+    pub model: String,
+    pub status: &'static str,
+    pub latency_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
+    /// `None` for requests recorded while traces were not exported.
+    pub trace_id: Option<String>,
+}
+
+impl NotableRequest {
+    fn of(r: &RequestRecord) -> NotableRequest {
+        NotableRequest {
+            request_id: r.request_id.clone(),
+            correlation_id: r.correlation_id.clone(),
+            at: iso_ts(r.timestamp_ms),
+            process: r.process.clone(),
+            provider: r.provider.clone(),
+            model: r.model.clone(),
+            status: r.status.as_str(),
+            latency_ms: r.latency_ms,
+            ttft_ms: r.ttft_ms,
+            error_kind: r.error_kind.clone(),
+            trace_id: r.trace_id.clone(),
+        }
+    }
+}
+
+/// `GET /admin/requests/notable`: the slowest and the newest failed requests of a range.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NotableRequests {
+    pub from: String,
+    pub to: String,
+    pub slowest: Vec<NotableRequest>,
+    pub failed: Vec<NotableRequest>,
+}
+
+/// `GET /admin/requests/notable?from&to&process&provider`.
+pub async fn notable_json(
+    reader: &MetricsReader,
+    params: &HashMap<String, String>,
+) -> Result<Value, AdminError> {
+    let q = parse_with(params, now_ms(), NOTABLE_PARAMS)?;
+    to_json(&reader.notable(q.from_ms, q.to_ms, &q.filter).await?)
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Value, AdminError> {

@@ -248,6 +248,9 @@ impl JobView {
     }
 }
 
+/// The SQS message attribute that carries the enqueuing request's W3C `traceparent`.
+pub const TRACEPARENT_ATTRIBUTE: &str = "traceparent";
+
 /// Validates the request, writes the job as `queued`, then sends its message. The state is
 /// written first so a worker never receives a message for a job it cannot find; if the send
 /// fails the job is left `queued` with no message and the error goes back to the caller (who
@@ -285,10 +288,21 @@ pub async fn enqueue(
         priority: request.priority,
         timestamp: now,
     })?;
+    // The enqueuing request's trace context rides along, so the worker's spans join its trace.
+    let trace = keyvex_engine::trace_context::current_traceparent().and_then(|traceparent| {
+        aws_sdk_sqs::types::MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(traceparent)
+            .build()
+            .ok()
+    });
     ctx.sqs
         .send_message()
         .queue_url(&ctx.queue_url)
         .message_body(body)
+        .set_message_attributes(
+            trace.map(|a| std::collections::HashMap::from([(TRACEPARENT_ATTRIBUTE.to_owned(), a)])),
+        )
         .send()
         .await
         .map_err(|e| QueueError::sqs("SendMessage", &e))?;

@@ -253,6 +253,7 @@ impl Worker {
                 .wait_time_seconds(wait.as_secs() as i32)
                 .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
                 .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+                .message_attribute_names(super::TRACEPARENT_ATTRIBUTE)
                 .customize()
                 .config_override(
                     aws_sdk_sqs::config::Builder::default()
@@ -358,7 +359,24 @@ impl Shared {
         self.bump(|c| c.received += 1);
         match message::parse(&body, &message_id) {
             Ok(job) => {
-                let span = tracing::info_span!("job", job_id = %job.job_id, process = %job.target, receive_count);
+                let span = tracing::info_span!(
+                    "job",
+                    otel.name = %format_args!("job {}", job.target.key()),
+                    otel.kind = "consumer",
+                    job_id = %job.job_id,
+                    process = %job.target,
+                    receive_count,
+                    messaging.system = "aws_sqs",
+                    messaging.operation.type = "process",
+                    messaging.message.id = %message_id,
+                );
+                // The enqueuing request's trace context, carried as a message attribute.
+                let traceparent = msg
+                    .message_attributes
+                    .as_ref()
+                    .and_then(|a| a.get(super::TRACEPARENT_ATTRIBUTE))
+                    .and_then(|v| v.string_value());
+                keyvex_engine::trace_context::adopt_traceparent(&span, traceparent);
                 self.run_job(job, &body, &receipt, receive_count, sent_ms)
                     .instrument(span)
                     .await;

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use keyvex_store::admin::{MetricsReader, alerts_json, metrics_json};
+use keyvex_store::admin::{MetricsReader, alerts_json, metrics_json, notable_json};
 
 /// Dead letters listed when `limit` is not given, and the most one call returns.
 const DEFAULT_DEAD_LETTERS: usize = 50;
@@ -21,6 +21,7 @@ pub fn admin_routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/admin/metrics", get(metrics))
         .route("/v1/admin/alerts", get(alerts))
+        .route("/v1/admin/requests/notable", get(notable))
         .route("/v1/admin/dead-letters", get(dead_letters))
         .route("/v1/admin/dead-letters/requeue", post(requeue))
 }
@@ -48,6 +49,15 @@ async fn alerts(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(alerts_json(reader(&state)?, &params).await?))
+}
+
+/// The slowest and newest failed requests of a range, with their trace ids (the dashboard's
+/// way from a bad request to its trace).
+async fn notable(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(notable_json(reader(&state)?, &params).await?))
 }
 
 fn parse_limit(params: &HashMap<String, String>) -> Result<usize, ApiError> {

@@ -290,6 +290,21 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn the_trace_id_is_an_attribute_and_old_items_read_without_one() {
+        let mut traced = rec(4);
+        traced.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+        let item = request_item(&traced);
+        assert_eq!(
+            item["traceId"],
+            AttributeValue::S("4bf92f3577b34da6a3ce929d0e0e4736".into())
+        );
+        assert_eq!(request_from_item(&item).unwrap(), traced);
+        let old = request_item(&rec(4));
+        assert!(!old.contains_key("traceId"));
+        assert_eq!(request_from_item(&old).unwrap().trace_id, None);
+    }
+
+    #[test]
     fn long_errors_are_truncated() {
         let r = rec(1).failed("upstream", &"é".repeat(10_000));
         let item = request_item(&r);

@@ -140,7 +140,7 @@ async function loadAll() {
   const metrics = (groupBy, extra = {}) =>
     api("/v1/admin/metrics", { from: String(from), to: String(to), groupBy, ...filter, ...extra });
   const todayStart = Math.floor(Date.now() / 86_400_000) * 86_400_000;
-  const [series, byProcess, byProvider, byModel, byUser, today, alerts, models] = await Promise.all([
+  const [series, byProcess, byProvider, byModel, byUser, today, alerts, models, notable] = await Promise.all([
     metrics(bucket),
     metrics("process"),
     metrics("provider"),
@@ -151,8 +151,10 @@ async function loadAll() {
     api("/v1/admin/alerts", { from: String(from), to: String(to) }),
     // A server without catalog versions still shows its metrics.
     api("/v1/admin/models", {}).catch((e) => { if (e instanceof AuthError) throw e; return null; }),
+    // An older server without the endpoint still shows everything else.
+    api("/v1/admin/requests/notable", { from: String(from), to: String(to), ...filter }).catch((e) => { if (e instanceof AuthError) throw e; return null; }),
   ]);
-  return { from, to, bucket, series, byProcess, byProvider, byModel, byUser, today, alerts: alerts.alerts || [], models };
+  return { from, to, bucket, series, byProcess, byProvider, byModel, byUser, today, alerts: alerts.alerts || [], models, notable };
 }
 
 // ---------------------------------------------------------------- refresh cycle
@@ -437,8 +439,58 @@ function renderPerformance(panel, d) {
     );
   }
   cards.push(pipelineCard(d.series.pipeline));
+  if (d.notable) {
+    cards.push(notableCard("Slowest requests", "end-to-end latency, with the trace to open", d.notable.slowest));
+    cards.push(notableCard("Failed requests", "newest first, with the trace to open", d.notable.failed));
+  }
   blocks.push(grid(cards));
   mount(panel, blocks);
+}
+
+// A request's trace id, selectable and with a copy button: paste it into the tracing backend.
+function traceCell(traceId) {
+  if (!traceId) return el("span", "subtle", "not traced");
+  const wrap = el("span", "trace-id");
+  const code = el("code", null, traceId);
+  code.title = "OpenTelemetry trace id";
+  const copy = el("button", "copy", "Copy");
+  copy.type = "button";
+  copy.dataset.traceId = traceId;
+  copy.setAttribute("aria-label", `Copy trace id ${traceId}`);
+  copy.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(traceId);
+      copy.textContent = "Copied";
+    } catch {
+      // No clipboard (plain HTTP, permissions): select the id so Ctrl+C copies it.
+      const range = document.createRange();
+      range.selectNodeContents(code);
+      const sel = window.getSelection();
+      sel.removeAllRanges();
+      sel.addRange(range);
+      copy.textContent = "Selected";
+    }
+    setTimeout(() => { copy.textContent = "Copy"; }, 1500);
+  });
+  wrap.append(code, copy);
+  return wrap;
+}
+
+function notableCard(title, subtitle, list) {
+  if (!list || list.length === 0) {
+    return tableCard(title, subtitle, el("p", "empty", "None in this range."), true);
+  }
+  const rows = list.map((r) => [
+    r.at.replace("T", " ").replace(/\.\d+Z$/, "Z"),
+    processName(r.process),
+    r.model,
+    r.errorKind ? `${r.status} (${r.errorKind})` : r.status,
+    ms(r.latencyMs),
+    traceCell(r.traceId),
+  ]);
+  const card = tableCard(title, subtitle, table(["Started", "Process", "Model", "Status", "Latency", "Trace id"], rows, 4), true);
+  card.dataset.notable = title;
+  return card;
 }
 
 function pipelineCard(p) {
