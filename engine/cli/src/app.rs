@@ -67,6 +67,7 @@ impl App {
                 request_timeout: config.request_timeout,
                 same_model_retries: config.same_model_retries,
                 breaker: config.breaker,
+                capture_content: config.capture_message_content,
                 ..RouterConfig::default()
             })
             .anthropic_version(config.anthropic_version)

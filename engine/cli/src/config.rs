@@ -321,6 +321,78 @@ pub const RUST_LOG: Setting = env_only(
     "log filter, e.g. info or keyvex_engine=debug (default warn for CLI commands, info for servers)",
 );
 
+// OpenTelemetry traces. The names and meanings are the OpenTelemetry specification's, so an
+// operator's usual environment works unchanged; they are read here like every other setting.
+pub const OTEL_ENDPOINT: Setting = env_only(
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTLP/HTTP base URL (e.g. http://localhost:4318); traces go to {it}/v1/traces. Setting this or the next one turns trace export on; unset, no exporter is installed at all",
+);
+pub const OTEL_TRACES_ENDPOINT: Setting = env_only(
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "full OTLP/HTTP traces URL, used as given (wins over OTEL_EXPORTER_OTLP_ENDPOINT)",
+);
+pub const OTEL_HEADERS: Setting = secret(env_only(
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "headers sent with every export, key1=value1,key2=value2 (percent-encoded values), e.g. an API key of the tracing backend",
+));
+pub const OTEL_TRACES_HEADERS: Setting = secret(env_only(
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "headers for trace exports only; added over OTEL_EXPORTER_OTLP_HEADERS",
+));
+pub const OTEL_PROTOCOL: Setting = env_only(
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTLP transport: http/protobuf (default and the only one built in; grpc and http/json are refused)",
+);
+pub const OTEL_TRACES_PROTOCOL: Setting = env_only(
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTLP transport of traces (wins over OTEL_EXPORTER_OTLP_PROTOCOL): http/protobuf",
+);
+pub const OTEL_TIMEOUT: Setting = env_only(
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "timeout of one export in milliseconds (default 10000)",
+);
+pub const OTEL_TRACES_TIMEOUT: Setting = env_only(
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+    "timeout of one trace export in milliseconds (wins over OTEL_EXPORTER_OTLP_TIMEOUT)",
+);
+pub const OTEL_SERVICE_NAME: Setting = env_only(
+    "OTEL_SERVICE_NAME",
+    "service.name of the traces (default: service.name from OTEL_RESOURCE_ATTRIBUTES, else keyvex)",
+);
+pub const OTEL_RESOURCE_ATTRIBUTES: Setting = env_only(
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "resource attributes of the traces, key1=value1,key2=value2 (percent-encoded values), e.g. deployment.environment.name=prod",
+);
+pub const OTEL_SAMPLER: Setting = env_only(
+    "OTEL_TRACES_SAMPLER",
+    "always_on | always_off | traceidratio | parentbased_always_on (default) | parentbased_always_off | parentbased_traceidratio",
+);
+pub const OTEL_SAMPLER_ARG: Setting = env_only(
+    "OTEL_TRACES_SAMPLER_ARG",
+    "the ratio of the *traceidratio samplers, from 0 to 1 (default 1.0)",
+);
+pub const OTEL_BSP_QUEUE: Setting = env_only(
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "finished spans waiting for export (default 2048); when full, new spans are dropped, never waited for, and counted in /metrics",
+);
+pub const OTEL_BSP_BATCH: Setting = env_only(
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "spans per export request (default 512, at most the queue size)",
+);
+pub const OTEL_BSP_DELAY: Setting = env_only(
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "milliseconds between two exports (default 5000); a full batch goes at once",
+);
+pub const OTEL_SDK_DISABLED: Setting = env_only(
+    "OTEL_SDK_DISABLED",
+    "true turns trace export off even with an endpoint set. The OpenTelemetry SDK itself also reads its span limits (OTEL_SPAN_*_LIMIT) and, for the exporter, OTEL_EXPORTER_OTLP_[TRACES_]HEADERS/COMPRESSION",
+);
+pub const OTEL_CAPTURE_CONTENT: Setting = setting(
+    "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+    "telemetry.capture_message_content",
+    "true puts prompts and answers on the model-call spans (gen_ai.input.messages / gen_ai.output.messages); default false: they hold what users typed",
+);
+
 /// Every setting, in the order `keyvex --help` lists them.
 pub const SETTINGS: &[Setting] = &[
     OPENAI_API_KEY,
@@ -369,6 +441,23 @@ pub const SETTINGS: &[Setting] = &[
     SQS_ATTEMPT_TIMEOUT,
     SQS_OPERATION_TIMEOUT,
     WORKER_CONCURRENCY,
+    OTEL_ENDPOINT,
+    OTEL_TRACES_ENDPOINT,
+    OTEL_HEADERS,
+    OTEL_TRACES_HEADERS,
+    OTEL_PROTOCOL,
+    OTEL_TRACES_PROTOCOL,
+    OTEL_TIMEOUT,
+    OTEL_TRACES_TIMEOUT,
+    OTEL_SERVICE_NAME,
+    OTEL_RESOURCE_ATTRIBUTES,
+    OTEL_SAMPLER,
+    OTEL_SAMPLER_ARG,
+    OTEL_BSP_QUEUE,
+    OTEL_BSP_BATCH,
+    OTEL_BSP_DELAY,
+    OTEL_SDK_DISABLED,
+    OTEL_CAPTURE_CONTENT,
     RUST_LOG,
 ];
 
@@ -447,6 +536,198 @@ pub struct Config {
     /// Of every SQS call (also in `queue`).
     pub sqs_timeouts: AwsTimeouts,
     pub worker_concurrency: usize,
+    /// Whether model-call spans carry prompt and answer text.
+    pub capture_message_content: bool,
+}
+
+/// Which traces are kept (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TraceSampler {
+    AlwaysOn,
+    AlwaysOff,
+    TraceIdRatio(f64),
+    ParentBasedAlwaysOn,
+    ParentBasedAlwaysOff,
+    ParentBasedTraceIdRatio(f64),
+}
+
+/// Where and how traces are exported over OTLP/HTTP with protobuf bodies.
+#[derive(Debug, Clone)]
+pub struct OtlpExport {
+    /// The full traces URL (`…/v1/traces`).
+    pub endpoint: String,
+    /// Sent with every export; the values may be credentials and are never logged.
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub service_name: String,
+    /// `OTEL_RESOURCE_ATTRIBUTES` besides `service.name`.
+    pub resource: Vec<(String, String)>,
+    pub sampler: TraceSampler,
+    pub max_queue_size: usize,
+    pub max_export_batch_size: usize,
+    pub schedule_delay: Duration,
+}
+
+/// Trace export settings: `None` when no OTLP endpoint is set (or `OTEL_SDK_DISABLED=true`).
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    pub export: Option<OtlpExport>,
+}
+
+impl TelemetryConfig {
+    /// Reads the `OTEL_*` variables the way the OpenTelemetry specification defines them.
+    pub fn load(env: &dyn Env) -> Result<TelemetryConfig, ConfigError> {
+        let src = Sources { env, file: None };
+        let disabled = src.parsed(&OTEL_SDK_DISABLED, false, parse_bool)?;
+        let endpoint = match (src.url(&OTEL_TRACES_ENDPOINT)?, src.url(&OTEL_ENDPOINT)?) {
+            _ if disabled => return Ok(TelemetryConfig::default()),
+            (Some(traces), _) => traces,
+            (None, Some(base)) => format!("{base}/v1/traces"),
+            (None, None) => return Ok(TelemetryConfig::default()),
+        };
+        for protocol in [&OTEL_TRACES_PROTOCOL, &OTEL_PROTOCOL] {
+            if let Some(found) = src.get(protocol) {
+                if found.value.trim() != "http/protobuf" {
+                    return Err(found.invalid(
+                        "only http/protobuf is built into keyvex; send to a collector's OTLP/HTTP port (4318) with http/protobuf",
+                    ));
+                }
+                break;
+            }
+        }
+        let mut headers = Vec::new();
+        for s in [&OTEL_HEADERS, &OTEL_TRACES_HEADERS] {
+            if let Some(found) = src.get(s) {
+                let pairs = parse_key_values(&found.value).map_err(|p| found.invalid(p))?;
+                for (key, value) in pairs {
+                    headers.retain(|(k, _): &(String, String)| !k.eq_ignore_ascii_case(&key));
+                    headers.push((key, value));
+                }
+            }
+        }
+        let timeout_ms = |s: &Setting| {
+            src.parsed(s, None, |v| {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|ms| *ms > 0)
+                    .map(|ms| Some(Duration::from_millis(ms)))
+                    .ok_or_else(|| "expected whole milliseconds above 0, e.g. 10000".to_owned())
+            })
+        };
+        let timeout = match timeout_ms(&OTEL_TRACES_TIMEOUT)? {
+            Some(t) => t,
+            None => timeout_ms(&OTEL_TIMEOUT)?.unwrap_or(Duration::from_secs(10)),
+        };
+        let mut resource = match src.get(&OTEL_RESOURCE_ATTRIBUTES) {
+            Some(found) => parse_key_values(&found.value).map_err(|p| found.invalid(p))?,
+            None => Vec::new(),
+        };
+        let from_resource = resource
+            .iter()
+            .position(|(k, _)| k == "service.name")
+            .map(|i| resource.remove(i).1);
+        let service_name = src
+            .text(&OTEL_SERVICE_NAME)
+            .or(from_resource)
+            .unwrap_or_else(|| "keyvex".to_owned());
+        let ratio = src.parsed(&OTEL_SAMPLER_ARG, 1.0, |v| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| "expected a ratio from 0 to 1, e.g. 0.25".to_owned())
+        })?;
+        let sampler = src.parsed(&OTEL_SAMPLER, TraceSampler::ParentBasedAlwaysOn, |v| {
+            Ok(match v {
+                "always_on" => TraceSampler::AlwaysOn,
+                "always_off" => TraceSampler::AlwaysOff,
+                "traceidratio" => TraceSampler::TraceIdRatio(ratio),
+                "parentbased_always_on" => TraceSampler::ParentBasedAlwaysOn,
+                "parentbased_always_off" => TraceSampler::ParentBasedAlwaysOff,
+                "parentbased_traceidratio" => TraceSampler::ParentBasedTraceIdRatio(ratio),
+                _ => return Err("expected always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off or parentbased_traceidratio".to_owned()),
+            })
+        })?;
+        let count = |s: &Setting, default: usize| {
+            src.parsed(s, default, |v| {
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or_else(|| "expected a whole number from 1 to 1000000".to_owned())
+            })
+        };
+        let max_queue_size = count(&OTEL_BSP_QUEUE, 2048)?;
+        let max_export_batch_size = count(&OTEL_BSP_BATCH, 512)?.min(max_queue_size);
+        let schedule_delay = src.parsed(&OTEL_BSP_DELAY, Duration::from_secs(5), |v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis)
+                .ok_or_else(|| "expected whole milliseconds above 0, e.g. 5000".to_owned())
+        })?;
+        Ok(TelemetryConfig {
+            export: Some(OtlpExport {
+                endpoint,
+                headers,
+                timeout,
+                service_name,
+                resource,
+                sampler,
+                max_queue_size,
+                max_export_batch_size,
+                schedule_delay,
+            }),
+        })
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err("expected true or false".to_owned()),
+    }
+}
+
+/// `key1=value1,key2=value2` with percent-encoded values, as `OTEL_RESOURCE_ATTRIBUTES` and
+/// `OTEL_EXPORTER_OTLP_HEADERS` are written. The error never repeats a value (it may be a secret).
+fn parse_key_values(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    for (i, item) in text.split(',').enumerate() {
+        if item.trim().is_empty() {
+            continue;
+        }
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!(
+                "item {} has no '=': expected key1=value1,key2=value2",
+                i + 1
+            ));
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("item {} has an empty key", i + 1));
+        }
+        let value = percent_decode(value.trim())
+            .ok_or_else(|| format!("the value of {key} is not valid percent-encoded UTF-8"))?;
+        pairs.push((key.to_owned(), value));
+    }
+    Ok(pairs)
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// A value and where it came from, for error messages.
@@ -782,6 +1063,7 @@ impl Config {
             sqs_endpoint,
             sqs_timeouts,
             worker_concurrency,
+            capture_message_content: src.parsed(&OTEL_CAPTURE_CONTENT, false, parse_bool)?,
         })
     }
 }
@@ -805,7 +1087,7 @@ fn read_file(path: &Path) -> Result<(String, BTreeMap<String, String>), ConfigEr
             return Err(ConfigError::File {
                 path: shown,
                 message: format!(
-                    "{section} must be a [section]; settings live under [server], [limits], [providers], [breaker], [metrics], [store] or [queue]"
+                    "{section} must be a [section]; settings live under [server], [limits], [providers], [breaker], [metrics], [store], [queue] or [telemetry]"
                 ),
             });
         };
@@ -994,6 +1276,101 @@ mod tests {
         let env = MapEnv::new([("KEYVEX_API_KEYS", "k-secret-value=alice:root")]);
         let e = Config::load(&env, None).unwrap_err().to_string();
         assert!(e.contains("root") && !e.contains("k-secret-value"), "{e}");
+    }
+
+    #[test]
+    fn otel_settings_follow_the_specification() {
+        let off = TelemetryConfig::load(&MapEnv::new([("OTEL_SERVICE_NAME", "x")])).unwrap();
+        assert!(off.export.is_none(), "no endpoint, no export");
+        let base = TelemetryConfig::load(&MapEnv::new([
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "x-api-key=abc%3D%3D, x-team=core",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "X-Team=edge"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "service.name=from-attrs,deployment.environment.name=prod",
+            ),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+        ]))
+        .unwrap()
+        .export
+        .unwrap();
+        assert_eq!(base.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(
+            base.headers,
+            vec![
+                ("x-api-key".to_owned(), "abc==".to_owned()),
+                ("X-Team".to_owned(), "edge".to_owned())
+            ]
+        );
+        assert_eq!(base.service_name, "from-attrs");
+        assert_eq!(
+            base.resource,
+            vec![("deployment.environment.name".to_owned(), "prod".to_owned())]
+        );
+        assert_eq!(base.sampler, TraceSampler::ParentBasedTraceIdRatio(0.25));
+        assert_eq!(base.timeout, Duration::from_secs(10));
+        let traces = TelemetryConfig::load(&MapEnv::new([
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://wrong:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://right:4318/custom",
+            ),
+            ("OTEL_SERVICE_NAME", "api"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "250"),
+        ]))
+        .unwrap()
+        .export
+        .unwrap();
+        assert_eq!(traces.endpoint, "http://right:4318/custom");
+        assert_eq!(traces.service_name, "api");
+        assert_eq!(traces.timeout, Duration::from_millis(250));
+        let disabled = TelemetryConfig::load(&MapEnv::new([
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ]))
+        .unwrap();
+        assert!(disabled.export.is_none());
+    }
+
+    #[test]
+    fn bad_otel_settings_name_the_variable_and_never_echo_headers() {
+        let err = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")];
+            all.extend_from_slice(pairs);
+            TelemetryConfig::load(&MapEnv::new(all))
+                .unwrap_err()
+                .to_string()
+        };
+        let grpc = err(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]);
+        assert!(
+            grpc.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && grpc.contains("http/protobuf"),
+            "{grpc}"
+        );
+        let sampler = err(&[("OTEL_TRACES_SAMPLER", "jaeger_remote")]);
+        assert!(
+            sampler.contains("OTEL_TRACES_SAMPLER") && sampler.contains("traceidratio"),
+            "{sampler}"
+        );
+        let ratio = err(&[("OTEL_TRACES_SAMPLER_ARG", "2")]);
+        assert!(ratio.contains("OTEL_TRACES_SAMPLER_ARG"), "{ratio}");
+        let headers = err(&[(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "authorization=Bearer%zzsecret",
+        )]);
+        assert!(headers.contains("OTEL_EXPORTER_OTLP_HEADERS"), "{headers}");
+        assert!(!headers.contains("secret"), "{headers}");
+        let url = TelemetryConfig::load(&MapEnv::new([(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "collector:4318",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(url.contains("http://"), "{url}");
     }
 
     #[test]

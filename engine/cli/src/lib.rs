@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod config;
+pub mod telemetry;
 
 pub use app::{App, AppError};
 pub use config::{Config, ConfigError, Env, MapEnv, ProcessEnv};

@@ -56,65 +56,71 @@ enum Command {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Trace export is read before anything logs, so the first spans are exported too.
+    let telemetry = keyvex::config::TelemetryConfig::load(&keyvex::ProcessEnv)?;
+    let mut guard = None;
+    let mut init_logging = |default: &str| -> anyhow::Result<()> {
+        guard = Some(keyvex::telemetry::init(default, &telemetry)?);
+        Ok(())
+    };
+    let result = dispatch(cli, &mut init_logging).await;
+    if let Some(guard) = guard {
+        // Off the async runtime: the flush waits for the export thread.
+        let _ = tokio::task::spawn_blocking(move || guard.shutdown()).await;
+    }
+    result
+}
+
+async fn dispatch(
+    cli: Cli,
+    init_logging: &mut dyn FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
     match cli
         .command
         .unwrap_or(Command::Serve(serve::ServeArgs::default()))
     {
         Command::Serve(args) => {
-            init_logging("info");
+            init_logging("info")?;
             serve::run(args).await
         }
         Command::Complete(args) => {
-            init_logging("warn");
+            init_logging("warn")?;
             complete::run(args).await
         }
         Command::Agent(args) => {
-            init_logging("warn");
+            init_logging("warn")?;
             agent::run(args).await
         }
         Command::Pipeline(args) => {
-            init_logging("warn");
+            init_logging("warn")?;
             pipeline::run(args).await
         }
         Command::Sim(args) => {
-            init_logging("info");
+            init_logging("info")?;
             sim::run(args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Queue(args) => {
-            init_logging("warn");
+            init_logging("warn")?;
             queue::run(args).await
         }
         Command::Worker(args) => {
-            init_logging("info");
+            init_logging("info")?;
             worker::run(args).await
         }
         Command::Table(args) => {
-            init_logging("warn");
+            init_logging("warn")?;
             table::run(args).await
         }
         Command::DemoTraffic(args) => {
-            init_logging("warn");
+            init_logging("warn")?;
             demo::run(args).await
         }
         Command::Models(args) => {
-            init_logging("warn");
+            init_logging("warn")?;
             models::run(args).await
         }
     }
-}
-
-/// Logs go to stderr; `RUST_LOG` overrides the per-command default.
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Colour codes only for a terminal: in a log file or journal they are noise for whoever
-    // reads it (tracing-subscriber colours by default).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
 }
 
 #[cfg(test)]
