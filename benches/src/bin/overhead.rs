@@ -87,6 +87,12 @@ struct Args {
     /// Log filter of the engine child (`keyvex serve` logs at info).
     #[arg(long, default_value = "info")]
     engine_log: String,
+    /// Export the engine child's traces over OTLP/HTTP to this base URL (what
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` would be), as `keyvex serve` does with that variable set.
+    /// A URL nothing listens on (e.g. http://127.0.0.1:9) measures export against a dead
+    /// collector. Off by default: no OpenTelemetry layer at all.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Where to write the JSON results.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -109,6 +115,7 @@ fn main() -> ExitCode {
             timing: timing(&args),
             upstream: args.forward_to.clone(),
             engine_log: args.engine_log.clone(),
+            otlp_endpoint: args.otlp_endpoint.clone(),
             work_dir: args.work_dir.clone().unwrap_or_else(std::env::temp_dir),
         }),
         None => bench(&args),
@@ -146,6 +153,7 @@ fn start_servers(
         timing,
         upstream: forward_to,
         engine_log: args.engine_log.clone(),
+        otlp_endpoint: args.otlp_endpoint.clone(),
         work_dir: work_dir.to_path_buf(),
     };
     let sim = roles::spawn(&config(Role::Sim, None))?;
@@ -327,6 +335,7 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
         "sim": { "ttft_ms": args.sim_ttft_ms, "tokens_per_sec": args.sim_tokens_per_sec, "output_tokens": args.sim_output_tokens },
         "engine_external": args.upstream,
         "engine_log": args.engine_log,
+        "otlp_endpoint": args.otlp_endpoint,
         "engine_rss_idle_mib": engine_idle.map(|m| mib(m.rss)),
         "engine_rss_after_load_mib": engine_after.map(|m| mib(m.rss)),
         "engine_rss_peak_mib": engine_after.map(|m| mib(m.peak)),
@@ -560,6 +569,7 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
         "stream_secs": cadence.stream_secs,
         "sim": { "ttft_ms": args.sim_ttft_ms, "tokens_per_sec": cadence.tokens_per_sec, "output_tokens": cadence.output_tokens },
         "engine_log": args.engine_log,
+        "otlp_endpoint": args.otlp_endpoint,
         "results": results,
     });
     let path = out_path(args, "soak.json");

@@ -61,6 +61,8 @@ pub struct RoleConfig {
     pub upstream: Option<String>,
     /// Log filter of the engine, like `RUST_LOG`.
     pub engine_log: String,
+    /// OTLP/HTTP base URL the engine exports its traces to; `None`: no trace export.
+    pub otlp_endpoint: Option<String>,
     /// Where the engine keeps its SQLite metrics ledger.
     pub work_dir: PathBuf,
 }
@@ -115,7 +117,13 @@ async fn serve(config: &RoleConfig) -> anyhow::Result<()> {
                 .await?;
         }
         Role::Engine => {
-            init_logging(&config.engine_log);
+            let _telemetry = match &config.otlp_endpoint {
+                Some(endpoint) => Some(init_tracing(&config.engine_log, endpoint)?),
+                None => {
+                    init_logging(&config.engine_log);
+                    None
+                }
+            };
             let server = bind_engine(&upstream_of(config)?, &config.work_dir).await?;
             announce(&format!("http://{}/v1", server.local_addr()?))?;
             let report = server.run(stdin_closed()).await?;
@@ -140,6 +148,20 @@ fn init_logging(filter: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// Logs as [`init_logging`] plus OTLP trace export to `endpoint`, exactly as `keyvex serve`
+/// installs it when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+fn init_tracing(filter: &str, endpoint: &str) -> anyhow::Result<keyvex::telemetry::Telemetry> {
+    let env = MapEnv::new([
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_SERVICE_NAME", "keyvex-overhead-bench"),
+    ]);
+    let config = keyvex::config::TelemetryConfig::load(&env)?;
+    Ok(keyvex::telemetry::init_with_filter(
+        tracing_subscriber::EnvFilter::new(filter),
+        &config,
+    )?)
 }
 
 fn announce(base_url: &str) -> anyhow::Result<()> {
@@ -320,6 +342,9 @@ pub fn spawn(config: &RoleConfig) -> anyhow::Result<Running> {
         .stderr(Stdio::from(log));
     if let Some(upstream) = &config.upstream {
         command.args(["--forward-to", upstream]);
+    }
+    if let Some(endpoint) = &config.otlp_endpoint {
+        command.args(["--otlp-endpoint", endpoint]);
     }
     let mut child = command
         .spawn()
