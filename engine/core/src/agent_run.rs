@@ -189,7 +189,7 @@ pub(crate) fn run_agent(
         otel.status_code = tracing::field::Empty,
         keyvex.process = process.key(),
         keyvex.run_id = ctx.run_id.as_deref(),
-        keyvex.repairs = 0u32,
+        keyvex.repairs = 0i64,
         keyvex.outcome = tracing::field::Empty,
         error.type = tracing::field::Empty,
     );
@@ -349,7 +349,7 @@ fn agent_events(
                 Err(errors) if repairs < MAX_REPAIRS => {
                     repairs += 1;
                     let listed: Vec<String> = errors.errors.iter().map(ToString::to_string).collect();
-                    tracing::Span::current().record("keyvex.repairs", repairs);
+                    tracing::Span::current().record("keyvex.repairs", i64::from(repairs));
                     tracing::info!(%process, errors = listed.len(), "repair");
                     yield AgentEvent::Repair { errors: listed };
                     chat.push(ChatMessage::assistant(text.clone()));

@@ -160,7 +160,8 @@ fn record_response(
     span: &tracing::Span,
 ) {
     let status = res.status();
-    span.record("http.response.status_code", status.as_u16());
+    // Signed: `tracing-opentelemetry` would export an unsigned field as a string.
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }

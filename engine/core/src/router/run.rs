@@ -513,7 +513,7 @@ impl RouteRun {
                     self.committed = Some((flight.idx, Instant::now()));
                     flight
                         .span
-                        .record("keyvex.ttft_ms", millis(flight.started.elapsed()));
+                        .record("keyvex.ttft_ms", int(millis(flight.started.elapsed())));
                     tracing::debug!(parent: &flight.span, "committed at first content");
                 }
                 Step::Forward(RouteEvent::Delta(text))
@@ -767,7 +767,7 @@ fn attempt_span(
         process = %process.map_or("-", Process::key),
         model = %spec.id,
         provider = %spec.provider,
-        attempt,
+        attempt = attempt as i64,
         trial = admission == Admission::Trial,
         gen_ai.operation.name = "chat",
         gen_ai.provider.name = spec.provider.as_str(),
@@ -785,6 +785,12 @@ fn attempt_span(
     )
 }
 
+/// Counts as signed integers: `tracing-opentelemetry` exports an unsigned field as a string,
+/// and the conventions want token counts as ints.
+fn int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -795,11 +801,11 @@ fn record_attempt_end(
     record: &AttemptRecord,
     end: &Result<(FinishReason, bool), ProviderError>,
 ) {
-    span.record("gen_ai.usage.input_tokens", record.usage.input);
-    span.record("gen_ai.usage.output_tokens", record.usage.output);
+    span.record("gen_ai.usage.input_tokens", int(record.usage.input));
+    span.record("gen_ai.usage.output_tokens", int(record.usage.output));
     span.record(
         "keyvex.usage.cached_input_tokens",
-        record.usage.cached_input,
+        int(record.usage.cached_input),
     );
     span.record("keyvex.usage.estimated", record.usage_estimated);
     span.record("keyvex.cost_usd", record.cost.usd());
@@ -829,11 +835,11 @@ fn record_route_end(span: &tracing::Span, outcome: &RouteOutcome, status: &str) 
     if let Some(model) = &outcome.model {
         span.record("keyvex.model", model.as_str());
     }
-    span.record("keyvex.attempts", outcome.attempts.len() as u64);
+    span.record("keyvex.attempts", outcome.attempts.len() as i64);
     span.record("keyvex.fallback_used", outcome.fallback_used);
     span.record("keyvex.cost_usd", outcome.cost.usd());
     if let Some(ttft) = outcome.ttft {
-        span.record("keyvex.ttft_ms", millis(ttft));
+        span.record("keyvex.ttft_ms", int(millis(ttft)));
     }
 }
 
