@@ -14,4 +14,5 @@ mod durability;
 mod models;
 mod pipeline;
 mod table;
+mod traces;
 mod worker;
