@@ -114,6 +114,12 @@ impl SseFramer {
         Ok(())
     }
 
+    /// What the framer holds between pieces: the bytes of its unterminated line and the `data`
+    /// of the event being assembled. Each stays within the cap; the fuzz targets check it.
+    pub(crate) fn buffered(&self) -> (usize, usize) {
+        (self.line.len(), self.event.data.len())
+    }
+
     fn check_line(&self, len: usize) -> Result<(), FrameError> {
         if len > self.max_bytes {
             return Err(FrameError::TooLong {
