@@ -634,24 +634,26 @@ fn setup_error(
             request_id: answer.and_then(|a| a.request_id.clone()),
         }
     };
+    let cut = |raw: &str| {
+        if body_cut {
+            format!(
+                "an error body over the {MAX_ERROR_BODY_BYTES}-byte cap, starting {}",
+                truncate(raw)
+            )
+        } else {
+            truncate(raw)
+        }
+    };
     match err {
         OpenAIError::ApiError(api) => http(
             api.status_code.as_u16(),
             api.api_error.r#type,
             api.api_error.code,
-            api.api_error.message,
+            cut(&api.api_error.message),
         ),
         // A non-2xx answer whose body is not the usual `{"error": …}` JSON.
         OpenAIError::JSONDeserialize(_, raw) if answer.is_some_and(|a| a.status >= 300) => {
-            let message = if body_cut {
-                format!(
-                    "an error body over the {MAX_ERROR_BODY_BYTES}-byte cap, starting {}",
-                    truncate(&raw)
-                )
-            } else {
-                truncate(&raw)
-            };
-            http(answer.map_or(0, |a| a.status), None, None, message)
+            http(answer.map_or(0, |a| a.status), None, None, cut(&raw))
         }
         OpenAIError::Reqwest(e) if answer.is_some() => http(
             answer.map_or(0, |a| a.status),

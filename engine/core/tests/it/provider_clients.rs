@@ -543,3 +543,78 @@ async fn anthropic_in_stream_error_event_and_wrong_content_type() {
     let err = only_error(&collect(&provider, request(false)).await).clone();
     assert!(matches!(err, ProviderError::Malformed { .. }), "{err:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile answers, both wires
+
+/// An error body far over the cap is read only up to it, and the error says so.
+#[tokio::test]
+async fn error_bodies_are_read_up_to_64_kib_on_both_wires() {
+    let huge: &'static str = Box::leak("x".repeat(4 * 1024 * 1024).into_boxed_str());
+    for kind in ["openai", "anthropic"] {
+        let fixture = Fixture::start(Reply {
+            status: 500,
+            content_type: "text/plain",
+            headers: Vec::new(),
+            body: huge.to_owned(),
+        })
+        .await;
+        let events = match kind {
+            "openai" => {
+                let provider = OpenAiProvider::new(&fixture.config()).unwrap();
+                collect(&provider, request(false)).await
+            }
+            _ => {
+                let provider = AnthropicProvider::new(&fixture.config()).unwrap();
+                collect(&provider, request(false)).await
+            }
+        };
+        let err = only_error(&events);
+        let ProviderError::Http {
+            status: 500,
+            message,
+            ..
+        } = err
+        else {
+            panic!("{kind}: {err:?}");
+        };
+        let start: String = message.chars().take(120).collect();
+        assert!(message.contains("65536-byte cap"), "{kind}: {start}…");
+        assert!(message.len() < 2048, "{kind}: {} bytes", message.len());
+    }
+}
+
+/// `retry-after` values a hostile or broken upstream may send never panic: a huge one is
+/// clamped (and makes the router skip the model), a negative or unparsable one is ignored.
+#[tokio::test]
+async fn hostile_retry_after_values_are_survived_on_both_wires() {
+    let body_openai = r#"{"error":{"message":"slow down","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+    let body_anthropic =
+        r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#;
+    for (value, expected) in [
+        ("1e20", Some(keyvex_engine::stream::MAX_RETRY_AFTER)),
+        ("-5", None),
+        ("soon", None),
+        ("0.5", Some(Duration::from_millis(500))),
+    ] {
+        for kind in ["openai", "anthropic"] {
+            let headers: Vec<(&'static str, &'static str)> =
+                vec![("retry-after", Box::leak(value.to_owned().into_boxed_str()))];
+            let body = if kind == "openai" {
+                body_openai
+            } else {
+                body_anthropic
+            };
+            let fixture = Fixture::start(Reply::error(429, &headers, body)).await;
+            let events = if kind == "openai" {
+                let provider = OpenAiProvider::new(&fixture.config()).unwrap();
+                collect(&provider, request(false)).await
+            } else {
+                let provider = AnthropicProvider::new(&fixture.config()).unwrap();
+                collect(&provider, request(false)).await
+            };
+            let err = only_error(&events);
+            assert_eq!(err.retry_after(), expected, "{kind} retry-after: {value}");
+        }
+    }
+}

@@ -10,7 +10,7 @@ use keyvex_sim::{Fault, Rule};
 use keyvex_testkit::{business, read_sse, read_sse_with};
 use serde_json::{Value, json};
 
-use crate::support::{ALICE, Spec, TestServer, stored_records};
+use crate::support::{ALICE, BOB, Spec, TestServer, stored_records};
 
 fn spec() -> Spec {
     Spec::new(7)
@@ -217,6 +217,185 @@ async fn a_client_disconnect_cancels_upstream_and_records_the_partial_cost() {
     assert_eq!(cancelled["process"], "magicSpark");
     // Recorded from the call's `Drop` with the context given when it opened.
     assert_eq!(cancelled["correlationId"], request_id.as_str());
+    h.stop().await;
+}
+
+/// The chat route on both wires, before the first token and mid-stream: once the client hangs
+/// up, the upstream call is closed within 100 ms (the simulator sees its stream abandoned).
+#[tokio::test]
+async fn a_chat_client_hanging_up_closes_the_upstream_within_100_ms() {
+    let h = TestServer::sqlite(spec()).await;
+    for (ttft_ms, when) in [(2_000, "before the first token"), (0, "mid-stream")] {
+        h.sim.push_rule(Rule::always(Fault::Latency {
+            ttft: Duration::from_millis(ttft_ms),
+            tokens_per_sec: 4.0,
+        }));
+        for model in ["gpt-5.4-mini", "claude-haiku-4-5"] {
+            let closed = h.sim.stats().streams_client_closed;
+            let resp = h
+                .post("/v1/chat/completions", ALICE)
+                .json(&json!({
+                    "model": model,
+                    "stream": true,
+                    "messages": [{ "role": "user", "content": "Name three savings tips." }],
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut body = resp.bytes_stream();
+            if ttft_ms == 0 {
+                // Two pieces in: the role chunk and the first content.
+                for _ in 0..2 {
+                    body.next().await.unwrap().unwrap();
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            drop(body);
+            let hung_up = std::time::Instant::now();
+            assert!(
+                h.sim
+                    .wait_for_disconnects(closed + 1, Duration::from_millis(100))
+                    .await,
+                "{model} {when}: the upstream was still open {:?} after the client left",
+                hung_up.elapsed()
+            );
+        }
+    }
+    h.sim.clear_rules();
+    h.stop().await;
+}
+
+/// A client-chosen `x-request-id` is a correlation field only: two requests with the same one
+/// are two records, each keyed by the engine's own id; an id over 128 characters is cut to 128
+/// and echoed back cut.
+#[tokio::test]
+async fn a_reused_or_oversized_request_id_never_overwrites_a_record() {
+    let h = TestServer::sqlite(spec()).await;
+    let body = json!({
+        "model": "gpt-5.4-mini",
+        "messages": [{ "role": "user", "content": "hello" }],
+    });
+    for _ in 0..2 {
+        let resp = h
+            .post("/v1/chat/completions", ALICE)
+            .header("x-request-id", "same-id-twice")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-request-id"], "same-id-twice");
+    }
+    let long = "r".repeat(5_000);
+    let resp = h
+        .post("/v1/chat/completions", BOB)
+        .header("x-request-id", &long)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let echoed = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(echoed, long[..128]);
+    let (health, ok) = h
+        .tracker
+        .wait_for(Duration::from_secs(10), |m| m.shipped >= 3)
+        .await;
+    assert!(ok, "{health:?}");
+    let rows = stored_records(&h.db);
+    let twice: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["correlationId"] == "same-id-twice")
+        .collect();
+    assert_eq!(twice.len(), 2, "two requests, two records: {rows:?}");
+    assert_ne!(twice[0]["requestId"], twice[1]["requestId"]);
+    assert!(rows.iter().any(|r| r["correlationId"] == echoed.as_str()));
+    h.stop().await;
+}
+
+/// A request the provider refuses (a prompt too long for every model, a content policy) is the
+/// caller's 400 with the provider's code, never a 502 an SDK would retry.
+#[tokio::test]
+async fn a_provider_refusal_of_the_request_is_a_400_with_the_providers_code() {
+    let h = TestServer::sqlite(spec()).await;
+    for (fault, model, code) in [
+        (
+            Fault::ContextTooLong,
+            "gpt-5.4-mini",
+            "context_length_exceeded",
+        ),
+        (
+            Fault::ContentPolicy,
+            "gpt-5.4-mini",
+            "content_policy_violation",
+        ),
+        (
+            Fault::ContentPolicy,
+            "claude-haiku-4-5",
+            "invalid_request_error",
+        ),
+    ] {
+        for stream in [false, true] {
+            h.sim.push_rule(Rule::times(fault.clone(), 1));
+            let resp = h
+                .post("/v1/chat/completions", ALICE)
+                .json(&json!({
+                    "model": model,
+                    "stream": stream,
+                    "messages": [{ "role": "user", "content": "hello" }],
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 400, "{model} {code} stream={stream}");
+            let err: Value = resp.json().await.unwrap();
+            assert_eq!(err["error"]["code"], code, "{err}");
+            assert_eq!(err["error"]["type"], "invalid_request_error");
+            assert!(
+                err["error"]["message"].as_str().unwrap().contains(model),
+                "{err}"
+            );
+        }
+    }
+    h.stop().await;
+}
+
+/// What the router did about provider faults shows in `/metrics`: a complete answer accepted
+/// without its terminator, and a model disabled because the provider refused our account.
+#[tokio::test]
+async fn unterminated_streams_and_disabled_models_are_counted_in_metrics() {
+    let h = TestServer::sqlite(spec()).await;
+    let chat = |model: &'static str| {
+        h.post("/v1/chat/completions", ALICE).json(&json!({
+            "model": model,
+            "messages": [{ "role": "user", "content": "hello" }],
+        }))
+    };
+    h.sim.push_rule(Rule::times(
+        Fault::NoTerminator {
+            hold: Duration::ZERO,
+        },
+        1,
+    ));
+    assert_eq!(chat("gpt-5.4-mini").send().await.unwrap().status(), 200);
+    // Out of quota on the primary of logicArchitect: the fallback answers.
+    h.sim.push_rule(Rule::times(Fault::InsufficientQuota, 1));
+    assert_eq!(chat("logicArchitect").send().await.unwrap().status(), 200);
+    let text = h.prometheus_text().await;
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+            .to_owned()
+    };
+    assert!(line("keyvex_unterminated_streams_total").ends_with(" 1"));
+    let disabled = line("keyvex_model_disabled_total");
+    assert!(
+        disabled.contains("reason=\"quota_exhausted\"") && disabled.ends_with(" 1"),
+        "{disabled}"
+    );
     h.stop().await;
 }
 
