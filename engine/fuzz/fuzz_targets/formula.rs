@@ -13,7 +13,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(expr) = Expr::parse(text) else {
         return;
     };
-    let vars: HashMap<&str, f64> = expr.references().into_iter().map(|name| (name, 1.5)).collect();
+    let vars: HashMap<&str, f64> = expr
+        .references()
+        .into_iter()
+        .map(|name| (name, 1.5))
+        .collect();
     let value = expr.eval(&vars);
     let printed = expr.to_string();
     // Printing adds parentheses, so a formula near the nesting limit may not read back; one that

@@ -25,8 +25,16 @@ fuzz_target!(|data: &[u8]| {
     let whole = frame(&[body], cap);
     let cut = frame(&pieces, cap);
     for framed in [&whole, &cut] {
-        assert!(framed.max_line <= cap, "held a line of {} > {cap}", framed.max_line);
-        assert!(framed.max_data <= cap, "held data of {} > {cap}", framed.max_data);
+        assert!(
+            framed.max_line <= cap,
+            "held a line of {} > {cap}",
+            framed.max_line
+        );
+        assert!(
+            framed.max_data <= cap,
+            "held data of {} > {cap}",
+            framed.max_data
+        );
         assert!(framed.events.iter().all(|(_, data)| data.len() <= cap));
     }
     assert_eq!(cut.events, whole.events);
