@@ -357,7 +357,16 @@ impl Router {
             });
         }
         let span = tracing::info_span!("route", process = "-", primary = %model.id);
-        Ok(self.start(None, &[model], request, options, observer, spend, span))
+        let plan = run::Plan::new(
+            &self.inner.providers,
+            None,
+            &[model],
+            request,
+            options,
+            observer,
+        )
+        .spending(spend);
+        Ok(self.start(plan, span))
     }
 
     /// Primary, then fallback of the process, with the process's `max_output_tokens` and
@@ -393,15 +402,16 @@ impl Router {
             ..request
         };
         let span = tracing::info_span!("route", process = %process, primary = %route.primary);
-        self.start(
+        let plan = run::Plan::new(
+            &self.inner.providers,
             Some(process),
             &models,
             request,
             options,
             observer,
-            spend,
-            span,
         )
+        .spending(spend);
+        self.start(plan, span)
     }
 
     /// A process's route with default options and no observer (tests and benches).
@@ -427,25 +437,7 @@ impl Router {
         )
     }
 
-    fn start(
-        &self,
-        process: Option<Process>,
-        models: &[&ModelSpec],
-        request: RouteRequest,
-        options: RouteOptions,
-        observer: Option<Arc<dyn RouteObserver>>,
-        spend: Option<SpendAccount>,
-        span: tracing::Span,
-    ) -> RouteStream {
-        let plan = run::Plan::new(
-            &self.inner.providers,
-            process,
-            models,
-            request,
-            options,
-            observer,
-        )
-        .spending(spend);
+    fn start(&self, plan: run::Plan, span: tracing::Span) -> RouteStream {
         Box::pin(InSpan {
             inner: run::route(self.inner.clone(), plan),
             span,
