@@ -1125,6 +1125,68 @@ mod tests {
     }
 
     #[test]
+    fn budgets_and_redis_are_read_from_the_file_and_the_environment() {
+        let c = Config::load(&MapEnv::default(), None).unwrap();
+        assert_eq!(c.budgets, BudgetLimits::default(), "unlimited by default");
+        assert!(c.redis.is_none(), "limits in process by default");
+        let dir = fresh_dir();
+        let file = dir.join("budgets.toml");
+        std::fs::write(
+            &file,
+            "[budgets]\ndaily_usd = 5\nrun_usd = \"0.25\"\ncallers = [\"vip:daily=50:monthly=1000\", \"low:monthly=1\"]\n\
+             [redis]\nurl = \"redis://:pw@10.0.0.5:6379/2\"\nbudgets_when_down = \"open\"\n",
+        )
+        .unwrap();
+        let env = MapEnv::new([("KEYVEX_BUDGET_GLOBAL_DAILY_USD", "100.5")]);
+        let c = Config::load(&env, Some(&file)).unwrap();
+        let usd = |d: u64| Some(keyvex_engine::Cost::from_micro_usd(d * 1_000_000));
+        assert_eq!(c.budgets.caller_daily, usd(5));
+        assert_eq!(c.budgets.caller_monthly, None);
+        assert_eq!(c.budgets.run, Some(keyvex_engine::Cost(250_000_000_000)));
+        assert_eq!(
+            c.budgets.global_daily,
+            Some(keyvex_engine::Cost(100_500_000_000_000))
+        );
+        assert_eq!(c.budgets.callers["vip"].monthly, usd(1000));
+        assert_eq!(c.budgets.callers["low"].daily, None);
+        let redis = c.redis.unwrap();
+        assert_eq!(redis.timeout, Duration::from_millis(100));
+        assert_eq!(redis.limits_when_down, WhenDown::Open);
+        assert_eq!(redis.budgets_when_down, OnUnavailable::FailOpen);
+        assert!(
+            !format!("{redis:?}").contains("pw"),
+            "the password is never shown"
+        );
+        for (name, value) in [
+            ("KEYVEX_BUDGET_DAILY_USD", "-1"),
+            ("KEYVEX_BUDGET_CALLERS", "alice:weekly=3"),
+            ("KEYVEX_BUDGET_CALLERS", "alice"),
+            ("REDIS_URL", "http://localhost:6379"),
+        ] {
+            let e = Config::load(&MapEnv::new([(name, value)]), None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(name), "{e}");
+        }
+        let e = Config::load(
+            &MapEnv::new([
+                ("REDIS_URL", "redis://127.0.0.1:6379"),
+                ("KEYVEX_REDIS_LIMITS_WHEN_DOWN", "maybe"),
+            ]),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("open or closed"), "{e}");
+    }
+
+    fn fresh_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("keyvex-config-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
     fn api_keys_never_echo() {
         let env = MapEnv::new([("KEYVEX_API_KEYS", "k-aaaaaaaa=alice:admin, k-bbbbbbbb=bob")]);
         let c = Config::load(&env, None).unwrap();
