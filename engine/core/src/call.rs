@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use agents::Process;
 use futures::Stream;
 
+use crate::budgets::{Budgets, SpendAccount};
 use crate::record::{CallObserver, Receipt, Recorded, Recorder, RequestRecord, SessionMessage};
 use crate::router::{
     AttemptError, AttemptRecord, CallTarget, RouteError, RouteEvent, RouteFailure, RouteObserver,
@@ -118,6 +119,8 @@ struct Shared {
     router: Router,
     recorder: Arc<dyn Recorder>,
     observers: Vec<Arc<dyn CallObserver>>,
+    /// The dollar budgets every call spends from, if the engine has them.
+    budgets: Option<Arc<Budgets>>,
 }
 
 impl Calls {
@@ -125,14 +128,20 @@ impl Calls {
         router: Router,
         recorder: Arc<dyn Recorder>,
         observers: Vec<Arc<dyn CallObserver>>,
+        budgets: Option<Arc<Budgets>>,
     ) -> Calls {
         Calls {
             shared: Arc::new(Shared {
                 router,
                 recorder,
                 observers,
+                budgets,
             }),
         }
+    }
+
+    pub(crate) fn budgets(&self) -> Option<&Arc<Budgets>> {
+        self.shared.budgets.as_ref()
     }
 
     pub(crate) fn router(&self) -> &Router {
@@ -166,10 +175,19 @@ impl Calls {
             catalog_version: catalog.version(),
         });
         let observer: Arc<dyn RouteObserver> = books.clone();
-        let route =
-            self.shared
-                .router
-                .open_on(&catalog, target, request, options, Some(observer))?;
+        let spend = self.shared.budgets.as_ref().map(|budgets| SpendAccount {
+            budgets: Arc::clone(budgets),
+            caller: ctx.caller.clone(),
+            run_id: ctx.run_id.clone(),
+        });
+        let route = self.shared.router.open_spending(
+            &catalog,
+            target,
+            request,
+            options,
+            Some(observer),
+            spend,
+        )?;
         Ok(CallStream { route, books })
     }
 

@@ -13,6 +13,7 @@
 pub mod agent_run;
 #[doc(hidden)]
 pub mod bench_support;
+pub mod budgets;
 pub mod call;
 pub mod catalog;
 pub mod clock;

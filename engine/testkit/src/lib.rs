@@ -11,6 +11,7 @@
 
 pub mod fault_proxy;
 pub mod moto;
+pub mod redis;
 pub mod traffic;
 
 use std::sync::{Arc, Mutex};

@@ -13,5 +13,6 @@ mod demo_traffic;
 mod durability;
 mod models;
 mod pipeline;
+mod shared_limits;
 mod table;
 mod worker;

@@ -26,8 +26,9 @@ use arc_swap::ArcSwap;
 use futures::Stream;
 use pin_project_lite::pin_project;
 
+use crate::budgets::SpendAccount;
 use crate::catalog::{Catalog, ModelSpec};
-use crate::limits::{ProviderBudget, ProviderRates};
+use crate::limits::{LimitsWhenDown, ProviderBudget, ProviderRates, SharedRates};
 use crate::provider::{ChatMessage, ResponseSchema, SharedProvider};
 use crate::stream::ProviderKind;
 
@@ -223,10 +224,23 @@ struct Shared {
     budget: RetryBudget,
     /// Each provider's request and token budget, when `provider_rates` is set.
     provider_budgets: BTreeMap<ProviderKind, Arc<ProviderBudget>>,
+    /// Where provider budgets are kept instead, when replicas share them.
+    shared_rates: Option<(Arc<dyn SharedRates>, LimitsWhenDown)>,
 }
 
 impl Router {
     pub fn new(catalog: Arc<Catalog>, providers: Providers, config: RouterConfig) -> Self {
+        Self::with_shared_rates(catalog, providers, config, None)
+    }
+
+    /// A router whose provider budgets live in `shared` (when `provider_rates` is set), so
+    /// every replica using that store sends each provider one budget's worth.
+    pub fn with_shared_rates(
+        catalog: Arc<Catalog>,
+        providers: Providers,
+        config: RouterConfig,
+        shared: Option<(Arc<dyn SharedRates>, LimitsWhenDown)>,
+    ) -> Self {
         let provider_budgets = match config.provider_rates {
             Some(rates) => providers
                 .by_kind
@@ -242,6 +256,7 @@ impl Router {
                 breakers: breaker::Breakers::new(config.breaker),
                 budget: RetryBudget::new(config.budget),
                 provider_budgets,
+                shared_rates: shared,
                 config,
             }),
         }
@@ -303,9 +318,29 @@ impl Router {
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
     ) -> Result<RouteStream, RouteError> {
+        self.open_spending(catalog, target, request, options, observer, None)
+    }
+
+    /// [`Router::open_on`] spending from `spend`'s budgets: every attempt reserves its worst
+    /// case there before it calls, and settles to its cost when it ends.
+    #[expect(
+        clippy::result_large_err,
+        reason = "RouteError keeps the API's shape (ProviderError inline); errors are once per request"
+    )]
+    pub fn open_spending(
+        &self,
+        catalog: &Catalog,
+        target: &CallTarget,
+        request: RouteRequest,
+        options: RouteOptions,
+        observer: Option<Arc<dyn RouteObserver>>,
+        spend: Option<SpendAccount>,
+    ) -> Result<RouteStream, RouteError> {
         let model_id = match target {
             CallTarget::Process(process) => {
-                return Ok(self.open_process_on(catalog, *process, request, options, observer));
+                return Ok(
+                    self.open_process_on(catalog, *process, request, options, observer, spend)
+                );
             }
             CallTarget::Model(model_id) => model_id,
         };
@@ -322,7 +357,16 @@ impl Router {
             });
         }
         let span = tracing::info_span!("route", process = "-", primary = %model.id);
-        Ok(self.start(None, &[model], request, options, observer, span))
+        let plan = run::Plan::new(
+            &self.inner.providers,
+            None,
+            &[model],
+            request,
+            options,
+            observer,
+        )
+        .spending(spend);
+        Ok(self.start(plan, span))
     }
 
     /// Primary, then fallback of the process, with the process's `max_output_tokens` and
@@ -335,7 +379,7 @@ impl Router {
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
     ) -> RouteStream {
-        self.open_process_on(&self.catalog(), process, request, options, observer)
+        self.open_process_on(&self.catalog(), process, request, options, observer, None)
     }
 
     fn open_process_on(
@@ -345,6 +389,7 @@ impl Router {
         request: RouteRequest,
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
+        spend: Option<SpendAccount>,
     ) -> RouteStream {
         let route = catalog.route(process);
         let models: Vec<&ModelSpec> = [&route.primary, &route.fallback]
@@ -357,7 +402,16 @@ impl Router {
             ..request
         };
         let span = tracing::info_span!("route", process = %process, primary = %route.primary);
-        self.start(Some(process), &models, request, options, observer, span)
+        let plan = run::Plan::new(
+            &self.inner.providers,
+            Some(process),
+            &models,
+            request,
+            options,
+            observer,
+        )
+        .spending(spend);
+        self.start(plan, span)
     }
 
     /// A process's route with default options and no observer (tests and benches).
@@ -383,23 +437,7 @@ impl Router {
         )
     }
 
-    fn start(
-        &self,
-        process: Option<Process>,
-        models: &[&ModelSpec],
-        request: RouteRequest,
-        options: RouteOptions,
-        observer: Option<Arc<dyn RouteObserver>>,
-        span: tracing::Span,
-    ) -> RouteStream {
-        let plan = run::Plan::new(
-            &self.inner.providers,
-            process,
-            models,
-            request,
-            options,
-            observer,
-        );
+    fn start(&self, plan: run::Plan, span: tracing::Span) -> RouteStream {
         Box::pin(InSpan {
             inner: run::route(self.inner.clone(), plan),
             span,

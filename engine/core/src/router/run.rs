@@ -9,8 +9,10 @@ use agents::Process;
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
+use crate::budgets::{SpendAccount, SpendHold, worst_case_cost};
 use crate::catalog::ModelSpec;
-use crate::limits::{Reservation, estimate_tokens};
+use crate::cost::Cost;
+use crate::limits::{ProviderHold, estimate_tokens, reserve_shared};
 use crate::provider::{ChatRequest, ProviderError, SharedProvider};
 use crate::stream::{FaultClass, FinishReason, ProviderEvent, ProviderKind, Usage};
 use crate::tokenize::count_prompt_tokens;
@@ -40,6 +42,8 @@ pub(super) struct Plan {
     options: RouteOptions,
     /// Told about the route if its caller drops it before the terminal event.
     observer: Option<Arc<dyn RouteObserver>>,
+    /// Whose dollar budgets each attempt reserves from, if any.
+    spend: Option<SpendAccount>,
 }
 
 impl Plan {
@@ -73,7 +77,13 @@ impl Plan {
             request,
             options,
             observer,
+            spend: None,
         }
+    }
+
+    pub(super) fn spending(mut self, spend: Option<SpendAccount>) -> Self {
+        self.spend = spend;
+        self
     }
 
     fn chat_request(&self, spec: &ModelSpec) -> ChatRequest {
@@ -102,7 +112,9 @@ struct InFlight {
     meter: AttemptMeter,
     admission: Admission,
     /// What the attempt reserved of its provider's budget; settled with its usage at the end.
-    reservation: Option<Reservation>,
+    reservation: Option<ProviderHold>,
+    /// What the attempt reserved of the caller's dollar budgets; settled to its cost at the end.
+    spend: Option<SpendHold>,
     span: tracing::Span,
 }
 
@@ -190,7 +202,29 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                 tokio::time::sleep(wait).await;
             }
             run.quick_next = false;
-            let (provider, request) = match run.begin_attempt(idx) {
+            // Money first: a call the budget has no room for is never made, on any model.
+            let spend = match run.reserve_spend(idx).await {
+                Ok(hold) => hold,
+                Err(denied) => {
+                    let error = RouteError::Budget { denied, attempts: run.summaries() };
+                    yield RouteEvent::Failed(run.fail(error));
+                    return;
+                }
+            };
+            // A shared provider budget is asked here, where the route can wait for the answer.
+            let shared = match run.reserve_shared_rates(idx).await {
+                Ok(hold) => hold,
+                Err(skip) => {
+                    if let Some(hold) = spend {
+                        hold.settle(Cost::ZERO);
+                    }
+                    run.calls += 1;
+                    run.tried[idx] += 1;
+                    run.skip(idx, skip);
+                    continue;
+                }
+            };
+            let (provider, request) = match run.begin_attempt(idx, spend, shared) {
                 Ok(started) => started,
                 Err(skip) => {
                     run.skip(idx, skip);
@@ -341,19 +375,73 @@ impl RouteRun {
         jitter.max(hold)
     }
 
+    /// Reserves the worst case of the next attempt on `idx` from the caller's dollar budgets.
+    async fn reserve_spend(
+        &self,
+        idx: usize,
+    ) -> Result<Option<SpendHold>, crate::budgets::BudgetDenied> {
+        let Some(account) = &self.plan.spend else {
+            return Ok(None);
+        };
+        let spec = &self.plan.candidates[idx].spec;
+        let worst = worst_case_cost(&self.plan.chat_request(spec), &spec.pricing);
+        account.reserve(worst).await.map(Some)
+    }
+
+    /// Reserves the next attempt's tokens in the shared provider budget, when the router has
+    /// one (`Ok(None)` otherwise, or when it is down and limits fail open).
+    async fn reserve_shared_rates(&self, idx: usize) -> Result<Option<ProviderHold>, Skip> {
+        let (Some((store, when_down)), Some(rates)) =
+            (&self.shared.shared_rates, self.shared.config.provider_rates)
+        else {
+            return Ok(None);
+        };
+        let spec = &self.plan.candidates[idx].spec;
+        let tokens = estimate_tokens(&self.plan.chat_request(spec));
+        match reserve_shared(store, *when_down, spec.provider, rates, tokens).await {
+            Ok(hold) => Ok(hold.map(ProviderHold::Shared)),
+            Err(refused) => Err(Skip::Budget(AttemptError::BudgetRefused {
+                provider: spec.provider,
+                which: refused.which,
+                retry_after: refused.retry_after,
+            })),
+        }
+    }
+
     /// Asks the model's breaker, then its provider's budget, then opens the attempt's books.
-    fn begin_attempt(&mut self, idx: usize) -> Result<(SharedProvider, ChatRequest), Skip> {
+    /// A model skipped here made no call: its reservations settle to nothing.
+    fn begin_attempt(
+        &mut self,
+        idx: usize,
+        spend: Option<SpendHold>,
+        shared: Option<ProviderHold>,
+    ) -> Result<(SharedProvider, ChatRequest), Skip> {
         let candidate = &self.plan.candidates[idx];
-        let admission = self
-            .shared
-            .breakers
-            .admit(&candidate.spec.id)
-            .map_err(Skip::Circuit)?;
+        let admission = match self.shared.breakers.admit(&candidate.spec.id) {
+            Ok(admission) => admission,
+            Err(refusal) => {
+                if let Some(hold) = spend {
+                    hold.settle(Cost::ZERO);
+                }
+                if let Some(hold) = shared {
+                    hold.settle(0);
+                }
+                return Err(Skip::Circuit(refusal));
+            }
+        };
         let request = self.plan.chat_request(&candidate.spec);
-        let reservation = match self.shared.provider_budgets.get(&candidate.spec.provider) {
+        let local = match (&shared, self.shared.shared_rates.is_some()) {
+            (Some(_), _) | (None, true) => None,
+            (None, false) => self.shared.provider_budgets.get(&candidate.spec.provider),
+        };
+        let reservation = match local {
+            None => shared,
             Some(budget) => match budget.reserve(estimate_tokens(&request)) {
-                Ok(reservation) => Some(reservation),
+                Ok(reservation) => Some(ProviderHold::Local(reservation)),
                 Err(refused) => {
+                    if let Some(hold) = spend {
+                        hold.settle(Cost::ZERO);
+                    }
                     // Our own limit, not the model's health: the breaker hears nothing of it.
                     self.shared
                         .breakers
@@ -367,7 +455,6 @@ impl RouteRun {
                     }));
                 }
             },
-            None => None,
         };
         self.calls += 1;
         self.tried[idx] += 1;
@@ -390,6 +477,7 @@ impl RouteRun {
             ),
             admission,
             reservation,
+            spend,
             span,
         });
         Ok((candidate.provider.clone(), request))
@@ -525,6 +613,7 @@ impl RouteRun {
             meter,
             admission,
             reservation,
+            spend,
             span,
         } = self.in_flight.take()?;
         let model = self.plan.candidates[idx].spec.id.clone();
@@ -537,6 +626,10 @@ impl RouteRun {
         let (mut record, text) = meter.finish(finish_reason, error, || plan.prompt_tokens());
         if let Some(reservation) = reservation {
             reservation.settle(record.usage.total());
+        }
+        if let Some(hold) = spend {
+            // The exact number this attempt's record bills.
+            hold.settle(record.cost);
         }
         let error = match end {
             Ok((reason, unterminated)) => {
@@ -711,6 +804,9 @@ impl Drop for RouteRun {
                 .finish(None, Some(AttemptError::Cancelled), || plan.prompt_tokens());
             if let Some(reservation) = flight.reservation {
                 reservation.settle(record.usage.total());
+            }
+            if let Some(hold) = flight.spend {
+                hold.settle(record.cost);
             }
             if self.committed.is_some() {
                 self.text = text;

@@ -152,7 +152,9 @@ async function loadAll() {
     // A server without catalog versions still shows its metrics.
     api("/v1/admin/models", {}).catch((e) => { if (e instanceof AuthError) throw e; return null; }),
   ]);
-  return { from, to, bucket, series, byProcess, byProvider, byModel, byUser, today, alerts: alerts.alerts || [], models };
+  // Spend against budget; a budget store that cannot answer (Redis down) leaves the rest shown.
+  const budgets = await api("/v1/admin/budgets", {}).catch((e) => { if (e instanceof AuthError) throw e; return null; });
+  return { from, to, bucket, series, byProcess, byProvider, byModel, byUser, today, alerts: alerts.alerts || [], models, budgets };
 }
 
 // ---------------------------------------------------------------- refresh cycle
@@ -342,7 +344,25 @@ function renderCost(panel, d) {
       series: ["p50", "p95", "p99"].map((p) => ({ name: p, color: C[p], values: d.byProcess.groups.map((g) => g.costPerRequestMicroUsd[p] / 1e6) })),
     })),
   ]));
+  if (d.budgets) blocks.push(grid([budgetCard(d.budgets)]));
   mount(panel, blocks);
+}
+
+/// Spent (and held by calls in flight) against each limit, this UTC day and this month.
+function budgetCard(b) {
+  const cell = (line) => {
+    if (!line) return "–";
+    const spent = usd(line.spentUsd);
+    const held = line.reservedUsd > 0 ? ` (+${usd(line.reservedUsd)} in flight)` : "";
+    if (line.limitUsd == null) return `${spent}${held} · no limit`;
+    const share = line.limitUsd > 0 ? (line.spentUsd + line.reservedUsd) / line.limitUsd : 1;
+    const text = el("span", share >= 1 ? "bad" : share >= 0.8 ? "warn" : null, `${spent}${held} of ${usd(line.limitUsd)} (${pct(share)})`);
+    return text;
+  };
+  const rows = [["all callers", cell(b.global), "–"]].concat(
+    b.callers.map((c) => [c.caller, cell(c.day), cell(c.month)]));
+  return tableCard("Spend against budget", `today and this month, UTC · ${b.store}`,
+    table(["Caller", "Today", "This month"], rows), true);
 }
 
 function renderUsage(panel, d) {
