@@ -41,7 +41,7 @@ pub use engine::{
 };
 pub use pipeline::{PipelineEvent, PipelineInput, RunRollup, StageRollup};
 pub use record::{
-    CallObserver, Receipt, RecordError, Recorded, Recorder, RequestRecord, RequestStatus,
+    CallIntent, CallObserver, Receipt, RecordError, Recorded, Recorder, RequestRecord, RequestStatus,
     SessionMessage, ShutdownReport,
 };
 pub use router::{CallTarget, RouteOptions, RouteRequest};

@@ -34,10 +34,10 @@ const WAIT: Duration = Duration::from_secs(30);
 // The built binary, stopped with SIGTERM or `kill -9`.
 
 /// A `keyvex serve` child process; killed on drop if a test fails before it exits.
-struct Keyvex {
+pub(crate) struct Keyvex {
     /// `None` once it has exited and been reaped.
     child: Option<Child>,
-    base: String,
+    pub(crate) base: String,
     log: Option<std::thread::JoinHandle<Vec<String>>>,
 }
 
@@ -90,6 +90,11 @@ fn start_keyvex(
             .env("DYNAMODB_TABLE_NAME", table)
             .env("DYNAMODB_ENDPOINT", endpoint),
     };
+    spawn_serve(command)
+}
+
+/// Spawns `command` (a `keyvex serve` with stderr piped) and waits for the address it prints.
+pub(crate) fn spawn_serve(mut command: Command) -> Keyvex {
     let mut child = command.spawn().unwrap();
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -118,7 +123,7 @@ fn start_keyvex(
 }
 
 impl Keyvex {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
 
@@ -128,13 +133,13 @@ impl Keyvex {
     }
 
     /// Sends SIGTERM and waits for the exit; returns the status and the stderr lines.
-    async fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    pub(crate) async fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
         self.send_sigterm();
         self.wait().await
     }
 
     /// SIGKILL (`Child::kill`): no shutdown code runs.
-    async fn kill9(mut self) -> Vec<String> {
+    pub(crate) async fn kill9(mut self) -> Vec<String> {
         self.child.as_mut().unwrap().kill().unwrap();
         self.wait().await.1
     }
@@ -174,7 +179,7 @@ impl Drop for Keyvex {
 
 /// Polls `/readyz` until the server is ready with nothing pending, and returns that answer. A
 /// separate process has no signal to wait on, so this polls.
-async fn wait_drained(base: &str) -> Value {
+pub(crate) async fn wait_drained(base: &str) -> Value {
     let http = reqwest::Client::new();
     let mut last = Value::Null;
     for _ in 0..1500 {

@@ -10,6 +10,7 @@
 )]
 
 mod agent_runs;
+mod call_intents;
 mod anthropic_versions;
 mod engine_calls;
 mod estimates;

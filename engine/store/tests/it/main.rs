@@ -8,6 +8,7 @@
 
 mod admin_reads;
 mod catalog_versions;
+mod intents;
 mod sessions;
 mod shipping;
 mod stores_open;
