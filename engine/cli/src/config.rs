@@ -21,7 +21,7 @@ use keyvex_engine::router::BreakerConfig;
 use keyvex_server::config::{ApiKeySpec, ServerConfig};
 use keyvex_server::queue::QueueConfig;
 use keyvex_sim::SimProfile;
-use keyvex_store::{MetricsConfig, StoreConfig};
+use keyvex_store::{AwsTimeouts, MetricsConfig, StoreConfig};
 
 /// Read access to environment variables. Empty values count as unset.
 pub trait Env: Send + Sync {
@@ -267,6 +267,21 @@ pub const DYNAMODB_ENDPOINT: Setting = setting(
     "store.dynamodb_endpoint",
     "DynamoDB endpoint override (an emulator such as moto or DynamoDB Local)",
 );
+pub const DYNAMODB_CONNECT_TIMEOUT: Setting = setting(
+    "KEYVEX_DYNAMODB_CONNECT_TIMEOUT_MS",
+    "store.dynamodb_connect_timeout_ms",
+    "TCP/TLS connect timeout of DynamoDB calls (default 3000)",
+);
+pub const DYNAMODB_ATTEMPT_TIMEOUT: Setting = setting(
+    "KEYVEX_DYNAMODB_ATTEMPT_TIMEOUT_MS",
+    "store.dynamodb_attempt_timeout_ms",
+    "timeout of one DynamoDB request attempt; a silent endpoint is cut and the attempt retried (default 5000)",
+);
+pub const DYNAMODB_OPERATION_TIMEOUT: Setting = setting(
+    "KEYVEX_DYNAMODB_OPERATION_TIMEOUT_MS",
+    "store.dynamodb_operation_timeout_ms",
+    "timeout of one DynamoDB call with its retries; the metrics shipper keeps the entries and tries again later (default 20000)",
+);
 pub const AWS_REGION: Setting = env_only(
     "AWS_REGION",
     "AWS region of the DynamoDB table and the SQS queues (read by the AWS SDK, with the standard AWS credentials)",
@@ -285,6 +300,21 @@ pub const SQS_ENDPOINT: Setting = setting(
     "SQS_ENDPOINT",
     "queue.endpoint",
     "SQS endpoint override, e.g. http://127.0.0.1:5000 for moto",
+);
+pub const SQS_CONNECT_TIMEOUT: Setting = setting(
+    "KEYVEX_SQS_CONNECT_TIMEOUT_MS",
+    "queue.connect_timeout_ms",
+    "TCP/TLS connect timeout of SQS calls (default 3000)",
+);
+pub const SQS_ATTEMPT_TIMEOUT: Setting = setting(
+    "KEYVEX_SQS_ATTEMPT_TIMEOUT_MS",
+    "queue.attempt_timeout_ms",
+    "timeout of one SQS request attempt; a long poll gets its wait time (up to 20 s) on top (default 5000)",
+);
+pub const SQS_OPERATION_TIMEOUT: Setting = setting(
+    "KEYVEX_SQS_OPERATION_TIMEOUT_MS",
+    "queue.operation_timeout_ms",
+    "timeout of one SQS call with its retries; a long poll gets its wait time on top (default 20000)",
 );
 pub const WORKER_CONCURRENCY: Setting = setting(
     "KEYVEX_WORKER_CONCURRENCY",
@@ -334,10 +364,16 @@ pub const SETTINGS: &[Setting] = &[
     REPLICA_LOST_AFTER,
     DYNAMODB_TABLE,
     DYNAMODB_ENDPOINT,
+    DYNAMODB_CONNECT_TIMEOUT,
+    DYNAMODB_ATTEMPT_TIMEOUT,
+    DYNAMODB_OPERATION_TIMEOUT,
     AWS_REGION,
     QUEUE_URL,
     DLQ_URL,
     SQS_ENDPOINT,
+    SQS_CONNECT_TIMEOUT,
+    SQS_ATTEMPT_TIMEOUT,
+    SQS_OPERATION_TIMEOUT,
     WORKER_CONCURRENCY,
     RUST_LOG,
 ];
@@ -404,12 +440,18 @@ pub struct Config {
     /// Per provider.
     pub provider_rates: ProviderRates,
     pub store: StoreConfig,
+    /// The DynamoDB endpoint override, also without a table name (`keyvex table`).
+    pub dynamodb_endpoint: Option<String>,
+    /// Of every DynamoDB call (also in `store` when it is DynamoDB).
+    pub dynamodb_timeouts: AwsTimeouts,
     pub metrics: MetricsConfig,
     pub server: ServerConfig,
     /// The AI-processing queue, when its URL is set.
     pub queue: Option<QueueConfig>,
     /// The SQS endpoint override, also without a queue URL (`keyvex queue create`).
     pub sqs_endpoint: Option<String>,
+    /// Of every SQS call (also in `queue`).
+    pub sqs_timeouts: AwsTimeouts,
     pub worker_concurrency: usize,
 }
 
@@ -493,6 +535,37 @@ impl Sources<'_> {
                     .ok_or_else(|| "expected a whole number between 1 and 4294967295".to_owned())
             },
         )
+    }
+
+    /// The three timeouts of an AWS client, each in whole milliseconds above zero, with an
+    /// attempt no longer than its operation.
+    fn aws_timeouts(
+        &self,
+        [connect, attempt, operation]: [&Setting; 3],
+        default: AwsTimeouts,
+    ) -> Result<AwsTimeouts, ConfigError> {
+        let positive = |s: &Setting, default: Duration| {
+            self.parsed(s, default, |v| {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|ms| *ms > 0)
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| "expected whole milliseconds above 0, e.g. 5000".to_owned())
+            })
+        };
+        let timeouts = AwsTimeouts {
+            connect: positive(connect, default.connect)?,
+            attempt: positive(attempt, default.attempt)?,
+            operation: positive(operation, default.operation)?,
+        };
+        match timeouts.validate() {
+            Ok(()) => Ok(timeouts),
+            // Blame the one of the pair that was set (the attempt when both were).
+            Err(problem) => match self.get(attempt).or_else(|| self.get(operation)) {
+                Some(found) => Err(found.invalid(problem)),
+                None => Ok(default),
+            },
+        }
     }
 
     fn url(&self, s: &Setting) -> Result<Option<String>, ConfigError> {
@@ -618,15 +691,33 @@ impl Config {
                         "expected whole milliseconds between 100 and 86400000 (a day)".to_owned()
                     })
             })?;
+        let dynamodb_endpoint = src.url(&DYNAMODB_ENDPOINT)?;
+        let dynamodb_timeouts = src.aws_timeouts(
+            [
+                &DYNAMODB_CONNECT_TIMEOUT,
+                &DYNAMODB_ATTEMPT_TIMEOUT,
+                &DYNAMODB_OPERATION_TIMEOUT,
+            ],
+            AwsTimeouts::DYNAMODB,
+        )?;
         let store = match src.text(&DYNAMODB_TABLE) {
             Some(table) => StoreConfig::Dynamo {
                 table,
-                endpoint: src.url(&DYNAMODB_ENDPOINT)?,
+                endpoint: dynamodb_endpoint.clone(),
+                timeouts: dynamodb_timeouts,
             },
             None => StoreConfig::Sqlite { path: ledger },
         };
 
         let sqs_endpoint = src.url(&SQS_ENDPOINT)?;
+        let sqs_timeouts = src.aws_timeouts(
+            [
+                &SQS_CONNECT_TIMEOUT,
+                &SQS_ATTEMPT_TIMEOUT,
+                &SQS_OPERATION_TIMEOUT,
+            ],
+            AwsTimeouts::SQS,
+        )?;
         let worker_concurrency = src.parsed(&WORKER_CONCURRENCY, 4, |v| match v.parse() {
             Ok(n @ 1..=256) => Ok(n),
             _ => Err("expected a whole number from 1 to 256".to_owned()),
@@ -644,6 +735,7 @@ impl Config {
                     queue_url: url.to_owned(),
                     dlq_url: src.url(&DLQ_URL)?,
                     endpoint: sqs_endpoint.clone(),
+                    timeouts: sqs_timeouts,
                     concurrency: worker_concurrency,
                 })
             }
@@ -698,10 +790,13 @@ impl Config {
             caller_rate,
             provider_rates,
             store,
+            dynamodb_endpoint,
+            dynamodb_timeouts,
             metrics,
             server,
             queue,
             sqs_endpoint,
+            sqs_timeouts,
             worker_concurrency,
         })
     }
@@ -931,6 +1026,58 @@ mod tests {
                 .to_string();
             assert!(e.contains(name), "{e}");
         }
+    }
+
+    #[test]
+    fn aws_timeouts_default_are_read_and_checked() {
+        let c = Config::load(&MapEnv::default(), None).unwrap();
+        assert_eq!(
+            (c.dynamodb_timeouts, c.sqs_timeouts),
+            (AwsTimeouts::DYNAMODB, AwsTimeouts::SQS)
+        );
+        let dir = std::env::temp_dir().join(format!("keyvex-cfg-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keyvex.toml");
+        std::fs::write(
+            &file,
+            "[store]\ndynamodb_table = \"t1\"\ndynamodb_operation_timeout_ms = 1500\n\
+             [queue]\nurl = \"http://127.0.0.1:5000/1/q\"\nattempt_timeout_ms = 400\n",
+        )
+        .unwrap();
+        let env = MapEnv::new([
+            ("KEYVEX_DYNAMODB_ATTEMPT_TIMEOUT_MS", "250"),
+            ("KEYVEX_SQS_CONNECT_TIMEOUT_MS", "700"),
+        ]);
+        let c = Config::load(&env, Some(&file)).unwrap();
+        let dynamo = AwsTimeouts {
+            attempt: Duration::from_millis(250),
+            operation: Duration::from_millis(1_500),
+            ..AwsTimeouts::DYNAMODB
+        };
+        assert_eq!(c.dynamodb_timeouts, dynamo);
+        assert!(matches!(c.store, StoreConfig::Dynamo { timeouts, .. } if timeouts == dynamo));
+        let sqs = AwsTimeouts {
+            connect: Duration::from_millis(700),
+            attempt: Duration::from_millis(400),
+            ..AwsTimeouts::SQS
+        };
+        assert_eq!(c.sqs_timeouts, sqs);
+        assert_eq!(c.queue.map(|q| q.timeouts), Some(sqs));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // An attempt that could never fire, and a zero, name the variable and say why.
+        let env = MapEnv::new([("KEYVEX_DYNAMODB_ATTEMPT_TIMEOUT_MS", "30000")]);
+        let e = Config::load(&env, None).unwrap_err().to_string();
+        assert!(
+            e.contains("KEYVEX_DYNAMODB_ATTEMPT_TIMEOUT_MS") && e.contains("operation timeout"),
+            "{e}"
+        );
+        let env = MapEnv::new([("KEYVEX_SQS_OPERATION_TIMEOUT_MS", "1000")]);
+        let e = Config::load(&env, None).unwrap_err().to_string();
+        assert!(e.contains("KEYVEX_SQS_OPERATION_TIMEOUT_MS"), "{e}");
+        let env = MapEnv::new([("KEYVEX_SQS_CONNECT_TIMEOUT_MS", "0")]);
+        let e = Config::load(&env, None).unwrap_err().to_string();
+        assert!(e.contains("KEYVEX_SQS_CONNECT_TIMEOUT_MS"), "{e}");
     }
 
     #[test]

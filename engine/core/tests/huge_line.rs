@@ -10,7 +10,6 @@
 
 use std::time::{Duration, Instant};
 
-use agents::Process;
 use futures::StreamExt;
 use keyvex_engine::catalog::Catalog;
 use keyvex_engine::provider::ChatMessage;
@@ -55,10 +54,7 @@ async fn a_1_gib_line_is_refused_at_the_cap_on_both_wires() {
     };
     let baseline = rss_kib();
     for kind in ProviderKind::ALL {
-        let process = Process::ALL
-            .into_iter()
-            .find(|p| catalog.model(&catalog.route(*p).primary).unwrap().provider == kind)
-            .unwrap();
+        let process = keyvex_testkit::process_with_primary(kind);
         let route = catalog.route(process).clone();
         // Before any content: the attempt fails at the cap and the fallback answers; after
         // content: the call ends with a clean error naming the cap.

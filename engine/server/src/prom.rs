@@ -149,6 +149,7 @@ impl ServerMetrics {
             gauge!("keyvex_metrics_shipped", "sink" => sink).set(health.shipped as f64);
             gauge!("keyvex_metrics_retried", "sink" => sink).set(health.retried as f64);
             gauge!("keyvex_metrics_failed_writes", "sink" => sink).set(health.failed_writes as f64);
+            gauge!("keyvex_metrics_timeouts", "sink" => sink).set(health.timeouts as f64);
             gauge!("keyvex_metrics_pending", "sink" => sink).set(health.pending as f64);
             gauge!("keyvex_metrics_oldest_pending_age_seconds", "sink" => sink)
                 .set(health.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);

@@ -74,6 +74,16 @@ pub enum StoreError {
         /// Throttling, timeouts and unreachable endpoints: retrying later can succeed.
         retryable: bool,
     },
+    /// The store accepted the connection (or not even that) but did not answer within the
+    /// client's timeouts. Transient: the entries stay pending and are sent again.
+    #[error(
+        "DynamoDB {operation} on table {table} timed out: {message}; the endpoint did not answer within the client's connect, attempt or operation timeout; check the endpoint and the network, and retry (the metrics shipper retries by itself and keeps the entries until then)"
+    )]
+    Timeout {
+        operation: &'static str,
+        table: String,
+        message: String,
+    },
     #[error(
         "DynamoDB left {left} of {total} items unprocessed after {attempts} attempts (throttled); they stay in the ledger and are retried"
     )]
@@ -82,6 +92,27 @@ pub enum StoreError {
         total: usize,
         attempts: u32,
     },
+    #[error(
+        "DynamoDB table {table} exists with a schema keyvex cannot use: {}; keyvex needs {}. Nothing was changed: point DYNAMODB_TABLE_NAME (or --table) at a new name and run `keyvex table create`, or migrate or delete this table",
+        differences.join("; "),
+        crate::dynamo::SCHEMA
+    )]
+    SchemaMismatch {
+        table: String,
+        differences: Vec<String>,
+    },
+    #[error(
+        "DynamoDB table {table} is still {status} after {waited_secs} s; wait and check it with `keyvex table describe`, then run `keyvex table create` again to finish (it is idempotent)"
+    )]
+    NotActive {
+        table: String,
+        status: String,
+        waited_secs: u64,
+    },
+    #[error(
+        "DynamoDB table {table} does not exist; create it with `keyvex table create` (DYNAMODB_TABLE_NAME or --table names it)"
+    )]
+    NoTable { table: String },
     #[error("stored {what} could not be decoded: {problem}")]
     Decode { what: &'static str, problem: String },
     #[error("store task failed: {0}")]
@@ -102,10 +133,22 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Dynamo { retryable, .. } => *retryable,
-            StoreError::Unprocessed { .. } | StoreError::Task(_) | StoreError::Ledger(_) => true,
+            StoreError::Unprocessed { .. }
+            | StoreError::Timeout { .. }
+            | StoreError::NotActive { .. }
+            | StoreError::Task(_)
+            | StoreError::Ledger(_) => true,
             StoreError::Sqlite { .. } => !self.is_rejection(),
-            StoreError::Decode { .. } | StoreError::Rejected { .. } => false,
+            StoreError::Decode { .. }
+            | StoreError::Rejected { .. }
+            | StoreError::SchemaMismatch { .. }
+            | StoreError::NoTable { .. } => false,
         }
+    }
+
+    /// The store did not answer in time (counted apart in the shipper's health).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StoreError::Timeout { .. })
     }
 
     /// The write failed because of what was written, not because of the store's state: the
@@ -121,6 +164,10 @@ impl StoreError {
             StoreError::Rejected { .. } | StoreError::Decode { .. } => true,
             StoreError::Sqlite { source, .. } => sqlite_rejects_data(source),
             StoreError::Dynamo { .. }
+            | StoreError::Timeout { .. }
+            | StoreError::SchemaMismatch { .. }
+            | StoreError::NotActive { .. }
+            | StoreError::NoTable { .. }
             | StoreError::Unprocessed { .. }
             | StoreError::Task(_)
             | StoreError::Ledger(_) => false,

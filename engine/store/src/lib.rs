@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod aggregate;
 pub mod alerts;
+pub mod aws;
 pub mod catalog_store;
 pub mod demo;
 pub mod dynamo;
@@ -30,6 +31,7 @@ mod tracker;
 
 pub use aggregate::{Aggregate, GroupBy, Percentiles, aggregate, aggregate_by};
 pub use alerts::{Alert, AlertConfig, AlertType, Severity};
+pub use aws::AwsTimeouts;
 pub use catalog_store::{CatalogStoreError, CatalogVersions};
 pub use entry::{Entry, Sink, StoreError, WriteReport, day_of, full_jitter, iso_ts};
 pub use error::MetricsError;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::admin::MetricsReader;
+use crate::aws::AwsTimeouts;
 use crate::catalog_store::{CatalogVersions, DynamoCatalogs, SqliteCatalogs};
 use crate::dynamo::{DynamoStore, client};
 use crate::entry::{Sink, StoreError};
@@ -23,10 +24,12 @@ pub enum StoreConfig {
     /// The embedded default: tables in one SQLite file (usually the ledger's own).
     Sqlite { path: PathBuf },
     /// The single DynamoDB table; `endpoint` points at an emulator (moto, DynamoDB Local).
-    /// Region and credentials are the standard AWS variables and profiles.
+    /// Region and credentials are the standard AWS variables and profiles; `timeouts` bound
+    /// every call, so a hung endpoint delays the shipper and the reads but never stops them.
     Dynamo {
         table: String,
         endpoint: Option<String>,
+        timeouts: AwsTimeouts,
     },
 }
 
@@ -38,6 +41,7 @@ impl StoreConfig {
             StoreConfig::Dynamo {
                 table,
                 endpoint: Some(url),
+                ..
             } => format!("DynamoDB table {table} at {url}"),
             StoreConfig::Dynamo { table, .. } => format!("DynamoDB table {table}"),
         }
@@ -53,9 +57,14 @@ impl StoreConfig {
                     .map_err(|e| StoreError::Task(e.to_string()))??;
                 CatalogVersions::sqlite(catalogs)
             }
-            StoreConfig::Dynamo { table, endpoint } => CatalogVersions::dynamo(
-                DynamoCatalogs::new(client(endpoint.as_deref()).await, table),
-            ),
+            StoreConfig::Dynamo {
+                table,
+                endpoint,
+                timeouts,
+            } => CatalogVersions::dynamo(DynamoCatalogs::new(
+                client(endpoint.as_deref(), timeouts).await,
+                table,
+            )),
         })
     }
 
@@ -70,9 +79,14 @@ impl StoreConfig {
                     .map_err(|e| StoreError::Task(e.to_string()))??;
                 JobStore::Sqlite(jobs)
             }
-            StoreConfig::Dynamo { table, endpoint } => {
-                JobStore::Dynamo(DynamoJobs::new(client(endpoint.as_deref()).await, table))
-            }
+            StoreConfig::Dynamo {
+                table,
+                endpoint,
+                timeouts,
+            } => JobStore::Dynamo(DynamoJobs::new(
+                client(endpoint.as_deref(), timeouts).await,
+                table,
+            )),
         })
     }
 }
@@ -122,13 +136,19 @@ impl Stores {
                 };
                 Stores::start(parts, metrics, store.describe()).await
             }
-            StoreConfig::Dynamo { table, endpoint } => {
+            StoreConfig::Dynamo {
+                table,
+                endpoint,
+                timeouts,
+            } => {
                 tracing::info!(
                     table,
                     endpoint = endpoint.as_deref().unwrap_or("aws"),
+                    attempt_timeout_ms = timeouts.attempt.as_millis() as u64,
+                    operation_timeout_ms = timeouts.operation.as_millis() as u64,
                     "metrics ship to DynamoDB"
                 );
-                let client = client(endpoint.as_deref()).await;
+                let client = client(endpoint.as_deref(), timeouts).await;
                 Stores::open_dynamo(client, table, metrics).await
             }
         }

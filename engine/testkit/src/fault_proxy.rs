@@ -1,8 +1,10 @@
-//! A fault-injecting HTTP proxy between the AWS SDK and moto. It forwards requests, and per a
-//! script answers BatchWriteItem with throttling errors, forwards only part of a batch and
-//! reports the rest as `UnprocessedItems`, refuses every batch holding a chosen item with a
-//! `ValidationException` (as DynamoDB refuses a whole request with an item over 400 KB), or drops
-//! every connection while an outage is on.
+//! A fault-injecting HTTP proxy between the AWS SDK and moto (DynamoDB or SQS). It forwards
+//! requests, and per a script answers BatchWriteItem with throttling errors, forwards only part
+//! of a batch and reports the rest as `UnprocessedItems`, stores a batch in moto and never delivers
+//! the answer, refuses every batch holding a chosen item with a
+//! `ValidationException` (as DynamoDB refuses a whole request with an item over 400 KB), drops
+//! every connection while an outage is on, or — as a black hole — accepts every connection and
+//! never reads from it or answers while the black hole is on.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +26,9 @@ pub enum Fault {
     Partial {
         keep: usize,
     },
+    /// Forward the request (moto stores the items) and never deliver the answer: the client
+    /// cannot know the write happened, and sends it again.
+    AnswerLost,
 }
 
 struct ProxyState {
@@ -33,6 +38,9 @@ struct ProxyState {
     /// BatchWriteItem requests whose body contains this text are refused.
     reject: Mutex<Option<String>>,
     outage: Arc<AtomicBool>,
+    black_hole: Arc<AtomicBool>,
+    /// Connections accepted while the black hole is on: held open, never read, never answered.
+    held: Arc<Mutex<Vec<TcpStream>>>,
     /// Item count of every BatchWriteItem request received (faulted or not).
     batch_sizes: Mutex<Vec<usize>>,
     /// Every request received, in order.
@@ -53,10 +61,13 @@ pub struct FaultProxy {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Drops accepted connections while the outage flag is on (the client sees a reset).
+/// Drops accepted connections while the outage flag is on (the client sees a reset), and holds
+/// them unanswered while the black hole is on (the client sees nothing at all).
 struct OutageListener {
     inner: TcpListener,
     outage: Arc<AtomicBool>,
+    black_hole: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl axum::serve::Listener for OutageListener {
@@ -70,6 +81,10 @@ impl axum::serve::Listener for OutageListener {
             };
             if self.outage.load(Ordering::SeqCst) {
                 drop(stream);
+                continue;
+            }
+            if self.black_hole.load(Ordering::SeqCst) {
+                self.held.lock().unwrap().push(stream);
                 continue;
             }
             return (stream, addr);
@@ -86,12 +101,16 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let outage = Arc::new(AtomicBool::new(false));
+        let black_hole = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(Vec::new()));
         let state = Arc::new(ProxyState {
             upstream: upstream.to_owned(),
             http: reqwest::Client::new(),
             script: Mutex::new(VecDeque::new()),
             reject: Mutex::new(None),
             outage: Arc::clone(&outage),
+            black_hole: Arc::clone(&black_hole),
+            held: Arc::clone(&held),
             batch_sizes: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
         });
@@ -103,6 +122,8 @@ impl FaultProxy {
                 OutageListener {
                     inner: listener,
                     outage,
+                    black_hole,
+                    held,
                 },
                 app,
             )
@@ -127,6 +148,21 @@ impl FaultProxy {
 
     pub fn set_outage(&self, on: bool) {
         self.state.outage.store(on, Ordering::SeqCst);
+    }
+
+    /// On: accept every new connection and leave it silent (an endpoint that hangs). Off: pass
+    /// requests through again and close the connections held so far (their clients gave up
+    /// long ago). Every answer closes its connection, so no pooled connection slips past.
+    pub fn set_black_hole(&self, on: bool) {
+        self.state.black_hole.store(on, Ordering::SeqCst);
+        if !on {
+            self.state.held.lock().unwrap().clear();
+        }
+    }
+
+    /// Connections accepted and left silent by the black hole so far (and still held).
+    pub fn held_connections(&self) -> usize {
+        self.state.held.lock().unwrap().len()
     }
 
     pub fn batch_sizes(&self) -> Vec<usize> {
@@ -221,6 +257,10 @@ async fn handle(state: &ProxyState, req: Request) -> Response {
             Some(Fault::ProvisionedThroughputExceeded) => {
                 return dynamo_error("ProvisionedThroughputExceededException", THROTTLED);
             }
+            Some(Fault::AnswerLost) => {
+                let _ = forward_upstream(state, &parts, body).await;
+                return std::future::pending().await;
+            }
             Some(Fault::Partial { keep }) => {
                 let mut left = keep;
                 let mut kept = Map::new();
@@ -243,19 +283,7 @@ async fn handle(state: &ProxyState, req: Request) -> Response {
             None => {}
         }
     }
-    let mut upstream = state
-        .http
-        .request(
-            parts.method.clone(),
-            format!("{}{}", state.upstream, parts.uri),
-        )
-        .body(body);
-    for (name, value) in &parts.headers {
-        if name != header::HOST && name != header::CONTENT_LENGTH {
-            upstream = upstream.header(name, value);
-        }
-    }
-    let Ok(resp) = upstream.send().await else {
+    let Ok(resp) = forward_upstream(state, &parts, body).await else {
         return json_response(StatusCode::BAD_GATEWAY, Bytes::from_static(b"{}"));
     };
     let status = resp.status();
@@ -281,4 +309,25 @@ async fn handle(state: &ProxyState, req: Request) -> Response {
         }
     }
     response
+}
+
+/// Sends the request on to moto as it came (less the hop's host and length).
+async fn forward_upstream(
+    state: &ProxyState,
+    parts: &axum::http::request::Parts,
+    body: Bytes,
+) -> reqwest::Result<reqwest::Response> {
+    let mut upstream = state
+        .http
+        .request(
+            parts.method.clone(),
+            format!("{}{}", state.upstream, parts.uri),
+        )
+        .body(body);
+    for (name, value) in &parts.headers {
+        if name != header::HOST && name != header::CONTENT_LENGTH {
+            upstream = upstream.header(name, value);
+        }
+    }
+    upstream.send().await
 }

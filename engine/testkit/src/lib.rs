@@ -94,6 +94,16 @@ pub fn sim_engine(sim: &SimHandle) -> EngineBuilder {
         .anthropic_at(&base, "sim-key")
 }
 
+/// The process whose primary model is served by `kind` in the embedded catalog (its fallback is
+/// on the other provider).
+pub fn process_with_primary(kind: keyvex_engine::stream::ProviderKind) -> agents::Process {
+    let catalog = keyvex_engine::catalog::Catalog::embedded().unwrap();
+    agents::Process::ALL
+        .into_iter()
+        .find(|p| catalog.model(&catalog.route(*p).primary).unwrap().provider == kind)
+        .unwrap()
+}
+
 /// A recorder that keeps everything in memory, durable at once: for tests of the engine alone.
 #[derive(Clone, Default)]
 pub struct MemoryRecorder {

@@ -97,6 +97,18 @@ impl Drop for Moto {
     }
 }
 
+/// The shared AWS settings a local test starts from: dummy credentials, `us-east-1`, and
+/// otherwise the SDK's defaults (its standard retry included), as a deployment has them. Pass it
+/// to the engine's own client constructors (`keyvex_store::dynamo::configure`,
+/// `keyvex_server::queue::configure`) to test them with their timeouts.
+pub async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .test_credentials()
+        .region(aws_config::Region::new("us-east-1"))
+        .load()
+        .await
+}
+
 /// An SDK client for `endpoint` with dummy credentials and SDK retries off, so the store's own
 /// retry loop is what the tests exercise, and short timeouts so an outage fails fast.
 pub async fn client(endpoint: &str) -> aws_sdk_dynamodb::Client {

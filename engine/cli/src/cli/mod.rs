@@ -9,6 +9,7 @@ mod pipeline;
 mod queue;
 mod serve;
 mod signal;
+mod table;
 mod worker;
 
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ enum Command {
     Queue(queue::QueueArgs),
     /// Run the AI-processing queue worker until SIGTERM or Ctrl-C.
     Worker(worker::WorkerArgs),
+    /// Create the DynamoDB table (keys, both GSIs, TTL), or show how it stands.
+    Table(table::TableArgs),
     /// Fill the metrics store with deterministic sample traffic for the admin dashboard.
     DemoTraffic(demo::DemoArgs),
     /// Model catalog versions in the store: publish, list, show, diff, activate, rollback.
@@ -85,6 +88,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Worker(args) => {
             init_logging("info");
             worker::run(args).await
+        }
+        Command::Table(args) => {
+            init_logging("warn");
+            table::run(args).await
         }
         Command::DemoTraffic(args) => {
             init_logging("warn");

@@ -61,7 +61,7 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout();
     match args.command {
         QueueCommand::Create { name, dlq_name } => {
-            let client = queue::client(config.sqs_endpoint.as_deref()).await;
+            let client = queue::client(config.sqs_endpoint.as_deref(), &config.sqs_timeouts).await;
             let urls = admin::create_queues(&client, &name, &dlq_name)
                 .await
                 .context("creating the queues")?;

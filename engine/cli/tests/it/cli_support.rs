@@ -9,11 +9,10 @@ use std::time::Duration;
 use keyvex_sim::SimHandle;
 use serde_json::Value;
 
-/// `keyvex` with no provider keys, store or queue from the test's own environment, talking to
-/// `sim` through the real provider clients, its metrics in `db`.
-pub fn keyvex(sim: &SimHandle, db: &Path) -> Command {
+/// `keyvex` with no store, queue or config file from the test's own environment, and dummy AWS
+/// credentials in `us-east-1` (for moto).
+pub fn keyvex_bare() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyvex"));
-    let base = sim.base_url();
     for name in [
         "DYNAMODB_TABLE_NAME",
         "DYNAMODB_ENDPOINT",
@@ -24,16 +23,24 @@ pub fn keyvex(sim: &SimHandle, db: &Path) -> Command {
     ] {
         cmd.env_remove(name);
     }
+    cmd.env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test");
+    cmd
+}
+
+/// `keyvex` with no provider keys, store or queue from the test's own environment, talking to
+/// `sim` through the real provider clients, its metrics in `db`.
+pub fn keyvex(sim: &SimHandle, db: &Path) -> Command {
+    let mut cmd = keyvex_bare();
+    let base = sim.base_url();
     cmd.env("OPENAI_API_KEY", "sim-key")
         .env("OPENAI_BASE_URL", &base)
         .env("ANTHROPIC_API_KEY", "sim-key")
         .env("ANTHROPIC_BASE_URL", &base)
         .env("KEYVEX_SIMULATE", "never")
         .env("KEYVEX_METRICS_DB", db)
-        .env("KEYVEX_METRICS_FLUSH_MS", "50")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test");
+        .env("KEYVEX_METRICS_FLUSH_MS", "50");
     cmd
 }
 

@@ -1,5 +1,5 @@
 //! Integration tests of the `keyvex` binary, one test binary (link once): the built binary run
-//! as a user runs it — one-shot commands, `serve` and `worker` — against the in-process simulator,
+//! as a user runs it — one-shot commands, `serve`, `worker` and `table` — against the in-process simulator,
 //! SQLite files and a local AWS emulator, stopped with real signals.
 
 #![expect(
@@ -14,4 +14,5 @@ mod durability;
 mod interrupted;
 mod models;
 mod pipeline;
+mod table;
 mod worker;

@@ -22,16 +22,7 @@ use keyvex_engine::stream::{ProviderError, ProviderKind};
 use keyvex_engine::tokenize::count_prompt_tokens;
 use keyvex_engine::{CallContext, CallEvent, Engine};
 use keyvex_sim::{Fault, LineEnding, Rule, SimHandle};
-use keyvex_testkit::{MemoryRecorder, fast_sim, sim_engine};
-
-/// The process whose primary is served by `kind` (its fallback by the other provider).
-fn process_with_primary(kind: ProviderKind) -> Process {
-    let catalog = Catalog::embedded().unwrap();
-    Process::ALL
-        .into_iter()
-        .find(|p| catalog.model(&catalog.route(*p).primary).unwrap().provider == kind)
-        .unwrap()
-}
+use keyvex_testkit::{MemoryRecorder, fast_sim, process_with_primary, sim_engine};
 
 fn models(process: Process) -> (String, String) {
     let catalog = Catalog::embedded().unwrap();

@@ -22,15 +22,7 @@ use keyvex_engine::router::{
 use keyvex_engine::stream::ProviderKind;
 use keyvex_engine::tokenize::{count_prompt_tokens, count_tokens};
 use keyvex_sim::{self as sim, Fault, Rule, SimConfig, SimHandle};
-
-/// Which process has which provider as primary, in the embedded catalog.
-fn process_with_primary(kind: ProviderKind) -> Process {
-    let catalog = Catalog::embedded().unwrap();
-    Process::ALL
-        .into_iter()
-        .find(|p| catalog.model(&catalog.route(*p).primary).unwrap().provider == kind)
-        .unwrap()
-}
+use keyvex_testkit::process_with_primary;
 
 struct Setup {
     sim: SimHandle,

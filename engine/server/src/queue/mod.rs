@@ -24,12 +24,13 @@ pub mod worker;
 
 use std::time::Duration;
 
+use aws_config::SdkConfig;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use serde::Serialize;
 
 use keyvex_engine::clock::now_ms;
-use keyvex_store::StoreError;
 pub use keyvex_store::jobs::{JobRecord, JobStatus, JobStore};
+use keyvex_store::{AwsTimeouts, StoreError};
 
 pub use message::{Priority, Target};
 
@@ -44,6 +45,15 @@ pub enum QueueError {
         message: String,
         /// Throttling, timeouts, an unreachable endpoint: trying again later can work.
         retryable: bool,
+    },
+    /// SQS did not answer within the client's timeouts (an endpoint that accepts and stays
+    /// silent, a network black hole). Transient.
+    #[error(
+        "SQS {operation} timed out: {message}; the endpoint did not answer within the client's connect, attempt or operation timeout; check the SQS endpoint and the network"
+    )]
+    Timeout {
+        operation: &'static str,
+        message: String,
     },
     #[error(
         "queue {name} already exists with different attributes ({message}); delete it or create it by hand with visibility {visibility_secs} s"
@@ -63,7 +73,9 @@ impl QueueError {
     pub fn http_status(&self) -> http::StatusCode {
         match self {
             QueueError::InvalidRequest(_) => http::StatusCode::BAD_REQUEST,
-            QueueError::Sqs { .. } | QueueError::Store(_) => http::StatusCode::SERVICE_UNAVAILABLE,
+            QueueError::Sqs { .. } | QueueError::Timeout { .. } | QueueError::Store(_) => {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => http::StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -71,6 +83,7 @@ impl QueueError {
     pub fn is_retryable(&self) -> bool {
         match self {
             QueueError::Sqs { retryable, .. } => *retryable,
+            QueueError::Timeout { .. } => true,
             QueueError::Store(e) => e.is_retryable(),
             _ => false,
         }
@@ -81,10 +94,14 @@ impl QueueError {
         E: std::error::Error + ProvideErrorMetadata + 'static,
         R: std::fmt::Debug,
     {
+        if keyvex_store::aws::is_timeout(err) {
+            return QueueError::Timeout {
+                operation,
+                message: DisplayErrorContext(err).to_string(),
+            };
+        }
         let retryable = match err {
-            SdkError::TimeoutError(_)
-            | SdkError::DispatchFailure(_)
-            | SdkError::ResponseError(_) => true,
+            SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
             SdkError::ServiceError(e) => matches!(
                 e.err().code(),
                 Some(
@@ -114,17 +131,37 @@ pub struct QueueConfig {
     pub dlq_url: Option<String>,
     /// An emulator's endpoint (moto); `None` is AWS.
     pub endpoint: Option<String>,
+    /// Of every SQS call; a long poll gets its wait time on top (see [`client`]).
+    pub timeouts: AwsTimeouts,
     pub concurrency: usize,
 }
 
-/// An SQS client for `endpoint` (an emulator) or AWS; region and credentials come from the
-/// standard AWS variables. No operation timeout is set, so 20-second long polls are not cut.
-pub async fn client(endpoint: Option<&str>) -> aws_sdk_sqs::Client {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+/// An SQS client for `endpoint` (an emulator) or AWS, with `timeouts`; region and credentials
+/// come from the standard AWS variables.
+///
+/// A `ReceiveMessage` long poll is held open by SQS for up to its wait time (20 s at most), so
+/// the client-wide timeouts would cut it: the worker gives each receive the client's timeouts
+/// plus its wait time, per operation.
+pub async fn client(endpoint: Option<&str>, timeouts: &AwsTimeouts) -> aws_sdk_sqs::Client {
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    configure(&shared, endpoint, timeouts)
+}
+
+/// An SQS client on `shared` (region, credentials, retry settings) for `endpoint` with
+/// `timeouts`.
+pub fn configure(
+    shared: &SdkConfig,
+    endpoint: Option<&str>,
+    timeouts: &AwsTimeouts,
+) -> aws_sdk_sqs::Client {
+    let mut config =
+        aws_sdk_sqs::config::Builder::from(shared).timeout_config(timeouts.timeout_config());
     if let Some(url) = endpoint {
-        loader = loader.endpoint_url(url);
+        config = config.endpoint_url(url);
     }
-    aws_sdk_sqs::Client::new(&loader.load().await)
+    aws_sdk_sqs::Client::from_conf(config.build())
 }
 
 /// What `enqueue` and `job_status` need: the queue and the job store.
@@ -139,7 +176,7 @@ impl JobsCtx {
     /// The queue at `config` (an SQS client for its endpoint) over `jobs`.
     pub async fn connect(config: &QueueConfig, jobs: JobStore) -> JobsCtx {
         JobsCtx {
-            sqs: client(config.endpoint.as_deref()).await,
+            sqs: client(config.endpoint.as_deref(), &config.timeouts).await,
             queue_url: config.queue_url.clone(),
             jobs,
         }

@@ -33,8 +33,8 @@ use keyvex_engine::clock::now_ms;
 use keyvex_engine::cost::Cost;
 use keyvex_engine::record::Receipt;
 use keyvex_engine::{AgentError, AgentEvent, CallContext, Engine, PipelineEvent, PipelineInput};
-use keyvex_store::full_jitter;
 use keyvex_store::jobs::{Claim, ClaimRequest, JobRecord, JobStatus, Settle};
+use keyvex_store::{AwsTimeouts, full_jitter};
 
 use super::message::{self, Job, Poison, Target};
 use super::{JobsCtx, QueueError, admin, visibility_secs};
@@ -48,6 +48,16 @@ const TRANSIENT_KINDS: &[&str] = &[
     "mid_stream",
     "truncated",
 ];
+
+/// SQS's longest `WaitTimeSeconds`.
+const MAX_WAIT: Duration = Duration::from_secs(20);
+
+/// The timeouts of one long poll: the client's own (the SQS defaults where it sets none) plus
+/// the wait, since SQS holds an empty receive open for that long on purpose and the client-wide
+/// timeouts (5 s per attempt by default) would cut every 20-second poll.
+fn long_poll_timeouts(sqs: &aws_sdk_sqs::Client, wait: Duration) -> AwsTimeouts {
+    AwsTimeouts::of_config(sqs.config().timeout_config(), AwsTimeouts::SQS).extended_by(wait)
+}
 
 /// The worker's knobs. `Default` follows the platform's queue setup (300 s visibility, jobs
 /// started within 30 s); tests shrink the durations.
@@ -116,6 +126,9 @@ pub struct WorkerCounts {
     pub released: u64,
     /// Messages that hit a store or SQS error and were left for redelivery.
     pub errors: u64,
+    /// Receives that failed (SQS unreachable, throttled, or silent past the long poll's
+    /// timeouts); the worker backs off and polls again.
+    pub receive_errors: u64,
 }
 
 /// A queue worker. Build it, optionally subscribe to [`Worker::progress`], then `run` or `spawn`.
@@ -230,15 +243,21 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            let wait = config.wait_time.min(MAX_WAIT);
             let receive = shared
                 .ctx
                 .sqs
                 .receive_message()
                 .queue_url(&shared.ctx.queue_url)
                 .max_number_of_messages(permits.len() as i32)
-                .wait_time_seconds(config.wait_time.as_secs().min(20) as i32)
+                .wait_time_seconds(wait.as_secs() as i32)
                 .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
                 .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+                .customize()
+                .config_override(
+                    aws_sdk_sqs::config::Builder::default()
+                        .timeout_config(long_poll_timeouts(&shared.ctx.sqs, wait).timeout_config()),
+                )
                 .send();
             let received = tokio::select! {
                 biased;
@@ -265,6 +284,7 @@ impl Worker {
                 }
                 Err(e) => {
                     receive_failures += 1;
+                    shared.bump(|c| c.receive_errors += 1);
                     let err = QueueError::sqs("ReceiveMessage", &e);
                     let pause = full_jitter(
                         Duration::from_millis(200),
@@ -788,6 +808,28 @@ fn ended_without_result() -> JobRun {
 mod tests {
     use super::*;
     use keyvex_engine::Process;
+
+    #[test]
+    fn a_long_poll_gets_its_wait_on_top_of_the_clients_timeouts() {
+        let shared = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .build();
+        let timeouts = AwsTimeouts {
+            connect: Duration::from_secs(1),
+            attempt: Duration::from_secs(2),
+            operation: Duration::from_secs(4),
+        };
+        let sqs = super::super::configure(&shared, Some("http://127.0.0.1:9"), &timeouts);
+        assert_eq!(
+            long_poll_timeouts(&sqs, MAX_WAIT),
+            AwsTimeouts {
+                connect: Duration::from_secs(1),
+                attempt: Duration::from_secs(22),
+                operation: Duration::from_secs(24),
+            }
+        );
+    }
 
     #[test]
     fn provider_outages_are_transient_and_bad_answers_are_not() {

@@ -1,15 +1,20 @@
 //! `POST /v1/jobs` and `GET /v1/jobs/{id}` over a real socket, with the queue on moto's SQS and
 //! the worker inside the server (`serve --with-worker`): bad jobs never become messages, a good
 //! one runs to its result and writes its session, a job into someone else's session is refused,
-//! and only its owner (or an admin) sees it.
+//! and only its owner (or an admin) sees it. An SQS endpoint that never answers makes a job
+//! submission a prompt 503, not a hung request.
 
 use std::time::Duration;
 
+use keyvex_server::queue;
+use keyvex_store::AwsTimeouts;
+use keyvex_testkit::fault_proxy::FaultProxy;
+use keyvex_testkit::moto;
 use keyvex_testkit::{business, error_of};
 use serde_json::{Value, json};
 
 use crate::support::{
-    ADMIN, ALICE, BOB, MotoQueue, Spec, TestServer, WAIT, depth, fast_worker, stored_records,
+    ADMIN, ALICE, BOB, MotoQueue, Queue, Spec, TestServer, WAIT, depth, fast_worker, stored_records,
 };
 
 #[tokio::test]
@@ -141,4 +146,53 @@ async fn jobs_run_on_the_in_process_worker_and_only_their_owner_sees_them() {
         assert_eq!(r["stage"], "magicSpark", "{r}");
         assert_eq!(r["status"], "succeeded", "{r}");
     }
+}
+
+/// SQS that accepts connections and never answers (moto behind a black hole): `POST /v1/jobs`
+/// ends within the SQS client's operation timeout with a 503 naming the timeout, instead of
+/// hanging the caller, and the next job goes through once SQS answers again.
+#[tokio::test]
+async fn a_silent_sqs_endpoint_makes_post_jobs_a_503_naming_the_timeout_not_a_hang() {
+    let queue = MotoQueue::start("api-silent", Duration::from_secs(5)).await;
+    let proxy = FaultProxy::start(&queue.moto.endpoint).await;
+    let timeouts = AwsTimeouts {
+        connect: Duration::from_secs(1),
+        attempt: Duration::from_millis(300),
+        operation: Duration::from_millis(1_000),
+    };
+    let mut spec = Spec::new(5);
+    spec.queue = Some(Queue {
+        sqs: queue::configure(&moto::sdk_config().await, Some(&proxy.endpoint), &timeouts),
+        queue_url: queue.urls.queue_url.clone(),
+    });
+    let h = TestServer::sqlite(spec).await;
+    let job = json!({ "target": "magicSpark", "input": business() });
+
+    proxy.set_black_hole(true);
+    let started = tokio::time::Instant::now();
+    let resp = tokio::time::timeout(WAIT, h.post("/v1/jobs", ALICE).json(&job).send())
+        .await
+        .expect("the route must answer, not hang")
+        .unwrap();
+    let took = started.elapsed();
+    let err = error_of(resp, 503).await;
+    assert_eq!(err["code"], "queue_unavailable", "{err}");
+    let message = err["message"].as_str().unwrap();
+    assert!(
+        message.contains("SendMessage timed out") && message.contains("retry"),
+        "{message}"
+    );
+    assert!(
+        took < timeouts.operation + Duration::from_secs(1),
+        "the operation timeout did not bound the send: {took:?}"
+    );
+    assert!(
+        proxy.held_connections() >= 1,
+        "the send reached the black hole"
+    );
+
+    proxy.set_black_hole(false);
+    let resp = h.post("/v1/jobs", ALICE).json(&job).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(depth(&queue.sqs, &queue.urls.queue_url).await, 1);
 }

@@ -1,8 +1,9 @@
 //! The queue worker against moto's SQS: the real SQS SDK, the worker running agents and the
 //! pipeline through the engine against the simulator over HTTP, and the job store in SQLite (and
 //! DynamoDB on moto for the end-to-end case). Each test has its own moto, queues, simulator and
-//! metrics file; queues use a 2 s visibility so redelivery takes seconds. Last, the worker inside
-//! the server (`serve --with-worker`) aborted at shutdown mid-stream.
+//! metrics file; queues use a 2 s visibility so redelivery takes seconds. An SQS that accepts and
+//! never answers (moto behind a black hole) stops neither the worker nor its later jobs. Last, the
+//! worker inside the server (`serve --with-worker`) aborted at shutdown mid-stream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +16,11 @@ use keyvex_server::queue::admin::{self, QueueSettings};
 use keyvex_server::queue::worker::{Worker, WorkerConfig, WorkerCounts};
 use keyvex_server::queue::{self, JobRequest, JobStatus, JobStore, JobsCtx, Priority, QueueError};
 use keyvex_sim::{Fault, Rule, SimHandle};
-use keyvex_store::Tracker;
 use keyvex_store::jobs::{DynamoJobs, SqliteJobs};
 use keyvex_store::sqlite::SqliteStore;
+use keyvex_store::{AwsTimeouts, Tracker};
 use keyvex_testkit::TempDir;
+use keyvex_testkit::fault_proxy::FaultProxy;
 use keyvex_testkit::moto::{self, Moto};
 use serde_json::json;
 use tokio::sync::watch;
@@ -408,6 +410,70 @@ async fn a_job_that_always_fails_is_dead_lettered_after_three_receives() {
     let counts = w.stop().await;
     assert_eq!((counts.retried, counts.succeeded), (2, 0), "{counts:?}");
     assert_eq!(s.depth(&s.urls.queue_url).await, 0);
+}
+
+/// SQS behind a proxy that can turn into a black hole (accepts, never answers), reached through
+/// the engine's own client with attempt and operation timeouts far below the long poll's wait:
+/// the worker's long polls still run their full wait (each gets its wait on top of the client's
+/// timeouts), a silent SQS makes receives fail with timeouts that are counted while the worker
+/// keeps running, and jobs run again as soon as SQS answers.
+#[tokio::test]
+async fn a_worker_polling_a_silent_sqs_keeps_running_and_recovers_and_its_long_polls_are_not_cut() {
+    let s = Setup::new("silent", Duration::from_secs(5)).await;
+    let proxy = FaultProxy::start(&s.moto_endpoint).await;
+    let timeouts = AwsTimeouts {
+        connect: Duration::from_secs(1),
+        attempt: Duration::from_millis(300),
+        operation: Duration::from_millis(1_000),
+    };
+    let ctx = JobsCtx {
+        sqs: queue::configure(&moto::sdk_config().await, Some(&proxy.endpoint), &timeouts),
+        ..s.ctx.clone()
+    };
+    let wait = Duration::from_secs(2);
+    let mut w = start(Worker::new(
+        ctx,
+        s.engine.clone(),
+        WorkerConfig {
+            wait_time: wait,
+            ..fast_worker()
+        },
+    ));
+
+    // An empty queue: every receive is a 2 s long poll, past both client-wide timeouts. Over
+    // two polls' time none of them failed.
+    tokio::time::sleep(wait + wait / 4).await;
+    assert_eq!(w.progress.borrow().receive_errors, 0, "a long poll was cut");
+    let first = s.enqueue(Process::MagicSpark, 1).await;
+    w.until("the first job", |c| c.succeeded == 1).await;
+    eventually("the first message deleted", || async {
+        s.depth(&s.urls.queue_url).await == 0
+    })
+    .await;
+
+    proxy.set_black_hole(true);
+    let counts = w
+        .until("two failed receives", |c| c.receive_errors >= 2)
+        .await;
+    assert!(!w.handle.is_finished(), "the worker must keep running");
+    assert_eq!(counts.errors, 0, "{counts:?}");
+    assert!(
+        proxy.held_connections() >= 2,
+        "receives reached the black hole"
+    );
+
+    proxy.set_black_hole(false);
+    let second = s.enqueue(Process::MagicSpark, 2).await;
+    w.until("the second job", |c| c.succeeded == 2).await;
+    for job in [first, second] {
+        assert_eq!(s.status(&job).await.status, JobStatus::Succeeded);
+    }
+    let counts = w.stop().await;
+    assert_eq!(
+        (counts.received, counts.failed, counts.errors),
+        (2, 0, 0),
+        "{counts:?}"
+    );
 }
 
 #[tokio::test]

@@ -12,9 +12,11 @@ mod sink;
 
 use std::time::Duration;
 
+use aws_config::SdkConfig;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
+use crate::aws::AwsTimeouts;
 use crate::entry::StoreError;
 
 pub use codec::{
@@ -22,7 +24,10 @@ pub use codec::{
     request_item,
 };
 pub use intents::{intent_from_item, intent_item};
-pub use schema::create_table;
+pub use schema::{
+    ACTIVE_WAIT, IndexInfo, KeyInfo, Provision, Provisioned, SCHEMA, TTL_ATTRIBUTE, TableInfo,
+    TtlInfo, create_table, create_table_within, describe_table,
+};
 pub use sink::chunk_items;
 
 /// BatchWriteItem accepts at most 25 requests …
@@ -77,14 +82,24 @@ pub struct DynamoStore {
     pub(super) retry: DynamoRetry,
 }
 
-/// A client for `DYNAMODB_ENDPOINT` (an emulator) or, when `None`, the regular AWS endpoint;
-/// region and credentials come from the standard AWS variables and profiles.
-pub async fn client(endpoint: Option<&str>) -> Client {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+/// A client for `DYNAMODB_ENDPOINT` (an emulator) or, when `None`, the regular AWS endpoint, with
+/// `timeouts`; region and credentials come from the standard AWS variables and profiles.
+pub async fn client(endpoint: Option<&str>, timeouts: &AwsTimeouts) -> Client {
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    configure(&shared, endpoint, timeouts)
+}
+
+/// A client on `shared` (region, credentials, retry settings) for `endpoint` with `timeouts`,
+/// so a hung endpoint ends in a timeout error instead of a call that never returns.
+pub fn configure(shared: &SdkConfig, endpoint: Option<&str>, timeouts: &AwsTimeouts) -> Client {
+    let mut config =
+        aws_sdk_dynamodb::config::Builder::from(shared).timeout_config(timeouts.timeout_config());
     if let Some(url) = endpoint {
-        loader = loader.endpoint_url(url);
+        config = config.endpoint_url(url);
     }
-    Client::new(&loader.load().await)
+    Client::from_conf(config.build())
 }
 
 impl DynamoStore {
@@ -146,8 +161,10 @@ impl DynamoStore {
     }
 }
 
-/// Turns an SDK error into a [`StoreError::Dynamo`], deciding once for every DynamoDB caller which
+/// Turns an SDK error into a [`StoreError`], deciding once for every DynamoDB caller which
 /// failures are worth retrying (timeouts, dispatch failures, throttling, 5xx) and which are not.
+/// A timeout — of the operation, of its last attempt, or of the connect — is a
+/// [`StoreError::Timeout`], so the shipper can count it apart.
 pub(crate) fn sdk_error<E, R>(
     table: &str,
     operation: &'static str,
@@ -157,10 +174,15 @@ where
     E: std::error::Error + ProvideErrorMetadata + 'static,
     R: std::fmt::Debug,
 {
+    if crate::aws::is_timeout(err) {
+        return StoreError::Timeout {
+            operation,
+            table: table.to_owned(),
+            message: DisplayErrorContext(err).to_string(),
+        };
+    }
     let retryable = match err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
-        }
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
         SdkError::ServiceError(e) => matches!(
             e.err().code(),
             Some(

@@ -103,6 +103,9 @@ pub struct MetricsHealth {
     /// failures, rejected batches, and the rejected probes that isolate a refused entry. A
     /// rejected batch of `n` entries with one refused entry costs about `2·log2(n)` writes.
     pub failed_writes: u64,
+    /// Of `failed_writes`, those the sink did not answer in time (a DynamoDB endpoint that
+    /// accepts and stays silent): the entries stay pending and the write is retried.
+    pub timeouts: u64,
     /// Transient sink failures since the last write that made progress; 0 when shipping works.
     /// Growing together with `pending` means the sink is down or misconfigured: see `last_error`.
     pub consecutive_failures: u64,
@@ -155,6 +158,7 @@ struct Counters {
     shipped: AtomicU64,
     retried: AtomicU64,
     failed_writes: AtomicU64,
+    timeouts: AtomicU64,
     ledger_errors: AtomicU64,
     pending: AtomicU64,
     /// 0 = nothing pending.
@@ -201,6 +205,9 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some((err.to_string(), now_ms()));
         self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
+        if err.is_timeout() {
+            self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Lowers the pending gauge by rows that left the outbox (shipped or dead-lettered).
@@ -425,6 +432,7 @@ impl Tracker {
             shipped: c.shipped.load(Ordering::Relaxed),
             retried: c.retried.load(Ordering::Relaxed),
             failed_writes: c.failed_writes.load(Ordering::Relaxed),
+            timeouts: c.timeouts.load(Ordering::Relaxed),
             consecutive_failures: c.consecutive_failures.load(Ordering::Relaxed),
             last_error_age_ms: last_error.as_ref().map(|(_, at)| now.saturating_sub(*at)),
             last_error: last_error.map(|(text, _)| text),

@@ -1,5 +1,6 @@
 //! Integration tests of the store crate, one binary (link once): the tracker's ledger → sink
-//! path, sessions and the admin reads against real SQLite files and a local DynamoDB (moto).
+//! path (also through a DynamoDB endpoint that never answers), sessions and the admin reads
+//! against real SQLite files and a local DynamoDB (moto).
 
 #![expect(
     clippy::unwrap_used,
@@ -8,6 +9,7 @@
 
 mod admin_reads;
 mod catalog_versions;
+mod hung_endpoint;
 mod intents;
 mod sessions;
 mod shipping;

@@ -88,7 +88,8 @@ async fn stores_open_with_dynamo_writes_to_the_table() {
         stores.description,
         StoreConfig::Dynamo {
             table: TABLE.into(),
-            endpoint: None
+            endpoint: None,
+            timeouts: keyvex_store::AwsTimeouts::DYNAMODB,
         }
         .describe()
     );
