@@ -256,7 +256,13 @@ impl Books {
         }
         let primary = earlier.first().map(|a| a.model.as_str());
         for (i, attempt) in calls.iter().enumerate().skip(early.records) {
-            let record = retried_record(&self.ctx, self.process_key(), attempt, i as u32 + 1, primary);
+            let record = retried_record(
+                &self.ctx,
+                self.process_key(),
+                attempt,
+                i as u32 + 1,
+                primary,
+            );
             let receipt = self.hand_over(record);
             early.receipts.push(receipt);
         }
@@ -280,7 +286,8 @@ impl Books {
         }
         rec.attempt = call;
         rec.attempts = call;
-        rec.with_catalog_version(self.catalog_version).interrupted(why)
+        rec.with_catalog_version(self.catalog_version)
+            .interrupted(why)
     }
 }
 
@@ -299,7 +306,10 @@ impl RouteObserver for Books {
 
     fn on_call_start(&self, call: &CallStart<'_>) {
         self.record_earlier(call.earlier);
-        let primary = call.earlier.first().map_or(call.model, |a| a.model.as_str());
+        let primary = call
+            .earlier
+            .first()
+            .map_or(call.model, |a| a.model.as_str());
         self.early
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -309,11 +319,16 @@ impl RouteObserver for Books {
             input: call.prompt_tokens,
             ..Usage::default()
         };
-        let rec = base_record(&self.ctx, self.process_key(), call.provider.as_str(), call.model)
-            .with_usage(&prompt)
-            .with_cost(cost(&prompt, call.pricing))
-            .with_cost_estimated(true)
-            .with_attempts(call.call, primary != call.model);
+        let rec = base_record(
+            &self.ctx,
+            self.process_key(),
+            call.provider.as_str(),
+            call.model,
+        )
+        .with_usage(&prompt)
+        .with_cost(cost(&prompt, call.pricing))
+        .with_cost_estimated(true)
+        .with_attempts(call.call, primary != call.model);
         let record = self.interrupted(
             rec,
             call.record_id,
@@ -328,17 +343,23 @@ impl RouteObserver for Books {
     }
 
     fn on_call_failed(&self, attempt: &AttemptRecord, call: u32, request_started_at: SystemTime) {
-        let error = attempt
-            .error
-            .as_ref()
-            .map_or_else(|| "ended without an error".to_owned(), |e| format!("{}: {e}", e.kind()));
+        let error = attempt.error.as_ref().map_or_else(
+            || "ended without an error".to_owned(),
+            |e| format!("{}: {e}", e.kind()),
+        );
         let primary = self
             .early
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .primary
             .clone();
-        let rec = retried_record(&self.ctx, self.process_key(), attempt, call, primary.as_deref());
+        let rec = retried_record(
+            &self.ctx,
+            self.process_key(),
+            attempt,
+            call,
+            primary.as_deref(),
+        );
         let record = self.interrupted(
             rec,
             &attempt.record_id,
@@ -427,7 +448,13 @@ pub fn records_of(
     };
     let mut records = Vec::with_capacity(calls.len());
     for (i, attempt) in earlier.iter().enumerate() {
-        records.push(retried_record(ctx, process_key, attempt, i as u32 + 1, primary));
+        records.push(retried_record(
+            ctx,
+            process_key,
+            attempt,
+            i as u32 + 1,
+            primary,
+        ));
     }
     let mut rec = call_record(ctx, process_key, last, primary)
         .with_latency(
@@ -457,7 +484,7 @@ fn made_call(attempt: &AttemptRecord) -> bool {
 /// test clock): such records keep the time they were made.
 fn unix_ms(at: SystemTime) -> Option<u64> {
     let since = at.duration_since(UNIX_EPOCH).ok()?;
-    (at <= SystemTime::now()).then(|| since.as_millis() as u64)
+    (at <= SystemTime::now()).then_some(since.as_millis() as u64)
 }
 
 /// A record of `ctx`'s call to `model`, with no usage yet, stamped now.

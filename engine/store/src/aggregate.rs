@@ -288,10 +288,16 @@ mod tests {
             .with_cost(Cost::from_micro_usd(1))
             .retried("overloaded", "529");
         let a = &aggregate(&[ok, cut, retried], GroupBy::Process)[0];
-        assert_eq!((a.requests, a.errors, a.interrupted, a.retried), (2, 1, 1, 1));
+        assert_eq!(
+            (a.requests, a.errors, a.interrupted, a.retried),
+            (2, 1, 1, 1)
+        );
         assert!((a.error_rate - 0.5).abs() < 1e-9);
         assert_eq!(a.cost_micro_usd, 15, "an interrupted call is billed");
-        assert_eq!(a.latency_ms.p50, 1_000, "its unknown latency is not a 0 ms sample");
+        assert_eq!(
+            a.latency_ms.p50, 1_000,
+            "its unknown latency is not a 0 ms sample"
+        );
         assert_eq!(a.cost_per_request_micro_usd.p50, 4);
         assert_eq!(serde_json::to_value(a).unwrap()["interrupted"], 1);
     }

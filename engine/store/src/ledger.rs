@@ -14,8 +14,6 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 mod intents;
 
-pub(crate) use intents::{EndedIntent, OpenIntent};
-
 use crate::entry::Entry;
 use crate::error::MetricsError;
 use keyvex_engine::record::SessionMessage;
@@ -139,7 +137,11 @@ impl Ledger {
     }
 
     /// [`Ledger::append`] inside a transaction of the caller's.
-    fn append_in(tx: &Transaction<'_>, entries: &[Entry], now_ms: u64) -> Result<u64, MetricsError> {
+    fn append_in(
+        tx: &Transaction<'_>,
+        entries: &[Entry],
+        now_ms: u64,
+    ) -> Result<u64, MetricsError> {
         let mut inserted = 0;
         {
             let mut stmt = tx.prepare_cached(

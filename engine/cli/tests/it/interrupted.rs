@@ -32,10 +32,18 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// `keyvex serve` on `ledger`, its providers the test's simulator, shipping to DynamoDB when
 /// `dynamo` names an endpoint and a table.
-fn serve(sim: &SimHandle, ledger: &Path, dynamo: Option<(&str, &str)>, extra: &[(&str, &str)]) -> Keyvex {
+fn serve(
+    sim: &SimHandle,
+    ledger: &Path,
+    dynamo: Option<(&str, &str)>,
+    extra: &[(&str, &str)],
+) -> Keyvex {
     let mut cmd: Command = keyvex(sim, ledger);
     cmd.args(["serve", "--addr", "127.0.0.1:0"])
-        .env("KEYVEX_API_KEYS", format!("{USER}=alice:user,{ADMIN}=ops:admin"))
+        .env(
+            "KEYVEX_API_KEYS",
+            format!("{USER}=alice:user,{ADMIN}=ops:admin"),
+        )
         .env("KEYVEX_DRAIN_TIMEOUT_MS", "2000")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("RUST_LOG", "warn")
@@ -82,13 +90,15 @@ async fn open_stream(base: &str, kind: Call) -> reqwest::Response {
         Call::Agent => http
             .post(format!("{base}/v1/agents/magic-spark"))
             .json(&json!({ "input": keyvex_testkit::business() })),
-        _ => http.post(format!("{base}/v1/chat/completions")).json(&json!({
-            "model": "magicSpark",
-            "stream": true,
-            "stream_options": { "include_usage": true },
-            "max_completion_tokens": 64,
-            "messages": [{ "role": "user", "content": "Name one tool idea." }],
-        })),
+        _ => http
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&json!({
+                "model": "magicSpark",
+                "stream": true,
+                "stream_options": { "include_usage": true },
+                "max_completion_tokens": 64,
+                "messages": [{ "role": "user", "content": "Name one tool idea." }],
+            })),
     };
     let resp = req.bearer_auth(USER).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -150,9 +160,16 @@ async fn load_then_kill(sim: &SimHandle, server: Keyvex, ledger: &Path, streamin
         tokens_per_sec: 6.0,
     }));
     let kinds: Vec<Call> = (0..=streaming)
-        .map(|i| if i % 2 == 0 { Call::Agent } else { Call::ChatStream })
+        .map(|i| {
+            if i % 2 == 0 {
+                Call::Agent
+            } else {
+                Call::ChatStream
+            }
+        })
         .collect();
-    let opened = futures::future::join_all(kinds.iter().map(|k| open_stream(&server.base, *k))).await;
+    let opened =
+        futures::future::join_all(kinds.iter().map(|k| open_stream(&server.base, *k))).await;
     let mut readers = Vec::new();
     for (resp, kind) in opened.into_iter().zip(kinds.iter()) {
         readers.push(stream_until_content(resp, *kind).await);
@@ -160,11 +177,15 @@ async fn load_then_kill(sim: &SimHandle, server: Keyvex, ledger: &Path, streamin
     // The client of the last one goes away mid-stream: its call is recorded `cancelled`.
     readers.pop().unwrap().abort();
     let in_flight = streaming as u64;
-    wait_until("the abandoned call's record and every open call's intent to be committed", WAIT, || {
-        sim.stats().streams_open == in_flight
-            && open_intents(ledger) == in_flight
-            && (outbox_with_status(ledger, "cancelled") == 1 || in_flight == 0)
-    })
+    wait_until(
+        "the abandoned call's record and every open call's intent to be committed",
+        WAIT,
+        || {
+            sim.stats().streams_open == in_flight
+                && open_intents(ledger) == in_flight
+                && (outbox_with_status(ledger, "cancelled") == 1 || in_flight == 0)
+        },
+    )
     .await;
     let _ = server.kill9().await;
     for r in readers {
@@ -177,7 +198,8 @@ async fn load_then_kill(sim: &SimHandle, server: Keyvex, ledger: &Path, streamin
 fn by_status<'a>(records: impl Iterator<Item = &'a Value>) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for r in records {
-        *out.entry(r["status"].as_str().unwrap().to_owned()).or_default() += 1;
+        *out.entry(r["status"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
     out
 }
@@ -185,9 +207,17 @@ fn by_status<'a>(records: impl Iterator<Item = &'a Value>) -> BTreeMap<String, u
 /// What every test checks of the records after the restart: one per request the simulator
 /// served, none twice, each of a model the simulator was asked for as often, and the calls
 /// that were in flight as `interrupted` with their prompt billed and their cost flagged.
-fn assert_one_record_per_served_call(sim: &SimHandle, records: &[Value], in_flight: u64, user: &str) {
+fn assert_one_record_per_served_call(
+    sim: &SimHandle,
+    records: &[Value],
+    in_flight: u64,
+    user: &str,
+) {
     let stats = sim.stats();
-    let mut ids: Vec<&str> = records.iter().map(|r| r["requestId"].as_str().unwrap()).collect();
+    let mut ids: Vec<&str> = records
+        .iter()
+        .map(|r| r["requestId"].as_str().unwrap())
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), records.len(), "a record written twice");
@@ -199,22 +229,36 @@ fn assert_one_record_per_served_call(sim: &SimHandle, records: &[Value], in_flig
     );
     let mut models: BTreeMap<String, u64> = BTreeMap::new();
     for r in records {
-        *models.entry(r["model"].as_str().unwrap().to_owned()).or_default() += 1;
+        *models
+            .entry(r["model"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
-    assert_eq!(models, stats.requests_by_model, "records by model = calls by model");
+    assert_eq!(
+        models, stats.requests_by_model,
+        "records by model = calls by model"
+    );
     let statuses = by_status(records.iter());
-    assert_eq!(statuses.get("interrupted").copied().unwrap_or(0), in_flight, "{statuses:?}");
+    assert_eq!(
+        statuses.get("interrupted").copied().unwrap_or(0),
+        in_flight,
+        "{statuses:?}"
+    );
     for r in records.iter().filter(|r| r["status"] == "interrupted") {
         assert_eq!(r["userId"], user, "{r}");
         assert_eq!(r["success"], false, "{r}");
         assert_eq!(r["errorKind"], "interrupted", "{r}");
         assert_eq!(r["costEstimated"], true, "{r}");
-        assert!(r["inputTokens"].as_u64().unwrap() > 0, "the prompt is billed: {r}");
+        assert!(
+            r["inputTokens"].as_u64().unwrap() > 0,
+            "the prompt is billed: {r}"
+        );
         assert_eq!(r["outputTokens"], 0, "{r}");
         assert!(r["costPicoUsd"].as_u64().unwrap() > 0, "{r}");
     }
     assert!(
-        statuses.keys().all(|s| ["succeeded", "retried", "cancelled", "interrupted"].contains(&s.as_str())),
+        statuses
+            .keys()
+            .all(|s| ["succeeded", "retried", "cancelled", "interrupted"].contains(&s.as_str())),
         "{statuses:?}"
     );
 }
@@ -235,7 +279,12 @@ async fn kill_9_of_serve_under_streaming_load_leaves_one_record_per_call_in_dyna
     // ways of recording them are in play: its own start (the ledger), and with a lost-after
     // time this short, its sweep of the dead replica's intents in the table (the restart is a
     // new replica): still one record each.
-    let restarted = serve(&sim, &ledger, dynamo, &[("KEYVEX_REPLICA_LOST_AFTER_MS", "500")]);
+    let restarted = serve(
+        &sim,
+        &ledger,
+        dynamo,
+        &[("KEYVEX_REPLICA_LOST_AFTER_MS", "500")],
+    );
     let ready = wait_drained(&restarted.base).await;
     assert_eq!(ready["metrics"]["sink"], "dynamodb", "{ready}");
     let http = reqwest::Client::new();
@@ -263,16 +312,24 @@ async fn kill_9_of_serve_under_streaming_load_leaves_one_record_per_call_in_dyna
         .await
         .unwrap();
     assert!(
-        prom.lines().any(|l| l.starts_with("keyvex_metrics_interrupted_recorded{") && l.contains("origin=\"ledger\"")),
+        prom.lines()
+            .any(|l| l.starts_with("keyvex_metrics_interrupted_recorded{")
+                && l.contains("origin=\"ledger\"")),
         "{prom}"
     );
     let (status, log) = restarted.terminate().await;
-    assert!(status.success(), "exit {status:?}; stderr:\n{}", log.join("\n"));
+    assert!(
+        status.success(),
+        "exit {status:?}; stderr:\n{}",
+        log.join("\n")
+    );
 
     let items = metric_items(&client, &name).await;
     let records: Vec<Value> = items
         .values()
-        .map(|item| serde_json::to_value(keyvex_store::dynamo::request_from_item(item).unwrap()).unwrap())
+        .map(|item| {
+            serde_json::to_value(keyvex_store::dynamo::request_from_item(item).unwrap()).unwrap()
+        })
         .collect();
     assert_one_record_per_served_call(&sim, &records, in_flight, "alice");
     let statuses = by_status(records.iter());
@@ -297,7 +354,11 @@ async fn kill_9_of_serve_under_streaming_load_leaves_one_record_per_call_in_sqli
     let restarted = serve(&sim, &db, None, &[]);
     wait_drained(&restarted.base).await;
     let (status, log) = restarted.terminate().await;
-    assert!(status.success(), "exit {status:?}; stderr:\n{}", log.join("\n"));
+    assert!(
+        status.success(),
+        "exit {status:?}; stderr:\n{}",
+        log.join("\n")
+    );
     let records = records(&db);
     assert_one_record_per_served_call(&sim, &records, in_flight, "alice");
     assert_eq!(open_intents(&db), 0);
@@ -323,11 +384,25 @@ fn enqueue(sim: &SimHandle, db: &Path, moto: &Moto, queue: &str) -> String {
         keyvex(sim, db)
             .env("SQS_ENDPOINT", &moto.endpoint)
             .env("SQS_AI_PROCESSING_QUEUE_URL", queue)
-            .args(["queue", "enqueue", "magicSpark", "--user", "bob", "--json", &input]),
+            .args([
+                "queue",
+                "enqueue",
+                "magicSpark",
+                "--user",
+                "bob",
+                "--json",
+                &input,
+            ]),
     )
 }
 
-fn worker(sim: &SimHandle, db: &Path, moto: &Moto, queue: &str, concurrency: usize) -> std::process::Child {
+fn worker(
+    sim: &SimHandle,
+    db: &Path,
+    moto: &Moto,
+    queue: &str,
+    concurrency: usize,
+) -> std::process::Child {
     keyvex(sim, db)
         .env("SQS_ENDPOINT", &moto.endpoint)
         .env("SQS_AI_PROCESSING_QUEUE_URL", queue)
@@ -354,9 +429,11 @@ async fn kill_9_of_a_worker_mid_job_leaves_one_record_per_call_after_its_restart
     }));
     let jobs: Vec<String> = (0..4).map(|_| enqueue(&sim, &db, &moto, &queue)).collect();
     let mut child = worker(&sim, &db, &moto, &queue, jobs.len());
-    wait_until("every job's call streaming with its intent committed", WAIT, || {
-        sim.stats().streams_open == jobs.len() as u64 && open_intents(&db) == jobs.len() as u64
-    })
+    wait_until(
+        "every job's call streaming with its intent committed",
+        WAIT,
+        || sim.stats().streams_open == jobs.len() as u64 && open_intents(&db) == jobs.len() as u64,
+    )
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
@@ -364,26 +441,39 @@ async fn kill_9_of_a_worker_mid_job_leaves_one_record_per_call_after_its_restart
     // The restart records the killed worker's calls before it takes any job (the jobs' messages
     // stay invisible for the queue's visibility timeout, so it has none to take here).
     let restarted = worker(&sim, &db, &moto, &queue, 1);
-    wait_until("the killed worker's calls recorded and shipped", WAIT, || {
-        records(&db).len() as u64 >= jobs.len() as u64
-    })
+    wait_until(
+        "the killed worker's calls recorded and shipped",
+        WAIT,
+        || records(&db).len() as u64 >= jobs.len() as u64,
+    )
     .await;
     signal(restarted.id(), "-TERM");
     let output = tokio::task::spawn_blocking(move || restarted.wait_with_output().unwrap())
         .await
         .unwrap();
     let log = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "worker exit {:?}: {log}", output.status);
+    assert!(
+        output.status.success(),
+        "worker exit {:?}: {log}",
+        output.status
+    );
     assert!(log.contains("interrupted"), "{log}");
 
     let records = records(&db);
     assert_one_record_per_served_call(&sim, &records, jobs.len() as u64, "bob");
-    let mut runs: Vec<&str> = records.iter().map(|r| r["runId"].as_str().unwrap()).collect();
+    let mut runs: Vec<&str> = records
+        .iter()
+        .map(|r| r["runId"].as_str().unwrap())
+        .collect();
     runs.sort_unstable();
     let mut want: Vec<&str> = jobs.iter().map(String::as_str).collect();
     want.sort_unstable();
     assert_eq!(runs, want, "each job's call, with the job as its run");
-    assert!(records.iter().all(|r| r["stage"] == "magicSpark" && r["correlationId"] == r["runId"]));
+    assert!(
+        records
+            .iter()
+            .all(|r| r["stage"] == "magicSpark" && r["correlationId"] == r["runId"])
+    );
     assert_eq!(open_intents(&db), 0);
     sim.shutdown().await;
 }

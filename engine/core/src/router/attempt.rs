@@ -356,7 +356,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_the_text_a_cut_stream_is_estimated_from_its_length() {
-        let mut m = AttemptMeter::new("r".into(), ProviderKind::OpenAi, "gpt-5.4", pricing(), false);
+        let mut m = AttemptMeter::new(
+            "r".into(),
+            ProviderKind::OpenAi,
+            "gpt-5.4",
+            pricing(),
+            false,
+        );
         m.on_open();
         m.on_delta("Hello there, ");
         m.on_delta("this is several tokens long. ñ");

@@ -11,7 +11,9 @@ use futures::StreamExt;
 use keyvex_engine::catalog::Catalog;
 use keyvex_engine::provider::ChatMessage;
 use keyvex_engine::record::RequestStatus;
-use keyvex_engine::{CallContext, CallEvent, CallTarget, Engine, Process, RouteOptions, RouteRequest};
+use keyvex_engine::{
+    CallContext, CallEvent, CallTarget, Engine, Process, RouteOptions, RouteRequest,
+};
 use keyvex_sim::{Fault, Rule, SimHandle};
 use keyvex_testkit::{MemoryRecorder, fast_sim, sim_engine};
 
@@ -49,7 +51,11 @@ fn assert_each_call_accounted_once(sim: &SimHandle, recorder: &MemoryRecorder) {
     let accounted = ids.len();
     ids.sort_unstable();
     ids.dedup();
-    assert_eq!(ids.len(), accounted, "an id recorded twice: {records:?} {open:?}");
+    assert_eq!(
+        ids.len(),
+        accounted,
+        "an id recorded twice: {records:?} {open:?}"
+    );
     assert_eq!(
         accounted as u64,
         sim.stats().requests_total,
@@ -88,20 +94,29 @@ async fn a_call_hands_its_intent_over_before_it_goes_out_and_its_record_ends_it(
         }
     }
     assert!(recorder.records().is_empty());
-    let [intent] = recorder.open_intents().try_into().unwrap_or_else(|open: Vec<_>| {
-        panic!("one open intent for one call in flight: {open:?}")
-    });
+    let [intent] = recorder
+        .open_intents()
+        .try_into()
+        .unwrap_or_else(|open: Vec<_>| panic!("one open intent for one call in flight: {open:?}"));
     assert_each_call_accounted_once(&sim, &recorder);
     let rec = &intent.record;
     assert_eq!(rec.status, RequestStatus::Interrupted);
     assert!(!rec.success);
     assert_eq!(rec.error_kind.as_deref(), Some("interrupted"));
     assert_eq!(
-        (rec.user_id.as_str(), rec.process.as_str(), rec.stage.as_deref()),
+        (
+            rec.user_id.as_str(),
+            rec.process.as_str(),
+            rec.stage.as_deref()
+        ),
         ("alice", "magicSpark", Some("magicSpark"))
     );
     assert_eq!(
-        (rec.run_id.as_deref(), rec.correlation_id.as_deref(), rec.session_id.as_deref()),
+        (
+            rec.run_id.as_deref(),
+            rec.correlation_id.as_deref(),
+            rec.session_id.as_deref()
+        ),
         (Some("job-9"), Some("job-9"), Some("s-9"))
     );
     assert_eq!(
@@ -118,11 +133,20 @@ async fn a_call_hands_its_intent_over_before_it_goes_out_and_its_record_ends_it(
     assert_eq!((rec.input_tokens, rec.output_tokens), (prompt, 0));
     assert_eq!(
         rec.cost(),
-        keyvex_engine::cost::cost(&keyvex_engine::Usage { input: prompt, ..Default::default() }, &primary.pricing)
+        keyvex_engine::cost::cost(
+            &keyvex_engine::Usage {
+                input: prompt,
+                ..Default::default()
+            },
+            &primary.pricing
+        )
     );
     assert!(rec.cost_pico_usd > 0 && rec.cost_estimated);
     let now = keyvex_engine::clock::now_ms();
-    assert!(rec.timestamp_ms <= now && now - rec.timestamp_ms < 10_000, "{rec:?}");
+    assert!(
+        rec.timestamp_ms <= now && now - rec.timestamp_ms < 10_000,
+        "{rec:?}"
+    );
     assert!(intent.call_started_ms >= rec.timestamp_ms);
 
     let mut ended = None;
@@ -137,7 +161,10 @@ async fn a_call_hands_its_intent_over_before_it_goes_out_and_its_record_ends_it(
     };
     assert_eq!(done.status, RequestStatus::Succeeded);
     assert_eq!(Some(&done.request_id), ended.as_ref());
-    assert_eq!(done.request_id, rec.request_id, "the record ends its intent");
+    assert_eq!(
+        done.request_id, rec.request_id,
+        "the record ends its intent"
+    );
     assert_eq!(done.timestamp_ms, rec.timestamp_ms, "dated like its intent");
     assert!(recorder.open_intents().is_empty());
     assert_each_call_accounted_once(&sim, &recorder);

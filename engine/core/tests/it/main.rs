@@ -10,8 +10,8 @@
 )]
 
 mod agent_runs;
-mod call_intents;
 mod anthropic_versions;
+mod call_intents;
 mod engine_calls;
 mod estimates;
 mod provider_clients;

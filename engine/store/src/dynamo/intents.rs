@@ -60,7 +60,10 @@ fn intent_key(record_id: &str) -> HashMap<String, AttributeValue> {
 fn request_key(ms: u64, record_id: &str) -> HashMap<String, AttributeValue> {
     HashMap::from([
         ("PK".to_owned(), s(format!("METRIC#{}", day_of(ms)))),
-        ("SK".to_owned(), s(format!("REQUEST#{}#{record_id}", iso_ts(ms)))),
+        (
+            "SK".to_owned(),
+            s(format!("REQUEST#{}#{record_id}", iso_ts(ms))),
+        ),
     ])
 }
 
@@ -405,6 +408,9 @@ mod tests {
         assert_eq!(back, intent);
         // The record the sweep writes has the keys the replica's own write would have.
         let written = request_item(&back.record);
-        assert_eq!(written["SK"], request_key(record.timestamp_ms, "req-004")["SK"]);
+        assert_eq!(
+            written["SK"],
+            request_key(record.timestamp_ms, "req-004")["SK"]
+        );
     }
 }

@@ -105,16 +105,6 @@ impl Ledger {
         Ok(owners)
     }
 
-    /// Open intents of `owner`.
-    pub(crate) fn open_intents(&self, owner: &str) -> Result<u64, MetricsError> {
-        let n: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM call_intents WHERE owner = ?1 AND ended = 0",
-            [owner],
-            |r| r.get(0),
-        )?;
-        Ok(n as u64)
-    }
-
     /// Turns every open intent of `gone` (a process that stopped) into its `interrupted` record
     /// in the outbox, in one transaction, and ends the intents (kept for `me` to remove the
     /// store's copies when intents are `shared`). A record of the same id already pending wins:

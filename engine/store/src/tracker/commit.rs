@@ -157,15 +157,21 @@ async fn adopt(shared: &Arc<Shared>, alerts: &mut AlertEvaluator, lock: OwnerLoc
     {
         Ok(records) => records,
         Err(err) => {
-            shared.counters.ledger_errors.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .ledger_errors
+                .fetch_add(1, Ordering::Relaxed);
             tracing::error!(owner = lock.id(), error = %err, "adopting the call intents of a stopped process failed; trying again later");
             return;
         }
     };
     let n = records.len() as u64;
     if n > 0 {
-        tracing::warn!(owner = lock.id(), recorded = n,
-            "calls in flight when their process stopped are recorded as interrupted");
+        tracing::warn!(
+            owner = lock.id(),
+            recorded = n,
+            "calls in flight when their process stopped are recorded as interrupted"
+        );
         count_recovered(shared, n, now);
         let raised: Vec<Entry> = records
             .iter()

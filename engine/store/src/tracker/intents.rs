@@ -125,7 +125,10 @@ pub(super) async fn intents_loop(
 
 /// Finds the owners of intents on this ledger whose process is gone and has the ledger task
 /// adopt their intents, one owner after another; returns how many records that wrote.
-pub(super) async fn adopt_gone_owners(shared: &Arc<Shared>, tx: &mpsc::UnboundedSender<Msg>) -> u64 {
+pub(super) async fn adopt_gone_owners(
+    shared: &Arc<Shared>,
+    tx: &mpsc::UnboundedSender<Msg>,
+) -> u64 {
     let me = shared.owner_id.clone();
     let path = shared.cfg.ledger_path.clone();
     let gone = shared

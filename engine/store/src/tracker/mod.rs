@@ -569,9 +569,12 @@ impl Tracker {
             let _ = task.await;
         }
         if let Some(remote) = &inner.shared.remote
-            && tokio::time::timeout_at(deadline, intents::share_round(&inner.shared, remote.as_ref()))
-                .await
-                .is_err()
+            && tokio::time::timeout_at(
+                deadline,
+                intents::share_round(&inner.shared, remote.as_ref()),
+            )
+            .await
+            .is_err()
         {
             deadline_hit = true;
         }
@@ -586,11 +589,13 @@ impl Tracker {
             Some(owner) if ledger_flushed => owner.retire(),
             // The ledger task may still commit records of open calls: the lock stays held until
             // the process ends, and whoever starts next adopts what is left then.
-            Some(owner) => *inner
-                .shared
-                .owner
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(owner),
+            Some(owner) => {
+                *inner
+                    .shared
+                    .owner
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(owner)
+            }
             None => {}
         }
         let c = &inner.shared.counters;

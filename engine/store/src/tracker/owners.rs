@@ -7,7 +7,7 @@
 //! that is merely slow is never mistaken for a dead one; several processes (a server, a worker,
 //! one-shot commands) can share one ledger.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -54,7 +54,10 @@ impl OwnerLock {
     /// is gone); `None` while its owner runs, or for an id that is not an owner id.
     pub(crate) fn take_if_gone(ledger: &Path, id: &str) -> io::Result<Option<OwnerLock>> {
         if !is_owner_id(id) {
-            tracing::warn!(owner = id, "call intents with an owner that is not an owner id are left alone");
+            tracing::warn!(
+                owner = id,
+                "call intents with an owner that is not an owner id are left alone"
+            );
             return Ok(None);
         }
         let dir = owners_dir(ledger);
@@ -69,14 +72,16 @@ impl OwnerLock {
             .truncate(false)
             .write(true)
             .open(&path)?;
-        match file.try_lock() {
+        // `flock`, not `fcntl` locks: those belong to the process, so a second tracker in the
+        // same process would take its own owner's lock and adopt a live owner's intents.
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Some(OwnerLock {
                 id: id.to_owned(),
                 path,
                 _file: file,
             })),
-            Err(TryLockError::WouldBlock) => Ok(None),
-            Err(TryLockError::Error(err)) => Err(err),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(err) => Err(err.into()),
         }
     }
 
@@ -105,9 +110,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let ledger = dir.join("ledger.sqlite3");
         let mine = OwnerLock::claim(&ledger).unwrap();
-        assert!(owners_dir(&ledger).join(format!("{}.lock", mine.id())).exists());
+        assert!(
+            owners_dir(&ledger)
+                .join(format!("{}.lock", mine.id()))
+                .exists()
+        );
         // Another open file description (another process, or another tracker here) is refused.
-        assert!(OwnerLock::take_if_gone(&ledger, mine.id()).unwrap().is_none());
+        assert!(
+            OwnerLock::take_if_gone(&ledger, mine.id())
+                .unwrap()
+                .is_none()
+        );
         let id = mine.id().to_owned();
         drop(mine);
         let taken = OwnerLock::take_if_gone(&ledger, &id).unwrap().unwrap();
@@ -115,7 +128,11 @@ mod tests {
         assert!(!owners_dir(&ledger).join(format!("{id}.lock")).exists());
         // A gone owner whose file is gone too (retired by another adopter) can be taken.
         assert!(OwnerLock::take_if_gone(&ledger, &id).unwrap().is_some());
-        assert!(OwnerLock::take_if_gone(&ledger, "../../etc/passwd").unwrap().is_none());
+        assert!(
+            OwnerLock::take_if_gone(&ledger, "../../etc/passwd")
+                .unwrap()
+                .is_none()
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -80,7 +80,10 @@ async fn write(stores: &Stores, intents: &[CallIntent], records: &[RequestRecord
     for i in intents {
         stores.tracker.record_intent(i.clone());
     }
-    let mut receipts: Vec<_> = records.iter().map(|r| stores.tracker.record(r.clone())).collect();
+    let mut receipts: Vec<_> = records
+        .iter()
+        .map(|r| stores.tracker.record(r.clone()))
+        .collect();
     let marker = RequestRecord::new("marker", "direct", "openai", "m")
         .with_request_id(&format!("marker-{}", uuid::Uuid::now_v7()));
     receipts.push(stores.tracker.record(marker));
@@ -98,13 +101,19 @@ async fn wait_owners_gone(ledger: &Path) {
     ));
     let deadline = Instant::now() + WAIT;
     'again: loop {
-        assert!(Instant::now() < deadline, "owner locks still held in {}", dir.display());
+        assert!(
+            Instant::now() < deadline,
+            "owner locks still held in {}",
+            dir.display()
+        );
         for entry in std::fs::read_dir(&dir).unwrap() {
             let file = std::fs::File::options()
                 .write(true)
                 .open(entry.unwrap().path())
                 .unwrap();
-            if file.try_lock().is_err() {
+            if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                .is_err()
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue 'again;
             }
@@ -136,7 +145,10 @@ async fn shut(stores: &Stores) {
         .tracker
         .shutdown(Instant::now() + Duration::from_secs(10))
         .await;
-    assert!(report.ledger_flushed && report.left_in_ledger == 0, "{report:?}");
+    assert!(
+        report.ledger_flushed && report.left_in_ledger == 0,
+        "{report:?}"
+    );
 }
 
 #[tokio::test]
@@ -144,15 +156,28 @@ async fn a_stopped_process_leaves_its_calls_in_flight_as_interrupted_records_for
     let dir = TempDir::new("intents-restart");
     let ledger = dir.file("ledger.sqlite3");
     let first = sqlite(&ledger, 300_000).await;
-    let (done, cut, failed_then_cut) = (intent("done", 100), intent("cut", 120), intent("retry", 80));
+    let (done, cut, failed_then_cut) =
+        (intent("done", 100), intent("cut", 120), intent("retry", 80));
     // A call that failed and whose request was going on when the process stopped: its intent
     // says what it really cost.
     let mut retried = failed_then_cut.clone();
-    retried.record = retried.record.with_cost(Cost::ZERO).with_cost_estimated(false);
+    retried.record = retried
+        .record
+        .with_cost(Cost::ZERO)
+        .with_cost_estimated(false);
     retried.record.input_tokens = 0;
-    write(&first, &[done.clone(), cut.clone(), failed_then_cut, retried.clone()], &[finished(&done)]).await;
+    write(
+        &first,
+        &[done.clone(), cut.clone(), failed_then_cut, retried.clone()],
+        &[finished(&done)],
+    )
+    .await;
     assert_eq!(first.tracker.health().intents, 4);
-    assert_eq!(open_intents(&ledger), 2, "the finished call's record ended its intent");
+    assert_eq!(
+        open_intents(&ledger),
+        2,
+        "the finished call's record ended its intent"
+    );
     // The process stops without a shutdown (as `kill -9` would leave it).
     drop(first);
     wait_owners_gone(&ledger).await;
@@ -180,7 +205,10 @@ async fn a_stopped_process_leaves_its_calls_in_flight_as_interrupted_records_for
         ],
         "every call once; the finished one as finished"
     );
-    assert_eq!(recs[0], cut.record, "the record is the intent's, as written");
+    assert_eq!(
+        recs[0], cut.record,
+        "the record is the intent's, as written"
+    );
     assert!(!recs[0].success && recs[0].cost_estimated && recs[0].input_tokens == 120);
     assert_eq!(recs[2], retried.record, "the latest intent of a call wins");
 
@@ -209,7 +237,7 @@ async fn a_running_process_keeps_its_calls_and_a_sibling_adopts_them_once_it_sto
     let worker = sqlite(&ledger, 200).await;
     let server = sqlite(&ledger, 200).await;
     let open = intent("worker-call", 90);
-    write(&worker, &[open.clone()], &[]).await;
+    write(&worker, std::slice::from_ref(&open), &[]).await;
     // Several looks later, the running worker's call is still its own.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(server.tracker.health().recovered, 0);
@@ -234,7 +262,7 @@ async fn shutdown_records_its_own_calls_still_in_flight_and_a_late_record_does_n
     let ledger = dir.file("ledger.sqlite3");
     let stores = sqlite(&ledger, 300_000).await;
     let open = intent("open-at-shutdown", 60);
-    write(&stores, &[open.clone()], &[]).await;
+    write(&stores, std::slice::from_ref(&open), &[]).await;
     shut(&stores).await;
     assert_eq!(stores.tracker.health().recovered, 1);
     // The call's record comes after the recorder closed: refused, so the call stays recorded once.
@@ -271,13 +299,19 @@ async fn wait_table(
         if check(&items) {
             return items;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {items:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {items:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 fn count_prefix(items: &[Item], prefix: &str) -> usize {
-    items.iter().filter(|i| s(i, "PK").starts_with(prefix)).count()
+    items
+        .iter()
+        .filter(|i| s(i, "PK").starts_with(prefix))
+        .count()
 }
 
 fn request_ids(items: &[Item]) -> Vec<String> {
@@ -302,15 +336,22 @@ async fn a_lost_replicas_calls_in_flight_are_recorded_by_another_replica_once() 
     write(&lost, &[done.clone(), cut.clone()], &[finished(&done)]).await;
     // Its intents reach the table as they are written; the finished call's goes once its
     // record has shipped.
-    let items = wait_table(&client, name, "the open intent alone in the table", |items| {
-        count_prefix(items, "INTENT#") == 1 && request_ids(items) == ["lost-done"]
-    })
+    let items = wait_table(
+        &client,
+        name,
+        "the open intent alone in the table",
+        |items| count_prefix(items, "INTENT#") == 1 && request_ids(items) == ["lost-done"],
+    )
     .await;
     let stored_intent = items_with_prefix_in(&items, "INTENT#");
     let (replica, back) = dynamo::intent_from_item(stored_intent).unwrap();
     assert_eq!(back, cut);
     assert_eq!(s(stored_intent, "GSI1PK"), "INTENT");
-    assert_eq!(count_prefix(&items, &format!("REPLICA#{replica}")), 1, "its heartbeat");
+    assert_eq!(
+        count_prefix(&items, &format!("REPLICA#{replica}")),
+        1,
+        "its heartbeat"
+    );
     // The machine is lost: no shutdown, and its ledger is gone with it.
     drop(lost);
     drop(lost_dir);
@@ -323,14 +364,27 @@ async fn a_lost_replicas_calls_in_flight_are_recorded_by_another_replica_once() 
         count_prefix(items, "INTENT#") == 0
     })
     .await;
-    assert_eq!(request_ids(&items), ["lost-cut", "lost-done"], "each call once");
+    assert_eq!(
+        request_ids(&items),
+        ["lost-cut", "lost-done"],
+        "each call once"
+    );
     let cut_item = items
         .iter()
         .find(|i| s(i, "PK").starts_with("METRIC#") && s(i, "requestId") == "lost-cut")
         .unwrap();
     let rec = dynamo::request_from_item(cut_item).unwrap();
-    assert_eq!(rec, cut.record, "recorded as the replica would have at its own restart");
-    assert_eq!(s(cut_item, "SK"), format!("REQUEST#{}#lost-cut", keyvex_store::iso_ts(rec.timestamp_ms)));
+    assert_eq!(
+        rec, cut.record,
+        "recorded as the replica would have at its own restart"
+    );
+    assert_eq!(
+        s(cut_item, "SK"),
+        format!(
+            "REQUEST#{}#lost-cut",
+            keyvex_store::iso_ts(rec.timestamp_ms)
+        )
+    );
     assert_eq!(n(cut_item, "ttl"), rec.timestamp_ms / 1000 + 30 * 86_400);
     // Later sweeps find nothing more.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -362,7 +416,7 @@ async fn a_live_replicas_long_call_is_left_alone_and_a_shipped_record_is_never_d
     let live = dynamo_stores(&moto, name, &live_dir.file("ledger.sqlite3"), 300).await;
     let sweeper = dynamo_stores(&moto, name, &sweeper_dir.file("ledger.sqlite3"), 300).await;
     let long = intent("long-call", 70);
-    write(&live, &[long.clone()], &[]).await;
+    write(&live, std::slice::from_ref(&long), &[]).await;
     wait_table(&client, name, "the long call's intent", |items| {
         count_prefix(items, "INTENT#") == 1
     })
