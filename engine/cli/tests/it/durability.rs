@@ -373,14 +373,15 @@ async fn stream_until_killed(base: String, kind: Call, progress: watch::Sender<L
 /// - Every record a client was told about before the kill — by its record id in a `usage` event
 ///   (agent), by the request id of a usage chunk (chat) — is in DynamoDB after the restart: the
 ///   server sends that event only once the record is committed to the ledger.
-/// - The table holds exactly the ledger's outbox as the kill left it, each record once: nothing
-///   shipped before the kill (60 s flush interval, fewer rows than a ship batch), so the table
-///   is empty after the kill, and the restart ships the outbox, no more and no less.
+/// - The table holds exactly the ledger's outbox as the kill left it plus one `interrupted`
+///   record per call intent left open, each record once: nothing shipped before the kill (60 s
+///   flush interval, fewer rows than a ship batch), so the table is empty after the kill, and
+///   the restart records the open intents and ships the outbox, no more and no less.
 /// - The only records beyond the told ones are calls whose record was committed but whose
-///   usage event had not reached the client when the process died; there is at most one such
-///   call per stream open at the kill. Calls cut mid-stream by the kill leave no record at all:
-///   `kill -9` runs no code, so no `cancelled` record can be written for them (that happens on
-///   a client disconnect, tested by the server crate).
+///   usage event had not reached the client when the process died, and calls cut mid-stream by
+///   the kill (`interrupted`, from their intents; `kill -9` runs no code, so nothing else could
+///   record them); there is at most one such call per stream open at the kill. That every call
+///   the provider served is recorded is `interrupted.rs`'s subject.
 #[tokio::test]
 async fn kill_9_under_load_then_restart_ships_every_record_a_client_was_told_about() {
     let moto = Moto::start().await;
@@ -431,6 +432,15 @@ async fn kill_9_under_load_then_restart_ships_every_record_a_client_was_told_abo
     );
     let durable = outbox_requests(&ledger);
     assert!(durable >= told.len() as u64, "{durable} < {}", told.len());
+    let open_intents = {
+        let conn = rusqlite::Connection::open(&ledger).unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM call_intents WHERE ended = 0",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+    };
 
     let restarted = start_keyvex(&ledger, dynamo_at(&moto, &name), 20, 2_000, "fast");
     // The restart ships the outbox at once; /readyz shows it drained. (Waiting also keeps the
@@ -451,9 +461,18 @@ async fn kill_9_under_load_then_restart_ships_every_record_a_client_was_told_abo
     );
     assert_eq!(
         stored.len() as u64,
-        durable,
-        "the table holds exactly the outbox"
+        durable + open_intents,
+        "the table holds exactly the outbox and the open intents' records"
     );
+    let items = metric_items(&client, &name).await;
+    let interrupted = items
+        .values()
+        .filter(|i| {
+            keyvex_store::dynamo::request_from_item(i).unwrap().status
+                == keyvex_engine::RequestStatus::Interrupted
+        })
+        .count() as u64;
+    assert_eq!(interrupted, open_intents, "one record per open intent");
     let extra = stored.difference(&told).count();
     assert!(
         extra <= open_at_kill,

@@ -413,16 +413,19 @@ async fn a_live_replicas_long_call_is_left_alone_and_a_shipped_record_is_never_d
     let client = table(&moto, name).await;
     let live_dir = TempDir::new("intents-live-a");
     let sweeper_dir = TempDir::new("intents-live-b");
-    let live = dynamo_stores(&moto, name, &live_dir.file("ledger.sqlite3"), 300).await;
-    let sweeper = dynamo_stores(&moto, name, &sweeper_dir.file("ledger.sqlite3"), 300).await;
-    let long = intent("long-call", 70);
+    // Heartbeats every 400 ms against a 2 s lost-after time: a busy machine delaying a beat by
+    // a second still does not make the live replica look lost.
+    let live = dynamo_stores(&moto, name, &live_dir.file("ledger.sqlite3"), 2_000).await;
+    let sweeper = dynamo_stores(&moto, name, &sweeper_dir.file("ledger.sqlite3"), 2_000).await;
+    let long = stale(intent("long-call", 70), 10_000, 0);
     write(&live, std::slice::from_ref(&long), &[]).await;
     wait_table(&client, name, "the long call's intent", |items| {
         count_prefix(items, "INTENT#") == 1
     })
     .await;
-    // Older than the lost-after time, but its replica beats: several sweeps leave it alone.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // Older than the lost-after time, but its replica beats: the sweeps of the next 2.5 s
+    // (every 400 ms) leave it alone.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     let items = scan_all(&client, name).await;
     assert_eq!(count_prefix(&items, "INTENT#"), 1);
     assert!(request_ids(&items).is_empty());
