@@ -314,11 +314,13 @@ fn count_prefix(items: &[Item], prefix: &str) -> usize {
         .count()
 }
 
+/// The request ids of the call records in the table, leaving out `write`'s markers.
 fn request_ids(items: &[Item]) -> Vec<String> {
     let mut ids: Vec<String> = items
         .iter()
         .filter(|i| s(i, "PK").starts_with("METRIC#"))
         .map(|i| s(i, "requestId"))
+        .filter(|id| !id.starts_with("marker-"))
         .collect();
     ids.sort();
     ids
