@@ -62,6 +62,7 @@ impl Expr {
             text,
             bytes: text.as_bytes(),
             pos: 0,
+            nodes: 0,
         };
         let expr = parser.expr(0)?;
         parser.skip_ws();
@@ -177,10 +178,18 @@ impl fmt::Display for Expr {
 /// Deep nesting is refused rather than risking the stack on hostile model output.
 const MAX_DEPTH: usize = 64;
 
+/// Most numbers, names, operators and calls one formula may have. Evaluating, printing, cloning
+/// and dropping an [`Expr`] recurse once per level of the tree, and a chain like `1+1+…+1` is as
+/// deep as it is long, so the length has to be bounded too: 3,000 terms overflowed a 2 MiB
+/// thread stack. A quiz adding 100 weighted answers uses about 400.
+pub const MAX_NODES: usize = 1_000;
+
 struct Parser<'a> {
     text: &'a str,
     bytes: &'a [u8],
     pos: usize,
+    /// Nodes built so far, against [`MAX_NODES`].
+    nodes: usize,
 }
 
 impl Parser<'_> {
@@ -189,6 +198,18 @@ impl Parser<'_> {
             at: self.pos,
             message,
         }
+    }
+
+    /// Counts one more node of the tree, refusing past [`MAX_NODES`].
+    fn node(&mut self, expr: Expr) -> Result<Expr, ParseError> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err(self.error(format!(
+                "the formula has more than {MAX_NODES} numbers, names and operators; \
+                 split it into intermediate values"
+            )));
+        }
+        Ok(expr)
     }
 
     fn rest_char(&self) -> Option<char> {
@@ -219,7 +240,7 @@ impl Parser<'_> {
             self.pos += 1;
             let right = self.term(depth)?;
             let op = if c == b'+' { Op::Add } else { Op::Sub };
-            left = Expr::Binary(op, Box::new(left), Box::new(right));
+            left = self.node(Expr::Binary(op, Box::new(left), Box::new(right)))?;
         }
         Ok(left)
     }
@@ -230,7 +251,7 @@ impl Parser<'_> {
             self.pos += 1;
             let right = self.unary(depth)?;
             let op = if c == b'*' { Op::Mul } else { Op::Div };
-            left = Expr::Binary(op, Box::new(left), Box::new(right));
+            left = self.node(Expr::Binary(op, Box::new(left), Box::new(right)))?;
         }
         Ok(left)
     }
@@ -241,7 +262,8 @@ impl Parser<'_> {
         }
         if self.peek() == Some(b'-') {
             self.pos += 1;
-            return Ok(Expr::Neg(Box::new(self.unary(depth + 1)?)));
+            let inner = self.unary(depth + 1)?;
+            return self.node(Expr::Neg(Box::new(inner)));
         }
         self.atom(depth)
     }
@@ -269,7 +291,7 @@ impl Parser<'_> {
                 }
                 let name = &self.text[start..self.pos];
                 if self.peek() != Some(b'(') {
-                    return Ok(Expr::Var(name.to_owned()));
+                    return self.node(Expr::Var(name.to_owned()));
                 }
                 let func = match name {
                     "min" => Func::Min,
@@ -309,7 +331,7 @@ impl Parser<'_> {
                         ),
                     });
                 }
-                Ok(Expr::Call(func, args))
+                self.node(Expr::Call(func, args))
             }
             Some(_) => Err(self.error(format!(
                 "unexpected `{}`",
@@ -328,12 +350,19 @@ impl Parser<'_> {
             self.pos += 1;
         }
         let text = &self.text[start..self.pos];
-        text.parse::<f64>()
-            .map(Expr::Number)
-            .map_err(|_| ParseError {
+        match text.parse::<f64>() {
+            // Digits alone can still overflow to infinity (`1` and 400 zeros), which no
+            // formula means and which would print back as the name `inf`.
+            Ok(value) if value.is_finite() => self.node(Expr::Number(value)),
+            Ok(_) => Err(ParseError {
+                at: start,
+                message: format!("`{text}` is too large for a number"),
+            }),
+            Err(_) => Err(ParseError {
                 at: start,
                 message: format!("`{text}` is not a number"),
-            })
+            }),
+        }
     }
 
     fn expect(&mut self, want: u8) -> Result<(), ParseError> {
@@ -425,5 +454,42 @@ mod tests {
             Expr::parse("x").unwrap().eval(&vars),
             Err(EvalError::Unknown("x".into()))
         );
+        let huge = format!("1{}", "0".repeat(400));
+        assert!(
+            Expr::parse(&huge)
+                .unwrap_err()
+                .message
+                .contains("too large for a number")
+        );
+    }
+
+    /// A long chain of terms is as deep a tree as it is long, and evaluating, printing and
+    /// dropping recurse per level: 3,000 terms used to parse and then overflow the stack.
+    #[test]
+    fn a_formula_past_the_node_limit_is_refused_and_the_longest_one_accepted_is_safe() {
+        let chain = |terms: usize| "1+".repeat(terms - 1) + "1";
+        let err = Expr::parse(&chain(3_000)).unwrap_err();
+        assert!(
+            err.message.contains("more than 1000") && err.message.contains("intermediate"),
+            "{err}"
+        );
+        // `n` terms make `2n - 1` nodes.
+        let longest = chain(MAX_NODES.div_ceil(2));
+        assert!(Expr::parse(&(longest.clone() + "+1")).is_err());
+        // On a thread with the default test stack, as a request handler might have.
+        std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                let expr = Expr::parse(&longest).unwrap();
+                assert_eq!(expr.eval(&HashMap::new()), Ok(MAX_NODES.div_ceil(2) as f64));
+                let printed = expr.to_string();
+                assert_eq!(printed.matches('+').count(), MAX_NODES.div_ceil(2) - 1);
+                assert_eq!(expr.clone(), expr);
+                assert!(expr.references().is_empty());
+                drop(expr);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

@@ -13,7 +13,10 @@
 use serde_json::Value;
 
 /// Nesting beyond this is treated as garbage: no model output is this deep, and it bounds memory.
-const MAX_DEPTH: usize = 512;
+/// It is the deepest `serde_json` parses (its recursion limit of 128 refuses a 128th container),
+/// and serde_json parses each snapshot: a deeper document would be scanned to the end and never
+/// give a value.
+const MAX_DEPTH: usize = 127;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Container {

@@ -501,6 +501,18 @@ fn partial_values_only_grow_while_streaming() {
 }
 
 #[test]
+fn partial_nesting_up_to_the_parsers_limit_gives_a_value_and_deeper_none() {
+    let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+    let deepest = nested(127);
+    let want: Value = serde_json::from_str(&deepest).expect("serde_json parses 127 levels");
+    assert_eq!(last_value(&[&deepest]), Some(want));
+    // One level more is refused by serde_json; the scanner gives up at the same depth instead of
+    // scanning the rest of a document that can never produce a value.
+    assert!(serde_json::from_str::<Value>(&nested(128)).is_err());
+    assert_eq!(last_value(&[&nested(128)]), None);
+}
+
+#[test]
 fn partial_never_panics_on_garbage() {
     let alphabet: Vec<char> = "{}[]\":,\\u0123456789abcdefntrlse.-+ \n\t`é😀"
         .chars()

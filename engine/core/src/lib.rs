@@ -18,6 +18,8 @@ pub mod catalog;
 pub mod clock;
 pub mod cost;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz_support;
 pub mod limits;
 pub mod pipeline;
 pub mod provider;

@@ -8,6 +8,8 @@ pub mod anthropic;
 pub mod anthropic_version;
 pub mod openai;
 pub(crate) mod sse_frames;
+#[cfg(test)]
+mod stream_properties;
 
 pub use sse_frames::DEFAULT_MAX_EVENT_BYTES;
 

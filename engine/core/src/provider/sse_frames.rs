@@ -73,6 +73,11 @@ impl SseFramer {
         mut bytes: &[u8],
         out: &mut Vec<SseEvent>,
     ) -> Result<(), FrameError> {
+        if bytes.is_empty() {
+            // A transport may deliver an empty piece. It must not forget a CR that ended the
+            // last one: a LF starting the next piece still completes that CRLF.
+            return Ok(());
+        }
         if self.after_cr {
             self.after_cr = false;
             if let [b'\n', rest @ ..] = bytes {
@@ -107,6 +112,12 @@ impl SseFramer {
         self.check_line(self.line.len() + bytes.len())?;
         self.line.extend_from_slice(bytes);
         Ok(())
+    }
+
+    /// What the framer holds between pieces: the bytes of its unterminated line and the `data`
+    /// of the event being assembled. Each stays within the cap; the fuzz targets check it.
+    pub(crate) fn buffered(&self) -> (usize, usize) {
+        (self.line.len(), self.event.data.len())
     }
 
     fn check_line(&self, len: usize) -> Result<(), FrameError> {
@@ -260,6 +271,22 @@ mod tests {
             data(&frame_all(&[b"data: a\r", b"\n\r", b"\ndata: b\n\n"])),
             ["a", "b"]
         );
+    }
+
+    #[test]
+    fn an_empty_piece_between_the_cr_and_lf_of_a_line_end_is_one_line_end() {
+        // Two line ends would end the event early: here its name would be lost, and OpenAI's
+        // `keepalive` would be decoded as a chunk.
+        let events = frame_all(&[b"event: keepalive\r", b"", b"\ndata: {}\r\n\r\n"]);
+        assert_eq!(
+            events,
+            [SseEvent {
+                event: "keepalive".into(),
+                data: "{}".into()
+            }]
+        );
+        let events = frame_all(&[b"data: a\r", b"", b"", b"\ndata: b\r\n\r\n"]);
+        assert_eq!(data(&events), ["a\nb"]);
     }
 
     #[test]
