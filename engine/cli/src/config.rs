@@ -299,6 +299,11 @@ pub const METRICS_FLUSH: Setting = setting(
     "metrics.flush_ms",
     "how often pending metrics are shipped to the store (default 500)",
 );
+pub const REPLICA_LOST_AFTER: Setting = setting(
+    "KEYVEX_REPLICA_LOST_AFTER_MS",
+    "metrics.replica_lost_after_ms",
+    "with DynamoDB: a replica without a heartbeat this long is taken for lost, and another records the calls it had in flight as interrupted (default 300000)",
+);
 pub const DYNAMODB_TABLE: Setting = setting(
     "DYNAMODB_TABLE_NAME",
     "store.dynamodb_table",
@@ -412,6 +417,7 @@ pub const SETTINGS: &[Setting] = &[
     REDIS_BUDGETS_WHEN_DOWN,
     METRICS_DB,
     METRICS_FLUSH,
+    REPLICA_LOST_AFTER,
     DYNAMODB_TABLE,
     DYNAMODB_ENDPOINT,
     DYNAMODB_CONNECT_TIMEOUT,
@@ -778,6 +784,16 @@ impl Config {
                 .map(Duration::from_millis)
                 .ok_or_else(|| "expected whole milliseconds between 1 and 60000".to_owned())
         })?;
+        metrics.replica_lost_after =
+            src.parsed(&REPLICA_LOST_AFTER, metrics.replica_lost_after, |v| {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|ms| (100..=86_400_000).contains(ms))
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| {
+                        "expected whole milliseconds between 100 and 86400000 (a day)".to_owned()
+                    })
+            })?;
         let dynamodb_endpoint = src.url(&DYNAMODB_ENDPOINT)?;
         let dynamodb_timeouts = src.aws_timeouts(
             [

@@ -44,8 +44,8 @@ pub use engine::{
 };
 pub use pipeline::{PipelineEvent, PipelineInput, RunRollup, StageRollup};
 pub use record::{
-    CallObserver, Receipt, RecordError, Recorded, Recorder, RequestRecord, RequestStatus,
-    SessionMessage, ShutdownReport,
+    CallIntent, CallObserver, Receipt, RecordError, Recorded, Recorder, RequestRecord,
+    RequestStatus, SessionMessage, ShutdownReport,
 };
 pub use router::{CallTarget, RouteOptions, RouteRequest};
 pub use stream::{ProviderKind, Usage};

@@ -191,6 +191,13 @@ impl ServerMetrics {
             gauge!("keyvex_metrics_pending", "sink" => sink).set(health.pending as f64);
             gauge!("keyvex_metrics_oldest_pending_age_seconds", "sink" => sink)
                 .set(health.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+            // Calls whose process stopped under them, recorded `interrupted` from their intents
+            // by this process (they never pass `on_record`, so `keyvex_calls_total` lacks them).
+            gauge!("keyvex_metrics_interrupted_recorded", "sink" => sink, "origin" => "ledger")
+                .set(health.recovered as f64);
+            gauge!("keyvex_metrics_interrupted_recorded", "sink" => sink, "origin" => "lost_replica")
+                .set(health.swept as f64);
+            gauge!("keyvex_metrics_intents", "sink" => sink).set(health.intents as f64);
         });
         self.handle.render()
     }

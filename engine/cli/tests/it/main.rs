@@ -11,6 +11,7 @@
 mod cli_support;
 mod demo_traffic;
 mod durability;
+mod interrupted;
 mod models;
 mod pipeline;
 mod shared_limits;

@@ -19,7 +19,7 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use agents::Process;
 use arc_swap::ArcSwap;
@@ -28,6 +28,7 @@ use pin_project_lite::pin_project;
 
 use crate::budgets::SpendAccount;
 use crate::catalog::{Catalog, ModelSpec};
+use crate::cost::Pricing;
 use crate::limits::{LimitsWhenDown, ProviderBudget, ProviderRates, SharedRates};
 use crate::provider::{ChatMessage, ResponseSchema, SharedProvider};
 use crate::stream::ProviderKind;
@@ -37,12 +38,47 @@ pub use breaker::{BreakerConfig, CircuitState, OpenReason};
 pub use budget::{RetryBudget, RetryBudgetConfig};
 pub use outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
 
-/// Told about a route its caller abandoned (the stream was dropped before its terminal event),
-/// which therefore cannot deliver that event. Given per route (see [`Router::open`]), so it
-/// knows whose route it was. Called synchronously from `Drop`: keep it cheap and non-blocking
-/// (hand the outcome to a channel, as the metrics ledger does).
+/// Told about a route while it runs: each call as it goes out, each call that failed while the
+/// route goes on, and the route's end when its caller abandoned it (the stream was dropped
+/// before its terminal event, which therefore cannot deliver it). Given per route (see
+/// [`Router::open`]), so it knows whose route it was. Called synchronously on the route's path
+/// (and from `Drop`): keep it cheap and non-blocking (hand things to a channel, as the metrics
+/// ledger does).
 pub trait RouteObserver: Send + Sync + 'static {
     fn on_cancelled(&self, outcome: RouteOutcome);
+
+    /// A call is about to be sent: admitted by the breaker and the provider budget, its request
+    /// built, nothing on the wire yet.
+    fn on_call_start(&self, call: &CallStart<'_>) {
+        let _ = call;
+    }
+
+    /// A call ended in an error and the route goes on (to a retry, the fallback, or a decision
+    /// that no call is left); `call` is its 1-based position among the route's calls.
+    fn on_call_failed(&self, attempt: &AttemptRecord, call: u32, request_started_at: SystemTime) {
+        let _ = (attempt, call, request_started_at);
+    }
+}
+
+/// A call about to be sent, as [`RouteObserver::on_call_start`] sees it.
+#[derive(Debug)]
+pub struct CallStart<'a> {
+    /// The id its record will have (also its `AttemptRecord::record_id`).
+    pub record_id: &'a str,
+    pub provider: ProviderKind,
+    pub model: &'a str,
+    pub pricing: &'a Pricing,
+    /// 1-based position among the route's calls (models skipped without a call not counted).
+    pub call: u32,
+    pub started_at: SystemTime,
+    /// When the route's first call started (this call's own start if it is the first): the
+    /// request's last record is dated from it.
+    pub request_started_at: SystemTime,
+    /// The prompt's tokens, estimated from its length without the tokenizer (one token per
+    /// 3 bytes plus the chat framing): counting exactly would cost CPU before every call.
+    pub prompt_tokens: u64,
+    /// Every attempt the route made before this one, models skipped without a call included.
+    pub earlier: &'a [AttemptRecord],
 }
 
 /// What a route serves: a process (its primary, then its fallback) or one catalog model.

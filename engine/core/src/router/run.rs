@@ -2,8 +2,9 @@
 //! TTFT and stall deadlines, commit at first content, account every attempt, end with exactly
 //! one terminal event, or report to the observer when the caller drops the stream.
 
+use std::sync::OnceLock;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use agents::Process;
 use futures::{Stream, StreamExt};
@@ -15,13 +16,14 @@ use crate::cost::Cost;
 use crate::limits::{ProviderHold, estimate_tokens, reserve_shared};
 use crate::provider::{ChatRequest, ProviderError, SharedProvider};
 use crate::stream::{FaultClass, FinishReason, ProviderEvent, ProviderKind, Usage};
-use crate::tokenize::count_prompt_tokens;
+use crate::tokenize::{count_prompt_tokens, estimate_prompt_tokens};
 
 use super::attempt::{AttemptError, AttemptMeter, AttemptRecord, wall_clock};
 use super::breaker::{Admission, OpenReason, Refusal};
 use super::outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
 use super::{
-    InSpan, Providers, RouteEvent, RouteObserver, RouteOptions, RouteRequest, Shared, deadline_in,
+    CallStart, InSpan, Providers, RouteEvent, RouteObserver, RouteOptions, RouteRequest, Shared,
+    deadline_in,
 };
 
 /// A model the route may call, with its provider resolved.
@@ -40,8 +42,12 @@ pub(super) struct Plan {
     unavailable: Vec<RouteError>,
     request: RouteRequest,
     options: RouteOptions,
-    /// Told about the route if its caller drops it before the terminal event.
+    /// Told about each call, and about the route if its caller drops it before the terminal
+    /// event.
     observer: Option<Arc<dyn RouteObserver>>,
+    /// The prompt's estimated tokens, worked out once per route (every call sends the same
+    /// prompt) and only when a provider budget or an observer needs it.
+    prompt_estimate: OnceLock<u64>,
     /// Whose dollar budgets each attempt reserves from, if any.
     spend: Option<SpendAccount>,
 }
@@ -77,6 +83,7 @@ impl Plan {
             request,
             options,
             observer,
+            prompt_estimate: OnceLock::new(),
             spend: None,
         }
     }
@@ -103,6 +110,14 @@ impl Plan {
 
     fn prompt_tokens(&self) -> u64 {
         count_prompt_tokens(self.request.system.as_deref(), &self.request.messages)
+    }
+
+    /// The prompt's tokens by length, without the tokenizer (what budgets reserve and intents
+    /// bill): nanoseconds, where counting would cost CPU before every call.
+    fn prompt_estimate(&self) -> u64 {
+        *self.prompt_estimate.get_or_init(|| {
+            estimate_prompt_tokens(self.request.system.as_deref(), &self.request.messages)
+        })
     }
 }
 
@@ -467,20 +482,51 @@ impl RouteRun {
             attempt,
             trial = admission == Admission::Trial,
         );
+        // The record's id is drawn now, so the call's intent and its record share it.
+        let meter = AttemptMeter::new(
+            uuid::Uuid::now_v7().to_string(),
+            candidate.spec.provider,
+            &candidate.spec.id,
+            candidate.spec.pricing,
+            self.plan.options.keep_text,
+        );
+        if let Some(observer) = &self.plan.observer {
+            let started_at = meter.started_at();
+            observer.on_call_start(&CallStart {
+                record_id: meter.record_id(),
+                provider: candidate.spec.provider,
+                model: &candidate.spec.id,
+                pricing: &candidate.spec.pricing,
+                call: self.calls_made() + 1,
+                started_at,
+                request_started_at: self.first_call_start().unwrap_or(started_at),
+                prompt_tokens: self.plan.prompt_estimate(),
+                earlier: &self.attempts,
+            });
+        }
+        let provider = candidate.provider.clone();
         self.in_flight = Some(InFlight {
             idx,
-            meter: AttemptMeter::new(
-                candidate.spec.provider,
-                &candidate.spec.id,
-                candidate.spec.pricing,
-                self.plan.options.keep_text,
-            ),
+            meter,
             admission,
             reservation,
             spend,
             span,
         });
-        Ok((candidate.provider.clone(), request))
+        Ok((provider, request))
+    }
+
+    /// Attempts so far that reached a model (skipped models made no call).
+    fn calls_made(&self) -> u32 {
+        self.attempts.iter().filter(|a| made_call(a)).count() as u32
+    }
+
+    /// When the route's first call started, once there was one.
+    fn first_call_start(&self) -> Option<SystemTime> {
+        self.attempts
+            .iter()
+            .find(|a| made_call(a))
+            .map(|a| a.started_at)
     }
 
     /// Records a model that was not called. An open circuit drops it from this route (its
@@ -603,8 +649,26 @@ impl RouteRun {
         }
     }
 
-    /// Closes the running attempt's books; returns the terminal event when the route ends.
+    /// Closes the running attempt's books; returns the terminal event when the route ends. A
+    /// failed call the route goes on from is told to the observer (what it used and cost is
+    /// known now, before any backoff).
     fn end_attempt(
+        &mut self,
+        end: Result<(FinishReason, bool), ProviderError>,
+    ) -> Option<RouteEvent> {
+        let before = self.attempts.len();
+        let terminal = self.close_attempt(end);
+        if terminal.is_none()
+            && self.attempts.len() > before
+            && let (Some(observer), Some(last)) = (&self.plan.observer, self.attempts.last())
+            && let Some(request_started_at) = self.first_call_start()
+        {
+            observer.on_call_failed(last, self.calls_made(), request_started_at);
+        }
+        terminal
+    }
+
+    fn close_attempt(
         &mut self,
         end: Result<(FinishReason, bool), ProviderError>,
     ) -> Option<RouteEvent> {
@@ -744,7 +808,7 @@ impl RouteRun {
     }
 
     fn outcome(&self, status: RouteStatus, finish_reason: Option<FinishReason>) -> RouteOutcome {
-        let called = |a: &&AttemptRecord| !a.error.as_ref().is_some_and(AttemptError::made_no_call);
+        let called = |a: &&AttemptRecord| made_call(a);
         // The answer is the last attempt that made a call (once committed, nothing follows
         // it): its usage is what the caller is shown. Failed attempts keep their own usage and
         // cost in `attempts`, and are billed there, never folded into the answer's.
@@ -819,4 +883,12 @@ impl Drop for RouteRun {
             observer.on_cancelled(outcome);
         }
     }
+}
+
+/// Whether an attempt reached a model (a skipped model made no call).
+fn made_call(attempt: &AttemptRecord) -> bool {
+    !attempt
+        .error
+        .as_ref()
+        .is_some_and(AttemptError::made_no_call)
 }

@@ -368,7 +368,7 @@ function budgetCard(b) {
 function renderUsage(panel, d) {
   const t = d.series.totals;
   const blocks = [kpis([
-    kpi("Requests", nf.format(t.requests), `${nf.format(t.errors)} failed · ${nf.format(t.cancelled)} cancelled`),
+    kpi("Requests", nf.format(t.requests), `${nf.format(t.errors)} failed (${nf.format(t.interrupted || 0)} interrupted) · ${nf.format(t.cancelled)} cancelled`),
     kpi("Input tokens", compact(t.inputTokens), `${pct(t.inputTokens ? t.cachedInputTokens / t.inputTokens : 0)} read from cache`),
     kpi("Cached input tokens", compact(t.cachedInputTokens)),
     kpi("Output tokens", compact(t.outputTokens), t.requests ? `${compact(Math.round(t.outputTokens / t.requests))} per request` : null),
@@ -384,7 +384,8 @@ function renderUsage(panel, d) {
       labels: s.labels, tooltipLabels: s.tips, format: compact, stacked: true,
       series: [
         { name: "Succeeded", color: PALETTE[2], values: s.rows.map((r) => (r ? r.requests - r.errors - r.cancelled : 0)) },
-        { name: "Failed", color: PALETTE[3], values: s.rows.map((r) => (r ? r.errors : 0)) },
+        { name: "Failed", color: PALETTE[3], values: s.rows.map((r) => (r ? r.errors - (r.interrupted || 0) : 0)) },
+        { name: "Interrupted", color: PALETTE[5], values: s.rows.map((r) => (r ? r.interrupted || 0 : 0)) },
         { name: "Cancelled", color: PALETTE[9], values: s.rows.map((r) => (r ? r.cancelled : 0)) },
       ],
     }), true),
@@ -478,6 +479,7 @@ function pipelineCard(p) {
     ["Accepted / durable", `${nf.format(p.accepted)} / ${nf.format(p.durable)}`],
     ["Ledger commits / errors", `${nf.format(p.ledgerCommits)} / ${nf.format(p.ledgerErrors)}`],
     ["Alerts raised", nf.format(p.alertsRaised)],
+    ["Calls recorded as interrupted", `${nf.format(p.recovered || 0)} after a stop here · ${nf.format(p.swept || 0)} of lost replicas`],
   ];
   const card = tableCard("Metrics pipeline", "since this server started", table(["", ""], rows));
   card.querySelector(".card-head").append(status);
