@@ -2,8 +2,8 @@
 //! TTFT and stall deadlines, commit at first content, account every attempt, end with exactly
 //! one terminal event, or report to the observer when the caller drops the stream.
 
-use std::sync::OnceLock;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use agents::Process;
