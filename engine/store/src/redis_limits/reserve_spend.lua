@@ -24,17 +24,9 @@ local function greater(ah, al, bh, bl)
 end
 local amount = ARGV[1]
 local n = tonumber(ARGV[2])
-local own = redis.call('HGET', KEYS[n + 1], ARGV[3])
-local own_daily, own_monthly = "", ""
-if own then own_daily, own_monthly = string.match(own, "^(%d*),(%d*)$") end
-local limits = {}
+local limits = limits_in_force(n)
 for i = 1, n do
-  local base = 3 + (i - 1) * 3
-  local limit = ARGV[base + 1]
-  local which = ARGV[base + 2]
-  if which == "daily" and own_daily and own_daily ~= "" then limit = own_daily end
-  if which == "monthly" and own_monthly and own_monthly ~= "" then limit = own_monthly end
-  limits[i] = limit
+  local limit = limits[i]
   if limit ~= "" then
     local state = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
     local sh, sl = split(state[1])

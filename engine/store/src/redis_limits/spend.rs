@@ -39,8 +39,14 @@ impl RedisSpend {
         ));
         RedisSpend {
             limits,
-            reserve: redis::Script::new(include_str!("reserve_spend.lua")),
-            read: redis::Script::new(include_str!("read_spend.lua")),
+            reserve: redis::Script::new(concat!(
+                include_str!("limits_in_force.lua"),
+                include_str!("reserve_spend.lua")
+            )),
+            read: redis::Script::new(concat!(
+                include_str!("limits_in_force.lua"),
+                include_str!("read_spend.lua")
+            )),
             settles,
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use keyvex_engine::budgets::{
-    BudgetDenied, BudgetLimits, BudgetScope, Budgets, OnUnavailable, SpendStore,
+    BudgetDenied, BudgetLimits, BudgetScope, Budgets, CallerBudget, OnUnavailable, SpendStore,
 };
 use keyvex_engine::cost::Cost;
 use keyvex_engine::limits::{ProviderRates, Rate, SharedRates};
@@ -66,6 +66,49 @@ async fn budgets_past_nine_thousand_dollars_are_compared_to_the_picodollar() {
     settled(&budgets).await;
     let global = budgets.global_view().await.unwrap();
     assert_eq!(global.state.spent, Cost(10_000_000_000_000_000));
+}
+
+#[tokio::test]
+async fn a_callers_own_limit_is_the_one_a_read_shows_and_a_reservation_enforces() {
+    let redis = Redis::start().await;
+    let limits = RedisLimits::connect(&config(&redis.url)).unwrap();
+    let store = Arc::new(limits.spend(&config(&redis.url)));
+    let budgets = Arc::new(Budgets::new(
+        BudgetLimits {
+            caller_daily: Some(Cost(1_000)),
+            ..BudgetLimits::default()
+        },
+        store.clone(),
+        OnUnavailable::FailClosed,
+    ));
+    budgets
+        .set_caller(
+            "tight",
+            CallerBudget {
+                daily: Some(Cost(100)),
+                monthly: None,
+            },
+        )
+        .await
+        .unwrap();
+    let views = budgets.caller_view("tight").await.unwrap();
+    let day = views
+        .iter()
+        .find(|v| v.scope == BudgetScope::CallerDaily)
+        .expect("a caller-day line");
+    assert_eq!(day.state.limit, Some(Cost(100)), "{views:?}");
+    let BudgetDenied::Exceeded(refusal) =
+        budgets.reserve("tight", None, Cost(101)).await.unwrap_err()
+    else {
+        panic!("expected a refusal");
+    };
+    assert_eq!(refusal.limit, Cost(100));
+    // Another caller still has the configured limit.
+    budgets
+        .reserve("other", None, Cost(101))
+        .await
+        .unwrap()
+        .settle(Cost::ZERO);
 }
 
 /// Waits until nothing is reserved on the global day: settles are queued off the caller's path
