@@ -71,7 +71,7 @@ pub const TARGET_ADDED_MS: f64 = 5.0;
 /// returns the measured ones.
 pub async fn measure(settings: &Settings) -> anyhow::Result<Report> {
     let sim = SimThread::start(settings)?;
-    let engine = bind_engine(&sim.base_url, &settings.work_dir).await?;
+    let engine = bind_engine(&sim.base_url, &settings.work_dir, None).await?;
     let addr = engine
         .local_addr()
         .context("the engine has no local address")?;

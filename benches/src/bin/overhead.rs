@@ -84,6 +84,11 @@ struct Args {
     /// seconds later.
     #[arg(long, default_value_t = 20_000)]
     soak_open_per_sec: usize,
+    /// Keep the engine's limits and budgets in this Redis (`redis://127.0.0.1:6379`), as
+    /// `keyvex serve` does with `REDIS_URL`: the run then measures the extra round trips per
+    /// request against the in-process limits of a run without it.
+    #[arg(long)]
+    redis_url: Option<String>,
     /// Log filter of the engine child (`keyvex serve` logs at info).
     #[arg(long, default_value = "info")]
     engine_log: String,
@@ -117,6 +122,7 @@ fn main() -> ExitCode {
             engine_log: args.engine_log.clone(),
             otlp_endpoint: args.otlp_endpoint.clone(),
             work_dir: args.work_dir.clone().unwrap_or_else(std::env::temp_dir),
+            redis_url: args.redis_url.clone(),
         }),
         None => bench(&args),
     };
@@ -155,6 +161,7 @@ fn start_servers(
         engine_log: args.engine_log.clone(),
         otlp_endpoint: args.otlp_endpoint.clone(),
         work_dir: work_dir.to_path_buf(),
+        redis_url: args.redis_url.clone(),
     };
     let sim = roles::spawn(&config(Role::Sim, None))?;
     let floor = roles::spawn(&config(Role::Floor, Some(sim.base_url.clone())))?;

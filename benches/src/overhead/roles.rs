@@ -65,6 +65,8 @@ pub struct RoleConfig {
     pub otlp_endpoint: Option<String>,
     /// Where the engine keeps its SQLite metrics ledger.
     pub work_dir: PathBuf,
+    /// The Redis of the engine's limits and budgets (`REDIS_URL`); in-process without.
+    pub redis_url: Option<String>,
 }
 
 /// Runs one role until stdin closes. Builds its own runtime: a multi-threaded one with as many
@@ -124,7 +126,12 @@ async fn serve(config: &RoleConfig) -> anyhow::Result<()> {
                     None
                 }
             };
-            let server = bind_engine(&upstream_of(config)?, &config.work_dir).await?;
+            let server = bind_engine(
+                &upstream_of(config)?,
+                &config.work_dir,
+                config.redis_url.as_deref(),
+            )
+            .await?;
             announce(&format!("http://{}/v1", server.local_addr()?))?;
             let report = server.run(stdin_closed()).await?;
             tracing::info!(?report, "engine stopped");
@@ -182,11 +189,15 @@ async fn stdin_closed() {
 /// they are checked on every request but never refuse one. The Anthropic provider points at the
 /// same upstream (the simulator speaks both), so the pipeline benchmark can use this engine too;
 /// the overhead runs only call an OpenAI model.
-pub async fn bind_engine(upstream: &str, work_dir: &Path) -> anyhow::Result<Server> {
+pub async fn bind_engine(
+    upstream: &str,
+    work_dir: &Path,
+    redis_url: Option<&str>,
+) -> anyhow::Result<Server> {
     let db = work_dir.join("engine-metrics.sqlite3");
     let db = db.to_string_lossy().into_owned();
     let keys = format!("{ENGINE_KEY}=overhead:user");
-    let env = MapEnv::new([
+    let mut env = MapEnv::new([
         ("OPENAI_API_KEY", SIM_KEY),
         ("OPENAI_BASE_URL", upstream),
         ("ANTHROPIC_API_KEY", SIM_KEY),
@@ -200,6 +211,9 @@ pub async fn bind_engine(upstream: &str, work_dir: &Path) -> anyhow::Result<Serv
         ("KEYVEX_PROVIDER_TPM", "4000000000"),
         ("KEYVEX_METRICS_DB", db.as_str()),
     ]);
+    if let Some(url) = redis_url {
+        env.0.insert("REDIS_URL".to_owned(), url.to_owned());
+    }
     let config = Config::load(&env, None)?;
     let server = config.server.clone();
     let app = App::start(config).await?;
@@ -345,6 +359,9 @@ pub fn spawn(config: &RoleConfig) -> anyhow::Result<Running> {
     }
     if let Some(endpoint) = &config.otlp_endpoint {
         command.args(["--otlp-endpoint", endpoint]);
+    }
+    if let Some(url) = &config.redis_url {
+        command.args(["--redis-url", url]);
     }
     let mut child = command
         .spawn()

@@ -7,6 +7,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use keyvex_engine::budgets::Budgets;
+use keyvex_engine::limits::LimitsWhenDown;
 use keyvex_engine::router::RouterConfig;
 use keyvex_engine::{Engine, EngineError, ShutdownReport};
 use keyvex_server::Backends;
@@ -16,6 +18,7 @@ use keyvex_server::prom::ServerMetrics;
 use keyvex_server::queue::JobsCtx;
 use keyvex_server::queue::worker::WorkerConfig;
 use keyvex_sim::{SimConfig, SimProfile};
+use keyvex_store::redis_limits::{RedisLimits, RedisSetupError, WhenDown};
 use keyvex_store::{MetricsError, Stores};
 
 use crate::config::{Config, ProviderSetup};
@@ -31,6 +34,8 @@ pub enum AppError {
     Simulator(#[source] std::io::Error),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("{0}; fix REDIS_URL or unset it to keep limits in this process")]
+    Redis(#[from] RedisSetupError),
     #[error(
         "this command needs the AI-processing queue; set SQS_AI_PROCESSING_QUEUE_URL (printed by `keyvex queue create`)"
     )]
@@ -78,6 +83,25 @@ impl App {
         if let Some(path) = &config.models_file {
             builder = builder.models_file(path);
         }
+        // With REDIS_URL, every limit and budget lives in Redis, shared by the replicas using it.
+        builder = match &config.redis {
+            Some(redis) => {
+                let shared = RedisLimits::connect(redis)?;
+                let when_down = match redis.limits_when_down {
+                    WhenDown::Open => LimitsWhenDown::Open,
+                    WhenDown::Closed => LimitsWhenDown::Closed,
+                };
+                let spend = shared.spend(redis);
+                builder
+                    .shared_limits(Arc::new(shared), when_down)
+                    .budgets(Budgets::new(
+                        config.budgets.clone(),
+                        Arc::new(spend),
+                        redis.budgets_when_down,
+                    ))
+            }
+            None => builder.budgets(Budgets::in_process(config.budgets.clone())),
+        };
         builder = match &config.providers {
             ProviderSetup::Simulated { seed, profile } => {
                 let sim_config = match profile {
@@ -190,12 +214,32 @@ impl App {
                 self.config.catalog_poll.as_millis()
             ),
             format!(
-                "limits per process: {} requests and {} tokens per minute per provider, {} requests per hour per API key and endpoint",
+                "limits {}: {} requests and {} tokens per minute per provider, {} requests per hour per API key and endpoint",
+                self.engine.limits_description(),
                 rates.requests_per_minute,
                 rates.tokens_per_minute,
                 self.config.caller_rate.per_period
             ),
+            format!("budgets {}", self.budget_line()),
         ]
+    }
+
+    fn budget_line(&self) -> String {
+        let b = &self.config.budgets;
+        let show = |c: Option<keyvex_engine::Cost>| {
+            c.map_or_else(|| "unlimited".to_owned(), |c| c.to_string())
+        };
+        let kept = self
+            .engine
+            .budgets()
+            .map_or_else(|| "not counted".to_owned(), |b| b.store().describe());
+        format!(
+            "{} per API key per day, {} per month, {} per run, {} per day for everyone; counted {kept}",
+            show(b.caller_daily),
+            show(b.caller_monthly),
+            show(b.run),
+            show(b.global_daily),
+        )
     }
 
     /// Flushes the metrics (within `flush`) and stops the simulator. Call once every stream ended.

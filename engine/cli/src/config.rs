@@ -14,6 +14,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keyvex_engine::budgets::{BudgetLimits, CallerBudget, OnUnavailable, parse_usd};
 use keyvex_engine::limits::{ProviderRates, Rate};
 use keyvex_engine::provider::anthropic_version::AnthropicVersion;
 use keyvex_engine::provider::{ApiKey, DEFAULT_MAX_EVENT_BYTES};
@@ -21,6 +22,7 @@ use keyvex_engine::router::BreakerConfig;
 use keyvex_server::config::{ApiKeySpec, ServerConfig};
 use keyvex_server::queue::QueueConfig;
 use keyvex_sim::SimProfile;
+use keyvex_store::redis_limits::{RedisConfig, WhenDown};
 use keyvex_store::{AwsTimeouts, MetricsConfig, StoreConfig};
 
 /// Read access to environment variables. Empty values count as unset.
@@ -242,6 +244,51 @@ pub const PROVIDER_TPM: Setting = setting(
     "limits.provider_tokens_per_minute",
     "tokens per minute (prompt + output cap reserved, real usage settled) per provider (default 2000000)",
 );
+pub const BUDGET_DAILY: Setting = setting(
+    "KEYVEX_BUDGET_DAILY_USD",
+    "budgets.daily_usd",
+    "dollars each API key may spend on model calls per UTC day (default unlimited; spend is counted either way)",
+);
+pub const BUDGET_MONTHLY: Setting = setting(
+    "KEYVEX_BUDGET_MONTHLY_USD",
+    "budgets.monthly_usd",
+    "dollars each API key may spend per calendar month, UTC (default unlimited)",
+);
+pub const BUDGET_RUN: Setting = setting(
+    "KEYVEX_BUDGET_RUN_USD",
+    "budgets.run_usd",
+    "dollars one pipeline run or job may spend; the run stops before the call that could cross it (default unlimited)",
+);
+pub const BUDGET_GLOBAL_DAILY: Setting = setting(
+    "KEYVEX_BUDGET_GLOBAL_DAILY_USD",
+    "budgets.global_daily_usd",
+    "dollars all callers together may spend per UTC day (default unlimited)",
+);
+pub const BUDGET_CALLERS: Setting = setting(
+    "KEYVEX_BUDGET_CALLERS",
+    "budgets.callers",
+    "per-caller limits, comma-separated CALLER:daily=USD:monthly=USD (either part optional), e.g. alice:daily=5:monthly=100; limits set through /v1/admin/budgets win",
+);
+pub const REDIS_URL: Setting = secret(setting(
+    "REDIS_URL",
+    "redis.url",
+    "redis://HOST:PORT[/DB] shared by every replica: caller rate limits, provider RPM/TPM and dollar budgets are kept there (default: in this process only)",
+));
+pub const REDIS_TIMEOUT: Setting = setting(
+    "KEYVEX_REDIS_TIMEOUT_MS",
+    "redis.timeout_ms",
+    "longest wait for one Redis command, and for a connection (default 100); past it Redis counts as unreachable",
+);
+pub const REDIS_LIMITS_WHEN_DOWN: Setting = setting(
+    "KEYVEX_REDIS_LIMITS_WHEN_DOWN",
+    "redis.limits_when_down",
+    "rate limits (caller, provider RPM/TPM) while Redis is unreachable: open (default, let requests through) | closed (refuse them)",
+);
+pub const REDIS_BUDGETS_WHEN_DOWN: Setting = setting(
+    "KEYVEX_REDIS_BUDGETS_WHEN_DOWN",
+    "redis.budgets_when_down",
+    "dollar budgets while Redis is unreachable: closed (default, refuse model calls) | open (let them through uncounted)",
+);
 pub const METRICS_DB: Setting = setting(
     "KEYVEX_METRICS_DB",
     "metrics.db",
@@ -251,6 +298,11 @@ pub const METRICS_FLUSH: Setting = setting(
     "KEYVEX_METRICS_FLUSH_MS",
     "metrics.flush_ms",
     "how often pending metrics are shipped to the store (default 500)",
+);
+pub const REPLICA_LOST_AFTER: Setting = setting(
+    "KEYVEX_REPLICA_LOST_AFTER_MS",
+    "metrics.replica_lost_after_ms",
+    "with DynamoDB: a replica without a heartbeat this long is taken for lost, and another records the calls it had in flight as interrupted (default 300000)",
 );
 pub const DYNAMODB_TABLE: Setting = setting(
     "DYNAMODB_TABLE_NAME",
@@ -426,8 +478,18 @@ pub const SETTINGS: &[Setting] = &[
     RATE_LIMIT_BURST,
     PROVIDER_RPM,
     PROVIDER_TPM,
+    BUDGET_DAILY,
+    BUDGET_MONTHLY,
+    BUDGET_RUN,
+    BUDGET_GLOBAL_DAILY,
+    BUDGET_CALLERS,
+    REDIS_URL,
+    REDIS_TIMEOUT,
+    REDIS_LIMITS_WHEN_DOWN,
+    REDIS_BUDGETS_WHEN_DOWN,
     METRICS_DB,
     METRICS_FLUSH,
+    REPLICA_LOST_AFTER,
     DYNAMODB_TABLE,
     DYNAMODB_ENDPOINT,
     DYNAMODB_CONNECT_TIMEOUT,
@@ -522,6 +584,10 @@ pub struct Config {
     pub caller_rate: Rate,
     /// Per provider.
     pub provider_rates: ProviderRates,
+    /// Dollar budgets (limits; the store that counts is chosen by `redis`).
+    pub budgets: BudgetLimits,
+    /// The shared Redis of limits and budgets, when `REDIS_URL` is set.
+    pub redis: Option<RedisConfig>,
     pub store: StoreConfig,
     /// The DynamoDB endpoint override, also without a table name (`keyvex table`).
     pub dynamodb_endpoint: Option<String>,
@@ -944,6 +1010,49 @@ impl Config {
             tokens_per_minute: src.positive(&PROVIDER_TPM, 2_000_000)?,
         };
 
+        let usd = |s: &Setting| src.parsed(s, None, |v| parse_usd(v).map(Some));
+        let budgets = BudgetLimits {
+            caller_daily: usd(&BUDGET_DAILY)?,
+            caller_monthly: usd(&BUDGET_MONTHLY)?,
+            run: usd(&BUDGET_RUN)?,
+            global_daily: usd(&BUDGET_GLOBAL_DAILY)?,
+            callers: src.parsed(&BUDGET_CALLERS, BTreeMap::new(), parse_caller_budgets)?,
+        };
+        let redis = match src.get(&REDIS_URL) {
+            None => None,
+            Some(found) => {
+                let url = found.value.trim().to_owned();
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(found.invalid("expected redis://HOST:PORT[/DB] or rediss://…"));
+                }
+                let timeout = src.millis(&REDIS_TIMEOUT, 100)?;
+                if timeout.is_zero() {
+                    return Err(ConfigError::Invalid {
+                        origin: REDIS_TIMEOUT.env.to_owned(),
+                        value: "0".to_owned(),
+                        problem: "must be at least 1".to_owned(),
+                    });
+                }
+                let when_down = |s: &Setting, default: WhenDown| {
+                    src.parsed(s, default, |v| match v {
+                        "open" => Ok(WhenDown::Open),
+                        "closed" => Ok(WhenDown::Closed),
+                        _ => Err("expected open or closed".to_owned()),
+                    })
+                };
+                Some(RedisConfig {
+                    url,
+                    timeout,
+                    limits_when_down: when_down(&REDIS_LIMITS_WHEN_DOWN, WhenDown::Open)?,
+                    budgets_when_down: match when_down(&REDIS_BUDGETS_WHEN_DOWN, WhenDown::Closed)?
+                    {
+                        WhenDown::Open => OnUnavailable::FailOpen,
+                        WhenDown::Closed => OnUnavailable::FailClosed,
+                    },
+                })
+            }
+        };
+
         let ledger = PathBuf::from(
             src.text(&METRICS_DB)
                 .unwrap_or_else(|| "keyvex-metrics.sqlite3".to_owned()),
@@ -956,6 +1065,16 @@ impl Config {
                 .map(Duration::from_millis)
                 .ok_or_else(|| "expected whole milliseconds between 1 and 60000".to_owned())
         })?;
+        metrics.replica_lost_after =
+            src.parsed(&REPLICA_LOST_AFTER, metrics.replica_lost_after, |v| {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|ms| (100..=86_400_000).contains(ms))
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| {
+                        "expected whole milliseconds between 100 and 86400000 (a day)".to_owned()
+                    })
+            })?;
         let dynamodb_endpoint = src.url(&DYNAMODB_ENDPOINT)?;
         let dynamodb_timeouts = src.aws_timeouts(
             [
@@ -1054,6 +1173,8 @@ impl Config {
             },
             caller_rate,
             provider_rates,
+            budgets,
+            redis,
             store,
             dynamodb_endpoint,
             dynamodb_timeouts,
@@ -1066,6 +1187,39 @@ impl Config {
             capture_message_content: src.parsed(&OTEL_CAPTURE_CONTENT, false, parse_bool)?,
         })
     }
+}
+
+/// `alice:daily=5:monthly=100,bob:daily=0.5` into per-caller limits.
+fn parse_caller_budgets(text: &str) -> Result<BTreeMap<String, CallerBudget>, String> {
+    let mut callers = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let mut parts = item.split(':');
+        let caller = parts.next().unwrap_or_default().trim();
+        if caller.is_empty() {
+            return Err(format!("{item:?}: expected CALLER:daily=USD:monthly=USD"));
+        }
+        let mut budget = CallerBudget::default();
+        for part in parts {
+            let (name, value) = part.split_once('=').ok_or_else(|| {
+                format!("{item:?}: expected daily=USD or monthly=USD after {caller}:")
+            })?;
+            let amount = parse_usd(value).map_err(|e| format!("{item:?}: {e}"))?;
+            match name.trim() {
+                "daily" => budget.daily = Some(amount),
+                "monthly" => budget.monthly = Some(amount),
+                other => {
+                    return Err(format!(
+                        "{item:?}: unknown limit {other:?}; expected daily or monthly"
+                    ));
+                }
+            }
+        }
+        if budget.is_empty() {
+            return Err(format!("{item:?}: name a daily= or monthly= limit"));
+        }
+        callers.insert(caller.to_owned(), budget);
+    }
+    Ok(callers)
 }
 
 /// Reads the TOML file into `section.key` → text (lists joined with commas), refusing keys no
@@ -1087,7 +1241,7 @@ fn read_file(path: &Path) -> Result<(String, BTreeMap<String, String>), ConfigEr
             return Err(ConfigError::File {
                 path: shown,
                 message: format!(
-                    "{section} must be a [section]; settings live under [server], [limits], [providers], [breaker], [metrics], [store], [queue] or [telemetry]"
+                    "{section} must be a [section]; settings live under [server], [limits], [budgets], [redis], [providers], [breaker], [metrics], [store], [queue] or [telemetry]"
                 ),
             });
         };
@@ -1266,6 +1420,68 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn budgets_and_redis_are_read_from_the_file_and_the_environment() {
+        let c = Config::load(&MapEnv::default(), None).unwrap();
+        assert_eq!(c.budgets, BudgetLimits::default(), "unlimited by default");
+        assert!(c.redis.is_none(), "limits in process by default");
+        let dir = fresh_dir();
+        let file = dir.join("budgets.toml");
+        std::fs::write(
+            &file,
+            "[budgets]\ndaily_usd = 5\nrun_usd = \"0.25\"\ncallers = [\"vip:daily=50:monthly=1000\", \"low:monthly=1\"]\n\
+             [redis]\nurl = \"redis://:pw@10.0.0.5:6379/2\"\nbudgets_when_down = \"open\"\n",
+        )
+        .unwrap();
+        let env = MapEnv::new([("KEYVEX_BUDGET_GLOBAL_DAILY_USD", "100.5")]);
+        let c = Config::load(&env, Some(&file)).unwrap();
+        let usd = |d: u64| Some(keyvex_engine::Cost::from_micro_usd(d * 1_000_000));
+        assert_eq!(c.budgets.caller_daily, usd(5));
+        assert_eq!(c.budgets.caller_monthly, None);
+        assert_eq!(c.budgets.run, Some(keyvex_engine::Cost(250_000_000_000)));
+        assert_eq!(
+            c.budgets.global_daily,
+            Some(keyvex_engine::Cost(100_500_000_000_000))
+        );
+        assert_eq!(c.budgets.callers["vip"].monthly, usd(1000));
+        assert_eq!(c.budgets.callers["low"].daily, None);
+        let redis = c.redis.unwrap();
+        assert_eq!(redis.timeout, Duration::from_millis(100));
+        assert_eq!(redis.limits_when_down, WhenDown::Open);
+        assert_eq!(redis.budgets_when_down, OnUnavailable::FailOpen);
+        assert!(
+            !format!("{redis:?}").contains("pw"),
+            "the password is never shown"
+        );
+        for (name, value) in [
+            ("KEYVEX_BUDGET_DAILY_USD", "-1"),
+            ("KEYVEX_BUDGET_CALLERS", "alice:weekly=3"),
+            ("KEYVEX_BUDGET_CALLERS", "alice"),
+            ("REDIS_URL", "http://localhost:6379"),
+        ] {
+            let e = Config::load(&MapEnv::new([(name, value)]), None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(name), "{e}");
+        }
+        let e = Config::load(
+            &MapEnv::new([
+                ("REDIS_URL", "redis://127.0.0.1:6379"),
+                ("KEYVEX_REDIS_LIMITS_WHEN_DOWN", "maybe"),
+            ]),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("open or closed"), "{e}");
+    }
+
+    fn fresh_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("keyvex-config-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

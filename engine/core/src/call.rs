@@ -1,25 +1,32 @@
 //! The one place every model call passes. Whoever calls — an agent run, a pipeline stage, the
 //! chat route, a queued job, the CLI — opens the call here with a [`CallContext`] given at call
-//! time, and gets a [`CallStream`]. The call is recorded exactly once, whichever way it ends:
-//! when its terminal event passes through the stream (finished or failed), or, if the caller
-//! drops the stream first, from the route's `Drop` through the [`RouteObserver`] given with this
-//! very route (cancelled). Every record goes to the engine's [`CallObserver`]s, then to its
-//! [`Recorder`].
+//! time, and gets a [`CallStream`]. Every call that reaches a model is recorded exactly once:
+//! as it goes out, its intent (a [`CallIntent`]) goes to the recorder, which keeps it until the
+//! call's own record replaces it, so a process that dies mid-call still leaves an `interrupted`
+//! record behind; a call its request went on from is recorded `retried` when the next call
+//! starts; the last call when the route's terminal event passes through the stream (finished or
+//! failed), or, if the caller drops the stream first, from the route's `Drop` through the
+//! [`RouteObserver`] given with this very route (cancelled). Every record goes to the engine's
+//! [`CallObserver`]s, then to its [`Recorder`].
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use agents::Process;
 use futures::Stream;
 
-use crate::record::{CallObserver, Receipt, Recorded, Recorder, RequestRecord, SessionMessage};
-use crate::router::{
-    AttemptError, AttemptRecord, CallTarget, RouteError, RouteEvent, RouteFailure, RouteObserver,
-    RouteOptions, RouteOutcome, RouteRequest, RouteStatus, RouteStream, Router,
+use crate::budgets::{Budgets, SpendAccount};
+use crate::cost::cost;
+use crate::record::{
+    CallIntent, CallObserver, Receipt, Recorded, Recorder, RequestRecord, SessionMessage,
 };
-use crate::stream::ProviderKind;
+use crate::router::{
+    AttemptError, AttemptRecord, CallStart, CallTarget, RouteError, RouteEvent, RouteFailure,
+    RouteObserver, RouteOptions, RouteOutcome, RouteRequest, RouteStatus, RouteStream, Router,
+};
+use crate::stream::{ProviderKind, Usage};
 
 /// Who asked, and in what context: everything a record needs that the router does not know.
 /// Given with every call; nothing of it is kept between calls.
@@ -83,7 +90,7 @@ impl CallContext {
 /// What the caller of one model call sees, in order: `Start` per attempt that opened a stream, a
 /// `Fallback` before each switch of model, the committed attempt's `Delta`s, then exactly one
 /// `Finished` or `Failed`, whose records (one per attempt that reached a model) have already been
-/// handed to the recorder.
+/// handed to the recorder; its `record` resolves once all of them are durable.
 #[derive(Debug)]
 pub enum CallEvent {
     Start {
@@ -118,6 +125,8 @@ struct Shared {
     router: Router,
     recorder: Arc<dyn Recorder>,
     observers: Vec<Arc<dyn CallObserver>>,
+    /// The dollar budgets every call spends from, if the engine has them.
+    budgets: Option<Arc<Budgets>>,
 }
 
 impl Calls {
@@ -125,14 +134,20 @@ impl Calls {
         router: Router,
         recorder: Arc<dyn Recorder>,
         observers: Vec<Arc<dyn CallObserver>>,
+        budgets: Option<Arc<Budgets>>,
     ) -> Calls {
         Calls {
             shared: Arc::new(Shared {
                 router,
                 recorder,
                 observers,
+                budgets,
             }),
         }
+    }
+
+    pub(crate) fn budgets(&self) -> Option<&Arc<Budgets>> {
+        self.shared.budgets.as_ref()
     }
 
     pub(crate) fn router(&self) -> &Router {
@@ -167,12 +182,22 @@ impl Calls {
             // The trace this call belongs to (its caller's span is current here), so a slow or
             // failed record leads to the trace that tells its story.
             trace_id: crate::trace_context::current_trace_id(),
+            early: Mutex::new(Early::default()),
         });
         let observer: Arc<dyn RouteObserver> = books.clone();
-        let route =
-            self.shared
-                .router
-                .open_on(&catalog, target, request, options, Some(observer))?;
+        let spend = self.shared.budgets.as_ref().map(|budgets| SpendAccount {
+            budgets: Arc::clone(budgets),
+            caller: ctx.caller.clone(),
+            run_id: ctx.run_id.clone(),
+        });
+        let route = self.shared.router.open_spending(
+            &catalog,
+            target,
+            request,
+            options,
+            Some(observer),
+            spend,
+        )?;
         Ok(CallStream { route, books })
     }
 
@@ -182,7 +207,7 @@ impl Calls {
     }
 }
 
-/// One call's books: its context, and the way to its record.
+/// One call's books: its context, and the way to its records.
 struct Books {
     shared: Arc<Shared>,
     ctx: CallContext,
@@ -191,30 +216,102 @@ struct Books {
     catalog_version: u64,
     /// The OpenTelemetry trace id, when spans are exported.
     trace_id: Option<String>,
+    /// Records handed over before the route ended.
+    early: Mutex<Early>,
+}
+
+/// The `retried` records of a route handed over as its next call started: how many (they are
+/// the first ones [`records_of`] maps at the end, which are therefore skipped then), and their
+/// receipts, which the route's terminal event waits on with its own.
+#[derive(Default)]
+struct Early {
+    records: usize,
+    receipts: Vec<Receipt>,
+    /// The route's first choice (a record says whether it used another), once a call started.
+    primary: Option<String>,
 }
 
 impl Books {
-    /// Hands every record of the route to the observers and the recorder. The returned id is
-    /// the last record's (the request's outcome); the receipt resolves once all are durable.
+    fn process_key(&self) -> &'static str {
+        self.process.map_or("direct", Process::key)
+    }
+
+    /// Hands one record to the observers and the recorder.
+    fn hand_over(&self, record: RequestRecord) -> Receipt {
+        let mut record = record.with_catalog_version(self.catalog_version);
+        record.trace_id.clone_from(&self.trace_id);
+        for observer in &self.shared.observers {
+            observer.on_record(&record);
+        }
+        self.shared.recorder.record(record)
+    }
+
+    /// Hands every record of the route not handed over yet to the observers and the recorder.
+    /// The returned id is the last record's (the request's outcome); the receipt resolves once
+    /// all of the route's records are durable.
     fn record(&self, outcome: &RouteOutcome) -> Recorded {
         let records = records_of(outcome, &self.ctx, self.process);
         let id = records
             .last()
             .map(|r| r.request_id.clone())
             .unwrap_or_default();
-        let mut receipts = Vec::with_capacity(records.len());
-        for record in records {
-            let mut record = record.with_catalog_version(self.catalog_version);
-            record.trace_id.clone_from(&self.trace_id);
-            for observer in &self.shared.observers {
-                observer.on_record(&record);
-            }
-            receipts.push(self.shared.recorder.record(record));
+        let early = std::mem::take(&mut *self.early.lock().unwrap_or_else(PoisonError::into_inner));
+        // Only `retried` records go early, and the route's last record never is one.
+        let skip = early.records.min(records.len().saturating_sub(1));
+        let mut receipts = early.receipts;
+        receipts.reserve(records.len() - skip);
+        for record in records.into_iter().skip(skip) {
+            receipts.push(self.hand_over(record));
         }
         Recorded {
             id,
             receipt: Receipt::all(receipts),
         }
+    }
+
+    /// Records, as `retried`, the calls before the one starting that are not recorded yet: the
+    /// route went on from them, so their outcome is final now, and a process that stops later
+    /// must not turn them into `interrupted`.
+    fn record_earlier(&self, earlier: &[AttemptRecord]) {
+        let mut early = self.early.lock().unwrap_or_else(PoisonError::into_inner);
+        let calls: Vec<&AttemptRecord> = earlier.iter().filter(|a| made_call(a)).collect();
+        if calls.len() <= early.records {
+            return;
+        }
+        let primary = earlier.first().map(|a| a.model.as_str());
+        for (i, attempt) in calls.iter().enumerate().skip(early.records) {
+            let record = retried_record(
+                &self.ctx,
+                self.process_key(),
+                attempt,
+                i as u32 + 1,
+                primary,
+            );
+            let receipt = self.hand_over(record);
+            early.receipts.push(receipt);
+        }
+        early.records = calls.len();
+    }
+
+    /// The record a call leaves should its process stop before the call's own record is
+    /// written: `interrupted`, same id, dated from the request's first call like the request's
+    /// last record, with context and catalog version filled in.
+    fn interrupted(
+        &self,
+        mut rec: RequestRecord,
+        record_id: &str,
+        request_started_at: SystemTime,
+        call: u32,
+        why: &str,
+    ) -> RequestRecord {
+        record_id.clone_into(&mut rec.request_id);
+        if let Some(ms) = unix_ms(request_started_at) {
+            rec.timestamp_ms = ms;
+        }
+        rec.attempt = call;
+        rec.attempts = call;
+        rec.with_catalog_version(self.catalog_version)
+            .interrupted(why)
     }
 }
 
@@ -229,6 +326,77 @@ impl RouteObserver for Books {
             "recorded a call its caller abandoned");
         // Nobody is left to tell; the recorder commits the record all the same.
         drop(recorded.receipt);
+    }
+
+    fn on_call_start(&self, call: &CallStart<'_>) {
+        self.record_earlier(call.earlier);
+        let primary = call
+            .earlier
+            .first()
+            .map_or(call.model, |a| a.model.as_str());
+        self.early
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .primary
+            .get_or_insert_with(|| primary.to_owned());
+        let prompt = Usage {
+            input: call.prompt_tokens,
+            ..Usage::default()
+        };
+        let rec = base_record(
+            &self.ctx,
+            self.process_key(),
+            call.provider.as_str(),
+            call.model,
+        )
+        .with_usage(&prompt)
+        .with_cost(cost(&prompt, call.pricing))
+        .with_cost_estimated(true)
+        .with_attempts(call.call, primary != call.model);
+        let record = self.interrupted(
+            rec,
+            call.record_id,
+            call.request_started_at,
+            call.call,
+            "the process stopped while this call was in flight: the prompt is billed as estimated from its length, the output as none",
+        );
+        self.shared.recorder.record_intent(CallIntent {
+            record,
+            call_started_ms: unix_ms(call.started_at).unwrap_or_default(),
+        });
+    }
+
+    fn on_call_failed(&self, attempt: &AttemptRecord, call: u32, request_started_at: SystemTime) {
+        let error = attempt.error.as_ref().map_or_else(
+            || "ended without an error".to_owned(),
+            |e| format!("{}: {e}", e.kind()),
+        );
+        let primary = self
+            .early
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .primary
+            .clone();
+        let rec = retried_record(
+            &self.ctx,
+            self.process_key(),
+            attempt,
+            call,
+            primary.as_deref(),
+        );
+        let record = self.interrupted(
+            rec,
+            &attempt.record_id,
+            request_started_at,
+            call,
+            &format!(
+                "the process stopped after this call failed ({error}) and before its request went on"
+            ),
+        );
+        self.shared.recorder.record_intent(CallIntent {
+            record,
+            call_started_ms: unix_ms(attempt.started_at).unwrap_or_default(),
+        });
     }
 }
 
@@ -272,74 +440,47 @@ impl Stream for CallStream {
 }
 
 /// The one mapping from a routed call's outcome to its records: one per attempt that reached a
-/// model, in order, each with that call's own provider, model, usage and cost. Earlier attempts
-/// are `retried` (with their error); the last one carries the route's status and, for the
-/// caller's view, the route's timing (from the request's start, waits and earlier attempts
-/// included). A route that never reached a model (every model skipped by an open circuit or a
-/// spent local budget) still gets one `failed` record, with no usage, so the failure is seen.
+/// model, in order, each with that call's own provider, model, usage and cost, and the id drawn
+/// when the call started. Earlier attempts are `retried` (with their error, and their own
+/// position as `attempts`: that is what the request had made when its next call started and
+/// they were recorded); the last one carries the route's status and, for the caller's view, the
+/// route's timing (from the request's start, waits and earlier attempts included). A route that
+/// never reached a model (every model skipped by an open circuit or a spent local budget) still
+/// gets one `failed` record, with no usage, so the failure is seen.
 pub fn records_of(
     outcome: &RouteOutcome,
     ctx: &CallContext,
     process: Option<Process>,
 ) -> Vec<RequestRecord> {
     let process_key = process.map_or("direct", Process::key);
-    let calls: Vec<&AttemptRecord> = outcome
-        .attempts
-        .iter()
-        .filter(|a| !a.error.as_ref().is_some_and(AttemptError::made_no_call))
-        .collect();
+    let calls: Vec<&AttemptRecord> = outcome.attempts.iter().filter(|a| made_call(a)).collect();
     let primary = outcome.attempts.first().map(|a| a.model.as_str());
     let total = calls.len() as u32;
-    let base = |provider: &str, model: &str, started_at: SystemTime| {
-        let mut rec = RequestRecord::new(&ctx.caller, process_key, provider, model);
-        if let Ok(since) = started_at.duration_since(UNIX_EPOCH)
-            && started_at <= SystemTime::now()
-        {
-            rec = rec.with_timestamp_ms(since.as_millis() as u64);
-        }
-        rec.correlation_id.clone_from(&ctx.correlation_id);
-        rec.run_id.clone_from(&ctx.run_id);
-        rec.stage = ctx.stage.map(|s| s.key().to_owned());
-        rec.session_id.clone_from(&ctx.session_id);
-        rec.attempts = total;
-        rec
-    };
     let Some((last, earlier)) = calls.split_last() else {
         let (provider, model, started_at) = match outcome.attempts.last() {
             Some(a) => (a.provider.as_str(), a.model.as_str(), a.started_at),
             None => ("none", "none", SystemTime::now()),
         };
-        let mut rec = base(provider, model, started_at)
+        let mut rec = base_record(ctx, process_key, provider, model)
             .with_latency(outcome.latency.as_millis() as u64, None)
             .with_attempts(0, primary.is_some_and(|p| p != model));
+        if let Some(ms) = unix_ms(started_at) {
+            rec = rec.with_timestamp_ms(ms);
+        }
         rec.attempt = 0;
         return vec![final_status(rec, outcome)];
     };
     let mut records = Vec::with_capacity(calls.len());
     for (i, attempt) in earlier.iter().enumerate() {
-        let mut rec = base(
-            attempt.provider.as_str(),
-            &attempt.model,
-            attempt.started_at,
-        )
-        .with_usage(&attempt.usage)
-        .with_cost(attempt.cost)
-        .with_cost_estimated(attempt.usage_estimated)
-        .with_latency(
-            attempt.latency.as_millis() as u64,
-            attempt.ttft.map(|t| t.as_millis() as u64),
-        )
-        .with_attempts(total, primary.is_some_and(|p| p != attempt.model));
-        rec.attempt = i as u32 + 1;
-        records.push(match &attempt.error {
-            Some(e) => rec.retried(e.kind(), &e.to_string()),
-            None => rec.retried("retried", "the attempt ended without an error"),
-        });
+        records.push(retried_record(
+            ctx,
+            process_key,
+            attempt,
+            i as u32 + 1,
+            primary,
+        ));
     }
-    let mut rec = base(last.provider.as_str(), &last.model, last.started_at)
-        .with_usage(&last.usage)
-        .with_cost(last.cost)
-        .with_cost_estimated(last.usage_estimated)
+    let mut rec = call_record(ctx, process_key, last, primary)
         .with_latency(
             outcome.latency.as_millis() as u64,
             outcome.ttft.map(|t| t.as_millis() as u64),
@@ -348,14 +489,78 @@ pub fn records_of(
     rec.attempt = total;
     rec.unterminated = last.unterminated;
     // A request that started on an earlier model's clock: date it from its first call.
-    if let Some(first) = calls.first()
-        && let Ok(since) = first.started_at.duration_since(UNIX_EPOCH)
-        && first.started_at <= SystemTime::now()
-    {
-        rec = rec.with_timestamp_ms(since.as_millis() as u64);
+    if let Some(ms) = calls.first().and_then(|first| unix_ms(first.started_at)) {
+        rec = rec.with_timestamp_ms(ms);
     }
     records.push(final_status(rec, outcome));
     records
+}
+
+/// Whether an attempt reached a model (a skipped model made no call).
+fn made_call(attempt: &AttemptRecord) -> bool {
+    !attempt
+        .error
+        .as_ref()
+        .is_some_and(AttemptError::made_no_call)
+}
+
+/// Unix milliseconds of a start time, unless it is before the epoch or in the future (a paused
+/// test clock): such records keep the time they were made.
+fn unix_ms(at: SystemTime) -> Option<u64> {
+    let since = at.duration_since(UNIX_EPOCH).ok()?;
+    (at <= SystemTime::now()).then_some(since.as_millis() as u64)
+}
+
+/// A record of `ctx`'s call to `model`, with no usage yet, stamped now.
+fn base_record(ctx: &CallContext, process_key: &str, provider: &str, model: &str) -> RequestRecord {
+    let mut rec = RequestRecord::new(&ctx.caller, process_key, provider, model);
+    rec.correlation_id.clone_from(&ctx.correlation_id);
+    rec.run_id.clone_from(&ctx.run_id);
+    rec.stage = ctx.stage.map(|s| s.key().to_owned());
+    rec.session_id.clone_from(&ctx.session_id);
+    rec
+}
+
+/// One call's record with its own id, start, usage and cost; timing, position and status are
+/// the caller's to set.
+fn call_record(
+    ctx: &CallContext,
+    process_key: &str,
+    attempt: &AttemptRecord,
+    primary: Option<&str>,
+) -> RequestRecord {
+    let mut rec = base_record(ctx, process_key, attempt.provider.as_str(), &attempt.model)
+        .with_usage(&attempt.usage)
+        .with_cost(attempt.cost)
+        .with_cost_estimated(attempt.usage_estimated)
+        .with_attempts(0, primary.is_some_and(|p| p != attempt.model));
+    if !attempt.record_id.is_empty() {
+        rec.request_id.clone_from(&attempt.record_id);
+    }
+    if let Some(ms) = unix_ms(attempt.started_at) {
+        rec = rec.with_timestamp_ms(ms);
+    }
+    rec
+}
+
+/// The record of a call its request went on from: its own timing, `call`-th of the request.
+fn retried_record(
+    ctx: &CallContext,
+    process_key: &str,
+    attempt: &AttemptRecord,
+    call: u32,
+    primary: Option<&str>,
+) -> RequestRecord {
+    let mut rec = call_record(ctx, process_key, attempt, primary).with_latency(
+        attempt.latency.as_millis() as u64,
+        attempt.ttft.map(|t| t.as_millis() as u64),
+    );
+    rec.attempts = call;
+    rec.attempt = call;
+    match &attempt.error {
+        Some(e) => rec.retried(e.kind(), &e.to_string()),
+        None => rec.retried("retried", "the attempt ended without an error"),
+    }
 }
 
 /// The route's status on its last record. A failed call's error kind is the last attempt's
@@ -386,6 +591,7 @@ mod tests {
 
     fn attempt(model: &str, error: Option<AttemptError>, input: u64, cost: u64) -> AttemptRecord {
         AttemptRecord {
+            record_id: format!("id-{model}"),
             provider: ProviderKind::OpenAi,
             model: model.into(),
             started_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_000),
@@ -511,7 +717,16 @@ mod tests {
         assert_eq!(last.cost_pico_usd, 700);
         assert!(last.fallback_used);
         assert_eq!((first.attempt, last.attempt), (1, 2));
-        assert!(records.iter().all(|r| r.attempts == 2));
+        assert_eq!(
+            (first.attempts, last.attempts),
+            (1, 2),
+            "a retried record counts the calls made when it was recorded"
+        );
+        assert_eq!(
+            (first.request_id.as_str(), last.request_id.as_str()),
+            ("id-primary", "id-fallback"),
+            "each record has the id its call drew"
+        );
         assert!(
             records
                 .iter()

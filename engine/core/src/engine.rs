@@ -13,14 +13,21 @@ use futures::Stream;
 use futures::future::BoxFuture;
 
 use crate::agent_run::{AgentEvent, SessionWrites, run_agent};
+use crate::budgets::{BudgetDenied, BudgetView, Budgets, worst_case_cost};
 use crate::call::{CallContext, CallStream, Calls};
 use crate::catalog::{Catalog, CatalogError, fit};
-use crate::limits::{Allowance, CallerLimited, CallerLimits, ProviderRates, Rate};
+use crate::cost::Cost;
+use crate::limits::{
+    Allowance, CallerLimited, CallerLimits, LimitsWhenDown, ProviderRates, Rate, SharedRates,
+};
 use crate::pipeline::{PipelineEvent, PipelineInput, run_pipeline};
 use crate::provider::anthropic::AnthropicProvider;
 use crate::provider::anthropic_version::AnthropicVersion;
 use crate::provider::openai::OpenAiProvider;
-use crate::provider::{ApiKey, ProviderConfig, ProviderInitError, SharedProvider};
+use crate::provider::{
+    ApiKey, ChatMessage, ChatRequest, ProviderConfig, ProviderInitError, ResponseSchema,
+    SharedProvider,
+};
 use crate::record::{CallObserver, Recorder, ShutdownReport};
 use crate::router::{
     CallTarget, CircuitState, Providers, RouteError, RouteOptions, RouteRequest, Router,
@@ -124,6 +131,8 @@ struct Inner {
     /// Serialises catalog swaps (the check and the swap are one step); calls never take it.
     swapping: Mutex<()>,
     caller_limits: Option<CallerLimits>,
+    /// Where caller limits (and provider budgets) are kept when replicas share them.
+    shared_rates: Option<(Arc<dyn SharedRates>, LimitsWhenDown)>,
     providers_description: String,
     simulator: Mutex<Option<Box<dyn Simulator>>>,
 }
@@ -252,16 +261,122 @@ impl Engine {
     }
 
     /// Takes one request from `caller`'s limit on `endpoint`; always allowed when the engine was
-    /// built without caller limits.
-    pub fn check_caller(&self, caller: &str, endpoint: &str) -> Result<Allowance, CallerLimited> {
-        match &self.inner.caller_limits {
-            Some(limits) => limits.check(caller, endpoint),
-            None => Ok(Allowance {
-                limit: u32::MAX,
-                remaining: u32::MAX,
-                reset: Duration::ZERO,
+    /// built without caller limits. With a shared store, the limit holds across every replica
+    /// using it; while that store is unreachable the limit fails open or closed as configured.
+    pub async fn check_caller(
+        &self,
+        caller: &str,
+        endpoint: &str,
+    ) -> Result<Allowance, CallerLimited> {
+        let unlimited = Allowance {
+            limit: u32::MAX,
+            remaining: u32::MAX,
+            reset: Duration::ZERO,
+        };
+        let Some(limits) = &self.inner.caller_limits else {
+            return Ok(unlimited);
+        };
+        let Some((store, when_down)) = &self.inner.shared_rates else {
+            return limits.check(caller, endpoint);
+        };
+        let rate = limits.rate();
+        match store.check_caller(caller, endpoint, rate).await {
+            Ok(answer) => answer,
+            Err(_) if *when_down == LimitsWhenDown::Open => Ok(unlimited),
+            Err(_) => Err(CallerLimited {
+                caller: caller.to_owned(),
+                endpoint: endpoint.to_owned(),
+                limit: rate.per_period.get(),
+                burst: rate.burst.get(),
+                period: rate.period,
+                retry_after: Duration::from_secs(1),
             }),
         }
+    }
+
+    /// Rate-limit checks the shared store could not answer (0 without one).
+    pub fn shared_limit_failures(&self) -> u64 {
+        self.inner
+            .shared_rates
+            .as_ref()
+            .map_or(0, |(store, _)| store.failures())
+    }
+
+    /// Where limits are kept, for start-up banners.
+    pub fn limits_description(&self) -> String {
+        match &self.inner.shared_rates {
+            Some((store, _)) => format!("shared by every replica: {}", store.describe()),
+            None => "per process (each replica enforces its own)".to_owned(),
+        }
+    }
+
+    /// The dollar budgets every call spends from (`None` when the engine was built without).
+    pub fn budgets(&self) -> Option<&Arc<Budgets>> {
+        self.inner.calls.budgets()
+    }
+
+    /// Whether `ctx`'s budgets have room for a first call costing up to `worst_case`, without
+    /// reserving: routes ask before they open a stream, so a caller over budget is refused
+    /// before any call. Each attempt's own reservation is what holds the limit. Without budgets,
+    /// always room (and no views).
+    pub async fn check_budget(
+        &self,
+        ctx: &CallContext,
+        worst_case: Cost,
+    ) -> Result<Vec<BudgetView>, BudgetDenied> {
+        match self.budgets() {
+            Some(budgets) => {
+                budgets
+                    .check(&ctx.caller, ctx.run_id.as_deref(), worst_case)
+                    .await
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The most the first call to `target` with `request` can cost (its primary model's worst
+    /// case; see [`worst_case_cost`]); `None` for an unknown model.
+    pub fn worst_case(&self, target: &CallTarget, request: &RouteRequest) -> Option<Cost> {
+        let catalog = self.catalog();
+        let (spec, default_max) = match target {
+            CallTarget::Process(process) => {
+                let route = catalog.route(*process);
+                (
+                    catalog.model(&route.primary)?,
+                    Some(route.max_output_tokens),
+                )
+            }
+            CallTarget::Model(id) => (catalog.model(id)?, None),
+        };
+        let wanted = request
+            .max_output_tokens
+            .or(default_max)
+            .unwrap_or(spec.max_output_tokens);
+        let chat = ChatRequest {
+            model: spec.id.clone(),
+            system: request.system.clone(),
+            messages: request.messages.clone(),
+            max_output_tokens: wanted.clamp(1, spec.max_output_tokens),
+            temperature: request.temperature,
+            response_schema: request.response_schema.clone(),
+        };
+        Some(worst_case_cost(&chat, &spec.pricing))
+    }
+
+    /// The most an agent's first call on `input` can cost; `None` when the input does not render.
+    pub fn agent_worst_case(&self, process: Process, input: &serde_json::Value) -> Option<Cost> {
+        let prompt = agents::render(process, input).ok()?;
+        let request = RouteRequest {
+            system: Some(prompt.system),
+            messages: vec![ChatMessage::user(prompt.user)],
+            response_schema: Some(ResponseSchema {
+                name: agents::schema_name(process).to_owned(),
+                schema: agents::output_schema(process).clone(),
+            }),
+            max_output_tokens: None,
+            temperature: None,
+        };
+        self.worst_case(&CallTarget::Process(process), &request)
     }
 
     /// Which providers are in use, for start-up banners.
@@ -312,6 +427,8 @@ pub struct EngineBuilder {
     caller_rate: Option<Rate>,
     recorder: Option<Arc<dyn Recorder>>,
     observers: Vec<Arc<dyn CallObserver>>,
+    budgets: Option<Arc<Budgets>>,
+    shared_rates: Option<(Arc<dyn SharedRates>, LimitsWhenDown)>,
 }
 
 impl Default for EngineBuilder {
@@ -330,6 +447,8 @@ impl Default for EngineBuilder {
             caller_rate: None,
             recorder: None,
             observers: Vec::new(),
+            budgets: None,
+            shared_rates: None,
         }
     }
 }
@@ -440,6 +559,19 @@ impl EngineBuilder {
         self
     }
 
+    /// Dollar budgets every model call reserves from before it is made (default: none).
+    pub fn budgets(mut self, budgets: Budgets) -> Self {
+        self.budgets = Some(Arc::new(budgets));
+        self
+    }
+
+    /// Keeps caller limits and provider budgets in `store` (shared by replicas) instead of in
+    /// this process; `when_down` says what they do while it cannot be reached.
+    pub fn shared_limits(mut self, store: Arc<dyn SharedRates>, when_down: LimitsWhenDown) -> Self {
+        self.shared_rates = Some((store, when_down));
+        self
+    }
+
     /// Where call records and session messages go. Required.
     pub fn recorder(mut self, recorder: Arc<dyn Recorder>) -> Self {
         self.recorder = Some(recorder);
@@ -509,12 +641,14 @@ impl EngineBuilder {
             ),
             None => described.join(", "),
         };
-        let router = Router::new(catalog, providers, self.router);
+        let router =
+            Router::with_shared_rates(catalog, providers, self.router, self.shared_rates.clone());
         Ok(Engine {
             inner: Arc::new(Inner {
-                calls: Calls::new(router, recorder, self.observers),
+                calls: Calls::new(router, recorder, self.observers, self.budgets),
                 swapping: Mutex::new(()),
                 caller_limits: self.caller_rate.map(CallerLimits::new),
+                shared_rates: self.shared_rates,
                 providers_description,
                 simulator: Mutex::new(self.simulator),
             }),

@@ -13,6 +13,7 @@
 pub mod agent_run;
 #[doc(hidden)]
 pub mod bench_support;
+pub mod budgets;
 pub mod call;
 pub mod catalog;
 pub mod clock;
@@ -44,8 +45,8 @@ pub use engine::{
 };
 pub use pipeline::{PipelineEvent, PipelineInput, RunRollup, StageRollup};
 pub use record::{
-    CallObserver, Receipt, RecordError, Recorded, Recorder, RequestRecord, RequestStatus,
-    SessionMessage, ShutdownReport,
+    CallIntent, CallObserver, Receipt, RecordError, Recorded, Recorder, RequestRecord,
+    RequestStatus, SessionMessage, ShutdownReport,
 };
 pub use router::{CallTarget, RouteOptions, RouteRequest};
 pub use stream::{ProviderKind, Usage};

@@ -18,6 +18,7 @@ use std::ops::Add;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use governor::clock::{Clock, Reference};
 use governor::middleware::{StateInformationMiddleware, StateSnapshot};
 use governor::nanos::Nanos;
@@ -348,6 +349,157 @@ impl Drop for Reservation {
         if !self.settled {
             self.budget.settle(self.reserved, self.reserved);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits shared across replicas
+
+/// Why a shared limit store could not answer (unreachable, or slower than its timeout).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the shared limit store is unavailable: {0}")]
+pub struct LimitsUnavailable(pub String);
+
+/// Caller limits and provider budgets kept outside this process, so every replica that shares
+/// the store enforces one limit (Redis, in `keyvex-store`). Each check is one atomic step.
+pub trait SharedRates: Send + Sync + 'static {
+    /// Takes one request from `caller`'s limit on `endpoint`.
+    fn check_caller<'a>(
+        &'a self,
+        caller: &'a str,
+        endpoint: &'a str,
+        rate: Rate,
+    ) -> BoxFuture<'a, Result<Result<Allowance, CallerLimited>, LimitsUnavailable>>;
+    /// Reserves one request and `tokens` tokens of `provider`'s per-minute budgets.
+    fn reserve_provider(
+        &self,
+        provider: ProviderKind,
+        rates: ProviderRates,
+        tokens: u64,
+    ) -> BoxFuture<'_, Result<Result<(), BudgetExceeded>, LimitsUnavailable>>;
+    /// Gives back (or charges) the difference between `reserved` and `used` tokens. Never blocks
+    /// the caller: a store doing I/O queues it.
+    fn settle_provider(
+        &self,
+        provider: ProviderKind,
+        rates: ProviderRates,
+        reserved: u64,
+        used: u64,
+    );
+    /// One line for start-up banners.
+    fn describe(&self) -> String;
+    /// Checks the store could not answer, since start.
+    fn failures(&self) -> u64;
+}
+
+/// Tokens reserved in a shared store for one call; settled like [`Reservation`]. Dropped
+/// unsettled, it keeps the estimate charged.
+pub struct SharedReservation {
+    store: Arc<dyn SharedRates>,
+    provider: ProviderKind,
+    rates: ProviderRates,
+    reserved: u64,
+}
+
+impl fmt::Debug for SharedReservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedReservation")
+            .field("provider", &self.provider)
+            .field("reserved", &self.reserved)
+            .finish()
+    }
+}
+
+impl SharedReservation {
+    pub fn settle(self, used: u64) {
+        self.store
+            .settle_provider(self.provider, self.rates, self.reserved, used);
+    }
+}
+
+/// Reserves `tokens` of `provider`'s budget in `store`, deciding by `when_down` if it cannot be
+/// asked: `Ok(None)` lets the call through unreserved.
+pub async fn reserve_shared(
+    store: &Arc<dyn SharedRates>,
+    when_down: LimitsWhenDown,
+    provider: ProviderKind,
+    rates: ProviderRates,
+    tokens: u64,
+) -> Result<Option<SharedReservation>, BudgetExceeded> {
+    match store.reserve_provider(provider, rates, tokens).await {
+        Ok(Ok(())) => Ok(Some(SharedReservation {
+            store: Arc::clone(store),
+            provider,
+            rates,
+            reserved: tokens,
+        })),
+        Ok(Err(exceeded)) => Err(exceeded),
+        Err(_) if when_down == LimitsWhenDown::Open => Ok(None),
+        Err(_) => Err(BudgetExceeded {
+            which: "limit store unavailable",
+            retry_after: Duration::from_secs(1),
+        }),
+    }
+}
+
+/// A provider-budget reservation, local or shared.
+#[derive(Debug)]
+pub enum ProviderHold {
+    Local(Reservation),
+    Shared(SharedReservation),
+}
+
+impl ProviderHold {
+    pub fn settle(self, used: u64) {
+        match self {
+            ProviderHold::Local(r) => r.settle(used),
+            ProviderHold::Shared(r) => r.settle(used),
+        }
+    }
+}
+
+/// What to do with a rate limit while its shared store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LimitsWhenDown {
+    /// Let requests through (the default: a limit is protection, not billing).
+    #[default]
+    Open,
+    /// Refuse them.
+    Closed,
+}
+
+/// Tells when a shared store stops and starts answering: logged once per episode, every failure
+/// counted.
+#[derive(Debug, Default)]
+pub struct Outage {
+    down: std::sync::atomic::AtomicBool,
+    failures: std::sync::atomic::AtomicU64,
+}
+
+impl Outage {
+    /// A failure: counted, and logged when it starts an episode.
+    pub fn failed(&self, what: &str, error: &str, consequence: &str) {
+        use std::sync::atomic::Ordering;
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::error!(%error, "{what} unavailable: {consequence} until it answers");
+        }
+    }
+
+    /// An answer: ends an episode, logging that it did.
+    pub fn answered(&self, what: &str) {
+        use std::sync::atomic::Ordering;
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::warn!("{what} answers again");
+        }
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -29,6 +29,11 @@ pub enum RequestStatus {
     /// This call failed and its request went on to another call (a retry or the fallback):
     /// billed here, but the request's outcome is in its last record.
     Retried,
+    /// The process stopped (a crash, `kill -9`, a lost machine) while this call was in flight,
+    /// so its own record was never written: written later from the call's [`CallIntent`], with
+    /// the prompt billed as estimated and the output as nothing (`costEstimated`). A request's
+    /// last record, counted as a failed request.
+    Interrupted,
 }
 
 impl RequestStatus {
@@ -38,6 +43,7 @@ impl RequestStatus {
             RequestStatus::Failed => "failed",
             RequestStatus::Cancelled => "cancelled",
             RequestStatus::Retried => "retried",
+            RequestStatus::Interrupted => "interrupted",
         }
     }
 
@@ -45,6 +51,12 @@ impl RequestStatus {
     /// these counts requests, and their statuses are the requests' outcomes.
     pub fn is_final(self) -> bool {
         self != RequestStatus::Retried
+    }
+
+    /// Whether the request failed: `failed`, or `interrupted` (its process stopped under it).
+    /// Cancelled requests are not failures: their caller went away.
+    pub fn is_failure(self) -> bool {
+        matches!(self, RequestStatus::Failed | RequestStatus::Interrupted)
     }
 }
 
@@ -88,8 +100,10 @@ pub struct RequestRecord {
     pub fallback_used: bool,
     /// True when usage was estimated with the tokenizer (stream cut before the provider reported it).
     pub cost_estimated: bool,
-    /// Calls its request made (each has its own record; 0 when every model was skipped without
-    /// a call, which still leaves this one failed record).
+    /// Calls its request had made when this record was written: on a request's last record the
+    /// total (each call has its own record; 0 when every model was skipped without a call, which
+    /// still leaves this one failed record); on a `retried` record, written when the next call
+    /// starts, its own position.
     pub attempts: u32,
     /// This call's 1-based position among them (0 for a request that made no call).
     #[serde(default = "first_attempt")]
@@ -199,6 +213,15 @@ impl RequestRecord {
         self.success = false;
         self.status = RequestStatus::Retried;
         self.error_kind = Some(kind.to_owned());
+        self.error = Some(error.to_owned());
+        self
+    }
+
+    /// This call's process stopped while it was in flight (see [`RequestStatus::Interrupted`]).
+    pub fn interrupted(mut self, error: &str) -> Self {
+        self.success = false;
+        self.status = RequestStatus::Interrupted;
+        self.error_kind = Some("interrupted".to_owned());
         self.error = Some(error.to_owned());
         self
     }
@@ -444,6 +467,24 @@ pub struct ShutdownReport {
     pub deadline_hit: bool,
 }
 
+/// A model call at its start, before its outcome is known: what a recorder keeps so that a call
+/// whose process stops before the call's own record is written is still recorded.
+///
+/// `record` is the record to write in that case: status `interrupted`, the same `requestId` the
+/// call's own record will have (so the two are one entry, and whichever is written last of the
+/// same id never doubles it), dated like that record would be (from its request's first call),
+/// with the prompt billed as estimated and no output (`costEstimated`). A call that fails while
+/// its request goes on is handed over again with what it really used and cost, still as
+/// `interrupted`: should the process stop before the next call, that is what it cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallIntent {
+    pub record: RequestRecord,
+    /// Unix milliseconds of this call's own start (a `retried` record is dated from it, the
+    /// request's last record from the request's first call).
+    pub call_started_ms: u64,
+}
+
 /// Where the engine hands every call record and session message. `record` and
 /// `record_message` are called on the request path (and from `Drop` when a caller abandons a
 /// stream): they must not block or await I/O — queue the entry and resolve the receipt later.
@@ -453,6 +494,16 @@ pub trait Recorder: Send + Sync + 'static {
 
     /// Takes one session message.
     fn record_message(&self, message: SessionMessage) -> Receipt;
+
+    /// Takes the intent of a model call about to be sent (and again, updated, when it failed and
+    /// its request goes on). Called on the request path before the call goes out: queue it,
+    /// never wait for it. The engine hands a call's intents over before the call's record, on
+    /// the same task; a recorder that keeps intents must keep that order, and treat the record
+    /// as the end of the intent with the same id. Recorders that cannot outlive their process
+    /// (in memory, printing) have nothing to recover and keep the default, which drops it.
+    fn record_intent(&self, intent: CallIntent) {
+        let _ = intent;
+    }
 
     /// Makes everything accepted durable (and shipped, if the recorder ships) before `deadline`,
     /// then refuses new entries. Called once, by [`crate::Engine::shutdown`].

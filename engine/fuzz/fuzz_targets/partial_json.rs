@@ -21,9 +21,14 @@ fuzz_target!(|data: &[u8]| {
     whole.push(text);
 
     let mut pieces = PartialJson::new();
+    // `cut` is where the byte split put this piece's end; `at` is where the last delta ended after
+    // rounding up to a character boundary. Rounding from `cut` (at most the text's length, which is
+    // a boundary) ends; rounding from `at + piece.len()` could run past the end and never stop.
     let mut at = 0;
+    let mut cut = 0;
     for piece in split(text.as_bytes(), u64::from(header[1]), max_piece) {
-        let mut end = at + piece.len();
+        cut += piece.len();
+        let mut end = cut.min(text.len());
         while !text.is_char_boundary(end) {
             end += 1;
         }

@@ -62,6 +62,14 @@ impl ApiKeys {
         self.entries.is_empty()
     }
 
+    /// Every configured caller, once each, sorted.
+    pub fn callers(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.entries.iter().map(|e| e.caller.id.clone()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     /// The caller a key belongs to. Every entry is compared, match or not.
     pub fn lookup(&self, key: &str) -> Option<Caller> {
         let presented = digest(key);

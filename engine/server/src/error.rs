@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::queue::QueueError;
+use keyvex_engine::budgets::{BudgetDenied, BudgetRefusal, rfc3339};
 use keyvex_engine::limits::CallerLimited;
 use keyvex_store::admin::AdminError;
 
@@ -41,6 +42,10 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("{0}")]
     RateLimited(CallerLimited),
+    /// A dollar budget has no room for the request's first call (429), or cannot be checked
+    /// while budgets fail closed (503).
+    #[error("{0}")]
+    Budget(BudgetDenied),
     /// Every model the request could use failed before producing content.
     #[error("{message}")]
     Upstream {
@@ -79,6 +84,28 @@ pub struct ErrorObject<'a> {
     pub kind: &'a str,
     pub param: Option<String>,
     pub code: Option<String>,
+    /// The budget that refused the request (`budget_exceeded` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<serde_json::Value>,
+}
+
+/// A refused budget as the API shows it: which budget, its window, spent, reserved, limit,
+/// what the call needed, and when it resets (`null` for a run budget, which never does).
+pub fn budget_json(refusal: &BudgetRefusal) -> serde_json::Value {
+    serde_json::json!({
+        "scope": refusal.scope.as_str(),
+        "subject": refusal.subject,
+        "window": refusal.window,
+        "spentUsd": refusal.spent.usd(),
+        "reservedUsd": refusal.reserved.usd(),
+        "limitUsd": refusal.limit.usd(),
+        "requestedUsd": refusal.requested.usd(),
+        "spentPicoUsd": refusal.spent.pico_usd(),
+        "reservedPicoUsd": refusal.reserved.pico_usd(),
+        "limitPicoUsd": refusal.limit.pico_usd(),
+        "requestedPicoUsd": refusal.requested.pico_usd(),
+        "resetsAt": refusal.resets_at.map(rfc3339),
+    })
 }
 
 impl ApiError {
@@ -92,6 +119,8 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Budget(BudgetDenied::Exceeded(_)) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Budget(BudgetDenied::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::ShuttingDown | ApiError::Unavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -112,6 +141,10 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => ("invalid_request_error", "payload_too_large"),
             ApiError::UnsupportedMediaType => ("invalid_request_error", "unsupported_media_type"),
             ApiError::RateLimited(_) => ("rate_limit_error", "rate_limit_exceeded"),
+            ApiError::Budget(BudgetDenied::Exceeded(_)) => ("rate_limit_error", "budget_exceeded"),
+            ApiError::Budget(BudgetDenied::Unavailable(_)) => {
+                ("server_error", "budget_unavailable")
+            }
             ApiError::Upstream { code, .. } => ("api_error", code),
             ApiError::ShuttingDown => ("server_error", "shutting_down"),
             ApiError::Unavailable { code, .. } => ("server_error", code),
@@ -134,6 +167,10 @@ impl ApiError {
             kind,
             param: self.param(),
             code: Some(code.to_owned()),
+            budget: match self {
+                ApiError::Budget(BudgetDenied::Exceeded(refusal)) => Some(budget_json(refusal)),
+                _ => None,
+            },
         }
     }
 
@@ -172,6 +209,10 @@ impl IntoResponse for ApiError {
                 Some(reset)
             }
             ApiError::Upstream { retry_after, .. } => *retry_after,
+            ApiError::Budget(BudgetDenied::Exceeded(refusal)) => {
+                refusal.retry_after(std::time::SystemTime::now())
+            }
+            ApiError::Budget(BudgetDenied::Unavailable(_)) => Some(Duration::from_secs(1)),
             ApiError::Unauthenticated(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 None

@@ -87,7 +87,7 @@ pub(crate) async fn rate_limit(
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         return ApiError::Internal("rate limit ran before authentication".into()).into_response();
     };
-    match state.engine().check_caller(&caller.id, &endpoint) {
+    match state.engine().check_caller(&caller.id, &endpoint).await {
         Ok(allowance) => {
             let mut response = next.run(req).await;
             let h = response.headers_mut();

@@ -81,6 +81,7 @@ fn admin_routes() -> axum::Router<AppState> {
         .merge(routes::health::admin_routes())
         .merge(routes::admin::admin_routes())
         .merge(routes::admin_models::admin_routes())
+        .merge(routes::budgets::admin_routes())
 }
 
 /// Builds the axum app: public health routes, authenticated API routes with per-caller limits,

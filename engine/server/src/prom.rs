@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use metrics::{counter, gauge, histogram, with_local_recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use keyvex_engine::budgets::{BudgetScope, BudgetView, Budgets};
 use keyvex_engine::record::{CallObserver, RequestRecord};
 use keyvex_store::MetricsHealth;
 
@@ -91,6 +92,43 @@ impl ServerMetrics {
         with_local_recorder(&self.recorder, || {
             counter!("keyvex_rate_limited_total", "scope" => "caller", "endpoint" => endpoint.to_owned())
                 .increment(1);
+        });
+    }
+
+    /// The budgets' figures, sampled at scrape time: refusals per scope, store failures, money
+    /// reserved and settled since start, the configured limits and the global day's spend.
+    pub fn budgets(&self, budgets: &Budgets, global: Option<&BudgetView>) {
+        let stats = budgets.stats();
+        let limits = budgets.limits();
+        with_local_recorder(&self.recorder, || {
+            for (scope, refused) in BudgetScope::ALL.iter().zip(stats.refused) {
+                counter!("keyvex_budget_refusals_total", "scope" => scope.as_str())
+                    .absolute(refused);
+            }
+            counter!("keyvex_budget_store_unavailable_total").absolute(stats.unavailable);
+            counter!("keyvex_budget_reserved_micro_usd_total").absolute(stats.reserved.micro_usd());
+            counter!("keyvex_budget_settled_micro_usd_total").absolute(stats.settled.micro_usd());
+            for (scope, limit) in [
+                (BudgetScope::CallerDaily, limits.caller_daily),
+                (BudgetScope::CallerMonthly, limits.caller_monthly),
+                (BudgetScope::Run, limits.run),
+                (BudgetScope::GlobalDaily, limits.global_daily),
+            ] {
+                if let Some(limit) = limit {
+                    gauge!("keyvex_budget_limit_usd", "scope" => scope.as_str()).set(limit.usd());
+                }
+            }
+            if let Some(global) = global {
+                gauge!("keyvex_budget_global_daily_spent_usd").set(global.state.spent.usd());
+                gauge!("keyvex_budget_global_daily_reserved_usd").set(global.state.reserved.usd());
+            }
+        });
+    }
+
+    /// Rate-limit checks the shared limit store (Redis) could not answer.
+    pub fn shared_limit_failures(&self, failures: u64) {
+        with_local_recorder(&self.recorder, || {
+            counter!("keyvex_shared_limits_unavailable_total").absolute(failures);
         });
     }
 
@@ -182,6 +220,13 @@ impl ServerMetrics {
                 counter!("keyvex_otel_spans_dropped_total", "reason" => "export_failed")
                     .absolute(spans.dropped_export_failed.load(Ordering::Relaxed));
             }
+            // Calls whose process stopped under them, recorded `interrupted` from their intents
+            // by this process (they never pass `on_record`, so `keyvex_calls_total` lacks them).
+            gauge!("keyvex_metrics_interrupted_recorded", "sink" => sink, "origin" => "ledger")
+                .set(health.recovered as f64);
+            gauge!("keyvex_metrics_interrupted_recorded", "sink" => sink, "origin" => "lost_replica")
+                .set(health.swept as f64);
+            gauge!("keyvex_metrics_intents", "sink" => sink).set(health.intents as f64);
         });
         self.handle.render()
     }

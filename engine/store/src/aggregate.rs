@@ -84,9 +84,14 @@ pub struct Aggregate {
     /// Calls that failed and whose request went on to another call (a quick retry or the
     /// fallback): not in `requests`, but in the tokens and cost, since they are billed.
     pub retried: u64,
-    /// Failed requests (cancelled ones are counted apart, they are not errors).
+    /// Failed requests, interrupted ones included (cancelled ones are counted apart, they are
+    /// not errors).
     pub errors: u64,
     pub cancelled: u64,
+    /// Requests whose process stopped while their last call was in flight (recorded from the
+    /// call's intent, cost estimated); part of `errors`, and left out of the latency and TTFT
+    /// percentiles, which they have no figure for.
+    pub interrupted: u64,
     pub error_rate: f64,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
@@ -117,6 +122,7 @@ impl Aggregate {
             retried: 0,
             errors: 0,
             cancelled: 0,
+            interrupted: 0,
             error_rate: 0.0,
             input_tokens: 0,
             cached_input_tokens: 0,
@@ -170,13 +176,17 @@ pub fn aggregate_by(
             continue;
         }
         a.requests += 1;
-        a.errors += u64::from(rec.status == RequestStatus::Failed);
+        a.errors += u64::from(rec.status.is_failure());
         a.cancelled += u64::from(rec.status == RequestStatus::Cancelled);
+        a.interrupted += u64::from(rec.status == RequestStatus::Interrupted);
         a.fallbacks += u64::from(rec.fallback_used);
         let request_micro = rec.cost().micro_usd();
         a.max_request_cost_micro_usd = a.max_request_cost_micro_usd.max(request_micro);
         if let Some(h) = acc.cost.as_mut() {
             record(h, request_micro);
+        }
+        if rec.status == RequestStatus::Interrupted {
+            continue;
         }
         if let Some(h) = acc.latency.as_mut() {
             record(h, rec.latency_ms);
@@ -263,6 +273,33 @@ mod tests {
         assert_eq!(aggregate(&recs, GroupBy::Hour)[0].key, "2025-11-25T00");
         assert_eq!(aggregate(&recs, GroupBy::User)[0].key, "u");
         assert_eq!(aggregate(&recs, GroupBy::Minute)[0].key, "2025-11-25T00:00");
+    }
+
+    #[test]
+    fn interrupted_requests_are_failures_without_a_latency() {
+        let ok = RequestRecord::new("u", "magicSpark", "openai", "m")
+            .with_latency(1_000, Some(100))
+            .with_cost(Cost::from_micro_usd(10));
+        let cut = RequestRecord::new("u", "magicSpark", "openai", "m")
+            .with_cost(Cost::from_micro_usd(4))
+            .with_cost_estimated(true)
+            .interrupted("the process stopped");
+        let retried = RequestRecord::new("u", "magicSpark", "openai", "m")
+            .with_cost(Cost::from_micro_usd(1))
+            .retried("overloaded", "529");
+        let a = &aggregate(&[ok, cut, retried], GroupBy::Process)[0];
+        assert_eq!(
+            (a.requests, a.errors, a.interrupted, a.retried),
+            (2, 1, 1, 1)
+        );
+        assert!((a.error_rate - 0.5).abs() < 1e-9);
+        assert_eq!(a.cost_micro_usd, 15, "an interrupted call is billed");
+        assert_eq!(
+            a.latency_ms.p50, 1_000,
+            "its unknown latency is not a 0 ms sample"
+        );
+        assert_eq!(a.cost_per_request_micro_usd.p50, 4);
+        assert_eq!(serde_json::to_value(a).unwrap()["interrupted"], 1);
     }
 
     #[test]

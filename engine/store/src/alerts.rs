@@ -149,7 +149,8 @@ impl Default for AlertConfig {
 
 struct Sample {
     end_ms: u64,
-    latency_ms: u64,
+    /// `None` for an interrupted request, whose latency nobody measured.
+    latency_ms: Option<u64>,
     failed: bool,
 }
 
@@ -162,6 +163,8 @@ pub(crate) struct AlertEvaluator {
     request_breach: bool,
     window: VecDeque<Sample>,
     latency_sum: u64,
+    /// Samples in the window with a latency.
+    timed: usize,
     failures: usize,
     latency_breach: bool,
     error_breach: bool,
@@ -177,6 +180,7 @@ impl AlertEvaluator {
             request_breach: false,
             window: VecDeque::new(),
             latency_sum: 0,
+            timed: 0,
             failures: 0,
             latency_breach: false,
             error_breach: false,
@@ -233,26 +237,30 @@ impl AlertEvaluator {
         if !rec.status.is_final() {
             return out;
         }
-        let failed = rec.status == RequestStatus::Failed;
+        // An interrupted request failed (its process stopped under it), but has no latency.
+        let failed = rec.status.is_failure();
+        let latency_ms = (rec.status != RequestStatus::Interrupted).then_some(rec.latency_ms);
         self.window.push_back(Sample {
             end_ms: end,
-            latency_ms: rec.latency_ms,
+            latency_ms,
             failed,
         });
-        self.latency_sum += rec.latency_ms;
+        self.latency_sum += latency_ms.unwrap_or(0);
+        self.timed += usize::from(latency_ms.is_some());
         self.failures += usize::from(failed);
         let window_ms = self.cfg.window.as_millis() as u64;
         while let Some(front) = self.window.front() {
             if front.end_ms.saturating_add(window_ms) > end {
                 break;
             }
-            self.latency_sum -= front.latency_ms;
+            self.latency_sum -= front.latency_ms.unwrap_or(0);
+            self.timed -= usize::from(front.latency_ms.is_some());
             self.failures -= usize::from(front.failed);
             self.window.pop_front();
         }
         let n = self.window.len();
         if n >= self.cfg.min_samples.max(1) {
-            let avg = self.latency_sum as f64 / n as f64;
+            let avg = self.latency_sum as f64 / self.timed.max(1) as f64;
             let latency_over = avg > self.cfg.avg_latency_ms as f64;
             if latency_over && !self.latency_breach {
                 out.push(self.alert(
@@ -411,5 +419,34 @@ mod tests {
             fired.extend(ev.observe(&rec(i * 2, 9_000, true, 0)));
         }
         assert_eq!(types(&fired), vec![AlertType::AvgLatency; 2]);
+    }
+
+    #[test]
+    fn interrupted_requests_count_as_errors_but_not_as_latency() {
+        let cfg = AlertConfig {
+            min_samples: 10,
+            window: Duration::from_secs(60),
+            ..AlertConfig::default()
+        };
+        let mut ev = AlertEvaluator::new(cfg);
+        let mut fired = Vec::new();
+        // Slow successes: average 9 s, over the 5 s threshold once there are 10 samples.
+        for i in 0..5 {
+            fired.extend(ev.observe(&rec(i, 9_000, true, 0)));
+        }
+        // Five interrupted requests (no latency, 0 in the record) must not pull the average
+        // under the threshold, and they are errors: 50 % over the 5 % threshold.
+        for i in 5..10 {
+            let cut = rec(i, 0, true, 0).interrupted("the process stopped");
+            fired.extend(ev.observe(&cut));
+        }
+        let mut got = types(&fired);
+        got.sort_by_key(|t| t.as_str());
+        assert_eq!(got, vec![AlertType::AvgLatency, AlertType::ErrorRate]);
+        let latency = fired
+            .iter()
+            .find(|a| a.alert_type == AlertType::AvgLatency)
+            .unwrap();
+        assert!((latency.observed - 9_000.0).abs() < 1e-9, "{latency:?}");
     }
 }

@@ -14,6 +14,14 @@ pub enum MetricsError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error(
+        "the owner locks of the metrics ledger in {path} could not be used: {source}; check that the ledger's directory is writable"
+    )]
+    Owner {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("metrics ledger write failed: {0}; the records stay queued and are retried")]
     Ledger(#[from] rusqlite::Error),
     #[error("metrics store: {0}")]

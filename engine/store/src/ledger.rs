@@ -1,7 +1,8 @@
 //! The local ledger: an outbox table in an embedded SQLite file that holds every accepted entry
-//! until a sink confirmed it, and a `dead_letters` table for entries the sink refused for good
-//! (kept with the error and the time until an operator requeues them; never deleted).
-//! Blocking (rusqlite); callers run it on the blocking pool.
+//! until a sink confirmed it, a `dead_letters` table for entries the sink refused for good
+//! (kept with the error and the time until an operator requeues them; never deleted), and the
+//! intents of the model calls in flight (`intents`). Blocking (rusqlite); callers run it on the
+//! blocking pool.
 //!
 //! Durability choice: WAL with `synchronous=FULL`. NORMAL+WAL already survives `kill -9` (the WAL
 //! append is in the OS cache), but can lose the last transactions on power loss; the receipt
@@ -9,7 +10,9 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+mod intents;
 
 use crate::entry::Entry;
 use crate::error::MetricsError;
@@ -120,6 +123,7 @@ impl Ledger {
              COMMIT;",
         )
         .map_err(open_err)?;
+        intents::create(&conn).map_err(open_err)?;
         Ok(Ledger { conn })
     }
 
@@ -127,6 +131,17 @@ impl Ledger {
     /// is already pending replaces the pending body instead).
     pub(crate) fn append(&mut self, entries: &[Entry], now_ms: u64) -> Result<u64, MetricsError> {
         let tx = self.conn.transaction()?;
+        let inserted = Ledger::append_in(&tx, entries, now_ms)?;
+        tx.commit()?;
+        Ok(inserted)
+    }
+
+    /// [`Ledger::append`] inside a transaction of the caller's.
+    fn append_in(
+        tx: &Transaction<'_>,
+        entries: &[Entry],
+        now_ms: u64,
+    ) -> Result<u64, MetricsError> {
         let mut inserted = 0;
         {
             let mut stmt = tx.prepare_cached(
@@ -145,7 +160,6 @@ impl Ledger {
                 }
             }
         }
-        tx.commit()?;
         Ok(inserted)
     }
 

@@ -23,6 +23,7 @@ pub mod entry;
 mod error;
 pub mod jobs;
 mod ledger;
+pub mod redis_limits;
 mod session_meta;
 pub mod sessions;
 pub mod sqlite;

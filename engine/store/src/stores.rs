@@ -16,7 +16,7 @@ use crate::error::MetricsError;
 use crate::jobs::{DynamoJobs, JobStore, SqliteJobs};
 use crate::sessions::SessionStore;
 use crate::sqlite::SqliteStore;
-use crate::tracker::{MetricsConfig, Tracker};
+use crate::tracker::{MetricsConfig, SharedIntents, Tracker};
 
 /// Where metrics, alerts, sessions and jobs are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +130,9 @@ impl Stores {
                     metrics: MetricsReader::sqlite(db.clone()),
                     sessions: SessionStore::sqlite(db),
                     catalogs: CatalogVersions::sqlite(catalogs),
+                    // The store is the ledger's own file: no other machine could record a lost
+                    // one's calls from it.
+                    intents: None,
                 };
                 Stores::start(parts, metrics, store.describe()).await
             }
@@ -163,8 +166,9 @@ impl Stores {
         let parts = Parts {
             sink: Arc::new(db.clone()),
             metrics: MetricsReader::dynamo(db.clone()),
-            sessions: SessionStore::dynamo(db),
+            sessions: SessionStore::dynamo(db.clone()),
             catalogs,
+            intents: Some(Arc::new(db)),
         };
         Stores::start(parts, metrics, format!("DynamoDB table {table}")).await
     }
@@ -175,7 +179,7 @@ impl Stores {
         description: String,
     ) -> Result<Stores, MetricsError> {
         let alerts = metrics.alerts.clone();
-        let tracker = Tracker::start(metrics, parts.sink).await?;
+        let tracker = Tracker::start_with(metrics, parts.sink, parts.intents).await?;
         Ok(Stores {
             metrics: parts
                 .metrics
@@ -195,4 +199,6 @@ struct Parts {
     metrics: MetricsReader,
     sessions: SessionStore,
     catalogs: CatalogVersions,
+    /// Where every replica's open call intents are kept, when the store is shared.
+    intents: Option<Arc<dyn SharedIntents>>,
 }

@@ -11,6 +11,7 @@
 
 pub mod fault_proxy;
 pub mod moto;
+pub mod redis;
 pub mod traffic;
 
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use keyvex_engine::record::{Receipt, Recorder, RequestRecord, SessionMessage, ShutdownReport};
+use keyvex_engine::record::{
+    CallIntent, Receipt, Recorder, RequestRecord, SessionMessage, ShutdownReport,
+};
 use keyvex_engine::router::RouterConfig;
 use keyvex_engine::{Engine, EngineBuilder};
 use keyvex_sim::{SimConfig, SimHandle};
@@ -112,6 +115,7 @@ pub struct MemoryRecorder {
 struct Recorded {
     records: Vec<RequestRecord>,
     messages: Vec<SessionMessage>,
+    intents: Vec<CallIntent>,
 }
 
 impl MemoryRecorder {
@@ -125,6 +129,30 @@ impl MemoryRecorder {
 
     pub fn messages(&self) -> Vec<SessionMessage> {
         self.inner.lock().unwrap().messages.clone()
+    }
+
+    /// Every call intent handed over, in order (a call's updated intent after a failure it went
+    /// on from is a second entry with the same id).
+    pub fn intents(&self) -> Vec<CallIntent> {
+        self.inner.lock().unwrap().intents.clone()
+    }
+
+    /// The intents whose call has no record: what a process stopping now would leave as
+    /// `interrupted` (the latest intent of each such call, in order of first appearance).
+    pub fn open_intents(&self) -> Vec<CallIntent> {
+        let inner = self.inner.lock().unwrap();
+        let mut open: Vec<CallIntent> = Vec::new();
+        for intent in &inner.intents {
+            let id = &intent.record.request_id;
+            if inner.records.iter().any(|r| &r.request_id == id) {
+                continue;
+            }
+            match open.iter_mut().find(|i| &i.record.request_id == id) {
+                Some(earlier) => *earlier = intent.clone(),
+                None => open.push(intent.clone()),
+            }
+        }
+        open
     }
 
     /// Waits until at least `n` records arrived (records of abandoned calls come from `Drop`,
@@ -150,6 +178,10 @@ impl Recorder for MemoryRecorder {
     fn record_message(&self, message: SessionMessage) -> Receipt {
         self.inner.lock().unwrap().messages.push(message);
         Receipt::durable_now()
+    }
+
+    fn record_intent(&self, intent: CallIntent) {
+        self.inner.lock().unwrap().intents.push(intent);
     }
 
     fn shutdown(&self, _deadline: tokio::time::Instant) -> BoxFuture<'_, ShutdownReport> {

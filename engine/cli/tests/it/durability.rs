@@ -34,10 +34,10 @@ const WAIT: Duration = Duration::from_secs(30);
 // The built binary, stopped with SIGTERM or `kill -9`.
 
 /// A `keyvex serve` child process; killed on drop if a test fails before it exits.
-struct Keyvex {
+pub(crate) struct Keyvex {
     /// `None` once it has exited and been reaped.
     child: Option<Child>,
-    base: String,
+    pub(crate) base: String,
     log: Option<std::thread::JoinHandle<Vec<String>>>,
 }
 
@@ -90,6 +90,11 @@ fn start_keyvex(
             .env("DYNAMODB_TABLE_NAME", table)
             .env("DYNAMODB_ENDPOINT", endpoint),
     };
+    spawn_serve(command)
+}
+
+/// Spawns `command` (a `keyvex serve` with stderr piped) and waits for the address it prints.
+pub(crate) fn spawn_serve(mut command: Command) -> Keyvex {
     let mut child = command.spawn().unwrap();
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -118,7 +123,7 @@ fn start_keyvex(
 }
 
 impl Keyvex {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
 
@@ -128,13 +133,13 @@ impl Keyvex {
     }
 
     /// Sends SIGTERM and waits for the exit; returns the status and the stderr lines.
-    async fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    pub(crate) async fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
         self.send_sigterm();
         self.wait().await
     }
 
     /// SIGKILL (`Child::kill`): no shutdown code runs.
-    async fn kill9(mut self) -> Vec<String> {
+    pub(crate) async fn kill9(mut self) -> Vec<String> {
         self.child.as_mut().unwrap().kill().unwrap();
         self.wait().await.1
     }
@@ -174,7 +179,7 @@ impl Drop for Keyvex {
 
 /// Polls `/readyz` until the server is ready with nothing pending, and returns that answer. A
 /// separate process has no signal to wait on, so this polls.
-async fn wait_drained(base: &str) -> Value {
+pub(crate) async fn wait_drained(base: &str) -> Value {
     let http = reqwest::Client::new();
     let mut last = Value::Null;
     for _ in 0..1500 {
@@ -368,14 +373,15 @@ async fn stream_until_killed(base: String, kind: Call, progress: watch::Sender<L
 /// - Every record a client was told about before the kill — by its record id in a `usage` event
 ///   (agent), by the request id of a usage chunk (chat) — is in DynamoDB after the restart: the
 ///   server sends that event only once the record is committed to the ledger.
-/// - The table holds exactly the ledger's outbox as the kill left it, each record once: nothing
-///   shipped before the kill (60 s flush interval, fewer rows than a ship batch), so the table
-///   is empty after the kill, and the restart ships the outbox, no more and no less.
+/// - The table holds exactly the ledger's outbox as the kill left it plus one `interrupted`
+///   record per call intent left open, each record once: nothing shipped before the kill (60 s
+///   flush interval, fewer rows than a ship batch), so the table is empty after the kill, and
+///   the restart records the open intents and ships the outbox, no more and no less.
 /// - The only records beyond the told ones are calls whose record was committed but whose
-///   usage event had not reached the client when the process died; there is at most one such
-///   call per stream open at the kill. Calls cut mid-stream by the kill leave no record at all:
-///   `kill -9` runs no code, so no `cancelled` record can be written for them (that happens on
-///   a client disconnect, tested by the server crate).
+///   usage event had not reached the client when the process died, and calls cut mid-stream by
+///   the kill (`interrupted`, from their intents; `kill -9` runs no code, so nothing else could
+///   record them); there is at most one such call per stream open at the kill. That every call
+///   the provider served is recorded is `interrupted.rs`'s subject.
 #[tokio::test]
 async fn kill_9_under_load_then_restart_ships_every_record_a_client_was_told_about() {
     let moto = Moto::start().await;
@@ -426,6 +432,15 @@ async fn kill_9_under_load_then_restart_ships_every_record_a_client_was_told_abo
     );
     let durable = outbox_requests(&ledger);
     assert!(durable >= told.len() as u64, "{durable} < {}", told.len());
+    let open_intents = {
+        let conn = rusqlite::Connection::open(&ledger).unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM call_intents WHERE ended = 0",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+    };
 
     let restarted = start_keyvex(&ledger, dynamo_at(&moto, &name), 20, 2_000, "fast");
     // The restart ships the outbox at once; /readyz shows it drained. (Waiting also keeps the
@@ -446,9 +461,18 @@ async fn kill_9_under_load_then_restart_ships_every_record_a_client_was_told_abo
     );
     assert_eq!(
         stored.len() as u64,
-        durable,
-        "the table holds exactly the outbox"
+        durable + open_intents,
+        "the table holds exactly the outbox and the open intents' records"
     );
+    let items = metric_items(&client, &name).await;
+    let interrupted = items
+        .values()
+        .filter(|i| {
+            keyvex_store::dynamo::request_from_item(i).unwrap().status
+                == keyvex_engine::RequestStatus::Interrupted
+        })
+        .count() as u64;
+    assert_eq!(interrupted, open_intents, "one record per open intent");
     let extra = stored.difference(&told).count();
     assert!(
         extra <= open_at_kill,

@@ -11,8 +11,10 @@
 mod cli_support;
 mod demo_traffic;
 mod durability;
+mod interrupted;
 mod models;
 mod pipeline;
+mod shared_limits;
 mod table;
 mod traces;
 mod worker;

@@ -22,6 +22,9 @@ use crate::tokenize::{TokenEstimator, count_tokens};
 /// What became of one attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptRecord {
+    /// The id of this call's record (UUID v7), drawn when the call starts so its intent and its
+    /// record share it; empty for a model skipped without a call.
+    pub record_id: String,
     pub provider: ProviderKind,
     pub model: String,
     pub started_at: SystemTime,
@@ -132,6 +135,7 @@ pub(crate) fn wall_clock(at: Instant) -> SystemTime {
 /// Accumulates one running attempt's events.
 #[derive(Debug)]
 pub(crate) struct AttemptMeter {
+    record_id: String,
     provider: ProviderKind,
     model: String,
     pricing: Pricing,
@@ -150,12 +154,14 @@ pub(crate) struct AttemptMeter {
 
 impl AttemptMeter {
     pub(crate) fn new(
+        record_id: String,
         provider: ProviderKind,
         model: &str,
         pricing: Pricing,
         keep_text: bool,
     ) -> Self {
         Self {
+            record_id,
             provider,
             model: model.to_owned(),
             pricing,
@@ -207,6 +213,14 @@ impl AttemptMeter {
         self.opened
     }
 
+    pub(crate) fn started_at(&self) -> SystemTime {
+        self.started_at
+    }
+
+    pub(crate) fn record_id(&self) -> &str {
+        &self.record_id
+    }
+
     /// Ends the attempt. `error` is `None` when the provider sent `Done`; `prompt_tokens` is
     /// only called when usage has to be estimated (tokenizing a long prompt is not free). The
     /// text is empty when it was not kept.
@@ -239,6 +253,7 @@ impl AttemptMeter {
             }
         };
         let record = AttemptRecord {
+            record_id: self.record_id,
             provider: self.provider,
             model: self.model,
             started_at: self.started_at,
@@ -271,6 +286,7 @@ impl AttemptRecord {
     /// spent): nothing consumed.
     pub(crate) fn skipped(provider: ProviderKind, model: &str, error: AttemptError) -> Self {
         Self {
+            record_id: String::new(),
             provider,
             model: model.to_owned(),
             started_at: SystemTime::now(),
@@ -313,7 +329,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn never_opened_costs_nothing() {
-        let m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing(), true);
+        let m = AttemptMeter::new("r".into(), ProviderKind::OpenAi, "gpt-5.4", pricing(), true);
         let err = AttemptError::Cancelled;
         let (r, _) = m.finish(None, Some(err), || panic!("must not estimate"));
         assert_eq!(r.cost, Cost::ZERO);
@@ -322,7 +338,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn partial_usage_keeps_the_exact_prompt_and_counts_the_output() {
-        let mut m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing(), true);
+        let mut m = AttemptMeter::new("r".into(), ProviderKind::OpenAi, "gpt-5.4", pricing(), true);
         m.on_open();
         m.on_usage(Usage {
             input: 100,
@@ -340,7 +356,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_the_text_a_cut_stream_is_estimated_from_its_length() {
-        let mut m = AttemptMeter::new(ProviderKind::OpenAi, "gpt-5.4", pricing(), false);
+        let mut m = AttemptMeter::new(
+            "r".into(),
+            ProviderKind::OpenAi,
+            "gpt-5.4",
+            pricing(),
+            false,
+        );
         m.on_open();
         m.on_delta("Hello there, ");
         m.on_delta("this is several tokens long. ñ");

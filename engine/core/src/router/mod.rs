@@ -19,15 +19,17 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use agents::Process;
 use arc_swap::ArcSwap;
 use futures::Stream;
 use pin_project_lite::pin_project;
 
+use crate::budgets::SpendAccount;
 use crate::catalog::{Catalog, ModelSpec};
-use crate::limits::{ProviderBudget, ProviderRates};
+use crate::cost::Pricing;
+use crate::limits::{LimitsWhenDown, ProviderBudget, ProviderRates, SharedRates};
 use crate::provider::{ChatMessage, ResponseSchema, SharedProvider};
 use crate::stream::ProviderKind;
 
@@ -36,12 +38,47 @@ pub use breaker::{BreakerConfig, CircuitState, OpenReason};
 pub use budget::{RetryBudget, RetryBudgetConfig};
 pub use outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
 
-/// Told about a route its caller abandoned (the stream was dropped before its terminal event),
-/// which therefore cannot deliver that event. Given per route (see [`Router::open`]), so it
-/// knows whose route it was. Called synchronously from `Drop`: keep it cheap and non-blocking
-/// (hand the outcome to a channel, as the metrics ledger does).
+/// Told about a route while it runs: each call as it goes out, each call that failed while the
+/// route goes on, and the route's end when its caller abandoned it (the stream was dropped
+/// before its terminal event, which therefore cannot deliver it). Given per route (see
+/// [`Router::open`]), so it knows whose route it was. Called synchronously on the route's path
+/// (and from `Drop`): keep it cheap and non-blocking (hand things to a channel, as the metrics
+/// ledger does).
 pub trait RouteObserver: Send + Sync + 'static {
     fn on_cancelled(&self, outcome: RouteOutcome);
+
+    /// A call is about to be sent: admitted by the breaker and the provider budget, its request
+    /// built, nothing on the wire yet.
+    fn on_call_start(&self, call: &CallStart<'_>) {
+        let _ = call;
+    }
+
+    /// A call ended in an error and the route goes on (to a retry, the fallback, or a decision
+    /// that no call is left); `call` is its 1-based position among the route's calls.
+    fn on_call_failed(&self, attempt: &AttemptRecord, call: u32, request_started_at: SystemTime) {
+        let _ = (attempt, call, request_started_at);
+    }
+}
+
+/// A call about to be sent, as [`RouteObserver::on_call_start`] sees it.
+#[derive(Debug)]
+pub struct CallStart<'a> {
+    /// The id its record will have (also its `AttemptRecord::record_id`).
+    pub record_id: &'a str,
+    pub provider: ProviderKind,
+    pub model: &'a str,
+    pub pricing: &'a Pricing,
+    /// 1-based position among the route's calls (models skipped without a call not counted).
+    pub call: u32,
+    pub started_at: SystemTime,
+    /// When the route's first call started (this call's own start if it is the first): the
+    /// request's last record is dated from it.
+    pub request_started_at: SystemTime,
+    /// The prompt's tokens, estimated from its length without the tokenizer (one token per
+    /// 3 bytes plus the chat framing): counting exactly would cost CPU before every call.
+    pub prompt_tokens: u64,
+    /// Every attempt the route made before this one, models skipped without a call included.
+    pub earlier: &'a [AttemptRecord],
 }
 
 /// What a route serves: a process (its primary, then its fallback) or one catalog model.
@@ -228,10 +265,23 @@ struct Shared {
     budget: RetryBudget,
     /// Each provider's request and token budget, when `provider_rates` is set.
     provider_budgets: BTreeMap<ProviderKind, Arc<ProviderBudget>>,
+    /// Where provider budgets are kept instead, when replicas share them.
+    shared_rates: Option<(Arc<dyn SharedRates>, LimitsWhenDown)>,
 }
 
 impl Router {
     pub fn new(catalog: Arc<Catalog>, providers: Providers, config: RouterConfig) -> Self {
+        Self::with_shared_rates(catalog, providers, config, None)
+    }
+
+    /// A router whose provider budgets live in `shared` (when `provider_rates` is set), so
+    /// every replica using that store sends each provider one budget's worth.
+    pub fn with_shared_rates(
+        catalog: Arc<Catalog>,
+        providers: Providers,
+        config: RouterConfig,
+        shared: Option<(Arc<dyn SharedRates>, LimitsWhenDown)>,
+    ) -> Self {
         let provider_budgets = match config.provider_rates {
             Some(rates) => providers
                 .by_kind
@@ -247,6 +297,7 @@ impl Router {
                 breakers: breaker::Breakers::new(config.breaker),
                 budget: RetryBudget::new(config.budget),
                 provider_budgets,
+                shared_rates: shared,
                 config,
             }),
         }
@@ -308,9 +359,29 @@ impl Router {
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
     ) -> Result<RouteStream, RouteError> {
+        self.open_spending(catalog, target, request, options, observer, None)
+    }
+
+    /// [`Router::open_on`] spending from `spend`'s budgets: every attempt reserves its worst
+    /// case there before it calls, and settles to its cost when it ends.
+    #[expect(
+        clippy::result_large_err,
+        reason = "RouteError keeps the API's shape (ProviderError inline); errors are once per request"
+    )]
+    pub fn open_spending(
+        &self,
+        catalog: &Catalog,
+        target: &CallTarget,
+        request: RouteRequest,
+        options: RouteOptions,
+        observer: Option<Arc<dyn RouteObserver>>,
+        spend: Option<SpendAccount>,
+    ) -> Result<RouteStream, RouteError> {
         let model_id = match target {
             CallTarget::Process(process) => {
-                return Ok(self.open_process_on(catalog, *process, request, options, observer));
+                return Ok(
+                    self.open_process_on(catalog, *process, request, options, observer, spend)
+                );
             }
             CallTarget::Model(model_id) => model_id,
         };
@@ -327,7 +398,16 @@ impl Router {
             });
         }
         let span = route_span("-", &model.id);
-        Ok(self.start(None, &[model], request, options, observer, span))
+        let plan = run::Plan::new(
+            &self.inner.providers,
+            None,
+            &[model],
+            request,
+            options,
+            observer,
+        )
+        .spending(spend);
+        Ok(self.start(plan, span))
     }
 
     /// Primary, then fallback of the process, with the process's `max_output_tokens` and
@@ -340,7 +420,7 @@ impl Router {
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
     ) -> RouteStream {
-        self.open_process_on(&self.catalog(), process, request, options, observer)
+        self.open_process_on(&self.catalog(), process, request, options, observer, None)
     }
 
     fn open_process_on(
@@ -350,6 +430,7 @@ impl Router {
         request: RouteRequest,
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
+        spend: Option<SpendAccount>,
     ) -> RouteStream {
         let route = catalog.route(process);
         let models: Vec<&ModelSpec> = [&route.primary, &route.fallback]
@@ -362,7 +443,16 @@ impl Router {
             ..request
         };
         let span = route_span(process.key(), &route.primary);
-        self.start(Some(process), &models, request, options, observer, span)
+        let plan = run::Plan::new(
+            &self.inner.providers,
+            Some(process),
+            &models,
+            request,
+            options,
+            observer,
+        )
+        .spending(spend);
+        self.start(plan, span)
     }
 
     /// A process's route with default options and no observer (tests and benches).
@@ -388,23 +478,7 @@ impl Router {
         )
     }
 
-    fn start(
-        &self,
-        process: Option<Process>,
-        models: &[&ModelSpec],
-        request: RouteRequest,
-        options: RouteOptions,
-        observer: Option<Arc<dyn RouteObserver>>,
-        span: tracing::Span,
-    ) -> RouteStream {
-        let plan = run::Plan::new(
-            &self.inner.providers,
-            process,
-            models,
-            request,
-            options,
-            observer,
-        );
+    fn start(&self, plan: run::Plan, span: tracing::Span) -> RouteStream {
         Box::pin(InSpan {
             inner: run::route(self.inner.clone(), plan),
             span,

@@ -105,6 +105,13 @@ pub enum RouteError {
         after: Duration,
         attempts: Vec<AttemptSummary>,
     },
+    /// A dollar budget had no room for the next attempt's worst case (or could not be checked
+    /// and budgets fail closed): no call was made for it.
+    #[error("{denied}")]
+    Budget {
+        denied: crate::budgets::BudgetDenied,
+        attempts: Vec<AttemptSummary>,
+    },
     #[error("{model} ({provider}) failed after {produced_chars} characters had been sent: {error}")]
     MidStream {
         model: String,
@@ -126,6 +133,7 @@ impl RouteError {
             RouteError::MidStream { .. } => "mid_stream",
             RouteError::Rejected { .. } => "rejected",
             RouteError::DeadlineExceeded { .. } => "deadline_exceeded",
+            RouteError::Budget { denied, .. } => denied.kind(),
         }
     }
 
@@ -136,7 +144,8 @@ impl RouteError {
             | RouteError::AllAttemptsFailed { attempts }
             | RouteError::RetryBudgetExhausted { attempts }
             | RouteError::Rejected { attempts, .. }
-            | RouteError::DeadlineExceeded { attempts, .. } => attempts,
+            | RouteError::DeadlineExceeded { attempts, .. }
+            | RouteError::Budget { attempts, .. } => attempts,
             _ => &[],
         }
     }

@@ -3,23 +3,27 @@
 //! one terminal event, or report to the observer when the caller drops the stream.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
 
 use agents::Process;
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
+use crate::budgets::{SpendAccount, SpendHold, worst_case_cost};
 use crate::catalog::ModelSpec;
-use crate::limits::{Reservation, estimate_tokens};
+use crate::cost::Cost;
+use crate::limits::{ProviderHold, estimate_tokens, reserve_shared};
 use crate::provider::{ChatRequest, ProviderError, SharedProvider};
 use crate::stream::{FaultClass, FinishReason, ProviderEvent, ProviderKind, Usage};
-use crate::tokenize::count_prompt_tokens;
+use crate::tokenize::{count_prompt_tokens, estimate_prompt_tokens};
 
 use super::attempt::{AttemptError, AttemptMeter, AttemptRecord, wall_clock};
 use super::breaker::{Admission, OpenReason, Refusal};
 use super::outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
 use super::{
-    InSpan, Providers, RouteEvent, RouteObserver, RouteOptions, RouteRequest, Shared, deadline_in,
+    CallStart, InSpan, Providers, RouteEvent, RouteObserver, RouteOptions, RouteRequest, Shared,
+    deadline_in,
 };
 
 /// A model the route may call, with its provider resolved.
@@ -38,8 +42,14 @@ pub(super) struct Plan {
     unavailable: Vec<RouteError>,
     request: RouteRequest,
     options: RouteOptions,
-    /// Told about the route if its caller drops it before the terminal event.
+    /// Told about each call, and about the route if its caller drops it before the terminal
+    /// event.
     observer: Option<Arc<dyn RouteObserver>>,
+    /// The prompt's estimated tokens, worked out once per route (every call sends the same
+    /// prompt) and only when a provider budget or an observer needs it.
+    prompt_estimate: OnceLock<u64>,
+    /// Whose dollar budgets each attempt reserves from, if any.
+    spend: Option<SpendAccount>,
 }
 
 impl Plan {
@@ -73,7 +83,14 @@ impl Plan {
             request,
             options,
             observer,
+            prompt_estimate: OnceLock::new(),
+            spend: None,
         }
+    }
+
+    pub(super) fn spending(mut self, spend: Option<SpendAccount>) -> Self {
+        self.spend = spend;
+        self
     }
 
     fn chat_request(&self, spec: &ModelSpec) -> ChatRequest {
@@ -94,6 +111,14 @@ impl Plan {
     fn prompt_tokens(&self) -> u64 {
         count_prompt_tokens(self.request.system.as_deref(), &self.request.messages)
     }
+
+    /// The prompt's tokens by length, without the tokenizer (what budgets reserve and intents
+    /// bill): nanoseconds, where counting would cost CPU before every call.
+    fn prompt_estimate(&self) -> u64 {
+        *self.prompt_estimate.get_or_init(|| {
+            estimate_prompt_tokens(self.request.system.as_deref(), &self.request.messages)
+        })
+    }
 }
 
 /// The attempt being made right now.
@@ -102,7 +127,9 @@ struct InFlight {
     meter: AttemptMeter,
     admission: Admission,
     /// What the attempt reserved of its provider's budget; settled with its usage at the end.
-    reservation: Option<Reservation>,
+    reservation: Option<ProviderHold>,
+    /// What the attempt reserved of the caller's dollar budgets; settled to its cost at the end.
+    spend: Option<SpendHold>,
     span: tracing::Span,
     started: Instant,
 }
@@ -196,7 +223,29 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                 tokio::time::sleep(wait).await;
             }
             run.quick_next = false;
-            let (provider, request) = match run.begin_attempt(idx) {
+            // Money first: a call the budget has no room for is never made, on any model.
+            let spend = match run.reserve_spend(idx).await {
+                Ok(hold) => hold,
+                Err(denied) => {
+                    let error = RouteError::Budget { denied, attempts: run.summaries() };
+                    yield RouteEvent::Failed(run.fail(error));
+                    return;
+                }
+            };
+            // A shared provider budget is asked here, where the route can wait for the answer.
+            let shared = match run.reserve_shared_rates(idx).await {
+                Ok(hold) => hold,
+                Err(skip) => {
+                    if let Some(hold) = spend {
+                        hold.settle(Cost::ZERO);
+                    }
+                    run.calls += 1;
+                    run.tried[idx] += 1;
+                    run.skip(idx, skip);
+                    continue;
+                }
+            };
+            let (provider, request) = match run.begin_attempt(idx, spend, shared) {
                 Ok(started) => started,
                 Err(skip) => {
                     run.skip(idx, skip);
@@ -350,19 +399,73 @@ impl RouteRun {
         jitter.max(hold)
     }
 
+    /// Reserves the worst case of the next attempt on `idx` from the caller's dollar budgets.
+    async fn reserve_spend(
+        &self,
+        idx: usize,
+    ) -> Result<Option<SpendHold>, crate::budgets::BudgetDenied> {
+        let Some(account) = &self.plan.spend else {
+            return Ok(None);
+        };
+        let spec = &self.plan.candidates[idx].spec;
+        let worst = worst_case_cost(&self.plan.chat_request(spec), &spec.pricing);
+        account.reserve(worst).await.map(Some)
+    }
+
+    /// Reserves the next attempt's tokens in the shared provider budget, when the router has
+    /// one (`Ok(None)` otherwise, or when it is down and limits fail open).
+    async fn reserve_shared_rates(&self, idx: usize) -> Result<Option<ProviderHold>, Skip> {
+        let (Some((store, when_down)), Some(rates)) =
+            (&self.shared.shared_rates, self.shared.config.provider_rates)
+        else {
+            return Ok(None);
+        };
+        let spec = &self.plan.candidates[idx].spec;
+        let tokens = estimate_tokens(&self.plan.chat_request(spec));
+        match reserve_shared(store, *when_down, spec.provider, rates, tokens).await {
+            Ok(hold) => Ok(hold.map(ProviderHold::Shared)),
+            Err(refused) => Err(Skip::Budget(AttemptError::BudgetRefused {
+                provider: spec.provider,
+                which: refused.which,
+                retry_after: refused.retry_after,
+            })),
+        }
+    }
+
     /// Asks the model's breaker, then its provider's budget, then opens the attempt's books.
-    fn begin_attempt(&mut self, idx: usize) -> Result<(SharedProvider, ChatRequest), Skip> {
+    /// A model skipped here made no call: its reservations settle to nothing.
+    fn begin_attempt(
+        &mut self,
+        idx: usize,
+        spend: Option<SpendHold>,
+        shared: Option<ProviderHold>,
+    ) -> Result<(SharedProvider, ChatRequest), Skip> {
         let candidate = &self.plan.candidates[idx];
-        let admission = self
-            .shared
-            .breakers
-            .admit(&candidate.spec.id)
-            .map_err(Skip::Circuit)?;
+        let admission = match self.shared.breakers.admit(&candidate.spec.id) {
+            Ok(admission) => admission,
+            Err(refusal) => {
+                if let Some(hold) = spend {
+                    hold.settle(Cost::ZERO);
+                }
+                if let Some(hold) = shared {
+                    hold.settle(0);
+                }
+                return Err(Skip::Circuit(refusal));
+            }
+        };
         let request = self.plan.chat_request(&candidate.spec);
-        let reservation = match self.shared.provider_budgets.get(&candidate.spec.provider) {
+        let local = match (&shared, self.shared.shared_rates.is_some()) {
+            (Some(_), _) | (None, true) => None,
+            (None, false) => self.shared.provider_budgets.get(&candidate.spec.provider),
+        };
+        let reservation = match local {
+            None => shared,
             Some(budget) => match budget.reserve(estimate_tokens(&request)) {
-                Ok(reservation) => Some(reservation),
+                Ok(reservation) => Some(ProviderHold::Local(reservation)),
                 Err(refused) => {
+                    if let Some(hold) = spend {
+                        hold.settle(Cost::ZERO);
+                    }
                     // Our own limit, not the model's health: the breaker hears nothing of it.
                     self.shared
                         .breakers
@@ -376,7 +479,6 @@ impl RouteRun {
                     }));
                 }
             },
-            None => None,
         };
         self.calls += 1;
         self.tried[idx] += 1;
@@ -385,20 +487,52 @@ impl RouteRun {
         if self.shared.config.capture_content {
             span.record("gen_ai.input.messages", input_messages(&request).as_str());
         }
+        // The record's id is drawn now, so the call's intent and its record share it.
+        let meter = AttemptMeter::new(
+            uuid::Uuid::now_v7().to_string(),
+            candidate.spec.provider,
+            &candidate.spec.id,
+            candidate.spec.pricing,
+            self.plan.options.keep_text,
+        );
+        if let Some(observer) = &self.plan.observer {
+            let started_at = meter.started_at();
+            observer.on_call_start(&CallStart {
+                record_id: meter.record_id(),
+                provider: candidate.spec.provider,
+                model: &candidate.spec.id,
+                pricing: &candidate.spec.pricing,
+                call: self.calls_made() + 1,
+                started_at,
+                request_started_at: self.first_call_start().unwrap_or(started_at),
+                prompt_tokens: self.plan.prompt_estimate(),
+                earlier: &self.attempts,
+            });
+        }
+        let provider = candidate.provider.clone();
         self.in_flight = Some(InFlight {
             idx,
-            meter: AttemptMeter::new(
-                candidate.spec.provider,
-                &candidate.spec.id,
-                candidate.spec.pricing,
-                self.plan.options.keep_text,
-            ),
+            meter,
             admission,
             reservation,
+            spend,
             span,
             started: Instant::now(),
         });
-        Ok((candidate.provider.clone(), request))
+        Ok((provider, request))
+    }
+
+    /// Attempts so far that reached a model (skipped models made no call).
+    fn calls_made(&self) -> u32 {
+        self.attempts.iter().filter(|a| made_call(a)).count() as u32
+    }
+
+    /// When the route's first call started, once there was one.
+    fn first_call_start(&self) -> Option<SystemTime> {
+        self.attempts
+            .iter()
+            .find(|a| made_call(a))
+            .map(|a| a.started_at)
     }
 
     /// Records a model that was not called. An open circuit drops it from this route (its
@@ -530,8 +664,26 @@ impl RouteRun {
         }
     }
 
-    /// Closes the running attempt's books; returns the terminal event when the route ends.
+    /// Closes the running attempt's books; returns the terminal event when the route ends. A
+    /// failed call the route goes on from is told to the observer (what it used and cost is
+    /// known now, before any backoff).
     fn end_attempt(
+        &mut self,
+        end: Result<(FinishReason, bool), ProviderError>,
+    ) -> Option<RouteEvent> {
+        let before = self.attempts.len();
+        let terminal = self.close_attempt(end);
+        if terminal.is_none()
+            && self.attempts.len() > before
+            && let (Some(observer), Some(last)) = (&self.plan.observer, self.attempts.last())
+            && let Some(request_started_at) = self.first_call_start()
+        {
+            observer.on_call_failed(last, self.calls_made(), request_started_at);
+        }
+        terminal
+    }
+
+    fn close_attempt(
         &mut self,
         end: Result<(FinishReason, bool), ProviderError>,
     ) -> Option<RouteEvent> {
@@ -540,6 +692,7 @@ impl RouteRun {
             meter,
             admission,
             reservation,
+            spend,
             span,
             started: _,
         } = self.in_flight.take()?;
@@ -557,6 +710,10 @@ impl RouteRun {
         record_attempt_end(&span, &record, &end);
         if self.shared.config.capture_content {
             span.record("gen_ai.output.messages", output_messages(&text).as_str());
+        }
+        if let Some(hold) = spend {
+            // The exact number this attempt's record bills.
+            hold.settle(record.cost);
         }
         let error = match end {
             Ok((reason, unterminated)) => {
@@ -674,7 +831,7 @@ impl RouteRun {
     }
 
     fn outcome(&self, status: RouteStatus, finish_reason: Option<FinishReason>) -> RouteOutcome {
-        let called = |a: &&AttemptRecord| !a.error.as_ref().is_some_and(AttemptError::made_no_call);
+        let called = |a: &&AttemptRecord| made_call(a);
         // The answer is the last attempt that made a call (once committed, nothing follows
         // it): its usage is what the caller is shown. Failed attempts keep their own usage and
         // cost in `attempts`, and are billed there, never folded into the answer's.
@@ -734,6 +891,9 @@ impl Drop for RouteRun {
                 .finish(None, Some(AttemptError::Cancelled), || plan.prompt_tokens());
             if let Some(reservation) = flight.reservation {
                 reservation.settle(record.usage.total());
+            }
+            if let Some(hold) = flight.spend {
+                hold.settle(record.cost);
             }
             if self.committed.is_some() {
                 self.text = text;
@@ -867,4 +1027,12 @@ fn input_messages(request: &ChatRequest) -> String {
 fn output_messages(text: &str) -> String {
     serde_json::json!([{"role": "assistant", "parts": [{"type": "text", "content": text}]}])
         .to_string()
+}
+
+/// Whether an attempt reached a model (a skipped model made no call).
+fn made_call(attempt: &AttemptRecord) -> bool {
+    !attempt
+        .error
+        .as_ref()
+        .is_some_and(AttemptError::made_no_call)
 }

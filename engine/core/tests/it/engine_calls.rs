@@ -407,11 +407,11 @@ async fn an_engine_needs_a_recorder_and_enforces_caller_limits() {
         })
         .build()
         .unwrap();
-    assert!(engine.check_caller("gus", "/v1/agents").is_ok());
-    assert!(engine.check_caller("gus", "/v1/agents").is_ok());
-    let refused = engine.check_caller("gus", "/v1/agents").unwrap_err();
+    assert!(engine.check_caller("gus", "/v1/agents").await.is_ok());
+    assert!(engine.check_caller("gus", "/v1/agents").await.is_ok());
+    let refused = engine.check_caller("gus", "/v1/agents").await.unwrap_err();
     assert_eq!(refused.caller, "gus");
-    assert!(engine.check_caller("hal", "/v1/agents").is_ok());
+    assert!(engine.check_caller("hal", "/v1/agents").await.is_ok());
     assert!(
         engine
             .providers_description()

@@ -11,6 +11,7 @@
 
 mod agent_runs;
 mod anthropic_versions;
+mod call_intents;
 mod engine_calls;
 mod estimates;
 mod provider_clients;

@@ -17,6 +17,7 @@ use keyvex_engine::{AgentEvent, AgentOutcome, CallContext, CallUsage};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
+use crate::routes::budgets::{admit, set_headers};
 use crate::routes::sessions::check_session_owner;
 use crate::sse::{Event, event};
 use crate::state::{AppState, await_durable, request_id};
@@ -79,6 +80,9 @@ async fn run(
     let ctx = CallContext::new(&caller.id)
         .with_correlation(&request_id)
         .with_session(body.session_id);
+    // Over budget: a plain 429 before any call or stream.
+    let worst_case = state.engine().agent_worst_case(process, &body.input);
+    let budgets = admit(&state, &ctx, worst_case).await?;
     let mut agent = state.engine().agent(ctx, process, body.input);
     let events = async_stream::stream! {
         let mut held = HeldUsage::default();
@@ -128,7 +132,9 @@ async fn run(
         }
     };
     let shutdown = shutdown_event(Some(process));
-    Ok(state.sse(events.boxed(), shutdown))
+    let mut response = state.sse(events.boxed(), shutdown);
+    set_headers(&mut response, &budgets);
+    Ok(response)
 }
 
 /// Longest accepted `sessionId`, the same bound the session read routes apply.

@@ -24,6 +24,7 @@ use keyvex_engine::router::{
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
+use crate::routes::budgets::{admit, set_headers};
 use crate::sse::{Event, data};
 use crate::state::{AppState, await_durable, request_id};
 
@@ -173,6 +174,7 @@ fn route_request(body: &mut ChatBody) -> Result<RouteRequest, ApiError> {
 fn route_error(e: RouteError) -> ApiError {
     match e {
         RouteError::Rejected { error, model, .. } => rejected(&model, &error),
+        RouteError::Budget { denied, .. } => ApiError::Budget(denied),
         RouteError::UnknownModel { model, known } => ApiError::NotFound {
             code: "model_not_found",
             param: Some("model".to_owned()),
@@ -407,6 +409,8 @@ async fn completions(
     state.ensure_accepting()?;
     let request_id = request_id(&headers);
     let ctx = CallContext::new(&caller.id).with_correlation(&request_id);
+    let worst_case = state.engine().worst_case(&target, &request);
+    let budgets = admit(&state, &ctx, worst_case).await?;
     // The deltas are relayed as they come; only the non-streaming answer needs the whole text,
     // and it gathers it from the deltas itself.
     let options = RouteOptions { keep_text: false };
@@ -426,7 +430,9 @@ async fn completions(
         .unwrap_or(false);
 
     if !body.stream.unwrap_or(false) {
-        return complete(call, meta).await;
+        let mut response = complete(call, meta).await?;
+        set_headers(&mut response, &budgets);
+        return Ok(response);
     }
 
     let peeked = peek(call, &mut meta.model).await?;
@@ -479,7 +485,9 @@ async fn completions(
         "param": null,
         "code": "shutdown",
     }}));
-    Ok(state.sse(events.boxed(), shutdown))
+    let mut response = state.sse(events.boxed(), shutdown);
+    set_headers(&mut response, &budgets);
+    Ok(response)
 }
 
 /// The non-streaming answer: the whole completion once the call finished.

@@ -62,6 +62,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    let engine = state.engine();
+    if let Some(budgets) = engine.budgets() {
+        // The global day's spend is read from the budget store at scrape time; a store that
+        // cannot answer leaves the gauge as it was (and is counted by the engine).
+        let global = budgets.global_view().await.ok();
+        state.prom().budgets(budgets, global.as_ref());
+    }
+    state
+        .prom()
+        .shared_limit_failures(engine.shared_limit_failures());
     let text = state.prom().render(&state.tracker().health());
     (
         [(

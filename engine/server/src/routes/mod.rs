@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod admin_models;
 pub mod agents;
+pub mod budgets;
 pub mod chat;
 pub mod health;
 pub mod jobs;

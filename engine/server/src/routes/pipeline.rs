@@ -17,6 +17,7 @@ use crate::error::{ApiError, ApiJson};
 use crate::routes::agents::{
     HeldUsage, Next, check_input, check_session_id, shutdown_event, translate,
 };
+use crate::routes::budgets::{admit, set_headers};
 use crate::routes::sessions::check_session_owner;
 use crate::sse::{Event, event};
 use crate::state::{AppState, await_durable, request_id};
@@ -49,9 +50,15 @@ async fn run(
     check_session_owner(&state, &caller, body.session_id.as_deref()).await?;
     state.ensure_accepting()?;
     let request_id = request_id(&headers);
+    // The run id is chosen here so the run's budget can be checked before the first call.
     let ctx = CallContext::new(&caller.id)
         .with_correlation(&request_id)
-        .with_session(body.session_id);
+        .with_session(body.session_id)
+        .with_run(uuid::Uuid::now_v7().to_string());
+    let worst_case = state
+        .engine()
+        .agent_worst_case(Process::MagicSpark, &body.business);
+    let budgets = admit(&state, &ctx, worst_case).await?;
     let input = PipelineInput {
         business: body.business,
         concept_index: body.concept_index,
@@ -121,7 +128,9 @@ async fn run(
             yield usage;
         }
     };
-    Ok(state.sse(events.boxed(), shutdown_event(None)))
+    let mut response = state.sse(events.boxed(), shutdown_event(None));
+    set_headers(&mut response, &budgets);
+    Ok(response)
 }
 
 fn done(

@@ -10,6 +10,7 @@
 )]
 
 mod admin;
+mod budgets;
 mod catalog;
 mod dashboard;
 mod durability;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::QueueAttributeName;
+use keyvex_engine::budgets::{BudgetLimits, Budgets};
 use keyvex_engine::limits::{ProviderRates, Rate};
 use keyvex_engine::record::ShutdownReport;
 use keyvex_server::catalog_sync::CatalogSync;
@@ -89,6 +90,8 @@ pub struct Spec {
     pub catalog_poll: Duration,
     /// Only the OpenAI provider is configured (a replica without an Anthropic key).
     pub openai_only: bool,
+    /// Dollar budgets, counted in the server's process (as `keyvex serve` without REDIS_URL).
+    pub budgets: BudgetLimits,
 }
 
 fn nz(n: u32) -> NonZeroU32 {
@@ -126,6 +129,7 @@ impl Spec {
             worker: None,
             catalog_poll: Duration::from_secs(5),
             openai_only: false,
+            budgets: BudgetLimits::default(),
         }
     }
 }
@@ -225,6 +229,7 @@ impl TestServer {
             .observer(prom.clone())
             .caller_rate(spec.caller_rate)
             .provider_rates(spec.provider_rates)
+            .budgets(Budgets::in_process(spec.budgets.clone()))
             .build()
             .unwrap();
         // As `keyvex serve` does: start on the store's active catalog version, then poll.

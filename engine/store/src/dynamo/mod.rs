@@ -1,9 +1,11 @@
 //! The DynamoDB single-table store: request metrics, alerts, session messages and session
 //! metadata in one table keyed `PK`/`SK`, with `GSI1`, `GSI2` and a `ttl` attribute. One file
 //! per job: the item layout (`codec`), the batch sink the shipper writes to (`sink`), the reads
-//! (`queries`: always `Query` on a key or a GSI, never `Scan`) and provisioning (`schema`).
+//! (`queries`: always `Query` on a key or a GSI, never `Scan`), provisioning (`schema`), and
+//! every replica's open call intents with the sweep that records a lost replica's (`intents`).
 
 mod codec;
+mod intents;
 mod queries;
 mod schema;
 mod sink;
@@ -21,6 +23,7 @@ pub use codec::{
     alert_from_item, alert_item, entry_item, message_from_item, message_item, request_from_item,
     request_item,
 };
+pub use intents::{intent_from_item, intent_item};
 pub use schema::{
     ACTIVE_WAIT, IndexInfo, KeyInfo, Provision, Provisioned, SCHEMA, TTL_ATTRIBUTE, TableInfo,
     TtlInfo, create_table, create_table_within, describe_table,

@@ -98,7 +98,7 @@ impl DynamoStore {
 
     /// Writes one ≤ 25-item request, resending only `UnprocessedItems` (and whole requests that
     /// were throttled) with full-jitter backoff. Returns the number of resends.
-    async fn write_chunk(&self, chunk: Vec<WriteRequest>) -> Result<u64, StoreError> {
+    pub(super) async fn write_chunk(&self, chunk: Vec<WriteRequest>) -> Result<u64, StoreError> {
         let total = chunk.len();
         let mut pending = HashMap::from([(self.table.clone(), chunk)]);
         let mut retries = 0u64;

@@ -1,12 +1,15 @@
-//! The ledger task: group-commits what `Tracker::record` queued into the SQLite outbox (alerts
-//! evaluated on the way), then resolves each entry's receipt.
+//! The ledger task: group-commits what `Tracker::record` and `Tracker::record_intent` queued
+//! into the SQLite outbox and intents table (alerts evaluated on the way), then resolves each
+//! entry's receipt; and adopts the intents of stopped processes as `interrupted` records.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use keyvex_engine::clock::now_ms;
+use keyvex_engine::record::Commit;
 use tokio::sync::mpsc;
 
+use super::owners::OwnerLock;
 use super::{Msg, Shared};
 use crate::alerts::AlertEvaluator;
 use crate::entry::{Entry, full_jitter};
@@ -29,6 +32,8 @@ pub(super) async fn ledger_loop(
     // `recv_many` takes them all, so batches grow exactly when load does.
     while rx.recv_many(&mut buf, limit).await > 0 {
         let mut entries = Vec::with_capacity(buf.len());
+        let mut intents = Vec::new();
+        let mut adoptions = Vec::new();
         let mut waiters = Vec::with_capacity(buf.len());
         let mut raised = 0u64;
         for msg in buf.drain(..) {
@@ -51,51 +56,145 @@ pub(super) async fn ledger_loop(
                     count_raised_alert(&shared);
                     waiters.push(waiter);
                 }
+                Msg::Intent(intent) => intents.push(intent),
+                Msg::Adopt(lock, waiter) => adoptions.push((lock, waiter)),
                 // Later messages were sent before the close and are still received.
                 Msg::Close => rx.close(),
             }
         }
-        if entries.is_empty() {
-            continue;
+        if !entries.is_empty() || !intents.is_empty() {
+            commit(&shared, entries, intents, waiters, raised).await;
         }
-        let c = &shared.counters;
-        c.accepted.fetch_add(raised, Ordering::Relaxed);
-        c.alerts_raised.fetch_add(raised, Ordering::Relaxed);
-        let count = entries.len() as u64;
-        let now = now_ms();
-        let entries = Arc::new(entries);
-        let mut attempt = 0u32;
-        let inserted = loop {
-            let batch = Arc::clone(&entries);
-            match shared.with_ledger(move |l| l.append(&batch, now)).await {
-                Ok(n) => break n,
+        for (lock, waiter) in adoptions {
+            adopt(&shared, &mut alerts, lock, waiter).await;
+        }
+    }
+}
+
+/// Commits one group: intents first, then entries (each request ending its call's intent), in
+/// one transaction retried until the disk takes it; then resolves the receipts.
+async fn commit(
+    shared: &Arc<Shared>,
+    entries: Vec<Entry>,
+    intents: Vec<keyvex_engine::record::CallIntent>,
+    waiters: Vec<Commit>,
+    raised: u64,
+) {
+    let c = &shared.counters;
+    c.accepted.fetch_add(raised, Ordering::Relaxed);
+    c.alerts_raised.fetch_add(raised, Ordering::Relaxed);
+    let count = entries.len() as u64;
+    let now = now_ms();
+    let batch = Arc::new((entries, intents));
+    let shared_intents = shared.remote.is_some();
+    let mut attempt = 0u32;
+    let inserted = loop {
+        let batch = Arc::clone(&batch);
+        let owner = shared.owner_id.clone();
+        match shared
+            .with_ledger(move |l| l.commit(&owner, &batch.1, &batch.0, shared_intents, now))
+            .await
+        {
+            Ok(n) => break n,
+            Err(err) => {
+                // Never drop: keep the batch and its waiters until the disk takes it.
+                c.ledger_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %err, entries = count, attempt, "metrics ledger commit failed; retrying");
+                tokio::time::sleep(full_jitter(
+                    shared.cfg.retry_base,
+                    shared.cfg.retry_cap,
+                    attempt,
+                ))
+                .await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    };
+    c.durable.fetch_add(count, Ordering::Relaxed);
+    c.ledger_commits.fetch_add(1, Ordering::Relaxed);
+    note_pending(shared, inserted, now);
+    for waiter in waiters {
+        waiter.done();
+    }
+    if c.pending.load(Ordering::Acquire) >= shared.cfg.ship_batch as u64 {
+        shared.ship_wake.notify_one();
+    }
+    shared.bump();
+}
+
+/// Adds rows that entered the outbox to the pending gauge.
+fn note_pending(shared: &Shared, inserted: u64, now: u64) {
+    let c = &shared.counters;
+    if c.pending.fetch_add(inserted, Ordering::AcqRel) == 0 && inserted > 0 {
+        let _ = c
+            .oldest_pending_ms
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// Counts `n` `interrupted` records written from intents into the outbox.
+pub(super) fn count_recovered(shared: &Shared, n: u64, now: u64) {
+    let c = &shared.counters;
+    c.recovered.fetch_add(n, Ordering::Relaxed);
+    c.accepted.fetch_add(n, Ordering::Relaxed);
+    c.durable.fetch_add(n, Ordering::Relaxed);
+    note_pending(shared, n, now);
+    shared.ship_wake.notify_one();
+    shared.bump();
+}
+
+/// Turns the open intents of the stopped process whose lock is `lock` into `interrupted`
+/// records (alerts evaluated on them like on any record), then retires its lock. A failure
+/// lets go of the lock without retiring it: the next look adopts them.
+async fn adopt(shared: &Arc<Shared>, alerts: &mut AlertEvaluator, lock: OwnerLock, waiter: Commit) {
+    let gone = lock.id().to_owned();
+    let me = shared.owner_id.clone();
+    let shared_intents = shared.remote.is_some();
+    let now = now_ms();
+    let records = match shared
+        .with_ledger(move |l| l.adopt(&gone, &me, shared_intents, now))
+        .await
+    {
+        Ok(records) => records,
+        Err(err) => {
+            shared
+                .counters
+                .ledger_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(owner = lock.id(), error = %err, "adopting the call intents of a stopped process failed; trying again later");
+            return;
+        }
+    };
+    let n = records.len() as u64;
+    if n > 0 {
+        tracing::warn!(
+            owner = lock.id(),
+            recorded = n,
+            "calls in flight when their process stopped are recorded as interrupted"
+        );
+        count_recovered(shared, n, now);
+        let raised: Vec<Entry> = records
+            .iter()
+            .flat_map(|r| alerts.observe(r))
+            .map(Entry::Alert)
+            .collect();
+        if !raised.is_empty() {
+            let k = raised.len() as u64;
+            let c = &shared.counters;
+            c.accepted.fetch_add(k, Ordering::Relaxed);
+            c.alerts_raised.fetch_add(k, Ordering::Relaxed);
+            match shared.with_ledger(move |l| l.append(&raised, now)).await {
+                Ok(inserted) => {
+                    c.durable.fetch_add(k, Ordering::Relaxed);
+                    note_pending(shared, inserted, now);
+                }
                 Err(err) => {
-                    // Never drop: keep the batch and its waiters until the disk takes it.
                     c.ledger_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %err, entries = count, attempt, "metrics ledger commit failed; retrying");
-                    tokio::time::sleep(full_jitter(
-                        shared.cfg.retry_base,
-                        shared.cfg.retry_cap,
-                        attempt,
-                    ))
-                    .await;
-                    attempt = attempt.saturating_add(1);
+                    tracing::error!(error = %err, alerts = k, "alerts on interrupted calls could not be committed");
                 }
             }
-        };
-        c.durable.fetch_add(count, Ordering::Relaxed);
-        c.ledger_commits.fetch_add(1, Ordering::Relaxed);
-        if c.pending.fetch_add(inserted, Ordering::AcqRel) == 0 {
-            let _ =
-                c.oldest_pending_ms
-                    .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
         }
-        for waiter in waiters {
-            waiter.done();
-        }
-        if c.pending.load(Ordering::Acquire) >= shared.cfg.ship_batch as u64 {
-            shared.ship_wake.notify_one();
-        }
-        shared.bump();
     }
+    lock.retire();
+    waiter.done();
 }

@@ -8,9 +8,19 @@
 //! itself) splits the batch in halves until the refused entries are alone; the rest ships, and
 //! each refused entry moves to the ledger's `dead_letters` table, where it is counted, logged,
 //! listed by [`Tracker::dead_letters`] and put back by [`Tracker::requeue_dead_letters`].
+//!
+//! Call intents ([`Recorder::record_intent`]) take the same channel into the same transactions:
+//! a call's record ends its intent in the transaction that commits the record. The intents of a
+//! process that stopped are adopted as `interrupted` records by the next tracker on the ledger
+//! (`owners` tells a stopped process from a running one), and with a shared store (`intents`)
+//! by any replica once the stopped one has been silent for `replica_lost_after`.
 
 mod commit;
+mod intents;
+mod owners;
 mod shipper;
+
+pub(crate) use intents::{Replica, SharedIntents, Swept};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +30,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use keyvex_engine::clock::now_ms;
 use keyvex_engine::record::{
-    Commit, Receipt, RecordError, Recorder, RequestRecord, SessionMessage, ShutdownReport,
+    CallIntent, Commit, Receipt, RecordError, Recorder, RequestRecord, SessionMessage,
+    ShutdownReport,
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -32,6 +43,7 @@ use crate::entry::{Sink, StoreError};
 use crate::error::MetricsError;
 use crate::ledger::{DeadLetter, Ledger};
 use crate::sessions::{PendingFilter, PendingSessions};
+use owners::OwnerLock;
 
 /// Settings of the tracker.
 #[derive(Debug, Clone)]
@@ -48,6 +60,11 @@ pub struct MetricsConfig {
     pub retry_base: Duration,
     pub retry_cap: Duration,
     pub alerts: AlertConfig,
+    /// A replica silent this long in the shared store (no heartbeat) is taken for lost, and
+    /// another replica records the calls it had in flight as `interrupted`. Heartbeats, sweeps
+    /// and the look for stopped processes on the same ledger run every fifth of it. It must be
+    /// longer than a heartbeat write can take, and is best well over a call's longest life.
+    pub replica_lost_after: Duration,
 }
 
 impl MetricsConfig {
@@ -60,6 +77,7 @@ impl MetricsConfig {
             retry_base: Duration::from_millis(100),
             retry_cap: Duration::from_secs(30),
             alerts: AlertConfig::default(),
+            replica_lost_after: Duration::from_secs(300),
         }
     }
 }
@@ -108,6 +126,17 @@ pub struct MetricsHealth {
     pub pending: u64,
     pub oldest_pending_age_ms: Option<u64>,
     pub alerts_raised: u64,
+    /// Call intents handed over since start (one per call that went out, and one more per
+    /// failed call its request went on from).
+    pub intents: u64,
+    /// Call intents copied to the shared store since start (0 without one).
+    pub intents_shared: u64,
+    /// `interrupted` records this process wrote since start for calls of processes that stopped
+    /// on this ledger (adopted at start, later, or its own at shutdown).
+    pub recovered: u64,
+    /// `interrupted` records this process wrote to the shared store since start for calls of
+    /// replicas it found lost.
+    pub swept: u64,
 }
 
 enum Msg {
@@ -115,6 +144,9 @@ enum Msg {
     Message(SessionMessage, Commit),
     /// An alert raised outside the rules (a catalog version a replica could not load).
     Alert(Alert, Commit),
+    Intent(CallIntent),
+    /// Adopt the intents of a stopped process (whose owner lock is held).
+    Adopt(OwnerLock, Commit),
     Close,
 }
 
@@ -136,6 +168,10 @@ struct Counters {
     dead_lettered: AtomicU64,
     dead_letters: AtomicU64,
     requeued: AtomicU64,
+    intents: AtomicU64,
+    intents_shared: AtomicU64,
+    recovered: AtomicU64,
+    swept: AtomicU64,
 }
 
 struct Shared {
@@ -150,6 +186,12 @@ struct Shared {
     changes: watch::Sender<u64>,
     /// The most recent sink error and when it happened (unix ms).
     last_error: Mutex<Option<(String, u64)>>,
+    /// This tracker's owner id on the ledger, and its lock (taken back at a clean shutdown).
+    owner_id: String,
+    owner: Mutex<Option<OwnerLock>>,
+    /// Where every replica's open intents are kept, when the store is shared.
+    remote: Option<Arc<dyn SharedIntents>>,
+    started_ms: u64,
 }
 
 impl Shared {
@@ -198,7 +240,10 @@ struct Inner {
     closed: AtomicBool,
     ledger_task: Mutex<Option<JoinHandle<()>>>,
     shipper_task: Mutex<Option<JoinHandle<()>>>,
+    intents_task: Mutex<Option<JoinHandle<()>>>,
     cancel: CancellationToken,
+    /// Stops the intents task first at shutdown (the drop guard stops everything else).
+    intents_cancel: CancellationToken,
     /// Dropping the last `Tracker` stops the shipper; the ledger task still commits what it
     /// received (its channel closes) so nothing receipted is lost.
     _cancel_on_drop: DropGuard,
@@ -212,12 +257,31 @@ pub struct Tracker {
 
 impl Tracker {
     /// Opens (or creates) the ledger, and starts the ledger and shipper tasks on the current
-    /// runtime. Entries left by an earlier run are shipped first.
+    /// runtime. Entries left by an earlier run are shipped first, and the calls a stopped
+    /// process on this ledger left in flight are recorded as `interrupted` before this returns.
     pub async fn start(cfg: MetricsConfig, sink: Arc<dyn Sink>) -> Result<Tracker, MetricsError> {
+        Tracker::start_with(cfg, sink, None).await
+    }
+
+    /// [`Tracker::start`] with the intents of every replica kept in a shared store too.
+    pub(crate) async fn start_with(
+        cfg: MetricsConfig,
+        sink: Arc<dyn Sink>,
+        remote: Option<Arc<dyn SharedIntents>>,
+    ) -> Result<Tracker, MetricsError> {
         let path = cfg.ledger_path.clone();
-        let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path))
-            .await
-            .map_err(|_| MetricsError::LedgerStopped)??;
+        let (ledger, owner) = tokio::task::spawn_blocking(move || {
+            let ledger = Ledger::open(&path)?;
+            // Claimed before any intent is written under it, so a running owner always holds
+            // its lock.
+            let owner = OwnerLock::claim(&path).map_err(|source| MetricsError::Owner {
+                path: owners::owners_dir(&path).display().to_string(),
+                source,
+            })?;
+            Ok::<_, MetricsError>((ledger, owner))
+        })
+        .await
+        .map_err(|_| MetricsError::LedgerStopped)??;
         let (count, oldest) = ledger.backlog()?;
         let dead = ledger.dead_letter_count()?;
         if dead > 0 {
@@ -248,11 +312,28 @@ impl Tracker {
             draining: AtomicBool::new(false),
             changes: watch::Sender::new(0),
             last_error: Mutex::new(None),
+            owner_id: owner.id().to_owned(),
+            owner: Mutex::new(Some(owner)),
+            remote,
+            started_ms: now_ms(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let intents_cancel = cancel.child_token();
         let ledger_task = tokio::spawn(commit::ledger_loop(rx, Arc::clone(&shared), alerts));
         let shipper_task = tokio::spawn(shipper::shipper_loop(Arc::clone(&shared), cancel.clone()));
+        let recovered = intents::adopt_gone_owners(&shared, &tx).await;
+        if recovered > 0 {
+            tracing::warn!(
+                recovered,
+                "calls in flight when an earlier process on this ledger stopped are recorded as interrupted"
+            );
+        }
+        let intents_task = tokio::spawn(intents::intents_loop(
+            Arc::clone(&shared),
+            tx.clone(),
+            intents_cancel.clone(),
+        ));
         Ok(Tracker {
             inner: Arc::new(Inner {
                 tx,
@@ -260,8 +341,10 @@ impl Tracker {
                 closed: AtomicBool::new(false),
                 ledger_task: Mutex::new(Some(ledger_task)),
                 shipper_task: Mutex::new(Some(shipper_task)),
+                intents_task: Mutex::new(Some(intents_task)),
                 _cancel_on_drop: cancel.clone().drop_guard(),
                 cancel,
+                intents_cancel,
             }),
         })
     }
@@ -275,6 +358,23 @@ impl Tracker {
             return Receipt::refused(RecordError::Closed);
         }
         self.send(|tx| Msg::Record(rec, tx))
+    }
+
+    /// Hands a call's intent to the ledger without awaiting anything; it is committed with the
+    /// next group (never on its own), and ended by the call's record.
+    pub fn record_intent(&self, intent: CallIntent) {
+        if self.inner.closed.load(Ordering::Acquire) {
+            // The call's record will be refused too; shutdown records what is still open.
+            tracing::debug!(request_id = %intent.record.request_id, "call intent after shutdown was not accepted");
+            return;
+        }
+        if self.inner.tx.send(Msg::Intent(intent)).is_ok() {
+            self.inner
+                .shared
+                .counters
+                .intents
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Hands a session message to the ledger, exactly like [`Tracker::record`]: no I/O, and the
@@ -343,6 +443,10 @@ impl Tracker {
             pending,
             oldest_pending_age_ms: (pending > 0 && oldest > 0).then(|| now.saturating_sub(oldest)),
             alerts_raised: c.alerts_raised.load(Ordering::Relaxed),
+            intents: c.intents.load(Ordering::Relaxed),
+            intents_shared: c.intents_shared.load(Ordering::Relaxed),
+            recovered: c.recovered.load(Ordering::Relaxed),
+            swept: c.swept.load(Ordering::Relaxed),
         }
     }
 
@@ -414,11 +518,21 @@ impl Tracker {
         }
     }
 
-    /// Stops accepting, commits everything queued to the ledger, then ships until the ledger is
+    /// Stops accepting, commits everything queued to the ledger, records the calls still open
+    /// as `interrupted` (no record of theirs can come any more), then ships until the ledger is
     /// empty or `deadline` passes. What is not shipped stays in the ledger for the next start.
     pub async fn shutdown(&self, deadline: Instant) -> ShutdownReport {
         let inner = &self.inner;
         inner.closed.store(true, Ordering::Release);
+        inner.intents_cancel.cancel();
+        let intents_task = inner
+            .intents_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(task) = intents_task {
+            let _ = task.await;
+        }
         // The ledger closes its receiver on `Close` and drains what was sent before it.
         let _ = inner.tx.send(Msg::Close);
         let ledger_task = inner
@@ -437,6 +551,9 @@ impl Tracker {
                 }
             }
         }
+        if ledger_flushed {
+            self.interrupt_open_calls().await;
+        }
         inner.shared.draining.store(true, Ordering::Release);
         inner.shared.ship_wake.notify_one();
         let shipper = inner
@@ -450,6 +567,36 @@ impl Tracker {
             deadline_hit = true;
             inner.cancel.cancel();
             let _ = task.await;
+        }
+        if let Some(remote) = &inner.shared.remote
+            && tokio::time::timeout_at(
+                deadline,
+                intents::share_round(&inner.shared, remote.as_ref()),
+            )
+            .await
+            .is_err()
+        {
+            deadline_hit = true;
+        }
+        let owner = inner
+            .shared
+            .owner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match owner {
+            // Nothing of ours is open any more: the lock file can go.
+            Some(owner) if ledger_flushed => owner.retire(),
+            // The ledger task may still commit records of open calls: the lock stays held until
+            // the process ends, and whoever starts next adopts what is left then.
+            Some(owner) => {
+                *inner
+                    .shared
+                    .owner
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(owner)
+            }
+            None => {}
         }
         let c = &inner.shared.counters;
         let counts = inner
@@ -494,6 +641,32 @@ impl Tracker {
         }
         report
     }
+
+    /// At shutdown, once the ledger task drained: this process's calls whose record never came
+    /// (a stream still open when the recorder closed) become `interrupted` records.
+    async fn interrupt_open_calls(&self) {
+        let shared = &self.inner.shared;
+        let me = shared.owner_id.clone();
+        let shared_mode = shared.remote.is_some();
+        let now = now_ms();
+        match shared
+            .with_ledger(move |l| l.adopt(&me, &me, shared_mode, now))
+            .await
+        {
+            Ok(records) if !records.is_empty() => {
+                let n = records.len() as u64;
+                commit::count_recovered(shared, n, now);
+                tracing::warn!(
+                    recorded = n,
+                    "calls still in flight at shutdown are recorded as interrupted"
+                );
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::error!(error = %err, "could not record the calls still in flight at shutdown; the next start records them");
+            }
+        }
+    }
 }
 
 /// The engine's [`Recorder`]: call records and session messages go through the ledger like any
@@ -505,6 +678,10 @@ impl Recorder for Tracker {
 
     fn record_message(&self, message: SessionMessage) -> Receipt {
         self.record_session_message(message)
+    }
+
+    fn record_intent(&self, intent: CallIntent) {
+        Tracker::record_intent(self, intent);
     }
 
     fn shutdown(&self, deadline: Instant) -> BoxFuture<'_, ShutdownReport> {

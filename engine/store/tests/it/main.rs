@@ -10,6 +10,8 @@
 mod admin_reads;
 mod catalog_versions;
 mod hung_endpoint;
+mod intents;
+mod redis_limits;
 mod sessions;
 mod shipping;
 mod stores_open;

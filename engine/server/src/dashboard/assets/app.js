@@ -154,7 +154,9 @@ async function loadAll() {
     // An older server without the endpoint still shows everything else.
     api("/v1/admin/requests/notable", { from: String(from), to: String(to), ...filter }).catch((e) => { if (e instanceof AuthError) throw e; return null; }),
   ]);
-  return { from, to, bucket, series, byProcess, byProvider, byModel, byUser, today, alerts: alerts.alerts || [], models, notable };
+  // Spend against budget; a budget store that cannot answer (Redis down) leaves the rest shown.
+  const budgets = await api("/v1/admin/budgets", {}).catch((e) => { if (e instanceof AuthError) throw e; return null; });
+  return { from, to, bucket, series, byProcess, byProvider, byModel, byUser, today, alerts: alerts.alerts || [], models, notable, budgets };
 }
 
 // ---------------------------------------------------------------- refresh cycle
@@ -344,13 +346,31 @@ function renderCost(panel, d) {
       series: ["p50", "p95", "p99"].map((p) => ({ name: p, color: C[p], values: d.byProcess.groups.map((g) => g.costPerRequestMicroUsd[p] / 1e6) })),
     })),
   ]));
+  if (d.budgets) blocks.push(grid([budgetCard(d.budgets)]));
   mount(panel, blocks);
+}
+
+/// Spent (and held by calls in flight) against each limit, this UTC day and this month.
+function budgetCard(b) {
+  const cell = (line) => {
+    if (!line) return "–";
+    const spent = usd(line.spentUsd);
+    const held = line.reservedUsd > 0 ? ` (+${usd(line.reservedUsd)} in flight)` : "";
+    if (line.limitUsd == null) return `${spent}${held} · no limit`;
+    const share = line.limitUsd > 0 ? (line.spentUsd + line.reservedUsd) / line.limitUsd : 1;
+    const text = el("span", share >= 1 ? "bad" : share >= 0.8 ? "warn" : null, `${spent}${held} of ${usd(line.limitUsd)} (${pct(share)})`);
+    return text;
+  };
+  const rows = [["all callers", cell(b.global), "–"]].concat(
+    b.callers.map((c) => [c.caller, cell(c.day), cell(c.month)]));
+  return tableCard("Spend against budget", `today and this month, UTC · ${b.store}`,
+    table(["Caller", "Today", "This month"], rows), true);
 }
 
 function renderUsage(panel, d) {
   const t = d.series.totals;
   const blocks = [kpis([
-    kpi("Requests", nf.format(t.requests), `${nf.format(t.errors)} failed · ${nf.format(t.cancelled)} cancelled`),
+    kpi("Requests", nf.format(t.requests), `${nf.format(t.errors)} failed (${nf.format(t.interrupted || 0)} interrupted) · ${nf.format(t.cancelled)} cancelled`),
     kpi("Input tokens", compact(t.inputTokens), `${pct(t.inputTokens ? t.cachedInputTokens / t.inputTokens : 0)} read from cache`),
     kpi("Cached input tokens", compact(t.cachedInputTokens)),
     kpi("Output tokens", compact(t.outputTokens), t.requests ? `${compact(Math.round(t.outputTokens / t.requests))} per request` : null),
@@ -366,7 +386,8 @@ function renderUsage(panel, d) {
       labels: s.labels, tooltipLabels: s.tips, format: compact, stacked: true,
       series: [
         { name: "Succeeded", color: PALETTE[2], values: s.rows.map((r) => (r ? r.requests - r.errors - r.cancelled : 0)) },
-        { name: "Failed", color: PALETTE[3], values: s.rows.map((r) => (r ? r.errors : 0)) },
+        { name: "Failed", color: PALETTE[3], values: s.rows.map((r) => (r ? r.errors - (r.interrupted || 0) : 0)) },
+        { name: "Interrupted", color: PALETTE[5], values: s.rows.map((r) => (r ? r.interrupted || 0 : 0)) },
         { name: "Cancelled", color: PALETTE[9], values: s.rows.map((r) => (r ? r.cancelled : 0)) },
       ],
     }), true),
@@ -510,6 +531,7 @@ function pipelineCard(p) {
     ["Accepted / durable", `${nf.format(p.accepted)} / ${nf.format(p.durable)}`],
     ["Ledger commits / errors", `${nf.format(p.ledgerCommits)} / ${nf.format(p.ledgerErrors)}`],
     ["Alerts raised", nf.format(p.alertsRaised)],
+    ["Calls recorded as interrupted", `${nf.format(p.recovered || 0)} after a stop here · ${nf.format(p.swept || 0)} of lost replicas`],
   ];
   const card = tableCard("Metrics pipeline", "since this server started", table(["", ""], rows));
   card.querySelector(".card-head").append(status);

@@ -1,0 +1,329 @@
+//! Two real `keyvex serve` processes sharing one Redis (`REDIS_URL`): a caller's burst and a
+//! dollar budget hold across both; with Redis stopped, rate limits fail open and budgets fail
+//! closed (both counted in `/metrics`), and service resumes when Redis returns.
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keyvex_engine::{Cost, Engine, Process};
+use keyvex_testkit::redis::Redis;
+use keyvex_testkit::{MemoryRecorder, TempDir, business};
+use serde_json::{Value, json};
+
+use crate::cli_support::records;
+
+const ALICE: &str = "alice-key-shared-1";
+const ADMIN: &str = "root-key-shared-2";
+
+/// A `keyvex serve` child, killed on drop.
+struct Serve {
+    child: Child,
+    base: String,
+    log: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Serve {
+    /// Stops the process and returns what it logged.
+    fn stop(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log.take().unwrap().join().unwrap()
+    }
+}
+
+/// `keyvex serve` on the in-process simulator (fast), its metrics in `db`, limits and budgets in
+/// the Redis at `redis_url`, with `extra` settings.
+fn serve(db: &Path, redis_url: &str, extra: &[(&str, &str)]) -> Serve {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keyvex"));
+    command
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .env(
+            "KEYVEX_API_KEYS",
+            format!("{ALICE}=alice:user,{ADMIN}=root:admin"),
+        )
+        .env("KEYVEX_METRICS_DB", db)
+        .env("KEYVEX_METRICS_FLUSH_MS", "50")
+        .env("KEYVEX_SIMULATE", "always")
+        .env("KEYVEX_SIM_PROFILE", "fast")
+        .env("REDIS_URL", redis_url)
+        .env("KEYVEX_REDIS_TIMEOUT_MS", "200")
+        .env("RUST_LOG", "warn")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("DYNAMODB_TABLE_NAME")
+        .env_remove("SQS_AI_PROCESSING_QUEUE_URL")
+        .env_remove("KEYVEX_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    // Keep reading stderr so the child never blocks on a full pipe.
+    let log = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in stderr.lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line.strip_prefix("keyvex: listening on ") {
+                let _ = addr_tx.send(addr.to_owned());
+            }
+            all.push(line);
+        }
+        all
+    });
+    let mut serve = Serve {
+        child,
+        base: String::new(),
+        log: Some(log),
+    };
+    serve.base = addr_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("keyvex printed its address");
+    serve
+}
+
+fn worst_case() -> Cost {
+    Engine::builder()
+        .recorder(MemoryRecorder::new())
+        .build()
+        .unwrap()
+        .agent_worst_case(Process::MagicSpark, &business())
+        .unwrap()
+}
+
+async fn run_agent(http: &reqwest::Client, base: &str) -> (u16, Value) {
+    let resp = http
+        .post(format!("{base}/v1/agents/magic-spark"))
+        .bearer_auth(ALICE)
+        .json(&json!({ "input": business() }))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    if status != 200 {
+        return (status, resp.json().await.unwrap());
+    }
+    let events = keyvex_testkit::read_sse(resp).await;
+    (status, keyvex_testkit::last(&events, "done").clone())
+}
+
+fn billed(db: &Path) -> u64 {
+    records(db)
+        .iter()
+        .map(|r| r["costPicoUsd"].as_u64().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_burst_and_a_dollar_budget_hold_across_two_replicas() {
+    let redis = Redis::start().await;
+    let dir = TempDir::new("shared-limits");
+    let worst = worst_case();
+    // Room for one call at its worst case and half of another.
+    let limit = Cost(worst.0 * 3 / 2);
+    let limit_usd = format!(
+        "{}.{:012}",
+        limit.0 / 1_000_000_000_000,
+        limit.0 % 1_000_000_000_000
+    );
+    let settings = [
+        ("KEYVEX_RATE_LIMIT_BURST", "5"),
+        ("KEYVEX_RATE_LIMIT_PER_HOUR", "1"),
+        ("KEYVEX_BUDGET_DAILY_USD", limit_usd.as_str()),
+    ];
+    let (db_a, db_b) = (dir.file("a.sqlite3"), dir.file("b.sqlite3"));
+    let a = serve(&db_a, &redis.url, &settings);
+    let b = serve(&db_b, &redis.url, &settings);
+    let http = reqwest::Client::new();
+
+    // The admin's burst of 5 on one endpoint, spread over both replicas: exactly 5 pass.
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let base = if i % 2 == 0 { &a.base } else { &b.base };
+        let resp = http
+            .get(format!("{base}/v1/admin/whoami"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        7,
+        "{statuses:?}"
+    );
+
+    // Alice's daily budget holds one call's worst case; five at once over both replicas (her
+    // burst on the agent route is five too, so no rate limit gets in the way).
+    let calls = (0..5).map(|i| {
+        let base = if i % 2 == 0 {
+            a.base.clone()
+        } else {
+            b.base.clone()
+        };
+        let http = http.clone();
+        async move { run_agent(&http, &base).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let mut ok = 0;
+    let mut refused = 0;
+    for (status, body) in &answers {
+        match status {
+            200 if body["status"] == "succeeded" => ok += 1,
+            // Admitted by the check, refused by the reservation (the stream's `done`).
+            200 => refused += 1,
+            429 => {
+                assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(ok >= 1, "one worst case fits: {answers:?}");
+    assert!(refused >= 1, "five at once do not: {answers:?}");
+    // Both replicas read the same counter from Redis. Once every record is shipped and every
+    // settle applied, it holds exactly what the two replicas billed, nothing reserved.
+    let alice_day = |all: Value| {
+        all["callers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["caller"] == "alice")
+            .unwrap()["day"]
+            .clone()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let spent = loop {
+        let mut days = Vec::new();
+        for base in [&a.base, &b.base] {
+            let all: Value = http
+                .get(format!("{base}/v1/admin/budgets"))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert!(all["store"].as_str().unwrap().contains("redis"), "{all}");
+            days.push(alice_day(all));
+        }
+        let billed = billed(&db_a) + billed(&db_b);
+        let settled = days
+            .iter()
+            .all(|d| d["reservedPicoUsd"] == 0 && d["spentPicoUsd"].as_u64() == Some(billed));
+        if settled && billed > 0 {
+            break billed;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "billed {billed}, Redis says {days:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        spent <= limit.0,
+        "billed {spent} over the shared limit {}",
+        limit.0
+    );
+    let log = a.stop();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("limits shared by every replica")),
+        "the banner says where limits are kept: {log:?}"
+    );
+    b.stop();
+}
+
+#[tokio::test]
+async fn with_redis_down_rate_limits_fail_open_and_budgets_fail_closed_until_it_returns() {
+    let mut redis = Redis::start().await;
+    let dir = TempDir::new("redis-outage");
+    let a = serve(
+        &dir.file("a.sqlite3"),
+        &redis.url,
+        &[("KEYVEX_BUDGET_DAILY_USD", "100")],
+    );
+    let http = reqwest::Client::new();
+    assert_eq!(run_agent(&http, &a.base).await.0, 200);
+
+    redis.stop();
+    // Rate limits fail open: the admin route still answers.
+    for _ in 0..3 {
+        let resp = http
+            .get(format!("{}/v1/admin/whoami", a.base))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    // Budgets fail closed: no model call without a budget check.
+    let (status, body) = run_agent(&http, &a.base).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "budget_unavailable", "{body}");
+    let metrics = http
+        .get(format!("{}/metrics", a.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("keyvex_shared_limits_unavailable_total") >= 3,
+        "{metrics}"
+    );
+    assert!(
+        count("keyvex_budget_store_unavailable_total") >= 1,
+        "{metrics}"
+    );
+
+    redis.restart().await;
+    // Service resumes once the connection is back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = run_agent(&http, &a.base).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no recovery: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = a.stop();
+    // Logged once per episode, not once per request.
+    let down = log
+        .iter()
+        .filter(|l| l.contains("spend store unavailable"))
+        .count();
+    assert_eq!(down, 1, "{log:?}");
+}

@@ -1,0 +1,158 @@
+//! Spend counters in this process: one mutex over a map, so a reservation checks and takes every
+//! line in one step. Without a shared store, each replica enforces its budgets on its own.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, PoisonError};
+use std::time::SystemTime;
+
+use futures::future::{BoxFuture, FutureExt};
+
+use super::{CallerBudget, LineState, SpendError, SpendLine, SpendStore};
+use crate::cost::Cost;
+
+#[derive(Debug, Default)]
+struct Counter {
+    spent: u64,
+    reserved: u64,
+    /// Past this the counter's window is over and it can be forgotten.
+    expires: Option<SystemTime>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    counters: HashMap<String, Counter>,
+    callers: BTreeMap<String, CallerBudget>,
+    /// Operations since the last sweep of expired counters.
+    since_sweep: u32,
+}
+
+/// Spend counters kept in this process.
+#[derive(Debug, Default)]
+pub struct InProcessSpend {
+    state: Mutex<State>,
+}
+
+/// Expired counters are swept every this many operations.
+const SWEEP_EVERY: u32 = 4096;
+
+impl State {
+    fn limit_of(&self, line: &SpendLine) -> Option<Cost> {
+        let own = line.override_of.as_ref().and_then(|c| self.callers.get(c));
+        let own = own.and_then(|b| match line.scope {
+            super::BudgetScope::CallerDaily => b.daily,
+            super::BudgetScope::CallerMonthly => b.monthly,
+            _ => None,
+        });
+        own.or(line.limit)
+    }
+
+    fn state_of(&self, line: &SpendLine) -> LineState {
+        let counter = self.counters.get(&line.key);
+        LineState {
+            spent: Cost(counter.map_or(0, |c| c.spent)),
+            reserved: Cost(counter.map_or(0, |c| c.reserved)),
+            limit: self.limit_of(line),
+        }
+    }
+
+    fn counter(&mut self, line: &SpendLine, now: SystemTime) -> &mut Counter {
+        let counter = self.counters.entry(line.key.clone()).or_default();
+        counter.expires = now.checked_add(line.keep_for);
+        counter
+    }
+
+    fn sweep(&mut self, now: SystemTime) {
+        self.since_sweep += 1;
+        if self.since_sweep < SWEEP_EVERY {
+            return;
+        }
+        self.since_sweep = 0;
+        self.counters
+            .retain(|_, c| c.reserved > 0 || c.expires.is_none_or(|at| at > now));
+    }
+}
+
+impl InProcessSpend {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn reserve_now(&self, lines: &[SpendLine], amount: Cost) -> Result<(), SpendError> {
+        let now = SystemTime::now();
+        let mut state = self.lock();
+        state.sweep(now);
+        for (index, line) in lines.iter().enumerate() {
+            let current = state.state_of(line);
+            if let Some(limit) = current.limit
+                && current
+                    .spent
+                    .0
+                    .saturating_add(current.reserved.0)
+                    .saturating_add(amount.0)
+                    > limit.0
+            {
+                return Err(SpendError::Refused {
+                    index,
+                    state: current,
+                });
+            }
+        }
+        for line in lines {
+            let counter = state.counter(line, now);
+            counter.reserved = counter.reserved.saturating_add(amount.0);
+        }
+        Ok(())
+    }
+}
+
+impl SpendStore for InProcessSpend {
+    fn reserve<'a>(
+        &'a self,
+        lines: &'a [SpendLine],
+        amount: Cost,
+    ) -> BoxFuture<'a, Result<(), SpendError>> {
+        futures::future::ready(self.reserve_now(lines, amount)).boxed()
+    }
+
+    fn settle(&self, lines: Vec<SpendLine>, reserved: Cost, actual: Cost) {
+        let now = SystemTime::now();
+        let mut state = self.lock();
+        for line in &lines {
+            let counter = state.counter(line, now);
+            counter.reserved = counter.reserved.saturating_sub(reserved.0);
+            counter.spent = counter.spent.saturating_add(actual.0);
+        }
+    }
+
+    fn read<'a>(
+        &'a self,
+        lines: &'a [SpendLine],
+    ) -> BoxFuture<'a, Result<Vec<LineState>, SpendError>> {
+        let state = self.lock();
+        let states = lines.iter().map(|l| state.state_of(l)).collect();
+        futures::future::ready(Ok(states)).boxed()
+    }
+
+    fn set_caller<'a>(
+        &'a self,
+        caller: &'a str,
+        budget: CallerBudget,
+    ) -> BoxFuture<'a, Result<(), SpendError>> {
+        let mut state = self.lock();
+        if budget.is_empty() {
+            state.callers.remove(caller);
+        } else {
+            state.callers.insert(caller.to_owned(), budget);
+        }
+        futures::future::ready(Ok(())).boxed()
+    }
+
+    fn callers(&self) -> BoxFuture<'_, Result<BTreeMap<String, CallerBudget>, SpendError>> {
+        let callers = self.lock().callers.clone();
+        futures::future::ready(Ok(callers)).boxed()
+    }
+
+    fn describe(&self) -> String {
+        "in this process (each replica counts its own spend)".to_owned()
+    }
+}

@@ -1,0 +1,273 @@
+//! Dollar budgets in Redis: one hash per budget window (`spent`, `reserved`), and one hash of
+//! the callers' own limits set through the admin API, read by the scripts themselves so every
+//! replica applies the same limit in the same step.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use keyvex_engine::budgets::{CallerBudget, LineState, SpendError, SpendLine, SpendStore};
+use keyvex_engine::cost::Cost;
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+
+use super::{RedisConfig, RedisLimits, run_script};
+
+/// The hash of callers' own limits: field caller, value `DAILY,MONTHLY` in picodollars.
+const CALLERS_KEY: &str = "keyvex:budget:callers";
+
+type Settle = (Vec<String>, Vec<u64>, Cost, Cost);
+
+/// Spend counters in Redis.
+pub struct RedisSpend {
+    limits: RedisLimits,
+    reserve: redis::Script,
+    read: redis::Script,
+    settles: mpsc::UnboundedSender<Settle>,
+}
+
+impl RedisSpend {
+    pub(super) fn new(limits: RedisLimits, config: &RedisConfig) -> RedisSpend {
+        let (settles, rx) = mpsc::unbounded_channel();
+        // Ends when this store (the only sender) is dropped.
+        tokio::spawn(send_settles(
+            limits.inner.conn.clone(),
+            redis::Script::new(include_str!("settle_spend.lua")),
+            config.timeout,
+            rx,
+        ));
+        RedisSpend {
+            limits,
+            reserve: redis::Script::new(concat!(
+                include_str!("limits_in_force.lua"),
+                include_str!("reserve_spend.lua")
+            )),
+            read: redis::Script::new(concat!(
+                include_str!("limits_in_force.lua"),
+                include_str!("read_spend.lua")
+            )),
+            settles,
+        }
+    }
+
+    fn invocation<'s>(
+        script: &'s redis::Script,
+        lines: &[SpendLine],
+        amount: Cost,
+    ) -> redis::ScriptInvocation<'s> {
+        let mut invocation = script.prepare_invoke();
+        for line in lines {
+            invocation.key(key_of(line));
+        }
+        invocation.key(CALLERS_KEY);
+        let caller = lines
+            .iter()
+            .find_map(|l| l.override_of.clone())
+            .unwrap_or_default();
+        invocation.arg(amount.0).arg(lines.len()).arg(caller);
+        for line in lines {
+            let which = match (line.override_of.is_some(), line.scope) {
+                (true, keyvex_engine::budgets::BudgetScope::CallerDaily) => "daily",
+                (true, keyvex_engine::budgets::BudgetScope::CallerMonthly) => "monthly",
+                _ => "",
+            };
+            invocation
+                .arg(line.limit.map_or_else(String::new, |l| l.0.to_string()))
+                .arg(which)
+                .arg(keep_secs(line.keep_for));
+        }
+        invocation
+    }
+}
+
+fn key_of(line: &SpendLine) -> String {
+    format!("keyvex:budget:{}", line.key)
+}
+
+fn keep_secs(d: Duration) -> u64 {
+    d.as_secs().max(1)
+}
+
+fn parse_cost(text: &str) -> Cost {
+    Cost(text.parse::<u64>().unwrap_or(0))
+}
+
+fn parse_limit(text: &str) -> Option<Cost> {
+    (!text.is_empty()).then(|| parse_cost(text))
+}
+
+impl SpendStore for RedisSpend {
+    fn reserve<'a>(
+        &'a self,
+        lines: &'a [SpendLine],
+        amount: Cost,
+    ) -> BoxFuture<'a, Result<(), SpendError>> {
+        async move {
+            let invocation = Self::invocation(&self.reserve, lines, amount);
+            let answer: Vec<redis::Value> = self
+                .limits
+                .run(invocation)
+                .await
+                .map_err(SpendError::Unavailable)?;
+            let text = |v: &redis::Value| match v {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                redis::Value::Int(n) => n.to_string(),
+                redis::Value::SimpleString(s) => s.clone(),
+                _ => String::new(),
+            };
+            match answer.as_slice() {
+                [redis::Value::Int(1)] => Ok(()),
+                [redis::Value::Int(0), index, spent, reserved, limit] => {
+                    let index = text(index).parse::<usize>().unwrap_or(0);
+                    Err(SpendError::Refused {
+                        index,
+                        state: LineState {
+                            spent: parse_cost(&text(spent)),
+                            reserved: parse_cost(&text(reserved)),
+                            limit: parse_limit(&text(limit)),
+                        },
+                    })
+                }
+                other => Err(SpendError::Unavailable(format!(
+                    "unexpected answer from the reserve script: {other:?}"
+                ))),
+            }
+        }
+        .boxed()
+    }
+
+    fn settle(&self, lines: Vec<SpendLine>, reserved: Cost, actual: Cost) {
+        let keys = lines.iter().map(key_of).collect();
+        let keep = lines.iter().map(|l| keep_secs(l.keep_for)).collect();
+        // The receiver lives as long as this store; a send fails only at shutdown.
+        let _ = self.settles.send((keys, keep, reserved, actual));
+    }
+
+    fn read<'a>(
+        &'a self,
+        lines: &'a [SpendLine],
+    ) -> BoxFuture<'a, Result<Vec<LineState>, SpendError>> {
+        async move {
+            let invocation = Self::invocation(&self.read, lines, Cost::ZERO);
+            let answer: Vec<(String, String, String)> = self
+                .limits
+                .run(invocation)
+                .await
+                .map_err(SpendError::Unavailable)?;
+            Ok(answer
+                .iter()
+                .map(|(spent, reserved, limit)| LineState {
+                    spent: parse_cost(spent),
+                    reserved: parse_cost(reserved),
+                    limit: parse_limit(limit),
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn set_caller<'a>(
+        &'a self,
+        caller: &'a str,
+        budget: CallerBudget,
+    ) -> BoxFuture<'a, Result<(), SpendError>> {
+        async move {
+            let mut conn = self.limits.inner.conn.clone();
+            let mut cmd = if budget.is_empty() {
+                redis::cmd("HDEL")
+            } else {
+                redis::cmd("HSET")
+            };
+            cmd.arg(CALLERS_KEY).arg(caller);
+            if !budget.is_empty() {
+                let part = |c: Option<Cost>| c.map_or_else(String::new, |c| c.0.to_string());
+                cmd.arg(format!("{},{}", part(budget.daily), part(budget.monthly)));
+            }
+            match tokio::time::timeout(self.limits.inner.timeout, cmd.query_async::<i64>(&mut conn))
+                .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(SpendError::Unavailable(e.to_string())),
+                Err(_) => Err(SpendError::Unavailable("no answer in time".into())),
+            }
+        }
+        .boxed()
+    }
+
+    fn callers(&self) -> BoxFuture<'_, Result<BTreeMap<String, CallerBudget>, SpendError>> {
+        async move {
+            let mut conn = self.limits.inner.conn.clone();
+            let all = match tokio::time::timeout(
+                self.limits.inner.timeout,
+                redis::cmd("HGETALL")
+                    .arg(CALLERS_KEY)
+                    .query_async::<BTreeMap<String, String>>(&mut conn),
+            )
+            .await
+            {
+                Ok(Ok(all)) => all,
+                Ok(Err(e)) => return Err(SpendError::Unavailable(e.to_string())),
+                Err(_) => return Err(SpendError::Unavailable("no answer in time".into())),
+            };
+            Ok(all
+                .into_iter()
+                .map(|(caller, value)| {
+                    let (daily, monthly) = value.split_once(',').unwrap_or((&value, ""));
+                    (
+                        caller,
+                        CallerBudget {
+                            daily: parse_limit(daily),
+                            monthly: parse_limit(monthly),
+                        },
+                    )
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (shared by every replica using it)",
+            self.limits.inner.shown
+        )
+    }
+}
+
+/// Sends settles in order. One Redis cannot take is retried a few times and then dropped with an
+/// error: its reservation then stays counted as spent until the window ends, which errs on the
+/// side of the budget.
+async fn send_settles(
+    conn: ConnectionManager,
+    script: redis::Script,
+    timeout: Duration,
+    mut rx: mpsc::UnboundedReceiver<Settle>,
+) {
+    while let Some((keys, keep, reserved, actual)) = rx.recv().await {
+        let mut tries = 0;
+        loop {
+            let mut invocation = script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            invocation.arg(reserved.0).arg(actual.0);
+            for k in &keep {
+                invocation.arg(*k);
+            }
+            match run_script::<i64>(&conn, timeout, invocation).await {
+                Ok(_) => break,
+                Err(error) if tries < 5 => {
+                    tries += 1;
+                    tracing::warn!(%error, tries, "budget settle not applied in Redis yet; retrying");
+                    tokio::time::sleep(timeout * tries).await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, reserved = %reserved, actual = %actual,
+                        "budget settle dropped: Redis did not take it; the reservation stays counted until the window ends");
+                    break;
+                }
+            }
+        }
+    }
+}
