@@ -3,14 +3,19 @@
 //! route (`rate_limit`); and around everything, the answered-requests counter
 //! (`count_requests`).
 
+use std::sync::{Arc, OnceLock};
+
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use keyvex_engine::limits::Allowance;
+
 use crate::auth::Caller;
 use crate::config::CallerRole;
 use crate::error::{self, ApiError};
+use crate::routes;
 use crate::state::AppState;
 
 const HOW: &str = "send `Authorization: Bearer <key>` with a key configured in KEYVEX_API_KEYS (KEY=CALLER:ROLE) or the config file; `keyvex serve` prints a development key at start when none is configured";
@@ -74,10 +79,30 @@ pub(crate) async fn count_requests(
     response
 }
 
-/// Per caller and endpoint (the matched route), with `x-ratelimit-*` on every answer.
+/// The routes that open model calls. Their handlers take the caller's limit in
+/// [`admit`](crate::routes::budgets::admit), sent at the same time as the budget check: with
+/// Redis each is a round trip, and one after the other would both sit before the first token.
+/// A request such a handler refuses before admission (an invalid body) takes nothing from the
+/// limit.
+const LIMITED_AT_ADMISSION: &[&str] = &[
+    routes::agents::PATH,
+    routes::pipeline::PATH,
+    routes::chat::PATH,
+];
+
+/// The caller's limit on a route that takes it at admission: the endpoint it counts against,
+/// and the allowance once taken, for this middleware to show in `x-ratelimit-*`.
+#[derive(Clone)]
+pub(crate) struct AdmissionLimit {
+    pub(crate) endpoint: String,
+    pub(crate) allowance: Arc<OnceLock<Allowance>>,
+}
+
+/// Per caller and endpoint (the matched route), with `x-ratelimit-*` on every answer that
+/// took from the limit.
 pub(crate) async fn rate_limit(
     State(state): State<AppState>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     let endpoint = req
@@ -87,19 +112,22 @@ pub(crate) async fn rate_limit(
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         return ApiError::Internal("rate limit ran before authentication".into()).into_response();
     };
+    if LIMITED_AT_ADMISSION.contains(&endpoint.as_str()) {
+        let allowance = Arc::new(OnceLock::new());
+        req.extensions_mut().insert(AdmissionLimit {
+            endpoint,
+            allowance: Arc::clone(&allowance),
+        });
+        let mut response = next.run(req).await;
+        if let Some(allowance) = allowance.get() {
+            set_allowance(&mut response, allowance);
+        }
+        return response;
+    }
     match state.engine().check_caller(&caller.id, &endpoint).await {
         Ok(allowance) => {
             let mut response = next.run(req).await;
-            let h = response.headers_mut();
-            h.insert("x-ratelimit-limit", HeaderValue::from(allowance.limit));
-            h.insert(
-                "x-ratelimit-remaining",
-                HeaderValue::from(allowance.remaining),
-            );
-            h.insert(
-                "x-ratelimit-reset",
-                HeaderValue::from(error::ceil_secs(allowance.reset)),
-            );
+            set_allowance(&mut response, &allowance);
             response
         }
         Err(limited) => {
@@ -107,4 +135,17 @@ pub(crate) async fn rate_limit(
             ApiError::RateLimited(limited).into_response()
         }
     }
+}
+
+fn set_allowance(response: &mut Response, allowance: &Allowance) {
+    let h = response.headers_mut();
+    h.insert("x-ratelimit-limit", HeaderValue::from(allowance.limit));
+    h.insert(
+        "x-ratelimit-remaining",
+        HeaderValue::from(allowance.remaining),
+    );
+    h.insert(
+        "x-ratelimit-reset",
+        HeaderValue::from(error::ceil_secs(allowance.reset)),
+    );
 }

@@ -223,17 +223,24 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                 tokio::time::sleep(wait).await;
             }
             run.quick_next = false;
+            // The dollar budgets and a shared provider budget are asked at once: with Redis
+            // both are round trips, and waiting for one before sending the other would put two
+            // on the way to the first token. When one refuses, the other's hold goes back (a
+            // provider request already counted stays counted).
+            let (spend, shared) = futures::join!(run.reserve_spend(idx), run.reserve_shared_rates(idx));
             // Money first: a call the budget has no room for is never made, on any model.
-            let spend = match run.reserve_spend(idx).await {
+            let spend = match spend {
                 Ok(hold) => hold,
                 Err(denied) => {
+                    if let Ok(Some(hold)) = shared {
+                        hold.settle(0);
+                    }
                     let error = RouteError::Budget { denied, attempts: run.summaries() };
                     yield RouteEvent::Failed(run.fail(error));
                     return;
                 }
             };
-            // A shared provider budget is asked here, where the route can wait for the answer.
-            let shared = match run.reserve_shared_rates(idx).await {
+            let shared = match shared {
                 Ok(hold) => hold,
                 Err(skip) => {
                     if let Some(hold) = spend {

@@ -17,13 +17,17 @@ use keyvex_engine::{AgentEvent, AgentOutcome, CallContext, CallUsage};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
+use crate::layers::AdmissionLimit;
 use crate::routes::budgets::{admit, set_headers};
 use crate::routes::sessions::check_session_owner;
 use crate::sse::{Event, event};
 use crate::state::{AppState, await_durable, request_id};
 
+/// The route; its caller limit is taken at admission (see `layers`).
+pub(crate) const PATH: &str = "/v1/agents/{agent}";
+
 pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new().route("/v1/agents/{agent}", post(run))
+    axum::Router::new().route(PATH, post(run))
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +72,7 @@ async fn run(
     State(state): State<AppState>,
     Path(agent): Path<String>,
     Extension(caller): Extension<Caller>,
+    Extension(limit): Extension<AdmissionLimit>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<AgentBody>,
 ) -> Result<Response, ApiError> {
@@ -82,7 +87,7 @@ async fn run(
         .with_session(body.session_id);
     // Over budget: a plain 429 before any call or stream.
     let worst_case = state.engine().agent_worst_case(process, &body.input);
-    let budgets = admit(&state, &ctx, worst_case).await?;
+    let budgets = admit(&state, &ctx, &limit, worst_case).await?;
     let mut agent = state.engine().agent(ctx, process, body.input);
     let events = async_stream::stream! {
         let mut held = HeldUsage::default();

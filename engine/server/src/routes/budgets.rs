@@ -16,6 +16,7 @@ use keyvex_engine::budgets::{BudgetScope, BudgetView, CallerBudget, parse_usd, r
 use keyvex_engine::{CallContext, Cost};
 
 use crate::error::{ApiError, ApiJson};
+use crate::layers::AdmissionLimit;
 use crate::state::AppState;
 
 pub fn admin_routes() -> axum::Router<AppState> {
@@ -24,20 +25,33 @@ pub fn admin_routes() -> axum::Router<AppState> {
         .route("/v1/admin/budgets/{caller}", put(set))
 }
 
-/// Refuses a request whose first call (costing up to `worst_case`) does not fit `ctx`'s
-/// budgets, before any stream opens; otherwise returns the budgets for the response headers.
-/// The engine counts the refusal for `/metrics`.
+/// Admits a request to its route: takes one request from the caller's limit and checks that
+/// its first call (costing up to `worst_case`) fits `ctx`'s budgets, both before any stream
+/// opens and both sent at once. Returns the budgets for the response headers; the allowance
+/// goes to the rate-limit middleware, which shows it. The engine counts a budget refusal for
+/// `/metrics`.
 pub(crate) async fn admit(
     state: &AppState,
     ctx: &CallContext,
+    limit: &AdmissionLimit,
     worst_case: Option<Cost>,
 ) -> Result<Vec<BudgetView>, ApiError> {
     let worst_case = worst_case.unwrap_or_default();
-    state
-        .engine()
-        .check_budget(ctx, worst_case)
-        .await
-        .map_err(ApiError::Budget)
+    let engine = state.engine();
+    let (allowance, budgets) = tokio::join!(
+        engine.check_caller(&ctx.caller, &limit.endpoint),
+        engine.check_budget(ctx, worst_case)
+    );
+    match allowance {
+        Ok(allowance) => {
+            let _ = limit.allowance.set(allowance);
+        }
+        Err(limited) => {
+            state.prom().rate_limited(&limit.endpoint);
+            return Err(ApiError::RateLimited(limited));
+        }
+    }
+    budgets.map_err(ApiError::Budget)
 }
 
 /// `x-budget-*`: the limited budget with the least left — its scope, limit, what remains

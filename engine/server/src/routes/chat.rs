@@ -24,12 +24,16 @@ use keyvex_engine::router::{
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
+use crate::layers::AdmissionLimit;
 use crate::routes::budgets::{admit, set_headers};
 use crate::sse::{Event, data};
 use crate::state::{AppState, await_durable, request_id};
 
+/// The route; its caller limit is taken at admission (see `layers`).
+pub(crate) const PATH: &str = "/v1/chat/completions";
+
 pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new().route("/v1/chat/completions", post(completions))
+    axum::Router::new().route(PATH, post(completions))
 }
 
 /// The subset of OpenAI's request we act on; other fields are accepted and ignored, as SDKs
@@ -401,6 +405,7 @@ async fn peek(mut call: CallStream, model: &mut String) -> Result<Peeked, ApiErr
 async fn completions(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(limit): Extension<AdmissionLimit>,
     headers: HeaderMap,
     ApiJson(mut body): ApiJson<ChatBody>,
 ) -> Result<Response, ApiError> {
@@ -410,7 +415,7 @@ async fn completions(
     let request_id = request_id(&headers);
     let ctx = CallContext::new(&caller.id).with_correlation(&request_id);
     let worst_case = state.engine().worst_case(&target, &request);
-    let budgets = admit(&state, &ctx, worst_case).await?;
+    let budgets = admit(&state, &ctx, &limit, worst_case).await?;
     // The deltas are relayed as they come; only the non-streaming answer needs the whole text,
     // and it gathers it from the deltas itself.
     let options = RouteOptions { keep_text: false };

@@ -14,6 +14,7 @@ use keyvex_engine::{AgentEvent, CallContext, PipelineEvent, PipelineInput, RunRo
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
+use crate::layers::AdmissionLimit;
 use crate::routes::agents::{
     HeldUsage, Next, check_input, check_session_id, shutdown_event, translate,
 };
@@ -22,8 +23,11 @@ use crate::routes::sessions::check_session_owner;
 use crate::sse::{Event, event};
 use crate::state::{AppState, await_durable, request_id};
 
+/// The route; its caller limit is taken at admission (see `layers`).
+pub(crate) const PATH: &str = "/v1/pipelines/tool";
+
 pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new().route("/v1/pipelines/tool", post(run))
+    axum::Router::new().route(PATH, post(run))
 }
 
 /// `PipelineInput` plus the session id (kept in the metric records).
@@ -42,6 +46,7 @@ struct PipelineBody {
 async fn run(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(limit): Extension<AdmissionLimit>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<PipelineBody>,
 ) -> Result<Response, ApiError> {
@@ -58,7 +63,7 @@ async fn run(
     let worst_case = state
         .engine()
         .agent_worst_case(Process::MagicSpark, &body.business);
-    let budgets = admit(&state, &ctx, worst_case).await?;
+    let budgets = admit(&state, &ctx, &limit, worst_case).await?;
     let input = PipelineInput {
         business: body.business,
         concept_index: body.concept_index,

@@ -184,6 +184,57 @@ async fn callers_over_their_limit_get_429_with_headers() {
     h.stop().await;
 }
 
+/// The model routes take the caller's limit at admission, with the budget check: a request
+/// refused as invalid before that takes nothing, and the answers that took one say what is left.
+#[tokio::test]
+async fn model_routes_take_the_limit_at_admission_and_invalid_requests_take_none() {
+    let mut spec = spec();
+    spec.caller_rate = Rate {
+        per_period: NonZeroU32::new(1000).unwrap(),
+        period: Duration::from_secs(3_600),
+        burst: NonZeroU32::new(2).unwrap(),
+    };
+    let h = TestServer::sqlite(spec).await;
+    let chat = |messages: Value| {
+        h.post("/v1/chat/completions", ALICE)
+            .json(&json!({ "model": "gpt-5.4-mini", "messages": messages }))
+            .send()
+    };
+    let invalid = chat(json!([])).await.unwrap();
+    assert_eq!(invalid.status(), 400);
+    assert!(!invalid.headers().contains_key("x-ratelimit-remaining"));
+
+    let hi = || json!([{ "role": "user", "content": "hi" }]);
+    let first = chat(hi()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-ratelimit-limit"], "1000");
+    assert_eq!(first.headers()["x-ratelimit-remaining"], "1");
+    let second = chat(hi()).await.unwrap();
+    assert_eq!(second.headers()["x-ratelimit-remaining"], "0");
+    let refused = chat(hi()).await.unwrap();
+    assert_eq!(refused.headers()["x-ratelimit-remaining"], "0");
+    assert!(refused.headers().contains_key("retry-after"));
+    let e = error_of(refused, 429).await;
+    assert_eq!(e["code"], "rate_limit_exceeded");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/chat/completions"),
+        "{e}"
+    );
+    // The agent route counts on its own endpoint.
+    let agent = h
+        .post("/v1/agents/magic-spark", ALICE)
+        .json(&json!({ "input": business() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(agent.status(), 200);
+    assert_eq!(agent.headers()["x-ratelimit-remaining"], "1");
+    h.stop().await;
+}
+
 fn openai(h: &TestServer) -> Client<OpenAIConfig> {
     Client::with_config(
         OpenAIConfig::new()
