@@ -124,6 +124,17 @@ impl App {
             }
         };
         let engine = builder.build()?;
+        // Calls a stopped process left in flight are recorded `interrupted` by this one; where
+        // their dollar reservations outlived that process (Redis), they settle to what those
+        // records bill instead of holding the budget until its window ends.
+        if let Some(budgets) = engine.budgets() {
+            let budgets = Arc::clone(budgets);
+            stores
+                .tracker
+                .settle_interrupted_spend_with(Arc::new(move |held, cost| {
+                    budgets.settle_interrupted(held, cost);
+                }));
+        }
         let catalog = CatalogSync::new(
             stores.catalogs.clone(),
             engine.clone(),

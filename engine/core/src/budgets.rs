@@ -106,7 +106,8 @@ pub struct BudgetLimits {
 }
 
 /// One budget a reservation must fit: its counter key, its limit and when it resets.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SpendLine {
     pub scope: BudgetScope,
     /// The caller, the run id, or `*` for the global budget.
@@ -179,6 +180,20 @@ pub trait SpendStore: Send + Sync + 'static {
     fn callers(&self) -> BoxFuture<'_, Result<BTreeMap<String, CallerBudget>, SpendError>>;
     /// One line for start-up banners.
     fn describe(&self) -> String;
+    /// Whether reservations outlive the process that made them (a shared store). Only then
+    /// does a call's intent carry its reservation, for [`Budgets::settle_interrupted`].
+    fn outlives_process(&self) -> bool {
+        false
+    }
+}
+
+/// A reservation as a call's intent keeps it, so that a process that finds the call
+/// interrupted (its own process stopped) can settle it to what the `interrupted` record bills.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldSpend {
+    pub lines: Vec<SpendLine>,
+    pub reserved: Cost,
 }
 
 /// A budget that had no room, with everything a caller needs to know about it.
@@ -277,6 +292,7 @@ struct Counters {
     down: AtomicBool,
     reserved_pico: AtomicU64,
     settled_pico: AtomicU64,
+    interrupted_settled: AtomicU64,
 }
 
 /// What `/metrics` shows of the budgets.
@@ -289,6 +305,8 @@ pub struct BudgetStats {
     /// Sum of every reservation made, and of every settled cost.
     pub reserved: Cost,
     pub settled: Cost,
+    /// Reservations of interrupted calls (made by a process that stopped) settled here.
+    pub interrupted_settled: u64,
 }
 
 /// The engine's budgets: the limits, the store that counts, and what to do when it is down.
@@ -407,6 +425,19 @@ impl Budgets {
             });
         }
         lines
+    }
+
+    /// Settles the reservation of a call whose process stopped before it ended, to what its
+    /// `interrupted` record bills. Called by whichever process records that call; the
+    /// reservation would otherwise hold the budget until its window ends.
+    pub fn settle_interrupted(&self, held: HeldSpend, actual: Cost) {
+        self.counters
+            .settled_pico
+            .fetch_add(actual.0, Ordering::Relaxed);
+        self.counters
+            .interrupted_settled
+            .fetch_add(1, Ordering::Relaxed);
+        self.store.settle(held.lines, held.reserved, actual);
     }
 
     /// Reserves `amount` on every budget of `caller` (and `run_id`), or refuses naming the first
@@ -538,6 +569,7 @@ impl Budgets {
             unavailable: c.unavailable.load(Ordering::Relaxed),
             reserved: Cost(c.reserved_pico.load(Ordering::Relaxed)),
             settled: Cost(c.settled_pico.load(Ordering::Relaxed)),
+            interrupted_settled: c.interrupted_settled.load(Ordering::Relaxed),
         }
     }
 
@@ -631,6 +663,15 @@ pub struct SpendHold {
 impl SpendHold {
     pub fn reserved(&self) -> Cost {
         self.reserved
+    }
+
+    /// The reservation for the call's intent, when it outlives this process (a shared store;
+    /// an in-process reservation ends with the process, so there is nothing to keep).
+    pub fn held(&self) -> Option<HeldSpend> {
+        (!self.lines.is_empty() && self.budgets.store.outlives_process()).then(|| HeldSpend {
+            lines: self.lines.clone(),
+            reserved: self.reserved,
+        })
     }
 
     /// Replaces the reservation with what the attempt cost: the number its record bills.

@@ -363,6 +363,7 @@ impl RouteObserver for Books {
         self.shared.recorder.record_intent(CallIntent {
             record,
             call_started_ms: unix_ms(call.started_at).unwrap_or_default(),
+            spend: call.spend.clone(),
         });
     }
 
@@ -393,9 +394,11 @@ impl RouteObserver for Books {
                 "the process stopped after this call failed ({error}) and before its request went on"
             ),
         );
+        // The failed call's reservation is settled already; the intent no longer holds one.
         self.shared.recorder.record_intent(CallIntent {
             record,
             call_started_ms: unix_ms(attempt.started_at).unwrap_or_default(),
+            spend: None,
         });
     }
 }

@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::budgets::HeldSpend;
 use crate::clock::now_ms;
 use crate::cost::Cost;
 use crate::provider::Role;
@@ -483,6 +484,10 @@ pub struct CallIntent {
     /// Unix milliseconds of this call's own start (a `retried` record is dated from it, the
     /// request's last record from the request's first call).
     pub call_started_ms: u64,
+    /// The call's dollar reservation, when it outlives the process (budgets in Redis): the
+    /// process that records the call `interrupted` settles it to the record's cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend: Option<HeldSpend>,
 }
 
 /// Where the engine hands every call record and session message. `record` and

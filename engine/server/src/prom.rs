@@ -108,6 +108,7 @@ impl ServerMetrics {
             counter!("keyvex_budget_store_unavailable_total").absolute(stats.unavailable);
             counter!("keyvex_budget_reserved_micro_usd_total").absolute(stats.reserved.micro_usd());
             counter!("keyvex_budget_settled_micro_usd_total").absolute(stats.settled.micro_usd());
+            counter!("keyvex_budget_interrupted_settled_total").absolute(stats.interrupted_settled);
             for (scope, limit) in [
                 (BudgetScope::CallerDaily, limits.caller_daily),
                 (BudgetScope::CallerMonthly, limits.caller_monthly),

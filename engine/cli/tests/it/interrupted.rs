@@ -406,6 +406,88 @@ async fn kill_9_of_serve_under_streaming_load_leaves_one_record_per_call_in_sqli
     sim.shutdown().await;
 }
 
+/// With budgets in Redis a call's dollar reservation outlives its process. After `kill -9`
+/// the restart records the calls in flight `interrupted` and settles each one's reservation to
+/// what its record bills: the caller's day ends holding exactly what the ledger billed, with
+/// nothing left reserved (without the settle, the killed calls' worst cases would stay reserved
+/// until the day ends).
+#[tokio::test]
+async fn kill_9_with_budgets_in_redis_settles_the_reservations_of_interrupted_calls() {
+    let redis = keyvex_testkit::redis::Redis::start().await;
+    let sim = fast_sim(83).await;
+    let dir = TempDir::new("interrupted-redis");
+    let db = dir.file("metrics.sqlite3");
+    let env = [
+        ("REDIS_URL", redis.url.as_str()),
+        ("KEYVEX_BUDGET_DAILY_USD", "1000"),
+        // The test polls the admin API until the counter settles.
+        ("KEYVEX_RATE_LIMIT_BURST", "100000"),
+    ];
+    let server = serve(&sim, &db, None, &env);
+    let in_flight = load_then_kill(&sim, server, &db, Store::Sqlite, 4).await;
+    let restarted = serve(&sim, &db, None, &env);
+    wait_drained(&restarted.base).await;
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (day, billed) = loop {
+        let all: Value = http
+            .get(format!("{}/v1/admin/budgets", restarted.base))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let day = all["callers"]
+            .as_array()
+            .unwrap_or_else(|| panic!("not a budgets answer: {all}"))
+            .iter()
+            .find(|c| c["caller"] == "alice")
+            .map(|c| c["day"].clone())
+            .unwrap_or(Value::Null);
+        let billed: u64 = records(&db)
+            .iter()
+            .map(|r| r["costPicoUsd"].as_u64().unwrap())
+            .sum();
+        if day["reservedPicoUsd"] == 0 && day["spentPicoUsd"].as_u64() == Some(billed) {
+            break (day, billed);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "billed {billed}; Redis says {day}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let interrupted = records(&db)
+        .iter()
+        .filter(|r| r["status"] == "interrupted")
+        .count() as u64;
+    assert_eq!(interrupted, in_flight, "{day}");
+    assert!(billed > 0);
+    let metrics = http
+        .get(format!("{}/metrics", restarted.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "keyvex_budget_interrupted_settled_total {in_flight}"
+        )),
+        "{metrics}"
+    );
+    let (status, log) = restarted.terminate().await;
+    assert!(
+        status.success(),
+        "exit {status:?}; stderr:\n{}",
+        log.join("\n")
+    );
+    sim.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The worker.
 

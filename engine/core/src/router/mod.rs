@@ -79,6 +79,8 @@ pub struct CallStart<'a> {
     pub prompt_tokens: u64,
     /// Every attempt the route made before this one, models skipped without a call included.
     pub earlier: &'a [AttemptRecord],
+    /// The call's dollar reservation, if it outlives this process.
+    pub spend: Option<crate::budgets::HeldSpend>,
 }
 
 /// What a route serves: a process (its primary, then its fallback) or one catalog model.

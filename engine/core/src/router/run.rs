@@ -514,6 +514,7 @@ impl RouteRun {
                 request_started_at: self.first_call_start().unwrap_or(started_at),
                 prompt_tokens: self.plan.prompt_estimate(),
                 earlier: &self.attempts,
+                spend: spend.as_ref().and_then(SpendHold::held),
             });
         }
         let provider = candidate.provider.clone();

@@ -82,6 +82,12 @@ pub fn intent_item(replica: &str, intent: &CallIntent) -> HashMap<String, Attrib
     item.insert("entityType".into(), s("INTENT"));
     item.insert("replicaId".into(), s(replica));
     item.insert("callStartedMs".into(), n(intent.call_started_ms));
+    if let Some(held) = &intent.spend
+        && let Ok(json) = serde_json::to_string(held)
+    {
+        // The reservation goes with the intent, so a replica that sweeps it can settle it.
+        item.insert("spendHold".into(), s(json));
+    }
     item
 }
 
@@ -100,6 +106,10 @@ pub fn intent_from_item(
         CallIntent {
             record,
             call_started_ms,
+            spend: item
+                .get("spendHold")
+                .and_then(|v| v.as_s().ok())
+                .and_then(|json| serde_json::from_str(json).ok()),
         },
     ))
 }
@@ -346,6 +356,9 @@ impl DynamoStore {
                     tracing::warn!(replica, record_id = %intent.record.request_id, caller = %intent.record.user_id,
                         "a call in flight on a lost replica is recorded as interrupted");
                     swept.recorded += 1;
+                    if let Some(held) = intent.spend {
+                        swept.spend.push((held, intent.record.cost()));
+                    }
                 }
                 Settled::AlreadyRecorded => swept.already_recorded += 1,
                 Settled::Gone => {}
@@ -386,13 +399,32 @@ impl SharedIntents for DynamoStore {
 mod tests {
     use super::*;
     use crate::dynamo::codec::tests::rec;
+    use keyvex_engine::budgets::{BudgetScope, HeldSpend, SpendLine};
+    use keyvex_engine::cost::Cost;
 
     #[test]
     fn an_intent_item_round_trips_and_keeps_the_record_it_stands_for() {
         let record = rec(4).interrupted("the process stopped");
+        let held = HeldSpend {
+            lines: vec![SpendLine {
+                scope: BudgetScope::CallerDaily,
+                subject: "alice".into(),
+                key: "caller_daily:alice:2026-12-07".into(),
+                window: "2026-12-07".into(),
+                limit: Some(Cost(5_000_000)),
+                override_of: Some("alice".into()),
+                resets_at: Some(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_688_000),
+                ),
+                keep_for: std::time::Duration::from_secs(172_800),
+            }],
+            reserved: Cost(123_456),
+        };
         let intent = CallIntent {
             record: record.clone(),
             call_started_ms: record.timestamp_ms + 900,
+            // The reservation rides along, for the replica that sweeps the intent to settle.
+            spend: Some(held),
         };
         let item = intent_item("replica-a", &intent);
         assert_eq!(attr_s(&item, "PK"), "INTENT#req-004");

@@ -10,7 +10,7 @@
 
 use rusqlite::{Connection, TransactionBehavior, params};
 
-use keyvex_engine::record::{CallIntent, RequestRecord};
+use keyvex_engine::record::CallIntent;
 
 use super::Ledger;
 use crate::entry::Entry;
@@ -116,7 +116,7 @@ impl Ledger {
         me: &str,
         shared: bool,
         now_ms: u64,
-    ) -> Result<Vec<RequestRecord>, MetricsError> {
+    ) -> Result<Vec<CallIntent>, MetricsError> {
         // IMMEDIATE: two processes adopting the same owner take turns; the second finds nothing.
         let tx = self
             .conn
@@ -141,10 +141,10 @@ impl Ledger {
             for (record_id, body) in rows {
                 match serde_json::from_str::<CallIntent>(&body) {
                     Ok(intent) => {
-                        let record = intent.record;
+                        let record = &intent.record;
                         let entry = serde_json::to_string(&Entry::Request(record.clone()))?;
                         if insert.execute(params![record.request_id, entry, now_ms as i64])? == 1 {
-                            adopted.push(record);
+                            adopted.push(intent);
                         }
                     }
                     Err(err) => {

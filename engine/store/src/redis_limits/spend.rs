@@ -233,6 +233,10 @@ impl SpendStore for RedisSpend {
             self.limits.inner.shown
         )
     }
+
+    fn outlives_process(&self) -> bool {
+        true
+    }
 }
 
 /// Sends settles in order. One Redis cannot take is retried a few times and then dropped with an

@@ -151,11 +151,11 @@ async fn adopt(shared: &Arc<Shared>, alerts: &mut AlertEvaluator, lock: OwnerLoc
     let me = shared.owner_id.clone();
     let shared_intents = shared.remote.is_some();
     let now = now_ms();
-    let records = match shared
+    let intents = match shared
         .with_ledger(move |l| l.adopt(&gone, &me, shared_intents, now))
         .await
     {
-        Ok(records) => records,
+        Ok(intents) => intents,
         Err(err) => {
             shared
                 .counters
@@ -165,7 +165,10 @@ async fn adopt(shared: &Arc<Shared>, alerts: &mut AlertEvaluator, lock: OwnerLoc
             return;
         }
     };
-    let n = records.len() as u64;
+    // The stopped process's reservations went with it only where it kept them; a shared
+    // store still holds them, until they are settled to what the records bill.
+    shared.settle_spend(&intents);
+    let n = intents.len() as u64;
     if n > 0 {
         tracing::warn!(
             owner = lock.id(),
@@ -173,9 +176,9 @@ async fn adopt(shared: &Arc<Shared>, alerts: &mut AlertEvaluator, lock: OwnerLoc
             "calls in flight when their process stopped are recorded as interrupted"
         );
         count_recovered(shared, n, now);
-        let raised: Vec<Entry> = records
+        let raised: Vec<Entry> = intents
             .iter()
-            .flat_map(|r| alerts.observe(r))
+            .flat_map(|i| alerts.observe(&i.record))
             .map(Entry::Alert)
             .collect();
         if !raised.is_empty() {

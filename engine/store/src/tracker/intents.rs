@@ -11,6 +11,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use keyvex_engine::budgets::HeldSpend;
+use keyvex_engine::cost::Cost;
 use keyvex_engine::record::{CallIntent, Receipt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -59,12 +61,14 @@ pub(crate) struct Replica {
 }
 
 /// What one sweep did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Swept {
     /// Intents written as `interrupted` records.
     pub recorded: u64,
     /// Intents removed because their call's record was stored already.
     pub already_recorded: u64,
+    /// The dollar reservations of the intents recorded, with what their records bill.
+    pub spend: Vec<(HeldSpend, Cost)>,
 }
 
 /// How often a tracker looks for gone owners on its ledger, says it is alive in the shared
@@ -277,6 +281,7 @@ async fn sweep(shared: &Shared, remote: &dyn SharedIntents) {
             if swept.recorded + swept.already_recorded > 0 {
                 shared.bump();
             }
+            shared.settle_held(swept.spend.into_iter());
         }
         Err(err) => {
             tracing::warn!(error = %err, "sweeping the intents of lost replicas failed; retrying at the next sweep");

@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use keyvex_engine::budgets::HeldSpend;
 use keyvex_engine::clock::now_ms;
+use keyvex_engine::cost::Cost;
 use keyvex_engine::record::{
     CallIntent, Commit, Receipt, RecordError, Recorder, RequestRecord, SessionMessage,
     ShutdownReport,
@@ -192,6 +194,43 @@ struct Shared {
     /// Where every replica's open intents are kept, when the store is shared.
     remote: Option<Arc<dyn SharedIntents>>,
     started_ms: u64,
+    /// Dollar reservations of calls recorded `interrupted` here, and who settles them.
+    spend: Mutex<SpendSettles>,
+}
+
+/// Settles the dollar reservation a call's intent carried to what its `interrupted` record
+/// bills (set by whoever holds the budgets: [`Tracker::settle_interrupted_spend_with`]).
+pub type SettleInterrupted = Arc<dyn Fn(HeldSpend, Cost) + Send + Sync>;
+
+/// Reservations found before anyone could settle them wait here: a tracker adopts the intents
+/// a stopped process left while it opens, before the engine and its budgets exist.
+#[derive(Default)]
+struct SpendSettles {
+    settle: Option<SettleInterrupted>,
+    waiting: Vec<(HeldSpend, Cost)>,
+}
+
+impl Shared {
+    /// Hands the reservations of `intents`, just recorded `interrupted`, to be settled.
+    fn settle_spend(&self, intents: &[CallIntent]) {
+        self.settle_held(
+            intents
+                .iter()
+                .filter_map(|i| Some((i.spend.clone()?, i.record.cost()))),
+        );
+    }
+
+    /// Hands reservations of calls recorded `interrupted`, with what they bill, to be settled.
+    fn settle_held(&self, held: impl Iterator<Item = (HeldSpend, Cost)>) {
+        let mut spend = self.spend.lock().unwrap_or_else(PoisonError::into_inner);
+        match spend.settle.clone() {
+            Some(settle) => {
+                drop(spend);
+                held.for_each(|(h, cost)| settle(h, cost));
+            }
+            None => spend.waiting.extend(held),
+        }
+    }
 }
 
 impl Shared {
@@ -316,6 +355,7 @@ impl Tracker {
             owner: Mutex::new(Some(owner)),
             remote,
             started_ms: now_ms(),
+            spend: Mutex::new(SpendSettles::default()),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
@@ -352,6 +392,25 @@ impl Tracker {
     /// Hands a record to the ledger without awaiting anything. The channel is unbounded on
     /// purpose: a bounded one would have to block the request or drop the record, and we do
     /// neither; `health().accepted - durable` shows any backlog.
+    /// Who settles the dollar reservations of calls this tracker records `interrupted` (their
+    /// intents carry one when budgets live in a shared store); reservations found before this
+    /// is set are settled now.
+    pub fn settle_interrupted_spend_with(&self, settle: SettleInterrupted) {
+        let waiting = {
+            let mut spend = self
+                .inner
+                .shared
+                .spend
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            spend.settle = Some(Arc::clone(&settle));
+            std::mem::take(&mut spend.waiting)
+        };
+        for (held, cost) in waiting {
+            settle(held, cost);
+        }
+    }
+
     pub fn record(&self, rec: RequestRecord) -> Receipt {
         if self.inner.closed.load(Ordering::Acquire) {
             tracing::warn!(request_id = %rec.request_id, "metrics record after shutdown was not accepted");

@@ -41,6 +41,7 @@ fn intent(id: &str, prompt: u64) -> CallIntent {
     CallIntent {
         record,
         call_started_ms: now,
+        spend: None,
     }
 }
 
