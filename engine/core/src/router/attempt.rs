@@ -70,6 +70,10 @@ pub enum AttemptError {
         which: &'static str,
         retry_after: Duration,
     },
+    /// A dollar budget had no room for the attempt's worst case (or could not be asked); no
+    /// request was sent, and the route ends here.
+    #[error(transparent)]
+    Spend(crate::budgets::BudgetDenied),
     /// The caller dropped the route stream while this attempt was running.
     #[error("cancelled: the caller went away before the attempt finished")]
     Cancelled,
@@ -82,15 +86,19 @@ impl AttemptError {
             AttemptError::Provider(e) => e.kind(),
             AttemptError::CircuitOpen { .. } => "circuit_open",
             AttemptError::BudgetRefused { .. } => "local_budget",
+            AttemptError::Spend(denied) => denied.kind(),
             AttemptError::Cancelled => "cancelled",
         }
     }
 
-    /// The attempt was refused before any request went out (open circuit, spent local budget).
+    /// The attempt was refused before any request went out (open circuit, spent local or
+    /// dollar budget).
     pub fn made_no_call(&self) -> bool {
         matches!(
             self,
-            AttemptError::CircuitOpen { .. } | AttemptError::BudgetRefused { .. }
+            AttemptError::CircuitOpen { .. }
+                | AttemptError::BudgetRefused { .. }
+                | AttemptError::Spend(_)
         )
     }
 }

@@ -235,6 +235,10 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                     if let Ok(Some(hold)) = shared {
                         hold.settle(0);
                     }
+                    // On the books as the model it would have called, refused by the budget.
+                    let spec = &run.plan.candidates[idx].spec;
+                    let refused = AttemptRecord::skipped(spec.provider, &spec.id, AttemptError::Spend(denied.clone()));
+                    run.attempts.push(refused);
                     let error = RouteError::Budget { denied, attempts: run.summaries() };
                     yield RouteEvent::Failed(run.fail(error));
                     return;

@@ -220,8 +220,9 @@ async fn a_pipeline_run_stops_before_the_stage_that_would_cross_its_budget() {
             .any(|(n, v)| n == "start" && v["stage"] != "magicSpark"),
         "{events:?}"
     );
-    // The spend so far is recorded: Magic Spark's call, billed under the run.
-    wait_shipped(&h, 1).await;
+    // The spend so far is recorded: Magic Spark's call, billed under the run; and the refusal,
+    // as the model Logic Architect would have called, costing nothing.
+    wait_shipped(&h, 2).await;
     let rows: Vec<Value> = stored_records(&h.db)
         .into_iter()
         .filter(|r| r["runId"] == run_id.as_str())
@@ -234,6 +235,14 @@ async fn a_pipeline_run_stops_before_the_stage_that_would_cross_its_budget() {
             .all(|r| pico(&r["costPicoUsd"]) == 0),
         "{rows:?}"
     );
+    let refused = rows
+        .iter()
+        .find(|r| r["stage"] == "logicArchitect")
+        .unwrap_or_else(|| panic!("no record of the refused stage: {rows:?}"));
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert_eq!(refused["errorKind"], "budget_exceeded", "{refused}");
+    assert_ne!(refused["model"], "none", "{refused}");
+    assert_ne!(refused["provider"], "none", "{refused}");
     h.stop().await;
 }
 
