@@ -253,6 +253,51 @@ async fn a_burst_and_a_dollar_budget_hold_across_two_replicas() {
     b.stop();
 }
 
+/// A provider's requests-per-minute budget in Redis is one budget for every replica: a call on
+/// one replica takes the primary provider's only request of the minute, so the next call, on the
+/// other replica, goes to the fallback's provider, and a third finds both spent.
+#[tokio::test]
+async fn a_provider_requests_per_minute_budget_holds_across_two_replicas() {
+    let redis = Redis::start().await;
+    let dir = TempDir::new("shared-provider-rpm");
+    let settings = [("KEYVEX_PROVIDER_RPM", "1")];
+    let (db_a, db_b) = (dir.file("a.sqlite3"), dir.file("b.sqlite3"));
+    let a = serve(&db_a, &redis.url, &settings);
+    let b = serve(&db_b, &redis.url, &settings);
+    let http = reqwest::Client::new();
+
+    let (status, first) = run_agent(&http, &a.base).await;
+    assert_eq!(
+        (status, &first["status"]),
+        (200, &json!("succeeded")),
+        "{first}"
+    );
+    assert_eq!(first["totals"]["fallbackUsed"], false, "{first}");
+    let (status, second) = run_agent(&http, &b.base).await;
+    assert_eq!(
+        (status, &second["status"]),
+        (200, &json!("succeeded")),
+        "{second}"
+    );
+    assert_eq!(second["totals"]["fallbackUsed"], true, "{second}");
+    let (status, third) = run_agent(&http, &a.base).await;
+    assert_eq!(
+        (status, &third["status"]),
+        (200, &json!("failed")),
+        "{third}"
+    );
+    assert_eq!(
+        third["totals"]["costMicroUsd"], 0,
+        "no model was called: {third}"
+    );
+    assert_eq!(
+        third["totals"]["tokens"]["input"], 0,
+        "no model was called: {third}"
+    );
+    drop(a.stop());
+    drop(b.stop());
+}
+
 #[tokio::test]
 async fn with_redis_down_rate_limits_fail_open_and_budgets_fail_closed_until_it_returns() {
     let mut redis = Redis::start().await;
