@@ -299,6 +299,11 @@ pub const METRICS_FLUSH: Setting = setting(
     "metrics.flush_ms",
     "how often pending metrics are shipped to the store (default 500)",
 );
+pub const INTENT_LINGER: Setting = setting(
+    "KEYVEX_INTENT_LINGER_MS",
+    "metrics.intent_linger_ms",
+    "how long a call's intent may wait for company before the ledger commits it alone; a call that ends meanwhile writes no intent, and a process killed within this window after a call started leaves that call unrecorded (default 5, 0 = commit at once)",
+);
 pub const REPLICA_LOST_AFTER: Setting = setting(
     "KEYVEX_REPLICA_LOST_AFTER_MS",
     "metrics.replica_lost_after_ms",
@@ -489,6 +494,7 @@ pub const SETTINGS: &[Setting] = &[
     REDIS_BUDGETS_WHEN_DOWN,
     METRICS_DB,
     METRICS_FLUSH,
+    INTENT_LINGER,
     REPLICA_LOST_AFTER,
     DYNAMODB_TABLE,
     DYNAMODB_ENDPOINT,
@@ -1064,6 +1070,13 @@ impl Config {
                 .filter(|ms| (1..=60_000).contains(ms))
                 .map(Duration::from_millis)
                 .ok_or_else(|| "expected whole milliseconds between 1 and 60000".to_owned())
+        })?;
+        metrics.intent_linger = src.parsed(&INTENT_LINGER, metrics.intent_linger, |v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|ms| *ms <= 1_000)
+                .map(Duration::from_millis)
+                .ok_or_else(|| "expected whole milliseconds between 0 and 1000".to_owned())
         })?;
         metrics.replica_lost_after =
             src.parsed(&REPLICA_LOST_AFTER, metrics.replica_lost_after, |v| {

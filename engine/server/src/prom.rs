@@ -228,6 +228,8 @@ impl ServerMetrics {
             gauge!("keyvex_metrics_interrupted_recorded", "sink" => sink, "origin" => "lost_replica")
                 .set(health.swept as f64);
             gauge!("keyvex_metrics_intents", "sink" => sink).set(health.intents as f64);
+            gauge!("keyvex_metrics_intents_skipped", "sink" => sink)
+                .set(health.intents_skipped as f64);
         });
         self.handle.render()
     }

@@ -2,11 +2,13 @@
 //! into the SQLite outbox and intents table (alerts evaluated on the way), then resolves each
 //! entry's receipt; and adopts the intents of stopped processes as `interrupted` records.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use keyvex_engine::clock::now_ms;
-use keyvex_engine::record::Commit;
+use keyvex_engine::record::{CallIntent, Commit};
 use tokio::sync::mpsc;
 
 use super::owners::OwnerLock;
@@ -28,9 +30,11 @@ pub(super) async fn ledger_loop(
 ) {
     let limit = shared.cfg.commit_batch.max(1);
     let mut buf = Vec::with_capacity(limit);
-    // No linger: while one transaction's fsync runs, new records queue up and the next
-    // `recv_many` takes them all, so batches grow exactly when load does.
+    // No linger for records: while one transaction's fsync runs, new records queue up and the
+    // next `recv_many` takes them all, so batches grow exactly when load does. Intents alone
+    // linger briefly (`linger_on_intents`).
     while rx.recv_many(&mut buf, limit).await > 0 {
+        linger_on_intents(&mut rx, &mut buf, limit, shared.cfg.intent_linger).await;
         let mut entries = Vec::with_capacity(buf.len());
         let mut intents = Vec::new();
         let mut adoptions = Vec::new();
@@ -62,6 +66,11 @@ pub(super) async fn ledger_loop(
                 Msg::Close => rx.close(),
             }
         }
+        let skipped = drop_ended_intents(&mut intents, &entries);
+        shared
+            .counters
+            .intents_skipped
+            .fetch_add(skipped, Ordering::Relaxed);
         if !entries.is_empty() || !intents.is_empty() {
             commit(&shared, entries, intents, waiters, raised).await;
         }
@@ -71,12 +80,56 @@ pub(super) async fn ledger_loop(
     }
 }
 
+/// A batch of nothing but intents waits up to `linger` for anything else (or a full batch):
+/// the intents of calls just sent are then not committed while their first tokens come, and
+/// join the next group instead of making one of their own.
+async fn linger_on_intents(
+    rx: &mut mpsc::UnboundedReceiver<Msg>,
+    buf: &mut Vec<Msg>,
+    limit: usize,
+    linger: Duration,
+) {
+    let only_intents = |buf: &[Msg]| buf.iter().all(|m| matches!(m, Msg::Intent(_)));
+    if linger.is_zero() || !only_intents(buf) {
+        return;
+    }
+    let until = tokio::time::Instant::now() + linger;
+    while buf.len() < limit && only_intents(buf) {
+        let room = limit - buf.len();
+        match tokio::time::timeout_at(until, rx.recv_many(buf, room)).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Leaves out the intents of calls whose records are in the same group: the record is what
+/// the transaction commits, and an intent inserted only to be ended in the same step is work
+/// for nothing.
+fn drop_ended_intents(intents: &mut Vec<CallIntent>, entries: &[Entry]) -> u64 {
+    if intents.is_empty() {
+        return 0;
+    }
+    let ended: HashSet<&str> = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Request(r) => Some(r.request_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let before = intents.len();
+    if !ended.is_empty() {
+        intents.retain(|i| !ended.contains(i.record.request_id.as_str()));
+    }
+    (before - intents.len()) as u64
+}
+
 /// Commits one group: intents first, then entries (each request ending its call's intent), in
 /// one transaction retried until the disk takes it; then resolves the receipts.
 async fn commit(
     shared: &Arc<Shared>,
     entries: Vec<Entry>,
-    intents: Vec<keyvex_engine::record::CallIntent>,
+    intents: Vec<CallIntent>,
     waiters: Vec<Commit>,
     raised: u64,
 ) {

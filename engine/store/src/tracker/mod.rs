@@ -67,6 +67,12 @@ pub struct MetricsConfig {
     /// and the look for stopped processes on the same ledger run every fifth of it. It must be
     /// longer than a heartbeat write can take, and is best well over a call's longest life.
     pub replica_lost_after: Duration,
+    /// How long a batch of nothing but call intents waits for other entries before it is
+    /// committed on its own. The intent's commit then leaves the moment its call goes out (and
+    /// the first token arrives), shares a transaction with what comes next, and a call whose
+    /// record arrives meanwhile writes no intent at all. The price: a process killed within this
+    /// time after a call started leaves no record of that call.
+    pub intent_linger: Duration,
 }
 
 impl MetricsConfig {
@@ -80,6 +86,7 @@ impl MetricsConfig {
             retry_cap: Duration::from_secs(30),
             alerts: AlertConfig::default(),
             replica_lost_after: Duration::from_secs(300),
+            intent_linger: Duration::from_millis(5),
         }
     }
 }
@@ -133,6 +140,9 @@ pub struct MetricsHealth {
     pub intents: u64,
     /// Call intents copied to the shared store since start (0 without one).
     pub intents_shared: u64,
+    /// Call intents never written because their call's record came in the same group commit
+    /// (the call ended within `intent_linger` of its start, or while a commit ran).
+    pub intents_skipped: u64,
     /// `interrupted` records this process wrote since start for calls of processes that stopped
     /// on this ledger (adopted at start, later, or its own at shutdown).
     pub recovered: u64,
@@ -172,6 +182,7 @@ struct Counters {
     requeued: AtomicU64,
     intents: AtomicU64,
     intents_shared: AtomicU64,
+    intents_skipped: AtomicU64,
     recovered: AtomicU64,
     swept: AtomicU64,
 }
@@ -504,6 +515,7 @@ impl Tracker {
             alerts_raised: c.alerts_raised.load(Ordering::Relaxed),
             intents: c.intents.load(Ordering::Relaxed),
             intents_shared: c.intents_shared.load(Ordering::Relaxed),
+            intents_skipped: c.intents_skipped.load(Ordering::Relaxed),
             recovered: c.recovered.load(Ordering::Relaxed),
             swept: c.swept.load(Ordering::Relaxed),
         }

@@ -481,3 +481,51 @@ async fn a_live_replicas_long_call_is_left_alone_and_a_shipped_record_is_never_d
     shut(&live).await;
     shut(&sweeper).await;
 }
+
+/// An intent waits `intent_linger` for company before it is committed alone: a call whose
+/// record comes within that time writes no intent at all (counted as skipped), and a call that
+/// outlasts it has its intent in the ledger until the record ends it.
+#[tokio::test]
+async fn an_intent_whose_record_comes_within_the_linger_is_never_written() {
+    let dir = TempDir::new("intent-linger");
+    let ledger = dir.file("metrics.sqlite3");
+    let mut cfg = metrics(&ledger, 60_000);
+    cfg.intent_linger = Duration::from_millis(300);
+    let stores = Stores::open(
+        &StoreConfig::Sqlite {
+            path: ledger.clone(),
+        },
+        cfg,
+    )
+    .await
+    .unwrap();
+    let quick = intent("quick-1", 10);
+    stores.tracker.record_intent(quick.clone());
+    stores
+        .tracker
+        .record(finished(&quick))
+        .durable()
+        .await
+        .unwrap();
+    assert_eq!(stores.tracker.health().intents_skipped, 1);
+
+    let slow = intent("slow-1", 10);
+    stores.tracker.record_intent(slow.clone());
+    let deadline = Instant::now() + WAIT;
+    while open_intents(&ledger) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the lone intent was never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stores
+        .tracker
+        .record(finished(&slow))
+        .durable()
+        .await
+        .unwrap();
+    assert_eq!(open_intents(&ledger), 0);
+    assert_eq!(stores.tracker.health().intents_skipped, 1);
+    shut(&stores).await;
+}
