@@ -214,6 +214,14 @@ pub async fn bind_engine(
     if let Some(url) = redis_url {
         env.0.insert("REDIS_URL".to_owned(), url.to_owned());
     }
+    // Any `KEYVEX_*` setting in the benchmark's own environment reaches the engine (and wins
+    // over the ones above), so one binary measures a setting both ways: for example
+    // `KEYVEX_INTENT_LINGER_MS=0 overhead …` against the default.
+    for (key, value) in std::env::vars() {
+        if key.starts_with("KEYVEX_") {
+            env.0.insert(key, value);
+        }
+    }
     let config = Config::load(&env, None)?;
     let server = config.server.clone();
     let app = App::start(config).await?;
