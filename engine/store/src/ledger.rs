@@ -7,6 +7,8 @@
 //! Durability choice: WAL with `synchronous=FULL`. NORMAL+WAL already survives `kill -9` (the WAL
 //! append is in the OS cache), but can lose the last transactions on power loss; the receipt
 //! promises "committed", and group commits make the extra fsync per batch, not per record, cheap.
+//! A batch of nothing but call intents is the exception: it commits with NORMAL (see
+//! `ledger/intents.rs`), since intents guard against a dying process, not a dying machine.
 
 use std::path::Path;
 

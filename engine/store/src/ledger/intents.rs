@@ -58,25 +58,11 @@ impl Ledger {
         shared: bool,
         now_ms: u64,
     ) -> Result<u64, MetricsError> {
-        let tx = self.conn.transaction()?;
-        {
-            // An update of an intent whose call already ended (it cannot happen: the record
-            // comes last) would not reopen it.
-            let mut put = tx.prepare_cached(
-                "INSERT INTO call_intents (record_id, owner, body, accepted_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(record_id) DO UPDATE SET body = excluded.body, version = version + 1
-                 WHERE ended = 0",
-            )?;
-            for intent in intents {
-                let body = serde_json::to_string(intent)?;
-                put.execute(params![
-                    intent.record.request_id,
-                    owner,
-                    body,
-                    now_ms as i64
-                ])?;
-            }
+        if entries.is_empty() {
+            return self.commit_intents(owner, intents, now_ms);
         }
+        let tx = self.conn.transaction()?;
+        put_intents_in(&tx, owner, intents, now_ms)?;
         let inserted = Ledger::append_in(&tx, entries, now_ms)?;
         {
             let mut end = tx.prepare_cached(if shared {
@@ -92,6 +78,36 @@ impl Ledger {
         }
         tx.commit()?;
         Ok(inserted)
+    }
+
+    /// Commits a batch of nothing but intents without waiting for the disk (`synchronous=NORMAL`
+    /// for this one transaction): an intent is there for a process that dies, and a committed
+    /// WAL append survives that in the OS cache; only a power loss or kernel crash in the next
+    /// moments could take it back, and the next group commit's flush makes it durable with
+    /// everything before it. Records keep the flush their receipts promise.
+    fn commit_intents(
+        &mut self,
+        owner: &str,
+        intents: &[CallIntent],
+        now_ms: u64,
+    ) -> Result<u64, MetricsError> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let result = self.put_intents(owner, intents, now_ms);
+        // Back to FULL whatever happened: every other transaction relies on it.
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        result.map(|()| 0)
+    }
+
+    fn put_intents(
+        &mut self,
+        owner: &str,
+        intents: &[CallIntent],
+        now_ms: u64,
+    ) -> Result<(), MetricsError> {
+        let tx = self.conn.transaction()?;
+        put_intents_in(&tx, owner, intents, now_ms)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Owners other than `me` with open intents.
@@ -251,4 +267,29 @@ impl Ledger {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Writes `intents` of `owner` inside `tx`. An update of an intent whose call already ended (it
+/// cannot happen: the record comes last) would not reopen it.
+fn put_intents_in(
+    tx: &rusqlite::Transaction<'_>,
+    owner: &str,
+    intents: &[CallIntent],
+    now_ms: u64,
+) -> Result<(), MetricsError> {
+    let mut put = tx.prepare_cached(
+        "INSERT INTO call_intents (record_id, owner, body, accepted_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(record_id) DO UPDATE SET body = excluded.body, version = version + 1
+         WHERE ended = 0",
+    )?;
+    for intent in intents {
+        let body = serde_json::to_string(intent)?;
+        put.execute(params![
+            intent.record.request_id,
+            owner,
+            body,
+            now_ms as i64
+        ])?;
+    }
+    Ok(())
 }
