@@ -89,3 +89,26 @@ pub fn signal(pid: u32, signal: &str) {
         .unwrap();
     assert!(status.success(), "kill {signal} {pid}");
 }
+
+/// `GET url` with `key` as the bearer, answer read as JSON.
+pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl, key: &str) -> Value {
+    http.get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The Prometheus text of the server at `base`.
+pub async fn prometheus_text(http: &reqwest::Client, base: &str) -> String {
+    http.get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}

@@ -23,7 +23,7 @@ use keyvex_testkit::traffic::{Call, call, metric_items, unique_table};
 use keyvex_testkit::{TempDir, fast_sim};
 use serde_json::{Value, json};
 
-use crate::cli_support::{keyvex, records, signal, wait_until};
+use crate::cli_support::{get_json, keyvex, prometheus_text, records, signal, wait_until};
 use crate::durability::{Keyvex, spawn_serve, wait_drained};
 
 const USER: &str = "alice-key-0001";
@@ -329,29 +329,15 @@ async fn kill_9_of_serve_under_streaming_load_leaves_one_record_per_call_in_dyna
     let ready = wait_drained(&restarted.base).await;
     assert_eq!(ready["metrics"]["sink"], "dynamodb", "{ready}");
     let http = reqwest::Client::new();
-    let metrics: Value = http
-        .get(format!("{}/v1/admin/metrics", restarted.base))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let metrics: Value =
+        get_json(&http, format!("{}/v1/admin/metrics", restarted.base), ADMIN).await;
     let totals = &metrics["totals"];
     assert_eq!(totals["interrupted"], in_flight, "{metrics}");
     assert!(totals["errors"].as_u64().unwrap() >= in_flight, "{metrics}");
     let recovered = metrics["pipeline"]["recovered"].as_u64().unwrap()
         + metrics["pipeline"]["swept"].as_u64().unwrap();
     assert!(recovered >= in_flight, "{metrics}");
-    let prom = http
-        .get(format!("{}/metrics", restarted.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let prom = prometheus_text(&http, &restarted.base).await;
     assert!(
         prom.lines()
             .any(|l| l.starts_with("keyvex_metrics_interrupted_recorded{")
@@ -430,15 +416,8 @@ async fn kill_9_with_budgets_in_redis_settles_the_reservations_of_interrupted_ca
     let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     let (day, billed) = loop {
-        let all: Value = http
-            .get(format!("{}/v1/admin/budgets", restarted.base))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let all: Value =
+            get_json(&http, format!("{}/v1/admin/budgets", restarted.base), ADMIN).await;
         let day = all["callers"]
             .as_array()
             .unwrap_or_else(|| panic!("not a budgets answer: {all}"))
@@ -465,14 +444,7 @@ async fn kill_9_with_budgets_in_redis_settles_the_reservations_of_interrupted_ca
         .count() as u64;
     assert_eq!(interrupted, in_flight, "{day}");
     assert!(billed > 0);
-    let metrics = http
-        .get(format!("{}/metrics", restarted.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = prometheus_text(&http, &restarted.base).await;
     assert!(
         metrics.contains(&format!(
             "keyvex_budget_interrupted_settled_total {in_flight}"

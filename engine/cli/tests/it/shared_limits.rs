@@ -12,7 +12,7 @@ use keyvex_testkit::redis::Redis;
 use keyvex_testkit::{MemoryRecorder, TempDir, business};
 use serde_json::{Value, json};
 
-use crate::cli_support::records;
+use crate::cli_support::{get_json, prometheus_text, records};
 
 const ALICE: &str = "alice-key-shared-1";
 const ADMIN: &str = "root-key-shared-2";
@@ -214,15 +214,7 @@ async fn a_burst_and_a_dollar_budget_hold_across_two_replicas() {
     let spent = loop {
         let mut days = Vec::new();
         for base in [&a.base, &b.base] {
-            let all: Value = http
-                .get(format!("{base}/v1/admin/budgets"))
-                .bearer_auth(ADMIN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let all: Value = get_json(&http, format!("{base}/v1/admin/budgets"), ADMIN).await;
             assert!(all["store"].as_str().unwrap().contains("redis"), "{all}");
             days.push(alice_day(all));
         }
@@ -325,14 +317,7 @@ async fn with_redis_down_rate_limits_fail_open_and_budgets_fail_closed_until_it_
     let (status, body) = run_agent(&http, &a.base).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "budget_unavailable", "{body}");
-    let metrics = http
-        .get(format!("{}/metrics", a.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = prometheus_text(&http, &a.base).await;
     let count = |name: &str| -> u64 {
         metrics
             .lines()

@@ -24,7 +24,9 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use serde_json::{Value, json};
 
-use crate::cli_support::{keyvex, records, signal, stdout_of, wait_until};
+use crate::cli_support::{
+    get_json, keyvex, prometheus_text, records, signal, stdout_of, wait_until,
+};
 
 const KEY: &str = "kv-traces-alice";
 const ADMIN: &str = "kv-traces-admin";
@@ -505,15 +507,7 @@ async fn a_queued_job_joins_the_trace_of_the_request_that_enqueued_it() {
     let all = receiver
         .wait_for("job magicSpark", |g| g.service == "keyvex-worker")
         .await;
-    let status: Value = http
-        .get(format!("{}/v1/jobs/{job}", server.base))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = get_json(&http, format!("{}/v1/jobs/{job}", server.base), KEY).await;
     assert_eq!(
         status["status"],
         "succeeded",
@@ -604,14 +598,7 @@ async fn with_the_collector_down_requests_succeed_and_the_lost_spans_are_counted
     )
     .await;
     let dropped = || async {
-        let text = http
-            .get(format!("{}/metrics", server.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = prometheus_text(&http, &server.base).await;
         text.lines()
             .find(|l| l.starts_with("keyvex_otel_spans_dropped_total{reason=\"export_failed\"}"))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -22,6 +22,17 @@ fn spec() -> Spec {
     Spec::new(7)
 }
 
+/// 1,000 requests an hour per caller and route, at most 2 at once.
+fn burst_of_two() -> Spec {
+    let mut spec = spec();
+    spec.caller_rate = Rate {
+        per_period: NonZeroU32::new(1000).unwrap(),
+        period: Duration::from_secs(3_600),
+        burst: NonZeroU32::new(2).unwrap(),
+    };
+    spec
+}
+
 #[tokio::test]
 async fn auth_and_bad_input_get_the_right_status_and_a_useful_body() {
     let mut spec = spec();
@@ -139,13 +150,7 @@ async fn auth_and_bad_input_get_the_right_status_and_a_useful_body() {
 
 #[tokio::test]
 async fn callers_over_their_limit_get_429_with_headers() {
-    let mut spec = spec();
-    spec.caller_rate = Rate {
-        per_period: NonZeroU32::new(1000).unwrap(),
-        period: Duration::from_secs(3_600),
-        burst: NonZeroU32::new(2).unwrap(),
-    };
-    let h = TestServer::sqlite(spec).await;
+    let h = TestServer::sqlite(burst_of_two()).await;
     let get = || {
         h.http
             .get(format!("{}/v1/admin/whoami", h.base))
@@ -188,13 +193,7 @@ async fn callers_over_their_limit_get_429_with_headers() {
 /// refused as invalid before that takes nothing, and the answers that took one say what is left.
 #[tokio::test]
 async fn model_routes_take_the_limit_at_admission_and_invalid_requests_take_none() {
-    let mut spec = spec();
-    spec.caller_rate = Rate {
-        per_period: NonZeroU32::new(1000).unwrap(),
-        period: Duration::from_secs(3_600),
-        burst: NonZeroU32::new(2).unwrap(),
-    };
-    let h = TestServer::sqlite(spec).await;
+    let h = TestServer::sqlite(burst_of_two()).await;
     let chat = |messages: Value| {
         h.post("/v1/chat/completions", ALICE)
             .json(&json!({ "model": "gpt-5.4-mini", "messages": messages }))
