@@ -21,6 +21,7 @@ use keyvex_engine::limits::{
     SharedRates,
 };
 use keyvex_engine::stream::ProviderKind;
+use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
@@ -103,11 +104,21 @@ impl RedisLimits {
     /// sends the settles).
     pub fn connect(config: &RedisConfig) -> Result<RedisLimits, RedisSetupError> {
         let shown = redact(&config.url);
-        let client =
-            redis::Client::open(config.url.as_str()).map_err(|e| RedisSetupError::Url {
-                url: shown.clone(),
-                message: e.to_string(),
-            })?;
+        let url_error = |e: redis::RedisError| RedisSetupError::Url {
+            url: shown.clone(),
+            message: e.to_string(),
+        };
+        // TCP_NODELAY, which redis-rs leaves off: with Nagle on, a command written while another
+        // is unanswered (the admission's two checks, a settle then the next request's check)
+        // waits for the first one's ACK, and the commands sent together are answered one after
+        // the other.
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(url_error)?;
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(url_error)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
