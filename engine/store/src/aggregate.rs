@@ -106,6 +106,9 @@ pub struct Aggregate {
     /// Requests answered (or last tried) by the fallback model.
     pub fallbacks: u64,
     pub fallback_rate: f64,
+    /// Requests whose answer was finished by another call after a stream broke mid-answer (the
+    /// record lists the broken models in `rescuedFrom`).
+    pub rescued: u64,
     /// Distribution of the cost of one request, in micro-dollars (rounded half up), so the
     /// dashboard can show how far the expensive tail is from the $1 per-request alert.
     pub cost_per_request_micro_usd: Percentiles,
@@ -134,6 +137,7 @@ impl Aggregate {
             ttft_ms: None,
             fallbacks: 0,
             fallback_rate: 0.0,
+            rescued: 0,
             cost_per_request_micro_usd: Percentiles::default(),
             max_request_cost_micro_usd: 0,
         }
@@ -180,6 +184,7 @@ pub fn aggregate_by(
         a.cancelled += u64::from(rec.status == RequestStatus::Cancelled);
         a.interrupted += u64::from(rec.status == RequestStatus::Interrupted);
         a.fallbacks += u64::from(rec.fallback_used);
+        a.rescued += u64::from(!rec.rescued_from.is_empty());
         let request_micro = rec.cost().micro_usd();
         a.max_request_cost_micro_usd = a.max_request_cost_micro_usd.max(request_micro);
         if let Some(h) = acc.cost.as_mut() {

@@ -137,6 +137,9 @@ fn model_changes(a: &ModelSpec, b: &ModelSpec, out: &mut Vec<String>) {
             a.max_output_tokens, b.max_output_tokens
         ));
     }
+    if a.prefill != b.prefill {
+        out.push(format!("{id}: prefill {} → {}", a.prefill, b.prefill));
+    }
 }
 
 fn route_changes(process: &str, a: &ProcessRoute, b: &ProcessRoute, out: &mut Vec<String>) {
@@ -161,6 +164,15 @@ fn route_changes(process: &str, a: &ProcessRoute, b: &ProcessRoute, out: &mut Ve
             "{process}: temperature {} → {}",
             show(a.temperature),
             show(b.temperature)
+        ));
+    }
+    if a.rescue != b.rescue {
+        out.push(format!(
+            "{process}: midStreamFailover {} ×{} → {} ×{}",
+            a.rescue.mode.as_str(),
+            a.rescue.max_rescues,
+            b.rescue.mode.as_str(),
+            b.rescue.max_rescues
         ));
     }
 }
