@@ -880,7 +880,10 @@ mod tests {
             })
         );
         assert_eq!(parse_fault("cut:20"), Ok(Fault::CutAfter { tokens: 20 }));
-        assert_eq!(parse_fault("reset:20"), Ok(Fault::ResetAfter { tokens: 20 }));
+        assert_eq!(
+            parse_fault("reset:20"),
+            Ok(Fault::ResetAfter { tokens: 20 })
+        );
         assert_eq!(
             parse_fault("error:overloaded_error:5"),
             Ok(Fault::InStreamError {

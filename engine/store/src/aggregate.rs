@@ -308,6 +308,28 @@ mod tests {
     }
 
     #[test]
+    fn a_request_finished_after_a_broken_stream_counts_as_rescued_on_its_answering_model() {
+        let mut broken = RequestRecord::new("u", "magicSpark", "anthropic", "claude-sonnet-4-6")
+            .with_attempts(1, false);
+        broken.status = RequestStatus::Retried;
+        let mut answer =
+            RequestRecord::new("u", "magicSpark", "openai", "gpt-5.4").with_attempts(2, true);
+        answer.rescued_from = vec!["claude-sonnet-4-6".to_owned()];
+        let plain = RequestRecord::new("u", "magicSpark", "openai", "gpt-5.4");
+        let groups = aggregate(&[broken, answer, plain], GroupBy::Model);
+        let of = |model: &str| groups.iter().find(|g| g.key == model).unwrap();
+        assert_eq!((of("gpt-5.4").requests, of("gpt-5.4").rescued), (2, 1));
+        assert_eq!(
+            (
+                of("claude-sonnet-4-6").retried,
+                of("claude-sonnet-4-6").rescued
+            ),
+            (1, 0)
+        );
+        assert_eq!(serde_json::to_value(of("gpt-5.4")).unwrap()["rescued"], 1);
+    }
+
+    #[test]
     fn large_values_are_not_clamped() {
         // Latencies of 1..=100 seconds and costs of 1..=100 dollars (in micro-dollars).
         let recs: Vec<RequestRecord> = (1..=100u64)
@@ -351,6 +373,7 @@ mod tests {
         );
         let json = serde_json::to_value(a).unwrap();
         assert_eq!(json["fallbackRate"], 0.25);
+        assert_eq!(json["rescued"], 0);
         assert_eq!(json["costPerRequestMicroUsd"]["p95"], 95);
         assert_eq!(json["maxRequestCostMicroUsd"], 100);
     }
