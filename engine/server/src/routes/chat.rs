@@ -589,7 +589,7 @@ async fn complete(call: CallStream, mut meta: Meta) -> Result<Response, ApiError
             (o, text)
         }
     };
-    let body = json!({
+    let mut body = json!({
         "id": meta.id,
         "object": "chat.completion",
         "created": meta.created,
@@ -602,5 +602,8 @@ async fn complete(call: CallStream, mut meta: Meta) -> Result<Response, ApiError
         }],
         "usage": wire_usage(&outcome),
     });
+    if let Some(resumed) = resumed(&outcome) {
+        body["keyvex"] = json!(resumed);
+    }
     Ok(Json(body).into_response())
 }

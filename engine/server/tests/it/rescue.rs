@@ -248,6 +248,41 @@ async fn a_chat_stream_broken_after_content_is_resumed_as_one_answer() {
             assert!(u["completion_tokens"].as_u64() >= w["completion_tokens"].as_u64());
         }
     }
+    // Not streamed: the same one answer, marked as resumed.
+    let ask = |model: &str| {
+        h.post("/v1/chat/completions", ALICE).json(&json!({
+            "model": model,
+            "messages": [{ "role": "user", "content": "Describe a savings calculator for freelancers." }],
+        }))
+    };
+    let whole: Value = ask("gpt-5.4-mini")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    h.sim
+        .push_rule(once("gpt-5.4-mini", Fault::ResetAfter { tokens: 6 }));
+    let resumed: Value = ask("gpt-5.4-mini")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let content = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(content(&resumed), content(&whole));
+    assert_eq!(
+        resumed["keyvex"]["resumed"][0]["from"], "gpt-5.4-mini",
+        "{resumed}"
+    );
+    assert!(whole.get("keyvex").is_none());
     // No model without prefill was ever sent a trailing assistant message.
     for seen in h.sim.requests() {
         if seen.model != "claude-haiku-4-5" {
