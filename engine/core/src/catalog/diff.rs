@@ -195,6 +195,8 @@ mod tests {
             v["models"][1]["pricing"]["outputPerMTok"] = 12.5.into();
             v["processes"]["magicSpark"]["primary"] = "gpt-5.4-mini".into();
             v["processes"]["magicSpark"]["fallback"] = "claude-haiku-4-5".into();
+            v["processes"]["magicSpark"]["midStreamFailover"] = "off".into();
+            v["models"][1]["prefill"] = true.into();
             v["models"].as_array_mut().unwrap().remove(0);
         });
         let diff = CatalogDiff::between(&old, &new);
@@ -202,16 +204,18 @@ mod tests {
             diff.changes,
             vec![
                 "gpt-5.4: outputPerMTok $15 → $12.5",
+                "gpt-5.4: prefill false → true",
                 "model gpt-5.5 removed",
                 "magicSpark: primary claude-sonnet-4-6 → gpt-5.4-mini",
                 "magicSpark: fallback gpt-5.4 → claude-haiku-4-5",
+                "magicSpark: midStreamFailover restart ×1 → off ×0",
             ]
         );
         assert!(CatalogDiff::between(&new, &new).is_empty());
         assert_eq!(CatalogDiff::between(&new, &new).summary(100), "no changes");
         let back = CatalogDiff::between(&new, &old);
         assert!(
-            back.changes[1].starts_with("model gpt-5.5 added (openai, input $5"),
+            back.changes[2].starts_with("model gpt-5.5 added (openai, input $5"),
             "{back}"
         );
     }
