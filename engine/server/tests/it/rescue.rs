@@ -51,10 +51,14 @@ async fn records_of(h: &TestServer, request_id: &str, n: usize) -> Vec<Value> {
 
 /// The broken call's record is `retried`, billed with what it delivered (estimated); the
 /// answer's record names the model it rescued.
-fn assert_billed_and_rescued(records: &[Value], broken: &str, answered: &str) {
+fn assert_billed_and_rescued(records: &[Value], broken: &str, answered: &str, estimated: bool) {
     assert_eq!(records.len(), 2, "{records:#?}");
     let cut = records.iter().find(|r| r["model"] == broken).unwrap();
     assert_eq!(cut["status"], "retried", "{cut}");
+    if estimated {
+        // The provider's usage never came: estimated, and flagged.
+        assert_eq!(cut["costEstimated"], true, "{cut}");
+    }
     assert!(cut["costPicoUsd"].as_u64().unwrap() > 0, "{cut}");
     assert!(cut["outputTokens"].as_u64().unwrap() > 0, "{cut}");
     let last = records.iter().find(|r| r["model"] == answered).unwrap();
@@ -105,7 +109,8 @@ async fn an_agent_stream_broken_after_content_restarts_on_the_fallback_and_valid
         assert_eq!(usage.1["rescuedFrom"], json!([primary]));
         assert_eq!(events.last().unwrap().1["status"], "succeeded");
         let records = records_of(&h, &request_id, 2).await;
-        assert_billed_and_rescued(&records, primary, fallback);
+        let estimated = !matches!(fault, Fault::InStreamError { .. });
+        assert_billed_and_rescued(&records, primary, fallback, estimated);
     }
     let metrics = h.prometheus_text().await;
     let line = metrics
