@@ -74,6 +74,10 @@ struct Args {
     /// Probability (0..=1) that a simulated provider call fails (429, 500, 529, mid-stream cut).
     #[arg(long, default_value_t = 0.0)]
     sim_fault_rate: f64,
+    /// Self-hosted engine: no mid-stream rescues (every catalog policy `off`), so a stream cut
+    /// after content fails its request; compare a run with and without it.
+    #[arg(long)]
+    no_rescue: bool,
     /// Send requests at --rate from our own scheduler instead of goose's closed loop.
     #[arg(long)]
     open_loop: bool,
@@ -235,6 +239,7 @@ async fn run(args: Args) -> Result<(Summary, PathBuf), RunError> {
                 ttft_ms: args.sim_ttft_ms,
                 tps: args.sim_tps,
                 fault_rate: args.sim_fault_rate,
+                no_rescue: args.no_rescue,
             };
             let host = selfhost::start(&settings).await?;
             eprintln!(

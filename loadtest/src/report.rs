@@ -199,7 +199,7 @@ pub fn markdown(s: &Summary) -> String {
     md += "## Targets\n\n";
     md += &targets_table(&s.targets, true);
     md += &format!(
-        "\n\n## Requests\n\n{} requests, {} failed ({:.2} %): {} HTTP errors, {} transport errors, {} mid-stream errors; {} fallbacks; {} costs partly estimated; {} dropped and {} late (open loop).\n\n",
+        "\n\n## Requests\n\n{} requests, {} failed ({:.2} %): {} HTTP errors, {} transport errors, {} mid-stream errors; {} fallbacks; {} rescued (a stream broken after content, finished by another call); {} costs partly estimated; {} dropped and {} late (open loop).\n\n",
         st.requests,
         st.failed,
         st.error_rate * 100.0,
@@ -207,6 +207,7 @@ pub fn markdown(s: &Summary) -> String {
         st.transport_errors,
         st.stream_errors,
         st.fallbacks,
+        st.rescued,
         st.estimated_costs,
         st.dropped,
         st.late

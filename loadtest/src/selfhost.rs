@@ -50,6 +50,9 @@ pub struct SimSettings {
     pub tps: Option<f64>,
     /// Probability that a provider request fails (429, 500, 529 or a mid-stream cut).
     pub fault_rate: f64,
+    /// Start the engine with every mid-stream policy `off` (a cut after content fails the
+    /// request), to compare with the catalog's rescues.
+    pub no_rescue: bool,
 }
 
 impl Default for SimSettings {
@@ -59,6 +62,7 @@ impl Default for SimSettings {
             ttft_ms: None,
             tps: None,
             fault_rate: 0.0,
+            no_rescue: false,
         }
     }
 }
@@ -75,6 +79,26 @@ pub struct SelfHost {
 
 fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// The embedded catalog with `midStreamFailover: "off"` everywhere, written into `dir`; returns
+/// its path.
+fn write_catalog_without_rescue(dir: &std::path::Path) -> Result<String, SelfHostError> {
+    let mut catalog: serde_json::Value =
+        serde_json::from_str(keyvex_engine::catalog::EMBEDDED_CATALOG)
+            .map_err(|e| SelfHostError::Engine(format!("the embedded catalog: {e}")))?;
+    if let Some(processes) = catalog["processes"].as_object_mut() {
+        for route in processes.values_mut() {
+            route["midStreamFailover"] = "off".into();
+        }
+    }
+    catalog["chat"] = serde_json::json!({ "midStreamFailover": "off" });
+    let path = dir.join("models-no-rescue.json");
+    std::fs::write(&path, catalog.to_string()).map_err(|source| SelfHostError::TempDir {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(path.to_string_lossy().into_owned())
 }
 
 /// Starts the simulator and the engine on free loopback ports.
@@ -95,7 +119,7 @@ pub async fn start(settings: &SimSettings) -> Result<SelfHost, SelfHostError> {
     let sim = sim::start(loopback(), config)
         .await
         .map_err(SelfHostError::SimBind)?;
-    match start_engine(&sim).await {
+    match start_engine(&sim, settings.no_rescue).await {
         Ok((base_url, api_key, stop, task, dir)) => Ok(SelfHost {
             base_url,
             api_key,
@@ -119,12 +143,17 @@ type Started = (
     PathBuf,
 );
 
-async fn start_engine(sim: &SimHandle) -> Result<Started, SelfHostError> {
+async fn start_engine(sim: &SimHandle, no_rescue: bool) -> Result<Started, SelfHostError> {
     let dir = std::env::temp_dir().join(format!("keyvex-loadtest-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).map_err(|source| SelfHostError::TempDir {
         path: dir.display().to_string(),
         source,
     })?;
+    let models_file = if no_rescue {
+        Some(write_catalog_without_rescue(&dir)?)
+    } else {
+        None
+    };
     let db = dir.join("metrics.sqlite3");
     let db = db.to_string_lossy().into_owned();
     let base = sim.base_url();
@@ -146,6 +175,7 @@ async fn start_engine(sim: &SimHandle) -> Result<Started, SelfHostError> {
         ("KEYVEX_DRAIN_TIMEOUT_MS", "5000"),
         ("KEYVEX_METRICS_DB", db.as_str()),
         ("KEYVEX_METRICS_FLUSH_MS", "100"),
+        ("KEYVEX_MODELS_FILE", models_file.as_deref().unwrap_or("")),
     ]);
     let config = Config::load(&env, None).map_err(|e| SelfHostError::Engine(e.to_string()))?;
     let server_config = config.server.clone();

@@ -149,6 +149,9 @@ pub struct StreamOutcome {
     /// The engine's cost was partly an estimate (a stream cut before the provider's usage).
     pub estimated: bool,
     pub fallbacks: u64,
+    /// Streams that broke after content and were finished by another call: `restart` events,
+    /// or the seams a resumed chat answer lists on its last chunk.
+    pub rescues: u64,
     /// `error` events (or an error chunk on the chat route) after the stream started.
     pub stream_errors: u64,
     /// The stream ended the way a success ends (`done` with `succeeded`, or `[DONE]`).
@@ -232,6 +235,7 @@ impl<'a> StreamObserver<'a> {
         match event.event.as_deref().unwrap_or("message") {
             "delta" => self.delta(&stage, at, elapsed),
             "fallback" => self.out.fallbacks += 1,
+            "restart" => self.out.rescues += 1,
             "usage" => {
                 // Per call; the totals in `done` are authoritative, these count until then.
                 let t = &data["tokens"];
@@ -295,6 +299,10 @@ impl<'a> StreamObserver<'a> {
                 .failure
                 .get_or_insert_with(|| format!("stream error: {code}"));
             return;
+        }
+        if let Some(seams) = data["keyvex"]["resumed"].as_array() {
+            // On the finish chunk and again on the usage chunk: the same seams.
+            self.out.rescues = self.out.rescues.max(seams.len() as u64);
         }
         let content = data["choices"][0]["delta"]["content"]
             .as_str()

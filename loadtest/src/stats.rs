@@ -45,6 +45,7 @@ struct Inner {
     transport_errors: u64,
     stream_errors: u64,
     fallbacks: u64,
+    rescued: u64,
     estimated_costs: u64,
     dropped: u64,
     late: u64,
@@ -80,6 +81,7 @@ impl Default for Inner {
             transport_errors: 0,
             stream_errors: 0,
             fallbacks: 0,
+            rescued: 0,
             estimated_costs: 0,
             dropped: 0,
             late: 0,
@@ -135,6 +137,7 @@ impl Stats {
         }
         s.stream_errors += out.stream_errors;
         s.fallbacks += out.fallbacks;
+        s.rescued += u64::from(out.rescues > 0);
         s.estimated_costs += u64::from(out.estimated);
         if let Some(d) = out.first_event {
             put(&mut s.first_event, micros(d));
@@ -231,6 +234,7 @@ impl Stats {
             transport_errors: s.transport_errors,
             stream_errors: s.stream_errors,
             fallbacks: s.fallbacks,
+            rescued: s.rescued,
             estimated_costs: s.estimated_costs,
             dropped: s.dropped,
             late: s.late,
@@ -343,6 +347,10 @@ pub struct StatsSummary {
     pub transport_errors: u64,
     pub stream_errors: u64,
     pub fallbacks: u64,
+    /// Requests whose stream broke after content and was finished by another call (restarted
+    /// or continued): without the rescue each would have been a mid-stream error.
+    #[serde(default)]
+    pub rescued: u64,
     pub estimated_costs: u64,
     pub dropped: u64,
     pub late: u64,

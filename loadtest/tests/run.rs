@@ -1,6 +1,7 @@
 //! The `loadtest` binary end to end, self-contained (in-process engine and simulator), with a
 //! fast simulator and runs of a few seconds: reports are written with non-zero counts, an
-//! impossible target fails the exit code and is named, faults show up as errors and fallbacks,
+//! impossible target fails the exit code and is named, faults show up as errors, fallbacks and
+//! rescued calls,
 //! and the open loop counts drops.
 
 #![expect(
@@ -167,6 +168,10 @@ fn provider_faults_show_as_errors_and_fallbacks() {
     let st = &s["stats"];
     assert!(st["fallbacks"].as_u64().unwrap() > 0, "{st}");
     assert!(st["failed"].as_u64().unwrap() > 0, "{st}");
+    // Cuts after content are finished by another call instead of failing the request.
+    let rescued = st["rescued"].as_u64().unwrap();
+    assert!(rescued > 0, "{st}");
+    assert!(rescued <= st["requests"].as_u64().unwrap());
     let rate = s["targets"]
         .as_array()
         .unwrap()
@@ -176,6 +181,34 @@ fn provider_faults_show_as_errors_and_fallbacks() {
     assert_eq!(rate["passed"], Value::Bool(false), "{rate}");
     assert!(s["sim"]["faults_injected"].as_u64().unwrap() > 0);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The same faults with and without the engine's rescues: without them every cut after content
+/// fails its request, so the error rate is far higher, and nothing is rescued.
+#[test]
+fn without_rescues_cuts_after_content_fail_their_requests() {
+    let rate_of = |name: &str, extra: &[&str]| {
+        let out = out_dir(name);
+        let mut args = vec!["--sim-fault-rate", "0.25", "--weight", "pipeline=0"];
+        args.extend_from_slice(extra);
+        run(&out, &args);
+        let (_, s) = summary(&out);
+        let _ = std::fs::remove_dir_all(&out);
+        s["stats"].clone()
+    };
+    let on = rate_of("rescue-on", &[]);
+    let off = rate_of("rescue-off", &["--no-rescue"]);
+    assert_eq!(off["rescued"].as_u64(), Some(0), "{off}");
+    assert!(on["rescued"].as_u64().unwrap() > 0, "{on}");
+    let (on_rate, off_rate) = (
+        on["error_rate"].as_f64().unwrap(),
+        off["error_rate"].as_f64().unwrap(),
+    );
+    // Measured: about 8 % without rescues, under 1 % with them.
+    assert!(
+        off_rate > 2.0 * on_rate,
+        "error rate without rescues {off_rate} vs with {on_rate}"
+    );
 }
 
 #[test]

@@ -113,6 +113,36 @@ fn a_stream_cut_before_done_fails_and_an_error_event_is_counted() {
 }
 
 #[test]
+fn a_restart_and_a_resumed_chat_answer_count_as_one_rescue_each() {
+    let t0 = Instant::now();
+    let mut obs = StreamObserver::new(Protocol::Agent, t0);
+    for e in parse_in_pieces(
+        b"event: delta\ndata: {\"stage\":\"magicSpark\",\"text\":\"{\\\"a\"}\n\nevent: restart\ndata: {\"stage\":\"magicSpark\",\"from\":\"a\",\"to\":\"b\",\"reason\":\"cut\",\"discardedBytes\":3}\n\nevent: done\ndata: {\"status\":\"succeeded\",\"totals\":{}}\n\n",
+        &[7],
+    ) {
+        obs.observe(&e, t0);
+    }
+    let out = obs.finish(t0);
+    assert!(out.succeeded);
+    assert_eq!((out.rescues, out.stream_errors), (1, 0));
+
+    let mut obs = StreamObserver::new(Protocol::Chat, t0);
+    let resumed = r#"{"resumed":[{"from":"m","to":"m"}]}"#;
+    let body = format!(
+        "data: {{\"choices\":[{{\"delta\":{{\"content\":\"Hi\"}}}}],\"usage\":null}}\n\n\
+         data: {{\"choices\":[{{\"delta\":{{}},\"finish_reason\":\"stop\"}}],\"usage\":null,\"keyvex\":{resumed}}}\n\n\
+         data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}},\"keyvex\":{resumed}}}\n\n\
+         data: [DONE]\n\n"
+    );
+    for e in parse_in_pieces(body.as_bytes(), &[]) {
+        obs.observe(&e, t0);
+    }
+    let out = obs.finish(t0);
+    assert!(out.succeeded);
+    assert_eq!(out.rescues, 1, "the seams are listed twice, counted once");
+}
+
+#[test]
 fn chat_streams_are_priced_from_the_catalog_and_a_fallback_model_is_counted() {
     let catalog = Catalog::embedded().unwrap();
     let route = catalog.route(agents::Process::MagicSpark);

@@ -70,6 +70,17 @@ pub enum AgentEvent {
         to: String,
         reason: String,
     },
+    /// The model call's stream broke after content and the answer starts again on `to`: drop
+    /// every `Delta` and `Partial` received since the call began; the next ones start from
+    /// nothing.
+    Restart {
+        stage: Process,
+        from: String,
+        to: String,
+        reason: String,
+        /// Content bytes the broken stream had delivered, now discarded.
+        discarded_bytes: usize,
+    },
     Delta(String),
     /// The output parsed so far (best effort), sent when it changed.
     Partial(serde_json::Value),
@@ -104,6 +115,9 @@ pub struct CallUsage {
     pub cost_usd: f64,
     pub estimated: bool,
     pub fallback_used: bool,
+    /// The models whose streams broke after content and were restarted on another call.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rescued_from: Vec<String>,
     /// How the call ended: `succeeded` or `failed`.
     pub status: &'static str,
     /// The call's record id, and what resolves once that record is durable (tell a client about
@@ -122,6 +136,7 @@ impl CallUsage {
             cost_usd: o.cost.usd(),
             estimated: o.cost_estimated,
             fallback_used: o.fallback_used,
+            rescued_from: o.rescues.iter().map(|r| r.from.clone()).collect(),
             status: o.status.as_str(),
             record,
         }
@@ -280,6 +295,18 @@ fn agent_events(
                     }
                     CallEvent::Fallback { from, to, reason } => {
                         yield AgentEvent::Fallback { from, to, reason };
+                    }
+                    CallEvent::Rescue(rescue) => {
+                        // Structured output cannot be spliced: the answer starts again.
+                        partial = agents::PartialJson::new();
+                        unseen_bytes = 0;
+                        yield AgentEvent::Restart {
+                            stage: process,
+                            from: rescue.from,
+                            to: rescue.to,
+                            reason: rescue.reason,
+                            discarded_bytes: rescue.delivered_bytes,
+                        };
                     }
                     CallEvent::Delta(text) => {
                         if outcome.ttft.is_none() {

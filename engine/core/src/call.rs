@@ -23,8 +23,9 @@ use crate::record::{
     CallIntent, CallObserver, Receipt, Recorded, Recorder, RequestRecord, SessionMessage,
 };
 use crate::router::{
-    AttemptError, AttemptRecord, CallStart, CallTarget, RouteError, RouteEvent, RouteFailure,
-    RouteObserver, RouteOptions, RouteOutcome, RouteRequest, RouteStatus, RouteStream, Router,
+    AttemptError, AttemptRecord, CallStart, CallTarget, Rescue, RouteError, RouteEvent,
+    RouteFailure, RouteObserver, RouteOptions, RouteOutcome, RouteRequest, RouteStatus,
+    RouteStream, Router,
 };
 use crate::stream::{ProviderKind, Usage};
 
@@ -104,6 +105,9 @@ pub enum CallEvent {
         to: String,
         reason: String,
     },
+    /// The stream broke after content and another call takes over (see
+    /// [`RouteEvent::Rescue`]).
+    Rescue(Rescue),
     Delta(String),
     Finished {
         outcome: RouteOutcome,
@@ -429,6 +433,7 @@ impl Stream for CallStream {
                 attempt,
             },
             RouteEvent::Fallback { from, to, reason } => CallEvent::Fallback { from, to, reason },
+            RouteEvent::Rescue(rescue) => CallEvent::Rescue(rescue),
             RouteEvent::Delta(text) => CallEvent::Delta(text),
             RouteEvent::Finished(outcome) => {
                 let record = this.books.record(&outcome);
@@ -491,6 +496,7 @@ pub fn records_of(
         .with_attempts(total, primary.is_some_and(|p| p != last.model));
     rec.attempt = total;
     rec.unterminated = last.unterminated;
+    rec.rescued_from = outcome.rescues.iter().map(|r| r.from.clone()).collect();
     // A request that started on an earlier model's clock: date it from its first call.
     if let Some(ms) = calls.first().and_then(|first| unix_ms(first.started_at)) {
         rec = rec.with_timestamp_ms(ms);
@@ -630,6 +636,7 @@ mod tests {
             fallback_used: attempts.len() > 1,
             finish_reason: None,
             attempts,
+            rescues: Vec::new(),
         }
     }
 

@@ -57,6 +57,65 @@ pub struct ModelSpec {
     /// The Anthropic API version this model must be called with, whatever `ANTHROPIC_VERSION`
     /// says (a newer model may exist only on a newer version). Anthropic models only.
     pub anthropic_version: Option<AnthropicVersion>,
+    /// Whether the model accepts a conversation ending in an assistant message and continues
+    /// it (an assistant prefill). A chat stream cut mid-answer is continued on such a model by
+    /// sending the partial answer as that last message; any other model is asked to continue
+    /// through a user instruction instead, and never receives a trailing assistant message.
+    pub prefill: bool,
+}
+
+/// What a route does when its committed stream breaks after content (a cut, a stall, an
+/// in-stream error, the provider's own deadline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MidStreamFailover {
+    /// Start the same request again on the next candidate; the caller is told to drop what it
+    /// received (structured answers cannot be spliced).
+    Restart,
+    /// Ask the next candidate to continue the text already sent; the caller sees one stream.
+    Continue,
+    /// End the call with an explicit mid-stream error and an estimated cost.
+    Off,
+}
+
+impl MidStreamFailover {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MidStreamFailover::Restart => "restart",
+            MidStreamFailover::Continue => "continue",
+            MidStreamFailover::Off => "off",
+        }
+    }
+}
+
+/// How many broken streams one request may rescue, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RescuePolicy {
+    pub mode: MidStreamFailover,
+    /// Rescues per request (each one a new call, inside the request's total deadline).
+    pub max_rescues: u32,
+}
+
+impl RescuePolicy {
+    /// What the four agents do unless the catalog says otherwise.
+    pub const PROCESS_DEFAULT: RescuePolicy = RescuePolicy {
+        mode: MidStreamFailover::Restart,
+        max_rescues: 1,
+    };
+    /// What a chat call on one model does unless the catalog says otherwise.
+    pub const CHAT_DEFAULT: RescuePolicy = RescuePolicy {
+        mode: MidStreamFailover::Continue,
+        max_rescues: 1,
+    };
+    pub const OFF: RescuePolicy = RescuePolicy {
+        mode: MidStreamFailover::Off,
+        max_rescues: 0,
+    };
+
+    /// Whether a stream that broke after content may be rescued, `used` rescues in.
+    pub fn allows(self, used: u32) -> bool {
+        self.mode != MidStreamFailover::Off && used < self.max_rescues
+    }
 }
 
 /// Which models serve a process, and with what generation settings.
@@ -66,6 +125,8 @@ pub struct ProcessRoute {
     pub fallback: String,
     pub max_output_tokens: u32,
     pub temperature: Option<f32>,
+    /// What happens when a stream breaks after content (`midStreamFailover`, `maxRescues`).
+    pub rescue: RescuePolicy,
 }
 
 /// A process temperature one of its models is called without (see
@@ -103,6 +164,9 @@ pub struct Catalog {
     models: Vec<ModelSpec>,
     by_id: HashMap<String, usize>,
     processes: BTreeMap<Process, ProcessRoute>,
+    /// What a call on one model (the chat route, `complete`) does when its stream breaks after
+    /// content (`chat.midStreamFailover`, `chat.maxRescues`).
+    model_rescue: RescuePolicy,
 }
 
 impl Catalog {
@@ -199,6 +263,7 @@ impl Catalog {
                 context_window: m.context_window,
                 max_output_tokens: m.max_output_tokens,
                 anthropic_version,
+                prefill: m.prefill,
             });
         }
 
@@ -258,6 +323,11 @@ impl Catalog {
                     fallback: route.fallback,
                     max_output_tokens: route.max_output_tokens,
                     temperature: route.temperature,
+                    rescue: rescue_policy(
+                        route.mid_stream_failover,
+                        route.max_rescues,
+                        RescuePolicy::PROCESS_DEFAULT,
+                    ),
                 },
             );
         }
@@ -278,6 +348,13 @@ impl Catalog {
             models,
             by_id,
             processes,
+            model_rescue: raw.chat.map_or(RescuePolicy::CHAT_DEFAULT, |chat| {
+                rescue_policy(
+                    chat.mid_stream_failover,
+                    chat.max_rescues,
+                    RescuePolicy::CHAT_DEFAULT,
+                )
+            }),
         })
     }
 
@@ -319,6 +396,21 @@ impl Catalog {
     }
 
     /// Every process has a route (checked at load), so this never fails.
+    /// What a call on one model does when its stream breaks after content.
+    pub fn model_rescue(&self) -> RescuePolicy {
+        self.model_rescue
+    }
+
+    /// This catalog with every route's mid-stream policy set to `policy`, calls on one model
+    /// included (a deployment sets it per process in the catalog file instead).
+    pub fn with_rescue(mut self, policy: RescuePolicy) -> Catalog {
+        for route in self.processes.values_mut() {
+            route.rescue = policy;
+        }
+        self.model_rescue = policy;
+        self
+    }
+
     pub fn route(&self, process: Process) -> &ProcessRoute {
         // Validated in `parse`: all four processes are present.
         &self.processes[&process]
@@ -380,6 +472,34 @@ struct RawCatalog {
     notes: Option<String>,
     models: Vec<RawModel>,
     processes: BTreeMap<String, RawRoute>,
+    /// Settings of calls on one model (the chat route).
+    #[serde(default)]
+    chat: Option<RawChat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawChat {
+    #[serde(default)]
+    mid_stream_failover: Option<MidStreamFailover>,
+    #[serde(default)]
+    max_rescues: Option<u32>,
+}
+
+/// A policy from the catalog's keys: `off` allows no rescue whatever `maxRescues` says.
+fn rescue_policy(
+    mode: Option<MidStreamFailover>,
+    max_rescues: Option<u32>,
+    default: RescuePolicy,
+) -> RescuePolicy {
+    let mode = mode.unwrap_or(default.mode);
+    RescuePolicy {
+        mode,
+        max_rescues: match mode {
+            MidStreamFailover::Off => 0,
+            _ => max_rescues.unwrap_or(default.max_rescues),
+        },
+    }
 }
 
 #[derive(Deserialize)]
@@ -394,6 +514,8 @@ struct RawModel {
     /// Parsed in `Catalog::parse`, so an unknown version is reported with its key.
     #[serde(default)]
     anthropic_version: Option<String>,
+    #[serde(default)]
+    prefill: bool,
 }
 
 #[derive(Deserialize)]
@@ -417,6 +539,10 @@ struct RawRoute {
     max_output_tokens: u32,
     #[serde(default)]
     temperature: Option<f32>,
+    #[serde(default)]
+    mid_stream_failover: Option<MidStreamFailover>,
+    #[serde(default)]
+    max_rescues: Option<u32>,
 }
 
 #[cfg(test)]

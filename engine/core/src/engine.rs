@@ -193,7 +193,7 @@ impl Engine {
     ///         CallEvent::Delta(text) => answer.push_str(&text),
     ///         CallEvent::Finished { record, .. } => record.receipt.durable().await?,
     ///         CallEvent::Failed { failure, .. } => return Err(failure.error.into()),
-    ///         CallEvent::Start { .. } | CallEvent::Fallback { .. } => {}
+    ///         CallEvent::Start { .. } | CallEvent::Fallback { .. } | CallEvent::Rescue(_) => {}
     ///     }
     /// }
     /// assert!(!answer.is_empty());

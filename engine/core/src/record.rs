@@ -112,6 +112,11 @@ pub struct RequestRecord {
     /// The answer was complete but its stream ended without the provider's terminator.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unterminated: bool,
+    /// The models whose streams broke after content and which this call's answer rescued (by
+    /// restarting or continuing it), in order; empty for an answer that never broke. The broken
+    /// calls have their own `retried` records, billed with what they delivered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rescued_from: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +162,7 @@ impl RequestRecord {
             attempts: 1,
             attempt: 1,
             unterminated: false,
+            rescued_from: Vec::new(),
             run_id: None,
             stage: None,
             session_id: None,

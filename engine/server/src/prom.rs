@@ -171,6 +171,12 @@ impl ServerMetrics {
                     counter!("keyvex_call_retries_total", "process" => rec.process.clone())
                         .increment(u64::from(rec.attempts - 1));
                 }
+                // A stream that broke after content and was finished by another call, counted
+                // on the model whose stream broke.
+                for from in &rec.rescued_from {
+                    counter!("keyvex_rescued_calls_total", "process" => rec.process.clone(), "model" => from.clone())
+                        .increment(1);
+                }
             }
             if rec.unterminated {
                 counter!("keyvex_unterminated_streams_total", "provider" => rec.provider.clone(), "model" => rec.model.clone())

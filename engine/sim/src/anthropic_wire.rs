@@ -177,6 +177,12 @@ impl Invalid {
     }
 }
 
+/// Whether a model continues a conversation that ends with an assistant message: the Claude 4.6
+/// models answer such a request with a 400.
+fn accepts_prefill(model: &str) -> bool {
+    !model.contains("-4-6")
+}
+
 fn parse(value: &Value) -> Result<Request, Invalid> {
     let Some(model) = value
         .get("model")
@@ -216,6 +222,20 @@ fn parse(value: &Value) -> Result<Request, Invalid> {
     }
     if messages.is_empty() {
         return Err(Invalid::new("messages: at least one message is required"));
+    }
+    if let Some(last) = messages.last().filter(|m| m.role == Role::Assistant) {
+        // An assistant prefill: the 4.6 models refuse one; the others refuse it with trailing
+        // whitespace.
+        if !accepts_prefill(model) {
+            return Err(Invalid::new(
+                "This model does not support assistant message prefill. The conversation must end with a user message.",
+            ));
+        }
+        if last.content.ends_with(char::is_whitespace) {
+            return Err(Invalid::new(
+                "messages: final assistant content cannot end with trailing whitespace",
+            ));
+        }
     }
     let system = match value.get("system") {
         None | Some(Value::Null) => None,
@@ -455,6 +475,7 @@ pub(crate) async fn messages(
             ping_every: state.config.latency.ping_every,
             failure: plan.failure,
             line_ending: plan.line_ending,
+            conn: conn.as_ref().map(|c| c.0.clone()),
             served: streaming::Served {
                 protocol: ProviderKind::Anthropic,
                 model: request.model.clone(),

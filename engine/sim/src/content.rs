@@ -49,6 +49,64 @@ impl Rng {
     }
 }
 
+/// A request to continue a cut answer: the conversation it continues, and the answer so far.
+pub(crate) struct Continuation<'a> {
+    pub original: Prompt<'a>,
+    pub sent: &'a str,
+    /// Sent as an assistant prefill (the model continues it directly), rather than as the cut
+    /// answer followed by the continuation instruction (the model restates its last words).
+    pub prefill: bool,
+}
+
+impl Continuation<'_> {
+    /// What the model sends to finish `canonical`, when the answer so far is its start: after
+    /// a prefill exactly the rest; after the instruction the rest with the last few words of
+    /// the answer so far said again, as models do when they pick a sentence up.
+    pub fn rest(&self, canonical: &str) -> Option<String> {
+        if !canonical.starts_with(self.sent) {
+            return None;
+        }
+        if self.prefill {
+            return Some(canonical[self.sent.len()..].to_owned());
+        }
+        let mut back = self.sent.len().saturating_sub(12);
+        while !self.sent.is_char_boundary(back) {
+            back -= 1;
+        }
+        let from = self.sent[..back].rfind(char::is_whitespace).unwrap_or(0);
+        Some(canonical[from..].to_owned())
+    }
+}
+
+/// The continuation `prompt` asks for, if it is one: it ends with an assistant message (a
+/// prefill), or with the engine's continuation instruction right after one.
+pub(crate) fn continuation<'a>(prompt: &Prompt<'a>) -> Option<Continuation<'a>> {
+    use keyvex_engine::provider::Role;
+    let messages = prompt.messages;
+    let (last, before) = messages.split_last()?;
+    let (kept, sent, prefill) = match last.role {
+        Role::Assistant => (before, last.content.as_str(), true),
+        Role::User if last.content == keyvex_engine::router::CONTINUE_INSTRUCTION => {
+            let (cut, kept) = before.split_last()?;
+            if cut.role != Role::Assistant {
+                return None;
+            }
+            (kept, cut.content.as_str(), false)
+        }
+        Role::User => return None,
+    };
+    Some(Continuation {
+        original: Prompt {
+            model: prompt.model,
+            system: prompt.system,
+            messages: kept,
+            schema: prompt.schema,
+        },
+        sent,
+        prefill,
+    })
+}
+
 /// What the answer depends on. Stream flag and token limit are deliberately absent: a streamed
 /// and a non-streamed answer to the same prompt are the same text, and a lower limit cuts the
 /// same text shorter.
@@ -758,6 +816,46 @@ mod tests {
         let n = count_tokens(&a);
         assert!((75..=80).contains(&n), "{n} tokens: {a}");
         assert!(!a.to_lowercase().contains("lorem"));
+    }
+
+    #[test]
+    fn a_continuation_is_found_and_answered_from_the_canonical_text() {
+        use keyvex_engine::provider::ChatMessage;
+        let canonical = "A savings calculator adds up what a freelancer sets aside each month.";
+        let asked = vec![ChatMessage::user("Describe a savings calculator.")];
+        let sent = &canonical[..30];
+        let prompt = |messages: &[ChatMessage]| -> Option<String> {
+            let p = Prompt {
+                model: "m",
+                system: None,
+                messages,
+                schema: None,
+            };
+            let c = continuation(&p)?;
+            assert_eq!(c.original.messages, &asked[..]);
+            c.rest(canonical)
+        };
+        // A prefill: exactly the rest.
+        let mut prefilled = asked.clone();
+        prefilled.push(ChatMessage::assistant(sent));
+        assert_eq!(prompt(&prefilled).unwrap(), &canonical[30..]);
+        // The instruction: the rest, with the last words said again.
+        let mut instructed = asked.clone();
+        instructed.push(ChatMessage::assistant(sent));
+        instructed.push(ChatMessage::user(
+            keyvex_engine::router::CONTINUE_INSTRUCTION,
+        ));
+        let rest = prompt(&instructed).unwrap();
+        assert!(rest.len() > canonical.len() - 30 + 8, "{rest:?}");
+        assert!(canonical.ends_with(&rest));
+        // A plain conversation is not a continuation.
+        let p = Prompt {
+            model: "m",
+            system: None,
+            messages: &asked,
+            schema: None,
+        };
+        assert!(continuation(&p).is_none());
     }
 
     #[test]

@@ -127,6 +127,8 @@ pub enum Fault {
     },
     /// Reset the connection (TCP RST) before any byte of the response.
     Reset,
+    /// Reset the connection (TCP RST) after about this many output tokens, with no terminator.
+    ResetAfter { tokens: u32 },
     /// Out of credit: Anthropic's 402 `billing_error`; OpenAI's 429 `insufficient_quota`.
     Billing,
     /// The prompt does not fit: OpenAI's 400 `context_length_exceeded`, Anthropic's 400
@@ -168,6 +170,9 @@ pub(crate) enum Failure {
     },
     Quota,
     Cut {
+        tokens: u64,
+    },
+    ResetAfter {
         tokens: u64,
     },
     Stall {
@@ -255,6 +260,7 @@ fn aspect(fault: &Fault) -> Aspect {
         | Fault::ContentPolicy
         | Fault::InsufficientQuota
         | Fault::CutAfter { .. }
+        | Fault::ResetAfter { .. }
         | Fault::StallAfter { .. }
         | Fault::InStreamError { .. }
         | Fault::MalformedAfter { .. } => Aspect::Failure,
@@ -420,6 +426,11 @@ fn apply(plan: &mut Plan, fault: Fault) {
             })
         }
         Fault::Reset => plan.failure = Some(Failure::Reset),
+        Fault::ResetAfter { tokens } => {
+            plan.failure = Some(Failure::ResetAfter {
+                tokens: tokens.into(),
+            });
+        }
         Fault::Billing => plan.failure = Some(Failure::Billing),
         Fault::ContextTooLong => plan.failure = Some(Failure::ContextTooLong),
         Fault::ContentPolicy => plan.failure = Some(Failure::ContentPolicy),
@@ -624,6 +635,7 @@ pub(crate) fn parse_fault(spec: &str) -> Result<Fault, String> {
         ["policy"] => Ok(Fault::ContentPolicy),
         ["silent"] => Ok(Fault::Silent),
         ["reset"] => Ok(Fault::Reset),
+        ["reset", n] => Ok(Fault::ResetAfter { tokens: tokens(n)? }),
         ["pings"] => Ok(Fault::PingsOnly {
             every: Duration::from_secs(1),
         }),
@@ -868,6 +880,10 @@ mod tests {
             })
         );
         assert_eq!(parse_fault("cut:20"), Ok(Fault::CutAfter { tokens: 20 }));
+        assert_eq!(
+            parse_fault("reset:20"),
+            Ok(Fault::ResetAfter { tokens: 20 })
+        );
         assert_eq!(
             parse_fault("error:overloaded_error:5"),
             Ok(Fault::InStreamError {

@@ -439,14 +439,21 @@ pub(crate) fn prepare(
     plan: &knobs::Plan,
     max_tokens: Option<u64>,
 ) -> Prepared {
-    let seed = plan.seed.unwrap_or(state.config.seed) ^ prompt.hash();
+    let continued = content::continuation(prompt);
+    // A continuation is answered from the canonical answer of the conversation it continues.
+    let asked = continued.as_ref().map_or(prompt, |c| &c.original);
+    let seed = plan.seed.unwrap_or(state.config.seed) ^ asked.hash();
     let (text, json) = match &plan.content {
         // A scripted answer is sent as given; it is JSON only if it happens to parse.
         Some(text) => (text.clone(), serde_json::from_str(text).ok()),
-        None => match content::answer(prompt, seed, plan.output_tokens) {
+        None => match content::answer(asked, seed, plan.output_tokens) {
             content::Answer::Text(text) => (text, None),
             content::Answer::Json(value) => (value.to_string(), Some(value)),
         },
+    };
+    let (text, json) = match continued.as_ref().and_then(|c| c.rest(&text)) {
+        Some(rest) => (rest, None),
+        None => (text, json),
     };
     let pieces = content::split_pieces(&text);
     let keep = match max_tokens {

@@ -473,6 +473,7 @@ pub(crate) async fn chat_completions(
             ping_every: Duration::ZERO,
             failure: plan.failure,
             line_ending: plan.line_ending,
+            conn: conn.as_ref().map(|c| c.0.clone()),
             served: streaming::Served {
                 protocol: ProviderKind::OpenAi,
                 model: request.model.clone(),

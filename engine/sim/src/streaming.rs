@@ -50,7 +50,12 @@ pub(crate) struct Script {
     /// What the served log says of this stream when it completes.
     pub served: Served,
     pub line_ending: LineEnding,
+    /// The connection the request came in on, for a reset mid-stream.
+    pub conn: Option<ConnControl>,
 }
+
+/// How long a mid-stream reset waits after the last delta, so the client has read it.
+const RESET_GRACE: Duration = Duration::from_millis(100);
 
 /// The request a stream answers, for the served log.
 pub(crate) struct Served {
@@ -88,6 +93,7 @@ async fn sleep_until(state: &SimState, deadline: Instant) -> bool {
 fn threshold(failure: &Failure) -> Option<u64> {
     match failure {
         Failure::Cut { tokens }
+        | Failure::ResetAfter { tokens }
         | Failure::Stall { tokens, .. }
         | Failure::InStream { tokens, .. }
         | Failure::Malformed { tokens }
@@ -218,6 +224,23 @@ fn events<E: Encoder>(
                         guard.end(Ending::Aborted);
                         state.stats.fault();
                         yield Err(io::Error::other("simulated connection cut"));
+                        return;
+                    }
+                    Some(Failure::ResetAfter { .. }) => {
+                        // Give the client time to read what was sent (an RST discards what the
+                        // peer has not read yet), then reset the connection: no terminator, no FIN.
+                        state.stats.fault();
+                        if !sleep_until(&state, Instant::now() + RESET_GRACE).await {
+                            guard.end(Ending::Aborted);
+                            yield Err(shutting_down());
+                            return;
+                        }
+                        guard.end(Ending::Aborted);
+                        match &script.conn {
+                            Some(conn) => conn.reset(),
+                            None => tracing::warn!("reset fault without a connection handle; cutting the body instead"),
+                        }
+                        yield Err(io::Error::other("simulated connection reset"));
                         return;
                     }
                     Some(Failure::Stall { stall, .. }) => {

@@ -106,6 +106,9 @@ pub struct Aggregate {
     /// Requests answered (or last tried) by the fallback model.
     pub fallbacks: u64,
     pub fallback_rate: f64,
+    /// Requests whose answer was finished by another call after a stream broke mid-answer (the
+    /// record lists the broken models in `rescuedFrom`).
+    pub rescued: u64,
     /// Distribution of the cost of one request, in micro-dollars (rounded half up), so the
     /// dashboard can show how far the expensive tail is from the $1 per-request alert.
     pub cost_per_request_micro_usd: Percentiles,
@@ -134,6 +137,7 @@ impl Aggregate {
             ttft_ms: None,
             fallbacks: 0,
             fallback_rate: 0.0,
+            rescued: 0,
             cost_per_request_micro_usd: Percentiles::default(),
             max_request_cost_micro_usd: 0,
         }
@@ -180,6 +184,7 @@ pub fn aggregate_by(
         a.cancelled += u64::from(rec.status == RequestStatus::Cancelled);
         a.interrupted += u64::from(rec.status == RequestStatus::Interrupted);
         a.fallbacks += u64::from(rec.fallback_used);
+        a.rescued += u64::from(!rec.rescued_from.is_empty());
         let request_micro = rec.cost().micro_usd();
         a.max_request_cost_micro_usd = a.max_request_cost_micro_usd.max(request_micro);
         if let Some(h) = acc.cost.as_mut() {
@@ -303,6 +308,28 @@ mod tests {
     }
 
     #[test]
+    fn a_request_finished_after_a_broken_stream_counts_as_rescued_on_its_answering_model() {
+        let mut broken = RequestRecord::new("u", "magicSpark", "anthropic", "claude-sonnet-4-6")
+            .with_attempts(1, false);
+        broken.status = RequestStatus::Retried;
+        let mut answer =
+            RequestRecord::new("u", "magicSpark", "openai", "gpt-5.4").with_attempts(2, true);
+        answer.rescued_from = vec!["claude-sonnet-4-6".to_owned()];
+        let plain = RequestRecord::new("u", "magicSpark", "openai", "gpt-5.4");
+        let groups = aggregate(&[broken, answer, plain], GroupBy::Model);
+        let of = |model: &str| groups.iter().find(|g| g.key == model).unwrap();
+        assert_eq!((of("gpt-5.4").requests, of("gpt-5.4").rescued), (2, 1));
+        assert_eq!(
+            (
+                of("claude-sonnet-4-6").retried,
+                of("claude-sonnet-4-6").rescued
+            ),
+            (1, 0)
+        );
+        assert_eq!(serde_json::to_value(of("gpt-5.4")).unwrap()["rescued"], 1);
+    }
+
+    #[test]
     fn large_values_are_not_clamped() {
         // Latencies of 1..=100 seconds and costs of 1..=100 dollars (in micro-dollars).
         let recs: Vec<RequestRecord> = (1..=100u64)
@@ -346,6 +373,7 @@ mod tests {
         );
         let json = serde_json::to_value(a).unwrap();
         assert_eq!(json["fallbackRate"], 0.25);
+        assert_eq!(json["rescued"], 0);
         assert_eq!(json["costPerRequestMicroUsd"]["p95"], 95);
         assert_eq!(json["maxRequestCostMicroUsd"], 100);
     }

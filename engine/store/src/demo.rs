@@ -367,6 +367,11 @@ impl<'a> Generator<'a> {
             .with_cost(cost(&usage, &model.pricing))
             .with_latency(latency as u64, Some(ttft as u64))
             .with_cost_estimated(cut);
+        if fallback && roll > 0.9 {
+            // The primary's stream broke mid-answer and the fallback restarted it (no extra
+            // draw, so the generated data stays the same for a seed).
+            rec.rescued_from = vec![self.catalog.route(process).primary.clone()];
+        }
         Ok(match (cut, roll < 0.022) {
             (false, _) => rec,
             (true, true) => rec.failed("stream_error", "demo: upstream stream ended with an error"),
@@ -496,6 +501,14 @@ mod tests {
         assert!(
             (0.02..0.07).contains(&fallback_rate),
             "fallback rate {fallback_rate}"
+        );
+        // A few fallback answers rescued a primary's stream that broke mid-answer.
+        let rescued: Vec<_> = recs.iter().filter(|r| !r.rescued_from.is_empty()).collect();
+        assert!(!rescued.is_empty() && rescued.len() < s.fallbacks as usize);
+        assert!(
+            rescued
+                .iter()
+                .all(|r| r.fallback_used && r.rescued_from[0] != r.model)
         );
         let over_a_dollar = recs
             .iter()

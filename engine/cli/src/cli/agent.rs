@@ -65,6 +65,17 @@ async fn relay(args: &AgentArgs, mut events: AgentStream) -> anyhow::Result<Exit
             AgentEvent::Fallback { from, to, reason } => {
                 eprintln!("\nkeyvex: falling back from {from} to {to}: {reason}");
             }
+            AgentEvent::Restart {
+                from,
+                to,
+                reason,
+                discarded_bytes,
+                ..
+            } => {
+                eprintln!(
+                    "\nkeyvex: the stream of {from} broke after {discarded_bytes} bytes ({reason}); restarting on {to}"
+                );
+            }
             AgentEvent::Delta(text) if !args.quiet => {
                 stderr.write_all(text.as_bytes())?;
                 stderr.flush()?;

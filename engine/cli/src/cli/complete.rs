@@ -41,7 +41,10 @@ pub async fn run(args: CompleteArgs) -> anyhow::Result<ExitCode> {
         &oneshot::context(),
         &CallTarget::Process(args.process),
         request,
-        RouteOptions { keep_text: false },
+        RouteOptions {
+            keep_text: false,
+            continue_only: true,
+        },
     );
     let code = match call {
         Ok(call) => {
@@ -78,6 +81,19 @@ async fn relay(mut call: keyvex_engine::CallStream) -> anyhow::Result<ExitCode> 
             }
             CallEvent::Fallback { from, to, reason } => {
                 eprintln!("keyvex: falling back from {from} to {to}: {reason}");
+            }
+            CallEvent::Rescue(rescue) => {
+                eprintln!(
+                    "\nkeyvex: the stream of {} broke after {} bytes ({}); {} {} it",
+                    rescue.from,
+                    rescue.delivered_bytes,
+                    rescue.reason,
+                    rescue.to,
+                    match rescue.mode {
+                        keyvex_engine::catalog::MidStreamFailover::Restart => "restarts",
+                        _ => "continues",
+                    }
+                );
             }
             CallEvent::Delta(text) => {
                 stdout.write_all(text.as_bytes())?;

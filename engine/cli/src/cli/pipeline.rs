@@ -157,6 +157,11 @@ impl StageProgress {
             AgentEvent::Fallback { to, reason, .. } => {
                 bar.set_message(format!("fallback to {to} ({reason})"));
             }
+            AgentEvent::Restart { to, reason, .. } => {
+                let mut chars = self.chars.lock().unwrap_or_else(|e| e.into_inner());
+                chars.insert(stage, 0);
+                bar.set_message(format!("restarting on {to} ({reason})"));
+            }
             AgentEvent::Delta(text) => {
                 let mut chars = self.chars.lock().unwrap_or_else(|e| e.into_inner());
                 let n = chars.entry(stage).or_default();

@@ -2,7 +2,8 @@
 //! a receiver in the test that decodes the protobuf the way a collector does. One pipeline run
 //! is one trace under the caller's `traceparent`: request → pipeline → stages → routed calls →
 //! provider attempts, with the GenAI attributes and the token counts the records hold, and the
-//! fallback the simulator forced as an event. A queued job joins the trace of the request that
+//! fallback the simulator forced as an event, like the rescue of a stream it cut mid-answer. A
+//! queued job joins the trace of the request that
 //! enqueued it across the server and the worker. With the receiver gone, requests still succeed
 //! and the lost spans are counted in `/metrics`.
 
@@ -285,6 +286,11 @@ async fn one_pipeline_run_is_one_trace_with_stages_attempts_tokens_and_the_force
         model: Some("claude-sonnet-4-6".into()),
         ..Rule::always(Fault::InsufficientQuota)
     });
+    // Style Master's primary breaks once after content: its answer restarts on the fallback.
+    sim.push_rule(Rule {
+        model: Some("gpt-5.4-mini".into()),
+        ..Rule::times(Fault::CutAfter { tokens: 6 }, 1)
+    });
     let dir = TempDir::new("cli-traces-pipeline");
     let db = dir.file("metrics.sqlite3");
     let server = serve(&sim, &db, &receiver.endpoint, &[]);
@@ -441,6 +447,33 @@ async fn one_pipeline_run_is_one_trace_with_stages_attempts_tokens_and_the_force
         failed.text("error.type").as_deref(),
         Some("quota_exhausted")
     );
+
+    // Style Master's route says it rescued the broken stream, as an event and in its outcome.
+    let style = stages
+        .iter()
+        .find(|s| s.span.name == "stage styleMaster")
+        .unwrap();
+    let route = style.children(&all)[0];
+    let rescue = route
+        .span
+        .events
+        .iter()
+        .find(|e| e.name == "rescue")
+        .unwrap_or_else(|| panic!("no rescue event: {route:#?}"));
+    let attr = |key: &str| {
+        rescue
+            .attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                Any::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+    };
+    assert_eq!(attr("mode").as_deref(), Some("restart"));
+    assert_eq!(attr("from").as_deref(), Some("gpt-5.4-mini"));
+    assert_eq!(attr("to").as_deref(), Some("claude-haiku-4-5"));
+    assert_eq!(route.int("keyvex.rescues"), Some(1));
 
     // The provider calls carried the trace onto the wire.
     let seen = sim.requests();

@@ -137,6 +137,9 @@ fn model_changes(a: &ModelSpec, b: &ModelSpec, out: &mut Vec<String>) {
             a.max_output_tokens, b.max_output_tokens
         ));
     }
+    if a.prefill != b.prefill {
+        out.push(format!("{id}: prefill {} → {}", a.prefill, b.prefill));
+    }
 }
 
 fn route_changes(process: &str, a: &ProcessRoute, b: &ProcessRoute, out: &mut Vec<String>) {
@@ -163,6 +166,15 @@ fn route_changes(process: &str, a: &ProcessRoute, b: &ProcessRoute, out: &mut Ve
             show(b.temperature)
         ));
     }
+    if a.rescue != b.rescue {
+        out.push(format!(
+            "{process}: midStreamFailover {} ×{} → {} ×{}",
+            a.rescue.mode.as_str(),
+            a.rescue.max_rescues,
+            b.rescue.mode.as_str(),
+            b.rescue.max_rescues
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -183,6 +195,8 @@ mod tests {
             v["models"][1]["pricing"]["outputPerMTok"] = 12.5.into();
             v["processes"]["magicSpark"]["primary"] = "gpt-5.4-mini".into();
             v["processes"]["magicSpark"]["fallback"] = "claude-haiku-4-5".into();
+            v["processes"]["magicSpark"]["midStreamFailover"] = "off".into();
+            v["models"][1]["prefill"] = true.into();
             v["models"].as_array_mut().unwrap().remove(0);
         });
         let diff = CatalogDiff::between(&old, &new);
@@ -190,16 +204,18 @@ mod tests {
             diff.changes,
             vec![
                 "gpt-5.4: outputPerMTok $15 → $12.5",
+                "gpt-5.4: prefill false → true",
                 "model gpt-5.5 removed",
                 "magicSpark: primary claude-sonnet-4-6 → gpt-5.4-mini",
                 "magicSpark: fallback gpt-5.4 → claude-haiku-4-5",
+                "magicSpark: midStreamFailover restart ×1 → off ×0",
             ]
         );
         assert!(CatalogDiff::between(&new, &new).is_empty());
         assert_eq!(CatalogDiff::between(&new, &new).summary(100), "no changes");
         let back = CatalogDiff::between(&new, &old);
         assert!(
-            back.changes[1].starts_with("model gpt-5.5 added (openai, input $5"),
+            back.changes[2].starts_with("model gpt-5.5 added (openai, input $5"),
             "{back}"
         );
     }

@@ -3,9 +3,10 @@
 //!
 //! A process has a primary and a fallback model on the other provider (`catalog`). Before the
 //! first content delta the router falls back freely on retryable errors; once content flows it
-//! is committed to that attempt, and a later failure ends the stream with an explicit
-//! [`RouteEvent::Failed`] carrying what was produced, never a clean but truncated end. Re-trying a model already
-//! tried waits a jittered backoff drawn from a shared [`RetryBudget`]; each model has a circuit
+//! is committed to that attempt. A later failure is rescued when the catalog's policy allows
+//! (a [`RouteEvent::Rescue`], then the next call restarts the answer or continues it);
+//! otherwise it ends the stream with an explicit [`RouteEvent::Failed`] carrying what was
+//! produced, never a clean but truncated end. Re-trying a model already tried waits a jittered backoff drawn from a shared [`RetryBudget`]; each model has a circuit
 //! breaker; every attempt is costed. `run.rs` holds the state machine of one route.
 
 mod attempt;
@@ -13,6 +14,7 @@ mod breaker;
 mod budget;
 mod outcome;
 mod run;
+mod seam;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -36,7 +38,8 @@ use crate::stream::ProviderKind;
 pub use attempt::{AttemptError, AttemptRecord};
 pub use breaker::{BreakerConfig, CircuitState, OpenReason};
 pub use budget::{RetryBudget, RetryBudgetConfig};
-pub use outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
+pub use outcome::{AttemptSummary, Rescue, RouteError, RouteFailure, RouteOutcome, RouteStatus};
+pub use seam::CONTINUE_INSTRUCTION;
 
 /// Told about a route while it runs: each call as it goes out, each call that failed while the
 /// route goes on, and the route's end when its caller abandoned it (the stream was dropped
@@ -218,11 +221,18 @@ pub struct RouteOptions {
     /// answer is tens of KiB per stream); a cut stream's output is then estimated from its byte
     /// count instead of by tokenizing the text.
     pub keep_text: bool,
+    /// The caller relays one text stream it cannot take back (the chat route, `complete`): a
+    /// stream that breaks after content is continued there, never restarted, whatever the
+    /// process's policy (`off` stays off).
+    pub continue_only: bool,
 }
 
 impl Default for RouteOptions {
     fn default() -> Self {
-        Self { keep_text: true }
+        Self {
+            keep_text: true,
+            continue_only: false,
+        }
     }
 }
 
@@ -242,6 +252,10 @@ pub enum RouteEvent {
         to: String,
         reason: String,
     },
+    /// The committed stream broke after content and another call takes over: on a restart the
+    /// caller drops everything it received and the new call's deltas start from nothing; on a
+    /// continue its deltas carry on the text already sent.
+    Rescue(Rescue),
     Delta(String),
     Finished(RouteOutcome),
     Failed(RouteFailure),
@@ -407,6 +421,7 @@ impl Router {
             request,
             options,
             observer,
+            catalog.model_rescue(),
         )
         .spending(spend);
         Ok(self.start(plan, span))
@@ -452,6 +467,7 @@ impl Router {
             request,
             options,
             observer,
+            route.rescue,
         )
         .spending(spend);
         self.start(plan, span)
@@ -507,8 +523,9 @@ pub(crate) fn deadline_in(after: Duration) -> tokio::time::Instant {
 }
 
 /// The span of one routed call. Its children are the attempts; its events say why the route
-/// moved on: `retry`, `fallback`, `breaker skip`, `budget skip` (a mid-stream `rescue` would
-/// join them). The outcome fields are filled in when the route ends.
+/// moved on: `retry`, `fallback`, `breaker skip`, `budget skip`, and `rescue` (a stream that
+/// broke after content handed to the next call). The outcome fields are filled in when the
+/// route ends.
 fn route_span(process: &str, primary: &str) -> tracing::Span {
     tracing::info_span!(
         "route",
@@ -522,6 +539,7 @@ fn route_span(process: &str, primary: &str) -> tracing::Span {
         keyvex.model = tracing::field::Empty,
         keyvex.attempts = tracing::field::Empty,
         keyvex.fallback_used = tracing::field::Empty,
+        keyvex.rescues = tracing::field::Empty,
         keyvex.cost_usd = tracing::field::Empty,
         keyvex.ttft_ms = tracing::field::Empty,
         error.type = tracing::field::Empty,

@@ -52,6 +52,30 @@ pub struct RouteOutcome {
     /// Whether a call went to a model other than the route's primary.
     pub fallback_used: bool,
     pub finish_reason: Option<FinishReason>,
+    /// Streams that broke after content and were finished by another call, in order.
+    pub rescues: Vec<Rescue>,
+}
+
+impl RouteOutcome {
+    /// Whether the answer was finished by another call after a stream broke mid-answer.
+    pub fn rescued(&self) -> bool {
+        !self.rescues.is_empty()
+    }
+}
+
+/// One stream that broke after content, and the call that took over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rescue {
+    /// Restart (the caller drops what it had) or continue (the caller keeps it).
+    pub mode: crate::catalog::MidStreamFailover,
+    /// The model whose stream broke, and the one asked to finish the answer.
+    pub from: String,
+    pub to: String,
+    /// Why the stream broke (the provider error).
+    pub reason: String,
+    /// Bytes of content the broken stream had delivered: discarded on a restart, kept and
+    /// continued from on a continue.
+    pub delivered_bytes: usize,
 }
 
 /// A route that ended in error, with what it did and spent before that.

@@ -11,7 +11,7 @@ use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
 use crate::budgets::{SpendAccount, SpendHold, worst_case_cost};
-use crate::catalog::ModelSpec;
+use crate::catalog::{MidStreamFailover, ModelSpec, RescuePolicy};
 use crate::cost::Cost;
 use crate::limits::{ProviderHold, estimate_tokens, reserve_shared};
 use crate::provider::{ChatRequest, ProviderError, SharedProvider};
@@ -20,7 +20,8 @@ use crate::tokenize::{count_prompt_tokens, estimate_prompt_tokens};
 
 use super::attempt::{AttemptError, AttemptMeter, AttemptRecord, wall_clock};
 use super::breaker::{Admission, OpenReason, Refusal};
-use super::outcome::{AttemptSummary, RouteError, RouteFailure, RouteOutcome, RouteStatus};
+use super::outcome::{AttemptSummary, Rescue, RouteError, RouteFailure, RouteOutcome, RouteStatus};
+use super::seam::{Seam, continuation};
 use super::{
     CallStart, InSpan, Providers, RouteEvent, RouteObserver, RouteOptions, RouteRequest, Shared,
     deadline_in,
@@ -50,6 +51,8 @@ pub(super) struct Plan {
     prompt_estimate: OnceLock<u64>,
     /// Whose dollar budgets each attempt reserves from, if any.
     spend: Option<SpendAccount>,
+    /// What to do when the committed stream breaks after content.
+    rescue: RescuePolicy,
 }
 
 impl Plan {
@@ -60,6 +63,7 @@ impl Plan {
         request: RouteRequest,
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
+        rescue: RescuePolicy,
     ) -> Self {
         let mut candidates = Vec::with_capacity(models.len());
         let mut unavailable = Vec::new();
@@ -85,6 +89,13 @@ impl Plan {
             observer,
             prompt_estimate: OnceLock::new(),
             spend: None,
+            rescue: match rescue.mode {
+                MidStreamFailover::Restart if options.continue_only => RescuePolicy {
+                    mode: MidStreamFailover::Continue,
+                    ..rescue
+                },
+                _ => rescue,
+            },
         }
     }
 
@@ -132,6 +143,8 @@ struct InFlight {
     spend: Option<SpendHold>,
     span: tracing::Span,
     started: Instant,
+    /// The messages sent when they are not the plan's (a continuation of a cut answer).
+    continued: Option<Vec<crate::provider::ChatMessage>>,
 }
 
 /// Why a picked model was not called.
@@ -178,6 +191,26 @@ struct RouteRun {
     /// The candidate whose content the caller is receiving, and when its first delta came.
     committed: Option<(usize, Instant)>,
     text: String,
+    /// When the caller received its first content, kept across rescues (`committed` moves to
+    /// the call that took over).
+    first_content: Option<Instant>,
+    /// Streams that broke after content and were handed to another call.
+    rescues: Vec<Rescue>,
+    /// A rescue decided when a stream broke, announced once the next model is picked.
+    pending_rescue: Option<Rescue>,
+    /// Content bytes the running attempt has forwarded to the caller.
+    forwarded_bytes: usize,
+    /// Everything the caller received, kept when the policy continues cut answers (the next
+    /// call must be told the text).
+    sent: String,
+    /// Set once a stream was cut under `continue`: the text every next call continues.
+    continue_from: Option<String>,
+    /// The running continuation's start, held until its overlap with `sent` is known.
+    seam: Option<Seam>,
+    /// Usage of the cut calls whose text a continuation carries on: the caller is shown the
+    /// sum, as it was shown one answer; `continued_upto` is how many attempts it covers.
+    continued_usage: Usage,
+    continued_upto: usize,
     done: bool,
     /// The route's span (current when the route starts): its outcome is recorded on it.
     span: tracing::Span,
@@ -201,7 +234,12 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                 yield RouteEvent::Failed(run.fail(error));
                 return;
             };
-            if let Some(event) = run.fallback_event(idx) {
+            if let Some(mut rescue) = run.pending_rescue.take() {
+                rescue.to.clone_from(&run.plan.candidates[idx].spec.id);
+                tracing::info!(mode = rescue.mode.as_str(), from = %rescue.from, to = %rescue.to, reason = %rescue.reason, delivered_bytes = rescue.delivered_bytes as u64, "rescue");
+                run.rescues.push(rescue.clone());
+                yield RouteEvent::Rescue(rescue);
+            } else if let Some(event) = run.fallback_event(idx) {
                 if let RouteEvent::Fallback { from, to, reason } = &event {
                     tracing::info!(from = %from, to = %to, reason = %reason, "fallback");
                 }
@@ -313,6 +351,11 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
             };
             // Close the provider's connection before any backoff.
             drop(events);
+            if end.is_ok()
+                && let Some(rest) = run.release_seam()
+            {
+                yield RouteEvent::Delta(rest);
+            }
             if let Some(terminal) = run.end_attempt(end) {
                 yield terminal;
                 return;
@@ -341,6 +384,15 @@ impl RouteRun {
             in_flight: None,
             committed: None,
             text: String::new(),
+            first_content: None,
+            rescues: Vec::new(),
+            pending_rescue: None,
+            forwarded_bytes: 0,
+            sent: String::new(),
+            continue_from: None,
+            seam: None,
+            continued_usage: Usage::default(),
+            continued_upto: 0,
             done: false,
             span: tracing::Span::current(),
         }
@@ -388,6 +440,17 @@ impl RouteRun {
         })
     }
 
+    /// The request for candidate `idx`: the plan's, extended to continue a cut answer after a
+    /// `continue` rescue.
+    fn request_for(&self, idx: usize) -> ChatRequest {
+        let spec = &self.plan.candidates[idx].spec;
+        let mut request = self.plan.chat_request(spec);
+        if let Some(sent) = &self.continue_from {
+            continuation(&mut request.messages, sent, spec.prefill);
+        }
+        request
+    }
+
     /// Full-jitter exponential backoff for this model's next retry, but never before its
     /// `retry-after` has passed.
     fn retry_wait(&self, idx: usize) -> Duration {
@@ -419,7 +482,7 @@ impl RouteRun {
             return Ok(None);
         };
         let spec = &self.plan.candidates[idx].spec;
-        let worst = worst_case_cost(&self.plan.chat_request(spec), &spec.pricing);
+        let worst = worst_case_cost(&self.request_for(idx), &spec.pricing);
         account.reserve(worst).await.map(Some)
     }
 
@@ -432,7 +495,7 @@ impl RouteRun {
             return Ok(None);
         };
         let spec = &self.plan.candidates[idx].spec;
-        let tokens = estimate_tokens(&self.plan.chat_request(spec));
+        let tokens = estimate_tokens(&self.request_for(idx));
         match reserve_shared(store, *when_down, spec.provider, rates, tokens).await {
             Ok(hold) => Ok(hold.map(ProviderHold::Shared)),
             Err(refused) => Err(Skip::Budget(AttemptError::BudgetRefused {
@@ -464,7 +527,7 @@ impl RouteRun {
                 return Err(Skip::Circuit(refusal));
             }
         };
-        let request = self.plan.chat_request(&candidate.spec);
+        let request = self.request_for(idx);
         let local = match (&shared, self.shared.shared_rates.is_some()) {
             (Some(_), _) | (None, true) => None,
             (None, false) => self.shared.provider_budgets.get(&candidate.spec.provider),
@@ -522,6 +585,15 @@ impl RouteRun {
             });
         }
         let provider = candidate.provider.clone();
+        self.forwarded_bytes = 0;
+        self.seam = self
+            .continue_from
+            .as_deref()
+            .map(|sent| Seam::new(sent, candidate.spec.prefill));
+        let continued = self
+            .continue_from
+            .is_some()
+            .then(|| request.messages.clone());
         self.in_flight = Some(InFlight {
             idx,
             meter,
@@ -530,6 +602,7 @@ impl RouteRun {
             spend,
             span,
             started: Instant::now(),
+            continued,
         });
         Ok((provider, request))
     }
@@ -662,6 +735,23 @@ impl RouteRun {
                         .record("keyvex.ttft_ms", int(millis(flight.started.elapsed())));
                     tracing::debug!(parent: &flight.span, "committed at first content");
                 }
+                let text = match &mut self.seam {
+                    Some(seam) => match seam.push(&text) {
+                        Some(released) => {
+                            self.seam = None;
+                            released
+                        }
+                        None => return Step::Nothing,
+                    },
+                    None => text,
+                };
+                if text.is_empty() {
+                    return Step::Nothing;
+                }
+                self.forwarded_bytes += text.len();
+                if self.plan.rescue.mode == MidStreamFailover::Continue {
+                    self.sent.push_str(&text);
+                }
                 Step::Forward(RouteEvent::Delta(text))
             }
             ProviderEvent::Usage(usage) => {
@@ -674,6 +764,18 @@ impl RouteRun {
             } => Step::End(Ok((finish_reason, unterminated))),
             ProviderEvent::Error(error) => Step::End(Err(error)),
         }
+    }
+
+    /// What a continuation held back at its seam, trimmed, when its stream ends before the
+    /// window filled.
+    fn release_seam(&mut self) -> Option<String> {
+        let rest = self.seam.take()?.resolve();
+        if rest.is_empty() {
+            return None;
+        }
+        self.forwarded_bytes += rest.len();
+        self.sent.push_str(&rest);
+        Some(rest)
     }
 
     /// Closes the running attempt's books; returns the terminal event when the route ends. A
@@ -707,6 +809,7 @@ impl RouteRun {
             spend,
             span,
             started: _,
+            continued,
         } = self.in_flight.take()?;
         let model = self.plan.candidates[idx].spec.id.clone();
         let provider = self.plan.candidates[idx].spec.provider;
@@ -715,7 +818,10 @@ impl RouteRun {
             Err(e) => (None, Some(AttemptError::Provider(e.clone()))),
         };
         let plan = &self.plan;
-        let (mut record, text) = meter.finish(finish_reason, error, || plan.prompt_tokens());
+        let (mut record, text) = meter.finish(finish_reason, error, || match &continued {
+            Some(messages) => count_prompt_tokens(plan.request.system.as_deref(), messages),
+            None => plan.prompt_tokens(),
+        });
         if let Some(reservation) = reservation {
             reservation.settle(record.usage.total());
         }
@@ -736,7 +842,11 @@ impl RouteRun {
                     self.committed = Some((idx, Instant::now()));
                 }
                 tracing::info!(parent: &span, cost = %record.cost, estimated = record.usage_estimated, "attempt succeeded");
-                self.text = text;
+                self.text = if self.continue_from.is_some() && self.plan.options.keep_text {
+                    self.sent.clone()
+                } else {
+                    text
+                };
                 self.attempts.push(record);
                 return Some(RouteEvent::Finished(self.succeed(reason)));
             }
@@ -759,9 +869,35 @@ impl RouteRun {
         }
         tracing::warn!(parent: &span, error = %error, kind = error.kind(), cost = %record.cost, "attempt failed");
         let produced_chars = record.output_chars;
+        let usage = record.usage;
         self.attempts.push(record);
+        if self.committed.is_some() && self.may_rescue(&error) {
+            let mode = self.plan.rescue.mode;
+            tracing::info!(parent: &span, mode = mode.as_str(), "stream broke after content: rescuing it on the next model");
+            self.first_content = self.first_content.or(self.committed.map(|(_, at)| at));
+            self.committed = None;
+            self.seam = None;
+            self.text.clear();
+            if mode == MidStreamFailover::Continue {
+                self.continue_from = Some(self.sent.clone());
+                self.continued_usage.add(&usage);
+                self.continued_upto = self.attempts.len();
+            }
+            self.pending_rescue = Some(Rescue {
+                mode,
+                from: model,
+                to: String::new(),
+                reason: error.to_string(),
+                delivered_bytes: self.forwarded_bytes,
+            });
+            return None;
+        }
         if self.committed.is_some() {
-            self.text = text;
+            self.text = if self.continue_from.is_some() && self.plan.options.keep_text {
+                self.sent.clone()
+            } else {
+                text
+            };
             let error = RouteError::MidStream {
                 model,
                 provider,
@@ -808,6 +944,16 @@ impl RouteRun {
         None
     }
 
+    /// Whether a stream that broke after content may be handed to another call: the policy
+    /// allows another rescue, the request's deadline has not passed, and a call is left.
+    fn may_rescue(&self, error: &ProviderError) -> bool {
+        self.plan.rescue.allows(self.rescues.len() as u32)
+            && !matches!(error, ProviderError::Deadline { .. })
+            && Instant::now() < self.deadline
+            && self.calls < self.shared.config.max_attempts.max(1)
+            && self.excluded.iter().any(|x| !x)
+    }
+
     /// Whether a candidate not yet ruled out has a larger context window than `idx`'s.
     fn larger_context_available(&self, idx: usize) -> bool {
         let window = self.plan.candidates[idx].spec.context_window;
@@ -847,12 +993,15 @@ impl RouteRun {
         // The answer is the last attempt that made a call (once committed, nothing follows
         // it): its usage is what the caller is shown. Failed attempts keep their own usage and
         // cost in `attempts`, and are billed there, never folded into the answer's.
-        let usage = self
-            .attempts
-            .iter()
-            .rev()
-            .find(called)
-            .map_or_else(Usage::default, |a| a.usage);
+        let last_call = self.attempts.iter().rposition(made_call);
+        let mut usage = match last_call {
+            // Already in `continued_usage`: the cut call was the last one made.
+            Some(i) if i < self.continued_upto => Usage::default(),
+            Some(i) => self.attempts[i].usage,
+            None => Usage::default(),
+        };
+        // A continued answer is one answer to the caller: its usage is every call's that wrote it.
+        usage.add(&self.continued_usage);
         let shown = match self.committed {
             Some((idx, _)) => {
                 let spec = &self.plan.candidates[idx].spec;
@@ -874,7 +1023,10 @@ impl RouteRun {
             usage,
             cost: self.attempts.iter().map(|a| a.cost).sum(),
             cost_estimated: self.attempts.iter().any(|a| a.usage_estimated),
-            ttft: self.committed.map(|(_, at)| at - self.started),
+            ttft: self
+                .first_content
+                .or(self.committed.map(|(_, at)| at))
+                .map(|at| at - self.started),
             latency: self.started.elapsed(),
             fallback_used: self
                 .attempts
@@ -883,6 +1035,7 @@ impl RouteRun {
                 .any(|a| a.model != self.plan.primary),
             finish_reason,
             attempts: self.attempts.clone(),
+            rescues: self.rescues.clone(),
         }
     }
 }
@@ -1009,6 +1162,7 @@ fn record_route_end(span: &tracing::Span, outcome: &RouteOutcome, status: &str) 
     }
     span.record("keyvex.attempts", outcome.attempts.len() as i64);
     span.record("keyvex.fallback_used", outcome.fallback_used);
+    span.record("keyvex.rescues", outcome.rescues.len() as i64);
     span.record("keyvex.cost_usd", outcome.cost.usd());
     if let Some(ttft) = outcome.ttft {
         span.record("keyvex.ttft_ms", int(millis(ttft)));

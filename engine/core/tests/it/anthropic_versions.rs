@@ -65,7 +65,7 @@ async fn finish(
                 return (outcome, recorded);
             }
             CallEvent::Failed { failure, .. } => panic!("{}", failure.error),
-            CallEvent::Start { .. } | CallEvent::Fallback { .. } => {}
+            CallEvent::Start { .. } | CallEvent::Fallback { .. } | CallEvent::Rescue(_) => {}
         }
     }
     panic!("the call ended without Finished");

@@ -63,7 +63,7 @@ async fn a_finished_and_a_failed_call_are_each_recorded_once_with_their_context(
                 recorded_id = Some(record.id);
             }
             CallEvent::Failed { failure, .. } => panic!("{}", failure.error),
-            CallEvent::Start { .. } | CallEvent::Fallback { .. } => {}
+            CallEvent::Start { .. } | CallEvent::Fallback { .. } | CallEvent::Rescue(_) => {}
         }
     }
     let records = recorder.records();

@@ -14,6 +14,7 @@ mod anthropic_versions;
 mod call_intents;
 mod engine_calls;
 mod estimates;
+mod mid_stream_rescue;
 mod provider_clients;
 mod provider_faults;
 mod router_decisions;

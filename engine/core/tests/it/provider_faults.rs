@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use agents::Process;
 use futures::StreamExt;
-use keyvex_engine::catalog::Catalog;
+use keyvex_engine::catalog::{Catalog, RescuePolicy};
 use keyvex_engine::provider::ChatMessage;
 use keyvex_engine::record::{RequestRecord, RequestStatus};
 use keyvex_engine::router::{
@@ -42,9 +42,25 @@ fn config() -> RouterConfig {
 }
 
 fn engine(sim: &SimHandle, config: RouterConfig) -> (Engine, Arc<MemoryRecorder>) {
+    engine_on(sim, config, Catalog::embedded().unwrap())
+}
+
+/// [`engine`] whose broken streams are never rescued (mid-stream policy `off`), so a test sees
+/// the broken call's own end.
+fn engine_without_rescue(sim: &SimHandle, config: RouterConfig) -> (Engine, Arc<MemoryRecorder>) {
+    let off = Catalog::embedded().unwrap().with_rescue(RescuePolicy::OFF);
+    engine_on(sim, config, off)
+}
+
+fn engine_on(
+    sim: &SimHandle,
+    config: RouterConfig,
+    catalog: Catalog,
+) -> (Engine, Arc<MemoryRecorder>) {
     let recorder = MemoryRecorder::new();
     let engine = sim_engine(sim)
         .router(config)
+        .catalog(catalog)
         .recorder(recorder.clone())
         .build()
         .unwrap();
@@ -96,7 +112,10 @@ impl Ran {
 
 async fn call(engine: &Engine, process: Process) -> Ran {
     let started = Instant::now();
-    let options = RouteOptions { keep_text: false };
+    let options = RouteOptions {
+        keep_text: false,
+        ..RouteOptions::default()
+    };
     let mut stream = engine
         .chat(
             &CallContext::new("tester").with_correlation("faults"),
@@ -125,7 +144,7 @@ async fn call(engine: &Engine, process: Process) -> Ran {
                     took: started.elapsed(),
                 };
             }
-            CallEvent::Start { .. } | CallEvent::Fallback { .. } => {}
+            CallEvent::Start { .. } | CallEvent::Fallback { .. } | CallEvent::Rescue(_) => {}
         }
     }
     panic!("the call ended without a terminal event");
@@ -426,12 +445,23 @@ async fn a_clean_end_without_a_finish_reason_is_never_a_success() {
         let process = process_with_primary(kind);
         let (primary, _) = models(process);
         let sim = fast_sim(49).await;
-        let (engine, _) = engine(&sim, config());
+        let (off, _) = engine_without_rescue(&sim, config());
         sim.push_rule(on(&primary, Fault::CleanEnd { tokens: 5 }));
-        let ran = call(&engine, process).await;
+        let ran = call(&off, process).await;
         assert!(!ran.text.is_empty());
         assert_eq!(
             last_provider_error(ran.failed()).kind(),
+            "truncated",
+            "{kind}"
+        );
+        // With the default policy the truncated stream is restarted on the fallback.
+        let (engine, _) = engine(&sim, config());
+        sim.push_rule(on(&primary, Fault::CleanEnd { tokens: 5 }));
+        let ran = call(&engine, process).await;
+        let o = ran.ok();
+        assert!(o.rescued(), "{kind}");
+        assert_eq!(
+            o.attempts[0].error.as_ref().unwrap().kind(),
             "truncated",
             "{kind}"
         );
@@ -507,7 +537,7 @@ async fn a_cut_stream_keeps_the_reported_prompt_and_estimates_only_the_output() 
     let process = process_with_primary(ProviderKind::Anthropic);
     let (primary, _) = models(process);
     let sim = fast_sim(52).await;
-    let (engine, recorder) = engine(&sim, config());
+    let (engine, recorder) = engine_without_rescue(&sim, config());
     sim.push_rule(on(&primary, Fault::CutAfter { tokens: 20 }));
     let ran = call(&engine, process).await;
     ran.failed();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use agents::Process;
 use futures::StreamExt;
-use keyvex_engine::catalog::Catalog;
+use keyvex_engine::catalog::{Catalog, RescuePolicy};
 use keyvex_engine::cost::Cost;
 use keyvex_engine::provider::{ChatMessage, ChatRequest, EventStream, Provider, ProviderError};
 use keyvex_engine::router::{
@@ -170,7 +170,26 @@ fn config() -> RouterConfig {
 }
 
 fn router(openai: &Arc<Fake>, anthropic: &Arc<Fake>, config: RouterConfig) -> Router {
-    let catalog = Arc::new(Catalog::embedded().unwrap());
+    router_on(openai, anthropic, config, Catalog::embedded().unwrap())
+}
+
+/// [`router`] whose broken streams are never rescued (mid-stream policy `off`).
+fn router_without_rescue(
+    openai: &Arc<Fake>,
+    anthropic: &Arc<Fake>,
+    config: RouterConfig,
+) -> Router {
+    let off = Catalog::embedded().unwrap().with_rescue(RescuePolicy::OFF);
+    router_on(openai, anthropic, config, off)
+}
+
+fn router_on(
+    openai: &Arc<Fake>,
+    anthropic: &Arc<Fake>,
+    config: RouterConfig,
+    catalog: Catalog,
+) -> Router {
+    let catalog = Arc::new(catalog);
     let providers = Providers::new()
         .with(OPENAI, openai.clone())
         .with(ANTHROPIC, anthropic.clone());
@@ -657,7 +676,12 @@ async fn a_stall_after_content_fails_with_the_partial_text_and_an_estimated_cost
         ]],
     );
     let anthropic = Fake::new(ANTHROPIC, vec![ok(ANTHROPIC, FALLBACK, "unused")]);
-    let events = collect(process(&router(&openai, &anthropic, config()))).await;
+    let events = collect(process(&router_without_rescue(
+        &openai,
+        &anthropic,
+        config(),
+    )))
+    .await;
     let (error, outcome) = failed(&events);
     assert!(
         matches!(
@@ -698,7 +722,12 @@ async fn a_cut_after_content_fails_with_an_estimated_cost() {
     for (i, script) in scripts.into_iter().enumerate() {
         let openai = Fake::new(OPENAI, vec![script]);
         let anthropic = Fake::new(ANTHROPIC, vec![]);
-        let events = collect(process(&router(&openai, &anthropic, config()))).await;
+        let events = collect(process(&router_without_rescue(
+            &openai,
+            &anthropic,
+            config(),
+        )))
+        .await;
         let (error, outcome) = failed(&events);
         assert_eq!(error.kind(), "mid_stream");
         let attempt = &outcome.attempts[0];

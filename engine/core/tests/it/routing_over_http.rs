@@ -2,7 +2,8 @@
 //! loopback. For each provider as primary: exact usage and cost (cached tokens included),
 //! fallback before the first token on 429/500/529/connect refused/TTFT timeout, no retry on
 //! 400/401, `retry-after` honoured, a cut and a stall after content ending in an explicit error
-//! with an estimated cost, and the circuit breaker opening and recovering.
+//! with an estimated cost when the mid-stream policy is off, and the circuit breaker opening and
+//! recovering.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use agents::Process;
 use futures::StreamExt;
-use keyvex_engine::catalog::Catalog;
+use keyvex_engine::catalog::{Catalog, RescuePolicy};
 use keyvex_engine::cost::cost;
 use keyvex_engine::provider::anthropic::AnthropicProvider;
 use keyvex_engine::provider::openai::OpenAiProvider;
@@ -44,10 +45,25 @@ async fn setup_with(
     openai_url: Option<String>,
     anthropic_url: Option<String>,
 ) -> Setup {
+    setup_on(
+        config,
+        openai_url,
+        anthropic_url,
+        Catalog::embedded().unwrap(),
+    )
+    .await
+}
+
+async fn setup_on(
+    config: RouterConfig,
+    openai_url: Option<String>,
+    anthropic_url: Option<String>,
+    catalog: Catalog,
+) -> Setup {
     let sim = sim::start(SocketAddr::from(([127, 0, 0, 1], 0)), SimConfig::fast(7))
         .await
         .unwrap();
-    let catalog = Arc::new(Catalog::embedded().unwrap());
+    let catalog = Arc::new(catalog);
     let openai = OpenAiProvider::new(&provider_config(
         openai_url.unwrap_or_else(|| sim.base_url()),
     ))
@@ -337,6 +353,8 @@ async fn honours_retry_after_before_calling_a_model_again() {
     }
 }
 
+/// With the catalog's mid-stream policy `off`, a broken stream is not rescued (the default
+/// policies, which are, are tested in `mid_stream_rescue`).
 #[tokio::test]
 async fn a_cut_or_stall_after_content_ends_in_an_explicit_error_with_estimated_cost() {
     for kind in ProviderKind::ALL {
@@ -351,7 +369,8 @@ async fn a_cut_or_stall_after_content_ends_in_an_explicit_error_with_estimated_c
                 stall_timeout: Duration::from_millis(400),
                 ..fast_config()
             };
-            let s = setup(config).await;
+            let off = Catalog::embedded().unwrap().with_rescue(RescuePolicy::OFF);
+            let s = setup_on(config, None, None, off).await;
             let process = process_with_primary(kind);
             let (primary, _) = primary_and_fallback(&s, process);
             s.sim.push_rule(rule(&primary, fault.clone(), 1));

@@ -219,6 +219,16 @@ pub(super) fn translate(
             "fallback",
             &json!({ "stage": stage, "from": from, "to": to, "reason": reason }),
         ),
+        AgentEvent::Restart {
+            stage,
+            from,
+            to,
+            reason,
+            discarded_bytes,
+        } => event(
+            "restart",
+            &json!({ "stage": stage, "from": from, "to": to, "reason": reason, "discardedBytes": discarded_bytes }),
+        ),
         AgentEvent::Delta(text) => event("delta", &json!({ "stage": stage, "text": text })),
         AgentEvent::Partial(value) => event("partial", &json!({ "stage": stage, "output": value })),
         AgentEvent::Repair { errors } => {
@@ -281,6 +291,7 @@ fn usage_event(stage: Process, call: &CallUsage) -> Event {
             "costMicroUsd": call.cost.micro_usd(),
             "estimated": call.estimated,
             "fallbackUsed": call.fallback_used,
+            "rescuedFrom": call.rescued_from,
         }),
     )
 }

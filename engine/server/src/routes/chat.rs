@@ -19,7 +19,7 @@ use keyvex_engine::clock::unix_now;
 use keyvex_engine::provider::{ChatMessage, ProviderError, ResponseSchema};
 use keyvex_engine::record::Recorded;
 use keyvex_engine::router::{
-    AttemptError, CallTarget, RouteError, RouteOptions, RouteOutcome, RouteRequest,
+    AttemptError, CallTarget, Rescue, RouteError, RouteOptions, RouteOutcome, RouteRequest,
 };
 
 use crate::auth::Caller;
@@ -271,6 +271,35 @@ struct Chunk<'a> {
     /// One choice, or none in the usage chunk.
     choices: &'a [Choice<'a>],
     usage: Option<WireUsage>,
+    /// On the last chunks of an answer whose stream broke and was continued by another call:
+    /// from which model to which. Not an OpenAI field; the official SDKs ignore it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keyvex: Option<Resumed<'a>>,
+}
+
+/// `{"resumed": [{"from": …, "to": …}, …]}`: the continued answer's seams, in order.
+#[derive(Serialize)]
+struct Resumed<'a> {
+    resumed: Vec<Seam<'a>>,
+}
+
+#[derive(Serialize)]
+struct Seam<'a> {
+    from: &'a str,
+    to: &'a str,
+}
+
+fn resumed(o: &RouteOutcome) -> Option<Resumed<'_>> {
+    o.rescued().then(|| Resumed {
+        resumed: o
+            .rescues
+            .iter()
+            .map(|r| Seam {
+                from: &r.from,
+                to: &r.to,
+            })
+            .collect(),
+    })
 }
 
 #[derive(Serialize)]
@@ -334,6 +363,25 @@ impl Meta {
                 finish_reason,
             }],
             usage: None,
+            keyvex: None,
+        })
+    }
+
+    /// The chunk with the finish reason (and, on a continued answer, where it was resumed).
+    fn last_chunk(&self, o: &RouteOutcome) -> Event {
+        data(&Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: &[Choice {
+                index: 0,
+                delta: Delta::default(),
+                logprobs: (),
+                finish_reason: Some(finish_reason(o)),
+            }],
+            usage: None,
+            keyvex: resumed(o),
         })
     }
 
@@ -345,6 +393,7 @@ impl Meta {
             model: &self.model,
             choices: &[],
             usage: Some(wire_usage(o)),
+            keyvex: resumed(o),
         })
     }
 }
@@ -375,6 +424,11 @@ enum Peeked {
     Finished(RouteOutcome, Recorded),
 }
 
+/// The line that says a chat answer was resumed on another call (the last chunk says it too).
+fn log_resume(rescue: &Rescue) {
+    tracing::info!(from = %rescue.from, to = %rescue.to, reason = %rescue.reason, delivered_bytes = rescue.delivered_bytes as u64, "chat stream resumed");
+}
+
 /// Waits until the call's record is durable, so what the client is told next survives a crash.
 async fn committed(record: Recorded) {
     await_durable("call record", &record.id, record.receipt).await;
@@ -387,6 +441,8 @@ async fn peek(mut call: CallStream, model: &mut String) -> Result<Peeked, ApiErr
         match ev {
             CallEvent::Start { model: m, .. } => *model = m,
             CallEvent::Fallback { .. } => {}
+            // Only after content, which `peek` never waits past.
+            CallEvent::Rescue(rescue) => log_resume(&rescue),
             CallEvent::Delta(text) => return Ok(Peeked::Content(text, call)),
             CallEvent::Finished { outcome, record } => {
                 return Ok(Peeked::Finished(outcome, record));
@@ -418,7 +474,10 @@ async fn completions(
     let budgets = admit(&state, &ctx, &limit, worst_case).await?;
     // The deltas are relayed as they come; only the non-streaming answer needs the whole text,
     // and it gathers it from the deltas itself.
-    let options = RouteOptions { keep_text: false };
+    let options = RouteOptions {
+        keep_text: false,
+        continue_only: true,
+    };
     let call = state
         .engine()
         .chat(&ctx, &target, request, options)
@@ -463,7 +522,7 @@ async fn completions(
                 CallEvent::Delta(text) => yield meta.chunk(Delta::content(&text), None),
                 CallEvent::Finished { outcome, record } => {
                     committed(record).await;
-                    yield meta.chunk(Delta::default(), Some(finish_reason(&outcome)));
+                    yield meta.last_chunk(&outcome);
                     if include_usage {
                         yield meta.usage_chunk(&outcome);
                     }
@@ -480,6 +539,7 @@ async fn completions(
                     }}));
                     return;
                 }
+                CallEvent::Rescue(rescue) => log_resume(&rescue),
                 CallEvent::Start { .. } | CallEvent::Fallback { .. } => {}
             }
         }
@@ -522,6 +582,7 @@ async fn complete(call: CallStream, mut meta: Meta) -> Result<Response, ApiError
                             retry_after: None,
                         });
                     }
+                    CallEvent::Rescue(rescue) => log_resume(&rescue),
                     CallEvent::Start { .. } | CallEvent::Fallback { .. } => {}
                 }
             }
@@ -533,7 +594,7 @@ async fn complete(call: CallStream, mut meta: Meta) -> Result<Response, ApiError
             (o, text)
         }
     };
-    let body = json!({
+    let mut body = json!({
         "id": meta.id,
         "object": "chat.completion",
         "created": meta.created,
@@ -546,5 +607,8 @@ async fn complete(call: CallStream, mut meta: Meta) -> Result<Response, ApiError
         }],
         "usage": wire_usage(&outcome),
     });
+    if let Some(resumed) = resumed(&outcome) {
+        body["keyvex"] = json!(resumed);
+    }
     Ok(Json(body).into_response())
 }

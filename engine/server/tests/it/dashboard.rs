@@ -309,6 +309,26 @@ async fn run_scenario(c: &Client, addr: SocketAddr, fault: &StoreFault) {
         count(c, "#panel-performance path.line").await >= 6,
         "percentile lines drawn"
     );
+    let performance = c
+        .find(Locator::Id("panel-performance"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        performance.contains("Rescued calls by model"),
+        "rescued calls per model shown"
+    );
+    assert!(
+        count(
+            c,
+            "#panel-performance svg[data-chart='hbar'] .mark:not([data-value='0'])"
+        )
+        .await
+            >= 1,
+        "the demo's rescued calls drawn"
+    );
     let health = c
         .find(Locator::Css("#panel-performance .table-card"))
         .await

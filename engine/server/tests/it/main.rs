@@ -15,6 +15,7 @@ mod catalog;
 mod dashboard;
 mod durability;
 mod jobs;
+mod rescue;
 mod routes;
 mod sessions;
 mod streams;

@@ -457,6 +457,11 @@ function renderPerformance(panel, d) {
         labels: d.byProvider.groups.map((g) => g.key), format: ms,
         series: ["p50", "p95", "p99"].map((p) => ({ name: p, color: C[p], values: d.byProvider.groups.map((g) => g.latencyMs[p]) })),
       })),
+      // A stream that broke mid-answer and was finished by another call, on the model that finished it.
+      chartCard("Rescued calls by model", "answers finished after a stream broke mid-answer", (h) => hbarChart(h, {
+        series: "Rescued", format: (v) => nf.format(v),
+        rows: sortedBy(d.byModel.groups, (g) => g.rescued || 0).map((g) => ({ label: g.key, value: g.rescued || 0, note: `of ${nf.format(g.requests)} requests` })),
+      })),
     );
   }
   cards.push(pipelineCard(d.series.pipeline));
