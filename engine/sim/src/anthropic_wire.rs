@@ -382,6 +382,7 @@ pub(crate) async fn messages(
         system: request.system.clone(),
         messages: request.messages.clone(),
         schema_name: request.tool.as_ref().map(|(name, _)| name.clone()),
+        max_tokens: Some(request.max_tokens),
         api_version: Some(version.as_str().to_owned()),
         key_header: key_header.map(str::to_owned),
         traceparent: headers

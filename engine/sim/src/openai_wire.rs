@@ -389,6 +389,7 @@ pub(crate) async fn chat_completions(
         system: request.system.clone(),
         messages: request.messages.clone(),
         schema_name: request.schema.as_ref().map(|(name, _)| name.clone()),
+        max_tokens: request.max_tokens,
         api_version: None,
         key_header: authorized(&headers).then(|| "authorization".to_owned()),
         traceparent: headers

@@ -39,6 +39,9 @@ pub struct SeenRequest {
     /// The W3C `traceparent` the request carried, so a test can follow a trace onto the wire.
     #[serde(default)]
     pub traceparent: Option<String>,
+    /// The output cap the body asked for (`max_completion_tokens`/`max_tokens`), if any.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
 }
 
 /// One stream the simulator served to its end, with how long it took from the moment its request

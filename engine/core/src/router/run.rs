@@ -16,7 +16,7 @@ use crate::cost::Cost;
 use crate::limits::{ProviderHold, estimate_tokens, reserve_shared};
 use crate::provider::{ChatRequest, ProviderError, SharedProvider};
 use crate::stream::{FaultClass, FinishReason, ProviderEvent, ProviderKind, Usage};
-use crate::tokenize::{count_prompt_tokens, estimate_prompt_tokens};
+use crate::tokenize::{count_prompt_tokens, count_tokens, estimate_prompt_tokens};
 
 use super::attempt::{AttemptError, AttemptMeter, AttemptRecord, wall_clock};
 use super::breaker::{Admission, OpenReason, Refusal};
@@ -447,6 +447,11 @@ impl RouteRun {
         let mut request = self.plan.chat_request(spec);
         if let Some(sent) = &self.continue_from {
             continuation(&mut request.messages, sent, spec.prefill);
+            // The caller's output cap is for the whole answer: what was sent already counts.
+            request.max_output_tokens = request
+                .max_output_tokens
+                .saturating_sub(u32::try_from(count_tokens(sent)).unwrap_or(u32::MAX))
+                .max(1);
         }
         request
     }

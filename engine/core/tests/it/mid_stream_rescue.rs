@@ -239,6 +239,10 @@ async fn a_chat_stream_broken_after_content_is_continued_with_nothing_repeated_o
             // What the continuation call was sent.
             let seen = s.sim.requests();
             let last = seen.last().unwrap();
+            // Its output cap is what the first call's left: the whole answer keeps one cap.
+            let first_cap = seen[seen.len() - 2].max_tokens.unwrap();
+            let cap = last.max_tokens.unwrap();
+            assert!(cap < first_cap, "{model} {fault:?}: {cap} of {first_cap}");
             let tail = last.messages.last().unwrap();
             if prefill {
                 assert_eq!(tail.role, Role::Assistant, "{model}: a prefill");
