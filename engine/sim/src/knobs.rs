@@ -48,6 +48,14 @@ impl Rule {
         }
     }
 
+    /// A rule for the next request to `model` only.
+    pub fn once_on(model: &str, fault: Fault) -> Rule {
+        Rule {
+            model: Some(model.to_owned()),
+            ..Rule::times(fault, 1)
+        }
+    }
+
     fn matches(&self, model: &str, protocol: ProviderKind) -> bool {
         self.model.as_deref().is_none_or(|m| m == model)
             && self.protocol.is_none_or(|p| p == protocol)

@@ -20,6 +20,7 @@ use keyvex_testkit::{TempDir, fast_sim, read_sse};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
@@ -422,16 +423,7 @@ async fn one_pipeline_run_is_one_trace_with_stages_attempts_tokens_and_the_force
         .iter()
         .find(|e| e.name == "fallback")
         .unwrap_or_else(|| panic!("no fallback event: {route:#?}"));
-    let attr = |key: &str| {
-        fallback
-            .attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                Any::StringValue(s) => Some(s.clone()),
-                _ => None,
-            })
-    };
+    let attr = |key: &str| string_attr(&fallback.attributes, key);
     assert_eq!(attr("from").as_deref(), Some("claude-sonnet-4-6"));
     assert_eq!(attr("to").as_deref(), Some("gpt-5.4"));
     assert_eq!(
@@ -460,16 +452,7 @@ async fn one_pipeline_run_is_one_trace_with_stages_attempts_tokens_and_the_force
         .iter()
         .find(|e| e.name == "rescue")
         .unwrap_or_else(|| panic!("no rescue event: {route:#?}"));
-    let attr = |key: &str| {
-        rescue
-            .attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                Any::StringValue(s) => Some(s.clone()),
-                _ => None,
-            })
-    };
+    let attr = |key: &str| string_attr(&rescue.attributes, key);
     assert_eq!(attr("mode").as_deref(), Some("restart"));
     assert_eq!(attr("from").as_deref(), Some("gpt-5.4-mini"));
     assert_eq!(attr("to").as_deref(), Some("claude-haiku-4-5"));
@@ -646,4 +629,14 @@ async fn with_the_collector_down_requests_succeed_and_the_lost_spans_are_counted
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A string attribute of a span event, by key.
+fn string_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            Any::StringValue(s) => Some(s.clone()),
+            _ => None,
+        }
+    })
 }

@@ -81,15 +81,6 @@ fn faults() -> Vec<Fault> {
     ]
 }
 
-fn once(model: &str, fault: Fault) -> Rule {
-    Rule {
-        model: Some(model.to_owned()),
-        protocol: None,
-        fault,
-        times: Some(1),
-    }
-}
-
 fn request() -> RouteRequest {
     RouteRequest {
         system: Some("You are terse.".into()),
@@ -141,7 +132,8 @@ async fn a_process_stream_broken_after_content_is_restarted_on_the_fallback() {
             let s = setup(Catalog::embedded().unwrap()).await;
             let process = process_with_primary(kind);
             let route = s.catalog.route(process).clone();
-            s.sim.push_rule(once(&route.primary, fault.clone()));
+            s.sim
+                .push_rule(Rule::once_on(&route.primary, fault.clone()));
             let (events, result) = drain(s.router.stream_process(process, request())).await;
             let o = result.unwrap_or_else(|f| panic!("{kind} {fault:?}: {}", f.error));
             let found = rescues(&events);
@@ -203,7 +195,7 @@ async fn a_chat_stream_broken_after_content_is_continued_with_nothing_repeated_o
             let s = setup(Catalog::embedded().unwrap()).await;
             let prefill = s.catalog.model(model).unwrap().prefill;
             let whole = canonical(&s, model).await;
-            s.sim.push_rule(once(model, fault.clone()));
+            s.sim.push_rule(Rule::once_on(model, fault.clone()));
             let (events, result) = drain(s.router.stream_model(model, request()).unwrap()).await;
             let o = result.unwrap_or_else(|f| panic!("{model} {fault:?}: {}", f.error));
             let found = rescues(&events);
@@ -275,9 +267,11 @@ async fn rescues_stop_at_the_policy_limit_and_off_keeps_the_explicit_error() {
     let process = process_with_primary(ProviderKind::OpenAi);
     let route = s.catalog.route(process).clone();
     s.sim
-        .push_rule(once(&route.primary, Fault::CutAfter { tokens: 6 }));
-    s.sim
-        .push_rule(once(&route.fallback, Fault::CutAfter { tokens: 6 }));
+        .push_rule(Rule::once_on(&route.primary, Fault::CutAfter { tokens: 6 }));
+    s.sim.push_rule(Rule::once_on(
+        &route.fallback,
+        Fault::CutAfter { tokens: 6 },
+    ));
     let (events, result) = drain(s.router.stream_process(process, request())).await;
     let f = result.expect_err("the second break is past the limit");
     assert_eq!(f.error.kind(), "mid_stream");
@@ -292,9 +286,11 @@ async fn rescues_stop_at_the_policy_limit_and_off_keeps_the_explicit_error() {
     };
     let s = setup(Catalog::embedded().unwrap().with_rescue(two)).await;
     s.sim
-        .push_rule(once(&route.primary, Fault::CutAfter { tokens: 6 }));
-    s.sim
-        .push_rule(once(&route.fallback, Fault::CutAfter { tokens: 6 }));
+        .push_rule(Rule::once_on(&route.primary, Fault::CutAfter { tokens: 6 }));
+    s.sim.push_rule(Rule::once_on(
+        &route.fallback,
+        Fault::CutAfter { tokens: 6 },
+    ));
     let (events, result) = drain(s.router.stream_process(process, request())).await;
     let o = result.unwrap_or_else(|f| panic!("{}", f.error));
     let to: Vec<&str> = rescues(&events)
@@ -308,8 +304,10 @@ async fn rescues_stop_at_the_policy_limit_and_off_keeps_the_explicit_error() {
 
     // Off: no rescue on a model call either.
     let s = setup(Catalog::embedded().unwrap().with_rescue(RescuePolicy::OFF)).await;
-    s.sim
-        .push_rule(once("gpt-5.4-mini", Fault::ResetAfter { tokens: 6 }));
+    s.sim.push_rule(Rule::once_on(
+        "gpt-5.4-mini",
+        Fault::ResetAfter { tokens: 6 },
+    ));
     let (events, result) = drain(s.router.stream_model("gpt-5.4-mini", request()).unwrap()).await;
     let f = result.expect_err("off keeps today's behaviour");
     assert_eq!(f.error.kind(), "mid_stream");

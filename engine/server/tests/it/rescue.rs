@@ -25,15 +25,6 @@ fn faults() -> Vec<Fault> {
     ]
 }
 
-fn once(model: &str, fault: Fault) -> Rule {
-    Rule {
-        model: Some(model.to_owned()),
-        protocol: None,
-        fault,
-        times: Some(1),
-    }
-}
-
 /// The stored records of one request (its correlation id), once `n` of them are in.
 async fn records_of(h: &TestServer, request_id: &str, n: usize) -> Vec<Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -72,7 +63,7 @@ async fn an_agent_stream_broken_after_content_restarts_on_the_fallback_and_valid
     // Magic Spark's primary is an Anthropic model, its fallback an OpenAI one.
     let (primary, fallback) = ("claude-sonnet-4-6", "gpt-5.4");
     for fault in faults() {
-        h.sim.push_rule(once(primary, fault.clone()));
+        h.sim.push_rule(Rule::once_on(primary, fault.clone()));
         let (request_id, events) = h
             .run_agent("magic-spark", ALICE, json!({ "input": business() }))
             .await;
@@ -127,7 +118,7 @@ async fn a_pipeline_stage_broken_after_content_restarts_and_the_run_completes() 
     let h = TestServer::sqlite(Spec::new(7)).await;
     // Logic Architect's primary is an OpenAI model: the other wire than the agent test breaks.
     h.sim
-        .push_rule(once("gpt-5.4", Fault::ResetAfter { tokens: 6 }));
+        .push_rule(Rule::once_on("gpt-5.4", Fault::ResetAfter { tokens: 6 }));
     let resp = h
         .post("/v1/pipelines/tool", ALICE)
         .json(&json!({ "business": business() }))
@@ -226,7 +217,7 @@ async fn a_chat_stream_broken_after_content_is_resumed_as_one_answer() {
         let whole = chat_stream(&h, model).await;
         assert_eq!(whole.done, 1);
         for fault in faults() {
-            h.sim.push_rule(once(model, fault.clone()));
+            h.sim.push_rule(Rule::once_on(model, fault.clone()));
             let resumed = chat_stream(&h, model).await;
             assert_eq!(
                 resumed.text, whole.text,
@@ -267,8 +258,10 @@ async fn a_chat_stream_broken_after_content_is_resumed_as_one_answer() {
         .json()
         .await
         .unwrap();
-    h.sim
-        .push_rule(once("gpt-5.4-mini", Fault::ResetAfter { tokens: 6 }));
+    h.sim.push_rule(Rule::once_on(
+        "gpt-5.4-mini",
+        Fault::ResetAfter { tokens: 6 },
+    ));
     let resumed: Value = ask("gpt-5.4-mini")
         .send()
         .await
