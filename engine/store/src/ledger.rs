@@ -80,6 +80,9 @@ pub(crate) struct Requeued {
 
 pub(crate) struct Ledger {
     conn: Connection,
+    /// Whether the connection was left at `synchronous=NORMAL` by an intent-only commit whose
+    /// return to FULL failed: the next commit with entries puts it back first.
+    relaxed: bool,
 }
 
 impl Ledger {
@@ -126,7 +129,10 @@ impl Ledger {
         )
         .map_err(open_err)?;
         intents::create(&conn).map_err(open_err)?;
-        Ok(Ledger { conn })
+        Ok(Ledger {
+            conn,
+            relaxed: false,
+        })
     }
 
     /// Commits `entries` in one transaction. Returns how many were new rows (an entry whose key

@@ -23,6 +23,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::Event;
 use prost::Message as _;
 use serde_json::{Value, json};
 
@@ -65,10 +66,7 @@ impl Got {
             .and_then(|kv| kv.value.as_ref()?.value.as_ref())
     }
     fn text(&self, key: &str) -> Option<String> {
-        match self.attr(key)? {
-            Any::StringValue(s) => Some(s.clone()),
-            _ => None,
-        }
+        string_attr(&self.span.attributes, key)
     }
     fn int(&self, key: &str) -> Option<i64> {
         match self.attr(key)? {
@@ -78,6 +76,14 @@ impl Got {
     }
     fn children<'a>(&self, all: &'a [Got]) -> Vec<&'a Got> {
         all.iter().filter(|g| g.parent() == self.id()).collect()
+    }
+    /// The span's event called `name`; the test fails naming the span if there is none.
+    fn event(&self, name: &str) -> &Event {
+        self.span
+            .events
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("no {name} event: {self:#?}"))
     }
 }
 
@@ -366,15 +372,12 @@ async fn one_pipeline_run_is_one_trace_with_stages_attempts_tokens_and_the_force
     while notable["slowest"].as_array().is_none_or(|s| s.len() < 4) {
         assert!(tokio::time::Instant::now() < deadline, "{notable}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        notable = http
-            .get(format!("{}/v1/admin/requests/notable", server.base))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        notable = get_json(
+            &http,
+            format!("{}/v1/admin/requests/notable", server.base),
+            ADMIN,
+        )
+        .await;
     }
     let slowest = notable["slowest"].as_array().unwrap();
     assert_eq!(slowest.len(), 4, "one final record per stage: {notable}");
@@ -417,12 +420,7 @@ async fn one_pipeline_run_is_one_trace_with_stages_attempts_tokens_and_the_force
         .find(|s| s.span.name == "stage magicSpark")
         .unwrap();
     let route = spark.children(&all)[0];
-    let fallback = route
-        .span
-        .events
-        .iter()
-        .find(|e| e.name == "fallback")
-        .unwrap_or_else(|| panic!("no fallback event: {route:#?}"));
+    let fallback = route.event("fallback");
     let attr = |key: &str| string_attr(&fallback.attributes, key);
     assert_eq!(attr("from").as_deref(), Some("claude-sonnet-4-6"));
     assert_eq!(attr("to").as_deref(), Some("gpt-5.4"));
@@ -446,12 +444,7 @@ async fn one_pipeline_run_is_one_trace_with_stages_attempts_tokens_and_the_force
         .find(|s| s.span.name == "stage styleMaster")
         .unwrap();
     let route = style.children(&all)[0];
-    let rescue = route
-        .span
-        .events
-        .iter()
-        .find(|e| e.name == "rescue")
-        .unwrap_or_else(|| panic!("no rescue event: {route:#?}"));
+    let rescue = route.event("rescue");
     let attr = |key: &str| string_attr(&rescue.attributes, key);
     assert_eq!(attr("mode").as_deref(), Some("restart"));
     assert_eq!(attr("from").as_deref(), Some("gpt-5.4-mini"));

@@ -61,6 +61,7 @@ impl Ledger {
         if entries.is_empty() {
             return self.commit_intents(owner, intents, now_ms);
         }
+        self.strict()?;
         let tx = self.conn.transaction()?;
         put_intents_in(&tx, owner, intents, now_ms)?;
         let inserted = Ledger::append_in(&tx, entries, now_ms)?;
@@ -92,10 +93,23 @@ impl Ledger {
         now_ms: u64,
     ) -> Result<u64, MetricsError> {
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        self.relaxed = true;
         let result = self.put_intents(owner, intents, now_ms);
-        // Back to FULL whatever happened: every other transaction relies on it.
+        // Back to FULL whatever happened: every other transaction relies on it (should this
+        // fail, the next commit with entries tries again before it writes).
         self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.relaxed = false;
         result.map(|()| 0)
+    }
+
+    /// Puts the connection back to `synchronous=FULL` if an intent-only commit left it relaxed:
+    /// records keep the flush their receipts promise.
+    fn strict(&mut self) -> Result<(), MetricsError> {
+        if self.relaxed {
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+            self.relaxed = false;
+        }
+        Ok(())
     }
 
     fn put_intents(
@@ -133,6 +147,7 @@ impl Ledger {
         shared: bool,
         now_ms: u64,
     ) -> Result<Vec<CallIntent>, MetricsError> {
+        self.strict()?;
         // IMMEDIATE: two processes adopting the same owner take turns; the second finds nothing.
         let tx = self
             .conn
