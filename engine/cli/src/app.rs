@@ -93,6 +93,9 @@ impl App {
                 };
                 let spend = shared.spend(redis);
                 builder
+                    // One script takes the caller's request, the budget check and the first
+                    // call's reservations: one round trip before the first token.
+                    .admission_in_one_step(Arc::new(shared.clone()))
                     .shared_limits(Arc::new(shared), when_down)
                     .budgets(Budgets::new(
                         config.budgets.clone(),

@@ -498,13 +498,7 @@ impl Budgets {
                 states
             }
             Err(SpendError::Refused { .. }) => Vec::new(),
-            Err(SpendError::Unavailable(why)) => {
-                self.store_down(&why);
-                return match self.on_unavailable {
-                    OnUnavailable::FailClosed => Err(BudgetDenied::Unavailable(why)),
-                    OnUnavailable::FailOpen => Ok(Vec::new()),
-                };
-            }
+            Err(SpendError::Unavailable(why)) => return self.unanswered(why),
         };
         for (index, state) in states.iter().enumerate() {
             if let Some(limit) = state.limit
@@ -519,6 +513,59 @@ impl Budgets {
             }
         }
         Ok(views(lines, states))
+    }
+
+    /// The store did not answer a check: refused or let through, as configured.
+    pub(crate) fn unanswered(&self, why: String) -> Result<Vec<BudgetView>, BudgetDenied> {
+        self.store_down(&why);
+        match self.on_unavailable {
+            OnUnavailable::FailClosed => Err(BudgetDenied::Unavailable(why)),
+            OnUnavailable::FailOpen => Ok(Vec::new()),
+        }
+    }
+
+    /// The store reserved `amount` on `lines` in a step of its own (admission's): the hold
+    /// that settles it, and the lines' states as they were before it.
+    pub(crate) fn reserved_at_admission(
+        self: &Arc<Self>,
+        lines: Vec<SpendLine>,
+        states: Vec<LineState>,
+        amount: Cost,
+    ) -> (SpendHold, Vec<BudgetView>) {
+        self.store_up();
+        self.counters
+            .reserved_pico
+            .fetch_add(amount.0, Ordering::Relaxed);
+        let views = views(lines.clone(), states);
+        let hold = SpendHold {
+            budgets: Arc::clone(self),
+            lines,
+            reserved: amount,
+            settled: false,
+        };
+        (hold, views)
+    }
+
+    /// The store answered a check (admission's one step) without reserving: the lines' states.
+    pub(crate) fn answered_at_admission(
+        &self,
+        lines: Vec<SpendLine>,
+        states: Vec<LineState>,
+    ) -> Vec<BudgetView> {
+        self.store_up();
+        views(lines, states)
+    }
+
+    /// The store found no room on line `index` at admission.
+    pub(crate) fn refused_at_admission(
+        &self,
+        lines: &[SpendLine],
+        index: usize,
+        state: LineState,
+        requested: Cost,
+    ) -> BudgetDenied {
+        self.store_up();
+        self.refused(lines, index, state, requested)
     }
 
     /// A caller's day and month budgets, for the admin API.

@@ -17,13 +17,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use agents::Process;
 use futures::Stream;
 
+use crate::admission::FirstCall;
 use crate::budgets::{Budgets, SpendAccount};
 use crate::cost::cost;
 use crate::record::{
     CallIntent, CallObserver, Receipt, Recorded, Recorder, RequestRecord, SessionMessage,
 };
 use crate::router::{
-    AttemptError, AttemptRecord, CallStart, CallTarget, Rescue, RouteError, RouteEvent,
+    AttemptError, AttemptRecord, CallStart, CallTarget, Funding, Rescue, RouteError, RouteEvent,
     RouteFailure, RouteObserver, RouteOptions, RouteOutcome, RouteRequest, RouteStatus,
     RouteStream, Router,
 };
@@ -57,6 +58,9 @@ pub struct CallContext {
     /// The pipeline stage (or job process) the call serves; set by the engine for calls made
     /// within a run.
     pub stage: Option<Process>,
+    /// Reservations [`Engine::admit`](crate::Engine::admit) made for the request's first call,
+    /// waiting for its first attempt.
+    pub first_call: FirstCall,
 }
 
 impl CallContext {
@@ -189,18 +193,21 @@ impl Calls {
             early: Mutex::new(Early::default()),
         });
         let observer: Arc<dyn RouteObserver> = books.clone();
-        let spend = self.shared.budgets.as_ref().map(|budgets| SpendAccount {
-            budgets: Arc::clone(budgets),
-            caller: ctx.caller.clone(),
-            run_id: ctx.run_id.clone(),
-        });
+        let funding = Funding {
+            spend: self.shared.budgets.as_ref().map(|budgets| SpendAccount {
+                budgets: Arc::clone(budgets),
+                caller: ctx.caller.clone(),
+                run_id: ctx.run_id.clone(),
+            }),
+            first_call: ctx.first_call.clone(),
+        };
         let route = self.shared.router.open_spending(
             &catalog,
             target,
             request,
             options,
             Some(observer),
-            spend,
+            funding,
         )?;
         Ok(CallStream { route, books })
     }

@@ -6,19 +6,24 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use agents::Process;
 use futures::Stream;
 use futures::future::BoxFuture;
 
+use crate::admission::{
+    Admission, AdmitAnswer, AdmitAsk, FirstCall, FirstCallOf, Prepaid, PrepaidCounters,
+    PrepaidStats, SharedAdmission,
+};
 use crate::agent_run::{AgentEvent, SessionWrites, run_agent};
-use crate::budgets::{BudgetDenied, BudgetView, Budgets, worst_case_cost};
+use crate::budgets::{BudgetDenied, BudgetView, Budgets, SpendHold, worst_case_cost};
 use crate::call::{CallContext, CallStream, Calls};
 use crate::catalog::{Catalog, CatalogError, fit};
 use crate::cost::Cost;
 use crate::limits::{
-    Allowance, CallerLimited, CallerLimits, LimitsWhenDown, ProviderRates, Rate, SharedRates,
+    Allowance, BudgetExceeded, CallerLimited, CallerLimits, LimitsUnavailable, LimitsWhenDown,
+    ProviderHold, ProviderRates, Rate, SharedRates, SharedReservation, estimate_tokens,
 };
 use crate::pipeline::{PipelineEvent, PipelineInput, run_pipeline};
 use crate::provider::anthropic::AnthropicProvider;
@@ -133,6 +138,9 @@ struct Inner {
     caller_limits: Option<CallerLimits>,
     /// Where caller limits (and provider budgets) are kept when replicas share them.
     shared_rates: Option<(Arc<dyn SharedRates>, LimitsWhenDown)>,
+    /// The store that admits a request in one step, when limits and budgets are kept there.
+    shared_admission: Option<Arc<dyn SharedAdmission>>,
+    prepaid: Arc<PrepaidCounters>,
     providers_description: String,
     simulator: Mutex<Option<Box<dyn Simulator>>>,
 }
@@ -268,13 +276,8 @@ impl Engine {
         caller: &str,
         endpoint: &str,
     ) -> Result<Allowance, CallerLimited> {
-        let unlimited = Allowance {
-            limit: u32::MAX,
-            remaining: u32::MAX,
-            reset: Duration::ZERO,
-        };
         let Some(limits) = &self.inner.caller_limits else {
-            return Ok(unlimited);
+            return Ok(UNLIMITED);
         };
         let Some((store, when_down)) = &self.inner.shared_rates else {
             return limits.check(caller, endpoint);
@@ -282,15 +285,8 @@ impl Engine {
         let rate = limits.rate();
         match store.check_caller(caller, endpoint, rate).await {
             Ok(answer) => answer,
-            Err(_) if *when_down == LimitsWhenDown::Open => Ok(unlimited),
-            Err(_) => Err(CallerLimited {
-                caller: caller.to_owned(),
-                endpoint: endpoint.to_owned(),
-                limit: rate.per_period.get(),
-                burst: rate.burst.get(),
-                period: rate.period,
-                retry_after: Duration::from_secs(1),
-            }),
+            Err(_) if *when_down == LimitsWhenDown::Open => Ok(UNLIMITED),
+            Err(_) => Err(limited_while_down(caller, endpoint, rate)),
         }
     }
 
@@ -315,6 +311,176 @@ impl Engine {
         self.inner.calls.budgets()
     }
 
+    /// Admits a request that opens model calls, before any stream starts: takes one request
+    /// from the caller's limit on `endpoint`, and checks that the dollar budgets have room for
+    /// the first call's worst case (its primary model's; nothing to price when `first` is
+    /// `None` or names an unknown model). With limits and budgets in a store that takes them in
+    /// one step ([`EngineBuilder::admission_in_one_step`]), that step also reserves the first
+    /// call's dollars and provider budget, and leaves them in `ctx` for its first attempt.
+    pub async fn admit(
+        &self,
+        ctx: &mut CallContext,
+        endpoint: &str,
+        first: Option<FirstCallOf<'_>>,
+    ) -> Admission {
+        let first = first.and_then(|first| match first {
+            FirstCallOf::Agent(process, input) => self.first_request(
+                &CallTarget::Process(process),
+                &agent_request(process, input)?,
+            ),
+            FirstCallOf::Chat(target, request) => self.first_request(target, request),
+        });
+        let amount = first.as_ref().map_or(Cost::ZERO, |f| f.amount);
+        let Some(store) = &self.inner.shared_admission else {
+            let (allowance, budgets) = futures::join!(
+                self.check_caller(&ctx.caller, endpoint),
+                self.check_budget(ctx, amount)
+            );
+            return Admission { allowance, budgets };
+        };
+        let budgets = self.budgets();
+        let lines = budgets.map(|b| b.lines(&ctx.caller, ctx.run_id.as_deref(), SystemTime::now()));
+        let rate = self.inner.caller_limits.as_ref().map(CallerLimits::rate);
+        let provider = match (
+            &first,
+            self.router().config().provider_rates,
+            &self.inner.shared_rates,
+        ) {
+            (Some(f), Some(rates), Some(_)) => Some((f.provider, rates, f.tokens)),
+            _ => None,
+        };
+        let ask = AdmitAsk {
+            caller: &ctx.caller,
+            endpoint,
+            rate,
+            spend: lines.as_deref().map(|lines| (lines, amount)),
+            provider,
+        };
+        let answer = match store.admit(ask).await {
+            Ok(answer) => answer,
+            Err(LimitsUnavailable(why)) => {
+                let allowance = match (rate, self.limits_when_down()) {
+                    (Some(rate), LimitsWhenDown::Closed) => {
+                        return Admission {
+                            allowance: Err(limited_while_down(&ctx.caller, endpoint, rate)),
+                            budgets: Ok(Vec::new()),
+                        };
+                    }
+                    _ => UNLIMITED,
+                };
+                let budgets = budgets.map_or(Ok(Vec::new()), |b| b.unanswered(why));
+                return Admission {
+                    allowance: Ok(allowance),
+                    budgets,
+                };
+            }
+        };
+        let (Some(budgets), Some(lines)) = (budgets, lines) else {
+            // No budgets: only the caller's limit and the provider were asked.
+            return match answer {
+                AdmitAnswer::Limited(limited) => Admission {
+                    allowance: Err(limited),
+                    budgets: Ok(Vec::new()),
+                },
+                AdmitAnswer::OverBudget { allowance, .. } => Admission {
+                    allowance: Ok(allowance.unwrap_or(UNLIMITED)),
+                    budgets: Ok(Vec::new()),
+                },
+                AdmitAnswer::Admitted {
+                    allowance,
+                    provider,
+                    ..
+                } => {
+                    self.prepay(ctx, first, None, provider);
+                    Admission {
+                        allowance: Ok(allowance.unwrap_or(UNLIMITED)),
+                        budgets: Ok(Vec::new()),
+                    }
+                }
+            };
+        };
+        match answer {
+            AdmitAnswer::Limited(limited) => Admission {
+                allowance: Err(limited),
+                budgets: Ok(Vec::new()),
+            },
+            AdmitAnswer::OverBudget {
+                allowance,
+                index,
+                state,
+            } => Admission {
+                allowance: Ok(allowance.unwrap_or(UNLIMITED)),
+                budgets: Err(budgets.refused_at_admission(&lines, index, state, amount)),
+            },
+            AdmitAnswer::Admitted {
+                allowance,
+                states,
+                provider,
+            } => {
+                // Dollars are reserved unless the provider refused (see `AdmitAnswer`).
+                let views = if first.is_some() && !matches!(provider, Some(Err(_))) {
+                    let (hold, views) = budgets.reserved_at_admission(lines, states, amount);
+                    self.prepay(ctx, first, Some(hold), provider);
+                    views
+                } else {
+                    self.prepay(ctx, first, None, provider);
+                    budgets.answered_at_admission(lines, states)
+                };
+                Admission {
+                    allowance: Ok(allowance.unwrap_or(UNLIMITED)),
+                    budgets: Ok(views),
+                }
+            }
+        }
+    }
+
+    /// Leaves what admission reserved in `ctx` for the first call's first attempt.
+    fn prepay(
+        &self,
+        ctx: &mut CallContext,
+        first: Option<FirstRequest>,
+        spend: Option<SpendHold>,
+        provider: Option<Result<(), BudgetExceeded>>,
+    ) {
+        let Some(first) = first else {
+            return;
+        };
+        let provider = match (
+            provider,
+            &self.inner.shared_rates,
+            self.router().config().provider_rates,
+        ) {
+            (Some(Ok(())), Some((store, _)), Some(rates)) => Some(Ok(ProviderHold::Shared(
+                SharedReservation::made(Arc::clone(store), first.provider, rates, first.tokens),
+            ))),
+            (Some(Err(refused)), _, _) => Some(Err(refused)),
+            _ => None,
+        };
+        if spend.is_none() && provider.is_none() {
+            return;
+        }
+        ctx.first_call = FirstCall::holding(Prepaid::new(
+            first.model,
+            first.amount,
+            first.tokens,
+            spend,
+            provider,
+            Arc::clone(&self.inner.prepaid),
+        ));
+    }
+
+    /// How reservations made at admission were used, for `/metrics`.
+    pub fn prepaid_stats(&self) -> PrepaidStats {
+        self.inner.prepaid.stats()
+    }
+
+    fn limits_when_down(&self) -> LimitsWhenDown {
+        self.inner
+            .shared_rates
+            .as_ref()
+            .map_or(LimitsWhenDown::Open, |(_, when_down)| *when_down)
+    }
+
     /// Whether `ctx`'s budgets have room for a first call costing up to `worst_case`, without
     /// reserving: routes ask before they open a stream, so a caller over budget is refused
     /// before any call. Each attempt's own reservation is what holds the limit. Without budgets,
@@ -337,6 +503,12 @@ impl Engine {
     /// The most the first call to `target` with `request` can cost (its primary model's worst
     /// case; see [`worst_case_cost`]); `None` for an unknown model.
     pub fn worst_case(&self, target: &CallTarget, request: &RouteRequest) -> Option<Cost> {
+        self.first_request(target, request).map(|f| f.amount)
+    }
+
+    /// What the first attempt of a call to `target` reserves: its primary model's worst case
+    /// and estimated tokens, figured as the router figures them.
+    fn first_request(&self, target: &CallTarget, request: &RouteRequest) -> Option<FirstRequest> {
         let catalog = self.catalog();
         let (spec, default_max) = match target {
             CallTarget::Process(process) => {
@@ -360,23 +532,20 @@ impl Engine {
             temperature: request.temperature,
             response_schema: request.response_schema.clone(),
         };
-        Some(worst_case_cost(&chat, &spec.pricing))
+        Some(FirstRequest {
+            model: spec.id.clone(),
+            provider: spec.provider,
+            amount: worst_case_cost(&chat, &spec.pricing),
+            tokens: estimate_tokens(&chat),
+        })
     }
 
     /// The most an agent's first call on `input` can cost; `None` when the input does not render.
     pub fn agent_worst_case(&self, process: Process, input: &serde_json::Value) -> Option<Cost> {
-        let prompt = agents::render(process, input).ok()?;
-        let request = RouteRequest {
-            system: Some(prompt.system),
-            messages: vec![ChatMessage::user(prompt.user)],
-            response_schema: Some(ResponseSchema {
-                name: agents::schema_name(process).to_owned(),
-                schema: agents::output_schema(process).clone(),
-            }),
-            max_output_tokens: None,
-            temperature: None,
-        };
-        self.worst_case(&CallTarget::Process(process), &request)
+        self.worst_case(
+            &CallTarget::Process(process),
+            &agent_request(process, input)?,
+        )
     }
 
     /// Which providers are in use, for start-up banners.
@@ -401,6 +570,49 @@ impl Engine {
         }
         report
     }
+}
+
+/// What a caller's limit shows when callers are not limited (or a shared store that cannot
+/// be asked lets requests through).
+const UNLIMITED: Allowance = Allowance {
+    limit: u32::MAX,
+    remaining: u32::MAX,
+    reset: Duration::ZERO,
+};
+
+/// The refusal of a caller limit that fails closed while its store cannot be asked.
+fn limited_while_down(caller: &str, endpoint: &str, rate: Rate) -> CallerLimited {
+    CallerLimited {
+        caller: caller.to_owned(),
+        endpoint: endpoint.to_owned(),
+        limit: rate.per_period.get(),
+        burst: rate.burst.get(),
+        period: rate.period,
+        retry_after: Duration::from_secs(1),
+    }
+}
+
+/// The first attempt of a call, as admission prices and reserves it.
+struct FirstRequest {
+    model: String,
+    provider: ProviderKind,
+    amount: Cost,
+    tokens: u64,
+}
+
+/// The request an agent's call on `input` makes; `None` when the input does not render.
+fn agent_request(process: Process, input: &serde_json::Value) -> Option<RouteRequest> {
+    let prompt = agents::render(process, input).ok()?;
+    Some(RouteRequest {
+        system: Some(prompt.system),
+        messages: vec![ChatMessage::user(prompt.user)],
+        response_schema: Some(ResponseSchema {
+            name: agents::schema_name(process).to_owned(),
+            schema: agents::output_schema(process).clone(),
+        }),
+        max_output_tokens: None,
+        temperature: None,
+    })
 }
 
 impl fmt::Debug for Engine {
@@ -429,6 +641,7 @@ pub struct EngineBuilder {
     observers: Vec<Arc<dyn CallObserver>>,
     budgets: Option<Arc<Budgets>>,
     shared_rates: Option<(Arc<dyn SharedRates>, LimitsWhenDown)>,
+    shared_admission: Option<Arc<dyn SharedAdmission>>,
 }
 
 impl Default for EngineBuilder {
@@ -449,6 +662,7 @@ impl Default for EngineBuilder {
             observers: Vec::new(),
             budgets: None,
             shared_rates: None,
+            shared_admission: None,
         }
     }
 }
@@ -565,6 +779,15 @@ impl EngineBuilder {
         self
     }
 
+    /// Admits requests in one step of `store` ([`Engine::admit`]): the caller's limit, the
+    /// budget check and the first call's reservations at once. `store` must be the store given
+    /// to [`EngineBuilder::shared_limits`] and the one behind the budgets' spend store (a
+    /// Redis keeps all three): the reservations it makes are settled through those.
+    pub fn admission_in_one_step(mut self, store: Arc<dyn SharedAdmission>) -> Self {
+        self.shared_admission = Some(store);
+        self
+    }
+
     /// Keeps caller limits and provider budgets in `store` (shared by replicas) instead of in
     /// this process; `when_down` says what they do while it cannot be reached.
     pub fn shared_limits(mut self, store: Arc<dyn SharedRates>, when_down: LimitsWhenDown) -> Self {
@@ -649,6 +872,8 @@ impl EngineBuilder {
                 swapping: Mutex::new(()),
                 caller_limits: self.caller_rate.map(CallerLimits::new),
                 shared_rates: self.shared_rates,
+                shared_admission: self.shared_admission,
+                prepaid: Arc::default(),
                 providers_description,
                 simulator: Mutex::new(self.simulator),
             }),

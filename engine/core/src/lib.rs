@@ -10,6 +10,7 @@
 //! No HTTP server, no database and no cloud SDK live here: stores come in through [`Recorder`],
 //! the simulator through [`Simulator`]. `ARCHITECTURE.md` at the repository root maps the crates.
 
+pub mod admission;
 pub mod agent_run;
 #[doc(hidden)]
 pub mod bench_support;

@@ -411,6 +411,21 @@ impl fmt::Debug for SharedReservation {
 }
 
 impl SharedReservation {
+    /// A reservation the store already made (at admission, in the same step as the others).
+    pub(crate) fn made(
+        store: Arc<dyn SharedRates>,
+        provider: ProviderKind,
+        rates: ProviderRates,
+        reserved: u64,
+    ) -> SharedReservation {
+        SharedReservation {
+            store,
+            provider,
+            rates,
+            reserved,
+        }
+    }
+
     pub fn settle(self, used: u64) {
         self.store
             .settle_provider(self.provider, self.rates, self.reserved, used);

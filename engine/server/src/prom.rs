@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use metrics::{counter, gauge, histogram, with_local_recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use keyvex_engine::admission::PrepaidStats;
 use keyvex_engine::budgets::{BudgetScope, BudgetView, Budgets};
 use keyvex_engine::record::{CallObserver, RequestRecord};
 use keyvex_store::MetricsHealth;
@@ -130,6 +131,16 @@ impl ServerMetrics {
     pub fn shared_limit_failures(&self, failures: u64) {
         with_local_recorder(&self.recorder, || {
             counter!("keyvex_shared_limits_unavailable_total").absolute(failures);
+        });
+    }
+
+    /// Reservations made at admission (with Redis, in the same round trip as the caller's
+    /// limit) that the first attempt used, or returned because it went to another model.
+    pub fn prepaid(&self, stats: PrepaidStats) {
+        with_local_recorder(&self.recorder, || {
+            counter!("keyvex_admission_prepaid_total", "outcome" => "used").absolute(stats.used);
+            counter!("keyvex_admission_prepaid_total", "outcome" => "returned")
+                .absolute(stats.returned);
         });
     }
 

@@ -245,6 +245,95 @@ async fn a_burst_and_a_dollar_budget_hold_across_two_replicas() {
     b.stop();
 }
 
+/// `keyvex_admission_prepaid_total` by outcome: (used, returned).
+async fn prepaid(http: &reqwest::Client, base: &str) -> (u64, u64) {
+    let metrics = prometheus_text(http, base).await;
+    let count = |outcome: &str| {
+        let prefix = format!("keyvex_admission_prepaid_total{{outcome=\"{outcome}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (count("used"), count("returned"))
+}
+
+/// With Redis, admission takes the caller's request and reserves the first call in one round
+/// trip; the agent, pipeline and chat routes each price that call as the router does, so its
+/// first attempt uses the reservations rather than making its own, and the budget ends holding
+/// exactly what was billed.
+#[tokio::test]
+async fn the_model_routes_reserve_their_first_call_at_admission() {
+    let redis = Redis::start().await;
+    let dir = TempDir::new("shared-prepaid");
+    let db = dir.file("a.sqlite3");
+    let a = serve(&db, &redis.url, &[("KEYVEX_BUDGET_DAILY_USD", "100")]);
+    let http = reqwest::Client::new();
+
+    let (status, agent) = run_agent(&http, &a.base).await;
+    assert_eq!(
+        (status, &agent["status"]),
+        (200, &json!("succeeded")),
+        "{agent}"
+    );
+    let resp = http
+        .post(format!("{}/v1/pipelines/tool", a.base))
+        .bearer_auth(ALICE)
+        .json(&json!({ "business": business() }))
+        .send()
+        .await
+        .unwrap();
+    let events = keyvex_testkit::read_sse(resp).await;
+    assert_eq!(
+        keyvex_testkit::last(&events, "done")["status"],
+        "succeeded",
+        "{events:?}"
+    );
+    for stream in [false, true] {
+        let resp = http
+            .post(format!("{}/v1/chat/completions", a.base))
+            .bearer_auth(ALICE)
+            .json(&json!({
+                "model": "gpt-5.4-mini",
+                "stream": stream,
+                "max_completion_tokens": 40,
+                "messages": [{ "role": "user", "content": "One word." }],
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().contains_key("x-budget-remaining-usd"));
+        resp.bytes().await.unwrap();
+    }
+    // One per request: the agent, the pipeline's Magic Spark, two chats. The pipeline's later
+    // stages reserve for themselves.
+    assert_eq!(prepaid(&http, &a.base).await, (4, 0));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all: Value = get_json(&http, format!("{}/v1/admin/budgets", a.base), ADMIN).await;
+        let day = all["callers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["caller"] == "alice")
+            .map(|c| c["day"].clone())
+            .unwrap_or_default();
+        let billed = billed(&db);
+        if day["reservedPicoUsd"] == 0 && day["spentPicoUsd"].as_u64() == Some(billed) && billed > 0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "billed {billed}, Redis says {day}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(a.stop());
+}
+
 /// A provider's requests-per-minute budget in Redis is one budget for every replica: a call on
 /// one replica takes the primary provider's only request of the minute, so the next call, on the
 /// other replica, goes to the fallback's provider, and a third finds both spent.

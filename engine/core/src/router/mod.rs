@@ -28,6 +28,7 @@ use arc_swap::ArcSwap;
 use futures::Stream;
 use pin_project_lite::pin_project;
 
+use crate::admission::FirstCall;
 use crate::budgets::SpendAccount;
 use crate::catalog::{Catalog, ModelSpec};
 use crate::cost::Pricing;
@@ -40,6 +41,14 @@ pub use breaker::{BreakerConfig, CircuitState, OpenReason};
 pub use budget::{RetryBudget, RetryBudgetConfig};
 pub use outcome::{AttemptSummary, Rescue, RouteError, RouteFailure, RouteOutcome, RouteStatus};
 pub use seam::CONTINUE_INSTRUCTION;
+
+/// Where a route's attempts reserve from: the caller's dollar budgets, and what was reserved
+/// at admission for the first attempt.
+#[derive(Debug, Clone, Default)]
+pub struct Funding {
+    pub spend: Option<SpendAccount>,
+    pub first_call: FirstCall,
+}
 
 /// Told about a route while it runs: each call as it goes out, each call that failed while the
 /// route goes on, and the route's end when its caller abandoned it (the stream was dropped
@@ -375,11 +384,19 @@ impl Router {
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
     ) -> Result<RouteStream, RouteError> {
-        self.open_spending(catalog, target, request, options, observer, None)
+        self.open_spending(
+            catalog,
+            target,
+            request,
+            options,
+            observer,
+            Funding::default(),
+        )
     }
 
-    /// [`Router::open_on`] spending from `spend`'s budgets: every attempt reserves its worst
-    /// case there before it calls, and settles to its cost when it ends.
+    /// [`Router::open_on`] spending from `funding`'s budgets: every attempt reserves its worst
+    /// case there before it calls (the first one may find it reserved at admission), and
+    /// settles to its cost when it ends.
     #[expect(
         clippy::result_large_err,
         reason = "RouteError keeps the API's shape (ProviderError inline); errors are once per request"
@@ -391,12 +408,12 @@ impl Router {
         request: RouteRequest,
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
-        spend: Option<SpendAccount>,
+        funding: Funding,
     ) -> Result<RouteStream, RouteError> {
         let model_id = match target {
             CallTarget::Process(process) => {
                 return Ok(
-                    self.open_process_on(catalog, *process, request, options, observer, spend)
+                    self.open_process_on(catalog, *process, request, options, observer, funding)
                 );
             }
             CallTarget::Model(model_id) => model_id,
@@ -423,7 +440,7 @@ impl Router {
             observer,
             catalog.model_rescue(),
         )
-        .spending(spend);
+        .funded(funding);
         Ok(self.start(plan, span))
     }
 
@@ -437,7 +454,14 @@ impl Router {
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
     ) -> RouteStream {
-        self.open_process_on(&self.catalog(), process, request, options, observer, None)
+        self.open_process_on(
+            &self.catalog(),
+            process,
+            request,
+            options,
+            observer,
+            Funding::default(),
+        )
     }
 
     fn open_process_on(
@@ -447,7 +471,7 @@ impl Router {
         request: RouteRequest,
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
-        spend: Option<SpendAccount>,
+        funding: Funding,
     ) -> RouteStream {
         let route = catalog.route(process);
         let models: Vec<&ModelSpec> = [&route.primary, &route.fallback]
@@ -469,7 +493,7 @@ impl Router {
             observer,
             route.rescue,
         )
-        .spending(spend);
+        .funded(funding);
         self.start(plan, span)
     }
 

@@ -10,7 +10,8 @@ use agents::Process;
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
-use crate::budgets::{SpendAccount, SpendHold, worst_case_cost};
+use crate::admission::{FirstCall, Prepaid};
+use crate::budgets::{BudgetDenied, SpendAccount, SpendHold, worst_case_cost};
 use crate::catalog::{MidStreamFailover, ModelSpec, RescuePolicy};
 use crate::cost::Cost;
 use crate::limits::{ProviderHold, estimate_tokens, reserve_shared};
@@ -23,8 +24,8 @@ use super::breaker::{Admission, OpenReason, Refusal};
 use super::outcome::{AttemptSummary, Rescue, RouteError, RouteFailure, RouteOutcome, RouteStatus};
 use super::seam::{Seam, continuation};
 use super::{
-    CallStart, InSpan, Providers, RouteEvent, RouteObserver, RouteOptions, RouteRequest, Shared,
-    deadline_in,
+    CallStart, Funding, InSpan, Providers, RouteEvent, RouteObserver, RouteOptions, RouteRequest,
+    Shared, deadline_in,
 };
 
 /// A model the route may call, with its provider resolved.
@@ -51,6 +52,8 @@ pub(super) struct Plan {
     prompt_estimate: OnceLock<u64>,
     /// Whose dollar budgets each attempt reserves from, if any.
     spend: Option<SpendAccount>,
+    /// Reservations made at admission, for the first attempt.
+    first_call: FirstCall,
     /// What to do when the committed stream breaks after content.
     rescue: RescuePolicy,
 }
@@ -89,6 +92,7 @@ impl Plan {
             observer,
             prompt_estimate: OnceLock::new(),
             spend: None,
+            first_call: FirstCall::default(),
             rescue: match rescue.mode {
                 MidStreamFailover::Restart if options.continue_only => RescuePolicy {
                     mode: MidStreamFailover::Continue,
@@ -99,8 +103,9 @@ impl Plan {
         }
     }
 
-    pub(super) fn spending(mut self, spend: Option<SpendAccount>) -> Self {
-        self.spend = spend;
+    pub(super) fn funded(mut self, funding: Funding) -> Self {
+        self.spend = funding.spend;
+        self.first_call = funding.first_call;
         self
     }
 
@@ -265,7 +270,11 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
             // both are round trips, and waiting for one before sending the other would put two
             // on the way to the first token. When one refuses, the other's hold goes back (a
             // provider request already counted stays counted).
-            let (spend, shared) = futures::join!(run.reserve_spend(idx), run.reserve_shared_rates(idx));
+            // The first attempt may find both reserved already, at admission.
+            let (spend, shared) = match run.prepaid_for(idx) {
+                Some(prepaid) => run.use_prepaid(idx, prepaid).await,
+                None => futures::join!(run.reserve_spend(idx), run.reserve_shared_rates(idx)),
+            };
             // Money first: a call the budget has no room for is never made, on any model.
             let spend = match spend {
                 Ok(hold) => hold,
@@ -478,11 +487,52 @@ impl RouteRun {
         jitter.max(hold)
     }
 
-    /// Reserves the worst case of the next attempt on `idx` from the caller's dollar budgets.
-    async fn reserve_spend(
+    /// What admission reserved for this route's first attempt, if it goes to `idx` with the same
+    /// figures (model, worst case, tokens). The slot is emptied either way, so a later attempt or
+    /// call never finds it; reservations not used here are returned as they drop.
+    fn prepaid_for(&self, idx: usize) -> Option<Prepaid> {
+        let prepaid = self.plan.first_call.take()?;
+        let spec = &self.plan.candidates[idx].spec;
+        if prepaid.model != spec.id {
+            return None;
+        }
+        let request = self.request_for(idx);
+        let same = prepaid.amount == worst_case_cost(&request, &spec.pricing)
+            && prepaid.tokens == estimate_tokens(&request);
+        same.then_some(prepaid)
+    }
+
+    /// The prepaid reservations as this attempt's own, answered as [`Self::reserve_spend`] and
+    /// [`Self::reserve_shared_rates`] would have. Dollars not reserved at admission (none
+    /// are when the provider refused) are reserved here if the attempt goes ahead.
+    async fn use_prepaid(
         &self,
         idx: usize,
-    ) -> Result<Option<SpendHold>, crate::budgets::BudgetDenied> {
+        prepaid: Prepaid,
+    ) -> (
+        Result<Option<SpendHold>, BudgetDenied>,
+        Result<Option<ProviderHold>, Skip>,
+    ) {
+        let (spend, provider) = prepaid.take();
+        let provider = match provider {
+            None => Ok(None),
+            Some(Ok(hold)) => Ok(Some(hold)),
+            Some(Err(refused)) => Err(Skip::Budget(AttemptError::BudgetRefused {
+                provider: self.plan.candidates[idx].spec.provider,
+                which: refused.which,
+                retry_after: refused.retry_after,
+            })),
+        };
+        let spend = match spend {
+            Some(hold) => Ok(Some(hold)),
+            None if provider.is_ok() => self.reserve_spend(idx).await,
+            None => Ok(None),
+        };
+        (spend, provider)
+    }
+
+    /// Reserves the worst case of the next attempt on `idx` from the caller's dollar budgets.
+    async fn reserve_spend(&self, idx: usize) -> Result<Option<SpendHold>, BudgetDenied> {
         let Some(account) = &self.plan.spend else {
             return Ok(None);
         };

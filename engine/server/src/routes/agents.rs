@@ -12,6 +12,7 @@ use futures::stream::FuturesOrdered;
 use serde::Deserialize;
 use serde_json::json;
 
+use keyvex_engine::admission::FirstCallOf;
 use keyvex_engine::record::Recorded;
 use keyvex_engine::{AgentEvent, AgentOutcome, CallContext, CallUsage};
 
@@ -82,12 +83,17 @@ async fn run(
     check_session_owner(&state, &caller, body.session_id.as_deref()).await?;
     state.ensure_accepting()?;
     let request_id = request_id(&headers);
-    let ctx = CallContext::new(&caller.id)
+    let mut ctx = CallContext::new(&caller.id)
         .with_correlation(&request_id)
         .with_session(body.session_id);
     // Over budget: a plain 429 before any call or stream.
-    let worst_case = state.engine().agent_worst_case(process, &body.input);
-    let budgets = admit(&state, &ctx, &limit, worst_case).await?;
+    let budgets = admit(
+        &state,
+        &mut ctx,
+        &limit,
+        FirstCallOf::Agent(process, &body.input),
+    )
+    .await?;
     let mut agent = state.engine().agent(ctx, process, body.input);
     let events = async_stream::stream! {
         let mut held = HeldUsage::default();

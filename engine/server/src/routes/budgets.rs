@@ -12,6 +12,7 @@ use axum::routing::{get, put};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use keyvex_engine::admission::FirstCallOf;
 use keyvex_engine::budgets::{BudgetScope, BudgetView, CallerBudget, parse_usd, rfc3339};
 use keyvex_engine::{CallContext, Cost};
 
@@ -26,23 +27,21 @@ pub fn admin_routes() -> axum::Router<AppState> {
 }
 
 /// Admits a request to its route: takes one request from the caller's limit and checks that
-/// its first call (costing up to `worst_case`) fits `ctx`'s budgets, both before any stream
-/// opens and both sent at once. Returns the budgets for the response headers; the allowance
-/// goes to the rate-limit middleware, which shows it. The engine counts a budget refusal for
-/// `/metrics`.
+/// its first call fits `ctx`'s budgets, before any stream opens (with Redis, in one round trip
+/// that also reserves that call's dollars and provider budget; see `Engine::admit`). Returns
+/// the budgets for the response headers; the allowance goes to the rate-limit middleware,
+/// which shows it. The engine counts a budget refusal for `/metrics`.
 pub(crate) async fn admit(
     state: &AppState,
-    ctx: &CallContext,
+    ctx: &mut CallContext,
     limit: &AdmissionLimit,
-    worst_case: Option<Cost>,
+    first: FirstCallOf<'_>,
 ) -> Result<Vec<BudgetView>, ApiError> {
-    let worst_case = worst_case.unwrap_or_default();
-    let engine = state.engine();
-    let (allowance, budgets) = tokio::join!(
-        engine.check_caller(&ctx.caller, &limit.endpoint),
-        engine.check_budget(ctx, worst_case)
-    );
-    match allowance {
+    let admission = state
+        .engine()
+        .admit(ctx, &limit.endpoint, Some(first))
+        .await;
+    match admission.allowance {
         Ok(allowance) => {
             let _ = limit.allowance.set(allowance);
         }
@@ -51,7 +50,7 @@ pub(crate) async fn admit(
             return Err(ApiError::RateLimited(limited));
         }
     }
-    budgets.map_err(ApiError::Budget)
+    admission.budgets.map_err(ApiError::Budget)
 }
 
 /// `x-budget-*`: the limited budget with the least left — its scope, limit, what remains

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use keyvex_engine::admission::FirstCallOf;
 use keyvex_engine::call::{CallContext, CallEvent, CallStream};
 use keyvex_engine::clock::unix_now;
 use keyvex_engine::provider::{ChatMessage, ProviderError, ResponseSchema};
@@ -469,9 +470,14 @@ async fn completions(
     let target = CallTarget::parse(&body.model);
     state.ensure_accepting()?;
     let request_id = request_id(&headers);
-    let ctx = CallContext::new(&caller.id).with_correlation(&request_id);
-    let worst_case = state.engine().worst_case(&target, &request);
-    let budgets = admit(&state, &ctx, &limit, worst_case).await?;
+    let mut ctx = CallContext::new(&caller.id).with_correlation(&request_id);
+    let budgets = admit(
+        &state,
+        &mut ctx,
+        &limit,
+        FirstCallOf::Chat(&target, &request),
+    )
+    .await?;
     // The deltas are relayed as they come; only the non-streaming answer needs the whole text,
     // and it gathers it from the deltas itself.
     let options = RouteOptions {

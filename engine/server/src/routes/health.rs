@@ -72,6 +72,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     state
         .prom()
         .shared_limit_failures(engine.shared_limit_failures());
+    state.prom().prepaid(engine.prepaid_stats());
     let text = state.prom().render(&state.tracker().health());
     (
         [(

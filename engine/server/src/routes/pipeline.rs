@@ -10,6 +10,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
+use keyvex_engine::admission::FirstCallOf;
 use keyvex_engine::{AgentEvent, CallContext, PipelineEvent, PipelineInput, RunRollup};
 
 use crate::auth::Caller;
@@ -56,14 +57,17 @@ async fn run(
     state.ensure_accepting()?;
     let request_id = request_id(&headers);
     // The run id is chosen here so the run's budget can be checked before the first call.
-    let ctx = CallContext::new(&caller.id)
+    let mut ctx = CallContext::new(&caller.id)
         .with_correlation(&request_id)
         .with_session(body.session_id)
         .with_run(uuid::Uuid::now_v7().to_string());
-    let worst_case = state
-        .engine()
-        .agent_worst_case(Process::MagicSpark, &body.business);
-    let budgets = admit(&state, &ctx, &limit, worst_case).await?;
+    let budgets = admit(
+        &state,
+        &mut ctx,
+        &limit,
+        FirstCallOf::Agent(Process::MagicSpark, &body.business),
+    )
+    .await?;
     let input = PipelineInput {
         business: body.business,
         concept_index: body.concept_index,

@@ -1,4 +1,4 @@
--- Prepended to reserve_spend.lua and read_spend.lua, so that what a read shows as the limit is the
+-- Prepended to reserve_spend.lua, read_spend.lua and admit.lua, so that what a read shows as the limit is the
 -- limit a reservation enforces: per line the configured limit ("" = none), replaced by the
 -- caller's own daily or monthly limit where one is set.
 -- KEYS[n+1]: the hash of callers' own limits (field: caller, value: "DAILY,MONTHLY").

@@ -7,6 +7,7 @@
 //! runs under a short timeout; past it Redis counts as unreachable, and the caller decides what
 //! that means (rate limits fail open, budgets fail closed, by default).
 
+mod admit;
 mod spend;
 
 use std::fmt;
@@ -86,6 +87,7 @@ struct Inner {
     timeout: Duration,
     shown: String,
     gcra: redis::Script,
+    admit: redis::Script,
     outage: Outage,
     limits_when_down: WhenDown,
     /// Token settles waiting to be sent (they come from `Drop`, which cannot wait).
@@ -148,7 +150,16 @@ impl RedisLimits {
                 conn,
                 timeout: config.timeout,
                 shown: format!("redis at {shown}"),
-                gcra: redis::Script::new(include_str!("gcra.lua")),
+                gcra: redis::Script::new(concat!(
+                    include_str!("gcra_probe.lua"),
+                    include_str!("gcra.lua")
+                )),
+                admit: redis::Script::new(concat!(
+                    include_str!("gcra_probe.lua"),
+                    include_str!("limits_in_force.lua"),
+                    include_str!("spend_lines.lua"),
+                    include_str!("admit.lua")
+                )),
                 outage: Outage::default(),
                 limits_when_down: config.limits_when_down,
                 settles,

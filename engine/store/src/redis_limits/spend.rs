@@ -41,6 +41,7 @@ impl RedisSpend {
             limits,
             reserve: redis::Script::new(concat!(
                 include_str!("limits_in_force.lua"),
+                include_str!("spend_lines.lua"),
                 include_str!("reserve_spend.lua")
             )),
             read: redis::Script::new(concat!(
@@ -57,27 +58,36 @@ impl RedisSpend {
         amount: Cost,
     ) -> redis::ScriptInvocation<'s> {
         let mut invocation = script.prepare_invoke();
-        for line in lines {
-            invocation.key(key_of(line));
-        }
-        invocation.key(CALLERS_KEY);
-        let caller = lines
-            .iter()
-            .find_map(|l| l.override_of.clone())
-            .unwrap_or_default();
-        invocation.arg(amount.0).arg(lines.len()).arg(caller);
-        for line in lines {
-            let which = match (line.override_of.is_some(), line.scope) {
-                (true, keyvex_engine::budgets::BudgetScope::CallerDaily) => "daily",
-                (true, keyvex_engine::budgets::BudgetScope::CallerMonthly) => "monthly",
-                _ => "",
-            };
-            invocation
-                .arg(line.limit.map_or_else(String::new, |l| l.0.to_string()))
-                .arg(which)
-                .arg(keep_secs(line.keep_for));
-        }
+        add_lines(&mut invocation, lines, amount);
         invocation
+    }
+}
+
+/// The budget lines' keys and arguments, as the scripts that take them expect them first.
+pub(super) fn add_lines(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    lines: &[SpendLine],
+    amount: Cost,
+) {
+    for line in lines {
+        invocation.key(key_of(line));
+    }
+    invocation.key(CALLERS_KEY);
+    let caller = lines
+        .iter()
+        .find_map(|l| l.override_of.clone())
+        .unwrap_or_default();
+    invocation.arg(amount.0).arg(lines.len()).arg(caller);
+    for line in lines {
+        let which = match (line.override_of.is_some(), line.scope) {
+            (true, keyvex_engine::budgets::BudgetScope::CallerDaily) => "daily",
+            (true, keyvex_engine::budgets::BudgetScope::CallerMonthly) => "monthly",
+            _ => "",
+        };
+        invocation
+            .arg(line.limit.map_or_else(String::new, |l| l.0.to_string()))
+            .arg(which)
+            .arg(keep_secs(line.keep_for));
     }
 }
 
@@ -89,11 +99,22 @@ fn keep_secs(d: Duration) -> u64 {
     d.as_secs().max(1)
 }
 
-fn parse_cost(text: &str) -> Cost {
+/// A script's answer element as text (Redis turns Lua strings into bulk strings and numbers into
+/// integers).
+pub(super) fn text(v: &redis::Value) -> String {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        redis::Value::Int(n) => n.to_string(),
+        redis::Value::SimpleString(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+pub(super) fn parse_cost(text: &str) -> Cost {
     Cost(text.parse::<u64>().unwrap_or(0))
 }
 
-fn parse_limit(text: &str) -> Option<Cost> {
+pub(super) fn parse_limit(text: &str) -> Option<Cost> {
     (!text.is_empty()).then(|| parse_cost(text))
 }
 
@@ -110,12 +131,6 @@ impl SpendStore for RedisSpend {
                 .run(invocation)
                 .await
                 .map_err(SpendError::Unavailable)?;
-            let text = |v: &redis::Value| match v {
-                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                redis::Value::Int(n) => n.to_string(),
-                redis::Value::SimpleString(s) => s.clone(),
-                _ => String::new(),
-            };
             match answer.as_slice() {
                 [redis::Value::Int(1)] => Ok(()),
                 [redis::Value::Int(0), index, spent, reserved, limit] => {

@@ -11,6 +11,7 @@ mod admin_reads;
 mod catalog_versions;
 mod hung_endpoint;
 mod intents;
+mod redis_admission;
 mod redis_limits;
 mod sessions;
 mod shipping;
