@@ -1,6 +1,7 @@
-//! The middleware of the authenticated API, in the order a request meets it: the bearer key
-//! (`authenticate`), the admin role on admin routes (`require_admin`), the caller's limit on the
-//! route (`rate_limit`); and around everything, the answered-requests counter
+//! The middleware of the authenticated API, in the order a request meets it: the bearer key and
+//! the caller's limit on the route in one layer (`authenticate_and_limit`: one layer is one
+//! boxed future and one service clone per request, where two were two), the admin role on admin
+//! routes (`require_admin`); and around everything, the answered-requests counter
 //! (`count_requests`).
 
 use std::sync::{Arc, OnceLock};
@@ -19,35 +20,6 @@ use crate::routes;
 use crate::state::AppState;
 
 const HOW: &str = "send `Authorization: Bearer <key>` with a key configured in KEYVEX_API_KEYS (KEY=CALLER:ROLE) or the config file; `keyvex serve` prints a development key at start when none is configured";
-
-/// Middleware: requires a valid bearer key and records the caller.
-pub(crate) async fn authenticate(
-    State(state): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let Some(key) = presented else {
-        return ApiError::Unauthenticated(format!("no API key given; {HOW}")).into_response();
-    };
-    let Some(caller) = state.keys().lookup(key) else {
-        return ApiError::Unauthenticated(format!("the API key is not valid; {HOW}"))
-            .into_response();
-    };
-    let span = tracing::Span::current();
-    span.record("caller", caller.id.as_str());
-    span.record("keyvex.caller", caller.id.as_str());
-    req.extensions_mut().insert(caller);
-    next.run(req).await
-}
 
 /// Middleware for admin routes (after [`authenticate`]).
 pub(crate) async fn require_admin(req: Request, next: Next) -> Response {
@@ -98,22 +70,41 @@ pub(crate) struct AdmissionLimit {
     pub(crate) allowance: Arc<OnceLock<Allowance>>,
 }
 
-/// Per caller and endpoint (the matched route), with `x-ratelimit-*` on every answer that
-/// took from the limit.
-pub(crate) async fn rate_limit(
+/// Middleware of every authenticated route: requires a valid bearer key and records the caller,
+/// then takes from the caller's limit per endpoint (the matched route), with `x-ratelimit-*` on
+/// every answer that took from it. The model routes take the limit at admission instead (see
+/// [`LIMITED_AT_ADMISSION`]).
+pub(crate) async fn authenticate_and_limit(
     State(state): State<AppState>,
     mut req: Request,
     next: Next,
 ) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(key) = presented else {
+        return ApiError::Unauthenticated(format!("no API key given; {HOW}")).into_response();
+    };
+    let Some(caller) = state.keys().lookup(key) else {
+        return ApiError::Unauthenticated(format!("the API key is not valid; {HOW}"))
+            .into_response();
+    };
+    let span = tracing::Span::current();
+    span.record("caller", caller.id.as_str());
+    span.record("keyvex.caller", caller.id.as_str());
     let endpoint = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| req.uri().path().to_owned(), |m| m.as_str().to_owned());
-    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
-        return ApiError::Internal("rate limit ran before authentication".into()).into_response();
-    };
     if LIMITED_AT_ADMISSION.contains(&endpoint.as_str()) {
         let allowance = Arc::new(OnceLock::new());
+        req.extensions_mut().insert(caller);
         req.extensions_mut().insert(AdmissionLimit {
             endpoint,
             allowance: Arc::clone(&allowance),
@@ -126,6 +117,7 @@ pub(crate) async fn rate_limit(
     }
     match state.engine().check_caller(&caller.id, &endpoint).await {
         Ok(allowance) => {
+            req.extensions_mut().insert(caller);
             let mut response = next.run(req).await;
             set_allowance(&mut response, &allowance);
             response

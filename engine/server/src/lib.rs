@@ -93,11 +93,7 @@ pub fn app(state: AppState) -> axum::Router {
         .merge(admin)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            layers::rate_limit,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            layers::authenticate,
+            layers::authenticate_and_limit,
         ));
     axum::Router::new()
         .merge(routes::health::routes())
