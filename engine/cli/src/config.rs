@@ -279,6 +279,11 @@ pub const REDIS_TIMEOUT: Setting = setting(
     "redis.timeout_ms",
     "longest wait for one Redis command, and for a connection (default 100); past it Redis counts as unreachable",
 );
+pub const REDIS_CLUSTER: Setting = setting(
+    "KEYVEX_REDIS_CLUSTER",
+    "redis.cluster",
+    "true when REDIS_URL is a node or the configuration endpoint of a Redis Cluster (ElastiCache with cluster mode on); every key carries the hash tag {keyvex}, so all of them share one slot (default false)",
+);
 pub const REDIS_LIMITS_WHEN_DOWN: Setting = setting(
     "KEYVEX_REDIS_LIMITS_WHEN_DOWN",
     "redis.limits_when_down",
@@ -490,6 +495,7 @@ pub const SETTINGS: &[Setting] = &[
     BUDGET_CALLERS,
     REDIS_URL,
     REDIS_TIMEOUT,
+    REDIS_CLUSTER,
     REDIS_LIMITS_WHEN_DOWN,
     REDIS_BUDGETS_WHEN_DOWN,
     METRICS_DB,
@@ -1049,6 +1055,7 @@ impl Config {
                 Some(RedisConfig {
                     url,
                     timeout,
+                    cluster: src.parsed(&REDIS_CLUSTER, false, parse_bool)?,
                     limits_when_down: when_down(&REDIS_LIMITS_WHEN_DOWN, WhenDown::Open)?,
                     budgets_when_down: match when_down(&REDIS_BUDGETS_WHEN_DOWN, WhenDown::Closed)?
                     {

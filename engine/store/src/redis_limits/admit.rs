@@ -11,7 +11,7 @@ use keyvex_engine::budgets::LineState;
 use keyvex_engine::limits::{Allowance, BudgetExceeded, CallerLimited, LimitsUnavailable};
 
 use super::spend::{add_lines, parse_cost, parse_limit, text};
-use super::{RedisLimits, every_us, provider_keys};
+use super::{RedisLimits, TAG, caller_key, every_us, provider_keys};
 
 impl SharedAdmission for RedisLimits {
     fn admit<'a>(
@@ -22,7 +22,7 @@ impl SharedAdmission for RedisLimits {
             let mut invocation = self.inner.admit.prepare_invoke();
             let (lines, amount) = ask.spend.unwrap_or((&[], keyvex_engine::Cost::ZERO));
             add_lines(&mut invocation, lines, amount);
-            invocation.key(format!("rate_limit:{}:{}", ask.caller, ask.endpoint));
+            invocation.key(caller_key(ask.caller, ask.endpoint));
             match ask.rate {
                 Some(rate) => invocation
                     .arg("1")
@@ -52,8 +52,8 @@ impl SharedAdmission for RedisLimits {
                 }
                 None => {
                     invocation
-                        .key("keyvex:provider:none:requests")
-                        .key("keyvex:provider:none:tokens")
+                        .key(format!("{TAG}:provider:none:requests"))
+                        .key(format!("{TAG}:provider:none:tokens"))
                         .arg("0");
                 }
             }

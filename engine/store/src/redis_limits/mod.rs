@@ -8,6 +8,7 @@
 //! that means (rate limits fail open, budgets fail closed, by default).
 
 mod admit;
+mod link;
 mod spend;
 
 use std::fmt;
@@ -22,10 +23,9 @@ use keyvex_engine::limits::{
     SharedRates,
 };
 use keyvex_engine::stream::ProviderKind;
-use redis::IntoConnectionInfo;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
+use link::{Link, TAG};
 pub use spend::RedisSpend;
 
 /// What to do with a kind of limit while Redis cannot be reached.
@@ -44,6 +44,8 @@ pub struct RedisConfig {
     pub url: String,
     /// Longest wait for a connection and for one command.
     pub timeout: Duration,
+    /// `url` is a node (or the configuration endpoint) of a Redis Cluster.
+    pub cluster: bool,
     pub limits_when_down: WhenDown,
     pub budgets_when_down: OnUnavailable,
 }
@@ -53,6 +55,7 @@ impl fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("url", &redact(&self.url))
             .field("timeout", &self.timeout)
+            .field("cluster", &self.cluster)
             .field("limits_when_down", &self.limits_when_down)
             .field("budgets_when_down", &self.budgets_when_down)
             .finish()
@@ -83,7 +86,7 @@ pub struct RedisLimits {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: Link,
     timeout: Duration,
     shown: String,
     gcra: redis::Script,
@@ -106,36 +109,7 @@ impl RedisLimits {
     /// sends the settles).
     pub fn connect(config: &RedisConfig) -> Result<RedisLimits, RedisSetupError> {
         let shown = redact(&config.url);
-        let url_error = |e: redis::RedisError| RedisSetupError::Url {
-            url: shown.clone(),
-            message: e.to_string(),
-        };
-        // TCP_NODELAY, which redis-rs leaves off: with Nagle on, a command written while another
-        // is unanswered (the admission's two checks, a settle then the next request's check)
-        // waits for the first one's ACK, and the commands sent together are answered one after
-        // the other.
-        let info = config
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(url_error)?;
-        let tcp = info.tcp_settings().clone().set_nodelay(true);
-        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(url_error)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            // One quick reconnect per failure; the next command tries again, so an outage costs
-            // each request at most the timeout.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(config.timeout);
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(|e| {
-                RedisSetupError::Url {
-                    url: shown.clone(),
-                    message: e.to_string(),
-                }
-            })?;
+        let conn = Link::open(config)?;
         let (settles, rx) = mpsc::unbounded_channel();
         let adjust_tokens = redis::Script::new(include_str!("adjust_tokens.lua"));
         // Ends when the last handle (and with it the sender) is dropped.
@@ -205,10 +179,15 @@ fn every_us(period: Duration, per_period: u32) -> u64 {
     (period.as_micros() as u64 / u64::from(per_period.max(1))).max(1)
 }
 
+/// The caller's bucket on `endpoint`.
+fn caller_key(caller: &str, endpoint: &str) -> String {
+    format!("{TAG}:rate_limit:{caller}:{endpoint}")
+}
+
 fn provider_keys(provider: ProviderKind) -> (String, String) {
     (
-        format!("keyvex:provider:{provider}:requests"),
-        format!("keyvex:provider:{provider}:tokens"),
+        format!("{TAG}:provider:{provider}:requests"),
+        format!("{TAG}:provider:{provider}:tokens"),
     )
 }
 
@@ -223,7 +202,7 @@ impl SharedRates for RedisLimits {
             let every = every_us(rate.period, rate.per_period.get());
             let mut invocation = self.inner.gcra.prepare_invoke();
             invocation
-                .key(format!("rate_limit:{caller}:{endpoint}"))
+                .key(caller_key(caller, endpoint))
                 .arg(every)
                 .arg(rate.burst.get())
                 .arg(1)
@@ -325,7 +304,7 @@ impl SharedRates for RedisLimits {
 /// Runs one script on `conn` under `timeout` (the script is loaded on first use: `EVALSHA`,
 /// then `SCRIPT LOAD` if Redis does not know it).
 async fn run_script<T: redis::FromRedisValue>(
-    conn: &ConnectionManager,
+    conn: &Link,
     timeout: Duration,
     invocation: redis::ScriptInvocation<'_>,
 ) -> Result<T, String> {
@@ -340,7 +319,7 @@ async fn run_script<T: redis::FromRedisValue>(
 /// Sends token settles in order; one that Redis cannot take is dropped with a warning (the
 /// bucket then stays as reserved, which errs on the side of the provider's limit).
 async fn send_token_settles(
-    conn: ConnectionManager,
+    conn: Link,
     script: redis::Script,
     timeout: Duration,
     mut rx: mpsc::UnboundedReceiver<(String, u64, i64)>,

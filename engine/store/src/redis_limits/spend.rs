@@ -9,13 +9,12 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use keyvex_engine::budgets::{CallerBudget, LineState, SpendError, SpendLine, SpendStore};
 use keyvex_engine::cost::Cost;
-use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
-use super::{RedisConfig, RedisLimits, run_script};
+use super::{Link, RedisConfig, RedisLimits, TAG, run_script};
 
 /// The hash of callers' own limits: field caller, value `DAILY,MONTHLY` in picodollars.
-const CALLERS_KEY: &str = "keyvex:budget:callers";
+const CALLERS_KEY: &str = "{keyvex}:budget:callers";
 
 type Settle = (Vec<String>, Vec<u64>, Cost, Cost);
 
@@ -92,7 +91,7 @@ pub(super) fn add_lines(
 }
 
 fn key_of(line: &SpendLine) -> String {
-    format!("keyvex:budget:{}", line.key)
+    format!("{TAG}:budget:{}", line.key)
 }
 
 fn keep_secs(d: Duration) -> u64 {
@@ -258,7 +257,7 @@ impl SpendStore for RedisSpend {
 /// error: its reservation then stays counted as spent until the window ends, which errs on the
 /// side of the budget.
 async fn send_settles(
-    conn: ConnectionManager,
+    conn: Link,
     script: redis::Script,
     timeout: Duration,
     mut rx: mpsc::UnboundedReceiver<Settle>,

@@ -36,11 +36,21 @@ struct Setup {
 /// (`rpm` requests per minute) and budgets (`limits`) all live in one Redis, admitted in one
 /// step.
 async fn setup(burst: u32, rpm: u32, limits: BudgetLimits) -> Setup {
-    let redis = Redis::start().await;
+    setup_on(Redis::start().await, false, burst, rpm, limits).await
+}
+
+async fn setup_on(
+    redis: Redis,
+    cluster: bool,
+    burst: u32,
+    rpm: u32,
+    limits: BudgetLimits,
+) -> Setup {
     let sim = fast_sim(7).await;
     let config = RedisConfig {
         url: redis.url.clone(),
         timeout: Duration::from_millis(500),
+        cluster,
         limits_when_down: WhenDown::Open,
         budgets_when_down: OnUnavailable::FailClosed,
     };
@@ -324,4 +334,81 @@ async fn a_refusal_in_the_one_step_takes_nothing_after_it() {
     );
     let (spent, billed) = settled_day(&s).await;
     assert_eq!(spent, billed);
+}
+
+/// ElastiCache with cluster mode on: a script whose keys span hash slots is refused there
+/// (`CROSSSLOT`), and the one-step admission takes a caller's keys, the global budget and the
+/// provider's buckets together. Every key carries the `{keyvex}` tag, so all of it works on a
+/// real (one-node) cluster through the cluster client.
+#[tokio::test]
+async fn on_a_redis_cluster_every_script_finds_its_keys_in_one_slot() {
+    let redis = Redis::start_cluster().await;
+    // The test cluster enforces slots: two untagged keys in one script are refused.
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut plain = client.get_multiplexed_async_connection().await.unwrap();
+    let crossed = redis::cmd("EVAL")
+        .arg("return 1")
+        .arg(2)
+        .arg("alice")
+        .arg("bob")
+        .query_async::<i64>(&mut plain)
+        .await
+        .unwrap_err();
+    assert!(
+        crossed.to_string().to_lowercase().contains("crossslot"),
+        "{crossed}"
+    );
+
+    let s = setup_on(redis, true, 100, 1_000, BudgetLimits::default()).await;
+    let target = CallTarget::parse("gpt-5.4-mini");
+    let request = question();
+    let mut ctx = CallContext::new("alice");
+    let admission = s
+        .engine
+        .admit(
+            &mut ctx,
+            ENDPOINT,
+            Some(FirstCallOf::Chat(&target, &request)),
+        )
+        .await;
+    assert_eq!(admission.allowance.unwrap().remaining, 99);
+    assert!(admission.budgets.is_ok());
+    assert!(call(&s.engine, &ctx, "gpt-5.4-mini").await);
+    // A call on another model reserves on its own (the reserve script), and settles.
+    assert!(call(&s.engine, &CallContext::new("alice"), "claude-haiku-4-5").await);
+    assert_eq!(s.engine.prepaid_stats().used, 1);
+    let (spent, billed) = settled_day(&s).await;
+    assert!(billed > Cost::ZERO);
+    assert_eq!(spent, billed);
+    // The admin's per-caller limits live in the tagged hash too.
+    let budgets = s.engine.budgets().unwrap();
+    budgets
+        .set_caller(
+            "alice",
+            keyvex_engine::budgets::CallerBudget {
+                daily: Some(Cost(1)),
+                monthly: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        budgets.callers().await.unwrap()["alice"].daily,
+        Some(Cost(1))
+    );
+    let mut ctx = CallContext::new("alice");
+    let over = s
+        .engine
+        .admit(
+            &mut ctx,
+            ENDPOINT,
+            Some(FirstCallOf::Chat(&target, &request)),
+        )
+        .await;
+    assert!(
+        matches!(over.budgets, Err(BudgetDenied::Exceeded(_))),
+        "{:?}",
+        over.budgets
+    );
+    assert_eq!(s.engine.shared_limit_failures(), 0);
 }

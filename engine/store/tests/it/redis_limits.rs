@@ -19,6 +19,7 @@ fn config(url: &str) -> RedisConfig {
     RedisConfig {
         url: url.to_owned(),
         timeout: Duration::from_millis(500),
+        cluster: false,
         limits_when_down: WhenDown::Open,
         budgets_when_down: OnUnavailable::FailClosed,
     }
