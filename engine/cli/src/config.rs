@@ -272,7 +272,7 @@ pub const BUDGET_CALLERS: Setting = setting(
 pub const REDIS_URL: Setting = secret(setting(
     "REDIS_URL",
     "redis.url",
-    "redis://HOST:PORT[/DB] shared by every replica: caller rate limits, provider RPM/TPM and dollar budgets are kept there (default: in this process only)",
+    "redis://HOST:PORT[/DB] (or rediss:// for TLS, verified against the system's CA roots or the bundle SSL_CERT_FILE names) shared by every replica: caller rate limits, provider RPM/TPM and dollar budgets are kept there (default: in this process only)",
 ));
 pub const REDIS_TIMEOUT: Setting = setting(
     "KEYVEX_REDIS_TIMEOUT_MS",

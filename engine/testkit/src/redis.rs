@@ -14,12 +14,15 @@ use crate::moto::repo_root;
 static INSTALL: Mutex<()> = Mutex::new(());
 
 fn ensure_installed() {
-    let found = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let runs = |bin: &str, arg: &str| {
+        Command::new(bin)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let found = runs("redis-server", "--version") && runs("openssl", "version");
     if found {
         return;
     }
@@ -42,6 +45,8 @@ pub struct Redis {
     pub url: String,
     /// The cluster's node file, when it runs in cluster mode.
     cluster_dir: Option<crate::TempDir>,
+    /// The certificates, when it serves TLS only.
+    tls: Option<crate::TempDir>,
 }
 
 impl Redis {
@@ -85,21 +90,54 @@ impl Redis {
             port,
             url: format!("redis://127.0.0.1:{port}"),
             cluster_dir,
+            tls: None,
         }
+    }
+
+    /// A server that speaks TLS only (`rediss://127.0.0.1:PORT`), with a certificate for
+    /// 127.0.0.1 signed by a CA of its own ([`Redis::ca_file`]), made with `openssl`.
+    pub async fn start_tls() -> Redis {
+        let mut redis = Redis::unstarted(None);
+        let dir = crate::TempDir::new("redis-tls");
+        make_certificates(&dir);
+        redis.url = format!("rediss://127.0.0.1:{}", redis.port);
+        redis.tls = Some(dir);
+        redis.spawn().await;
+        redis
+    }
+
+    /// The CA that signed a TLS server's certificate (PEM).
+    pub fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.tls.as_ref().map(|dir| dir.file("ca.pem"))
     }
 
     async fn spawn(&mut self) {
         let port = self.port.to_string();
-        let mut args = vec![
-            "--port".to_owned(),
-            port,
+        let mut args = match &self.tls {
+            None => vec!["--port".to_owned(), port],
+            Some(dir) => vec![
+                "--port".to_owned(),
+                "0".to_owned(),
+                "--tls-port".to_owned(),
+                port,
+                "--tls-cert-file".to_owned(),
+                dir.file("server.pem").display().to_string(),
+                "--tls-key-file".to_owned(),
+                dir.file("server.key").display().to_string(),
+                "--tls-ca-cert-file".to_owned(),
+                dir.file("ca.pem").display().to_string(),
+                "--tls-auth-clients".to_owned(),
+                "no".to_owned(),
+            ],
+        };
+        args.extend([
             "--bind".to_owned(),
             "127.0.0.1".to_owned(),
             "--save".to_owned(),
             String::new(),
             "--appendonly".to_owned(),
             "no".to_owned(),
-        ];
+        ]);
         if let Some(dir) = &self.cluster_dir {
             args.extend([
                 "--cluster-enabled".to_owned(),
@@ -116,9 +154,16 @@ impl Redis {
             .spawn()
             .expect("starting redis-server");
         self.child = Some(child);
-        // Readiness of an external process: poll its port for a PONG.
+        // Readiness of an external process: poll its port for a PONG (a TLS port: for a
+        // connection).
         for _ in 0..200 {
-            if self.ping().await {
+            let ready = match &self.tls {
+                None => self.ping().await,
+                Some(_) => tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok(),
+            };
+            if ready {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -174,6 +219,80 @@ impl Redis {
     pub async fn restart(&mut self) {
         self.stop();
         self.spawn().await;
+    }
+}
+
+/// A CA, and a server certificate for 127.0.0.1 it signed, in `dir` (`ca.pem`, `server.pem`,
+/// `server.key`).
+fn make_certificates(dir: &crate::TempDir) {
+    let ext = dir.file("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("writing the certificate extensions");
+    let path = |name: &str| dir.file(name).display().to_string();
+    let steps: [Vec<String>; 3] = [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=keyvex test CA",
+            "-keyout",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([path("ca.key"), "-out".to_owned(), path("ca.pem")])
+        .collect(),
+        vec![
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([path("server.key"), "-out".to_owned(), path("server.csr")])
+        .collect(),
+        ["x509", "-req", "-days", "2", "-set_serial", "1", "-in"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([
+                path("server.csr"),
+                "-CA".to_owned(),
+                path("ca.pem"),
+                "-CAkey".to_owned(),
+                path("ca.key"),
+                "-extfile".to_owned(),
+                path("server.ext"),
+                "-out".to_owned(),
+                path("server.pem"),
+            ])
+            .collect(),
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("running openssl (scripts/ensure-redis.sh installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -334,6 +334,50 @@ async fn the_model_routes_reserve_their_first_call_at_admission() {
     drop(a.stop());
 }
 
+/// `rediss://` (ElastiCache with in-transit encryption): the connection is TLS, verified against
+/// the system's roots — here the test CA, given as `SSL_CERT_FILE`. Without the CA the server's
+/// certificate is not trusted, Redis counts as down, and budgets fail closed.
+#[tokio::test]
+async fn rediss_urls_speak_tls_and_verify_the_server() {
+    let redis = Redis::start_tls().await;
+    let ca = redis.ca_file().unwrap();
+    let ca = ca.to_str().unwrap();
+    let dir = TempDir::new("shared-tls");
+    let db = dir.file("a.sqlite3");
+    let a = serve(
+        &db,
+        &redis.url,
+        &[("KEYVEX_BUDGET_DAILY_USD", "100"), ("SSL_CERT_FILE", ca)],
+    );
+    let http = reqwest::Client::new();
+    let (status, agent) = run_agent(&http, &a.base).await;
+    assert_eq!(
+        (status, &agent["status"]),
+        (200, &json!("succeeded")),
+        "{agent}"
+    );
+    let all: Value = get_json(&http, format!("{}/v1/admin/budgets", a.base), ADMIN).await;
+    assert!(
+        all["store"].as_str().unwrap().contains("rediss://"),
+        "{all}"
+    );
+    assert_eq!(prepaid(&http, &a.base).await, (1, 0));
+    drop(a.stop());
+
+    let untrusting = serve(
+        &dir.file("b.sqlite3"),
+        &redis.url,
+        &[
+            ("KEYVEX_BUDGET_DAILY_USD", "100"),
+            ("SSL_CERT_FILE", "/dev/null"),
+        ],
+    );
+    let (status, body) = run_agent(&http, &untrusting.base).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "budget_unavailable", "{body}");
+    drop(untrusting.stop());
+}
+
 /// A provider's requests-per-minute budget in Redis is one budget for every replica: a call on
 /// one replica takes the primary provider's only request of the minute, so the next call, on the
 /// other replica, goes to the fallback's provider, and a third finds both spent.
