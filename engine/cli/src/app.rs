@@ -4,10 +4,13 @@
 //! self-contained engines) starts here, so "which providers, which store, which limits" is
 //! decided once and reported the same way.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyvex_engine::budgets::Budgets;
+use keyvex_engine::budgets::{Budgets, RestoredSpend, Window, window_start};
+use keyvex_engine::cost::Cost;
 use keyvex_engine::limits::LimitsWhenDown;
 use keyvex_engine::router::RouterConfig;
 use keyvex_engine::{Engine, EngineError, ShutdownReport};
@@ -18,6 +21,8 @@ use keyvex_server::prom::ServerMetrics;
 use keyvex_server::queue::JobsCtx;
 use keyvex_server::queue::worker::WorkerConfig;
 use keyvex_sim::{SimConfig, SimProfile};
+use keyvex_store::admin::MetricsFilter;
+use keyvex_store::aggregate::GroupBy;
 use keyvex_store::redis_limits::{RedisLimits, RedisSetupError, WhenDown};
 use keyvex_store::{MetricsError, Stores};
 
@@ -137,6 +142,11 @@ impl App {
                 .settle_interrupted_spend_with(Arc::new(move |held, cost| {
                     budgets.settle_interrupted(held, cost);
                 }));
+        }
+        if config.redis.is_none()
+            && let Some(budgets) = engine.budgets()
+        {
+            restore_spend(&stores, budgets).await;
         }
         let catalog = CatalogSync::new(
             stores.catalogs.clone(),
@@ -259,5 +269,62 @@ impl App {
     /// Flushes the metrics (within `flush`) and stops the simulator. Call once every stream ended.
     pub async fn shutdown(&self, flush: std::time::Duration) -> ShutdownReport {
         self.engine.shutdown(flush).await
+    }
+}
+
+/// Budgets kept in this process start from nothing with each process, but the callers' day and
+/// month do not: what earlier runs billed since this UTC day and this month began is read back
+/// from the metrics store's records, so a restart does not hand every caller a fresh budget.
+/// A read that fails or takes over 10 s is logged, and budgets then count from zero.
+async fn restore_spend(stores: &Stores, budgets: &Budgets) {
+    // An earlier run's unshipped records are shipped at open; let them reach the store first.
+    let _ = stores
+        .tracker
+        .wait_for(Duration::from_secs(2), |h| h.pending == 0)
+        .await;
+    let now = SystemTime::now();
+    let ms = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    };
+    let filter = MetricsFilter::default();
+    let read = |from: SystemTime| {
+        stores
+            .metrics
+            .metrics(ms(from), ms(now), Some(GroupBy::User), &filter)
+    };
+    let both = async {
+        futures::try_join!(
+            read(window_start(now, Window::Month)),
+            read(window_start(now, Window::Day))
+        )
+    };
+    let (month, day) = match tokio::time::timeout(Duration::from_secs(10), both).await {
+        Ok(Ok(read)) => read,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "could not read this month's spend from the metrics store: budgets in this process count from zero");
+            return;
+        }
+        Err(_) => {
+            tracing::error!(
+                "reading this month's spend from the metrics store took over 10 s: budgets in this process count from zero"
+            );
+            return;
+        }
+    };
+    let mut callers: BTreeMap<String, RestoredSpend> = BTreeMap::new();
+    for group in month.groups {
+        callers.entry(group.key).or_default().month = Cost(group.cost_pico_usd);
+    }
+    for group in day.groups {
+        callers.entry(group.key).or_default().day = Cost(group.cost_pico_usd);
+    }
+    budgets.restore(&callers, Cost(day.totals.cost_pico_usd));
+    if !callers.is_empty() {
+        tracing::info!(
+            callers = callers.len(),
+            month_usd = month.totals.cost_usd,
+            "budgets in this process go on from what the metrics store holds for this month"
+        );
     }
 }

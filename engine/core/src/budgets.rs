@@ -27,7 +27,7 @@ use crate::cost::{Cost, Pricing};
 use crate::provider::ChatRequest;
 
 pub use in_process::InProcessSpend;
-pub use windows::{Window, rfc3339, window_of};
+pub use windows::{Window, rfc3339, window_of, window_start};
 
 /// Which budget a line of spend counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -180,11 +180,24 @@ pub trait SpendStore: Send + Sync + 'static {
     fn callers(&self) -> BoxFuture<'_, Result<BTreeMap<String, CallerBudget>, SpendError>>;
     /// One line for start-up banners.
     fn describe(&self) -> String;
+    /// Adds `spent` to a line's spend without a reservation: what the records of an earlier run
+    /// of this process billed in the line's window, for a store that starts empty with each
+    /// process ([`Budgets::restore`]). A shared store keeps its own counts and ignores it.
+    fn restore(&self, line: &SpendLine, spent: Cost) {
+        let _ = (line, spent);
+    }
     /// Whether reservations outlive the process that made them (a shared store). Only then
     /// does a call's intent carry its reservation, for [`Budgets::settle_interrupted`].
     fn outlives_process(&self) -> bool {
         false
     }
+}
+
+/// What one caller spent in the windows open now, by an earlier run ([`Budgets::restore`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoredSpend {
+    pub day: Cost,
+    pub month: Cost,
 }
 
 /// A reservation as a call's intent keeps it, so that a process that finds the call
@@ -425,6 +438,29 @@ impl Budgets {
             });
         }
         lines
+    }
+
+    /// Puts back what earlier runs spent in the windows open now, from the metrics store's
+    /// records (a store kept in this process starts empty): per caller this UTC day and this
+    /// month, and all callers this day. Lines a shared store keeps are left as they are.
+    pub fn restore(&self, callers: &BTreeMap<String, RestoredSpend>, global_day: Cost) {
+        let now = SystemTime::now();
+        for (caller, spent) in callers {
+            for line in self.lines(caller, None, now) {
+                match line.scope {
+                    BudgetScope::CallerDaily => self.store.restore(&line, spent.day),
+                    BudgetScope::CallerMonthly => self.store.restore(&line, spent.month),
+                    BudgetScope::GlobalDaily | BudgetScope::Run => {}
+                }
+            }
+        }
+        if let Some(global) = self
+            .lines("*", None, now)
+            .into_iter()
+            .find(|l| l.scope == BudgetScope::GlobalDaily)
+        {
+            self.store.restore(&global, global_day);
+        }
     }
 
     /// Settles the reservation of a call whose process stopped before it ended, to what its

@@ -1,6 +1,7 @@
 //! Two real `keyvex serve` processes sharing one Redis (`REDIS_URL`): a caller's burst and a
 //! dollar budget hold across both; with Redis stopped, rate limits fail open and budgets fail
-//! closed (both counted in `/metrics`), and service resumes when Redis returns.
+//! closed (both counted in `/metrics`), and service resumes when Redis returns. Without Redis,
+//! a restarted process goes on from the spend its metrics store holds.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -41,8 +42,8 @@ impl Serve {
 }
 
 /// `keyvex serve` on the in-process simulator (fast), its metrics in `db`, limits and budgets in
-/// the Redis at `redis_url`, with `extra` settings.
-fn serve(db: &Path, redis_url: &str, extra: &[(&str, &str)]) -> Serve {
+/// the Redis at `redis_url` (in the process without one), with `extra` settings.
+fn serve(db: &Path, redis_url: Option<&str>, extra: &[(&str, &str)]) -> Serve {
     let mut command = Command::new(env!("CARGO_BIN_EXE_keyvex"));
     command
         .args(["serve", "--addr", "127.0.0.1:0"])
@@ -54,7 +55,6 @@ fn serve(db: &Path, redis_url: &str, extra: &[(&str, &str)]) -> Serve {
         .env("KEYVEX_METRICS_FLUSH_MS", "50")
         .env("KEYVEX_SIMULATE", "always")
         .env("KEYVEX_SIM_PROFILE", "fast")
-        .env("REDIS_URL", redis_url)
         .env("KEYVEX_REDIS_TIMEOUT_MS", "200")
         .env("RUST_LOG", "warn")
         .env("AWS_REGION", "us-east-1")
@@ -65,6 +65,10 @@ fn serve(db: &Path, redis_url: &str, extra: &[(&str, &str)]) -> Serve {
         .env_remove("KEYVEX_CONFIG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    match redis_url {
+        Some(url) => command.env("REDIS_URL", url),
+        None => command.env_remove("REDIS_URL"),
+    };
     for (k, v) in extra {
         command.env(k, v);
     }
@@ -144,8 +148,8 @@ async fn a_burst_and_a_dollar_budget_hold_across_two_replicas() {
         ("KEYVEX_BUDGET_DAILY_USD", limit_usd.as_str()),
     ];
     let (db_a, db_b) = (dir.file("a.sqlite3"), dir.file("b.sqlite3"));
-    let a = serve(&db_a, &redis.url, &settings);
-    let b = serve(&db_b, &redis.url, &settings);
+    let a = serve(&db_a, Some(&redis.url), &settings);
+    let b = serve(&db_b, Some(&redis.url), &settings);
     let http = reqwest::Client::new();
 
     // The admin's burst of 5 on one endpoint, spread over both replicas: exactly 5 pass.
@@ -268,7 +272,7 @@ async fn the_model_routes_reserve_their_first_call_at_admission() {
     let redis = Redis::start().await;
     let dir = TempDir::new("shared-prepaid");
     let db = dir.file("a.sqlite3");
-    let a = serve(&db, &redis.url, &[("KEYVEX_BUDGET_DAILY_USD", "100")]);
+    let a = serve(&db, Some(&redis.url), &[("KEYVEX_BUDGET_DAILY_USD", "100")]);
     let http = reqwest::Client::new();
 
     let (status, agent) = run_agent(&http, &a.base).await;
@@ -346,7 +350,7 @@ async fn rediss_urls_speak_tls_and_verify_the_server() {
     let db = dir.file("a.sqlite3");
     let a = serve(
         &db,
-        &redis.url,
+        Some(&redis.url),
         &[("KEYVEX_BUDGET_DAILY_USD", "100"), ("SSL_CERT_FILE", ca)],
     );
     let http = reqwest::Client::new();
@@ -366,7 +370,7 @@ async fn rediss_urls_speak_tls_and_verify_the_server() {
 
     let untrusting = serve(
         &dir.file("b.sqlite3"),
-        &redis.url,
+        Some(&redis.url),
         &[
             ("KEYVEX_BUDGET_DAILY_USD", "100"),
             ("SSL_CERT_FILE", "/dev/null"),
@@ -387,8 +391,8 @@ async fn a_provider_requests_per_minute_budget_holds_across_two_replicas() {
     let dir = TempDir::new("shared-provider-rpm");
     let settings = [("KEYVEX_PROVIDER_RPM", "1")];
     let (db_a, db_b) = (dir.file("a.sqlite3"), dir.file("b.sqlite3"));
-    let a = serve(&db_a, &redis.url, &settings);
-    let b = serve(&db_b, &redis.url, &settings);
+    let a = serve(&db_a, Some(&redis.url), &settings);
+    let b = serve(&db_b, Some(&redis.url), &settings);
     let http = reqwest::Client::new();
 
     let (status, first) = run_agent(&http, &a.base).await;
@@ -429,7 +433,7 @@ async fn with_redis_down_rate_limits_fail_open_and_budgets_fail_closed_until_it_
     let dir = TempDir::new("redis-outage");
     let a = serve(
         &dir.file("a.sqlite3"),
-        &redis.url,
+        Some(&redis.url),
         &[("KEYVEX_BUDGET_DAILY_USD", "100")],
     );
     let http = reqwest::Client::new();
@@ -489,4 +493,57 @@ async fn with_redis_down_rate_limits_fail_open_and_budgets_fail_closed_until_it_
         .filter(|l| l.contains("spend store unavailable"))
         .count();
     assert_eq!(down, 1, "{log:?}");
+}
+
+/// Budgets kept in the process (no Redis) survive a restart: the new process reads what the
+/// metrics store holds for today and this month (including what the killed process left
+/// unshipped in its ledger), so the caller's day goes on where it was and a budget spent before
+/// the restart still refuses.
+#[tokio::test]
+async fn without_redis_a_restarted_process_goes_on_from_the_spend_in_its_metrics_store() {
+    let dir = TempDir::new("budget-restart");
+    let db = dir.file("metrics.sqlite3");
+    let usd = |c: u64| format!("{}.{:012}", c / 1_000_000_000_000, c % 1_000_000_000_000);
+    let http = reqwest::Client::new();
+    let first = serve(&db, None, &[]);
+    let (status, done) = run_agent(&http, &first.base).await;
+    assert_eq!(
+        (status, &done["status"]),
+        (200, &json!("succeeded")),
+        "{done}"
+    );
+    // Killed: its records may still be in its ledger, shipped by the next process at start.
+    drop(first.stop());
+
+    let second = serve(&db, None, &[]);
+    let billed = billed(&db);
+    assert!(billed > 0);
+    let all: Value = get_json(&http, format!("{}/v1/admin/budgets", second.base), ADMIN).await;
+    let day = all["callers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["caller"] == "alice")
+        .map(|c| c["day"].clone())
+        .unwrap_or_default();
+    assert_eq!(day["spentPicoUsd"].as_u64(), Some(billed), "{all}");
+    assert_eq!(
+        all["global"]["spentPicoUsd"].as_u64(),
+        Some(billed),
+        "{all}"
+    );
+    // A daily limit the next call's worst case fits from zero, but not on top of what the first
+    // process spent.
+    let resp = http
+        .put(format!("{}/v1/admin/budgets/alice", second.base))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "dailyUsd": usd(billed + worst_case().0 - 1) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, body) = run_agent(&http, &second.base).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
+    drop(second.stop());
 }

@@ -152,6 +152,13 @@ impl SpendStore for InProcessSpend {
         futures::future::ready(Ok(callers)).boxed()
     }
 
+    fn restore(&self, line: &SpendLine, spent: Cost) {
+        let now = SystemTime::now();
+        let mut state = self.lock();
+        let counter = state.counter(line, now);
+        counter.spent = counter.spent.saturating_add(spent.0);
+    }
+
     fn describe(&self) -> String {
         "in this process (each replica counts its own spend)".to_owned()
     }

@@ -44,6 +44,15 @@ pub fn window_of(now: SystemTime, window: Window) -> (String, SystemTime) {
     }
 }
 
+/// When the window `now` falls in began.
+pub fn window_start(now: SystemTime, window: Window) -> SystemTime {
+    let date = OffsetDateTime::from(now).date();
+    match window {
+        Window::Day => midnight(date),
+        Window::Month => midnight(date.replace_day(1).unwrap_or(date)),
+    }
+}
+
 fn midnight(date: Date) -> SystemTime {
     SystemTime::from(date.with_time(Time::MIDNIGHT).assume_utc())
 }
@@ -85,6 +94,14 @@ mod tests {
         assert_eq!(
             (month.as_str(), rfc3339(ends).as_str()),
             ("2026-02", "2026-03-01T00:00:00Z")
+        );
+        assert_eq!(
+            rfc3339(window_start(now, Window::Day)),
+            "2026-12-31T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(window_start(now, Window::Month)),
+            "2026-12-01T00:00:00Z"
         );
     }
 }
