@@ -96,7 +96,7 @@ impl App {
                     WhenDown::Open => LimitsWhenDown::Open,
                     WhenDown::Closed => LimitsWhenDown::Closed,
                 };
-                let spend = shared.spend(redis);
+                let spend = shared.spend();
                 builder
                     // One script takes the caller's request, the budget check and the first
                     // call's reservations: one round trip before the first token.

@@ -9,6 +9,7 @@
 
 mod admit;
 mod link;
+mod settles;
 mod spend;
 
 use std::fmt;
@@ -24,6 +25,8 @@ use keyvex_engine::limits::{
 };
 use keyvex_engine::stream::ProviderKind;
 use tokio::sync::mpsc;
+
+use settles::Settle;
 
 use link::{Link, TAG};
 pub use spend::RedisSpend;
@@ -93,8 +96,8 @@ struct Inner {
     admit: redis::Script,
     outage: Outage,
     limits_when_down: WhenDown,
-    /// Token settles waiting to be sent (they come from `Drop`, which cannot wait).
-    settles: mpsc::UnboundedSender<(String, u64, i64)>,
+    /// Settles waiting to be sent (they come from `Drop`, which cannot wait).
+    settles: mpsc::UnboundedSender<Settle>,
 }
 
 impl fmt::Debug for RedisLimits {
@@ -110,15 +113,8 @@ impl RedisLimits {
     pub fn connect(config: &RedisConfig) -> Result<RedisLimits, RedisSetupError> {
         let shown = redact(&config.url);
         let conn = Link::open(config)?;
-        let (settles, rx) = mpsc::unbounded_channel();
-        let adjust_tokens = redis::Script::new(include_str!("adjust_tokens.lua"));
         // Ends when the last handle (and with it the sender) is dropped.
-        tokio::spawn(send_token_settles(
-            conn.clone(),
-            adjust_tokens.clone(),
-            config.timeout,
-            rx,
-        ));
+        let settles = settles::start(conn.clone(), config.timeout);
         Ok(RedisLimits {
             inner: Arc::new(Inner {
                 conn,
@@ -142,8 +138,8 @@ impl RedisLimits {
     }
 
     /// The dollar-budget store on the same connection.
-    pub fn spend(&self, config: &RedisConfig) -> RedisSpend {
-        RedisSpend::new(self.clone(), config)
+    pub fn spend(&self) -> RedisSpend {
+        RedisSpend::new(self.clone())
     }
 
     pub fn limits_when_down(&self) -> WhenDown {
@@ -286,10 +282,11 @@ impl SharedRates for RedisLimits {
         }
         let every = every_us(Duration::from_secs(60), rates.tokens_per_minute.get());
         // The receiver lives as long as the connection; a send fails only at shutdown.
-        let _ = self
-            .inner
-            .settles
-            .send((provider_keys(provider).1, every, cells));
+        let _ = self.inner.settles.send(Settle::Tokens {
+            key: provider_keys(provider).1,
+            every,
+            cells,
+        });
     }
 
     fn describe(&self) -> String {
@@ -313,22 +310,5 @@ async fn run_script<T: redis::FromRedisValue>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-    }
-}
-
-/// Sends token settles in order; one that Redis cannot take is dropped with a warning (the
-/// bucket then stays as reserved, which errs on the side of the provider's limit).
-async fn send_token_settles(
-    conn: Link,
-    script: redis::Script,
-    timeout: Duration,
-    mut rx: mpsc::UnboundedReceiver<(String, u64, i64)>,
-) {
-    while let Some((key, every, cells)) = rx.recv().await {
-        let mut invocation = script.prepare_invoke();
-        invocation.key(&key).arg(every).arg(cells);
-        if let Err(error) = run_script::<i64>(&conn, timeout, invocation).await {
-            tracing::warn!(%error, key, cells, "token settle not applied in Redis");
-        }
     }
 }

@@ -9,33 +9,22 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use keyvex_engine::budgets::{CallerBudget, LineState, SpendError, SpendLine, SpendStore};
 use keyvex_engine::cost::Cost;
-use tokio::sync::mpsc;
 
-use super::{Link, RedisConfig, RedisLimits, TAG, run_script};
+use super::settles::Settle;
+use super::{RedisLimits, TAG};
 
 /// The hash of callers' own limits: field caller, value `DAILY,MONTHLY` in picodollars.
 const CALLERS_KEY: &str = "{keyvex}:budget:callers";
-
-type Settle = (Vec<String>, Vec<u64>, Cost, Cost);
 
 /// Spend counters in Redis.
 pub struct RedisSpend {
     limits: RedisLimits,
     reserve: redis::Script,
     read: redis::Script,
-    settles: mpsc::UnboundedSender<Settle>,
 }
 
 impl RedisSpend {
-    pub(super) fn new(limits: RedisLimits, config: &RedisConfig) -> RedisSpend {
-        let (settles, rx) = mpsc::unbounded_channel();
-        // Ends when this store (the only sender) is dropped.
-        tokio::spawn(send_settles(
-            limits.inner.conn.clone(),
-            redis::Script::new(include_str!("settle_spend.lua")),
-            config.timeout,
-            rx,
-        ));
+    pub(super) fn new(limits: RedisLimits) -> RedisSpend {
         RedisSpend {
             limits,
             reserve: redis::Script::new(concat!(
@@ -47,7 +36,6 @@ impl RedisSpend {
                 include_str!("limits_in_force.lua"),
                 include_str!("read_spend.lua")
             )),
-            settles,
         }
     }
 
@@ -154,8 +142,13 @@ impl SpendStore for RedisSpend {
     fn settle(&self, lines: Vec<SpendLine>, reserved: Cost, actual: Cost) {
         let keys = lines.iter().map(key_of).collect();
         let keep = lines.iter().map(|l| keep_secs(l.keep_for)).collect();
-        // The receiver lives as long as this store; a send fails only at shutdown.
-        let _ = self.settles.send((keys, keep, reserved, actual));
+        // The receiver lives as long as the connection; a send fails only at shutdown.
+        let _ = self.limits.inner.settles.send(Settle::Spend {
+            keys,
+            keep,
+            reserved,
+            actual,
+        });
     }
 
     fn read<'a>(
@@ -250,42 +243,5 @@ impl SpendStore for RedisSpend {
 
     fn outlives_process(&self) -> bool {
         true
-    }
-}
-
-/// Sends settles in order. One Redis cannot take is retried a few times and then dropped with an
-/// error: its reservation then stays counted as spent until the window ends, which errs on the
-/// side of the budget.
-async fn send_settles(
-    conn: Link,
-    script: redis::Script,
-    timeout: Duration,
-    mut rx: mpsc::UnboundedReceiver<Settle>,
-) {
-    while let Some((keys, keep, reserved, actual)) = rx.recv().await {
-        let mut tries = 0;
-        loop {
-            let mut invocation = script.prepare_invoke();
-            for key in &keys {
-                invocation.key(key);
-            }
-            invocation.arg(reserved.0).arg(actual.0);
-            for k in &keep {
-                invocation.arg(*k);
-            }
-            match run_script::<i64>(&conn, timeout, invocation).await {
-                Ok(_) => break,
-                Err(error) if tries < 5 => {
-                    tries += 1;
-                    tracing::warn!(%error, tries, "budget settle not applied in Redis yet; retrying");
-                    tokio::time::sleep(timeout * tries).await;
-                }
-                Err(error) => {
-                    tracing::error!(%error, reserved = %reserved, actual = %actual,
-                        "budget settle dropped: Redis did not take it; the reservation stays counted until the window ends");
-                    break;
-                }
-            }
-        }
     }
 }

@@ -71,7 +71,7 @@ async fn setup_on(
         .shared_limits(Arc::new(shared.clone()), LimitsWhenDown::Open)
         .budgets(Budgets::new(
             limits,
-            Arc::new(shared.spend(&config)),
+            Arc::new(shared.spend()),
             OnUnavailable::FailClosed,
         ))
         .build()

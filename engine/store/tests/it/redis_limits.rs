@@ -33,7 +33,7 @@ fn nz(n: u32) -> NonZeroU32 {
 async fn budgets_past_nine_thousand_dollars_are_compared_to_the_picodollar() {
     let redis = Redis::start().await;
     let limits = RedisLimits::connect(&config(&redis.url)).unwrap();
-    let store = Arc::new(limits.spend(&config(&redis.url)));
+    let store = Arc::new(limits.spend());
     // $10,000.000000000001: 10^16 + 1 picodollars, which a double cannot tell from 10^16.
     let limit = Cost(10_000_000_000_000_001);
     let budgets = Arc::new(Budgets::new(
@@ -73,7 +73,7 @@ async fn budgets_past_nine_thousand_dollars_are_compared_to_the_picodollar() {
 async fn a_callers_own_limit_is_the_one_a_read_shows_and_a_reservation_enforces() {
     let redis = Redis::start().await;
     let limits = RedisLimits::connect(&config(&redis.url)).unwrap();
-    let store = Arc::new(limits.spend(&config(&redis.url)));
+    let store = Arc::new(limits.spend());
     let budgets = Arc::new(Budgets::new(
         BudgetLimits {
             caller_daily: Some(Cost(1_000)),
