@@ -49,7 +49,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc -p keyvex-engine --no-deps --locked
 step "latency budget gate: bench-gate built optimised (profile gate), budgets in benches/gate/budgets.toml"
 # The budgets are for optimised code, what ships; everything above was built unoptimised. The
 # gate's package depends on the engine core and the agents only, so this compiles that part of
-# the tree once more with the `gate` profile (a few minutes on a fresh machine, nothing when
-# warm), not the server, the stores or the cloud SDKs.
+# the tree once more with the `gate` profile (5–6 minutes on a fresh 2-core machine, ~30 s after
+# an engine change), not the server, the stores or the cloud SDKs.
 cargo build --locked --profile gate -p bench-gate --bin gate
 "${CARGO_TARGET_DIR:-target}/gate/gate"

@@ -400,7 +400,8 @@ fn agent_request(model: &ModelSpec) -> Result<ChatRequest, SetupError> {
     })
 }
 
-/// The catalog's primary model of the fixture's process and the first model of `provider`.
+/// The catalog's primary model of the fixture's process, and its first OpenAI and first
+/// Anthropic models.
 fn models(catalog: &Catalog) -> Result<(ModelSpec, ModelSpec, ModelSpec), SetupError> {
     let route = catalog.route(fixtures::FIXTURE_PROCESS);
     let primary = catalog.model(&route.primary).cloned().ok_or_else(|| {
