@@ -1,9 +1,10 @@
-//! `cargo bench -p benches`: every hot path of `benches::cases` under criterion, with
-//! throughput in bytes or elements where the input has a natural size.
+//! `cargo bench -p benches --bench hot_paths`: every hot path of `bench_gate::cases` (the list
+//! the CI gate times) under criterion, with throughput in bytes or elements where the input has
+//! a natural size.
 
 use std::hint::black_box;
 
-use benches::cases::{self, Work};
+use bench_gate::cases::{self, Work};
 use criterion::{Criterion, Throughput};
 
 fn hot_paths(c: &mut Criterion) {

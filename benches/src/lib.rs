@@ -1,12 +1,6 @@
-//! Benches of the engine's hot paths and the CI budget gate over them.
-//!
-//! [`cases`] sets up every hot path once as a closure; `benches/hot_paths.rs` hands them to
-//! criterion (`cargo bench -p benches`), and the `gate` binary times the same closures briefly
-//! and checks them against `budgets.toml` ([`gate`]). [`fixtures`] holds the captured provider
-//! streams the SSE and relay benches replay.
+//! Benchmarks that need the whole system: the overhead benchmark against a do-nothing relay and
+//! the pipeline wall time. The in-process hot-path cases and the CI gate live in `bench-gate`
+//! (`benches/gate/`); the criterion benches here run its case list.
 
-pub mod cases;
-pub mod fixtures;
-pub mod gate;
 pub mod overhead;
 pub mod pipeline_wall;

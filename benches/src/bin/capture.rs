@@ -1,4 +1,4 @@
-//! Writes the SSE captures the benches replay (`benches/fixtures/*.sse`): one Content Crafter
+//! Writes the SSE captures the benches replay (`benches/gate/fixtures/*.sse`): one Content Crafter
 //! answer per wire protocol, streamed by the in-process simulator for the real rendered prompt.
 //!
 //! Run `cargo run -p benches --bin capture` after changing the simulator's wire format; the
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use agents::Process;
 use anyhow::Context as _;
-use benches::fixtures::{ANTHROPIC_FILE, FIXTURE_PROCESS, FIXTURE_SEED, OPENAI_FILE};
+use bench_gate::fixtures::{ANTHROPIC_FILE, FIXTURE_PROCESS, FIXTURE_SEED, OPENAI_FILE};
 use keyvex_engine::catalog::Catalog;
 use keyvex_engine::stream::ProviderKind;
 use keyvex_sim::{self as sim, SimConfig};
@@ -20,7 +20,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = std::env::args()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures")));
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/gate/fixtures")));
     let addr: SocketAddr = "127.0.0.1:0".parse()?;
     let sim = sim::start(addr, SimConfig::fast(FIXTURE_SEED)).await?;
     let base = sim.base_url();

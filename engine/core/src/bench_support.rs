@@ -1,9 +1,11 @@
-//! Hidden entry points that let the `benches` crate drive crate-private hot paths; not an API.
+//! Hidden entry points that let the bench cases (`bench-gate`) drive crate-private hot paths; not
+//! an API.
 //!
 //! The providers' SSE-to-event adapters are `pub(crate)` because their inputs (framed events,
 //! decoded chunk streams) are implementation details. Benches feed them captured bytes without a
 //! socket, through the providers' own body decoding (`sse_events` framing, then each provider's
-//! adapter), stopping where the network would start.
+//! adapter), stopping where the network would start. The request side is the same in reverse:
+//! each provider's own wire request, serialised as its HTTP client serialises it, without sending.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,7 +15,8 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use crate::provider::anthropic::{self, AdaptOptions};
-use crate::provider::{DEFAULT_MAX_EVENT_BYTES, openai};
+use crate::provider::anthropic_version::AnthropicVersion;
+use crate::provider::{ChatRequest, DEFAULT_MAX_EVENT_BYTES, openai};
 use crate::stream::{ProviderEvent, ProviderKind};
 
 /// Replays an OpenAI Chat Completions SSE body, delivered in `pieces` as the socket would, through
@@ -57,6 +60,23 @@ where
         forced_tool,
     };
     anthropic::adapt_events(frames, options)
+}
+
+/// The body of an OpenAI Chat Completions request for `request`: the provider's own wire request
+/// (system first, usage on the stream, the answer's JSON schema), serialised to JSON as the SDK
+/// does when it sends it.
+pub fn openai_request_body(request: &ChatRequest) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&openai::wire_request(request))
+}
+
+/// The body of an Anthropic Messages request for `request` on `version`: the provider's own wire
+/// request (top-level system, the forced schema tool), serialised to JSON as the HTTP client does
+/// when it sends it.
+pub fn anthropic_request_body(
+    request: &ChatRequest,
+    version: AnthropicVersion,
+) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&anthropic::WireRequest::new(request, version))
 }
 
 #[cfg(test)]
@@ -156,5 +176,33 @@ mod tests {
                 unterminated: false
             })
         ));
+    }
+
+    #[test]
+    fn request_bodies_are_each_providers_wire_json() {
+        let request = ChatRequest {
+            model: "m".to_owned(),
+            system: Some("Be brief.".to_owned()),
+            messages: vec![crate::provider::ChatMessage::user("Hi")],
+            max_output_tokens: 64,
+            temperature: Some(0.5),
+            response_schema: Some(crate::provider::ResponseSchema {
+                name: "answer".to_owned(),
+                schema: serde_json::json!({"type": "object"}),
+            }),
+        };
+        let openai: serde_json::Value =
+            serde_json::from_slice(&openai_request_body(&request).unwrap()).unwrap();
+        assert_eq!(openai["messages"][0]["role"], "system");
+        assert_eq!(openai["stream_options"]["include_usage"], true);
+        assert_eq!(openai["response_format"]["json_schema"]["name"], "answer");
+        let anthropic: serde_json::Value = serde_json::from_slice(
+            &anthropic_request_body(&request, AnthropicVersion::V2026_10_21).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(anthropic["system"], "Be brief.");
+        assert_eq!(anthropic["tool_choice"]["name"], "answer");
+        // That version has no sampling parameters.
+        assert!(anthropic.get("temperature").is_none());
     }
 }

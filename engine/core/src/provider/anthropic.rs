@@ -207,7 +207,7 @@ fn is_event_stream(value: Option<&HeaderValue>) -> bool {
 // Wire structs
 
 #[derive(Debug, Serialize)]
-struct WireRequest<'a> {
+pub(crate) struct WireRequest<'a> {
     model: &'a str,
     max_tokens: u32,
     stream: bool,
@@ -246,7 +246,7 @@ impl<'a> WireRequest<'a> {
     /// A JSON answer is obtained by forcing one tool whose input schema is the answer's schema;
     /// the tool input then streams as `input_json_delta` pieces. On a version without sampling
     /// parameters the temperature is left out: sending it, even at its default, is a 400 there.
-    fn new(request: &'a ChatRequest, version: AnthropicVersion) -> Self {
+    pub(crate) fn new(request: &'a ChatRequest, version: AnthropicVersion) -> Self {
         let schema = request.response_schema.as_ref();
         Self {
             model: &request.model,

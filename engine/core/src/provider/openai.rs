@@ -207,7 +207,7 @@ impl Provider for OpenAiProvider {
 }
 
 /// The request body. `stream` itself is forced to `true` by `create_stream`.
-fn wire_request(request: &ChatRequest) -> CreateChatCompletionRequest {
+pub(crate) fn wire_request(request: &ChatRequest) -> CreateChatCompletionRequest {
     let mut messages: Vec<ChatCompletionRequestMessage> =
         Vec::with_capacity(request.messages.len() + 1);
     if let Some(system) = &request.system {

@@ -5,7 +5,8 @@
 //! its cap or a decoder break the event contract.
 //!
 //! The streams are built in the shapes the simulator sends (and the captures in
-//! `benches/fixtures` show); the fuzz targets in `engine/fuzz` run the same checks much longer.
+//! `benches/gate/fixtures` show); the fuzz targets in `engine/fuzz` run the same checks much
+//! longer.
 
 use proptest::prelude::*;
 use serde_json::json;

@@ -1,5 +1,8 @@
-//! The CI budget gate: `cargo run -p benches --bin gate`. Times every hot path
+//! The CI budget gate: `cargo run --profile gate -p bench-gate --bin gate`. Times every hot path
 //! briefly, prints a table, and exits non-zero naming each bench over its budget.
+//!
+//! The budgets are for the optimised `gate` profile (what CI runs); an unoptimised build applies
+//! the file's `unoptimised_scale` to the ratio budgets and says so.
 //!
 //! Exit codes: 0 all within budget, 1 a budget was exceeded, 2 the gate could not run (bad
 //! budgets file, unknown bench, broken fixture).
@@ -9,11 +12,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use benches::cases;
-use benches::gate::{self, Budgets, MeasureConfig, Report, format_ns};
+use bench_gate::cases;
+use bench_gate::gate::{self, Budgets, MeasureConfig, Report, format_ns};
 use clap::Parser;
 
-/// Checks the engine's hot paths against `benches/budgets.toml`, relative to a calibration
+/// Checks the engine's hot paths against `benches/gate/budgets.toml`, relative to a calibration
 /// workload measured in the same run.
 #[derive(Debug, Parser)]
 #[command(name = "gate")]
@@ -73,6 +76,15 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> anyhow::Result<Report> {
     let started = Instant::now();
     let budgets = Budgets::load(&args.budgets)?;
+    // Debug assertions are on exactly in the unoptimised profiles (dev, test); `gate` and
+    // `release` turn them off with optimisation.
+    let optimised = !cfg!(debug_assertions);
+    let unoptimised_scale = budgets.unoptimised_scale();
+    let budgets = if optimised {
+        budgets
+    } else {
+        budgets.unoptimised()
+    };
     let all = cases::all()?;
     budgets.check_names(all.iter().map(cases::Case::name))?;
     let mut selected = cases::select(all, &args.only).map_err(anyhow::Error::msg)?;
@@ -81,13 +93,15 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         sample_time: Duration::from_millis(args.sample_ms),
         samples: args.samples,
     };
-    let profile = if cfg!(debug_assertions) {
-        "debug (unoptimised; the budgets were measured on debug builds, which CI runs)"
+    let profile = if optimised {
+        "optimised build".to_owned()
     } else {
-        "release"
+        format!(
+            "UNOPTIMISED build: ratio budgets × {unoptimised_scale} (`unoptimised_scale`); CI gates the optimised build, `--profile gate`"
+        )
     };
     eprintln!(
-        "gate: {} benches, {} samples of ~{} ms each, {profile} build",
+        "gate: {} benches, {} samples of ~{} ms each, {profile}",
         selected.len(),
         config.samples,
         args.sample_ms

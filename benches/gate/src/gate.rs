@@ -31,6 +31,10 @@ pub enum GateError {
         path: String,
         source: Box<toml::de::Error>,
     },
+    #[error(
+        "budgets file {path}: `unoptimised_scale = {value}` must be a finite number ≥ 1 (an unoptimised build is never faster)"
+    )]
+    UnoptimisedScale { path: String, value: f64 },
     #[error("budgets file {path}: `budgets.\"{bench}\"`: {problem}")]
     Invalid {
         path: String,
@@ -73,6 +77,7 @@ impl fmt::Display for Budget {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    unoptimised_scale: f64,
     budgets: BTreeMap<String, RawBudget>,
 }
 
@@ -88,6 +93,9 @@ struct RawBudget {
 pub struct Budgets {
     path: String,
     by_bench: BTreeMap<String, Budget>,
+    /// What an unoptimised build's ratios may be above an optimised build's; see
+    /// [`Budgets::unoptimised`].
+    unoptimised_scale: f64,
 }
 
 impl Budgets {
@@ -106,6 +114,12 @@ impl Budgets {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
+        if !(raw.unoptimised_scale.is_finite() && raw.unoptimised_scale >= 1.0) {
+            return Err(GateError::UnoptimisedScale {
+                path: path.to_owned(),
+                value: raw.unoptimised_scale,
+            });
+        }
         let mut by_bench = BTreeMap::new();
         for (bench, budget) in raw.budgets {
             let invalid = |problem: &str| GateError::Invalid {
@@ -132,7 +146,29 @@ impl Budgets {
         Ok(Budgets {
             path: path.to_owned(),
             by_bench,
+            unoptimised_scale: raw.unoptimised_scale,
         })
+    }
+
+    pub fn unoptimised_scale(&self) -> f64 {
+        self.unoptimised_scale
+    }
+
+    /// The budgets for an unoptimised (debug) build of the benches: every ratio budget times
+    /// `unoptimised_scale`. The budgets are measured on the optimised `gate` profile, which CI
+    /// runs; a debug build's hot paths are many times slower while its calibration (SHA-256 on
+    /// the CPU's hash instructions, in an optimised dependency) is not, so without this the gate
+    /// could only fail in `cargo test` and a plain `cargo run`. Absolute budgets (the
+    /// calibration's) are kept.
+    pub fn unoptimised(mut self) -> Budgets {
+        let k = self.unoptimised_scale;
+        for budget in self.by_bench.values_mut() {
+            if let Budget::Ratio(r) = budget {
+                *r *= k;
+            }
+        }
+        self.unoptimised_scale = 1.0;
+        self
     }
 
     pub fn get(&self, bench: &str) -> Option<Budget> {
@@ -449,6 +485,7 @@ mod tests {
     use super::*;
 
     const FILE: &str = r#"
+        unoptimised_scale = 10.0
         [budgets."calibration/sha256_4k"]
         max_ns = 1000.0
         [budgets."sse/openai"]
@@ -486,6 +523,21 @@ mod tests {
     }
 
     #[test]
+    fn an_unoptimised_build_scales_ratio_budgets_only_and_the_scale_is_required() {
+        let budgets = Budgets::parse(FILE, "b.toml").unwrap();
+        assert_eq!(budgets.unoptimised_scale(), 10.0);
+        let debug = budgets.unoptimised();
+        assert_eq!(debug.get("sse/openai"), Some(Budget::Ratio(30.0)));
+        assert_eq!(debug.get(CALIBRATION), Some(Budget::Nanos(1000.0)));
+        let without = FILE.replace("unoptimised_scale = 10.0", "");
+        let e = Budgets::parse(&without, "b.toml").unwrap_err().to_string();
+        assert!(e.contains("unoptimised_scale"), "{e}");
+        let below = FILE.replace("10.0", "0.5");
+        let e = Budgets::parse(&below, "b.toml").unwrap_err().to_string();
+        assert!(e.contains("unoptimised_scale") && e.contains("≥ 1"), "{e}");
+    }
+
+    #[test]
     fn a_bench_without_a_budget_or_a_budget_without_a_bench_is_an_error() {
         let budgets = Budgets::parse(FILE, "b.toml").unwrap();
         let e = evaluate(1.0, vec![m("cost/cost", 1.0)], &budgets, 1.0).unwrap_err();
@@ -516,7 +568,8 @@ mod tests {
             ),
             ("[budgets.\"x\"]\nmax_rato = 1.0", "max_rato"),
         ] {
-            let e = Budgets::parse(text, "b.toml").unwrap_err().to_string();
+            let text = format!("unoptimised_scale = 2.0\n{text}");
+            let e = Budgets::parse(&text, "b.toml").unwrap_err().to_string();
             assert!(e.contains(needle) && e.contains("b.toml"), "{text}: {e}");
         }
         assert!(matches!(
@@ -528,6 +581,7 @@ mod tests {
     #[test]
     fn a_re_measurement_replaces_a_row_only_when_it_is_better() {
         let file = r#"
+            unoptimised_scale = 1.0
             [budgets."calibration/sha256_4k"]
             max_ns = 1000.0
             [budgets."a/one"]

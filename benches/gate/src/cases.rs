@@ -2,16 +2,26 @@
 //! both run. One list, so the gate measures exactly what `cargo bench` measures.
 
 use std::hint::black_box;
+use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use agents::{PartialJson, Process};
 use futures::StreamExt;
 use futures::executor::block_on;
-use keyvex_engine::bench_support::{anthropic_sse_events, openai_sse_events};
-use keyvex_engine::catalog::{Catalog, CatalogError};
-use keyvex_engine::cost::{self, Pricing};
-use keyvex_engine::provider::{ChatMessage, ChatRequest, EventStream, Provider};
-use keyvex_engine::router::{Providers, RouteEvent, RouteRequest, Router, RouterConfig};
+use keyvex_engine::bench_support::{
+    anthropic_request_body, anthropic_sse_events, openai_request_body, openai_sse_events,
+};
+use keyvex_engine::budgets::{BudgetLimits, Budgets, SpendAccount, worst_case_cost};
+use keyvex_engine::call::{CallContext, records_of};
+use keyvex_engine::catalog::{Catalog, CatalogError, ModelSpec};
+use keyvex_engine::cost::{self, Cost, Pricing};
+use keyvex_engine::limits::{CallerLimits, ProviderBudget, ProviderRates, Rate, estimate_tokens};
+use keyvex_engine::provider::anthropic_version::AnthropicVersion;
+use keyvex_engine::provider::{ChatMessage, ChatRequest, EventStream, Provider, ResponseSchema};
+use keyvex_engine::router::{
+    Providers, RouteEvent, RouteOutcome, RouteRequest, Router, RouterConfig,
+};
 use keyvex_engine::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 use keyvex_engine::tokenize;
 use sha2::{Digest, Sha256};
@@ -83,6 +93,8 @@ pub enum SetupError {
     Agent { process: Process, problem: String },
     #[error("the relay bench did not finish its route: {0}")]
     Relay(String),
+    #[error("the {case} bench's first run failed: {problem}; the engine's API changed under it")]
+    RequestPath { case: &'static str, problem: String },
 }
 
 /// Every case, calibration first.
@@ -90,9 +102,16 @@ pub fn all() -> Result<Vec<Case>, SetupError> {
     let mut cases = vec![calibration()];
     cases.push(sse_openai()?);
     cases.push(sse_anthropic()?);
-    cases.push(relay()?);
+    let (relay, outcome) = relay()?;
+    cases.push(relay);
     cases.push(route_decide()?);
     cases.push(cost_case()?);
+    cases.push(caller_limit_case()?);
+    cases.push(provider_budget_case()?);
+    cases.push(worst_case_cost_case()?);
+    cases.push(spend_reserve_settle_case()?);
+    cases.push(records_case(outcome)?);
+    cases.extend(request_body_cases()?);
     cases.push(tokenize_case()?);
     for process in Process::ALL {
         cases.extend(agent_cases(process)?);
@@ -222,8 +241,9 @@ fn recorded_router(deltas: &[String]) -> Result<Router, SetupError> {
 }
 
 /// The provider event → router event path: one route relaying a whole captured answer, one
-/// event per chunk. Throughput is per delta, so the figure is the per-chunk cost.
-fn relay() -> Result<Case, SetupError> {
+/// event per chunk. Throughput is per delta, so the figure is the per-chunk cost. Also returns
+/// the outcome of that route, which the call-record case turns into records.
+fn relay() -> Result<(Case, RouteOutcome), SetupError> {
     let events: Vec<_> = block_on(openai_sse_events(fixtures::frames(fixtures::OPENAI)).collect());
     let deltas: Vec<String> = events
         .into_iter()
@@ -246,11 +266,11 @@ fn relay() -> Result<Case, SetupError> {
         runtime.block_on(async {
             let mut stream = router.stream_process(fixtures::FIXTURE_PROCESS, request.clone());
             let mut relayed = 0u64;
-            let mut finished = false;
+            let mut finished = None;
             while let Some(event) = stream.next().await {
                 match event {
                     RouteEvent::Delta(text) => relayed += text.len() as u64,
-                    RouteEvent::Finished(_) => finished = true,
+                    RouteEvent::Finished(outcome) => finished = Some(outcome),
                     _ => {}
                 }
             }
@@ -258,19 +278,21 @@ fn relay() -> Result<Case, SetupError> {
         })
     };
     let expected: u64 = deltas.iter().map(|d| d.len() as u64).sum();
-    match route() {
-        (relayed, true) if relayed == expected => {}
+    let outcome = match route() {
+        (relayed, Some(outcome)) if relayed == expected => outcome,
         (relayed, finished) => {
             return Err(SetupError::Relay(format!(
-                "relayed {relayed} of {expected} bytes, finished: {finished}"
+                "relayed {relayed} of {expected} bytes, finished: {}",
+                finished.is_some()
             )));
         }
-    }
-    Ok(Case::new(
+    };
+    let case = Case::new(
         "relay/router",
         Some(Work::Elements(deltas.len() as u64)),
         move || route().0,
-    ))
+    );
+    Ok((case, outcome))
 }
 
 /// Catalog lookup and the routing decision (route, models, providers, attempt plan) for every
@@ -320,6 +342,237 @@ fn cost_case() -> Result<Case, SetupError> {
                 .fold(0u64, u64::wrapping_add)
         },
     ))
+}
+
+/// A `u32` limit no bench run can exhaust: a long criterion run takes tens of millions of
+/// iterations, and a refused check would time the refusal path instead.
+const UNREACHABLE: NonZeroU32 = NonZeroU32::MAX;
+/// Callers the caller-limit case cycles through, so the keyed limiter holds a realistic
+/// population rather than one hot entry.
+const CALLERS: usize = 64;
+
+fn request_path_failed(case: &'static str, problem: impl std::fmt::Display) -> SetupError {
+    SetupError::RequestPath {
+        case,
+        problem: problem.to_string(),
+    }
+}
+
+/// The HTTP edge's per-caller, per-endpoint limit check (a keyed GCRA cell), as every request
+/// to the API takes before anything else.
+fn caller_limit_case() -> Result<Case, SetupError> {
+    const NAME: &str = "limits/caller_check";
+    let limits = CallerLimits::new(Rate {
+        per_period: UNREACHABLE,
+        period: Duration::from_secs(1),
+        burst: UNREACHABLE,
+    });
+    let callers: Vec<String> = (0..CALLERS).map(|i| format!("caller-{i:04}")).collect();
+    for caller in &callers {
+        limits
+            .check(caller, "agents")
+            .map_err(|e| request_path_failed(NAME, e))?;
+    }
+    let mut next = 0usize;
+    Ok(Case::new(NAME, Some(Work::Elements(1)), move || {
+        next = (next + 1) % CALLERS;
+        limits
+            .check(black_box(&callers[next]), black_box("agents"))
+            .map_or(0, |a| u64::from(a.limit) + u64::from(a.remaining))
+    }))
+}
+
+/// The Content Crafter request as an attempt sends it to `model`: its rendered prompt, the
+/// answer's JSON schema, the model's output cap.
+fn agent_request(model: &ModelSpec) -> Result<ChatRequest, SetupError> {
+    let process = fixtures::FIXTURE_PROCESS;
+    let prompt = render(process)?;
+    Ok(ChatRequest {
+        model: model.id.clone(),
+        system: Some(prompt.system),
+        messages: vec![ChatMessage::user(prompt.user)],
+        max_output_tokens: model.max_output_tokens,
+        temperature: None,
+        response_schema: Some(ResponseSchema {
+            name: agents::schema_name(process).to_owned(),
+            schema: agents::output_schema(process).clone(),
+        }),
+    })
+}
+
+/// The catalog's primary model of the fixture's process, and its first OpenAI and first
+/// Anthropic models.
+fn models(catalog: &Catalog) -> Result<(ModelSpec, ModelSpec, ModelSpec), SetupError> {
+    let route = catalog.route(fixtures::FIXTURE_PROCESS);
+    let primary = catalog.model(&route.primary).cloned().ok_or_else(|| {
+        request_path_failed(
+            "request",
+            format!("route names unknown model {}", route.primary),
+        )
+    })?;
+    let of = |kind: ProviderKind| {
+        catalog
+            .models()
+            .iter()
+            .find(|m| m.provider == kind)
+            .cloned()
+            .ok_or_else(|| request_path_failed("request", format!("no {kind:?} model")))
+    };
+    Ok((
+        primary,
+        of(ProviderKind::OpenAi)?,
+        of(ProviderKind::Anthropic)?,
+    ))
+}
+
+/// A provider's local request and token budget around one attempt: the byte-length token
+/// estimate, the reservation before the call, the settle with the usage after it.
+fn provider_budget_case() -> Result<Case, SetupError> {
+    const NAME: &str = "limits/provider_reserve";
+    let catalog = Catalog::embedded()?;
+    let (primary, _, _) = models(&catalog)?;
+    let request = agent_request(&primary)?;
+    let budget = Arc::new(ProviderBudget::new(
+        primary.provider,
+        ProviderRates {
+            requests_per_minute: UNREACHABLE,
+            tokens_per_minute: UNREACHABLE,
+        },
+    ));
+    // Each cycle charges the limiter what the attempt used beyond its estimate's refund; a few
+    // tokens a cycle keep 4.29e9 a minute out of reach, and the arithmetic costs the same.
+    const USED: u64 = 8;
+    let run = move || {
+        let estimate = estimate_tokens(black_box(&request));
+        match budget.reserve(estimate) {
+            Ok(reservation) => {
+                let reserved = reservation.reserved();
+                reservation.settle(black_box(USED));
+                reserved
+            }
+            Err(_) => 0,
+        }
+    };
+    if run() == 0 {
+        return Err(request_path_failed(NAME, "the reservation was refused"));
+    }
+    Ok(Case::new(NAME, Some(Work::Elements(1)), run))
+}
+
+/// The most an attempt can cost, which the dollar budgets reserve before it: the whole prompt
+/// and the schema's JSON as tokens, plus the output cap.
+fn worst_case_cost_case() -> Result<Case, SetupError> {
+    const NAME: &str = "budgets/worst_case_cost";
+    let catalog = Catalog::embedded()?;
+    let (primary, _, _) = models(&catalog)?;
+    let request = agent_request(&primary)?;
+    let pricing = primary.pricing;
+    if worst_case_cost(&request, &pricing).pico_usd() == 0 {
+        return Err(request_path_failed(NAME, "the worst case costs nothing"));
+    }
+    Ok(Case::new(NAME, Some(Work::Elements(1)), move || {
+        worst_case_cost(black_box(&request), black_box(&pricing)).pico_usd()
+    }))
+}
+
+/// The caller's dollar budgets around one attempt, counted in this process: the budget lines of
+/// caller, month, global day and run (with their window keys), the reservation of the worst
+/// case on all of them, and the settle to the attempt's real cost.
+fn spend_reserve_settle_case() -> Result<Case, SetupError> {
+    const NAME: &str = "budgets/reserve_settle";
+    let catalog = Catalog::embedded()?;
+    let (primary, _, _) = models(&catalog)?;
+    let request = agent_request(&primary)?;
+    let worst = worst_case_cost(&request, &primary.pricing);
+    let actual = cost::cost(
+        &Usage {
+            input: 2160,
+            cached_input: 2048,
+            cache_write: 0,
+            output: 815,
+        },
+        &primary.pricing,
+    );
+    // $10 million per budget: a settle costs a fraction of a cent, so no run of any length
+    // reaches it and every reservation fits (a refusal would time another path).
+    let ample = Cost::from_micro_usd(10_000_000_000_000);
+    let account = SpendAccount {
+        budgets: Arc::new(Budgets::in_process(BudgetLimits {
+            caller_daily: Some(ample),
+            caller_monthly: Some(ample),
+            run: Some(ample),
+            global_daily: Some(ample),
+            ..BudgetLimits::default()
+        })),
+        caller: "caller-0007".to_owned(),
+        run_id: Some("run-0190a1b2".to_owned()),
+    };
+    let run = move || match block_on(account.reserve(black_box(worst))) {
+        Ok(hold) => {
+            let reserved = hold.reserved().pico_usd();
+            hold.settle(black_box(actual));
+            reserved
+        }
+        Err(_) => 0,
+    };
+    if run() == 0 {
+        return Err(request_path_failed(NAME, "the reservation was refused"));
+    }
+    Ok(Case::new(NAME, Some(Work::Elements(1)), run))
+}
+
+/// A finished route's records, as the call layer builds them for the recorder: one per attempt
+/// that reached a model, with its usage, cost, timing and the call's context.
+fn records_case(outcome: RouteOutcome) -> Result<Case, SetupError> {
+    const NAME: &str = "record/records_of";
+    let process = fixtures::FIXTURE_PROCESS;
+    let ctx = CallContext::new("caller-0007")
+        .with_correlation("req-0190a1b2c3d4")
+        .with_run("run-0190a1b2")
+        .with_stage(process);
+    let weigh = move || {
+        records_of(black_box(&outcome), black_box(&ctx), Some(process))
+            .iter()
+            .map(|r| r.output_tokens + 1)
+            .sum::<u64>()
+    };
+    if weigh() == 0 {
+        return Err(request_path_failed(NAME, "the route made no record"));
+    }
+    Ok(Case::new(NAME, Some(Work::Elements(1)), weigh))
+}
+
+/// Each provider's request body for the Content Crafter request: its wire request built from
+/// the engine's, serialised to JSON, as every attempt does before it sends.
+fn request_body_cases() -> Result<Vec<Case>, SetupError> {
+    let catalog = Catalog::embedded()?;
+    let (_, openai, anthropic) = models(&catalog)?;
+    let openai_request = agent_request(&openai)?;
+    let anthropic_request = agent_request(&anthropic)?;
+    let version = anthropic
+        .anthropic_version
+        .unwrap_or(AnthropicVersion::default());
+    let openai_len = openai_request_body(&openai_request)
+        .map_err(|e| request_path_failed("request_body/openai", e))?
+        .len();
+    let anthropic_len = anthropic_request_body(&anthropic_request, version)
+        .map_err(|e| request_path_failed("request_body/anthropic", e))?
+        .len();
+    Ok(vec![
+        Case::new(
+            "request_body/openai",
+            Some(Work::Bytes(openai_len as u64)),
+            move || openai_request_body(black_box(&openai_request)).map_or(0, |b| b.len() as u64),
+        ),
+        Case::new(
+            "request_body/anthropic",
+            Some(Work::Bytes(anthropic_len as u64)),
+            move || {
+                anthropic_request_body(black_box(&anthropic_request), version)
+                    .map_or(0, |b| b.len() as u64)
+            },
+        ),
+    ])
 }
 
 fn tokenize_case() -> Result<Case, SetupError> {

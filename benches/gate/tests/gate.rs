@@ -9,7 +9,7 @@
     reason = "test code: a failed unwrap is a failed test (the tests' allowance does not reach helpers)"
 )]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const BUDGETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/budgets.toml");
@@ -19,7 +19,7 @@ fn gate(extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gate"));
     cmd.args([
         "--only",
-        "cost,route,sse/openai",
+        "cost,route,sse/openai,budgets",
         "--samples",
         "5",
         "--sample-ms",
@@ -73,6 +73,8 @@ fn the_committed_budgets_pass_and_the_table_shows_every_bench() {
         "cost/cost",
         "route/decide",
         "sse/openai",
+        "budgets/worst_case_cost",
+        "budgets/reserve_settle",
     ] {
         let row = stdout
             .lines()
@@ -83,6 +85,19 @@ fn the_committed_budgets_pass_and_the_table_shows_every_bench() {
     // Only the selected benches ran.
     assert!(!stdout.contains("tokenize/"), "{stdout}");
     assert!(stdout.contains("PASS"), "{stdout}");
+    // The budgets are for optimised code; a debug build (this test's own profile) says that it
+    // scaled them, an optimised one that it did not.
+    if cfg!(debug_assertions) {
+        assert!(
+            stderr.contains("UNOPTIMISED build: ratio budgets ×"),
+            "{stderr}"
+        );
+    } else {
+        assert!(
+            stderr.contains("optimised build") && !stderr.contains("UNOPTIMISED"),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]
@@ -98,9 +113,19 @@ fn a_budget_below_reality_fails_and_names_the_bench_and_both_numbers() {
         .find(|l| l.contains("over budget"))
         .unwrap_or_else(|| panic!("no failure line:\n{stderr}"));
     assert!(line.contains("cost/cost"), "{line}");
+    // A debug build (this test's own profile) applies the file's `unoptimised_scale` to ratios.
+    let unoptimised = bench_gate::gate::Budgets::load(Path::new(BUDGETS))
+        .unwrap()
+        .unoptimised_scale();
+    let limit = if cfg!(debug_assertions) {
+        1e-6 * unoptimised
+    } else {
+        1e-6
+    };
+    let limit = format!("≤ {}", bench_gate::gate::format_ratio(limit));
     assert!(
-        line.contains("≤ 1.0e-6×") && line.contains("ns per iteration"),
-        "{line}"
+        line.contains(&limit) && line.contains("ns per iteration"),
+        "{limit}: {line}"
     );
     // The other benches are within their real budgets and are not blamed; the failing one was
     // measured again twice (a real regression is over budget every time) before failing.
@@ -128,6 +153,8 @@ fn the_scale_variable_makes_every_bench_fail_on_purpose() {
         "cost/cost",
         "route/decide",
         "sse/openai",
+        "budgets/worst_case_cost",
+        "budgets/reserve_settle",
     ] {
         assert!(
             stderr.contains(&format!("{bench} is over budget")),
