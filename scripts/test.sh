@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (moto in .venv for the DynamoDB/SQS
 # tests, the latest official Anthropic SDKs for the simulator's SDK tests, Debian's chromium and
-# chromedriver for the dashboard browser test, Debian's redis-server for the shared-limits tests), then runs every check CI runs — formatting, clippy
+# chromedriver for the dashboard browser test, Debian's redis-server and openssl for the shared-limits tests), then runs every check CI runs — formatting, clippy
 # with warnings denied, all tests, and the latency budget gate on an optimised build.
 # Usage: scripts/test.sh            (from anywhere; works on a fresh machine)
 set -euo pipefail
@@ -22,7 +22,7 @@ export KEYVEX_SDK_NODE_MODULES="$PWD/.sdk/node/node_modules"
 step "installing test dependencies (chromium and chromedriver for the dashboard test)"
 scripts/ensure-chromium.sh
 
-step "installing test dependencies (redis-server for the shared limits and budgets)"
+step "installing test dependencies (redis-server for the shared limits and budgets, openssl for the TLS test's certificates)"
 scripts/ensure-redis.sh
 
 step "cargo fmt --check"
