@@ -123,6 +123,14 @@ async fn run_agent(http: &reqwest::Client, base: &str) -> (u16, Value) {
     (status, keyvex_testkit::last(&events, "done").clone())
 }
 
+/// alice's line for this UTC day in a `GET /v1/admin/budgets` answer (null when she has none).
+fn alice_day(all: &Value) -> Value {
+    all["callers"]
+        .as_array()
+        .and_then(|callers| callers.iter().find(|c| c["caller"] == "alice"))
+        .map_or(Value::Null, |c| c["day"].clone())
+}
+
 fn billed(db: &Path) -> u64 {
     records(db)
         .iter()
@@ -205,22 +213,13 @@ async fn a_burst_and_a_dollar_budget_hold_across_two_replicas() {
     assert!(refused >= 1, "five at once do not: {answers:?}");
     // Both replicas read the same counter from Redis. Once every record is shipped and every
     // settle applied, it holds exactly what the two replicas billed, nothing reserved.
-    let alice_day = |all: Value| {
-        all["callers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["caller"] == "alice")
-            .unwrap()["day"]
-            .clone()
-    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let spent = loop {
         let mut days = Vec::new();
         for base in [&a.base, &b.base] {
             let all: Value = get_json(&http, format!("{base}/v1/admin/budgets"), ADMIN).await;
             assert!(all["store"].as_str().unwrap().contains("redis"), "{all}");
-            days.push(alice_day(all));
+            days.push(alice_day(&all));
         }
         let billed = billed(&db_a) + billed(&db_b);
         let settled = days
@@ -317,13 +316,7 @@ async fn the_model_routes_reserve_their_first_call_at_admission() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let all: Value = get_json(&http, format!("{}/v1/admin/budgets", a.base), ADMIN).await;
-        let day = all["callers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["caller"] == "alice")
-            .map(|c| c["day"].clone())
-            .unwrap_or_default();
+        let day = alice_day(&all);
         let billed = billed(&db);
         if day["reservedPicoUsd"] == 0 && day["spentPicoUsd"].as_u64() == Some(billed) && billed > 0
         {
@@ -519,13 +512,7 @@ async fn without_redis_a_restarted_process_goes_on_from_the_spend_in_its_metrics
     let billed = billed(&db);
     assert!(billed > 0);
     let all: Value = get_json(&http, format!("{}/v1/admin/budgets", second.base), ADMIN).await;
-    let day = all["callers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["caller"] == "alice")
-        .map(|c| c["day"].clone())
-        .unwrap_or_default();
+    let day = alice_day(&all);
     assert_eq!(day["spentPicoUsd"].as_u64(), Some(billed), "{all}");
     assert_eq!(
         all["global"]["spentPicoUsd"].as_u64(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use keyvex_engine::admission::{FirstCallOf, PrepaidStats};
+use keyvex_engine::admission::{Admission, FirstCallOf, PrepaidStats};
 use keyvex_engine::budgets::{BudgetDenied, BudgetLimits, BudgetScope, Budgets, OnUnavailable};
 use keyvex_engine::cost::Cost;
 use keyvex_engine::limits::{LimitsWhenDown, ProviderRates, Rate};
@@ -92,6 +92,21 @@ fn question() -> RouteRequest {
     }
 }
 
+/// Admits a request of alice's whose first call is a chat with `gpt-5.4-mini`.
+async fn admit(s: &Setup, ctx: &mut CallContext) -> Admission {
+    let request = question();
+    s.engine
+        .admit(
+            ctx,
+            ENDPOINT,
+            Some(FirstCallOf::Chat(
+                &CallTarget::parse("gpt-5.4-mini"),
+                &request,
+            )),
+        )
+        .await
+}
+
 /// Runs a chat call to its end; whether it succeeded.
 async fn call(engine: &Engine, ctx: &CallContext, model: &str) -> bool {
     let mut stream = engine
@@ -157,15 +172,7 @@ async fn the_first_attempt_uses_what_admission_reserved_and_a_call_elsewhere_ret
     let worst = s.engine.worst_case(&target, &question()).unwrap();
 
     let mut ctx = CallContext::new("alice");
-    let request = question();
-    let admission = s
-        .engine
-        .admit(
-            &mut ctx,
-            ENDPOINT,
-            Some(FirstCallOf::Chat(&target, &request)),
-        )
-        .await;
+    let admission = admit(&s, &mut ctx).await;
     assert_eq!(admission.allowance.unwrap().remaining, 99);
     assert!(admission.budgets.is_ok());
     assert!(ctx.first_call.is_waiting(), "{ctx:?}");
@@ -190,15 +197,7 @@ async fn the_first_attempt_uses_what_admission_reserved_and_a_call_elsewhere_ret
     // Admitted for one model, the call goes to another: the admission's reservations go back,
     // the attempt reserves its own, and the day still holds exactly what was billed.
     let mut ctx = CallContext::new("alice");
-    s.engine
-        .admit(
-            &mut ctx,
-            ENDPOINT,
-            Some(FirstCallOf::Chat(&target, &request)),
-        )
-        .await
-        .budgets
-        .unwrap();
+    admit(&s, &mut ctx).await.budgets.unwrap();
     assert!(call(&s.engine, &ctx, "claude-haiku-4-5").await);
     assert_eq!(
         s.engine.prepaid_stats(),
@@ -209,15 +208,7 @@ async fn the_first_attempt_uses_what_admission_reserved_and_a_call_elsewhere_ret
     );
     // A request admitted and then dropped before any call returns them too.
     let mut ctx = CallContext::new("alice");
-    s.engine
-        .admit(
-            &mut ctx,
-            ENDPOINT,
-            Some(FirstCallOf::Chat(&target, &request)),
-        )
-        .await
-        .budgets
-        .unwrap();
+    admit(&s, &mut ctx).await.budgets.unwrap();
     drop(ctx);
     assert_eq!(s.engine.prepaid_stats().returned, 2);
     let (spent, billed) = settled_day(&s).await;
@@ -233,24 +224,10 @@ async fn a_refusal_in_the_one_step_takes_nothing_after_it() {
     let request = question();
     let worst = s.engine.worst_case(&target, &request).unwrap();
     let mut first = CallContext::new("alice");
-    let admitted = s
-        .engine
-        .admit(
-            &mut first,
-            ENDPOINT,
-            Some(FirstCallOf::Chat(&target, &request)),
-        )
-        .await;
+    let admitted = admit(&s, &mut first).await;
     assert!(admitted.allowance.is_ok());
     let mut second = CallContext::new("alice");
-    let limited = s
-        .engine
-        .admit(
-            &mut second,
-            ENDPOINT,
-            Some(FirstCallOf::Chat(&target, &request)),
-        )
-        .await;
+    let limited = admit(&s, &mut second).await;
     let refusal = limited.allowance.unwrap_err();
     assert_eq!((refusal.burst, refusal.caller.as_str()), (1, "alice"));
     assert!(refusal.retry_after > Duration::ZERO);
@@ -269,14 +246,7 @@ async fn a_refusal_in_the_one_step_takes_nothing_after_it() {
     )
     .await;
     let mut ctx = CallContext::new("alice");
-    let over = s
-        .engine
-        .admit(
-            &mut ctx,
-            ENDPOINT,
-            Some(FirstCallOf::Chat(&target, &request)),
-        )
-        .await;
+    let over = admit(&s, &mut ctx).await;
     assert_eq!(over.allowance.unwrap().remaining, 99, "the request counted");
     let BudgetDenied::Exceeded(refusal) = over.budgets.unwrap_err() else {
         panic!("expected a budget refusal");
@@ -294,25 +264,9 @@ async fn a_refusal_in_the_one_step_takes_nothing_after_it() {
     // the provider budget without calling.
     let s = setup(100, 1, BudgetLimits::default()).await;
     let mut first = CallContext::new("alice");
-    s.engine
-        .admit(
-            &mut first,
-            ENDPOINT,
-            Some(FirstCallOf::Chat(&target, &request)),
-        )
-        .await
-        .budgets
-        .unwrap();
+    admit(&s, &mut first).await.budgets.unwrap();
     let mut second = CallContext::new("alice");
-    s.engine
-        .admit(
-            &mut second,
-            ENDPOINT,
-            Some(FirstCallOf::Chat(&target, &request)),
-        )
-        .await
-        .budgets
-        .unwrap();
+    admit(&s, &mut second).await.budgets.unwrap();
     assert_eq!(reserved_now(&s).await, worst, "only the first one's");
     assert!(
         second.first_call.is_waiting(),
@@ -360,17 +314,8 @@ async fn on_a_redis_cluster_every_script_finds_its_keys_in_one_slot() {
     );
 
     let s = setup_on(redis, true, 100, 1_000, BudgetLimits::default()).await;
-    let target = CallTarget::parse("gpt-5.4-mini");
-    let request = question();
     let mut ctx = CallContext::new("alice");
-    let admission = s
-        .engine
-        .admit(
-            &mut ctx,
-            ENDPOINT,
-            Some(FirstCallOf::Chat(&target, &request)),
-        )
-        .await;
+    let admission = admit(&s, &mut ctx).await;
     assert_eq!(admission.allowance.unwrap().remaining, 99);
     assert!(admission.budgets.is_ok());
     assert!(call(&s.engine, &ctx, "gpt-5.4-mini").await);
@@ -397,14 +342,7 @@ async fn on_a_redis_cluster_every_script_finds_its_keys_in_one_slot() {
         Some(Cost(1))
     );
     let mut ctx = CallContext::new("alice");
-    let over = s
-        .engine
-        .admit(
-            &mut ctx,
-            ENDPOINT,
-            Some(FirstCallOf::Chat(&target, &request)),
-        )
-        .await;
+    let over = admit(&s, &mut ctx).await;
     assert!(
         matches!(over.budgets, Err(BudgetDenied::Exceeded(_))),
         "{:?}",
