@@ -146,7 +146,9 @@ impl App {
         if config.redis.is_none()
             && let Some(budgets) = engine.budgets()
         {
-            restore_spend(&stores, budgets).await;
+            // Boxed: its reads' futures would otherwise sit inside every caller's start-up
+            // future (the load test's `main` passed the compiler's layout depth limit).
+            Box::pin(restore_spend(&stores, budgets)).await;
         }
         let catalog = CatalogSync::new(
             stores.catalogs.clone(),
