@@ -29,15 +29,27 @@ struct Setup {
     engine: Engine,
     recorder: Arc<MemoryRecorder>,
     _sim: SimHandle,
-    _redis: Redis,
+    redis: Redis,
 }
 
 /// An engine on the simulator whose caller limit (`burst` per minute), provider budgets
 /// (`rpm` requests per minute) and budgets (`limits`) all live in one Redis, admitted in one
 /// step.
 async fn setup(burst: u32, rpm: u32, limits: BudgetLimits) -> Setup {
-    setup_on(Redis::start().await, false, burst, rpm, limits).await
+    setup_on(
+        Redis::start().await,
+        false,
+        burst,
+        rpm,
+        limits,
+        DEFAULT_WHEN_DOWN,
+    )
+    .await
 }
+
+/// What rate limits and budgets do while Redis cannot be asked (the defaults: open, closed).
+const DEFAULT_WHEN_DOWN: (LimitsWhenDown, OnUnavailable) =
+    (LimitsWhenDown::Open, OnUnavailable::FailClosed);
 
 async fn setup_on(
     redis: Redis,
@@ -45,6 +57,7 @@ async fn setup_on(
     burst: u32,
     rpm: u32,
     limits: BudgetLimits,
+    (limits_down, budgets_down): (LimitsWhenDown, OnUnavailable),
 ) -> Setup {
     let sim = fast_sim(7).await;
     let config = RedisConfig {
@@ -68,19 +81,15 @@ async fn setup_on(
             tokens_per_minute: nz(100_000_000),
         })
         .admission_in_one_step(Arc::new(shared.clone()))
-        .shared_limits(Arc::new(shared.clone()), LimitsWhenDown::Open)
-        .budgets(Budgets::new(
-            limits,
-            Arc::new(shared.spend()),
-            OnUnavailable::FailClosed,
-        ))
+        .shared_limits(Arc::new(shared.clone()), limits_down)
+        .budgets(Budgets::new(limits, Arc::new(shared.spend()), budgets_down))
         .build()
         .unwrap();
     Setup {
         engine,
         recorder,
         _sim: sim,
-        _redis: redis,
+        redis,
     }
 }
 
@@ -313,7 +322,15 @@ async fn on_a_redis_cluster_every_script_finds_its_keys_in_one_slot() {
         "{crossed}"
     );
 
-    let s = setup_on(redis, true, 100, 1_000, BudgetLimits::default()).await;
+    let s = setup_on(
+        redis,
+        true,
+        100,
+        1_000,
+        BudgetLimits::default(),
+        DEFAULT_WHEN_DOWN,
+    )
+    .await;
     let mut ctx = CallContext::new("alice");
     let admission = admit(&s, &mut ctx).await;
     assert_eq!(admission.allowance.unwrap().remaining, 99);
@@ -349,4 +366,53 @@ async fn on_a_redis_cluster_every_script_finds_its_keys_in_one_slot() {
         over.budgets
     );
     assert_eq!(s.engine.shared_limit_failures(), 0);
+}
+
+/// Redis stopped: the one-step admission cannot be asked, and each kind of limit does what its
+/// policy says — rate limits refuse or let through, budgets refuse or let through uncounted —
+/// with nothing left reserved for the first attempt.
+#[tokio::test]
+async fn with_redis_down_the_one_step_admission_follows_each_policy() {
+    let policies = [
+        (LimitsWhenDown::Closed, OnUnavailable::FailOpen),
+        (LimitsWhenDown::Open, OnUnavailable::FailClosed),
+        (LimitsWhenDown::Open, OnUnavailable::FailOpen),
+    ];
+    for policy in policies {
+        let mut s = setup_on(
+            Redis::start().await,
+            false,
+            100,
+            1_000,
+            BudgetLimits::default(),
+            policy,
+        )
+        .await;
+        s.redis.stop();
+        let mut ctx = CallContext::new("alice");
+        let admission = admit(&s, &mut ctx).await;
+        assert!(!ctx.first_call.is_waiting(), "{policy:?}");
+        assert!(s.engine.shared_limit_failures() >= 1, "{policy:?}");
+        match policy {
+            (LimitsWhenDown::Closed, _) => {
+                let limited = admission.allowance.unwrap_err();
+                assert_eq!(limited.retry_after, Duration::from_secs(1));
+                assert!(admission.budgets.unwrap().is_empty(), "not asked");
+            }
+            (_, OnUnavailable::FailClosed) => {
+                assert_eq!(admission.allowance.unwrap().remaining, u32::MAX);
+                assert!(
+                    matches!(admission.budgets, Err(BudgetDenied::Unavailable(_))),
+                    "{:?}",
+                    admission.budgets
+                );
+            }
+            (_, OnUnavailable::FailOpen) => {
+                assert_eq!(admission.allowance.unwrap().remaining, u32::MAX);
+                assert!(admission.budgets.unwrap().is_empty());
+                // Let through uncounted: the call goes out, its attempt unable to reserve too.
+                assert!(call(&s.engine, &ctx, "gpt-5.4-mini").await);
+            }
+        }
+    }
 }
