@@ -131,6 +131,15 @@ fn alice_day(all: &Value) -> Value {
         .map_or(Value::Null, |c| c["day"].clone())
 }
 
+/// An agent stream that was admitted (200) and ended with `status`.
+fn assert_ended(status: u16, done: &Value, expected: &str) {
+    assert_eq!(
+        (status, done["status"].as_str()),
+        (200, Some(expected)),
+        "{done}"
+    );
+}
+
 fn billed(db: &Path) -> u64 {
     records(db)
         .iter()
@@ -275,11 +284,7 @@ async fn the_model_routes_reserve_their_first_call_at_admission() {
     let http = reqwest::Client::new();
 
     let (status, agent) = run_agent(&http, &a.base).await;
-    assert_eq!(
-        (status, &agent["status"]),
-        (200, &json!("succeeded")),
-        "{agent}"
-    );
+    assert_ended(status, &agent, "succeeded");
     let resp = http
         .post(format!("{}/v1/pipelines/tool", a.base))
         .bearer_auth(ALICE)
@@ -348,11 +353,7 @@ async fn rediss_urls_speak_tls_and_verify_the_server() {
     );
     let http = reqwest::Client::new();
     let (status, agent) = run_agent(&http, &a.base).await;
-    assert_eq!(
-        (status, &agent["status"]),
-        (200, &json!("succeeded")),
-        "{agent}"
-    );
+    assert_ended(status, &agent, "succeeded");
     let all: Value = get_json(&http, format!("{}/v1/admin/budgets", a.base), ADMIN).await;
     assert!(
         all["store"].as_str().unwrap().contains("rediss://"),
@@ -389,25 +390,13 @@ async fn a_provider_requests_per_minute_budget_holds_across_two_replicas() {
     let http = reqwest::Client::new();
 
     let (status, first) = run_agent(&http, &a.base).await;
-    assert_eq!(
-        (status, &first["status"]),
-        (200, &json!("succeeded")),
-        "{first}"
-    );
+    assert_ended(status, &first, "succeeded");
     assert_eq!(first["totals"]["fallbackUsed"], false, "{first}");
     let (status, second) = run_agent(&http, &b.base).await;
-    assert_eq!(
-        (status, &second["status"]),
-        (200, &json!("succeeded")),
-        "{second}"
-    );
+    assert_ended(status, &second, "succeeded");
     assert_eq!(second["totals"]["fallbackUsed"], true, "{second}");
     let (status, third) = run_agent(&http, &a.base).await;
-    assert_eq!(
-        (status, &third["status"]),
-        (200, &json!("failed")),
-        "{third}"
-    );
+    assert_ended(status, &third, "failed");
     assert_eq!(
         third["totals"]["costMicroUsd"], 0,
         "no model was called: {third}"
@@ -500,11 +489,7 @@ async fn without_redis_a_restarted_process_goes_on_from_the_spend_in_its_metrics
     let http = reqwest::Client::new();
     let first = serve(&db, None, &[]);
     let (status, done) = run_agent(&http, &first.base).await;
-    assert_eq!(
-        (status, &done["status"]),
-        (200, &json!("succeeded")),
-        "{done}"
-    );
+    assert_ended(status, &done, "succeeded");
     // Killed: its records may still be in its ledger, shipped by the next process at start.
     drop(first.stop());
 
