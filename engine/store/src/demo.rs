@@ -525,6 +525,25 @@ mod tests {
         assert!(by_hour[15] > 3 * by_hour[3], "{by_hour:?}");
     }
 
+    /// The dashboard's default range is the last day: whatever the hour the demo ends at, that
+    /// day holds rescued calls to draw (the dashboard browser test checks they are drawn).
+    #[test]
+    fn the_last_day_of_the_default_demo_has_rescued_calls_at_any_hour() {
+        let catalog = catalog();
+        for quarter in 0..96 {
+            let end = END + quarter * MS_PER_HOUR / 4;
+            let recs = generate(&DemoConfig::new(end), &catalog).unwrap();
+            let last_day = recs
+                .iter()
+                .filter(|r| r.timestamp_ms + MS_PER_DAY >= end && !r.rescued_from.is_empty())
+                .count();
+            assert!(
+                last_day >= 3,
+                "ending at {end}: {last_day} rescued calls in the last day"
+            );
+        }
+    }
+
     #[test]
     fn invalid_settings_name_the_setting() {
         let cfg = DemoConfig {
