@@ -833,7 +833,7 @@ pub fn worst_case_cost(request: &ChatRequest, pricing: &Pricing) -> Cost {
         + request
             .response_schema
             .as_ref()
-            .map_or(0, |s| s.schema.to_string().len() as u64)
+            .map_or(0, |s| json_len(&s.schema))
         + FRAMING_TOKENS;
     let input_price = pricing.input.0.max(pricing.cache_write.map_or(0, |p| p.0));
     Cost(
@@ -846,9 +846,38 @@ pub fn worst_case_cost(request: &ChatRequest, pricing: &Pricing) -> Cost {
     )
 }
 
+/// The length of `value` as compact JSON, counted as it is written rather than built into a
+/// string: an answer schema is a few KiB, and every attempt's worst case measures it.
+fn json_len(value: &serde_json::Value) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a `Value` to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_schema_is_measured_as_its_compact_json() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": { "q\"uote": { "type": "string", "maxLength": 12, "x": 1.5 } },
+            "required": ["a", "b"],
+        });
+        assert_eq!(json_len(&schema), schema.to_string().len() as u64);
+    }
 
     fn usd(x: u64) -> Cost {
         Cost::from_micro_usd(x * 1_000_000)

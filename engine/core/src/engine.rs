@@ -375,62 +375,54 @@ impl Engine {
                 };
             }
         };
-        let (Some(budgets), Some(lines)) = (budgets, lines) else {
-            // No budgets: only the caller's limit and the provider were asked.
-            return match answer {
-                AdmitAnswer::Limited(limited) => Admission {
+        let (allowance, states, provider) = match answer {
+            AdmitAnswer::Limited(limited) => {
+                return Admission {
                     allowance: Err(limited),
                     budgets: Ok(Vec::new()),
-                },
-                AdmitAnswer::OverBudget { allowance, .. } => Admission {
-                    allowance: Ok(allowance.unwrap_or(UNLIMITED)),
-                    budgets: Ok(Vec::new()),
-                },
-                AdmitAnswer::Admitted {
-                    allowance,
-                    provider,
-                    ..
-                } => {
-                    self.prepay(ctx, first, None, provider);
-                    Admission {
-                        allowance: Ok(allowance.unwrap_or(UNLIMITED)),
-                        budgets: Ok(Vec::new()),
-                    }
-                }
-            };
-        };
-        match answer {
-            AdmitAnswer::Limited(limited) => Admission {
-                allowance: Err(limited),
-                budgets: Ok(Vec::new()),
-            },
+                };
+            }
             AdmitAnswer::OverBudget {
                 allowance,
                 index,
                 state,
-            } => Admission {
-                allowance: Ok(allowance.unwrap_or(UNLIMITED)),
-                budgets: Err(budgets.refused_at_admission(&lines, index, state, amount)),
-            },
+            } => {
+                let refused = match (budgets, &lines) {
+                    (Some(budgets), Some(lines)) => {
+                        Err(budgets.refused_at_admission(lines, index, state, amount))
+                    }
+                    _ => Ok(Vec::new()),
+                };
+                return Admission {
+                    allowance: Ok(allowance.unwrap_or(UNLIMITED)),
+                    budgets: refused,
+                };
+            }
             AdmitAnswer::Admitted {
                 allowance,
                 states,
                 provider,
-            } => {
-                // Dollars are reserved unless the provider refused (see `AdmitAnswer`).
-                let views = if first.is_some() && !matches!(provider, Some(Err(_))) {
-                    let (hold, views) = budgets.reserved_at_admission(lines, states, amount);
-                    self.prepay(ctx, first, Some(hold), provider);
-                    views
-                } else {
-                    self.prepay(ctx, first, None, provider);
-                    budgets.answered_at_admission(lines, states)
-                };
-                Admission {
-                    allowance: Ok(allowance.unwrap_or(UNLIMITED)),
+            } => (Ok(allowance.unwrap_or(UNLIMITED)), states, provider),
+        };
+        // The dollars were reserved unless the provider refused (see `AdmitAnswer`).
+        let views = match (budgets, lines) {
+            (Some(budgets), Some(lines))
+                if first.is_some() && !matches!(provider, Some(Err(_))) =>
+            {
+                let (hold, views) = budgets.reserved_at_admission(lines, states, amount);
+                self.prepay(ctx, first, Some(hold), provider);
+                return Admission {
+                    allowance,
                     budgets: Ok(views),
-                }
+                };
             }
+            (Some(budgets), Some(lines)) => budgets.answered_at_admission(lines, states),
+            _ => Vec::new(),
+        };
+        self.prepay(ctx, first, None, provider);
+        Admission {
+            allowance,
+            budgets: Ok(views),
         }
     }
 
