@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyvex_engine::budgets::{Budgets, RestoredSpend, Window, window_start};
+use keyvex_engine::budgets::{
+    Budgets, InProcessSpend, OnUnavailable, RestoredSpend, Window, window_start,
+};
 use keyvex_engine::cost::Cost;
 use keyvex_engine::limits::LimitsWhenDown;
 use keyvex_engine::router::RouterConfig;
@@ -108,7 +110,27 @@ impl App {
                         redis.budgets_when_down,
                     ))
             }
-            None => builder.budgets(Budgets::in_process(config.budgets.clone())),
+            // Without it, the counters live here; callers' own limits set through the admin
+            // API are kept in the metrics store, so a restart keeps them.
+            None => {
+                let kept = config
+                    .store
+                    .open_caller_budgets()
+                    .await
+                    .map_err(MetricsError::Store)?;
+                let callers = match kept.load().await {
+                    Ok(callers) => callers,
+                    Err(error) => {
+                        tracing::error!(%error, "could not read the callers' own limits set through the admin API: until the store answers, only the configured limits apply (limits set from now on are kept)");
+                        BTreeMap::new()
+                    }
+                };
+                builder.budgets(Budgets::new(
+                    config.budgets.clone(),
+                    Arc::new(InProcessSpend::persisted(Arc::new(kept), callers)),
+                    OnUnavailable::FailClosed,
+                ))
+            }
         };
         builder = match &config.providers {
             ProviderSetup::Simulated { seed, profile } => {

@@ -193,6 +193,20 @@ pub trait SpendStore: Send + Sync + 'static {
     }
 }
 
+/// Where callers' own limits set through the admin API are kept when the spend counters live
+/// in the process ([`InProcessSpend::persisted`]), so a restart keeps them (`keyvex-store`: the
+/// metrics store's SQLite file or DynamoDB table).
+pub trait CallerBudgetStore: Send + Sync + 'static {
+    /// Sets `caller`'s limits; an empty budget removes them.
+    fn save<'a>(
+        &'a self,
+        caller: &'a str,
+        budget: CallerBudget,
+    ) -> BoxFuture<'a, Result<(), String>>;
+    /// One line for start-up banners and the admin API.
+    fn describe(&self) -> String;
+}
+
 /// What one caller spent in the windows open now, by an earlier run ([`Budgets::restore`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RestoredSpend {

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod aggregate;
 pub mod alerts;
 pub mod aws;
+pub mod caller_budgets;
 pub mod catalog_store;
 pub mod demo;
 pub mod dynamo;

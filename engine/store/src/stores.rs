@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::admin::MetricsReader;
 use crate::aws::AwsTimeouts;
+use crate::caller_budgets::CallerBudgets;
 use crate::catalog_store::{CatalogVersions, DynamoCatalogs, SqliteCatalogs};
 use crate::dynamo::{DynamoStore, client};
 use crate::entry::{Sink, StoreError};
@@ -65,6 +66,24 @@ impl StoreConfig {
                 client(endpoint.as_deref(), timeouts).await,
                 table,
             )),
+        })
+    }
+
+    /// Where callers' own limits set through the admin API are kept when budgets live in the
+    /// process (no Redis).
+    pub async fn open_caller_budgets(&self) -> Result<CallerBudgets, StoreError> {
+        Ok(match self {
+            StoreConfig::Sqlite { path } => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || CallerBudgets::sqlite(&path))
+                    .await
+                    .map_err(|e| StoreError::Task(e.to_string()))??
+            }
+            StoreConfig::Dynamo {
+                table,
+                endpoint,
+                timeouts,
+            } => CallerBudgets::dynamo(client(endpoint.as_deref(), timeouts).await, table),
         })
     }
 

@@ -480,7 +480,7 @@ async fn with_redis_down_rate_limits_fail_open_and_budgets_fail_closed_until_it_
 /// Budgets kept in the process (no Redis) survive a restart: the new process reads what the
 /// metrics store holds for today and this month (including what the killed process left
 /// unshipped in its ledger), so the caller's day goes on where it was and a budget spent before
-/// the restart still refuses.
+/// the restart still refuses; a caller's own limit set through the admin API is kept too.
 #[tokio::test]
 async fn without_redis_a_restarted_process_goes_on_from_the_spend_in_its_metrics_store() {
     let dir = TempDir::new("budget-restart");
@@ -518,4 +518,22 @@ async fn without_redis_a_restarted_process_goes_on_from_the_spend_in_its_metrics
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
     drop(second.stop());
+
+    // The limit set through the admin API is kept in the metrics store: the next process has
+    // it, and still refuses.
+    let third = serve(&db, None, &[]);
+    let all: Value = get_json(&http, format!("{}/v1/admin/budgets", third.base), ADMIN).await;
+    let alice = all["callers"]
+        .as_array()
+        .and_then(|callers| callers.iter().find(|c| c["caller"] == "alice"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(alice["ownLimits"]["dailyUsd"].is_number(), "{all}");
+    assert!(
+        all["store"].as_str().unwrap().contains("kept in SQLite"),
+        "{all}"
+    );
+    let (status, body) = run_agent(&http, &third.base).await;
+    assert_eq!(status, 429, "{body}");
+    drop(third.stop());
 }

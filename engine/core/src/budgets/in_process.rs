@@ -2,12 +2,12 @@
 //! line in one step. Without a shared store, each replica enforces its budgets on its own.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use futures::future::{BoxFuture, FutureExt};
 
-use super::{CallerBudget, LineState, SpendError, SpendLine, SpendStore};
+use super::{CallerBudget, CallerBudgetStore, LineState, SpendError, SpendLine, SpendStore};
 use crate::cost::Cost;
 
 #[derive(Debug, Default)]
@@ -27,9 +27,17 @@ struct State {
 }
 
 /// Spend counters kept in this process.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct InProcessSpend {
     state: Mutex<State>,
+    /// Where callers' own limits are also written, so a restart keeps them.
+    kept_in: Option<Arc<dyn CallerBudgetStore>>,
+}
+
+impl std::fmt::Debug for InProcessSpend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 /// Expired counters are swept every this many operations.
@@ -73,6 +81,21 @@ impl State {
 }
 
 impl InProcessSpend {
+    /// Counters in this process, with callers' own limits written to `store` as they are set
+    /// and starting from `callers` (what `store` held at start).
+    pub fn persisted(
+        store: Arc<dyn CallerBudgetStore>,
+        callers: BTreeMap<String, CallerBudget>,
+    ) -> InProcessSpend {
+        InProcessSpend {
+            state: Mutex::new(State {
+                callers,
+                ..State::default()
+            }),
+            kept_in: Some(store),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -138,13 +161,26 @@ impl SpendStore for InProcessSpend {
         caller: &'a str,
         budget: CallerBudget,
     ) -> BoxFuture<'a, Result<(), SpendError>> {
-        let mut state = self.lock();
-        if budget.is_empty() {
-            state.callers.remove(caller);
-        } else {
-            state.callers.insert(caller.to_owned(), budget);
+        async move {
+            // Written first: a limit the store did not take is not in force either, and the
+            // admin hears why.
+            if let Some(store) = &self.kept_in {
+                store.save(caller, budget).await.map_err(|e| {
+                    SpendError::Unavailable(format!(
+                        "could not keep the limit in {}: {e}",
+                        store.describe()
+                    ))
+                })?;
+            }
+            let mut state = self.lock();
+            if budget.is_empty() {
+                state.callers.remove(caller);
+            } else {
+                state.callers.insert(caller.to_owned(), budget);
+            }
+            Ok(())
         }
-        futures::future::ready(Ok(())).boxed()
+        .boxed()
     }
 
     fn callers(&self) -> BoxFuture<'_, Result<BTreeMap<String, CallerBudget>, SpendError>> {
@@ -160,6 +196,12 @@ impl SpendStore for InProcessSpend {
     }
 
     fn describe(&self) -> String {
-        "in this process (each replica counts its own spend)".to_owned()
+        match &self.kept_in {
+            None => "in this process (each replica counts its own spend)".to_owned(),
+            Some(store) => format!(
+                "in this process (each replica counts its own spend; callers' own limits kept in {})",
+                store.describe()
+            ),
+        }
     }
 }

@@ -8,6 +8,7 @@
 )]
 
 mod admin_reads;
+mod caller_budgets;
 mod catalog_versions;
 mod hung_endpoint;
 mod intents;
