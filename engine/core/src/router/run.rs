@@ -14,7 +14,7 @@ use crate::admission::{FirstCall, Prepaid};
 use crate::budgets::{BudgetDenied, SpendAccount, SpendHold, worst_case_cost};
 use crate::catalog::{MidStreamFailover, ModelSpec, RescuePolicy};
 use crate::cost::Cost;
-use crate::limits::{ProviderHold, estimate_tokens, reserve_shared};
+use crate::limits::{BudgetExceeded, ProviderHold, estimate_tokens, reserve_shared};
 use crate::provider::{ChatRequest, ProviderError, SharedProvider};
 use crate::stream::{FaultClass, FinishReason, ProviderEvent, ProviderKind, Usage};
 use crate::tokenize::{count_prompt_tokens, count_tokens, estimate_prompt_tokens};
@@ -150,6 +150,15 @@ struct InFlight {
     started: Instant,
     /// The messages sent when they are not the plan's (a continuation of a cut answer).
     continued: Option<Vec<crate::provider::ChatMessage>>,
+}
+
+/// A provider budget (ours, in process or shared) had no room for an attempt on `provider`.
+fn provider_refused(provider: ProviderKind, refused: BudgetExceeded) -> Skip {
+    Skip::Budget(AttemptError::BudgetRefused {
+        provider,
+        which: refused.which,
+        retry_after: refused.retry_after,
+    })
 }
 
 /// Why a picked model was not called.
@@ -517,11 +526,10 @@ impl RouteRun {
         let provider = match provider {
             None => Ok(None),
             Some(Ok(hold)) => Ok(Some(hold)),
-            Some(Err(refused)) => Err(Skip::Budget(AttemptError::BudgetRefused {
-                provider: self.plan.candidates[idx].spec.provider,
-                which: refused.which,
-                retry_after: refused.retry_after,
-            })),
+            Some(Err(refused)) => Err(provider_refused(
+                self.plan.candidates[idx].spec.provider,
+                refused,
+            )),
         };
         let spend = match spend {
             Some(hold) => Ok(Some(hold)),
@@ -553,11 +561,7 @@ impl RouteRun {
         let tokens = estimate_tokens(&self.request_for(idx));
         match reserve_shared(store, *when_down, spec.provider, rates, tokens).await {
             Ok(hold) => Ok(hold.map(ProviderHold::Shared)),
-            Err(refused) => Err(Skip::Budget(AttemptError::BudgetRefused {
-                provider: spec.provider,
-                which: refused.which,
-                retry_after: refused.retry_after,
-            })),
+            Err(refused) => Err(provider_refused(spec.provider, refused)),
         }
     }
 
@@ -601,11 +605,7 @@ impl RouteRun {
                         .on_neutral(&candidate.spec.id, admission);
                     self.calls += 1;
                     self.tried[idx] += 1;
-                    return Err(Skip::Budget(AttemptError::BudgetRefused {
-                        provider: candidate.spec.provider,
-                        which: refused.which,
-                        retry_after: refused.retry_after,
-                    }));
+                    return Err(provider_refused(candidate.spec.provider, refused));
                 }
             },
         };

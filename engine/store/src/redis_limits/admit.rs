@@ -11,7 +11,7 @@ use keyvex_engine::budgets::LineState;
 use keyvex_engine::limits::{Allowance, BudgetExceeded, CallerLimited, LimitsUnavailable};
 
 use super::spend::{add_lines, parse_cost, parse_limit, text};
-use super::{RedisLimits, TAG, caller_key, every_us, provider_keys};
+use super::{ProviderBuckets, RedisLimits, TAG, caller_key, every_us};
 
 impl SharedAdmission for RedisLimits {
     fn admit<'a>(
@@ -30,25 +30,18 @@ impl SharedAdmission for RedisLimits {
                     .arg(rate.burst.get()),
                 None => invocation.arg("0").arg(0).arg(0),
             };
-            let provider = ask.provider.map(|(kind, rates, tokens)| {
-                let minute = Duration::from_secs(60);
-                let tpm = u64::from(rates.tokens_per_minute.get());
-                let (requests_key, tokens_key) = provider_keys(kind);
-                (requests_key, tokens_key, rates, minute, tpm, tokens)
-            });
-            match &provider {
-                Some((requests_key, tokens_key, rates, minute, tpm, tokens)) => {
+            match ask.provider {
+                Some((kind, rates, tokens)) => {
+                    let buckets = ProviderBuckets::new(kind, rates, tokens);
                     invocation
-                        .key(requests_key)
-                        .key(tokens_key)
+                        .key(buckets.requests_key)
+                        .key(buckets.tokens_key)
                         .arg("1")
-                        .arg(every_us(*minute, rates.requests_per_minute.get()))
-                        .arg(rates.requests_per_minute.get())
-                        .arg(every_us(*minute, rates.tokens_per_minute.get()))
-                        .arg(*tpm)
-                        // A call bigger than a minute's budget takes the whole budget, as
-                        // in-process.
-                        .arg((*tokens).min(*tpm));
+                        .arg(buckets.every_request)
+                        .arg(buckets.requests_burst)
+                        .arg(buckets.every_token)
+                        .arg(buckets.tokens_burst)
+                        .arg(buckets.tokens);
                 }
                 None => {
                     invocation

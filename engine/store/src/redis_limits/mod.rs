@@ -180,6 +180,36 @@ fn caller_key(caller: &str, endpoint: &str) -> String {
     format!("{TAG}:rate_limit:{caller}:{endpoint}")
 }
 
+/// A provider's two per-minute buckets and what one call takes from them, as the scripts take
+/// them (`gcra.lua` for an attempt, `admit.lua` for a request's first call).
+struct ProviderBuckets {
+    requests_key: String,
+    tokens_key: String,
+    every_request: u64,
+    requests_burst: u32,
+    every_token: u64,
+    tokens_burst: u64,
+    /// A call bigger than a minute's budget takes the whole budget, as in-process.
+    tokens: u64,
+}
+
+impl ProviderBuckets {
+    fn new(provider: ProviderKind, rates: ProviderRates, tokens: u64) -> ProviderBuckets {
+        let minute = Duration::from_secs(60);
+        let (requests_key, tokens_key) = provider_keys(provider);
+        let tokens_burst = u64::from(rates.tokens_per_minute.get());
+        ProviderBuckets {
+            requests_key,
+            tokens_key,
+            every_request: every_us(minute, rates.requests_per_minute.get()),
+            requests_burst: rates.requests_per_minute.get(),
+            every_token: every_us(minute, rates.tokens_per_minute.get()),
+            tokens_burst,
+            tokens: tokens.min(tokens_burst),
+        }
+    }
+}
+
 fn provider_keys(provider: ProviderKind) -> (String, String) {
     (
         format!("{TAG}:provider:{provider}:requests"),
@@ -235,21 +265,18 @@ impl SharedRates for RedisLimits {
         tokens: u64,
     ) -> BoxFuture<'_, Result<Result<(), BudgetExceeded>, LimitsUnavailable>> {
         async move {
-            let minute = Duration::from_secs(60);
-            let (requests_key, tokens_key) = provider_keys(provider);
-            let tpm = u64::from(rates.tokens_per_minute.get());
+            let buckets = ProviderBuckets::new(provider, rates, tokens);
             let mut invocation = self.inner.gcra.prepare_invoke();
             invocation
-                .key(requests_key)
-                .key(tokens_key)
-                .arg(every_us(minute, rates.requests_per_minute.get()))
-                .arg(rates.requests_per_minute.get())
+                .key(&buckets.requests_key)
+                .key(&buckets.tokens_key)
+                .arg(buckets.every_request)
+                .arg(buckets.requests_burst)
                 .arg(1)
                 .arg("1")
-                .arg(every_us(minute, rates.tokens_per_minute.get()))
-                .arg(tpm)
-                // A call bigger than a minute's budget takes the whole budget, as in-process.
-                .arg(tokens.min(tpm));
+                .arg(buckets.every_token)
+                .arg(buckets.tokens_burst)
+                .arg(buckets.tokens);
             let answer: Vec<i64> = self
                 .run(invocation)
                 .await
