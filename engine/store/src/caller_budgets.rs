@@ -18,7 +18,7 @@ use rusqlite::{Connection, params};
 
 use crate::dynamo::sdk_error;
 use crate::entry::StoreError;
-use crate::sqlite::{open_wal, run_blocking};
+use crate::sqlite::run_blocking;
 
 const PK: &str = "CONFIG";
 const SK_PREFIX: &str = "CALLER_BUDGET#";
@@ -56,21 +56,17 @@ fn text(c: Option<Cost>) -> Option<String> {
 impl CallerBudgets {
     /// Opens (and creates) the table in the store's SQLite file.
     pub fn sqlite(path: &Path) -> Result<CallerBudgets, StoreError> {
-        let err = |source| StoreError::Sqlite {
-            path: path.display().to_string(),
-            source,
-        };
         // FULL: an operator's change with no other copy.
-        let conn = open_wal(path, "FULL").map_err(err)?;
-        conn.execute_batch(
+        let conn = crate::sqlite::open_tables(
+            path,
+            "FULL",
             "CREATE TABLE IF NOT EXISTS caller_budgets (
                 caller TEXT PRIMARY KEY,
                 daily TEXT,
                 monthly TEXT,
                 updated_ms INTEGER NOT NULL
              );",
-        )
-        .map_err(err)?;
+        )?;
         Ok(CallerBudgets::Sqlite {
             path: path.to_owned(),
             conn: Arc::new(Mutex::new(conn)),

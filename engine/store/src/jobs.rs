@@ -283,13 +283,10 @@ const JOB_COLUMNS: &str = "job_id, user_id, process, priority, session_id, statu
 
 impl SqliteJobs {
     pub fn open(path: &Path) -> Result<SqliteJobs, StoreError> {
-        let err = |source| StoreError::Sqlite {
-            path: path.display().to_string(),
-            source,
-        };
         // FULL (SQLite's default, kept): a claim must not be forgotten by a power loss.
-        let conn = crate::sqlite::open_wal(path, "FULL").map_err(err)?;
-        conn.execute_batch(
+        let conn = crate::sqlite::open_tables(
+            path,
+            "FULL",
             "CREATE TABLE IF NOT EXISTS jobs (
                 job_id TEXT PRIMARY KEY,
                 user_id TEXT NOT NULL,
@@ -310,8 +307,7 @@ impl SqliteJobs {
                 lease_until_ms INTEGER
              );
              CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_at_ms);",
-        )
-        .map_err(err)?;
+        )?;
         Ok(SqliteJobs {
             path: path.to_owned(),
             conn: Arc::new(Mutex::new(conn)),

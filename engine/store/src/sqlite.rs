@@ -17,6 +17,22 @@ use crate::session_meta::SessionMetadata;
 /// Opens a SQLite file the way every part of the engine shares one: WAL (readers do not block the
 /// writer), the given `synchronous` level, and a 5 s wait for the write lock, since the server,
 /// its ledger, the job table and one-shot CLI commands may all write the same file at once.
+/// [`open_wal`], then creates the tables of `schema` (`CREATE TABLE IF NOT EXISTS …`), with
+/// errors naming the file.
+pub(crate) fn open_tables(
+    path: &Path,
+    synchronous: &str,
+    schema: &str,
+) -> Result<Connection, StoreError> {
+    let err = |source| StoreError::Sqlite {
+        path: path.display().to_string(),
+        source,
+    };
+    let conn = open_wal(path, synchronous).map_err(err)?;
+    conn.execute_batch(schema).map_err(err)?;
+    Ok(conn)
+}
+
 pub(crate) fn open_wal(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -33,14 +49,11 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let err = |source| StoreError::Sqlite {
-            path: path.display().to_string(),
-            source,
-        };
         // The ledger keeps the entries until this write is confirmed, so NORMAL (durable against
         // process crashes, not power loss) is enough here: a lost write is shipped again.
-        let conn = open_wal(path, "NORMAL").map_err(err)?;
-        conn.execute_batch(
+        let conn = open_tables(
+            path,
+            "NORMAL",
             "CREATE TABLE IF NOT EXISTS requests (
                 request_id TEXT PRIMARY KEY,
                 timestamp_ms INTEGER NOT NULL,
@@ -77,8 +90,7 @@ impl SqliteStore {
              );
              CREATE INDEX IF NOT EXISTS session_messages_by_time
                 ON session_messages (session_id, timestamp_ms, message_id);",
-        )
-        .map_err(err)?;
+        )?;
         Ok(SqliteStore {
             path: path.to_owned(),
             conn: Arc::new(Mutex::new(conn)),

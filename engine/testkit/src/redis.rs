@@ -225,63 +225,60 @@ impl Redis {
 /// A CA, and a server certificate for 127.0.0.1 it signed, in `dir` (`ca.pem`, `server.pem`,
 /// `server.key`).
 fn make_certificates(dir: &crate::TempDir) {
-    let ext = dir.file("server.ext");
     std::fs::write(
-        &ext,
+        dir.file("server.ext"),
         "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
     )
     .expect("writing the certificate extensions");
-    let path = |name: &str| dir.file(name).display().to_string();
-    let steps: [Vec<String>; 3] = [
-        vec![
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=keyvex test CA",
-            "-keyout",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .chain([path("ca.key"), "-out".to_owned(), path("ca.pem")])
-        .collect(),
-        vec![
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .chain([path("server.key"), "-out".to_owned(), path("server.csr")])
-        .collect(),
-        ["x509", "-req", "-days", "2", "-set_serial", "1", "-in"]
-            .into_iter()
-            .map(str::to_owned)
-            .chain([
-                path("server.csr"),
-                "-CA".to_owned(),
-                path("ca.pem"),
-                "-CAkey".to_owned(),
-                path("ca.key"),
-                "-extfile".to_owned(),
-                path("server.ext"),
-                "-out".to_owned(),
-                path("server.pem"),
-            ])
-            .collect(),
+    let [ca_key, ca, key, csr, cert, ext] = [
+        "ca.key",
+        "ca.pem",
+        "server.key",
+        "server.csr",
+        "server.pem",
+        "server.ext",
+    ]
+    .map(|name| dir.file(name).display().to_string());
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
     ];
+    let ca_step: Vec<&str> = [
+        &["req", "-x509"][..],
+        &ec,
+        &["-days", "2", "-subj", "/CN=keyvex test CA"],
+    ]
+    .concat()
+    .into_iter()
+    .chain(["-keyout", &ca_key, "-out", &ca])
+    .collect();
+    let key_step: Vec<&str> = [&["req"][..], &ec, &["-subj", "/CN=127.0.0.1"]]
+        .concat()
+        .into_iter()
+        .chain(["-keyout", &key, "-out", &csr])
+        .collect();
+    let sign_step = vec![
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-set_serial",
+        "1",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-extfile",
+        &ext,
+        "-out",
+        &cert,
+    ];
+    let steps = [ca_step, key_step, sign_step];
     for args in steps {
         let out = Command::new("openssl")
             .args(&args)

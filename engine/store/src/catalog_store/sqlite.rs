@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ActiveVersion, StoredVersion, VersionInfo};
 use crate::entry::StoreError;
-use crate::sqlite::{open_wal, run_blocking};
+use crate::sqlite::run_blocking;
 
 #[derive(Clone)]
 pub struct SqliteCatalogs {
@@ -20,14 +20,11 @@ pub struct SqliteCatalogs {
 impl SqliteCatalogs {
     /// Opens (and creates) the tables in the store's SQLite file.
     pub fn open(path: &Path) -> Result<SqliteCatalogs, StoreError> {
-        let err = |source| StoreError::Sqlite {
-            path: path.display().to_string(),
-            source,
-        };
         // FULL: a published version or an activation is an operator's change with no other
         // copy, unlike metrics rows, which the ledger can ship again.
-        let conn = open_wal(path, "FULL").map_err(err)?;
-        conn.execute_batch(
+        let conn = crate::sqlite::open_tables(
+            path,
+            "FULL",
             "CREATE TABLE IF NOT EXISTS model_config_versions (
                 version INTEGER PRIMARY KEY,
                 catalog TEXT NOT NULL,
@@ -45,8 +42,7 @@ impl SqliteCatalogs {
                 history TEXT NOT NULL,
                 seq INTEGER NOT NULL
              );",
-        )
-        .map_err(err)?;
+        )?;
         Ok(SqliteCatalogs {
             path: path.to_owned(),
             conn: Arc::new(Mutex::new(conn)),
