@@ -351,51 +351,47 @@ struct CompletionDetails {
 }
 
 impl Meta {
-    fn chunk(&self, delta: Delta<'_>, finish_reason: Option<&str>) -> Event {
+    /// One `chat.completion.chunk` of this answer.
+    fn frame<'a>(
+        &'a self,
+        choices: &'a [Choice<'a>],
+        usage: Option<WireUsage>,
+        keyvex: Option<Resumed<'a>>,
+    ) -> Event {
         data(&Chunk {
             id: &self.id,
             object: "chat.completion.chunk",
             created: self.created,
             model: &self.model,
-            choices: &[Choice {
-                index: 0,
-                delta,
-                logprobs: (),
-                finish_reason,
-            }],
-            usage: None,
-            keyvex: None,
+            choices,
+            usage,
+            keyvex,
         })
+    }
+
+    fn chunk(&self, delta: Delta<'_>, finish_reason: Option<&str>) -> Event {
+        let choice = Choice {
+            index: 0,
+            delta,
+            logprobs: (),
+            finish_reason,
+        };
+        self.frame(&[choice], None, None)
     }
 
     /// The chunk with the finish reason (and, on a continued answer, where it was resumed).
     fn last_chunk(&self, o: &RouteOutcome) -> Event {
-        data(&Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices: &[Choice {
-                index: 0,
-                delta: Delta::default(),
-                logprobs: (),
-                finish_reason: Some(finish_reason(o)),
-            }],
-            usage: None,
-            keyvex: resumed(o),
-        })
+        let choice = Choice {
+            index: 0,
+            delta: Delta::default(),
+            logprobs: (),
+            finish_reason: Some(finish_reason(o)),
+        };
+        self.frame(&[choice], None, resumed(o))
     }
 
     fn usage_chunk(&self, o: &RouteOutcome) -> Event {
-        data(&Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices: &[],
-            usage: Some(wire_usage(o)),
-            keyvex: resumed(o),
-        })
+        self.frame(&[], Some(wire_usage(o)), resumed(o))
     }
 }
 
