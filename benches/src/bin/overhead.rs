@@ -13,7 +13,7 @@ use anyhow::Context;
 use benches::overhead::load::{self, Progress, SoakClient, Target, Transport};
 use benches::overhead::report::{self, Level, SoakRow, TargetRun};
 use benches::overhead::roles::{self, Role, RoleConfig, Running, SimTiming};
-use benches::overhead::{ENGINE_KEY, SIM_KEY, procfs, soak};
+use benches::overhead::{ENGINE_KEY, ENGINE_REDIS, SIM_KEY, procfs, soak};
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -84,9 +84,10 @@ struct Args {
     /// seconds later.
     #[arg(long, default_value_t = 20_000)]
     soak_open_per_sec: usize,
-    /// Keep the engine's limits and budgets in this Redis (`redis://127.0.0.1:6379`), as
-    /// `keyvex serve` does with `REDIS_URL`: the run then measures the extra round trips per
-    /// request against the in-process limits of a run without it.
+    /// Also start a second engine that keeps its limits and budgets in this Redis
+    /// (`redis://127.0.0.1:6379`), as `keyvex serve` does with `REDIS_URL`, and measure it as
+    /// the target `engine-redis` in the same rounds: its added time over `engine` (in-process
+    /// limits) is what the round trips to Redis cost. Not with `--soak`.
     #[arg(long)]
     redis_url: Option<String>,
     /// Log filter of the engine child (`keyvex serve` logs at info).
@@ -147,6 +148,8 @@ struct Servers {
     sim: Running,
     floor: Running,
     engine: Option<Running>,
+    /// The engine with its limits in Redis (`--redis-url`, latency runs only).
+    engine_redis: Option<Running>,
 }
 
 fn start_servers(
@@ -161,7 +164,7 @@ fn start_servers(
         engine_log: args.engine_log.clone(),
         otlp_endpoint: args.otlp_endpoint.clone(),
         work_dir: work_dir.to_path_buf(),
-        redis_url: args.redis_url.clone(),
+        redis_url: None,
     };
     let sim = roles::spawn(&config(Role::Sim, None))?;
     let floor = roles::spawn(&config(Role::Floor, Some(sim.base_url.clone())))?;
@@ -171,6 +174,20 @@ fn start_servers(
             Role::Engine,
             Some(sim.base_url.clone()),
         ))?),
+    };
+    let engine_redis = match (&args.upstream, &args.redis_url) {
+        (None, Some(url)) => {
+            // Its own directory: its own metrics file and log beside the first engine's.
+            let dir = work_dir.join("redis");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("could not create {}", dir.display()))?;
+            Some(roles::spawn(&RoleConfig {
+                work_dir: dir,
+                redis_url: Some(url.clone()),
+                ..config(Role::Engine, Some(sim.base_url.clone()))
+            })?)
+        }
+        _ => None,
     };
     eprintln!(
         "overhead: simulator {} (pid {}), floor {} (pid {}), engine {}",
@@ -183,7 +200,19 @@ fn start_servers(
             |e| format!("{} (pid {})", e.base_url, e.pid())
         ),
     );
-    Ok(Servers { sim, floor, engine })
+    if let Some(e) = &engine_redis {
+        eprintln!(
+            "overhead: engine with limits in Redis {} (pid {})",
+            e.base_url,
+            e.pid()
+        );
+    }
+    Ok(Servers {
+        sim,
+        floor,
+        engine,
+        engine_redis,
+    })
 }
 
 fn target(name: &'static str, base: &str, key: &str) -> Target {
@@ -263,7 +292,7 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
             None => anyhow::bail!("no engine and no --upstream"),
         },
     };
-    let targets = [
+    let mut targets = vec![
         (
             target("direct", &servers.sim.base_url, SIM_KEY),
             Some(servers.sim.pid()),
@@ -274,6 +303,9 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
         ),
         (engine_target, engine_pid),
     ];
+    if let Some(e) = &servers.engine_redis {
+        targets.push((target(ENGINE_REDIS, &e.base_url, ENGINE_KEY), Some(e.pid())));
+    }
     let client = load::client().context("could not build the load client")?;
     let stall = Duration::from_millis(args.stall_ms);
     let sim_pid = Some(servers.sim.pid());
@@ -371,6 +403,11 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::Result<()> {
+    if args.redis_url.is_some() {
+        anyhow::bail!(
+            "--redis-url measures latency against in-process limits and does not apply to --soak; drop one of the two"
+        );
+    }
     let transport = soak::transport(args.soak_http, args.soak_streams_per_conn)?;
     let cadence = soak::Cadence::from_flags(
         args.soak_secs,
@@ -391,7 +428,9 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
         tokens_per_sec: cadence.tokens_per_sec,
         output_tokens: cadence.output_tokens,
     };
-    let Servers { sim, floor, engine } = start_servers(args, timing, dir)?;
+    let Servers {
+        sim, floor, engine, ..
+    } = start_servers(args, timing, dir)?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let mut results = serde_json::Map::new();
     let mut rows = Vec::new();

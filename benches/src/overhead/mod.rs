@@ -20,3 +20,6 @@ pub const MODEL: &str = "gpt-5.4-mini";
 pub const SIM_KEY: &str = "sk-overhead-bench";
 /// The engine's API key for the load client.
 pub const ENGINE_KEY: &str = "kvx-overhead-bench";
+/// The target name of the second engine child that `--redis-url` starts: the same engine with
+/// its limits and budgets in that Redis, measured in the same run as the in-process one.
+pub const ENGINE_REDIS: &str = "engine-redis";

@@ -8,6 +8,7 @@ use comfy_table::Table;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
+use super::ENGINE_REDIS;
 use super::load::Sample;
 
 /// One target at one concurrency level, over all its rounds.
@@ -168,10 +169,10 @@ pub fn level_json(level: &Level) -> Value {
             );
         }
     }
-    if level.get("floor").is_some() && level.get("engine").is_some() {
+    for (t, b) in comparisons(level) {
         added_map.insert(
-            "engine_vs_floor".to_owned(),
-            added(level, "engine", "floor"),
+            format!("{}_vs_{b}", t.replace('-', "_")),
+            added(level, t, b),
         );
     }
     json!({
@@ -181,6 +182,14 @@ pub fn level_json(level: &Level) -> Value {
         "targets": targets,
         "added": added_map,
     })
+}
+
+/// The pairs compared beside each target's "vs direct": the engine against the floor, and the
+/// engine with its limits in Redis against the same engine with them in process.
+fn comparisons(level: &Level) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
+    [("engine", "floor"), (ENGINE_REDIS, "engine")]
+        .into_iter()
+        .filter(|(t, b)| level.get(t).is_some() && level.get(b).is_some())
 }
 
 fn ms(v: f64) -> String {
@@ -247,10 +256,7 @@ pub fn level_table(level: &Level) -> String {
         .iter()
         .filter(|t| t.name != "direct")
         .map(|t| (t.name, "direct"))
-        .chain(
-            (level.get("floor").is_some() && level.get("engine").is_some())
-                .then_some(("engine", "floor")),
-        )
+        .chain(comparisons(level))
         .collect();
     for (t, b) in pairs {
         let a = added(level, t, b);
@@ -307,6 +313,14 @@ pub fn verdicts(levels: &[Level]) -> Vec<Verdict> {
             measured: format!("engine {e50:.3} ms, floor {f50:.3} ms (paired round medians)"),
             pass: finite(e50, f50).then_some(e50 <= f50 + 0.1),
         });
+        if l.get(ENGINE_REDIS).is_some() {
+            let r50 = paired_ttft_p50(l, ENGINE_REDIS, "engine");
+            out.push(Verdict {
+                target: "c=1 limits in Redis add ≤ 0.15 ms TTFT p50 over in-process".into(),
+                measured: format!("{r50:.3} ms (paired round medians)"),
+                pass: r50.is_finite().then_some(r50 <= 0.15),
+            });
+        }
         let (e99, f99) = (added_q(l, "engine", 0.99), added_q(l, "floor", 0.99));
         out.push(Verdict {
             target: "c=1 added TTFT p99 ≤ 2 × floor's".into(),
