@@ -17,6 +17,10 @@ use benches::overhead::{ENGINE_KEY, ENGINE_REDIS, SIM_KEY, procfs, soak};
 use clap::Parser;
 use serde_json::{Value, json};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Engine-overhead benchmark: simulator direct vs a pass-through relay (floor) vs the engine.
 #[derive(Debug, Parser)]
 #[command(name = "overhead")]
@@ -90,6 +94,11 @@ struct Args {
     /// limits) is what the round trips to Redis cost. Not with `--soak`.
     #[arg(long)]
     redis_url: Option<String>,
+    /// Start the engine children from this build of `overhead` instead of this binary, e.g. one
+    /// built with `--features mimalloc`, so a build setting of the engine is measured against
+    /// an unchanged floor and simulator.
+    #[arg(long)]
+    engine_exe: Option<PathBuf>,
     /// Log filter of the engine child (`keyvex serve` logs at info).
     #[arg(long, default_value = "info")]
     engine_log: String,
@@ -124,6 +133,7 @@ fn main() -> ExitCode {
             otlp_endpoint: args.otlp_endpoint.clone(),
             work_dir: args.work_dir.clone().unwrap_or_else(std::env::temp_dir),
             redis_url: args.redis_url.clone(),
+            exe: None,
         }),
         None => bench(&args),
     };
@@ -165,15 +175,17 @@ fn start_servers(
         otlp_endpoint: args.otlp_endpoint.clone(),
         work_dir: work_dir.to_path_buf(),
         redis_url: None,
+        exe: None,
     };
     let sim = roles::spawn(&config(Role::Sim, None))?;
     let floor = roles::spawn(&config(Role::Floor, Some(sim.base_url.clone())))?;
+    let engine_config = RoleConfig {
+        exe: args.engine_exe.clone(),
+        ..config(Role::Engine, Some(sim.base_url.clone()))
+    };
     let engine = match args.upstream {
         Some(_) => None,
-        None => Some(roles::spawn(&config(
-            Role::Engine,
-            Some(sim.base_url.clone()),
-        ))?),
+        None => Some(roles::spawn(&engine_config)?),
     };
     let engine_redis = match (&args.upstream, &args.redis_url) {
         (None, Some(url)) => {
@@ -184,7 +196,7 @@ fn start_servers(
             Some(roles::spawn(&RoleConfig {
                 work_dir: dir,
                 redis_url: Some(url.clone()),
-                ..config(Role::Engine, Some(sim.base_url.clone()))
+                ..engine_config.clone()
             })?)
         }
         _ => None,
@@ -374,6 +386,7 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
         "sim": { "ttft_ms": args.sim_ttft_ms, "tokens_per_sec": args.sim_tokens_per_sec, "output_tokens": args.sim_output_tokens },
         "engine_external": args.upstream,
         "engine_log": args.engine_log,
+        "engine_exe": args.engine_exe,
         "otlp_endpoint": args.otlp_endpoint,
         "engine_rss_idle_mib": engine_idle.map(|m| mib(m.rss)),
         "engine_rss_after_load_mib": engine_after.map(|m| mib(m.rss)),
@@ -615,6 +628,7 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
         "stream_secs": cadence.stream_secs,
         "sim": { "ttft_ms": args.sim_ttft_ms, "tokens_per_sec": cadence.tokens_per_sec, "output_tokens": cadence.output_tokens },
         "engine_log": args.engine_log,
+        "engine_exe": args.engine_exe,
         "otlp_endpoint": args.otlp_endpoint,
         "results": results,
     });

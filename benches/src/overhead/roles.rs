@@ -67,6 +67,9 @@ pub struct RoleConfig {
     pub work_dir: PathBuf,
     /// The Redis of the engine's limits and budgets (`REDIS_URL`); in-process without.
     pub redis_url: Option<String>,
+    /// Another build of this benchmark to start the role from (`--engine-exe`); this binary
+    /// without.
+    pub exe: Option<PathBuf>,
 }
 
 /// Runs one role until stdin closes. Builds its own runtime: a multi-threaded one with as many
@@ -343,7 +346,10 @@ impl Drop for Running {
 
 /// Starts this binary as `role` and waits for its `listening` line.
 pub fn spawn(config: &RoleConfig) -> anyhow::Result<Running> {
-    let exe = std::env::current_exe().context("could not find the benchmark's own binary")?;
+    let exe = match &config.exe {
+        Some(exe) => exe.clone(),
+        None => std::env::current_exe().context("could not find the benchmark's own binary")?,
+    };
     let role = match config.role {
         Role::Sim => "sim",
         Role::Floor => "floor",
