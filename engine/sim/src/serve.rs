@@ -2,7 +2,10 @@
 //! ask for its own connection to be reset (a TCP RST before any byte of the response), which a
 //! handler behind `axum::serve` has no way to do: the `reset` fault needs the socket.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
@@ -11,7 +14,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -55,15 +60,9 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, shutdown: Cancella
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(%error, "simulator could not set TCP_NODELAY");
         }
-        // A second handle on the socket, kept to set SO_LINGER 0 if a request asks for a reset
-        // while hyper owns the first.
-        let (tcp, twin) = match split_handle(tcp) {
-            Ok(pair) => pair,
-            Err(error) => {
-                tracing::debug!(%error, "simulator could not duplicate a socket; dropping it");
-                continue;
-            }
-        };
+        // hyper gets a handle on the socket and this task keeps another, to set SO_LINGER 0 if a
+        // request asks for a reset while hyper owns the connection. Both share one descriptor.
+        let socket = Arc::new(tcp);
         let control = ConnControl::default();
         let reset = control.reset.clone();
         let app = app.clone();
@@ -75,7 +74,8 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, shutdown: Cancella
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+            let io = TokioIo::new(SharedSocket(Arc::clone(&socket)));
+            let connection = builder.serve_connection_with_upgrades(io, service);
             let connection = watcher.watch(connection.into_owned());
             tokio::select! {
                 served = connection => {
@@ -84,15 +84,10 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, shutdown: Cancella
                     }
                 }
                 () = reset.notified() => {
-                    // Dropping the connection and then the twin closes the socket's last
-                    // handle; with a zero linger the kernel answers with RST instead of FIN.
-                    match tokio::net::TcpStream::from_std(twin) {
-                        Ok(twin) => {
-                            if let Err(error) = twin.set_zero_linger() {
-                                tracing::debug!(%error, "simulator could not set SO_LINGER 0");
-                            }
-                        }
-                        Err(error) => tracing::debug!(%error, "simulator could not reset a connection"),
+                    // With a zero linger, closing the socket's last handle (the connection's,
+                    // then this one, as the task ends) answers with RST instead of FIN.
+                    if let Err(error) = socket.set_zero_linger() {
+                        tracing::debug!(%error, "simulator could not set SO_LINGER 0");
                     }
                 }
             }
@@ -106,11 +101,68 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, shutdown: Cancella
     }
 }
 
-/// The socket as tokio's stream plus a duplicate handle (same socket, second descriptor).
-fn split_handle(
-    tcp: tokio::net::TcpStream,
-) -> std::io::Result<(tokio::net::TcpStream, std::net::TcpStream)> {
-    let std = tcp.into_std()?;
-    let twin = std.try_clone()?;
-    Ok((tokio::net::TcpStream::from_std(std)?, twin))
+/// A connection's socket shared between hyper and the task that may reset it. One descriptor
+/// per connection: a duplicate per connection would let the simulator hold only half as many
+/// connections under the process's open-files limit (10,000 at the sandbox's 20,000), and a
+/// 10,000-stream soak would find its last connections waiting in the accept queue.
+struct SharedSocket(Arc<TcpStream>);
+
+impl AsyncRead for SharedSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return Poll::Ready(result.map(drop)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Writes go straight to the socket; nothing is buffered here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Half-closes the socket (FIN) as tokio's own `TcpStream` does on shutdown.
+        Poll::Ready(SockRef::from(self.0.as_ref()).shutdown(std::net::Shutdown::Write))
+    }
 }

@@ -8,6 +8,7 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
+mod connections;
 mod sdk;
 mod strict_sse;
 mod versions;
