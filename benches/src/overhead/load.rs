@@ -117,6 +117,51 @@ impl Sample {
             self.first_error = Some(error);
         }
     }
+
+    /// Adds what one stream did.
+    pub fn absorb(&mut self, log: StreamLog) {
+        for error in log.failures {
+            self.fail(error);
+        }
+        self.events += log.events;
+        self.stalls += log.stalls;
+        self.max_gap = self.max_gap.max(log.max_gap);
+        if let Some(t) = log.timings {
+            self.streams += 1;
+            record(&mut self.headers, t.headers);
+            record(&mut self.ttft, t.ttft);
+            for gap in t.gaps {
+                record(&mut self.gap, gap);
+            }
+            record(&mut self.e2e, t.e2e);
+        }
+    }
+}
+
+/// What one stream did. Small on purpose: a soak holds one per open stream, and a [`Sample`]'s
+/// four auto-resizing histograms start at 256 KiB each — 10,000 of them were 10 GiB.
+#[derive(Debug, Default)]
+pub struct StreamLog {
+    failures: Vec<String>,
+    events: u64,
+    stalls: u64,
+    max_gap: Duration,
+    /// Set when the stream completed (content and `[DONE]`).
+    timings: Option<StreamTimings>,
+}
+
+#[derive(Debug)]
+struct StreamTimings {
+    headers: Duration,
+    ttft: Duration,
+    gaps: Vec<Duration>,
+    e2e: Duration,
+}
+
+impl StreamLog {
+    fn fail(&mut self, error: String) {
+        self.failures.push(error);
+    }
 }
 
 /// Counters shared by the streams of a soak, read while they run.
@@ -319,20 +364,20 @@ async fn send(via: Via<'_>, target: &Target, body: Bytes) -> Result<Answer, Stri
     }
 }
 
-/// Runs one stream and adds its timings to `sample`.
+/// Runs one stream and writes what it did to `log`.
 pub async fn one_stream(
     via: Via<'_>,
     target: &Target,
     body: Bytes,
     stall: Duration,
-    sample: &mut Sample,
+    log: &mut StreamLog,
     progress: Option<&Progress>,
 ) {
     let start = Instant::now();
     let mut response = match send(via, target, body).await {
         Ok(answer) => answer,
         Err(error) => {
-            sample.fail(error);
+            log.fail(error);
             return;
         }
     };
@@ -348,7 +393,7 @@ pub async fn one_stream(
             Ok(Some(chunk)) => chunk,
             Ok(None) => break,
             Err(e) => {
-                sample.fail(format!("body failed: {e}"));
+                log.fail(format!("body failed: {e}"));
                 break;
             }
         };
@@ -393,20 +438,19 @@ pub async fn one_stream(
     if let Some(p) = progress {
         p.ended.fetch_add(1, Ordering::Relaxed);
     }
-    sample.events += events;
-    sample.stalls += stalls;
-    sample.max_gap = sample.max_gap.max(max_gap);
+    log.events += events;
+    log.stalls += stalls;
+    log.max_gap = log.max_gap.max(max_gap);
     let Some(first) = first.filter(|_| done) else {
-        sample.fail("the stream ended without content or without data: [DONE]".to_owned());
+        log.fail("the stream ended without content or without data: [DONE]".to_owned());
         return;
     };
-    sample.streams += 1;
-    record(&mut sample.headers, headers_at - start);
-    record(&mut sample.ttft, first - start);
-    for gap in gaps {
-        record(&mut sample.gap, gap);
-    }
-    record(&mut sample.e2e, end - start);
+    log.timings = Some(StreamTimings {
+        headers: headers_at - start,
+        ttft: first - start,
+        gaps,
+        e2e: end - start,
+    });
 }
 
 /// One round: `concurrency` workers, each running `per_worker` streams back to back.
@@ -426,25 +470,27 @@ pub async fn round(
         let target = target.clone();
         let body = body.clone();
         workers.spawn(async move {
-            let mut sample = Sample::default();
+            let mut logs = Vec::with_capacity(per_worker);
             for _ in 0..per_worker {
+                let mut log = StreamLog::default();
                 one_stream(
                     Via::Http1(&client),
                     &target,
                     body.clone(),
                     stall,
-                    &mut sample,
+                    &mut log,
                     None,
                 )
                 .await;
+                logs.push(log);
             }
-            sample
+            logs
         });
     }
     let mut merged = Sample::default();
     while let Some(done) = workers.join_next().await {
         match done {
-            Ok(sample) => merged.merge(&sample),
+            Ok(logs) => logs.into_iter().for_each(|log| merged.absorb(log)),
             Err(e) => merged.fail(format!("a load worker panicked: {e}")),
         }
     }
@@ -497,10 +543,10 @@ pub async fn soak(
         let body = body.clone();
         let progress = Arc::clone(&progress);
         streams.spawn(async move {
-            let mut sample = Sample::default();
+            let mut log = StreamLog::default();
             let via = client.via(i);
-            one_stream(via, &target, body, stall, &mut sample, Some(&progress)).await;
-            sample
+            one_stream(via, &target, body, stall, &mut log, Some(&progress)).await;
+            log
         });
         if i % batch == batch - 1 {
             tokio::time::sleep(OPEN_TICK).await;
@@ -509,7 +555,7 @@ pub async fn soak(
     let mut merged = Sample::default();
     while let Some(done) = streams.join_next().await {
         match done {
-            Ok(sample) => merged.merge(&sample),
+            Ok(log) => merged.absorb(log),
             Err(e) => merged.fail(format!("a soak stream panicked: {e}")),
         }
     }
@@ -607,16 +653,18 @@ mod tests {
             bearer: String::new(),
         };
         let pool = H2Pool::connect(&target, 1).await.unwrap();
-        let mut sample = Sample::default();
+        let mut log = StreamLog::default();
         one_stream(
             Via::H2c(&pool, 0),
             &target,
             request_body(),
             Duration::from_secs(60),
-            &mut sample,
+            &mut log,
             None,
         )
         .await;
+        let mut sample = Sample::default();
+        sample.absorb(log);
         assert_eq!(sample.failed, 1);
         assert!(
             sample
