@@ -401,8 +401,9 @@ pub(crate) fn adapt_events<S>(
 where
     S: Stream<Item = Result<SseEvent, ProviderError>> + Send + 'static,
 {
+    // Pinned on the heap before the generator takes it (see `openai::adapt_chunks`).
+    let mut frames = Box::pin(frames);
     async_stream::stream! {
-        futures::pin_mut!(frames);
         let mut state = AdaptState::new(options);
         loop {
             let next = if state.stop_reason.is_some() {

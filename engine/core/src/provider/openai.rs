@@ -539,8 +539,11 @@ where
     S: Stream<Item = Result<Chunk, ProviderError>> + Send,
     F: Fn() -> bool + Send,
 {
+    // Pinned on the heap before the generator takes it: pinned inside, the generator would keep
+    // two slots of the chunk stream's state (the captured one and the pinned local), about 1 KiB
+    // more per open stream.
+    let mut chunks = Box::pin(chunks);
     async_stream::stream! {
-        futures::pin_mut!(chunks);
         let mut usage: Option<Usage> = None;
         let mut finish: Option<FinishReason> = None;
         let mut refused = false;

@@ -183,8 +183,9 @@ where
     B: AsRef<[u8]> + Send,
     E: std::fmt::Display + Send,
 {
+    // Pinned on the heap before the generator takes it (see `openai::adapt_chunks`).
+    let mut bytes = Box::pin(bytes);
     async_stream::stream! {
-        futures::pin_mut!(bytes);
         let mut framer = SseFramer::new(max_bytes);
         let mut ready: Vec<SseEvent> = Vec::new();
         loop {
