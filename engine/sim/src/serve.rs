@@ -107,19 +107,35 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, shutdown: Cancella
 /// 10,000-stream soak would find its last connections waiting in the accept queue.
 struct SharedSocket(Arc<TcpStream>);
 
+/// Waits until the socket is ready, then tries `op`; a readiness that turns out spurious
+/// (`WouldBlock`) waits again, as tokio's own `TcpStream` does.
+fn when_ready<T>(
+    cx: &mut Context<'_>,
+    mut ready: impl FnMut(&mut Context<'_>) -> Poll<io::Result<()>>,
+    mut op: impl FnMut() -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        ready!(ready(cx))?;
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
 impl AsyncRead for SharedSocket {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            ready!(self.0.poll_read_ready(cx))?;
-            match self.0.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result.map(drop)),
-            }
-        }
+        let socket = &self.0;
+        when_ready(
+            cx,
+            |cx| socket.poll_read_ready(cx),
+            || socket.try_read_buf(buf),
+        )
+        .map_ok(drop)
     }
 }
 
@@ -129,13 +145,12 @@ impl AsyncWrite for SharedSocket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result),
-            }
-        }
+        let socket = &self.0;
+        when_ready(
+            cx,
+            |cx| socket.poll_write_ready(cx),
+            || socket.try_write(buf),
+        )
     }
 
     fn poll_write_vectored(
@@ -143,13 +158,12 @@ impl AsyncWrite for SharedSocket {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write_vectored(bufs) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result),
-            }
-        }
+        let socket = &self.0;
+        when_ready(
+            cx,
+            |cx| socket.poll_write_ready(cx),
+            || socket.try_write_vectored(bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
