@@ -13,7 +13,7 @@ use anyhow::Context;
 use benches::overhead::load::{self, Progress, SoakClient, Target, Transport};
 use benches::overhead::report::{self, Level, SoakRow, TargetRun};
 use benches::overhead::roles::{self, Role, RoleConfig, Running, SimTiming};
-use benches::overhead::{ENGINE_KEY, ENGINE_REDIS, SIM_KEY, procfs, soak};
+use benches::overhead::{ENGINE_BASE, ENGINE_KEY, ENGINE_REDIS, SIM_KEY, procfs, soak};
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -99,6 +99,11 @@ struct Args {
     /// an unchanged floor and simulator.
     #[arg(long)]
     engine_exe: Option<PathBuf>,
+    /// Also start an engine from this other build of `overhead` (the "before" of a change) and
+    /// measure it as the target `engine-base` in the same rounds as `engine`, so a change's
+    /// before and after share one run's conditions. Not with `--soak`.
+    #[arg(long)]
+    baseline_exe: Option<PathBuf>,
     /// Log filter of the engine child (`keyvex serve` logs at info).
     #[arg(long, default_value = "info")]
     engine_log: String,
@@ -160,6 +165,8 @@ struct Servers {
     engine: Option<Running>,
     /// The engine with its limits in Redis (`--redis-url`, latency runs only).
     engine_redis: Option<Running>,
+    /// The engine from the build compared with (`--baseline-exe`, latency runs only).
+    engine_base: Option<Running>,
 }
 
 fn start_servers(
@@ -201,6 +208,24 @@ fn start_servers(
         }
         _ => None,
     };
+    let engine_base = match (&args.upstream, &args.baseline_exe) {
+        (None, Some(exe)) => {
+            let dir = work_dir.join("base");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("could not create {}", dir.display()))?;
+            Some(roles::spawn(&RoleConfig {
+                work_dir: dir,
+                exe: Some(exe.clone()),
+                ..engine_config.clone()
+            })?)
+        }
+        (Some(_), Some(_)) => {
+            anyhow::bail!(
+                "--baseline-exe compares two engine builds; it does not apply to --upstream"
+            )
+        }
+        _ => None,
+    };
     eprintln!(
         "overhead: simulator {} (pid {}), floor {} (pid {}), engine {}",
         sim.base_url,
@@ -219,11 +244,15 @@ fn start_servers(
             e.pid()
         );
     }
+    if let Some(e) = &engine_base {
+        eprintln!("overhead: baseline engine {} (pid {})", e.base_url, e.pid());
+    }
     Ok(Servers {
         sim,
         floor,
         engine,
         engine_redis,
+        engine_base,
     })
 }
 
@@ -318,6 +347,9 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
     if let Some(e) = &servers.engine_redis {
         targets.push((target(ENGINE_REDIS, &e.base_url, ENGINE_KEY), Some(e.pid())));
     }
+    if let Some(e) = &servers.engine_base {
+        targets.push((target(ENGINE_BASE, &e.base_url, ENGINE_KEY), Some(e.pid())));
+    }
     let client = load::client().context("could not build the load client")?;
     let stall = Duration::from_millis(args.stall_ms);
     let sim_pid = Some(servers.sim.pid());
@@ -387,6 +419,7 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
         "engine_external": args.upstream,
         "engine_log": args.engine_log,
         "engine_exe": args.engine_exe,
+        "baseline_exe": args.baseline_exe,
         "otlp_endpoint": args.otlp_endpoint,
         "engine_rss_idle_mib": engine_idle.map(|m| mib(m.rss)),
         "engine_rss_after_load_mib": engine_after.map(|m| mib(m.rss)),
@@ -410,6 +443,12 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
         )?;
     }
     writeln!(out, "{}", report::verdict_table(&verdicts))?;
+    if let Some(table) = report::baseline_table(&levels) {
+        writeln!(
+            out,
+            "this build against --baseline-exe, same rounds:\n{table}"
+        )?;
+    }
     writeln!(out, "results: {}", path.display())?;
     drop(servers);
     Ok(())
@@ -419,6 +458,11 @@ async fn soak(args: &Args, requested: usize, dir: &std::path::Path) -> anyhow::R
     if args.redis_url.is_some() {
         anyhow::bail!(
             "--redis-url measures latency against in-process limits and does not apply to --soak; drop one of the two"
+        );
+    }
+    if args.baseline_exe.is_some() {
+        anyhow::bail!(
+            "--baseline-exe measures latency in shared rounds and does not apply to --soak; soak each build with --engine-exe instead"
         );
     }
     let transport = soak::transport(args.soak_http, args.soak_streams_per_conn)?;

@@ -23,3 +23,6 @@ pub const ENGINE_KEY: &str = "kvx-overhead-bench";
 /// The target name of the second engine child that `--redis-url` starts: the same engine with
 /// its limits and budgets in that Redis, measured in the same run as the in-process one.
 pub const ENGINE_REDIS: &str = "engine-redis";
+/// The target name of the engine child that `--baseline-exe` starts from another build: the
+/// "before" of a change, measured in the same rounds as the "after" (`engine`).
+pub const ENGINE_BASE: &str = "engine-base";

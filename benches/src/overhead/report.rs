@@ -8,8 +8,8 @@ use comfy_table::Table;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use super::ENGINE_REDIS;
 use super::load::Sample;
+use super::{ENGINE_BASE, ENGINE_REDIS};
 
 /// One target at one concurrency level, over all its rounds.
 #[derive(Debug, Clone)]
@@ -184,12 +184,18 @@ pub fn level_json(level: &Level) -> Value {
     })
 }
 
-/// The pairs compared beside each target's "vs direct": the engine against the floor, and the
-/// engine with its limits in Redis against the same engine with them in process.
+/// The pairs compared beside each target's "vs direct": the engine against the floor, the
+/// engine with its limits in Redis against the same engine with them in process, and the
+/// engine against the build it is compared with (`--baseline-exe`).
 fn comparisons(level: &Level) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
-    [("engine", "floor"), (ENGINE_REDIS, "engine")]
-        .into_iter()
-        .filter(|(t, b)| level.get(t).is_some() && level.get(b).is_some())
+    [
+        ("engine", "floor"),
+        (ENGINE_REDIS, "engine"),
+        (ENGINE_BASE, "floor"),
+        ("engine", ENGINE_BASE),
+    ]
+    .into_iter()
+    .filter(|(t, b)| level.get(t).is_some() && level.get(b).is_some())
 }
 
 fn ms(v: f64) -> String {
@@ -392,6 +398,45 @@ pub fn verdict_table(verdicts: &[Verdict]) -> String {
         ]);
     }
     table.to_string()
+}
+
+/// The engine against the build it is compared with (`--baseline-exe`), level by level: the
+/// paired TTFT difference and each build's CPU per event and streams/s as a share of the
+/// floor's, all from the same rounds. `None` when no baseline ran.
+pub fn baseline_table(levels: &[Level]) -> Option<String> {
+    let mut table = Table::new();
+    table.set_header([
+        "c",
+        "engine − base TTFT p50 paired (ms)",
+        "CPU µs/event engine / base / floor",
+        "CPU ×floor engine / base",
+        "streams/s engine / base / floor",
+    ]);
+    let mut rows = 0;
+    for level in levels {
+        let (Some(e), Some(b), Some(f)) = (
+            level.get("engine"),
+            level.get(ENGINE_BASE),
+            level.get("floor"),
+        ) else {
+            continue;
+        };
+        let cpu = |t: &TargetRun| t.cpu_per_event_us().unwrap_or(f64::NAN);
+        table.add_row([
+            level.concurrency.to_string(),
+            ms(paired_ttft_p50(level, "engine", ENGINE_BASE)),
+            format!("{:.1} / {:.1} / {:.1}", cpu(e), cpu(b), cpu(f)),
+            format!("{:.2} / {:.2}", cpu(e) / cpu(f), cpu(b) / cpu(f)),
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                e.streams_per_sec(),
+                b.streams_per_sec(),
+                f.streams_per_sec()
+            ),
+        ]);
+        rows += 1;
+    }
+    (rows > 0).then(|| table.to_string())
 }
 
 /// One target of a soak.
