@@ -292,7 +292,7 @@ fn relay() -> Result<(Case, RouteOutcome), SetupError> {
         Some(Work::Elements(deltas.len() as u64)),
         move || route().0,
     );
-    Ok((case, outcome))
+    Ok((case, *outcome))
 }
 
 /// Catalog lookup and the routing decision (route, models, providers, attempt plan) for every

@@ -327,7 +327,7 @@ fn agent_events(
                     }
                     CallEvent::Finished { outcome: o, record } => {
                         yield AgentEvent::Usage(CallUsage::of(&o, record));
-                        finished = Some(o);
+                        finished = Some(*o);
                     }
                     CallEvent::Failed { failure, record } => {
                         yield AgentEvent::Usage(CallUsage::of(&failure.outcome, record));

@@ -95,7 +95,8 @@ impl CallContext {
 /// What the caller of one model call sees, in order: `Start` per attempt that opened a stream, a
 /// `Fallback` before each switch of model, the committed attempt's `Delta`s, then exactly one
 /// `Finished` or `Failed`, whose records (one per attempt that reached a model) have already been
-/// handed to the recorder; its `record` resolves once all of them are durable.
+/// handed to the recorder; its `record` resolves once all of them are durable. The terminal and
+/// rescue payloads are boxed for the reason given on [`RouteEvent`].
 #[derive(Debug)]
 pub enum CallEvent {
     Start {
@@ -111,14 +112,14 @@ pub enum CallEvent {
     },
     /// The stream broke after content and another call takes over (see
     /// [`RouteEvent::Rescue`]).
-    Rescue(Rescue),
+    Rescue(Box<Rescue>),
     Delta(String),
     Finished {
-        outcome: RouteOutcome,
+        outcome: Box<RouteOutcome>,
         record: Recorded,
     },
     Failed {
-        failure: RouteFailure,
+        failure: Box<RouteFailure>,
         record: Recorded,
     },
 }

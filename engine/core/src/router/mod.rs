@@ -248,6 +248,10 @@ impl Default for RouteOptions {
 /// What the caller of a route sees, in order: for each attempt that opened a stream a `Start`;
 /// a `Fallback` before each switch to a different model; the committed attempt's `Delta`s; and
 /// exactly one terminal `Finished` or `Failed`.
+///
+/// The once-per-route payloads are boxed: every delta is a `RouteEvent` moved through each layer
+/// of the stream, and every generator that holds one at a yield keeps a slot of the enum's full
+/// size, so an inline outcome (376 bytes) made each delta as large as the outcome.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RouteEvent {
     Start {
@@ -264,10 +268,10 @@ pub enum RouteEvent {
     /// The committed stream broke after content and another call takes over: on a restart the
     /// caller drops everything it received and the new call's deltas start from nothing; on a
     /// continue its deltas carry on the text already sent.
-    Rescue(Rescue),
+    Rescue(Box<Rescue>),
     Delta(String),
-    Finished(RouteOutcome),
-    Failed(RouteFailure),
+    Finished(Box<RouteOutcome>),
+    Failed(Box<RouteFailure>),
 }
 
 /// The events of one route. Dropping it cancels the in-flight provider call.

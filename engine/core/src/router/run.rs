@@ -168,10 +168,6 @@ enum Skip {
 }
 
 /// What happened to one provider event.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "moved once per event, like the RouteEvent it carries; boxing would allocate per delta"
-)]
 enum Step {
     Nothing,
     Forward(RouteEvent),
@@ -238,21 +234,21 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
             let error = run.plan.unavailable.first().cloned().unwrap_or(
                 RouteError::AllAttemptsFailed { attempts: Vec::new() },
             );
-            yield RouteEvent::Failed(run.fail(error));
+            yield RouteEvent::Failed(Box::new(run.fail(error)));
             return;
         }
         run.shared.budget.deposit();
         loop {
             let Some(idx) = run.pick() else {
                 let error = RouteError::AllAttemptsFailed { attempts: run.summaries() };
-                yield RouteEvent::Failed(run.fail(error));
+                yield RouteEvent::Failed(Box::new(run.fail(error)));
                 return;
             };
             if let Some(mut rescue) = run.pending_rescue.take() {
                 rescue.to.clone_from(&run.plan.candidates[idx].spec.id);
                 tracing::info!(mode = rescue.mode.as_str(), from = %rescue.from, to = %rescue.to, reason = %rescue.reason, delivered_bytes = rescue.delivered_bytes as u64, "rescue");
                 run.rescues.push(rescue.clone());
-                yield RouteEvent::Rescue(rescue);
+                yield RouteEvent::Rescue(Box::new(rescue));
             } else if let Some(event) = run.fallback_event(idx) {
                 if let RouteEvent::Fallback { from, to, reason } = &event {
                     tracing::info!(from = %from, to = %to, reason = %reason, "fallback");
@@ -262,13 +258,13 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
             if run.tried[idx] > 0 {
                 if !run.shared.budget.withdraw() {
                     let error = RouteError::RetryBudgetExhausted { attempts: run.summaries() };
-                    yield RouteEvent::Failed(run.fail(error));
+                    yield RouteEvent::Failed(Box::new(run.fail(error)));
                     return;
                 }
                 let wait = run.retry_wait(idx);
                 if Instant::now() + wait >= run.deadline {
                     let error = run.deadline_error();
-                    yield RouteEvent::Failed(run.fail(error));
+                    yield RouteEvent::Failed(Box::new(run.fail(error)));
                     return;
                 }
                 tracing::info!(model = %run.plan.candidates[idx].spec.id, wait_ms = wait.as_millis() as u64, quick = run.quick_next, "retry");
@@ -296,7 +292,7 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                     let refused = AttemptRecord::skipped(spec.provider, &spec.id, AttemptError::Spend(denied.clone()));
                     run.attempts.push(refused);
                     let error = RouteError::Budget { denied, attempts: run.summaries() };
-                    yield RouteEvent::Failed(run.fail(error));
+                    yield RouteEvent::Failed(Box::new(run.fail(error)));
                     return;
                 }
             };
@@ -903,7 +899,7 @@ impl RouteRun {
                     text
                 };
                 self.attempts.push(record);
-                return Some(RouteEvent::Finished(self.succeed(reason)));
+                return Some(RouteEvent::Finished(Box::new(self.succeed(reason))));
             }
             Err(error) => error,
         };
@@ -959,12 +955,12 @@ impl RouteRun {
                 error,
                 produced_chars,
             };
-            return Some(RouteEvent::Failed(self.fail(error)));
+            return Some(RouteEvent::Failed(Box::new(self.fail(error))));
         }
         match class {
             FaultClass::Deadline => {
                 let error = self.deadline_error();
-                return Some(RouteEvent::Failed(self.fail(error)));
+                return Some(RouteEvent::Failed(Box::new(self.fail(error))));
             }
             FaultClass::ContextTooLong if self.larger_context_available(idx) => {
                 tracing::info!(parent: &span, "prompt too long for {model}: trying a model with a larger context window");
@@ -978,7 +974,7 @@ impl RouteRun {
                     error,
                     attempts: self.summaries(),
                 };
-                return Some(RouteEvent::Failed(self.fail(error)));
+                return Some(RouteEvent::Failed(Box::new(self.fail(error))));
             }
             FaultClass::Account => return None,
             FaultClass::Transient | FaultClass::RateLimited => {}

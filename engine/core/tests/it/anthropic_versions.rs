@@ -62,7 +62,7 @@ async fn finish(
                     .find(|r| r.request_id == record.id)
                     .expect("the call was recorded")
                     .clone();
-                return (outcome, recorded);
+                return (*outcome, recorded);
             }
             CallEvent::Failed { failure, .. } => panic!("{}", failure.error),
             CallEvent::Start { .. } | CallEvent::Fallback { .. } | CallEvent::Rescue(_) => {}

@@ -96,8 +96,8 @@ async fn drain(mut stream: RouteStream) -> (Vec<RouteEvent>, Result<RouteOutcome
     let mut events = Vec::new();
     while let Some(ev) = stream.next().await {
         match ev {
-            RouteEvent::Finished(o) => return (events, Ok(o)),
-            RouteEvent::Failed(f) => return (events, Err(f)),
+            RouteEvent::Finished(o) => return (events, Ok(*o)),
+            RouteEvent::Failed(f) => return (events, Err(*f)),
             other => events.push(other),
         }
     }
@@ -119,7 +119,7 @@ fn rescues(events: &[RouteEvent]) -> Vec<(usize, &Rescue)> {
         .iter()
         .enumerate()
         .filter_map(|(i, e)| match e {
-            RouteEvent::Rescue(r) => Some((i, r)),
+            RouteEvent::Rescue(r) => Some((i, &**r)),
             _ => None,
         })
         .collect()

@@ -132,7 +132,7 @@ async fn call(engine: &Engine, process: Process) -> Ran {
                 record.receipt.durable().await.unwrap();
                 return Ran {
                     text,
-                    end: Ok(outcome),
+                    end: Ok(*outcome),
                     took: started.elapsed(),
                 };
             }
@@ -140,7 +140,7 @@ async fn call(engine: &Engine, process: Process) -> Ran {
                 record.receipt.durable().await.unwrap();
                 return Ran {
                     text,
-                    end: Err(failure),
+                    end: Err(*failure),
                     took: started.elapsed(),
                 };
             }

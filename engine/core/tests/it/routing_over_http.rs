@@ -120,8 +120,8 @@ async fn run(
     while let Some(ev) = stream.next().await {
         match ev {
             RouteEvent::Delta(t) => text.push_str(&t),
-            RouteEvent::Finished(o) => return (text, Ok(o), events),
-            RouteEvent::Failed(f) => return (text, Err(f), events),
+            RouteEvent::Finished(o) => return (text, Ok(*o), events),
+            RouteEvent::Failed(f) => return (text, Err(*f), events),
             other => events.push(other),
         }
     }

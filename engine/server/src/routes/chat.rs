@@ -418,7 +418,7 @@ enum Peeked {
     /// Content flows: the first delta and the rest of the call.
     Content(String, CallStream),
     /// Finished without content.
-    Finished(RouteOutcome, Recorded),
+    Finished(Box<RouteOutcome>, Recorded),
 }
 
 /// The line that says a chat answer was resumed on another call (the last chunk says it too).
