@@ -174,6 +174,13 @@ fn start_servers(
     timing: SimTiming,
     work_dir: &std::path::Path,
 ) -> anyhow::Result<Servers> {
+    // Every child runs from a copy written now, the compared builds included (see
+    // `roles::fresh_copy`).
+    let own = roles::fresh_copy(None, work_dir, "overhead-bin")?;
+    let engine_exe = match &args.engine_exe {
+        Some(exe) => roles::fresh_copy(Some(exe), work_dir, "overhead-engine-bin")?,
+        None => own.clone(),
+    };
     let config = |role, forward_to: Option<String>| RoleConfig {
         role,
         timing,
@@ -182,12 +189,12 @@ fn start_servers(
         otlp_endpoint: args.otlp_endpoint.clone(),
         work_dir: work_dir.to_path_buf(),
         redis_url: None,
-        exe: None,
+        exe: Some(own.clone()),
     };
     let sim = roles::spawn(&config(Role::Sim, None))?;
     let floor = roles::spawn(&config(Role::Floor, Some(sim.base_url.clone())))?;
     let engine_config = RoleConfig {
-        exe: args.engine_exe.clone(),
+        exe: Some(engine_exe),
         ..config(Role::Engine, Some(sim.base_url.clone()))
     };
     let engine = match args.upstream {
@@ -213,9 +220,10 @@ fn start_servers(
             let dir = work_dir.join("base");
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("could not create {}", dir.display()))?;
+            let exe = roles::fresh_copy(Some(exe), work_dir, "overhead-base-bin")?;
             Some(roles::spawn(&RoleConfig {
                 work_dir: dir,
-                exe: Some(exe.clone()),
+                exe: Some(exe),
                 ..engine_config.clone()
             })?)
         }

@@ -345,6 +345,29 @@ impl Drop for Running {
 }
 
 /// Starts this binary as `role` and waits for its `listening` line.
+/// Copies the binary a role runs from into `dir` and returns the copy's path.
+///
+/// Every child runs from a file written moments ago, so builds are compared in the same state:
+/// on this sandbox (Linux 6.18, ext4) a binary whose file had sat on disk for an hour ran the
+/// engine with twice the CPU per event and +3.5 ms TTFT at c=1 against a byte-identical copy
+/// made just before the run (docs/PERFORMANCE.md, "Session 9"); how the kernel caches a file's
+/// pages, not its code, decided the result.
+pub fn fresh_copy(exe: Option<&Path>, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let source = match exe {
+        Some(exe) => exe.to_path_buf(),
+        None => std::env::current_exe().context("could not find the benchmark's own binary")?,
+    };
+    let copy = dir.join(name);
+    std::fs::copy(&source, &copy).with_context(|| {
+        format!(
+            "could not copy {} to {} (the children run from fresh copies)",
+            source.display(),
+            copy.display()
+        )
+    })?;
+    Ok(copy)
+}
+
 pub fn spawn(config: &RoleConfig) -> anyhow::Result<Running> {
     let exe = match &config.exe {
         Some(exe) => exe.clone(),
