@@ -526,7 +526,7 @@ impl Router {
 
     fn start(&self, plan: run::Plan, span: tracing::Span) -> RouteStream {
         Box::pin(InSpan {
-            inner: run::route(self.inner.clone(), plan),
+            inner: run::route(self.inner.clone(), plan, span.clone()),
             span,
         })
     }

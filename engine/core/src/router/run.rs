@@ -161,6 +161,12 @@ fn provider_refused(provider: ProviderKind, refused: BudgetExceeded) -> Skip {
     })
 }
 
+/// An attempt's hold on the caller's dollar budgets, and on its provider's shared budget.
+type Reserved = (
+    Result<Option<SpendHold>, BudgetDenied>,
+    Result<Option<ProviderHold>, Skip>,
+);
+
 /// Why a picked model was not called.
 enum Skip {
     Circuit(Refusal),
@@ -222,14 +228,22 @@ struct RouteRun {
     continued_usage: Usage,
     continued_upto: usize,
     done: bool,
-    /// The route's span (current when the route starts): its outcome is recorded on it.
+    /// The route's span (the one its stream runs in): its outcome is recorded on it.
     span: tracing::Span,
 }
 
-/// The event stream of one route.
-pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = RouteEvent> + Send {
+/// The event stream of one route, whose outcome is recorded on `span`.
+pub(super) fn route(
+    shared: Arc<Shared>,
+    plan: Plan,
+    span: tracing::Span,
+) -> impl Stream<Item = RouteEvent> + Send {
+    // Built here and used in place by the generator: a generator keeps the slot of every value
+    // it captures for its whole life, so building the run inside it from a captured `plan` kept
+    // a dead copy of the plan (304 bytes) beside the run in every open stream. A route dropped
+    // before its first poll is therefore reported as cancelled, with no attempt to record.
+    let mut run = RouteRun::new(shared, plan, span);
     async_stream::stream! {
-        let mut run = RouteRun::new(shared, plan);
         if run.plan.candidates.is_empty() {
             let error = run.plan.unavailable.first().cloned().unwrap_or(
                 RouteError::AllAttemptsFailed { attempts: Vec::new() },
@@ -271,15 +285,9 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
                 tokio::time::sleep(wait).await;
             }
             run.quick_next = false;
-            // The dollar budgets and a shared provider budget are asked at once: with Redis
-            // both are round trips, and waiting for one before sending the other would put two
-            // on the way to the first token. When one refuses, the other's hold goes back (a
-            // provider request already counted stays counted).
-            // The first attempt may find both reserved already, at admission.
-            let (spend, shared) = match run.prepaid_for(idx) {
-                Some(prepaid) => run.use_prepaid(idx, prepaid).await,
-                None => futures::join!(run.reserve_spend(idx), run.reserve_shared_rates(idx)),
-            };
+            // Boxed: done before the first token, while the generator would otherwise keep
+            // room for this future (about 660 bytes) in every open stream.
+            let (spend, shared) = Box::pin(run.reserve(idx)).await;
             // Money first: a call the budget has no room for is never made, on any model.
             let spend = match spend {
                 Ok(hold) => hold,
@@ -379,7 +387,7 @@ pub(super) fn route(shared: Arc<Shared>, plan: Plan) -> impl Stream<Item = Route
 }
 
 impl RouteRun {
-    fn new(shared: Arc<Shared>, plan: Plan) -> Self {
+    fn new(shared: Arc<Shared>, plan: Plan, span: tracing::Span) -> Self {
         let n = plan.candidates.len();
         Self {
             plan,
@@ -408,7 +416,7 @@ impl RouteRun {
             continued_usage: Usage::default(),
             continued_upto: 0,
             done: false,
-            span: tracing::Span::current(),
+            span,
         }
     }
 
@@ -507,17 +515,22 @@ impl RouteRun {
         same.then_some(prepaid)
     }
 
+    /// What the attempt on `idx` holds of the caller's dollar budgets and of a shared provider
+    /// budget. Both are asked at once: with Redis both are round trips, and waiting for one
+    /// before sending the other would put two on the way to the first token. When one refuses,
+    /// the caller gives the other's hold back (a provider request already counted stays
+    /// counted). The first attempt may find both reserved already, at admission.
+    async fn reserve(&self, idx: usize) -> Reserved {
+        match self.prepaid_for(idx) {
+            Some(prepaid) => self.use_prepaid(idx, prepaid).await,
+            None => futures::join!(self.reserve_spend(idx), self.reserve_shared_rates(idx)),
+        }
+    }
+
     /// The prepaid reservations as this attempt's own, answered as [`Self::reserve_spend`] and
     /// [`Self::reserve_shared_rates`] would have. Dollars not reserved at admission (none
     /// are when the provider refused) are reserved here if the attempt goes ahead.
-    async fn use_prepaid(
-        &self,
-        idx: usize,
-        prepaid: Prepaid,
-    ) -> (
-        Result<Option<SpendHold>, BudgetDenied>,
-        Result<Option<ProviderHold>, Skip>,
-    ) {
+    async fn use_prepaid(&self, idx: usize, prepaid: Prepaid) -> Reserved {
         let (spend, provider) = prepaid.take();
         let provider = match provider {
             None => Ok(None),
