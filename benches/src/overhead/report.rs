@@ -521,3 +521,55 @@ pub fn soak_table(rows: &[SoakRow]) -> String {
     }
     table.to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(name: &'static str, rounds: &[f64], cpu_ms: u64, events: u64) -> TargetRun {
+        let mut t = TargetRun::new(name);
+        t.round_ttft_p50_ms = rounds.to_vec();
+        t.server_cpu = Some(Duration::from_millis(cpu_ms));
+        t.sample.events = events;
+        t.sample.streams = 10;
+        t.wall = Duration::from_secs(2);
+        t
+    }
+
+    fn level(targets: Vec<TargetRun>) -> Level {
+        Level {
+            concurrency: 32,
+            rounds: 3,
+            per_worker: 5,
+            targets,
+        }
+    }
+
+    #[test]
+    fn no_baseline_no_table() {
+        let l = level(vec![
+            run("floor", &[1.0, 1.0, 1.0], 10, 1000),
+            run("engine", &[2.0, 2.0, 2.0], 20, 1000),
+        ]);
+        assert!(baseline_table(&[l]).is_none());
+    }
+
+    #[test]
+    fn the_baseline_is_paired_round_by_round_and_set_against_the_same_floor() {
+        let l = level(vec![
+            run("floor", &[1.0, 1.0, 1.0], 10, 1000),
+            run("engine", &[3.0, 2.0, 9.0], 20, 1000),
+            run(ENGINE_BASE, &[2.5, 1.5, 2.0], 30, 1000),
+        ]);
+        // Round differences 0.5, 0.5 and 7.0: the median keeps the outlying round out.
+        assert_eq!(paired_ttft_p50(&l, "engine", ENGINE_BASE), 0.5);
+        let table = baseline_table(std::slice::from_ref(&l)).expect("a baseline ran");
+        assert!(table.contains("0.500"), "{table}");
+        // CPU per event 20, 30 and 10 µs: 2.00 and 3.00 times the floor's.
+        assert!(table.contains("20.0 / 30.0 / 10.0"), "{table}");
+        assert!(table.contains("2.00 / 3.00"), "{table}");
+        let pairs: Vec<_> = comparisons(&l).collect();
+        assert!(pairs.contains(&("engine", ENGINE_BASE)), "{pairs:?}");
+        assert!(pairs.contains(&(ENGINE_BASE, "floor")), "{pairs:?}");
+    }
+}

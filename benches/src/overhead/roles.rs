@@ -348,7 +348,7 @@ impl Drop for Running {
 /// Copies the binary a role runs from into `dir` and returns the copy's path.
 ///
 /// Every child runs from a file written moments ago, so builds are compared in the same state:
-/// on this sandbox (Linux 6.18, ext4) a binary whose file had sat on disk for an hour ran the
+/// on this sandbox (Linux 6.18, ext4) a binary whose file had sat on disk for 45 minutes ran the
 /// engine with twice the CPU per event and +3.5 ms TTFT at c=1 against a byte-identical copy
 /// made just before the run (docs/PERFORMANCE.md, "Session 9"); how the kernel caches a file's
 /// pages, not its code, decided the result.
