@@ -247,6 +247,9 @@ impl ServerMetrics {
             gauge!("keyvex_metrics_intents", "sink" => sink).set(health.intents as f64);
             gauge!("keyvex_metrics_intents_skipped", "sink" => sink)
                 .set(health.intents_skipped as f64);
+            // With `durable`, the group-commit size: what each fsync of the ledger is paying for.
+            gauge!("keyvex_metrics_ledger_commits", "sink" => sink)
+                .set(health.ledger_commits as f64);
         });
         self.handle.render()
     }

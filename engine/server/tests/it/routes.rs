@@ -330,6 +330,13 @@ async fn chat_completions_work_with_the_openai_sdk() {
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
+    // The completions above were committed, so the ledger made at least one transaction.
+    let commits = metrics
+        .lines()
+        .find(|l| l.starts_with("keyvex_metrics_ledger_commits{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(commits.is_some_and(|c| c >= 1.0), "{metrics}");
     assert!(metrics.contains("process=\"direct\""), "{metrics}");
     assert!(metrics.contains("process=\"magicSpark\""), "{metrics}");
     h.stop().await;
