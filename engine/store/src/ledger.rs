@@ -462,6 +462,37 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A process can copy intents to the store and stop before noting it. Whoever adopts them
+    /// must remove the store's copies once their records have shipped, not forget them unseen.
+    #[test]
+    fn adopted_shared_intents_are_removed_from_the_store_after_their_records_ship() {
+        use keyvex_engine::record::CallIntent;
+        let dir = tempdir();
+        let mut l = Ledger::open(&dir.join("l.sqlite3")).unwrap();
+        let intent = CallIntent {
+            record: RequestRecord::new("u", "direct", "openai", "m").with_request_id("r1"),
+            call_started_ms: 1,
+            spend: None,
+        };
+        // Committed by the process that stops, and never marked as copied.
+        l.commit("gone", std::slice::from_ref(&intent), &[], true, 1)
+            .unwrap();
+        let adopted = l.adopt("gone", "me", true, 2).unwrap();
+        assert_eq!(adopted.len(), 1);
+        // Its record waits in the outbox: the store's copy must stay until the record is there.
+        assert!(l.ended_intents("me", 10).unwrap().is_empty());
+        let (pending, _) = l.pending(10, 3).unwrap();
+        let shipped: Vec<(i64, i64)> = pending.iter().map(|p| (p.seq, p.version)).collect();
+        l.settle(&shipped, &[], 3).unwrap();
+        let ended = l.ended_intents("me", 10).unwrap();
+        assert_eq!(ended.len(), 1);
+        assert!(
+            ended[0].stored,
+            "the adopter removes the copy from the store"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn rows_set_aside_by_older_versions_join_dead_letters_on_open() {
         let dir = tempdir();

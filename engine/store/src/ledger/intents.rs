@@ -192,8 +192,13 @@ impl Ledger {
             }
         }
         if shared {
+            // Each adopted intent counts as copied to the store: the stopped process may have
+            // copied it and died before noting so, and a copy left there outlives its record
+            // until a sweep. Removing a copy the store never had is a no-op; waiting for the
+            // record to leave the outbox first (as for any copied intent) keeps the order.
             tx.execute(
-                "UPDATE call_intents SET ended = 1, owner = ?2 WHERE owner = ?1",
+                "UPDATE call_intents SET ended = 1, owner = ?2, shipped_version = MAX(shipped_version, 1)
+                 WHERE owner = ?1",
                 params![gone, me],
             )?;
         } else {
