@@ -513,8 +513,12 @@ async fn a_queued_job_joins_the_trace_of_the_request_that_enqueued_it() {
         .await
         .unwrap();
     let job = accepted["jobId"].as_str().unwrap().to_owned();
-    let all = receiver
+    receiver
         .wait_for("job magicSpark", |g| g.service == "keyvex-worker")
+        .await;
+    // The API exports its spans in its own batches: the worker's can arrive first.
+    let all = receiver
+        .wait_for("POST /v1/jobs", |g| g.service == "keyvex-api")
         .await;
     let status: Value = get_json(&http, format!("{}/v1/jobs/{job}", server.base), KEY).await;
     assert_eq!(
