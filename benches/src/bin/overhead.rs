@@ -174,6 +174,11 @@ fn start_servers(
     timing: SimTiming,
     work_dir: &std::path::Path,
 ) -> anyhow::Result<Servers> {
+    if args.upstream.is_some() && args.baseline_exe.is_some() {
+        anyhow::bail!(
+            "--baseline-exe compares two engine builds; it does not apply to --upstream (drop one of the two)"
+        );
+    }
     // Every child runs from a copy written now, the compared builds included (see
     // `roles::fresh_copy`).
     let own = roles::fresh_copy(None, work_dir, "overhead-bin")?;
@@ -201,37 +206,35 @@ fn start_servers(
         Some(_) => None,
         None => Some(roles::spawn(&engine_config)?),
     };
+    // A second or third engine gets its own directory: its own metrics file and log beside the
+    // first engine's.
+    let another_engine = |sub: &str, config: RoleConfig| -> anyhow::Result<Running> {
+        let dir = work_dir.join(sub);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("could not create {}", dir.display()))?;
+        roles::spawn(&RoleConfig {
+            work_dir: dir,
+            ..config
+        })
+    };
     let engine_redis = match (&args.upstream, &args.redis_url) {
-        (None, Some(url)) => {
-            // Its own directory: its own metrics file and log beside the first engine's.
-            let dir = work_dir.join("redis");
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("could not create {}", dir.display()))?;
-            Some(roles::spawn(&RoleConfig {
-                work_dir: dir,
+        (None, Some(url)) => Some(another_engine(
+            "redis",
+            RoleConfig {
                 redis_url: Some(url.clone()),
                 ..engine_config.clone()
-            })?)
-        }
+            },
+        )?),
         _ => None,
     };
     let engine_base = match (&args.upstream, &args.baseline_exe) {
-        (None, Some(exe)) => {
-            let dir = work_dir.join("base");
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("could not create {}", dir.display()))?;
-            let exe = roles::fresh_copy(Some(exe), work_dir, "overhead-base-bin")?;
-            Some(roles::spawn(&RoleConfig {
-                work_dir: dir,
-                exe: Some(exe),
+        (None, Some(exe)) => Some(another_engine(
+            "base",
+            RoleConfig {
+                exe: Some(roles::fresh_copy(Some(exe), work_dir, "overhead-base-bin")?),
                 ..engine_config.clone()
-            })?)
-        }
-        (Some(_), Some(_)) => {
-            anyhow::bail!(
-                "--baseline-exe compares two engine builds; it does not apply to --upstream"
-            )
-        }
+            },
+        )?),
         _ => None,
     };
     eprintln!(

@@ -422,11 +422,16 @@ pub fn baseline_table(levels: &[Level]) -> Option<String> {
             continue;
         };
         let cpu = |t: &TargetRun| t.cpu_per_event_us().unwrap_or(f64::NAN);
+        // A run too short for the floor to use a clock tick has no ratio.
+        let per_floor = |t: &TargetRun| match cpu(f) {
+            floor if floor > 0.0 => format!("{:.2}", cpu(t) / floor),
+            _ => "–".to_owned(),
+        };
         table.add_row([
             level.concurrency.to_string(),
             ms(paired_ttft_p50(level, "engine", ENGINE_BASE)),
             format!("{:.1} / {:.1} / {:.1}", cpu(e), cpu(b), cpu(f)),
-            format!("{:.2} / {:.2}", cpu(e) / cpu(f), cpu(b) / cpu(f)),
+            format!("{} / {}", per_floor(e), per_floor(b)),
             format!(
                 "{:.1} / {:.1} / {:.1}",
                 e.streams_per_sec(),

@@ -67,8 +67,8 @@ pub struct RoleConfig {
     pub work_dir: PathBuf,
     /// The Redis of the engine's limits and budgets (`REDIS_URL`); in-process without.
     pub redis_url: Option<String>,
-    /// Another build of this benchmark to start the role from (`--engine-exe`); this binary
-    /// without.
+    /// The build of this benchmark to start the role from (the benchmark passes a fresh copy,
+    /// see [`fresh_copy`]); this binary when `None`.
     pub exe: Option<PathBuf>,
 }
 
@@ -344,8 +344,7 @@ impl Drop for Running {
     }
 }
 
-/// Starts this binary as `role` and waits for its `listening` line.
-/// Copies the binary a role runs from into `dir` and returns the copy's path.
+/// Copies `exe` (this binary when `None`) into `dir` and returns the copy's path.
 ///
 /// Every child runs from a file written moments ago, so builds are compared in the same state:
 /// on this sandbox (Linux 6.18, ext4) a binary whose file had sat on disk for 45 minutes ran the
@@ -353,10 +352,7 @@ impl Drop for Running {
 /// made just before the run (docs/PERFORMANCE.md, "Session 9"); how the kernel caches a file's
 /// pages, not its code, decided the result.
 pub fn fresh_copy(exe: Option<&Path>, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let source = match exe {
-        Some(exe) => exe.to_path_buf(),
-        None => std::env::current_exe().context("could not find the benchmark's own binary")?,
-    };
+    let source = exe_or_own(exe)?;
     let copy = dir.join(name);
     std::fs::copy(&source, &copy).with_context(|| {
         format!(
@@ -368,11 +364,16 @@ pub fn fresh_copy(exe: Option<&Path>, dir: &Path, name: &str) -> anyhow::Result<
     Ok(copy)
 }
 
+fn exe_or_own(exe: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match exe {
+        Some(exe) => Ok(exe.to_path_buf()),
+        None => std::env::current_exe().context("could not find the benchmark's own binary"),
+    }
+}
+
+/// Starts `config.exe` (this binary when `None`) as `role` and waits for its `listening` line.
 pub fn spawn(config: &RoleConfig) -> anyhow::Result<Running> {
-    let exe = match &config.exe {
-        Some(exe) => exe.clone(),
-        None => std::env::current_exe().context("could not find the benchmark's own binary")?,
-    };
+    let exe = exe_or_own(config.exe.as_deref())?;
     let role = match config.role {
         Role::Sim => "sim",
         Role::Floor => "floor",

@@ -241,21 +241,22 @@ pub(super) fn route(
     // Built here and used in place by the generator: a generator keeps the slot of every value
     // it captures for its whole life, so building the run inside it from a captured `plan` kept
     // a dead copy of the plan (304 bytes) beside the run in every open stream. A route dropped
-    // before its first poll is therefore reported as cancelled, with no attempt to record.
+    // before its first poll is therefore reported as cancelled, with no attempt to record, and
+    // the route's clock (its request timeout) starts when it is opened.
     let mut run = RouteRun::new(shared, plan, span);
     async_stream::stream! {
         if run.plan.candidates.is_empty() {
             let error = run.plan.unavailable.first().cloned().unwrap_or(
                 RouteError::AllAttemptsFailed { attempts: Vec::new() },
             );
-            yield RouteEvent::Failed(Box::new(run.fail(error)));
+            yield run.fail(error);
             return;
         }
         run.shared.budget.deposit();
         loop {
             let Some(idx) = run.pick() else {
                 let error = RouteError::AllAttemptsFailed { attempts: run.summaries() };
-                yield RouteEvent::Failed(Box::new(run.fail(error)));
+                yield run.fail(error);
                 return;
             };
             if let Some(mut rescue) = run.pending_rescue.take() {
@@ -272,13 +273,13 @@ pub(super) fn route(
             if run.tried[idx] > 0 {
                 if !run.shared.budget.withdraw() {
                     let error = RouteError::RetryBudgetExhausted { attempts: run.summaries() };
-                    yield RouteEvent::Failed(Box::new(run.fail(error)));
+                    yield run.fail(error);
                     return;
                 }
                 let wait = run.retry_wait(idx);
                 if Instant::now() + wait >= run.deadline {
                     let error = run.deadline_error();
-                    yield RouteEvent::Failed(Box::new(run.fail(error)));
+                    yield run.fail(error);
                     return;
                 }
                 tracing::info!(model = %run.plan.candidates[idx].spec.id, wait_ms = wait.as_millis() as u64, quick = run.quick_next, "retry");
@@ -300,7 +301,7 @@ pub(super) fn route(
                     let refused = AttemptRecord::skipped(spec.provider, &spec.id, AttemptError::Spend(denied.clone()));
                     run.attempts.push(refused);
                     let error = RouteError::Budget { denied, attempts: run.summaries() };
-                    yield RouteEvent::Failed(Box::new(run.fail(error)));
+                    yield run.fail(error);
                     return;
                 }
             };
@@ -912,7 +913,7 @@ impl RouteRun {
                     text
                 };
                 self.attempts.push(record);
-                return Some(RouteEvent::Finished(Box::new(self.succeed(reason))));
+                return Some(self.succeed(reason));
             }
             Err(error) => error,
         };
@@ -968,12 +969,12 @@ impl RouteRun {
                 error,
                 produced_chars,
             };
-            return Some(RouteEvent::Failed(Box::new(self.fail(error))));
+            return Some(self.fail(error));
         }
         match class {
             FaultClass::Deadline => {
                 let error = self.deadline_error();
-                return Some(RouteEvent::Failed(Box::new(self.fail(error))));
+                return Some(self.fail(error));
             }
             FaultClass::ContextTooLong if self.larger_context_available(idx) => {
                 tracing::info!(parent: &span, "prompt too long for {model}: trying a model with a larger context window");
@@ -987,7 +988,7 @@ impl RouteRun {
                     error,
                     attempts: self.summaries(),
                 };
-                return Some(RouteEvent::Failed(Box::new(self.fail(error))));
+                return Some(self.fail(error));
             }
             FaultClass::Account => return None,
             FaultClass::Transient | FaultClass::RateLimited => {}
@@ -1035,21 +1036,23 @@ impl RouteRun {
             .collect()
     }
 
-    fn succeed(&mut self, finish_reason: FinishReason) -> RouteOutcome {
+    /// Ends the route: its terminal `Finished` event.
+    fn succeed(&mut self, finish_reason: FinishReason) -> RouteEvent {
         self.done = true;
         let outcome = self.outcome(RouteStatus::Succeeded, Some(finish_reason));
         record_route_end(&self.span, &outcome, "succeeded");
-        outcome
+        RouteEvent::Finished(Box::new(outcome))
     }
 
-    fn fail(&mut self, error: RouteError) -> RouteFailure {
+    /// Ends the route: its terminal `Failed` event.
+    fn fail(&mut self, error: RouteError) -> RouteEvent {
         self.done = true;
         tracing::warn!(error = %error, kind = error.kind(), "route failed");
         let outcome = self.outcome(RouteStatus::Failed, None);
         record_route_end(&self.span, &outcome, "failed");
         self.span.record("otel.status_code", "ERROR");
         self.span.record("error.type", error.kind());
-        RouteFailure { outcome, error }
+        RouteEvent::Failed(Box::new(RouteFailure { outcome, error }))
     }
 
     fn outcome(&self, status: RouteStatus, finish_reason: Option<FinishReason>) -> RouteOutcome {
