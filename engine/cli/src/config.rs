@@ -309,6 +309,16 @@ pub const INTENT_LINGER: Setting = setting(
     "metrics.intent_linger_ms",
     "how long a call's intent may wait for company before the ledger commits it alone; a call that ends meanwhile writes no intent, and a process killed within this window after a call started leaves that call unrecorded (default 5, 0 = commit at once)",
 );
+pub const RECORD_LINGER: Setting = setting(
+    "KEYVEX_RECORD_LINGER_MS",
+    "metrics.record_linger_ms",
+    "how long a call's record waits for the records of other calls before the ledger commits it, while at least KEYVEX_RECORD_LINGER_MIN_CALLS other calls are in flight: one fsync then serves several records, and each stream's end waits up to this much longer (default 5, 0 = commit at once)",
+);
+pub const RECORD_LINGER_MIN_CALLS: Setting = setting(
+    "KEYVEX_RECORD_LINGER_MIN_CALLS",
+    "metrics.record_linger_min_calls",
+    "how many other calls must be in flight before a record waits for company (default 4)",
+);
 pub const REPLICA_LOST_AFTER: Setting = setting(
     "KEYVEX_REPLICA_LOST_AFTER_MS",
     "metrics.replica_lost_after_ms",
@@ -501,6 +511,8 @@ pub const SETTINGS: &[Setting] = &[
     METRICS_DB,
     METRICS_FLUSH,
     INTENT_LINGER,
+    RECORD_LINGER,
+    RECORD_LINGER_MIN_CALLS,
     REPLICA_LOST_AFTER,
     DYNAMODB_TABLE,
     DYNAMODB_ENDPOINT,
@@ -1085,6 +1097,23 @@ impl Config {
                 .map(Duration::from_millis)
                 .ok_or_else(|| "expected whole milliseconds between 0 and 1000".to_owned())
         })?;
+        metrics.record_linger = src.parsed(&RECORD_LINGER, metrics.record_linger, |v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|ms| *ms <= 1_000)
+                .map(Duration::from_millis)
+                .ok_or_else(|| "expected whole milliseconds between 0 and 1000".to_owned())
+        })?;
+        metrics.record_linger_min_calls = src.parsed(
+            &RECORD_LINGER_MIN_CALLS,
+            metrics.record_linger_min_calls,
+            |v| {
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=100_000).contains(n))
+                    .ok_or_else(|| "expected a whole number between 1 and 100000".to_owned())
+            },
+        )?;
         metrics.replica_lost_after =
             src.parsed(&REPLICA_LOST_AFTER, metrics.replica_lost_after, |v| {
                 v.parse::<u64>()
@@ -1617,12 +1646,31 @@ mod tests {
             ("KEYVEX_METRICS_FLUSH_MS", "0"),
             ("KEYVEX_CATALOG_POLL_MS", "10"),
             ("SQS_AI_PROCESSING_QUEUE_URL", "queue"),
+            ("KEYVEX_RECORD_LINGER_MS", "5001"),
+            ("KEYVEX_RECORD_LINGER_MIN_CALLS", "0"),
         ] {
             let e = Config::load(&MapEnv::new([(name, value)]), None)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(name), "{e}");
         }
+    }
+
+    #[test]
+    fn the_record_linger_is_read_and_zero_turns_it_off() {
+        let c = Config::load(&MapEnv::default(), None).unwrap();
+        assert_eq!(c.metrics.record_linger, Duration::from_millis(5));
+        assert_eq!(c.metrics.record_linger_min_calls, 4);
+        let c = Config::load(
+            &MapEnv::new([
+                ("KEYVEX_RECORD_LINGER_MS", "0"),
+                ("KEYVEX_RECORD_LINGER_MIN_CALLS", "16"),
+            ]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.metrics.record_linger, Duration::ZERO);
+        assert_eq!(c.metrics.record_linger_min_calls, 16);
     }
 
     #[test]

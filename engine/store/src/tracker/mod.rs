@@ -73,6 +73,12 @@ pub struct MetricsConfig {
     /// record arrives meanwhile writes no intent at all. The price: a process killed within this
     /// time after a call started leaves no record of that call.
     pub intent_linger: Duration,
+    /// How long a record waits for the records of other calls before its commit, while at
+    /// least `record_linger_min_calls` other calls are in flight: one fsync then serves several
+    /// records. Each stream's end (its usage waits for the commit) pays up to this much; a call
+    /// alone never waits. Zero commits every record at once.
+    pub record_linger: Duration,
+    pub record_linger_min_calls: usize,
 }
 
 impl MetricsConfig {
@@ -87,6 +93,8 @@ impl MetricsConfig {
             alerts: AlertConfig::default(),
             replica_lost_after: Duration::from_secs(300),
             intent_linger: Duration::from_millis(5),
+            record_linger: Duration::from_millis(5),
+            record_linger_min_calls: 4,
         }
     }
 }

@@ -529,3 +529,68 @@ async fn an_intent_whose_record_comes_within_the_linger_is_never_written() {
     assert_eq!(stores.tracker.health().intents_skipped, 1);
     shut(&stores).await;
 }
+
+/// A record waits up to `record_linger` for the records of the other calls in flight, and they
+/// share one transaction; a call alone commits without waiting.
+#[tokio::test]
+async fn records_of_calls_in_flight_together_share_one_commit() {
+    let dir = TempDir::new("record-linger");
+    let ledger = dir.file("metrics.sqlite3");
+    let mut cfg = metrics(&ledger, 60_000);
+    // Far longer than the test waits: a record that lingered when it should not would hang it.
+    cfg.record_linger = Duration::from_secs(120);
+    cfg.record_linger_min_calls = 1;
+    let stores = Stores::open(
+        &StoreConfig::Sqlite {
+            path: ledger.clone(),
+        },
+        cfg,
+    )
+    .await
+    .unwrap();
+    let tracker = &stores.tracker;
+
+    // Alone: no other call is in flight, so the record does not wait.
+    let lone = intent("lone-1", 10);
+    tracker.record_intent(lone.clone());
+    tokio::time::timeout(WAIT, tracker.record(finished(&lone)).durable())
+        .await
+        .expect("a lone call's record waited for company")
+        .unwrap();
+
+    // Three calls in flight: the first two records wait for the third.
+    let calls: Vec<CallIntent> = ["a", "b", "c"].iter().map(|id| intent(id, 10)).collect();
+    for call in &calls {
+        tracker.record_intent(call.clone());
+    }
+    let deadline = Instant::now() + WAIT;
+    while open_intents(&ledger) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the intents were never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let commits_before = tracker.health().ledger_commits;
+    let first = tokio::spawn(tracker.record(finished(&calls[0])).durable());
+    let second = tokio::spawn(tracker.record(finished(&calls[1])).durable());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "a record with another call in flight was committed without waiting for it"
+    );
+    assert_eq!(tracker.health().ledger_commits, commits_before);
+    tokio::time::timeout(WAIT, tracker.record(finished(&calls[2])).durable())
+        .await
+        .expect("the last call's record waited although no call was left in flight")
+        .unwrap();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(
+        tracker.health().ledger_commits,
+        commits_before + 1,
+        "the three records share one transaction"
+    );
+    assert_eq!(open_intents(&ledger), 0);
+    shut(&stores).await;
+}
