@@ -433,31 +433,18 @@ pub(crate) fn decode_chunk(data: &str) -> Result<Chunk, ProviderError> {
             message: error.message.unwrap_or_default(),
         });
     }
-    let Some(choices) = wire.choices else {
+    let Some(choice) = wire.choices else {
         return Err(ProviderError::Malformed {
             provider: KIND,
             detail: format!("a chunk without `choices` or `error`: {}", truncate(data)),
         });
     };
-    let mut chunk = Chunk {
+    Ok(Chunk {
+        content: choice.content.map(Cow::into_owned),
+        refusal: choice.refusal,
+        finish: choice.finish.as_deref().map(finish_reason),
         usage: wire.usage.map(|u| u.normalised()),
-        ..Chunk::default()
-    };
-    // We never ask for `n > 1`; other indexes would be another answer.
-    for choice in choices.into_iter().filter(|c| c.index == 0) {
-        if let Some(delta) = choice.delta {
-            if let Some(text) = delta.content
-                && !text.is_empty()
-            {
-                chunk.content = Some(text.into_owned());
-            }
-            chunk.refusal |= delta.refusal.is_some_and(|r| !r.is_empty());
-        }
-        if let Some(reason) = choice.finish_reason {
-            chunk.finish = Some(finish_reason(&reason));
-        }
-    }
-    Ok(chunk)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -468,11 +455,60 @@ pub(crate) fn decode_chunk(data: &str) -> Result<Chunk, ProviderError> {
 #[derive(Debug, Deserialize)]
 struct WireChunk<'a> {
     #[serde(default, borrow)]
-    choices: Option<Vec<WireChoice<'a>>>,
+    choices: Option<ChoiceZero<'a>>,
     #[serde(default)]
     usage: Option<WireUsage>,
     #[serde(default)]
     error: Option<WireErrorBody>,
+}
+
+/// What the `choices` of one chunk say about choice 0, read straight from the array: no
+/// vector per chunk. We never ask for `n > 1`; other indexes would be another answer. Several
+/// entries for index 0 in one chunk (not something servers send) merge as they come: the last
+/// non-empty text and the last finish reason win, and any refusal counts.
+#[derive(Debug, Default)]
+struct ChoiceZero<'a> {
+    content: Option<Cow<'a, str>>,
+    refusal: bool,
+    finish: Option<Cow<'a, str>>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for ChoiceZero<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Choices<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Choices<'a> {
+            type Value = ChoiceZero<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of choices")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ChoiceZero<'a>, A::Error> {
+                let mut zero = ChoiceZero::default();
+                while let Some(choice) = seq.next_element::<WireChoice<'a>>()? {
+                    if choice.index != 0 {
+                        continue;
+                    }
+                    if let Some(delta) = choice.delta {
+                        if let Some(text) = delta.content
+                            && !text.is_empty()
+                        {
+                            zero.content = Some(text);
+                        }
+                        zero.refusal |= delta.refusal.is_some_and(|r| !r.is_empty());
+                    }
+                    if let Some(reason) = choice.finish_reason {
+                        zero.finish = Some(reason);
+                    }
+                }
+                Ok(zero)
+            }
+        }
+        deserializer.deserialize_seq(Choices(std::marker::PhantomData))
+    }
 }
 
 #[derive(Debug, Deserialize)]
