@@ -13,7 +13,9 @@ use anyhow::Context;
 use benches::overhead::load::{self, Progress, SoakClient, Target, Transport};
 use benches::overhead::report::{self, Level, SoakRow, TargetRun};
 use benches::overhead::roles::{self, Role, RoleConfig, Running, SimTiming};
-use benches::overhead::{ENGINE_BASE, ENGINE_KEY, ENGINE_REDIS, SIM_KEY, procfs, soak};
+use benches::overhead::{
+    ENGINE_BASE, ENGINE_KEY, ENGINE_REDIS, SIM_KEY, procfs, round_order, soak,
+};
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -388,9 +390,7 @@ async fn latency(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
             .map(|(t, _)| TargetRun::new(t.name))
             .collect();
         for r in 0..rounds {
-            // Rotate the order so no target always runs first (or right after the busiest one).
-            for k in 0..targets.len() {
-                let i = (r + k) % targets.len();
+            for i in round_order(r, targets.len()) {
                 let (t, pid) = &targets[i];
                 let (cpu0, sim0) = (cpu(*pid), cpu(sim_pid));
                 let (sample, wall) = load::round(&client, t, c, per_worker, stall).await;
