@@ -770,6 +770,17 @@ impl TelemetryConfig {
     }
 }
 
+/// A parser of whole milliseconds from `min` to `max`, for `Sources::parsed`.
+fn millis_between(min: u64, max: u64) -> impl Fn(&str) -> Result<Duration, String> {
+    move |v| {
+        v.parse::<u64>()
+            .ok()
+            .filter(|ms| (min..=max).contains(ms))
+            .map(Duration::from_millis)
+            .ok_or_else(|| format!("expected whole milliseconds between {min} and {max}"))
+    }
+}
+
 fn parse_bool(v: &str) -> Result<bool, String> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "1" => Ok(true),
@@ -1083,27 +1094,10 @@ impl Config {
                 .unwrap_or_else(|| "keyvex-metrics.sqlite3".to_owned()),
         );
         let mut metrics = MetricsConfig::new(ledger.clone());
-        metrics.flush_interval = src.parsed(&METRICS_FLUSH, metrics.flush_interval, |v| {
-            v.parse::<u64>()
-                .ok()
-                .filter(|ms| (1..=60_000).contains(ms))
-                .map(Duration::from_millis)
-                .ok_or_else(|| "expected whole milliseconds between 1 and 60000".to_owned())
-        })?;
-        metrics.intent_linger = src.parsed(&INTENT_LINGER, metrics.intent_linger, |v| {
-            v.parse::<u64>()
-                .ok()
-                .filter(|ms| *ms <= 1_000)
-                .map(Duration::from_millis)
-                .ok_or_else(|| "expected whole milliseconds between 0 and 1000".to_owned())
-        })?;
-        metrics.record_linger = src.parsed(&RECORD_LINGER, metrics.record_linger, |v| {
-            v.parse::<u64>()
-                .ok()
-                .filter(|ms| *ms <= 1_000)
-                .map(Duration::from_millis)
-                .ok_or_else(|| "expected whole milliseconds between 0 and 1000".to_owned())
-        })?;
+        let ms = |s, default, min, max| src.parsed(s, default, millis_between(min, max));
+        metrics.flush_interval = ms(&METRICS_FLUSH, metrics.flush_interval, 1, 60_000)?;
+        metrics.intent_linger = ms(&INTENT_LINGER, metrics.intent_linger, 0, 1_000)?;
+        metrics.record_linger = ms(&RECORD_LINGER, metrics.record_linger, 0, 1_000)?;
         metrics.record_linger_min_calls = src.parsed(
             &RECORD_LINGER_MIN_CALLS,
             metrics.record_linger_min_calls,

@@ -64,11 +64,15 @@ fn metrics(ledger: &Path, lost_after_ms: u64) -> MetricsConfig {
 }
 
 async fn sqlite(ledger: &Path, lost_after_ms: u64) -> Stores {
+    sqlite_with(ledger, metrics(ledger, lost_after_ms)).await
+}
+
+async fn sqlite_with(ledger: &Path, cfg: MetricsConfig) -> Stores {
     Stores::open(
         &StoreConfig::Sqlite {
             path: ledger.to_owned(),
         },
-        metrics(ledger, lost_after_ms),
+        cfg,
     )
     .await
     .unwrap()
@@ -491,14 +495,7 @@ async fn an_intent_whose_record_comes_within_the_linger_is_never_written() {
     let ledger = dir.file("metrics.sqlite3");
     let mut cfg = metrics(&ledger, 60_000);
     cfg.intent_linger = Duration::from_millis(300);
-    let stores = Stores::open(
-        &StoreConfig::Sqlite {
-            path: ledger.clone(),
-        },
-        cfg,
-    )
-    .await
-    .unwrap();
+    let stores = sqlite_with(&ledger, cfg).await;
     let quick = intent("quick-1", 10);
     stores.tracker.record_intent(quick.clone());
     stores
@@ -540,14 +537,7 @@ async fn records_of_calls_in_flight_together_share_one_commit() {
     // Far longer than the test waits: a record that lingered when it should not would hang it.
     cfg.record_linger = Duration::from_secs(120);
     cfg.record_linger_min_calls = 1;
-    let stores = Stores::open(
-        &StoreConfig::Sqlite {
-            path: ledger.clone(),
-        },
-        cfg,
-    )
-    .await
-    .unwrap();
+    let stores = sqlite_with(&ledger, cfg).await;
     let tracker = &stores.tracker;
 
     // Alone: no other call is in flight, so the record does not wait.
