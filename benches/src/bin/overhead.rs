@@ -229,15 +229,16 @@ fn start_servers(
         )?),
         _ => None,
     };
-    let engine_base = match (&args.upstream, &args.baseline_exe) {
-        (None, Some(exe)) => Some(another_engine(
+    // With `--upstream` it was refused above.
+    let engine_base = match &args.baseline_exe {
+        Some(exe) => Some(another_engine(
             "base",
             RoleConfig {
                 exe: Some(roles::fresh_copy(Some(exe), work_dir, "overhead-base-bin")?),
                 ..engine_config.clone()
             },
         )?),
-        _ => None,
+        None => None,
     };
     eprintln!(
         "overhead: simulator {} (pid {}), floor {} (pid {}), engine {}",

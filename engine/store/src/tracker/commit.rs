@@ -31,6 +31,8 @@ pub(super) async fn ledger_loop(
 ) {
     let limit = shared.cfg.commit_batch.max(1);
     let mut buf = Vec::with_capacity(limit);
+    // A call alive longer than `replica_lost_after` is one a replica would already record as
+    // lost; the same bound ends its count here.
     let mut in_flight = InFlight::new(shared.cfg.replica_lost_after);
     // While one transaction's fsync runs, new records queue up and the next `recv_many` takes
     // them all, so batches grow with load on their own once commits overlap. Below that, a
@@ -161,8 +163,9 @@ impl Batch<'_> {
     /// message, since at high rates a wake-up per message costs more than the grouping saves.
     const LOOK_EVERY: Duration = Duration::from_millis(1);
 
-    /// Receives more into the group until `until`; false once the group is full, closed, or
-    /// the time is up.
+    /// Receives more into the group until `until`, waking for every message (the intent linger
+    /// ends the moment anything else arrives); false once the group is full, closed, or the
+    /// time is up.
     async fn receive_until(&mut self, until: Instant) -> bool {
         let room = self.limit.saturating_sub(self.buf.len());
         if room == 0 || self.closing() {
