@@ -8,15 +8,13 @@
 //! each provider's own wire request, serialised as its HTTP client serialises it, without sending.
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use crate::provider::anthropic::{self, AdaptOptions};
 use crate::provider::anthropic_version::AnthropicVersion;
-use crate::provider::{ChatRequest, DEFAULT_MAX_EVENT_BYTES, openai};
+use crate::provider::{ChatRequest, DEFAULT_MAX_EVENT_BYTES, openai, openai_answer};
 use crate::stream::{ProviderEvent, ProviderKind};
 
 /// Replays an OpenAI Chat Completions SSE body, delivered in `pieces` as the socket would, through
@@ -30,10 +28,8 @@ where
     I: IntoIterator<Item = Bytes>,
     I::IntoIter: Send,
 {
-    let saw_done = Arc::new(AtomicBool::new(false));
     let bytes = futures::stream::iter(pieces).map(Ok::<_, Infallible>);
-    let chunks = openai::sse_chunks(bytes, DEFAULT_MAX_EVENT_BYTES, Arc::clone(&saw_done));
-    openai::adapt_chunks(chunks, move || saw_done.load(Ordering::Acquire))
+    openai_answer::answer_events(bytes, DEFAULT_MAX_EVENT_BYTES)
 }
 
 /// Replays an Anthropic Messages SSE body, delivered in `pieces`, through the provider's framing

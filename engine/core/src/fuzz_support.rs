@@ -6,14 +6,12 @@
 //! ready, so the adapters never wait on their terminator grace timer and no runtime is needed.
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::provider::anthropic::{self, AdaptOptions};
-use crate::provider::openai;
+use crate::provider::openai_answer;
 use crate::provider::sse_frames::{SseEvent, SseFramer, sse_events};
 use crate::stream::{ProviderEvent, ProviderKind};
 
@@ -54,10 +52,8 @@ pub fn frame(pieces: &[&[u8]], max_bytes: usize) -> Framed {
 /// (`sse_chunks`: framing capped at `max_bytes`, `[DONE]`, chunk JSON) and `adapt_chunks`.
 /// The events after `Start`: `Delta`* · `Usage`? · `Done`|`Error`.
 pub fn openai_events(pieces: &[&[u8]], max_bytes: usize) -> Vec<ProviderEvent> {
-    let saw_done = Arc::new(AtomicBool::new(false));
     let body = futures::stream::iter(pieces.iter().map(Ok::<_, Infallible>));
-    let chunks = openai::sse_chunks(body, max_bytes, Arc::clone(&saw_done));
-    let events = openai::adapt_chunks(chunks, move || saw_done.load(Ordering::Acquire));
+    let events = openai_answer::answer_events(body, max_bytes);
     futures::executor::block_on(events.collect())
 }
 

@@ -7,6 +7,7 @@
 pub mod anthropic;
 pub mod anthropic_version;
 pub mod openai;
+pub(crate) mod openai_answer;
 pub(crate) mod sse_frames;
 #[cfg(test)]
 mod stream_properties;

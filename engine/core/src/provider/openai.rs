@@ -2,9 +2,10 @@
 //!
 //! The SDK builds and sends the request and decodes error answers; this file builds the request,
 //! installs a small tower service under the SDK (to own the transport, see the headers of error
-//! answers and keep the body of a successful one), decodes that body inline — our own SSE framing
-//! (`sse_frames.rs`) and borrowed wire structs, the `data: [DONE]` terminator noticed on the
-//! way — and turns the chunks into [`ProviderEvent`]s with `adapt_chunks`.
+//! answers and keep the body of a successful one) and reads one chunk into borrowed wire structs
+//! (`decode_chunk`). `openai_answer.rs` decodes the body inline — our own SSE framing
+//! (`sse_frames.rs`), the `data: [DONE]` terminator noticed on the way, one chunk per event — and
+//! turns the chunks into [`ProviderEvent`]s.
 //!
 //! Why the body is not left to the SDK: `create_stream` reads it in a task of its own and hands
 //! every chunk over an unbounded channel, one more task wake-up and hand-off per chunk, and a task
@@ -36,17 +37,16 @@ use async_openai::types::chat::{
     ChatCompletionStreamOptions, CreateChatCompletionRequest, ResponseFormat,
     ResponseFormatJsonSchema,
 };
-use futures::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
 
-use super::sse_frames::sse_events;
+use super::openai_answer::OpenAiAnswer;
 use super::{
     ApiKey, ChatRequest, EventStream, MAX_ERROR_BODY_BYTES, Provider, ProviderConfig,
     ProviderError, ProviderInitError, Role, error_chain, parse_retry_after, read_error_body,
     truncate, validate_base_url,
 };
-use crate::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
+use crate::stream::{FinishReason, ProviderKind, Usage};
 
 // ---------------------------------------------------------------------------------------------
 // Constants
@@ -124,7 +124,7 @@ impl OpenAiProvider {
     ///
     /// The service is per attempt because it also records what the SDK does not expose: the
     /// status and `retry-after`/`x-request-id` headers of the answer, and it keeps the body of a
-    /// successful answer for [`sse_chunks`].
+    /// successful answer for `openai_answer::sse_chunks`.
     fn attempt_client(
         &self,
         wire: Arc<AttemptWire>,
@@ -181,28 +181,12 @@ impl Provider for OpenAiProvider {
     }
 
     fn stream(&self, request: ChatRequest) -> EventStream {
-        let model = request.model.clone();
-        let max_event_bytes = self.max_event_bytes;
-        // Boxed apart from the stream: the SDK's call is several KiB of future state that would
-        // otherwise stay allocated inside every open stream long after the answer's headers.
-        let setup = Box::pin(self.open(&request));
-        Box::pin(async_stream::stream! {
-            let response = match setup.await {
-                Ok(response) => response,
-                Err(err) => {
-                    yield ProviderEvent::Error(err);
-                    return;
-                }
-            };
-            yield ProviderEvent::Start { provider: KIND, model };
-            let saw_done = Arc::new(AtomicBool::new(false));
-            let chunks = sse_chunks(response.bytes_stream(), max_event_bytes, Arc::clone(&saw_done));
-            let events = adapt_chunks(chunks, move || saw_done.load(Ordering::Acquire));
-            futures::pin_mut!(events);
-            while let Some(event) = events.next().await {
-                yield event;
-            }
-        })
+        let setup = self.open(&request);
+        Box::pin(OpenAiAnswer::new(
+            setup,
+            request.model,
+            self.max_event_bytes,
+        ))
     }
 }
 
@@ -255,8 +239,8 @@ pub(crate) fn wire_request(request: &ChatRequest) -> CreateChatCompletionRequest
 struct AttemptWire {
     /// Status and headers of the answer; set once (there is exactly one request per attempt).
     answer: OnceLock<AnswerMeta>,
-    /// The successful answer, kept from the SDK and decoded by [`sse_chunks`] in the caller's
-    /// stream.
+    /// The successful answer, kept from the SDK and decoded by `openai_answer::sse_chunks` in
+    /// the caller's stream.
     body: Mutex<Option<reqwest::Response>>,
     /// An error body was longer than [`MAX_ERROR_BODY_BYTES`] and was cut.
     error_body_cut: AtomicBool,
@@ -363,56 +347,14 @@ async fn capped_error(response: reqwest::Response, wire: &AttemptWire) -> reqwes
 #[error("the answer's body is read by the provider, not the SDK")]
 struct BodyKept;
 
-/// A successful answer's bytes as decoded chunks: SSE framing ([`sse_events`], at most
-/// `max_event_bytes` buffered), `[DONE]` ends the stream (and sets `saw_done`), `keepalive`
-/// events are skipped, every other event is one JSON chunk read into borrowed wire structs
-/// ([`decode_chunk`]). A transport error or an oversized line ends the stream with that error.
-pub(crate) fn sse_chunks<S, B, E>(
-    bytes: S,
-    max_event_bytes: usize,
-    saw_done: Arc<AtomicBool>,
-) -> impl Stream<Item = Result<Chunk, ProviderError>> + Send
-where
-    S: Stream<Item = Result<B, E>> + Send,
-    B: AsRef<[u8]> + Send,
-    E: std::fmt::Display + Send,
-{
-    async_stream::stream! {
-        let events = sse_events(KIND, bytes, max_event_bytes);
-        futures::pin_mut!(events);
-        while let Some(event) = events.next().await {
-            let event = match event {
-                Ok(event) => event,
-                Err(err) => {
-                    yield Err(err);
-                    return;
-                }
-            };
-            if event.data == "[DONE]" {
-                saw_done.store(true, Ordering::Release);
-                return;
-            }
-            if event.event == "keepalive" {
-                continue;
-            }
-            let chunk = decode_chunk(&event.data);
-            let failed = chunk.is_err();
-            yield chunk;
-            if failed {
-                return;
-            }
-        }
-    }
-}
-
 /// What one chunk says, owned: the only allocation per chunk is its text.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Chunk {
     /// Choice 0's content, when non-empty.
-    content: Option<String>,
-    refusal: bool,
-    finish: Option<FinishReason>,
-    usage: Option<Usage>,
+    pub(super) content: Option<String>,
+    pub(super) refusal: bool,
+    pub(super) finish: Option<FinishReason>,
+    pub(super) usage: Option<Usage>,
 }
 
 /// Decodes one `data:` payload: a chunk, or a mid-stream `{"error": …}` (classified by its
@@ -559,95 +501,6 @@ struct WireErrorBody {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SSE-to-event adapter
-
-/// Turns the decoded chunk stream (after `Start`) into `Delta`* · `Usage`? · `Done`|`Error`.
-///
-/// `saw_done` says whether the `[DONE]` terminator arrived; it is asked only after the chunk
-/// stream ended. A normal end has a finish reason and `[DONE]`. Once both the finish reason and
-/// the usage chunk are in, the answer is complete: if `[DONE]` then does not come within
-/// [`TERMINATOR_GRACE`], or the body ends (or breaks) first, it is accepted as `Done` with
-/// `unterminated` set. Anything less is an error ([`ProviderError::Truncated`] for a body that
-/// ended early), never a truncated success. If the usage chunk arrived before a failure, it is
-/// emitted just before the `Error`.
-pub(crate) fn adapt_chunks<S, F>(chunks: S, saw_done: F) -> impl Stream<Item = ProviderEvent>
-where
-    S: Stream<Item = Result<Chunk, ProviderError>> + Send,
-    F: Fn() -> bool + Send,
-{
-    // Pinned on the heap before the generator takes it: pinned inside, the generator would keep
-    // two slots of the chunk stream's state (the captured one and the pinned local), about 1 KiB
-    // more per open stream.
-    let mut chunks = Box::pin(chunks);
-    async_stream::stream! {
-        let mut usage: Option<Usage> = None;
-        let mut finish: Option<FinishReason> = None;
-        let mut refused = false;
-        loop {
-            let complete = finish.is_some() && usage.is_some();
-            let item = if complete {
-                // Everything is in but the terminator: wait for it only briefly.
-                super::within_grace(chunks.next()).await
-            } else {
-                chunks.next().await
-            };
-            let chunk = match item {
-                Some(Ok(chunk)) => chunk,
-                Some(Err(_)) if complete => break,
-                Some(Err(err)) => {
-                    if let Some(usage) = usage {
-                        yield ProviderEvent::Usage(usage);
-                    }
-                    yield ProviderEvent::Error(err);
-                    return;
-                }
-                None => break,
-            };
-            if chunk.usage.is_some() {
-                usage = chunk.usage;
-            }
-            refused |= chunk.refusal;
-            if chunk.finish.is_some() {
-                finish = chunk.finish;
-            }
-            if let Some(text) = chunk.content {
-                yield ProviderEvent::Delta(text);
-            }
-        }
-        let terminated = saw_done();
-        let problem = match (&finish, usage.is_some(), terminated) {
-            (Some(_), _, true) | (Some(_), true, false) => None,
-            (Some(_), false, false) => Some("the body ended after the finish reason, without the usage chunk or data: [DONE]"),
-            (None, _, true) => Some("data: [DONE] arrived without a finish reason"),
-            (None, _, false) => Some("the body ended without a finish reason or data: [DONE]"),
-        };
-        if let Some(usage) = usage {
-            yield ProviderEvent::Usage(usage);
-        }
-        match (finish, problem) {
-            (Some(reason), None) => {
-                if usage.is_none() {
-                    tracing::warn!("openai stream completed without a usage chunk; cost will be estimated");
-                }
-                if !terminated {
-                    tracing::debug!("openai answer complete without data: [DONE]");
-                }
-                // A refusal streams in `delta.refusal` with finish reason `stop`; callers must
-                // not take the (empty) content for an answer.
-                let finish_reason = if refused { FinishReason::ContentFilter } else { reason };
-                yield ProviderEvent::Done { finish_reason, unterminated: !terminated };
-            }
-            (_, problem) => {
-                yield ProviderEvent::Error(ProviderError::Truncated {
-                    provider: KIND,
-                    detail: problem.unwrap_or("incomplete stream").to_owned(),
-                });
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Conversions
 
 impl WireUsage {
@@ -773,19 +626,51 @@ fn code_string(code: &serde_json::Value) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use futures::{Stream, StreamExt};
+
     use super::*;
+    use crate::provider::openai_answer::{AdaptChunks, ChunkSource, adapt_chunks, answer_events};
     use crate::provider::{ChatMessage, ResponseSchema};
+    use crate::stream::ProviderEvent;
 
     /// Decodes `data:` payloads one chunk each; `[DONE]` is not passed (the framing stops at it)
-    /// and becomes the `saw_done` flag instead.
+    /// and becomes the `done` of [`scripted`] instead.
     fn sdk_items(payloads: &[&str]) -> Vec<Result<Chunk, ProviderError>> {
         payloads.iter().map(|p| decode_chunk(p)).collect()
     }
 
+    pin_project_lite::pin_project! {
+        /// Chunks as a test scripts them, with whether `[DONE]` is to have arrived.
+        struct Scripted<S> {
+            #[pin]
+            chunks: S,
+            done: bool,
+        }
+    }
+
+    impl<S: Stream<Item = Result<Chunk, ProviderError>>> Stream for Scripted<S> {
+        type Item = Result<Chunk, ProviderError>;
+
+        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.project().chunks.poll_next(cx)
+        }
+    }
+
+    impl<S: Stream<Item = Result<Chunk, ProviderError>>> ChunkSource for Scripted<S> {
+        fn saw_done(&self) -> bool {
+            self.done
+        }
+    }
+
+    fn scripted<S>(chunks: S, done: bool) -> AdaptChunks<Scripted<S>>
+    where
+        S: Stream<Item = Result<Chunk, ProviderError>>,
+    {
+        adapt_chunks(Scripted { chunks, done })
+    }
+
     async fn run(items: Vec<Result<Chunk, ProviderError>>, done: bool) -> Vec<ProviderEvent> {
-        adapt_chunks(futures::stream::iter(items), move || done)
-            .collect()
-            .await
+        scripted(futures::stream::iter(items), done).collect().await
     }
 
     const ROLE: &str = r#"{"id":"c1","object":"chat.completion.chunk","created":1760000000,"model":"gpt-5.4-mini","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":null,"obfuscation":"xyz"}"#;
@@ -915,20 +800,15 @@ mod tests {
         let wire = format!(
             "data: {HEL}\n\nevent: keepalive\ndata: {{}}\n\ndata: {LO}\r\n\r\ndata: {STOP}\n\ndata: {USAGE}\n\ndata: [DONE]\n\ndata: {HEL}\n\n"
         );
-        let saw_done = Arc::new(AtomicBool::new(false));
         // Delivered in 7-byte pieces, as a socket might.
         let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
             wire.as_bytes().chunks(7).map(|c| Ok(c.to_vec())).collect();
-        let chunks = sse_chunks(
+        let events: Vec<ProviderEvent> = answer_events(
             futures::stream::iter(pieces),
             crate::provider::DEFAULT_MAX_EVENT_BYTES,
-            Arc::clone(&saw_done),
-        );
-        let flag = Arc::clone(&saw_done);
-        let events: Vec<ProviderEvent> = adapt_chunks(chunks, move || flag.load(Ordering::Acquire))
-            .collect()
-            .await;
-        assert!(saw_done.load(Ordering::Acquire));
+        )
+        .collect()
+        .await;
         assert_eq!(texts(&events), "Hello", "nothing after [DONE]: {events:?}");
         assert!(matches!(
             events.last(),
@@ -942,12 +822,12 @@ mod tests {
             Ok(format!("data: {HEL}\n\n").into_bytes()),
             Err(std::io::Error::other("connection reset")),
         ];
-        let chunks = sse_chunks(
+        let events: Vec<ProviderEvent> = answer_events(
             futures::stream::iter(broken),
             crate::provider::DEFAULT_MAX_EVENT_BYTES,
-            Arc::new(AtomicBool::new(false)),
-        );
-        let events: Vec<ProviderEvent> = adapt_chunks(chunks, || false).collect().await;
+        )
+        .collect()
+        .await;
         assert!(matches!(
             events.last(),
             Some(ProviderEvent::Error(ProviderError::Transport { message, .. })) if message.contains("reset")
@@ -1002,7 +882,7 @@ mod tests {
         let chunks =
             futures::stream::iter(sdk_items(&[HEL, STOP, USAGE])).chain(futures::stream::pending());
         let started = tokio::time::Instant::now();
-        let events: Vec<ProviderEvent> = adapt_chunks(chunks, || false).collect().await;
+        let events: Vec<ProviderEvent> = scripted(chunks, false).collect().await;
         assert_eq!(started.elapsed(), crate::provider::TERMINATOR_GRACE);
         assert!(matches!(
             events.last(),

@@ -7,7 +7,11 @@
 //! event through a parser-combinator pass and several owned strings: here a line is sliced out of
 //! one reused buffer and only the event's `data` is copied, once.
 
-use futures::{Stream, StreamExt};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use futures::Stream;
+use pin_project_lite::pin_project;
 
 use crate::stream::{ProviderError, ProviderKind};
 
@@ -177,37 +181,85 @@ pub(crate) fn sse_events<S, B, E>(
     provider: ProviderKind,
     bytes: S,
     max_bytes: usize,
-) -> impl Stream<Item = Result<SseEvent, ProviderError>> + Send
+) -> SseEvents<S>
 where
-    S: Stream<Item = Result<B, E>> + Send,
-    B: AsRef<[u8]> + Send,
-    E: std::fmt::Display + Send,
+    S: Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
 {
-    // Pinned on the heap before the generator takes it (see `openai::adapt_chunks`).
-    let mut bytes = Box::pin(bytes);
-    async_stream::stream! {
-        let mut framer = SseFramer::new(max_bytes);
-        let mut ready: Vec<SseEvent> = Vec::new();
+    SseEvents {
+        bytes,
+        framer: SseFramer::new(max_bytes),
+        ready: Vec::new(),
+        next: 0,
+        failed: None,
+        ended: false,
+        provider,
+    }
+}
+
+pin_project! {
+    /// The stream [`sse_events`] returns. Written out rather than generated: a generator keeps a
+    /// slot for every value alive across a `yield` (the event, the error, the pending yield)
+    /// next to each other for the life of the stream, which is every open stream's memory.
+    pub(crate) struct SseEvents<S> {
+        #[pin]
+        bytes: S,
+        framer: SseFramer,
+        // Events framed from the last piece, handed out from `next` on.
+        ready: Vec<SseEvent>,
+        next: usize,
+        // The error that ends the stream once the events framed before it are out.
+        failed: Option<ProviderError>,
+        ended: bool,
+        provider: ProviderKind,
+    }
+}
+
+impl<S, B, E> Stream for SseEvents<S>
+where
+    S: Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+{
+    type Item = Result<SseEvent, ProviderError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut this = self.project();
         loop {
-            for event in ready.drain(..) {
-                yield Ok(event);
+            if let Some(event) = this.ready.get_mut(*this.next) {
+                *this.next += 1;
+                return Poll::Ready(Some(Ok(std::mem::take(event))));
             }
-            match bytes.next().await {
+            if *this.next > 0 {
+                this.ready.clear();
+                *this.next = 0;
+            }
+            if let Some(error) = this.failed.take() {
+                *this.ended = true;
+                return Poll::Ready(Some(Err(error)));
+            }
+            if *this.ended {
+                return Poll::Ready(None);
+            }
+            match ready!(this.bytes.as_mut().poll_next(cx)) {
                 Some(Ok(piece)) => {
-                    if let Err(e) = framer.feed(piece.as_ref(), &mut ready) {
-                        // Events framed before the bad line are still delivered.
-                        for event in ready.drain(..) {
-                            yield Ok(event);
-                        }
-                        yield Err(frame_error(provider, e));
-                        return;
+                    if let Err(e) = this.framer.feed(piece.as_ref(), this.ready) {
+                        // Events framed before the bad line are still delivered, then the error.
+                        *this.failed = Some(frame_error(*this.provider, e));
                     }
                 }
                 Some(Err(e)) => {
-                    yield Err(ProviderError::Transport { provider, message: e.to_string() });
-                    return;
+                    *this.ended = true;
+                    return Poll::Ready(Some(Err(ProviderError::Transport {
+                        provider: *this.provider,
+                        message: e.to_string(),
+                    })));
                 }
-                None => return,
+                None => {
+                    *this.ended = true;
+                    return Poll::Ready(None);
+                }
             }
         }
     }
