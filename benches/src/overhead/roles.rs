@@ -155,6 +155,7 @@ fn upstream_of(config: &RoleConfig) -> anyhow::Result<String> {
 fn init_logging(filter: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .fmt_fields(keyvex::log_fields::LogFields)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod config;
+pub mod log_fields;
 pub mod telemetry;
 
 pub use app::{App, AppError};

@@ -27,6 +27,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{OtlpExport, TelemetryConfig, TraceSampler};
+use crate::log_fields::LogFields;
 use keyvex_server::prom::{SpanExportCounters, span_export_counters};
 
 /// Why trace export could not start.
@@ -80,6 +81,7 @@ pub fn init_with_filter(
     let Some(export) = &config.export else {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .fmt_fields(LogFields)
             .with_writer(std::io::stderr)
             .with_ansi(ansi)
             .try_init();
@@ -88,6 +90,7 @@ pub fn init_with_filter(
     let provider = tracer_provider(export)?;
     let tracer = provider.tracer("keyvex");
     let logs = tracing_subscriber::fmt::layer()
+        .fmt_fields(LogFields)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .with_filter(filter);
