@@ -173,6 +173,16 @@ enum Skip {
     Budget(AttemptError),
 }
 
+/// How starting an attempt on a picked model went.
+enum Started {
+    /// The call is to be made: the provider and the request.
+    Calling(SharedProvider, ChatRequest),
+    /// The model was skipped (circuit open, provider budget full); pick the next.
+    Skipped,
+    /// The caller's dollar budget has no room: the route ends with this error.
+    Denied(RouteError),
+}
+
 /// What happened to one provider event.
 enum Step {
     Nothing,
@@ -286,48 +296,27 @@ pub(super) fn route(
                 tokio::time::sleep(wait).await;
             }
             run.quick_next = false;
-            // Boxed: done before the first token, while the generator would otherwise keep
-            // room for this future (about 660 bytes) in every open stream.
-            let (spend, shared) = Box::pin(run.reserve(idx)).await;
-            // Money first: a call the budget has no room for is never made, on any model.
-            let spend = match spend {
-                Ok(hold) => hold,
-                Err(denied) => {
-                    if let Ok(Some(hold)) = shared {
-                        hold.settle(0);
+            // Scoped: a generator keeps the slot of a local, even one moved away, until its
+            // scope closes, and the attempt's scope is the rest of the stream. Out here, the
+            // holds and the request (about 300 bytes) are not kept in every open stream.
+            let (provider, mut events) = {
+                // Boxed: done before the first token, while the generator would otherwise keep
+                // room for this future (about 660 bytes) in every open stream.
+                let reserved = Box::pin(run.reserve(idx)).await;
+                let (provider, request) = match run.start_attempt(idx, reserved) {
+                    Started::Calling(provider, request) => (provider, request),
+                    Started::Skipped => continue,
+                    Started::Denied(error) => {
+                        yield run.fail(error);
+                        return;
                     }
-                    // On the books as the model it would have called, refused by the budget.
-                    let spec = &run.plan.candidates[idx].spec;
-                    let refused = AttemptRecord::skipped(spec.provider, &spec.id, AttemptError::Spend(denied.clone()));
-                    run.attempts.push(refused);
-                    let error = RouteError::Budget { denied, attempts: run.summaries() };
-                    yield run.fail(error);
-                    return;
-                }
+                };
+                let attempt_span = run.in_flight.as_ref().map(|f| f.span.clone()).unwrap_or_else(tracing::Span::none);
+                // Opened inside the attempt's span, so the provider's request carries its
+                // traceparent.
+                let inner = attempt_span.in_scope(|| provider.stream(request));
+                (provider, Box::pin(InSpan { inner, span: attempt_span }))
             };
-            let shared = match shared {
-                Ok(hold) => hold,
-                Err(skip) => {
-                    if let Some(hold) = spend {
-                        hold.settle(Cost::ZERO);
-                    }
-                    run.calls += 1;
-                    run.tried[idx] += 1;
-                    run.skip(idx, skip);
-                    continue;
-                }
-            };
-            let (provider, request) = match run.begin_attempt(idx, spend, shared) {
-                Ok(started) => started,
-                Err(skip) => {
-                    run.skip(idx, skip);
-                    continue;
-                }
-            };
-            let attempt_span = run.in_flight.as_ref().map(|f| f.span.clone()).unwrap_or_else(tracing::Span::none);
-            // Opened inside the attempt's span, so the provider's request carries its traceparent.
-            let inner = attempt_span.in_scope(|| provider.stream(request));
-            let mut events = Box::pin(InSpan { inner, span: attempt_span });
             let config = &run.shared.config;
             let header_deadline = deadline_in(config.header_timeout);
             let ttft_deadline = deadline_in(config.ttft_timeout);
@@ -366,10 +355,14 @@ pub(super) fn route(
                     }),
                     Err(()) => ProviderEvent::Error(run.timed_out(kind, content, opened, header_deadline, ttft_deadline)),
                 };
-                match run.on_event(event) {
-                    Step::Nothing => {}
-                    Step::Forward(event) => yield event,
+                // The step is taken apart before the yield, so its slot is not kept across it.
+                let forward = match run.on_event(event) {
+                    Step::Nothing => None,
+                    Step::Forward(event) => Some(event),
                     Step::End(end) => break end,
+                };
+                if let Some(event) = forward {
+                    yield event;
                 }
             };
             // Close the provider's connection before any backoff.
@@ -577,6 +570,50 @@ impl RouteRun {
 
     /// Asks the model's breaker, then its provider's budget, then opens the attempt's books.
     /// A model skipped here made no call: its reservations settle to nothing.
+    /// Takes what [`Self::reserve`] got for candidate `idx` and starts the attempt: money
+    /// first, as a call the budget has no room for is never made, on any model.
+    fn start_attempt(&mut self, idx: usize, (spend, shared): Reserved) -> Started {
+        let spend = match spend {
+            Ok(hold) => hold,
+            Err(denied) => {
+                if let Ok(Some(hold)) = shared {
+                    hold.settle(0);
+                }
+                // On the books as the model it would have called, refused by the budget.
+                let spec = &self.plan.candidates[idx].spec;
+                let refused = AttemptRecord::skipped(
+                    spec.provider,
+                    &spec.id,
+                    AttemptError::Spend(denied.clone()),
+                );
+                self.attempts.push(refused);
+                return Started::Denied(RouteError::Budget {
+                    denied,
+                    attempts: self.summaries(),
+                });
+            }
+        };
+        let shared = match shared {
+            Ok(hold) => hold,
+            Err(skip) => {
+                if let Some(hold) = spend {
+                    hold.settle(Cost::ZERO);
+                }
+                self.calls += 1;
+                self.tried[idx] += 1;
+                self.skip(idx, skip);
+                return Started::Skipped;
+            }
+        };
+        match self.begin_attempt(idx, spend, shared) {
+            Ok((provider, request)) => Started::Calling(provider, request),
+            Err(skip) => {
+                self.skip(idx, skip);
+                Started::Skipped
+            }
+        }
+    }
+
     fn begin_attempt(
         &mut self,
         idx: usize,
