@@ -568,8 +568,6 @@ impl RouteRun {
         }
     }
 
-    /// Asks the model's breaker, then its provider's budget, then opens the attempt's books.
-    /// A model skipped here made no call: its reservations settle to nothing.
     /// Takes what [`Self::reserve`] got for candidate `idx` and starts the attempt: money
     /// first, as a call the budget has no room for is never made, on any model.
     fn start_attempt(&mut self, idx: usize, (spend, shared): Reserved) -> Started {
@@ -614,6 +612,8 @@ impl RouteRun {
         }
     }
 
+    /// Asks the model's breaker, then its provider's budget, then opens the attempt's books.
+    /// A model skipped here made no call: its reservations settle to nothing.
     fn begin_attempt(
         &mut self,
         idx: usize,
