@@ -248,19 +248,7 @@ impl<S: ChunkSource> Stream for AdaptChunks<S> {
             };
             let chunk = match item {
                 Some(Ok(chunk)) => chunk,
-                Some(Err(_)) if complete => {
-                    let terminated = this.chunks.saw_done();
-                    end(
-                        this.usage,
-                        this.finish,
-                        *this.refused,
-                        terminated,
-                        this.tail,
-                    );
-                    *this.ended = true;
-                    continue;
-                }
-                Some(Err(err)) => {
+                Some(Err(err)) if !complete => {
                     if let Some(usage) = this.usage.take() {
                         this.tail.push_back(ProviderEvent::Usage(usage));
                     }
@@ -268,7 +256,8 @@ impl<S: ChunkSource> Stream for AdaptChunks<S> {
                     *this.ended = true;
                     continue;
                 }
-                None => {
+                // The body ended, or broke once the answer was complete (which then stands).
+                None | Some(Err(_)) => {
                     let terminated = this.chunks.saw_done();
                     end(
                         this.usage,
