@@ -438,17 +438,26 @@ async fn one_pipeline_run_is_one_trace_with_stages_attempts_tokens_and_the_force
         Some("quota_exhausted")
     );
 
-    // Style Master's route says it rescued the broken stream, as an event and in its outcome.
-    let style = stages
+    // The route whose stream broke says it rescued it, as an event and in its outcome. That is
+    // Style Master's as a rule, but Content Crafter (its primary out of credit too) falls back
+    // to gpt-5.4-mini and runs beside Style Master, so on a loaded machine its request can be
+    // the first to gpt-5.4-mini and take the one cut: either way exactly one route rescues.
+    let rescued: Vec<(&str, &Got)> = stages
         .iter()
-        .find(|s| s.span.name == "stage styleMaster")
-        .unwrap();
-    let route = style.children(&all)[0];
+        .map(|s| (s.span.name.as_str(), s.children(&all)[0]))
+        .filter(|(_, route)| route.span.events.iter().any(|e| e.name == "rescue"))
+        .collect();
+    assert_eq!(rescued.len(), 1, "one rescued route: {rescued:#?}");
+    let (stage, route) = rescued[0];
     let rescue = route.event("rescue");
     let attr = |key: &str| string_attr(&rescue.attributes, key);
     assert_eq!(attr("mode").as_deref(), Some("restart"));
     assert_eq!(attr("from").as_deref(), Some("gpt-5.4-mini"));
-    assert_eq!(attr("to").as_deref(), Some("claude-haiku-4-5"));
+    match stage {
+        "stage styleMaster" => assert_eq!(attr("to").as_deref(), Some("claude-haiku-4-5")),
+        "stage contentCrafter" => assert!(attr("to").is_some_and(|to| !to.is_empty())),
+        other => panic!("{other} has no gpt-5.4-mini to cut"),
+    }
     assert_eq!(route.int("keyvex.rescues"), Some(1));
 
     // The provider calls carried the trace onto the wire.
