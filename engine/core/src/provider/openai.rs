@@ -5,7 +5,7 @@
 //! answers and keep the body of a successful one) and reads one chunk into borrowed wire structs
 //! (`decode_chunk`). `openai_answer.rs` decodes the body inline — our own SSE framing
 //! (`sse_frames.rs`), the `data: [DONE]` terminator noticed on the way, one chunk per event — and
-//! turns the chunks into [`ProviderEvent`]s.
+//! turns the chunks into [`ProviderEvent`](crate::stream::ProviderEvent)s.
 //!
 //! Why the body is not left to the SDK: `create_stream` reads it in a task of its own and hands
 //! every chunk over an unbounded channel, one more task wake-up and hand-off per chunk, and a task
