@@ -18,7 +18,7 @@ use futures::Stream;
 use pin_project_lite::pin_project;
 
 use super::openai::{Chunk, decode_chunk};
-use super::sse_frames::{SseEvents, sse_events};
+use super::sse_frames::{BodyStream, SseEvents, sse_events};
 use super::{ProviderError, TERMINATOR_GRACE};
 use crate::stream::{FinishReason, ProviderEvent, ProviderKind, Usage};
 
@@ -35,12 +35,10 @@ pub(crate) trait ChunkSource: Stream<Item = Result<Chunk, ProviderError>> {
 
 /// An answer's body bytes as provider events (after `Start`): [`sse_chunks`] then
 /// [`adapt_chunks`].
-pub(crate) fn answer_events<S, B, E>(bytes: S, max_event_bytes: usize) -> AdaptChunks<SseChunks<S>>
-where
-    S: Stream<Item = Result<B, E>>,
-    B: AsRef<[u8]>,
-    E: std::fmt::Display,
-{
+pub(crate) fn answer_events<S: BodyStream>(
+    bytes: S,
+    max_event_bytes: usize,
+) -> AdaptChunks<SseChunks<S>> {
     adapt_chunks(sse_chunks(bytes, max_event_bytes))
 }
 
@@ -109,12 +107,7 @@ where
 /// [`ChunkSource::saw_done`]), `keepalive` events are skipped, every other event is one JSON
 /// chunk read into borrowed wire structs ([`decode_chunk`]). A transport error, an oversized
 /// line or an undecodable chunk ends the stream after that error.
-pub(crate) fn sse_chunks<S, B, E>(bytes: S, max_event_bytes: usize) -> SseChunks<S>
-where
-    S: Stream<Item = Result<B, E>>,
-    B: AsRef<[u8]>,
-    E: std::fmt::Display,
-{
+pub(crate) fn sse_chunks<S: BodyStream>(bytes: S, max_event_bytes: usize) -> SseChunks<S> {
     SseChunks {
         events: sse_events(KIND, bytes, max_event_bytes),
         saw_done: false,
@@ -132,12 +125,7 @@ pin_project! {
     }
 }
 
-impl<S, B, E> Stream for SseChunks<S>
-where
-    S: Stream<Item = Result<B, E>>,
-    B: AsRef<[u8]>,
-    E: std::fmt::Display,
-{
+impl<S: BodyStream> Stream for SseChunks<S> {
     type Item = Result<Chunk, ProviderError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -167,12 +155,7 @@ where
     }
 }
 
-impl<S, B, E> ChunkSource for SseChunks<S>
-where
-    S: Stream<Item = Result<B, E>>,
-    B: AsRef<[u8]>,
-    E: std::fmt::Display,
-{
+impl<S: BodyStream> ChunkSource for SseChunks<S> {
     fn saw_done(&self) -> bool {
         self.saw_done
     }

@@ -174,19 +174,30 @@ impl SseFramer {
     }
 }
 
-/// A response body as SSE events: framed with [`SseFramer`] (at most `max_bytes` buffered), a
-/// transport error or an oversized line ends it with that error, a clean end of body ends it
-/// with `None`.
-pub(crate) fn sse_events<S, B, E>(
-    provider: ProviderKind,
-    bytes: S,
-    max_bytes: usize,
-) -> SseEvents<S>
+/// A response body as the pieces a transport delivers: reqwest's body stream, or a test's.
+pub(crate) trait BodyStream: Stream<Item = Result<Self::Piece, Self::Error>> {
+    type Piece: AsRef<[u8]>;
+    type Error: std::fmt::Display;
+}
+
+impl<S, B, E> BodyStream for S
 where
     S: Stream<Item = Result<B, E>>,
     B: AsRef<[u8]>,
     E: std::fmt::Display,
 {
+    type Piece = B;
+    type Error = E;
+}
+
+/// A response body as SSE events: framed with [`SseFramer`] (at most `max_bytes` buffered), a
+/// transport error or an oversized line ends it with that error, a clean end of body ends it
+/// with `None`.
+pub(crate) fn sse_events<S: BodyStream>(
+    provider: ProviderKind,
+    bytes: S,
+    max_bytes: usize,
+) -> SseEvents<S> {
     SseEvents {
         bytes,
         framer: SseFramer::new(max_bytes),
@@ -209,19 +220,15 @@ pin_project! {
         // Events framed from the last piece, handed out from `next` on.
         ready: Vec<SseEvent>,
         next: usize,
-        // The error that ends the stream once the events framed before it are out.
-        failed: Option<ProviderError>,
+        // What ends the stream once the events framed before it are out; kept as the framer's
+        // error (32 bytes) rather than a `ProviderError` (120) in every open stream.
+        failed: Option<FrameError>,
         ended: bool,
         provider: ProviderKind,
     }
 }
 
-impl<S, B, E> Stream for SseEvents<S>
-where
-    S: Stream<Item = Result<B, E>>,
-    B: AsRef<[u8]>,
-    E: std::fmt::Display,
-{
+impl<S: BodyStream> Stream for SseEvents<S> {
     type Item = Result<SseEvent, ProviderError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -237,7 +244,7 @@ where
             }
             if let Some(error) = this.failed.take() {
                 *this.ended = true;
-                return Poll::Ready(Some(Err(error)));
+                return Poll::Ready(Some(Err(frame_error(*this.provider, error))));
             }
             if *this.ended {
                 return Poll::Ready(None);
@@ -246,7 +253,7 @@ where
                 Some(Ok(piece)) => {
                     if let Err(e) = this.framer.feed(piece.as_ref(), this.ready) {
                         // Events framed before the bad line are still delivered, then the error.
-                        *this.failed = Some(frame_error(*this.provider, e));
+                        *this.failed = Some(e);
                     }
                 }
                 Some(Err(e)) => {
@@ -387,6 +394,31 @@ mod tests {
         let mut framer = SseFramer::new(16);
         framer.feed(b"data: 0123456789\n\n", &mut out).unwrap();
         assert_eq!(out.last().map(|e| e.data.as_str()), Some("0123456789"));
+    }
+
+    #[test]
+    fn the_stream_delivers_what_was_framed_before_a_bad_line_then_its_error_then_ends() {
+        use futures::StreamExt;
+        let cap = 32;
+        let long = format!("data: {}\n\n", "x".repeat(cap));
+        let piece = format!("data: a\n\ndata: b\n\n{long}data: c\n\n");
+        let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(piece)]);
+        let events: Vec<_> =
+            futures::executor::block_on(sse_events(ProviderKind::OpenAi, body, cap).collect());
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events[0].as_ref().map(|e| e.data.as_str()), Ok("a"));
+        assert_eq!(events[1].as_ref().map(|e| e.data.as_str()), Ok("b"));
+        assert!(
+            matches!(
+                &events[2],
+                Err(ProviderError::Oversized {
+                    what: "an SSE line",
+                    limit: 32,
+                    ..
+                })
+            ),
+            "{events:?}"
+        );
     }
 
     #[test]
