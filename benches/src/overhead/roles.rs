@@ -150,15 +150,15 @@ fn upstream_of(config: &RoleConfig) -> anyhow::Result<String> {
         .context("--upstream is required for the floor and engine roles")
 }
 
-/// Logs like `keyvex serve`: a formatting subscriber on stderr, so the engine pays for its spans
-/// as it does in production.
+/// Logs as `keyvex serve` does without trace export (the same subscriber, on stderr), so the
+/// engine pays for its spans and log lines as it does in production.
 fn init_logging(filter: &str) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .fmt_fields(keyvex::log_fields::LogFields)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    // With no export configured this installs the log formatter alone: it cannot fail and
+    // leaves nothing to shut down.
+    let _ = keyvex::telemetry::init_with_filter(
+        tracing_subscriber::EnvFilter::new(filter),
+        &keyvex::config::TelemetryConfig::default(),
+    );
 }
 
 /// Logs as [`init_logging`] plus OTLP trace export to `endpoint`, exactly as `keyvex serve`
