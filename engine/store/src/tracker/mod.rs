@@ -78,6 +78,8 @@ pub struct MetricsConfig {
     /// records. Each stream's end (its usage waits for the commit) pays up to this much; a call
     /// alone never waits. Zero commits every record at once.
     pub record_linger: Duration,
+    /// How many other calls must be in flight (intent received, record not yet) before a
+    /// record waits for company at all.
     pub record_linger_min_calls: usize,
 }
 
