@@ -12,6 +12,7 @@
 //! `keyvex-store`) so every replica enforces one limit.
 
 mod in_process;
+mod recent_lines;
 mod windows;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cost::{Cost, Pricing};
 use crate::provider::ChatRequest;
+
+use recent_lines::RecentLines;
 
 pub use in_process::InProcessSpend;
 pub use windows::{Window, rfc3339, window_of, window_start};
@@ -164,7 +167,7 @@ pub trait SpendStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), SpendError>>;
     /// Moves `reserved` out of every line's reserved spend and adds `actual` to its spent. Never
     /// blocks the caller (it runs from `Drop`): a store that does I/O queues it.
-    fn settle(&self, lines: Vec<SpendLine>, reserved: Cost, actual: Cost);
+    fn settle(&self, lines: Arc<[SpendLine]>, reserved: Cost, actual: Cost);
     /// The lines' states, in order.
     fn read<'a>(
         &'a self,
@@ -342,6 +345,7 @@ pub struct Budgets {
     store: Arc<dyn SpendStore>,
     on_unavailable: OnUnavailable,
     counters: Counters,
+    recent: RecentLines,
 }
 
 impl fmt::Debug for Budgets {
@@ -370,6 +374,7 @@ impl Budgets {
             store,
             on_unavailable,
             counters: Counters::default(),
+            recent: RecentLines::default(),
         }
     }
 
@@ -393,7 +398,23 @@ impl Budgets {
     /// The budgets a call by `caller` (within `run_id`, if any) counts against at `now`. A
     /// caller's day and month and the global day are always counted, limited or not (so spend
     /// can be read); a run only when runs are limited.
-    pub fn lines(&self, caller: &str, run_id: Option<&str>, now: SystemTime) -> Vec<SpendLine> {
+    ///
+    /// The calls of one caller share one list for a minute (see `recent_lines.rs`): a stream
+    /// holds its lines while it streams.
+    pub fn lines(&self, caller: &str, run_id: Option<&str>, now: SystemTime) -> Arc<[SpendLine]> {
+        // A run's line names the run, so only lists without one are shared.
+        let shared = run_id.is_none() || self.limits.run.is_none();
+        if shared && let Some(lines) = self.recent.get(caller, now) {
+            return lines;
+        }
+        let lines: Arc<[SpendLine]> = self.build_lines(caller, run_id, now).into();
+        if shared {
+            self.recent.keep(caller, &lines, now);
+        }
+        lines
+    }
+
+    fn build_lines(&self, caller: &str, run_id: Option<&str>, now: SystemTime) -> Vec<SpendLine> {
         let own = self.limits.callers.get(caller);
         let day = window_of(now, Window::Day);
         let month = window_of(now, Window::Month);
@@ -460,7 +481,7 @@ impl Budgets {
     pub fn restore(&self, callers: &BTreeMap<String, RestoredSpend>, global_day: Cost) {
         let now = SystemTime::now();
         for (caller, spent) in callers {
-            for line in self.lines(caller, None, now) {
+            for line in self.lines(caller, None, now).iter() {
                 match line.scope {
                     BudgetScope::CallerDaily => self.store.restore(&line, spent.day),
                     BudgetScope::CallerMonthly => self.store.restore(&line, spent.month),
@@ -470,10 +491,10 @@ impl Budgets {
         }
         if let Some(global) = self
             .lines("*", None, now)
-            .into_iter()
+            .iter()
             .find(|l| l.scope == BudgetScope::GlobalDaily)
         {
-            self.store.restore(&global, global_day);
+            self.store.restore(global, global_day);
         }
     }
 
@@ -487,7 +508,7 @@ impl Budgets {
         self.counters
             .interrupted_settled
             .fetch_add(1, Ordering::Relaxed);
-        self.store.settle(held.lines, held.reserved, actual);
+        self.store.settle(held.lines.into(), held.reserved, actual);
     }
 
     /// Reserves `amount` on every budget of `caller` (and `run_id`), or refuses naming the first
@@ -507,7 +528,7 @@ impl Budgets {
                     .fetch_add(amount.0, Ordering::Relaxed);
                 Ok(SpendHold {
                     budgets: Arc::clone(self),
-                    lines,
+                    lines: Some(lines),
                     reserved: amount,
                     settled: false,
                 })
@@ -523,7 +544,7 @@ impl Budgets {
                     // Nothing was reserved, so there is nothing to settle.
                     OnUnavailable::FailOpen => Ok(SpendHold {
                         budgets: Arc::clone(self),
-                        lines: Vec::new(),
+                        lines: None,
                         reserved: amount,
                         settled: false,
                     }),
@@ -562,7 +583,7 @@ impl Budgets {
                 return Err(self.refused(&lines, index, *state, amount));
             }
         }
-        Ok(views(lines, states))
+        Ok(views(&lines, states))
     }
 
     /// The store did not answer a check: refused or let through, as configured.
@@ -578,7 +599,7 @@ impl Budgets {
     /// that settles it, and the lines' states as they were before it.
     pub(crate) fn reserved_at_admission(
         self: &Arc<Self>,
-        lines: Vec<SpendLine>,
+        lines: Arc<[SpendLine]>,
         states: Vec<LineState>,
         amount: Cost,
     ) -> (SpendHold, Vec<BudgetView>) {
@@ -586,10 +607,10 @@ impl Budgets {
         self.counters
             .reserved_pico
             .fetch_add(amount.0, Ordering::Relaxed);
-        let views = views(lines.clone(), states);
+        let views = views(&lines, states);
         let hold = SpendHold {
             budgets: Arc::clone(self),
-            lines,
+            lines: Some(lines),
             reserved: amount,
             settled: false,
         };
@@ -599,7 +620,7 @@ impl Budgets {
     /// The store answered a check (admission's one step) without reserving: the lines' states.
     pub(crate) fn answered_at_admission(
         &self,
-        lines: Vec<SpendLine>,
+        lines: &[SpendLine],
         states: Vec<LineState>,
     ) -> Vec<BudgetView> {
         self.store_up();
@@ -622,22 +643,24 @@ impl Budgets {
     pub async fn caller_view(&self, caller: &str) -> Result<Vec<BudgetView>, SpendError> {
         let lines: Vec<SpendLine> = self
             .lines(caller, None, SystemTime::now())
-            .into_iter()
+            .iter()
             .filter(|l| l.scope != BudgetScope::GlobalDaily)
+            .cloned()
             .collect();
         let states = self.store.read(&lines).await?;
-        Ok(views(lines, states))
+        Ok(views(&lines, states))
     }
 
     /// The global daily budget now.
     pub async fn global_view(&self) -> Result<BudgetView, SpendError> {
         let lines: Vec<SpendLine> = self
             .lines("*", None, SystemTime::now())
-            .into_iter()
+            .iter()
             .filter(|l| l.scope == BudgetScope::GlobalDaily)
+            .cloned()
             .collect();
         let states = self.store.read(&lines).await?;
-        views(lines, states)
+        views(&lines, states)
             .pop()
             .ok_or_else(|| SpendError::Unavailable("the store returned no state".into()))
     }
@@ -716,14 +739,14 @@ impl Budgets {
     }
 }
 
-fn views(lines: Vec<SpendLine>, states: Vec<LineState>) -> Vec<BudgetView> {
+fn views(lines: &[SpendLine], states: Vec<LineState>) -> Vec<BudgetView> {
     lines
-        .into_iter()
+        .iter()
         .zip(states)
         .map(|(line, state)| BudgetView {
             scope: line.scope,
-            subject: line.subject,
-            window: line.window,
+            subject: line.subject.clone(),
+            window: line.window.clone(),
             state,
             resets_at: line.resets_at,
         })
@@ -752,7 +775,8 @@ impl SpendAccount {
 #[derive(Debug)]
 pub struct SpendHold {
     budgets: Arc<Budgets>,
-    lines: Vec<SpendLine>,
+    /// `None`: nothing was reserved (the store was down and budgets fail open).
+    lines: Option<Arc<[SpendLine]>>,
     reserved: Cost,
     settled: bool,
 }
@@ -765,8 +789,9 @@ impl SpendHold {
     /// The reservation for the call's intent, when it outlives this process (a shared store;
     /// an in-process reservation ends with the process, so there is nothing to keep).
     pub fn held(&self) -> Option<HeldSpend> {
-        (!self.lines.is_empty() && self.budgets.store.outlives_process()).then(|| HeldSpend {
-            lines: self.lines.clone(),
+        let lines = self.lines.as_ref().filter(|l| !l.is_empty())?;
+        self.budgets.store.outlives_process().then(|| HeldSpend {
+            lines: lines.to_vec(),
             reserved: self.reserved,
         })
     }
@@ -782,8 +807,7 @@ impl SpendHold {
             .counters
             .settled_pico
             .fetch_add(actual.0, Ordering::Relaxed);
-        let lines = std::mem::take(&mut self.lines);
-        if !lines.is_empty() {
+        if let Some(lines) = self.lines.take().filter(|l| !l.is_empty()) {
             self.budgets.store.settle(lines, self.reserved, actual);
         }
     }
@@ -933,6 +957,41 @@ mod tests {
             .unwrap()
             .settle(usd(3));
         assert_eq!(budgets.stats().refused[0], 1);
+    }
+
+    #[test]
+    fn a_callers_calls_share_their_lines_for_a_minute_and_never_across_a_window() {
+        let budgets = Budgets::in_process(BudgetLimits {
+            run: Some(usd(1)),
+            ..BudgetLimits::default()
+        });
+        let at = |s: &str| {
+            let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .unwrap();
+            SystemTime::from(t)
+        };
+        let noon = at("2026-12-07T12:00:00Z");
+        let first = budgets.lines("alice", None, noon);
+        let same = |a: &Arc<[SpendLine]>, b: &Arc<[SpendLine]>| Arc::ptr_eq(a, b);
+        assert!(same(&first, &budgets.lines("alice", None, noon + Duration::from_secs(59))));
+        assert!(!same(&first, &budgets.lines("bob", None, noon)));
+        // A minute on, the list is built afresh (its `keep_for` counts from when it was built).
+        let later = budgets.lines("alice", None, noon + Duration::from_secs(60));
+        assert!(!same(&first, &later));
+        assert_eq!(first[..], budgets.build_lines("alice", None, noon)[..]);
+        // A run's line names the run: such lists are not shared.
+        let run = budgets.lines("alice", Some("r1"), noon);
+        assert_eq!(run.len(), 4);
+        assert_eq!(run[3].key, "run:r1");
+        assert!(!same(&run, &budgets.lines("alice", Some("r1"), noon)));
+        // Seconds before midnight the list is fresh, but not past it: the day line is a new one.
+        let before = budgets.lines("carol", None, at("2026-12-07T23:59:30Z"));
+        let after = budgets.lines("carol", None, at("2026-12-08T00:00:10Z"));
+        assert_eq!(before[0].window, "2026-12-07");
+        assert_eq!(after[0].window, "2026-12-08");
+        // A clock stepped back builds afresh too.
+        let earlier = budgets.lines("alice", None, noon - Duration::from_secs(1));
+        assert!(!same(&earlier, &later));
     }
 
     #[tokio::test]

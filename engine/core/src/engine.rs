@@ -416,7 +416,7 @@ impl Engine {
                     budgets: Ok(views),
                 };
             }
-            (Some(budgets), Some(lines)) => budgets.answered_at_admission(lines, states),
+            (Some(budgets), Some(lines)) => budgets.answered_at_admission(&lines, states),
             _ => Vec::new(),
         };
         self.prepay(ctx, first, None, provider);

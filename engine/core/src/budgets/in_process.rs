@@ -137,10 +137,10 @@ impl SpendStore for InProcessSpend {
         futures::future::ready(self.reserve_now(lines, amount)).boxed()
     }
 
-    fn settle(&self, lines: Vec<SpendLine>, reserved: Cost, actual: Cost) {
+    fn settle(&self, lines: Arc<[SpendLine]>, reserved: Cost, actual: Cost) {
         let now = SystemTime::now();
         let mut state = self.lock();
-        for line in &lines {
+        for line in lines.iter() {
             let counter = state.counter(line, now);
             counter.reserved = counter.reserved.saturating_sub(reserved.0);
             counter.spent = counter.spent.saturating_add(actual.0);

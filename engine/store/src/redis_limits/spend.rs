@@ -3,6 +3,7 @@
 //! replica applies the same limit in the same step.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -139,7 +140,7 @@ impl SpendStore for RedisSpend {
         .boxed()
     }
 
-    fn settle(&self, lines: Vec<SpendLine>, reserved: Cost, actual: Cost) {
+    fn settle(&self, lines: Arc<[SpendLine]>, reserved: Cost, actual: Cost) {
         let keys = lines.iter().map(key_of).collect();
         let keep = lines.iter().map(|l| keep_secs(l.keep_for)).collect();
         // The receiver lives as long as the connection; a send fails only at shutdown.
