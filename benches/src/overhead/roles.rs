@@ -156,7 +156,7 @@ fn init_logging(filter: &str) {
     // With no export configured this installs the log formatter alone: it cannot fail and
     // leaves nothing to shut down.
     let _ = keyvex::telemetry::init_with_filter(
-        tracing_subscriber::EnvFilter::new(filter),
+        keyvex::telemetry::LogFilter::lossy(filter),
         &keyvex::config::TelemetryConfig::default(),
     );
 }
@@ -170,7 +170,7 @@ fn init_tracing(filter: &str, endpoint: &str) -> anyhow::Result<keyvex::telemetr
     ]);
     let config = keyvex::config::TelemetryConfig::load(&env)?;
     Ok(keyvex::telemetry::init_with_filter(
-        tracing_subscriber::EnvFilter::new(filter),
+        keyvex::telemetry::LogFilter::lossy(filter),
         &config,
     )?)
 }

@@ -658,22 +658,33 @@ pub struct OtlpExport {
     pub schedule_delay: Duration,
 }
 
-/// Trace export settings: `None` when no OTLP endpoint is set (or `OTEL_SDK_DISABLED=true`).
+/// Log and trace export settings.
 #[derive(Debug, Clone, Default)]
 pub struct TelemetryConfig {
+    /// `RUST_LOG`, when set and not blank; each command has its own default.
+    pub log: Option<String>,
+    /// `None` when no OTLP endpoint is set (or `OTEL_SDK_DISABLED=true`).
     pub export: Option<OtlpExport>,
 }
 
 impl TelemetryConfig {
-    /// Reads the `OTEL_*` variables the way the OpenTelemetry specification defines them.
+    /// Reads `RUST_LOG`, and the `OTEL_*` variables the way the OpenTelemetry specification
+    /// defines them.
     pub fn load(env: &dyn Env) -> Result<TelemetryConfig, ConfigError> {
         let src = Sources { env, file: None };
+        Ok(TelemetryConfig {
+            log: src.text(&RUST_LOG).filter(|d| !d.trim().is_empty()),
+            export: Self::export(&src)?,
+        })
+    }
+
+    fn export(src: &Sources<'_>) -> Result<Option<OtlpExport>, ConfigError> {
         let disabled = src.parsed(&OTEL_SDK_DISABLED, false, parse_bool)?;
         let endpoint = match (src.url(&OTEL_TRACES_ENDPOINT)?, src.url(&OTEL_ENDPOINT)?) {
-            _ if disabled => return Ok(TelemetryConfig::default()),
+            _ if disabled => return Ok(None),
             (Some(traces), _) => traces,
             (None, Some(base)) => format!("{base}/v1/traces"),
-            (None, None) => return Ok(TelemetryConfig::default()),
+            (None, None) => return Ok(None),
         };
         for protocol in [&OTEL_TRACES_PROTOCOL, &OTEL_PROTOCOL] {
             if let Some(found) = src.get(protocol) {
@@ -754,19 +765,17 @@ impl TelemetryConfig {
                 .map(Duration::from_millis)
                 .ok_or_else(|| "expected whole milliseconds above 0, e.g. 5000".to_owned())
         })?;
-        Ok(TelemetryConfig {
-            export: Some(OtlpExport {
-                endpoint,
-                headers,
-                timeout,
-                service_name,
-                resource,
-                sampler,
-                max_queue_size,
-                max_export_batch_size,
-                schedule_delay,
-            }),
-        })
+        Ok(Some(OtlpExport {
+            endpoint,
+            headers,
+            timeout,
+            service_name,
+            resource,
+            sampler,
+            max_queue_size,
+            max_export_batch_size,
+            schedule_delay,
+        }))
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod config;
 pub mod log_fields;
+pub mod log_filter;
 pub mod telemetry;
 
 pub use app::{App, AppError};

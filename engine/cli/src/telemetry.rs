@@ -22,12 +22,13 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{
     Sampler, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor,
 };
-use tracing_subscriber::Layer as _;
-use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::Registry;
+use tracing_subscriber::layer::{Filter, Layer, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{OtlpExport, TelemetryConfig, TraceSampler};
 use crate::log_fields::LogFields;
+pub use crate::log_filter::LogFilter;
 use keyvex_server::prom::{SpanExportCounters, span_export_counters};
 
 /// Why trace export could not start.
@@ -65,35 +66,43 @@ impl Telemetry {
 /// plus the OpenTelemetry layer when `config` exports traces. A subscriber already installed
 /// (a test harness) is left alone.
 pub fn init(default: &str, config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    init_with_filter(filter, config)
+    let (filter, unread) = match config.log.as_deref().map(LogFilter::parse) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(error)) => (LogFilter::lossy(default), Some(error)),
+        None => (LogFilter::lossy(default), None),
+    };
+    let telemetry = init_with_filter(filter, config)?;
+    if let Some(error) = unread {
+        tracing::warn!(%error, default, "RUST_LOG could not be read, so the default log filter is in force; fix RUST_LOG (e.g. info or warn,keyvex_engine=debug)");
+    }
+    Ok(telemetry)
 }
 
 /// [`init`] with the log filter given (the benchmarks set theirs on the command line).
 pub fn init_with_filter(
-    filter: tracing_subscriber::EnvFilter,
+    filter: LogFilter,
     config: &TelemetryConfig,
 ) -> Result<Telemetry, TelemetryError> {
-    // Colour codes only for a terminal: in a log file or journal they are noise for whoever
-    // reads it (tracing-subscriber colours by default).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match filter {
+        LogFilter::Targets(targets) => install(targets, config),
+        LogFilter::Env(env) => install(env, config),
+    }
+}
+
+fn install<F>(filter: F, config: &TelemetryConfig) -> Result<Telemetry, TelemetryError>
+where
+    F: Layer<Registry> + Filter<Registry> + Send + Sync + 'static,
+{
     let Some(export) = &config.export else {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .fmt_fields(LogFields)
-            .with_writer(std::io::stderr)
-            .with_ansi(ansi)
+        // The filter in front of everything: a span or event it turns down is never built.
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(log_lines())
             .try_init();
         return Ok(Telemetry::default());
     };
     let provider = tracer_provider(export)?;
     let tracer = provider.tracer("keyvex");
-    let logs = tracing_subscriber::fmt::layer()
-        .fmt_fields(LogFields)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_filter(filter);
     // Spans are exported whatever the log level: the engine's own spans and events at info.
     let traced = tracing_subscriber::filter::Targets::new()
         .with_target("keyvex", tracing::Level::INFO)
@@ -106,13 +115,32 @@ pub fn init_with_filter(
         .with_threads(false)
         .with_filter(traced);
     let _ = tracing_subscriber::registry()
-        .with(logs)
+        .with(log_lines().with_filter(filter))
         .with(otel)
         .try_init();
     tracing::info!(endpoint = %export.endpoint, service = %export.service_name, "exporting traces over OTLP/HTTP");
     Ok(Telemetry {
         provider: Some(provider),
     })
+}
+
+/// The log lines on stderr.
+fn log_lines<S>() -> tracing_subscriber::fmt::Layer<
+    S,
+    LogFields,
+    tracing_subscriber::fmt::format::Format,
+    fn() -> std::io::Stderr,
+>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    // Colour codes only for a terminal: in a log file or journal they are noise for whoever
+    // reads it (tracing-subscriber colours by default).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt::layer()
+        .fmt_fields(LogFields)
+        .with_writer(std::io::stderr as fn() -> std::io::Stderr)
+        .with_ansi(ansi)
 }
 
 /// The tracer provider of `export`: resource, sampler and the queue processor in front of the

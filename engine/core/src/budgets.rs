@@ -973,7 +973,10 @@ mod tests {
         let noon = at("2026-12-07T12:00:00Z");
         let first = budgets.lines("alice", None, noon);
         let same = |a: &Arc<[SpendLine]>, b: &Arc<[SpendLine]>| Arc::ptr_eq(a, b);
-        assert!(same(&first, &budgets.lines("alice", None, noon + Duration::from_secs(59))));
+        assert!(same(
+            &first,
+            &budgets.lines("alice", None, noon + Duration::from_secs(59))
+        ));
         assert!(!same(&first, &budgets.lines("bob", None, noon)));
         // A minute on, the list is built afresh (its `keep_for` counts from when it was built).
         let later = budgets.lines("alice", None, noon + Duration::from_secs(60));

@@ -39,7 +39,10 @@ impl RecentLines {
     /// `caller`'s list, if one was built at most [`FRESH_FOR`] before `now` and in the windows
     /// `now` falls in.
     pub(super) fn get(&self, caller: &str, now: SystemTime) -> Option<Arc<[SpendLine]>> {
-        let table = self.by_caller.read().unwrap_or_else(PoisonError::into_inner);
+        let table = self
+            .by_caller
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let recent = table.get(caller)?;
         // A clock stepped back makes `now` earlier than `built`: build afresh.
         (recent.built <= now && now < recent.until).then(|| Arc::clone(&recent.lines))
@@ -55,7 +58,10 @@ impl RecentLines {
             until,
             lines: Arc::clone(lines),
         };
-        let mut table = self.by_caller.write().unwrap_or_else(PoisonError::into_inner);
+        let mut table = self
+            .by_caller
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = table.get_mut(caller) {
             *slot = recent;
             return;
