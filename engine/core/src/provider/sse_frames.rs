@@ -201,7 +201,9 @@ pub(crate) fn sse_events<S: BodyStream>(
     SseEvents {
         bytes,
         framer: SseFramer::new(max_bytes),
-        ready: Vec::new(),
+        // A piece usually frames one event; a first push into an empty `Vec` would make room
+        // for four (192 bytes kept for the life of the stream).
+        ready: Vec::with_capacity(1),
         next: 0,
         failed: None,
         ended: false,

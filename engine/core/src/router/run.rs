@@ -200,10 +200,9 @@ struct RouteRun {
     attempts: Vec<AttemptRecord>,
     /// Provider calls made (circuit-open skips make none).
     calls: u32,
-    /// Per candidate: calls made, whether skipped for the rest of the route, earliest next call.
-    tried: Vec<u32>,
-    excluded: Vec<bool>,
-    not_before: Vec<Option<Instant>>,
+    /// Per candidate, in plan order: calls made, quick retries used, whether skipped for the
+    /// rest of the route, earliest next call. One list, so an open stream keeps one allocation.
+    per: Vec<PerCandidate>,
     cursor: usize,
     /// When the whole route must be over (`RouterConfig::request_timeout`).
     deadline: Instant,
@@ -211,8 +210,6 @@ struct RouteRun {
     retry_same: Option<usize>,
     /// Whether the next call is such a quick retry (a short jitter instead of the backoff).
     quick_next: bool,
-    /// Per candidate: quick retries used.
-    quick_used: Vec<u32>,
     in_flight: Option<InFlight>,
     /// The candidate whose content the caller is receiving, and when its first delta came.
     committed: Option<(usize, Instant)>,
@@ -223,7 +220,7 @@ struct RouteRun {
     /// Streams that broke after content and were handed to another call.
     rescues: Vec<Rescue>,
     /// A rescue decided when a stream broke, announced once the next model is picked.
-    pending_rescue: Option<Rescue>,
+    pending_rescue: Option<Box<Rescue>>,
     /// Content bytes the running attempt has forwarded to the caller.
     forwarded_bytes: usize,
     /// Everything the caller received, kept when the policy continues cut answers (the next
@@ -231,8 +228,9 @@ struct RouteRun {
     sent: String,
     /// Set once a stream was cut under `continue`: the text every next call continues.
     continue_from: Option<String>,
-    /// The running continuation's start, held until its overlap with `sent` is known.
-    seam: Option<Seam>,
+    /// The running continuation's start, held until its overlap with `sent` is known. Boxed,
+    /// like `pending_rescue`: rare, and otherwise room kept in every open stream.
+    seam: Option<Box<Seam>>,
     /// Usage of the cut calls whose text a continuation carries on: the caller is shown the
     /// sum, as it was shown one answer; `continued_upto` is how many attempts it covers.
     continued_usage: Usage,
@@ -240,6 +238,15 @@ struct RouteRun {
     done: bool,
     /// The route's span (the one its stream runs in): its outcome is recorded on it.
     span: tracing::Span,
+}
+
+/// Where a route stands with one of its candidates.
+#[derive(Debug, Clone, Copy, Default)]
+struct PerCandidate {
+    tried: u32,
+    quick_used: u32,
+    excluded: bool,
+    not_before: Option<Instant>,
 }
 
 /// The event stream of one route, whose outcome is recorded on `span`.
@@ -272,15 +279,15 @@ pub(super) fn route(
             if let Some(mut rescue) = run.pending_rescue.take() {
                 rescue.to.clone_from(&run.plan.candidates[idx].spec.id);
                 tracing::info!(mode = rescue.mode.as_str(), from = %rescue.from, to = %rescue.to, reason = %rescue.reason, delivered_bytes = rescue.delivered_bytes as u64, "rescue");
-                run.rescues.push(rescue.clone());
-                yield RouteEvent::Rescue(Box::new(rescue));
+                run.rescues.push(Rescue::clone(&rescue));
+                yield RouteEvent::Rescue(rescue);
             } else if let Some(event) = run.fallback_event(idx) {
                 if let RouteEvent::Fallback { from, to, reason } = &event {
                     tracing::info!(from = %from, to = %to, reason = %reason, "fallback");
                 }
                 yield event;
             }
-            if run.tried[idx] > 0 {
+            if run.per[idx].tried > 0 {
                 if !run.shared.budget.withdraw() {
                     let error = RouteError::RetryBudgetExhausted { attempts: run.summaries() };
                     yield run.fail(error);
@@ -388,15 +395,12 @@ impl RouteRun {
             started: Instant::now(),
             attempts: Vec::new(),
             calls: 0,
-            tried: vec![0; n],
-            excluded: vec![false; n],
-            not_before: vec![None; n],
+            per: vec![PerCandidate::default(); n],
             cursor: 0,
             deadline: deadline_in(shared.config.request_timeout),
             shared,
             retry_same: None,
             quick_next: false,
-            quick_used: vec![0; n],
             in_flight: None,
             committed: None,
             text: String::new(),
@@ -420,7 +424,7 @@ impl RouteRun {
             return None;
         }
         if let Some(idx) = self.retry_same.take()
-            && !self.excluded[idx]
+            && !self.per[idx].excluded
         {
             self.quick_next = true;
             return Some(idx);
@@ -428,7 +432,7 @@ impl RouteRun {
         let n = self.plan.candidates.len();
         let idx = (0..n)
             .map(|k| (self.cursor + k) % n)
-            .find(|&i| !self.excluded[i])?;
+            .find(|&i| !self.per[i].excluded)?;
         self.cursor = idx + 1;
         Some(idx)
     }
@@ -481,14 +485,15 @@ impl RouteRun {
             let ceiling_ns = u64::try_from(config.quick_retry_delay.as_nanos()).unwrap_or(u64::MAX);
             return Duration::from_nanos(rand::random_range(0..=ceiling_ns));
         }
-        let retries_before = self.tried[idx].saturating_sub(1).min(30);
+        let retries_before = self.per[idx].tried.saturating_sub(1).min(30);
         let ceiling = config
             .backoff_base
             .saturating_mul(1u32 << retries_before)
             .min(config.backoff_cap);
         let ceiling_ns = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
         let jitter = Duration::from_nanos(rand::random_range(0..=ceiling_ns));
-        let hold = self.not_before[idx]
+        let hold = self.per[idx]
+            .not_before
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or_default();
         jitter.max(hold)
@@ -598,7 +603,7 @@ impl RouteRun {
                     hold.settle(Cost::ZERO);
                 }
                 self.calls += 1;
-                self.tried[idx] += 1;
+                self.per[idx].tried += 1;
                 self.skip(idx, skip);
                 return Started::Skipped;
             }
@@ -651,13 +656,13 @@ impl RouteRun {
                         .breakers
                         .on_neutral(&candidate.spec.id, admission);
                     self.calls += 1;
-                    self.tried[idx] += 1;
+                    self.per[idx].tried += 1;
                     return Err(provider_refused(candidate.spec.provider, refused));
                 }
             },
         };
         self.calls += 1;
-        self.tried[idx] += 1;
+        self.per[idx].tried += 1;
         let attempt = self.attempts.len() + 1;
         let span = attempt_span(&candidate.spec, self.plan.process, attempt, admission);
         if self.shared.config.capture_content {
@@ -691,7 +696,7 @@ impl RouteRun {
         self.seam = self
             .continue_from
             .as_deref()
-            .map(|sent| Seam::new(sent, candidate.spec.prefill));
+            .map(|sent| Box::new(Seam::new(sent, candidate.spec.prefill)));
         let continued = self
             .continue_from
             .is_some()
@@ -736,7 +741,7 @@ impl RouteRun {
                     Refusal::OpenUntil(at, OpenReason::Failures) => (Some(wall_clock(at)), None),
                     Refusal::TrialInFlight => (None, None),
                 };
-                self.excluded[idx] = true;
+                self.per[idx].excluded = true;
                 AttemptError::CircuitOpen {
                     model: spec.id.clone(),
                     until,
@@ -746,9 +751,9 @@ impl RouteRun {
             Skip::Budget(error) => {
                 if let AttemptError::BudgetRefused { retry_after, .. } = &error {
                     if *retry_after > self.shared.config.max_retry_after {
-                        self.excluded[idx] = true;
+                        self.per[idx].excluded = true;
                     } else {
-                        self.not_before[idx] = Some(deadline_in(*retry_after));
+                        self.per[idx].not_before = Some(deadline_in(*retry_after));
                     }
                 }
                 error
@@ -963,7 +968,7 @@ impl RouteRun {
                 // Our account cannot use this model now (quota, billing, key, access): skip it
                 // in the next requests too, until the cool-down lets one probe through.
                 self.shared.breakers.disable(&model, error.kind());
-                self.excluded[idx] = true;
+                self.per[idx].excluded = true;
             }
             FaultClass::Request | FaultClass::ContextTooLong | FaultClass::Deadline => {
                 self.shared.breakers.on_neutral(&model, admission);
@@ -985,13 +990,13 @@ impl RouteRun {
                 self.continued_usage.add(&usage);
                 self.continued_upto = self.attempts.len();
             }
-            self.pending_rescue = Some(Rescue {
+            self.pending_rescue = Some(Box::new(Rescue {
                 mode,
                 from: model,
                 to: String::new(),
                 reason: error.to_string(),
                 delivered_bytes: self.forwarded_bytes,
-            });
+            }));
             return None;
         }
         if self.committed.is_some() {
@@ -1015,7 +1020,7 @@ impl RouteRun {
             }
             FaultClass::ContextTooLong if self.larger_context_available(idx) => {
                 tracing::info!(parent: &span, "prompt too long for {model}: trying a model with a larger context window");
-                self.excluded[idx] = true;
+                self.per[idx].excluded = true;
                 return None;
             }
             FaultClass::Request | FaultClass::ContextTooLong => {
@@ -1030,17 +1035,17 @@ impl RouteRun {
             FaultClass::Account => return None,
             FaultClass::Transient | FaultClass::RateLimited => {}
         }
-        if error.is_blip() && self.quick_used[idx] < self.shared.config.same_model_retries {
-            self.quick_used[idx] += 1;
+        if error.is_blip() && self.per[idx].quick_used < self.shared.config.same_model_retries {
+            self.per[idx].quick_used += 1;
             self.retry_same = Some(idx);
             return None;
         }
         if let Some(wait) = error.retry_after() {
             if wait > self.shared.config.max_retry_after {
                 tracing::info!(parent: &span, retry_after_ms = wait.as_millis() as u64, "retry-after beyond the cap: skipping the model for this request");
-                self.excluded[idx] = true;
+                self.per[idx].excluded = true;
             } else {
-                self.not_before[idx] = Some(deadline_in(wait));
+                self.per[idx].not_before = Some(deadline_in(wait));
             }
         }
         None
@@ -1053,7 +1058,7 @@ impl RouteRun {
             && !matches!(error, ProviderError::Deadline { .. })
             && Instant::now() < self.deadline
             && self.calls < self.shared.config.max_attempts.max(1)
-            && self.excluded.iter().any(|x| !x)
+            && self.per.iter().any(|c| !c.excluded)
     }
 
     /// Whether a candidate not yet ruled out has a larger context window than `idx`'s.
@@ -1063,7 +1068,7 @@ impl RouteRun {
             .candidates
             .iter()
             .enumerate()
-            .any(|(j, c)| j != idx && !self.excluded[j] && c.spec.context_window > window)
+            .any(|(j, c)| j != idx && !self.per[j].excluded && c.spec.context_window > window)
     }
 
     fn summaries(&self) -> Vec<AttemptSummary> {
