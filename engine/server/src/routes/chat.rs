@@ -23,6 +23,10 @@ use keyvex_engine::router::{
     AttemptError, CallTarget, Rescue, RouteError, RouteOptions, RouteOutcome, RouteRequest,
 };
 
+mod chunks;
+
+use chunks::ChatChunks;
+
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
 use crate::layers::AdmissionLimit;
@@ -502,50 +506,7 @@ async fn completions(
     }
 
     let peeked = peek(call, &mut meta.model).await?;
-    let events = async_stream::stream! {
-        yield meta.chunk(Delta { role: Some("assistant"), content: Some("") }, None);
-        let mut call = match peeked {
-            Peeked::Finished(o, record) => {
-                committed(record).await;
-                yield meta.chunk(Delta::default(), Some(finish_reason(&o)));
-                if include_usage {
-                    yield meta.usage_chunk(&o);
-                }
-                yield Event::text("[DONE]");
-                return;
-            }
-            Peeked::Content(first, call) => {
-                yield meta.chunk(Delta::content(&first), None);
-                call
-            }
-        };
-        while let Some(ev) = call.next().await {
-            match ev {
-                CallEvent::Delta(text) => yield meta.chunk(Delta::content(&text), None),
-                CallEvent::Finished { outcome, record } => {
-                    committed(record).await;
-                    yield meta.last_chunk(&outcome);
-                    if include_usage {
-                        yield meta.usage_chunk(&outcome);
-                    }
-                    yield Event::text("[DONE]");
-                    return;
-                }
-                CallEvent::Failed { failure, record } => {
-                    committed(record).await;
-                    yield data(&json!({ "error": {
-                        "message": failure.error.to_string(),
-                        "type": "server_error",
-                        "param": null,
-                        "code": failure.error.kind(),
-                    }}));
-                    return;
-                }
-                CallEvent::Rescue(rescue) => log_resume(&rescue),
-                CallEvent::Start { .. } | CallEvent::Fallback { .. } => {}
-            }
-        }
-    };
+    let events = ChatChunks::new(meta, include_usage, peeked);
     let shutdown = data(&json!({ "error": {
         "message": "the server is shutting down and ended this stream after the drain deadline; retry the request",
         "type": "server_error",
