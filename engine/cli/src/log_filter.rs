@@ -15,10 +15,10 @@ use tracing_subscriber::filter::{EnvFilter, Targets};
 #[derive(Debug)]
 pub enum LogFilter {
     /// Targets and levels only.
-    Targets(Targets),
+    Targets(Box<Targets>),
     /// Span or field directives, or directives `Targets` does not read (`EnvFilter` warns
     /// about the ones it cannot read either, and skips them).
-    Env(EnvFilter),
+    Env(Box<EnvFilter>),
 }
 
 impl LogFilter {
@@ -27,16 +27,17 @@ impl LogFilter {
         // Blank means `EnvFilter`'s default (errors only); `Targets` would read it as "off".
         let per_span = directives.contains(['[', '{']) || directives.trim().is_empty();
         if !per_span && let Ok(targets) = directives.parse::<Targets>() {
-            return Ok(LogFilter::Targets(targets));
+            return Ok(LogFilter::Targets(Box::new(targets)));
         }
         EnvFilter::try_new(directives)
-            .map(LogFilter::Env)
+            .map(|filter| LogFilter::Env(Box::new(filter)))
             .map_err(|e| format!("`{directives}`: {e}"))
     }
 
     /// Parses `directives`, skipping what cannot be read (with a warning on stderr).
     pub fn lossy(directives: &str) -> LogFilter {
-        LogFilter::parse(directives).unwrap_or_else(|_| LogFilter::Env(EnvFilter::new(directives)))
+        LogFilter::parse(directives)
+            .unwrap_or_else(|_| LogFilter::Env(Box::new(EnvFilter::new(directives))))
     }
 }
 

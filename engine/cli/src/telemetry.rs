@@ -84,8 +84,8 @@ pub fn init_with_filter(
     config: &TelemetryConfig,
 ) -> Result<Telemetry, TelemetryError> {
     match filter {
-        LogFilter::Targets(targets) => install(targets, config),
-        LogFilter::Env(env) => install(env, config),
+        LogFilter::Targets(targets) => install(*targets, config),
+        LogFilter::Env(env) => install(*env, config),
     }
 }
 

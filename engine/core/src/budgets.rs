@@ -483,8 +483,8 @@ impl Budgets {
         for (caller, spent) in callers {
             for line in self.lines(caller, None, now).iter() {
                 match line.scope {
-                    BudgetScope::CallerDaily => self.store.restore(&line, spent.day),
-                    BudgetScope::CallerMonthly => self.store.restore(&line, spent.month),
+                    BudgetScope::CallerDaily => self.store.restore(line, spent.day),
+                    BudgetScope::CallerMonthly => self.store.restore(line, spent.month),
                     BudgetScope::GlobalDaily | BudgetScope::Run => {}
                 }
             }
