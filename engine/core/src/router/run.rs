@@ -198,9 +198,7 @@ struct RouteRun {
     plan: Plan,
     started: Instant,
     attempts: Vec<AttemptRecord>,
-    /// Provider calls made (circuit-open skips make none).
-    calls: u32,
-    /// Per candidate, in plan order: calls made, quick retries used, whether skipped for the
+    /// Per candidate, in plan order: turns taken, quick retries used, whether skipped for the
     /// rest of the route, earliest next call. One list, so an open stream keeps one allocation.
     per: Vec<PerCandidate>,
     cursor: usize,
@@ -243,6 +241,7 @@ struct RouteRun {
 /// Where a route stands with one of its candidates.
 #[derive(Debug, Clone, Copy, Default)]
 struct PerCandidate {
+    /// Turns taken on it: calls, and provider-budget skips (a circuit-open skip takes none).
     tried: u32,
     quick_used: u32,
     excluded: bool,
@@ -394,7 +393,6 @@ impl RouteRun {
             plan,
             started: Instant::now(),
             attempts: Vec::new(),
-            calls: 0,
             per: vec![PerCandidate::default(); n],
             cursor: 0,
             deadline: deadline_in(shared.config.request_timeout),
@@ -418,9 +416,9 @@ impl RouteRun {
         }
     }
 
-    /// The next candidate in round-robin order that is not skipped, while calls remain.
+    /// The next candidate in round-robin order that is not skipped, while turns remain.
     fn pick(&mut self) -> Option<usize> {
-        if self.calls >= self.shared.config.max_attempts.max(1) {
+        if !self.turns_left() {
             return None;
         }
         if let Some(idx) = self.retry_same.take()
@@ -602,7 +600,6 @@ impl RouteRun {
                 if let Some(hold) = spend {
                     hold.settle(Cost::ZERO);
                 }
-                self.calls += 1;
                 self.per[idx].tried += 1;
                 self.skip(idx, skip);
                 return Started::Skipped;
@@ -655,13 +652,11 @@ impl RouteRun {
                     self.shared
                         .breakers
                         .on_neutral(&candidate.spec.id, admission);
-                    self.calls += 1;
                     self.per[idx].tried += 1;
                     return Err(provider_refused(candidate.spec.provider, refused));
                 }
             },
         };
-        self.calls += 1;
         self.per[idx].tried += 1;
         let attempt = self.attempts.len() + 1;
         let span = attempt_span(&candidate.spec, self.plan.process, attempt, admission);
@@ -1051,13 +1046,21 @@ impl RouteRun {
         None
     }
 
+    /// Whether `max_attempts` leaves another turn. A turn is a call, or a provider-budget skip
+    /// (unlike [`Self::calls_made`], which counts the calls that reached a model); the
+    /// candidates' `tried` counts are the turns taken.
+    fn turns_left(&self) -> bool {
+        let turns: u32 = self.per.iter().map(|c| c.tried).sum();
+        turns < self.shared.config.max_attempts.max(1)
+    }
+
     /// Whether a stream that broke after content may be handed to another call: the policy
     /// allows another rescue, the request's deadline has not passed, and a call is left.
     fn may_rescue(&self, error: &ProviderError) -> bool {
         self.plan.rescue.allows(self.rescues.len() as u32)
             && !matches!(error, ProviderError::Deadline { .. })
             && Instant::now() < self.deadline
-            && self.calls < self.shared.config.max_attempts.max(1)
+            && self.turns_left()
             && self.per.iter().any(|c| !c.excluded)
     }
 
