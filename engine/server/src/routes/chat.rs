@@ -417,6 +417,16 @@ fn finish_reason(o: &RouteOutcome) -> &str {
     o.finish_reason.as_ref().map_or("stop", |f| f.as_str())
 }
 
+/// An error after the stream opened, as OpenAI sends one: a `data:` event of its own.
+fn error_chunk(message: &str, code: &str) -> Event {
+    data(&json!({ "error": {
+        "message": message,
+        "type": "server_error",
+        "param": null,
+        "code": code,
+    }}))
+}
+
 /// Where the call stood when the response status was decided.
 enum Peeked {
     /// Content flows: the first delta and the rest of the call.
@@ -507,12 +517,10 @@ async fn completions(
 
     let peeked = peek(call, &mut meta.model).await?;
     let events = ChatChunks::new(meta, include_usage, peeked);
-    let shutdown = data(&json!({ "error": {
-        "message": "the server is shutting down and ended this stream after the drain deadline; retry the request",
-        "type": "server_error",
-        "param": null,
-        "code": "shutdown",
-    }}));
+    let shutdown = error_chunk(
+        "the server is shutting down and ended this stream after the drain deadline; retry the request",
+        "shutdown",
+    );
     let mut response = state.sse(events.boxed(), shutdown);
     set_headers(&mut response, &budgets);
     Ok(response)

@@ -12,13 +12,12 @@ use std::task::{Context, Poll, ready};
 
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
-use serde_json::json;
 
 use keyvex_engine::call::{CallEvent, CallStream};
 use keyvex_engine::record::Recorded;
 
-use super::{Delta, Meta, Peeked, committed, finish_reason, log_resume};
-use crate::sse::{Event, data};
+use super::{Delta, Meta, Peeked, committed, error_chunk, finish_reason, log_resume};
+use crate::sse::Event;
 
 /// What to do next, in order, before reading the call again.
 enum Step {
@@ -92,12 +91,10 @@ impl ChatChunks {
             }
             CallEvent::Failed { failure, record } => {
                 self.durable(record);
-                self.send(data(&json!({ "error": {
-                    "message": failure.error.to_string(),
-                    "type": "server_error",
-                    "param": null,
-                    "code": failure.error.kind(),
-                }})));
+                self.send(error_chunk(
+                    &failure.error.to_string(),
+                    failure.error.kind(),
+                ));
             }
             CallEvent::Delta(_)
             | CallEvent::Rescue(_)
