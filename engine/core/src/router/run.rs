@@ -2,20 +2,23 @@
 //! TTFT and stall deadlines, commit at first content, account every attempt, end with exactly
 //! one terminal event, or report to the observer when the caller drops the stream.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::OnceLock;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use agents::Process;
-use futures::{Stream, StreamExt};
-use tokio::time::Instant;
+use futures::Stream;
+use tokio::time::{Instant, Sleep};
 
 use crate::admission::{FirstCall, Prepaid};
 use crate::budgets::{BudgetDenied, SpendAccount, SpendHold, worst_case_cost};
 use crate::catalog::{MidStreamFailover, ModelSpec, RescuePolicy};
 use crate::cost::Cost;
 use crate::limits::{BudgetExceeded, ProviderHold, estimate_tokens, reserve_shared};
-use crate::provider::{ChatRequest, ProviderError, SharedProvider};
+use crate::provider::{ChatRequest, EventStream, ProviderError, SharedProvider};
 use crate::stream::{FaultClass, FinishReason, ProviderEvent, ProviderKind, Usage};
 use crate::tokenize::{count_prompt_tokens, count_tokens, estimate_prompt_tokens};
 
@@ -183,12 +186,32 @@ enum Started {
     Denied(RouteError),
 }
 
+/// How opening an attempt on a picked model went.
+enum Opened {
+    Calling(Calling),
+    /// The model was skipped (circuit open, provider budget full); pick the next.
+    Skipped,
+    /// The caller's dollar budget has no room: the route ends with this terminal event.
+    Denied(RouteEvent),
+}
+
+/// A call in flight: its provider's events, and the deadlines of its first bytes.
+struct Calling {
+    provider: ProviderKind,
+    events: Pin<Box<InSpan<EventStream>>>,
+    header_deadline: Instant,
+    ttft_deadline: Instant,
+}
+
+/// How an attempt ended: its finish reason and whether the terminator was missing, or its
+/// error.
+type AttemptEnd = Result<(FinishReason, bool), ProviderError>;
+
 /// What happened to one provider event.
 enum Step {
     Nothing,
     Forward(RouteEvent),
-    /// The attempt ended: its finish reason and whether the terminator was missing, or its error.
-    End(Result<(FinishReason, bool), ProviderError>),
+    End(AttemptEnd),
 }
 
 /// The mutable state of one route. It is also the cancellation guard: when the caller drops
@@ -269,7 +292,7 @@ pub(super) fn route(
             return;
         }
         run.shared.budget.deposit();
-        loop {
+        'pick: loop {
             let Some(idx) = run.pick() else {
                 let error = RouteError::AllAttemptsFailed { attempts: run.summaries() };
                 yield run.fail(error);
@@ -280,11 +303,8 @@ pub(super) fn route(
                 tracing::info!(mode = rescue.mode.as_str(), from = %rescue.from, to = %rescue.to, reason = %rescue.reason, delivered_bytes = rescue.delivered_bytes as u64, "rescue");
                 run.rescues.push(Rescue::clone(&rescue));
                 yield RouteEvent::Rescue(rescue);
-            } else if let Some(event) = run.fallback_event(idx) {
-                if let RouteEvent::Fallback { from, to, reason } = &event {
-                    tracing::info!(from = %from, to = %to, reason = %reason, "fallback");
-                }
-                yield event;
+            } else if run.falls_back_to(idx) {
+                yield run.fallback_event(idx);
             }
             if run.per[idx].tried > 0 {
                 if !run.shared.budget.withdraw() {
@@ -302,86 +322,56 @@ pub(super) fn route(
                 tokio::time::sleep(wait).await;
             }
             run.quick_next = false;
-            // Scoped: a generator keeps the slot of a local, even one moved away, until its
-            // scope closes, and the attempt's scope is the rest of the stream. Out here, the
-            // holds and the request (about 300 bytes) are not kept in every open stream.
-            let (provider, mut events) = {
-                // Boxed: done before the first token, while the generator would otherwise keep
-                // room for this future (about 660 bytes) in every open stream.
-                let reserved = Box::pin(run.reserve(idx)).await;
-                let (provider, request) = match run.start_attempt(idx, reserved) {
-                    Started::Calling(provider, request) => (provider, request),
-                    Started::Skipped => continue,
-                    Started::Denied(error) => {
-                        yield run.fail(error);
-                        return;
+            // The generator keeps, in every open stream, a slot for each local that lives across
+            // a `yield` or an `.await` (one that is borrowed, or partly moved, counts until its
+            // scope closes), and a shared one for each that lives across two. So the attempt's
+            // values are scoped to the block that needs them, its events are polled by
+            // `poll_call`, a plain function, and nothing a step returns is borrowed or matched in
+            // place across a `yield`.
+            let terminal = 'attempt: {
+                let mut call = {
+                    // Boxed: done before the first token, while the generator would otherwise
+                    // keep room for this future (about 660 bytes) in every open stream.
+                    let reserved = Box::pin(run.reserve(idx)).await;
+                    match run.open_attempt(idx, reserved) {
+                        Opened::Calling(call) => call,
+                        Opened::Skipped => continue 'pick,
+                        Opened::Denied(terminal) => break 'attempt terminal,
                     }
                 };
-                let attempt_span = run.in_flight.as_ref().map(|f| f.span.clone()).unwrap_or_else(tracing::Span::none);
-                // Opened inside the attempt's span, so the provider's request carries its
-                // traceparent.
-                let inner = attempt_span.in_scope(|| provider.stream(request));
-                (provider, Box::pin(InSpan { inner, span: attempt_span }))
-            };
-            let config = &run.shared.config;
-            let header_deadline = deadline_in(config.header_timeout);
-            let ttft_deadline = deadline_in(config.ttft_timeout);
-            let route_deadline = run.deadline;
-            // One timer per attempt, moved forward at each event: a fresh `timeout_at` per chunk
-            // registered and removed a timer-wheel entry (under the driver's lock) for every
-            // chunk that had to wait, while moving a registered deadline later is a single
-            // atomic update.
-            let timer = tokio::time::sleep_until(header_deadline.min(ttft_deadline).min(route_deadline));
-            tokio::pin!(timer);
-            let end = loop {
-                let (content, opened) = run.progress();
-                let config = &run.shared.config;
-                let deadline = if content {
-                    deadline_in(config.stall_timeout)
-                } else if opened {
-                    ttft_deadline
-                } else {
-                    header_deadline.min(ttft_deadline)
-                }
-                .min(route_deadline);
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
-                }
-                let next = tokio::select! {
-                    biased;
-                    next = events.next() => Ok(next),
-                    () = &mut timer => Err(()),
-                };
-                let kind = provider.kind();
-                let event = match next {
-                    Ok(Some(event)) => event,
-                    Ok(None) => ProviderEvent::Error(ProviderError::Truncated {
-                        provider: kind,
-                        detail: "the provider stream ended without a terminal event".into(),
-                    }),
-                    Err(()) => ProviderEvent::Error(run.timed_out(kind, content, opened, header_deadline, ttft_deadline)),
-                };
-                // The step is taken apart before the yield, so its slot is not kept across it.
-                let forward = match run.on_event(event) {
-                    Step::Nothing => None,
-                    Step::Forward(event) => Some(event),
-                    Step::End(end) => break end,
-                };
-                if let Some(event) = forward {
+                // One timer per attempt, moved after each event: a fresh `timeout_at` per chunk
+                // registered and removed a timer-wheel entry (under the driver's lock) for every
+                // chunk that had to wait, while moving a registered deadline later is a single
+                // atomic update.
+                let timer = tokio::time::sleep_until(run.call_deadline(&call));
+                tokio::pin!(timer);
+                let end = loop {
+                    let event = match std::future::poll_fn(|cx| run.poll_call(cx, &mut call, timer.as_mut())).await {
+                        Ok(event) => event,
+                        Err(end) => break end,
+                    };
                     yield event;
+                };
+                // Close the provider's connection before any backoff.
+                drop(call);
+                let ended = if matches!(end, Ok(_))
+                    && let Some(rest) = run.release_seam()
+                {
+                    // Rare (a continuation's held-back start): the end waits in a box rather
+                    // than in a slot of every open stream.
+                    let end = Box::new(end);
+                    yield RouteEvent::Delta(rest);
+                    run.end_attempt(*end)
+                } else {
+                    run.end_attempt(end)
+                };
+                match ended {
+                    Some(terminal) => terminal,
+                    None => continue 'pick,
                 }
             };
-            // Close the provider's connection before any backoff.
-            drop(events);
-            if end.is_ok()
-                && let Some(rest) = run.release_seam()
-            {
-                yield RouteEvent::Delta(rest);
-            }
-            if let Some(terminal) = run.end_attempt(end) {
-                yield terminal;
-                return;
-            }
+            yield terminal;
+            return;
         }
     }
 }
@@ -435,10 +425,19 @@ impl RouteRun {
         Some(idx)
     }
 
-    /// A `Fallback` event when `idx` is a different model than the last one tried (or than
-    /// the primary, when the primary's provider is missing).
-    fn fallback_event(&self, idx: usize) -> Option<RouteEvent> {
+    /// Whether calling `idx` is a fallback to announce: a different model than the last one
+    /// tried, or than the primary when the primary's provider is missing.
+    fn falls_back_to(&self, idx: usize) -> bool {
         let to = &self.plan.candidates[idx].spec.id;
+        match self.attempts.last() {
+            Some(last) => &last.model != to,
+            None => !self.plan.unavailable.is_empty() && &self.plan.primary != to,
+        }
+    }
+
+    /// The `Fallback` event of calling `idx` (see [`Self::falls_back_to`]), logged here.
+    fn fallback_event(&self, idx: usize) -> RouteEvent {
+        let to = self.plan.candidates[idx].spec.id.clone();
         let (from, reason) = match self.attempts.last() {
             Some(last) => (
                 last.model.clone(),
@@ -448,14 +447,14 @@ impl RouteRun {
             ),
             None => (
                 self.plan.primary.clone(),
-                self.plan.unavailable.first()?.to_string(),
+                self.plan
+                    .unavailable
+                    .first()
+                    .map_or_else(String::new, ToString::to_string),
             ),
         };
-        (&from != to).then(|| RouteEvent::Fallback {
-            from,
-            to: to.clone(),
-            reason,
-        })
+        tracing::info!(from = %from, to = %to, reason = %reason, "fallback");
+        RouteEvent::Fallback { from, to, reason }
     }
 
     /// The request for candidate `idx`: the plan's, extended to continue a cut answer after a
@@ -610,6 +609,85 @@ impl RouteRun {
             Err(skip) => {
                 self.skip(idx, skip);
                 Started::Skipped
+            }
+        }
+    }
+
+    /// Starts the attempt on `idx` with what [`Self::reserve`] got, and opens its provider's
+    /// stream inside the attempt's span (so the provider's request carries its traceparent).
+    fn open_attempt(&mut self, idx: usize, reserved: Reserved) -> Opened {
+        let (provider, request) = match self.start_attempt(idx, reserved) {
+            Started::Calling(provider, request) => (provider, request),
+            Started::Skipped => return Opened::Skipped,
+            Started::Denied(error) => return Opened::Denied(self.fail(error)),
+        };
+        let span = self
+            .in_flight
+            .as_ref()
+            .map_or_else(tracing::Span::none, |f| f.span.clone());
+        let inner = span.in_scope(|| provider.stream(request));
+        let config = &self.shared.config;
+        Opened::Calling(Calling {
+            provider: provider.kind(),
+            events: Box::pin(InSpan { inner, span }),
+            header_deadline: deadline_in(config.header_timeout),
+            ttft_deadline: deadline_in(config.ttft_timeout),
+        })
+    }
+
+    /// When the running call times out as it stands: its headers and first token by their
+    /// deadlines, then a stall counted from its last event, never past the route's deadline.
+    fn call_deadline(&self, call: &Calling) -> Instant {
+        let (content, opened) = self.progress();
+        if content {
+            deadline_in(self.shared.config.stall_timeout)
+        } else if opened {
+            call.ttft_deadline
+        } else {
+            call.header_deadline.min(call.ttft_deadline)
+        }
+        .min(self.deadline)
+    }
+
+    /// Takes the running call's events until one is for the caller (`Ok`) or the call ended
+    /// (`Err`), its stream first: an event that is ready wins over a deadline that passed.
+    /// `timer` is armed at [`Self::call_deadline`] and moved after each event.
+    fn poll_call(
+        &mut self,
+        cx: &mut Context<'_>,
+        call: &mut Calling,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Poll<Result<RouteEvent, AttemptEnd>> {
+        loop {
+            let event = match call.events.as_mut().poll_next(cx) {
+                Poll::Ready(Some(event)) => event,
+                Poll::Ready(None) => ProviderEvent::Error(ProviderError::Truncated {
+                    provider: call.provider,
+                    detail: "the provider stream ended without a terminal event".into(),
+                }),
+                Poll::Pending => {
+                    ready!(timer.as_mut().poll(cx));
+                    let (content, opened) = self.progress();
+                    ProviderEvent::Error(self.timed_out(
+                        call.provider,
+                        content,
+                        opened,
+                        call.header_deadline,
+                        call.ttft_deadline,
+                    ))
+                }
+            };
+            let forward = match self.on_event(event) {
+                Step::Nothing => None,
+                Step::Forward(event) => Some(event),
+                Step::End(end) => return Poll::Ready(Err(end)),
+            };
+            let deadline = self.call_deadline(call);
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if let Some(event) = forward {
+                return Poll::Ready(Ok(event));
             }
         }
     }
@@ -883,10 +961,7 @@ impl RouteRun {
     /// Closes the running attempt's books; returns the terminal event when the route ends. A
     /// failed call the route goes on from is told to the observer (what it used and cost is
     /// known now, before any backoff).
-    fn end_attempt(
-        &mut self,
-        end: Result<(FinishReason, bool), ProviderError>,
-    ) -> Option<RouteEvent> {
+    fn end_attempt(&mut self, end: AttemptEnd) -> Option<RouteEvent> {
         let before = self.attempts.len();
         let terminal = self.close_attempt(end);
         if terminal.is_none()
@@ -899,10 +974,7 @@ impl RouteRun {
         terminal
     }
 
-    fn close_attempt(
-        &mut self,
-        end: Result<(FinishReason, bool), ProviderError>,
-    ) -> Option<RouteEvent> {
+    fn close_attempt(&mut self, end: AttemptEnd) -> Option<RouteEvent> {
         let InFlight {
             idx,
             meter,

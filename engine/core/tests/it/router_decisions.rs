@@ -703,6 +703,49 @@ async fn a_stall_after_content_fails_with_the_partial_text_and_an_estimated_cost
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stall_is_counted_from_the_last_content_not_the_first_token_deadline() {
+    let stall_config = RouterConfig {
+        ttft_timeout: Duration::from_secs(10),
+        stall_timeout: Duration::from_secs(4),
+        ..config()
+    };
+    let openai = Fake::new(
+        OPENAI,
+        vec![vec![
+            start(OPENAI, PRIMARY),
+            delta("Hello"),
+            Step::Wait(Duration::from_secs(3)),
+            delta(" world"),
+            Step::Wait(Duration::from_secs(60)),
+            done(),
+        ]],
+    );
+    let anthropic = Fake::new(ANTHROPIC, vec![]);
+    let started = Instant::now();
+    let events = collect(process(&router_without_rescue(
+        &openai,
+        &anthropic,
+        stall_config,
+    )))
+    .await;
+    let (error, _) = failed(&events);
+    assert!(
+        matches!(
+            error,
+            RouteError::MidStream {
+                error: ProviderError::Stalled { .. },
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert_eq!(deltas(&events), "Hello world");
+    // Three seconds to the second delta, then the four of the stall timeout.
+    assert_eq!(started.elapsed(), Duration::from_secs(7));
+    assert_eq!(openai.closed(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_cut_after_content_fails_with_an_estimated_cost() {
     let cut = ProviderError::Transport {
         provider: OPENAI,
