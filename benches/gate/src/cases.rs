@@ -404,18 +404,21 @@ fn agent_request(model: &ModelSpec) -> Result<ChatRequest, SetupError> {
 /// Anthropic models.
 fn models(catalog: &Catalog) -> Result<(ModelSpec, ModelSpec, ModelSpec), SetupError> {
     let route = catalog.route(fixtures::FIXTURE_PROCESS);
-    let primary = catalog.model(&route.primary).cloned().ok_or_else(|| {
-        request_path_failed(
-            "request",
-            format!("route names unknown model {}", route.primary),
-        )
-    })?;
+    let primary = catalog
+        .model(&route.primary)
+        .map(|m| ModelSpec::clone(m))
+        .ok_or_else(|| {
+            request_path_failed(
+                "request",
+                format!("route names unknown model {}", route.primary),
+            )
+        })?;
     let of = |kind: ProviderKind| {
         catalog
             .models()
             .iter()
             .find(|m| m.provider == kind)
-            .cloned()
+            .map(|m| ModelSpec::clone(m))
             .ok_or_else(|| request_path_failed("request", format!("no {kind:?} model")))
     };
     Ok((

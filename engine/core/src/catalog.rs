@@ -13,6 +13,7 @@ pub mod fit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use agents::Process;
 use serde::Deserialize;
@@ -161,7 +162,9 @@ pub struct Catalog {
     version: u64,
     /// When this version became the active one (unix ms), where known.
     activated_at_ms: Option<u64>,
-    models: Vec<ModelSpec>,
+    /// Shared: a route holds its candidates' specs for as long as it streams, and a copy each
+    /// (two strings and the prices) was kept in every open stream.
+    models: Vec<Arc<ModelSpec>>,
     by_id: HashMap<String, usize>,
     processes: BTreeMap<Process, ProcessRoute>,
     /// What a call on one model (the chat route, `complete`) does when its stream breaks after
@@ -255,7 +258,7 @@ impl Catalog {
                     ));
                 }
             };
-            models.push(ModelSpec {
+            models.push(Arc::new(ModelSpec {
                 display_name: m.display_name.unwrap_or_else(|| m.id.clone()),
                 id: m.id,
                 provider: m.provider,
@@ -264,7 +267,7 @@ impl Catalog {
                 max_output_tokens: m.max_output_tokens,
                 anthropic_version,
                 prefill: m.prefill,
-            });
+            }));
         }
 
         let mut processes = BTreeMap::new();
@@ -387,11 +390,11 @@ impl Catalog {
         self
     }
 
-    pub fn models(&self) -> &[ModelSpec] {
+    pub fn models(&self) -> &[Arc<ModelSpec>] {
         &self.models
     }
 
-    pub fn model(&self, id: &str) -> Option<&ModelSpec> {
+    pub fn model(&self, id: &str) -> Option<&Arc<ModelSpec>> {
         self.by_id.get(id).map(|&i| &self.models[i])
     }
 

@@ -5,6 +5,8 @@
 //! [`generate`] is pure; [`record_all`] hands the records to a [`Tracker`], so they reach SQLite
 //! or DynamoDB exactly as live traffic does and the alert rules see them in time order.
 
+use std::sync::Arc;
+
 use agents::Process;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -275,10 +277,13 @@ impl<'a> Generator<'a> {
         } else {
             &route.primary
         };
-        catalog.model(id).ok_or_else(|| DemoError::UnknownModel {
-            process: process.key(),
-            model: id.clone(),
-        })
+        catalog
+            .model(id)
+            .map(Arc::as_ref)
+            .ok_or_else(|| DemoError::UnknownModel {
+                process: process.key(),
+                model: id.clone(),
+            })
     }
 
     fn id(&mut self, ts: u64) -> String {

@@ -8,13 +8,15 @@
 //!   cost 0, not estimated.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::time::Instant;
 
-use crate::cost::{Cost, Pricing, cost};
+use crate::catalog::ModelSpec;
+use crate::cost::{Cost, cost};
 use crate::provider::ProviderError;
 use crate::stream::{FinishReason, ProviderKind, Usage};
 use crate::tokenize::{TokenEstimator, count_tokens};
@@ -144,9 +146,9 @@ pub(crate) fn wall_clock(at: Instant) -> SystemTime {
 #[derive(Debug)]
 pub(crate) struct AttemptMeter {
     record_id: String,
-    provider: ProviderKind,
-    model: String,
-    pricing: Pricing,
+    /// The model called, shared with the catalog: its id and prices are only needed when the
+    /// record is made, and a copy of them was kept in every open stream.
+    spec: Arc<ModelSpec>,
     started_at: SystemTime,
     start: Instant,
     opened: bool,
@@ -161,18 +163,10 @@ pub(crate) struct AttemptMeter {
 }
 
 impl AttemptMeter {
-    pub(crate) fn new(
-        record_id: String,
-        provider: ProviderKind,
-        model: &str,
-        pricing: Pricing,
-        keep_text: bool,
-    ) -> Self {
+    pub(crate) fn new(record_id: String, spec: Arc<ModelSpec>, keep_text: bool) -> Self {
         Self {
             record_id,
-            provider,
-            model: model.to_owned(),
-            pricing,
+            spec,
             started_at: SystemTime::now(),
             start: Instant::now(),
             opened: false,
@@ -262,14 +256,14 @@ impl AttemptMeter {
         };
         let record = AttemptRecord {
             record_id: self.record_id,
-            provider: self.provider,
-            model: self.model,
+            provider: self.spec.provider,
+            model: self.spec.id.clone(),
             started_at: self.started_at,
             latency: self.start.elapsed(),
             ttft: self.first_content.map(|t| t - self.start),
             usage,
             usage_estimated,
-            cost: cost(&usage, &self.pricing),
+            cost: cost(&usage, &self.spec.pricing),
             finish_reason,
             error,
             output_chars: self.output_chars,
@@ -324,20 +318,29 @@ impl fmt::Display for AttemptRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cost::Price;
+    use crate::cost::{Price, Pricing};
 
-    fn pricing() -> Pricing {
-        Pricing {
-            input: Price::from_usd_per_mtok(2.5).unwrap(),
-            cached_input: Price::from_usd_per_mtok(0.25).unwrap(),
-            cache_write: None,
-            output: Price::from_usd_per_mtok(15.0).unwrap(),
-        }
+    fn spec() -> Arc<ModelSpec> {
+        Arc::new(ModelSpec {
+            id: "gpt-5.4".into(),
+            provider: ProviderKind::OpenAi,
+            display_name: "GPT-5.4".into(),
+            pricing: Pricing {
+                input: Price::from_usd_per_mtok(2.5).unwrap(),
+                cached_input: Price::from_usd_per_mtok(0.25).unwrap(),
+                cache_write: None,
+                output: Price::from_usd_per_mtok(15.0).unwrap(),
+            },
+            context_window: 400_000,
+            max_output_tokens: 128_000,
+            anthropic_version: None,
+            prefill: false,
+        })
     }
 
     #[tokio::test(start_paused = true)]
     async fn never_opened_costs_nothing() {
-        let m = AttemptMeter::new("r".into(), ProviderKind::OpenAi, "gpt-5.4", pricing(), true);
+        let m = AttemptMeter::new("r".into(), spec(), true);
         let err = AttemptError::Cancelled;
         let (r, _) = m.finish(None, Some(err), || panic!("must not estimate"));
         assert_eq!(r.cost, Cost::ZERO);
@@ -346,7 +349,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn partial_usage_keeps_the_exact_prompt_and_counts_the_output() {
-        let mut m = AttemptMeter::new("r".into(), ProviderKind::OpenAi, "gpt-5.4", pricing(), true);
+        let mut m = AttemptMeter::new("r".into(), spec(), true);
         m.on_open();
         m.on_usage(Usage {
             input: 100,
@@ -364,13 +367,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_the_text_a_cut_stream_is_estimated_from_its_length() {
-        let mut m = AttemptMeter::new(
-            "r".into(),
-            ProviderKind::OpenAi,
-            "gpt-5.4",
-            pricing(),
-            false,
-        );
+        let mut m = AttemptMeter::new("r".into(), spec(), false);
         m.on_open();
         m.on_delta("Hello there, ");
         m.on_delta("this is several tokens long. ñ");

@@ -478,7 +478,7 @@ impl Router {
         funding: Funding,
     ) -> RouteStream {
         let route = catalog.route(process);
-        let models: Vec<&ModelSpec> = [&route.primary, &route.fallback]
+        let models: Vec<&Arc<ModelSpec>> = [&route.primary, &route.fallback]
             .into_iter()
             .filter_map(|id| catalog.model(id))
             .collect();

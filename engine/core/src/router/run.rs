@@ -33,7 +33,7 @@ use super::{
 
 /// A model the route may call, with its provider resolved.
 struct Candidate {
-    spec: ModelSpec,
+    spec: Arc<ModelSpec>,
     provider: SharedProvider,
 }
 
@@ -65,7 +65,7 @@ impl Plan {
     pub(super) fn new(
         providers: &Providers,
         process: Option<Process>,
-        models: &[&ModelSpec],
+        models: &[&Arc<ModelSpec>],
         request: RouteRequest,
         options: RouteOptions,
         observer: Option<Arc<dyn RouteObserver>>,
@@ -76,7 +76,7 @@ impl Plan {
         for spec in models {
             match providers.get(spec.provider) {
                 Some(provider) => candidates.push(Candidate {
-                    spec: (*spec).clone(),
+                    spec: Arc::clone(spec),
                     provider: provider.clone(),
                 }),
                 None => unavailable.push(RouteError::NoProvider {
@@ -198,7 +198,7 @@ enum Opened {
 /// A call in flight: its provider's events, and the deadlines of its first bytes.
 struct Calling {
     provider: ProviderKind,
-    events: Pin<Box<InSpan<EventStream>>>,
+    events: InSpan<EventStream>,
     header_deadline: Instant,
     ttft_deadline: Instant,
 }
@@ -629,7 +629,7 @@ impl RouteRun {
         let config = &self.shared.config;
         Opened::Calling(Calling {
             provider: provider.kind(),
-            events: Box::pin(InSpan { inner, span }),
+            events: InSpan { inner, span },
             header_deadline: deadline_in(config.header_timeout),
             ttft_deadline: deadline_in(config.ttft_timeout),
         })
@@ -659,7 +659,7 @@ impl RouteRun {
         mut timer: Pin<&mut Sleep>,
     ) -> Poll<Result<RouteEvent, AttemptEnd>> {
         loop {
-            let event = match call.events.as_mut().poll_next(cx) {
+            let event = match Pin::new(&mut call.events).poll_next(cx) {
                 Poll::Ready(Some(event)) => event,
                 Poll::Ready(None) => ProviderEvent::Error(ProviderError::Truncated {
                     provider: call.provider,
@@ -744,9 +744,7 @@ impl RouteRun {
         // The record's id is drawn now, so the call's intent and its record share it.
         let meter = AttemptMeter::new(
             uuid::Uuid::now_v7().to_string(),
-            candidate.spec.provider,
-            &candidate.spec.id,
-            candidate.spec.pricing,
+            Arc::clone(&candidate.spec),
             self.plan.options.keep_text,
         );
         if let Some(observer) = &self.plan.observer {
