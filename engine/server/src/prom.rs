@@ -1,11 +1,12 @@
 //! The server's Prometheus metrics, in a registry of its own (no global recorder), so several
 //! servers can run in one process (tests) without mixing their counters.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
-use metrics::{counter, gauge, histogram, with_local_recorder};
+use metrics::{Counter, Histogram, counter, gauge, histogram, with_local_recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use keyvex_engine::admission::PrepaidStats;
@@ -41,7 +42,31 @@ pub fn span_export_counters() -> Arc<SpanExportCounters> {
 pub struct ServerMetrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// The handles of each call label set seen, by model. A `counter!` with labels builds its
+    /// key (a copy of every label and a shared slice of them) and looks it up in the registry
+    /// each time: about a hundred allocations for one call's figures. Registered once per label
+    /// set, a call only adds to them.
+    calls: RwLock<HashMap<String, Vec<Arc<CallHandles>>>>,
+    /// The HTTP request counters, by route and status, for the same reason.
+    requests: RwLock<HashMap<String, Vec<(u16, Counter)>>>,
 }
+
+/// The metrics of one call label set: (process, provider, model, status); the model is the key
+/// it is kept under.
+struct CallHandles {
+    process: String,
+    provider: String,
+    status: &'static str,
+    calls: Counter,
+    latency: Histogram,
+    ttft: Histogram,
+    /// Input, cached input, cache write, output.
+    tokens: [Counter; 4],
+    cost: Counter,
+}
+
+/// The `type` label of `keyvex_tokens_total`, in the order of [`CallHandles::tokens`].
+const TOKEN_TYPES: [&str; 4] = ["input", "cached_input", "cache_write", "output"];
 
 impl fmt::Debug for ServerMetrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -77,15 +102,40 @@ impl ServerMetrics {
         };
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        ServerMetrics { recorder, handle }
+        ServerMetrics {
+            recorder,
+            handle,
+            calls: RwLock::default(),
+            requests: RwLock::default(),
+        }
     }
 
     /// One HTTP request answered.
     pub fn http_request(&self, route: &str, status: u16) {
-        with_local_recorder(&self.recorder, || {
-            counter!("keyvex_http_requests_total", "route" => route.to_owned(), "status" => status.to_string())
-                .increment(1);
-        });
+        let counted = |requests: &HashMap<String, Vec<(u16, Counter)>>| {
+            let (_, counter) = requests.get(route)?.iter().find(|(s, _)| *s == status)?;
+            counter.increment(1);
+            Some(())
+        };
+        if counted(&self.requests.read().unwrap_or_else(PoisonError::into_inner)).is_some() {
+            return;
+        }
+        let mut requests = self
+            .requests
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Another thread may have registered it between the two locks.
+        if counted(&requests).is_none() {
+            let counter = with_local_recorder(
+                &self.recorder,
+                || counter!("keyvex_http_requests_total", "route" => route.to_owned(), "status" => status.to_string()),
+            );
+            counter.increment(1);
+            requests
+                .entry(route.to_owned())
+                .or_default()
+                .push((status, counter));
+        }
     }
 
     /// A caller hit its rate limit.
@@ -156,17 +206,10 @@ impl ServerMetrics {
         });
     }
 
-    /// One routed model call, from its metrics record.
+    /// One routed model call, from its metrics record. What every call has goes to its label
+    /// set's handles; the rare figures (errors, fallbacks, rescues) are looked up as they come.
     fn call(&self, rec: &RequestRecord) {
-        let labels = [
-            ("process", rec.process.clone()),
-            ("provider", rec.provider.clone()),
-            ("model", rec.model.clone()),
-        ];
         with_local_recorder(&self.recorder, || {
-            let mut with_status = labels.to_vec();
-            with_status.push(("status", rec.status.as_str().to_owned()));
-            counter!("keyvex_calls_total", &with_status).increment(1);
             if let Some(kind) = &rec.error_kind {
                 counter!("keyvex_call_errors_total", "kind" => kind.clone(), "process" => rec.process.clone())
                     .increment(1);
@@ -198,23 +241,77 @@ impl ServerMetrics {
                 counter!("keyvex_model_disabled_total", "provider" => rec.provider.clone(), "model" => rec.model.clone(), "reason" => kind.to_owned())
                     .increment(1);
             }
-            histogram!("keyvex_call_latency_seconds", &labels)
-                .record(rec.latency_ms as f64 / 1000.0);
-            if let Some(ttft) = rec.ttft_ms {
-                histogram!("keyvex_call_ttft_seconds", &labels).record(ttft as f64 / 1000.0);
-            }
-            for (kind, n) in [
-                ("input", rec.input_tokens),
-                ("cached_input", rec.cached_input_tokens),
-                ("cache_write", rec.cache_write_tokens),
-                ("output", rec.output_tokens),
-            ] {
-                let mut l = labels.to_vec();
-                l.push(("type", kind.to_owned()));
-                counter!("keyvex_tokens_total", &l).increment(n);
-            }
-            counter!("keyvex_cost_micro_usd_total", &labels).increment(rec.cost_micro_usd);
         });
+        let handles = self.call_handles(rec);
+        handles.calls.increment(1);
+        handles.latency.record(rec.latency_ms as f64 / 1000.0);
+        if let Some(ttft) = rec.ttft_ms {
+            handles.ttft.record(ttft as f64 / 1000.0);
+        }
+        let tokens = [
+            rec.input_tokens,
+            rec.cached_input_tokens,
+            rec.cache_write_tokens,
+            rec.output_tokens,
+        ];
+        for (counter, n) in handles.tokens.iter().zip(tokens) {
+            counter.increment(n);
+        }
+        handles.cost.increment(rec.cost_micro_usd);
+    }
+
+    /// The handles of `rec`'s label set, registered on its first call.
+    fn call_handles(&self, rec: &RequestRecord) -> Arc<CallHandles> {
+        let status = rec.status.as_str();
+        let find = |calls: &HashMap<String, Vec<Arc<CallHandles>>>| {
+            calls
+                .get(rec.model.as_str())?
+                .iter()
+                .find(|h| {
+                    h.status == status && h.process == rec.process && h.provider == rec.provider
+                })
+                .cloned()
+        };
+        if let Some(handles) = find(&self.calls.read().unwrap_or_else(PoisonError::into_inner)) {
+            return handles;
+        }
+        let mut calls = self.calls.write().unwrap_or_else(PoisonError::into_inner);
+        // Another thread may have registered it between the two locks.
+        if let Some(handles) = find(&calls) {
+            return handles;
+        }
+        let handles = Arc::new(self.register_call(rec, status));
+        calls
+            .entry(rec.model.clone())
+            .or_default()
+            .push(Arc::clone(&handles));
+        handles
+    }
+
+    fn register_call(&self, rec: &RequestRecord, status: &'static str) -> CallHandles {
+        let labels = [
+            ("process", rec.process.clone()),
+            ("provider", rec.provider.clone()),
+            ("model", rec.model.clone()),
+        ];
+        with_local_recorder(&self.recorder, || {
+            let mut with_status = labels.to_vec();
+            with_status.push(("status", status.to_owned()));
+            CallHandles {
+                process: rec.process.clone(),
+                provider: rec.provider.clone(),
+                status,
+                calls: counter!("keyvex_calls_total", &with_status),
+                latency: histogram!("keyvex_call_latency_seconds", &labels),
+                ttft: histogram!("keyvex_call_ttft_seconds", &labels),
+                tokens: TOKEN_TYPES.map(|kind| {
+                    let mut l = labels.to_vec();
+                    l.push(("type", kind.to_owned()));
+                    counter!("keyvex_tokens_total", &l)
+                }),
+                cost: counter!("keyvex_cost_micro_usd_total", &labels),
+            }
+        })
     }
 
     /// The Prometheus text exposition, with the metrics pipeline's health sampled now.
@@ -259,4 +356,70 @@ impl ServerMetrics {
 /// provider refused our account: quota, billing, key, access, model).
 fn is_account_error(kind: &str) -> bool {
     matches!(kind, "quota_exhausted" | "billing" | "auth" | "not_found")
+}
+
+#[cfg(test)]
+mod tests {
+    use keyvex_engine::stream::Usage;
+
+    use super::*;
+
+    /// The value of the series whose line starts with `series` (name and labels).
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    #[test]
+    fn each_label_set_keeps_its_own_counts_when_its_handles_are_reused() {
+        let m = ServerMetrics::new();
+        let usage = Usage {
+            input: 10,
+            cached_input: 0,
+            cache_write: 0,
+            output: 5,
+        };
+        let call = |process: &str, provider: &str, model: &str| {
+            RequestRecord::new("u", process, provider, model).with_usage(&usage)
+        };
+        m.on_record(&call("direct", "openai", "gpt-a"));
+        m.on_record(&call("direct", "openai", "gpt-a"));
+        m.on_record(&call("direct", "openai", "gpt-a").failed("transient", "upstream 503"));
+        m.on_record(&call("magicSpark", "openai", "gpt-a"));
+        m.on_record(&call("direct", "anthropic", "claude-b"));
+        m.http_request("/v1/chat/completions", 200);
+        m.http_request("/v1/chat/completions", 200);
+        m.http_request("/v1/chat/completions", 429);
+        m.http_request("/v1/models", 200);
+        let text = m.handle.render();
+        let calls = |labels: &str| value(&text, &format!("keyvex_calls_total{{{labels}}}"));
+        let ok = r#"process="direct",provider="openai",model="gpt-a",status="succeeded""#;
+        assert_eq!(calls(ok), Some(2.0), "{text}");
+        let failed = r#"process="direct",provider="openai",model="gpt-a",status="failed""#;
+        assert_eq!(calls(failed), Some(1.0), "{text}");
+        let other_process =
+            r#"process="magicSpark",provider="openai",model="gpt-a",status="succeeded""#;
+        assert_eq!(calls(other_process), Some(1.0), "{text}");
+        let other_model =
+            r#"process="direct",provider="anthropic",model="claude-b",status="succeeded""#;
+        assert_eq!(calls(other_model), Some(1.0), "{text}");
+        // Tokens are counted per (process, provider, model), whatever the status.
+        let output = r#"keyvex_tokens_total{process="direct",provider="openai",model="gpt-a",type="output"}"#;
+        assert_eq!(value(&text, output), Some(15.0), "{text}");
+        let requests =
+            |labels: &str| value(&text, &format!("keyvex_http_requests_total{{{labels}}}"));
+        assert_eq!(
+            requests(r#"route="/v1/chat/completions",status="200""#),
+            Some(2.0)
+        );
+        assert_eq!(
+            requests(r#"route="/v1/chat/completions",status="429""#),
+            Some(1.0)
+        );
+        assert_eq!(requests(r#"route="/v1/models",status="200""#), Some(1.0));
+    }
 }
