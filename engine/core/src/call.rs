@@ -239,8 +239,6 @@ struct Books {
 struct Early {
     records: usize,
     receipts: Vec<Receipt>,
-    /// The route's first choice (a record says whether it used another), once a call started.
-    primary: Option<String>,
 }
 
 impl Books {
@@ -346,11 +344,6 @@ impl RouteObserver for Books {
             .earlier
             .first()
             .map_or(call.model, |a| a.model.as_str());
-        self.early
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .primary
-            .get_or_insert_with(|| primary.to_owned());
         let prompt = Usage {
             input: call.prompt_tokens,
             ..Usage::default()
@@ -379,23 +372,23 @@ impl RouteObserver for Books {
         });
     }
 
-    fn on_call_failed(&self, attempt: &AttemptRecord, call: u32, request_started_at: SystemTime) {
+    fn on_call_failed(
+        &self,
+        attempt: &AttemptRecord,
+        first_model: &str,
+        call: u32,
+        request_started_at: SystemTime,
+    ) {
         let error = attempt.error.as_ref().map_or_else(
             || "ended without an error".to_owned(),
             |e| format!("{}: {e}", e.kind()),
         );
-        let primary = self
-            .early
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .primary
-            .clone();
         let rec = retried_record(
             &self.ctx,
             self.process_key(),
             attempt,
             call,
-            primary.as_deref(),
+            Some(first_model),
         );
         let record = self.interrupted(
             rec,

@@ -66,9 +66,17 @@ pub trait RouteObserver: Send + Sync + 'static {
     }
 
     /// A call ended in an error and the route goes on (to a retry, the fallback, or a decision
-    /// that no call is left); `call` is its 1-based position among the route's calls.
-    fn on_call_failed(&self, attempt: &AttemptRecord, call: u32, request_started_at: SystemTime) {
-        let _ = (attempt, call, request_started_at);
+    /// that no call is left); `call` is its 1-based position among the route's calls, and
+    /// `first_model` the model of the route's first attempt (its record says whether the call
+    /// used another).
+    fn on_call_failed(
+        &self,
+        attempt: &AttemptRecord,
+        first_model: &str,
+        call: u32,
+        request_started_at: SystemTime,
+    ) {
+        let _ = (attempt, first_model, call, request_started_at);
     }
 }
 

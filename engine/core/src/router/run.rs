@@ -40,8 +40,9 @@ struct Candidate {
 /// What a route will try, fixed before it starts.
 pub(super) struct Plan {
     process: Option<Process>,
-    /// The route's first choice, even when its provider is missing.
-    primary: String,
+    /// The route's first choice, even when its provider is missing (none when the route has no
+    /// model at all).
+    primary: Option<Arc<ModelSpec>>,
     candidates: Vec<Candidate>,
     /// Models left out because their provider is not configured, first one first.
     unavailable: Vec<RouteError>,
@@ -87,7 +88,7 @@ impl Plan {
         }
         Self {
             process,
-            primary: models.first().map(|m| m.id.clone()).unwrap_or_default(),
+            primary: models.first().map(|m| Arc::clone(m)),
             candidates,
             unavailable,
             request,
@@ -125,6 +126,11 @@ impl Plan {
             temperature: self.request.temperature,
             response_schema: self.request.response_schema.clone(),
         }
+    }
+
+    /// The id of the route's first choice ("" when it has none).
+    fn primary_id(&self) -> &str {
+        self.primary.as_ref().map_or("", |m| m.id.as_str())
     }
 
     fn prompt_tokens(&self) -> u64 {
@@ -431,7 +437,7 @@ impl RouteRun {
         let to = &self.plan.candidates[idx].spec.id;
         match self.attempts.last() {
             Some(last) => &last.model != to,
-            None => !self.plan.unavailable.is_empty() && &self.plan.primary != to,
+            None => !self.plan.unavailable.is_empty() && self.plan.primary_id() != to,
         }
     }
 
@@ -446,7 +452,7 @@ impl RouteRun {
                     .map_or_else(|| "previous attempt ended".to_owned(), ToString::to_string),
             ),
             None => (
-                self.plan.primary.clone(),
+                self.plan.primary_id().to_owned(),
                 self.plan
                     .unavailable
                     .first()
@@ -964,10 +970,14 @@ impl RouteRun {
         let terminal = self.close_attempt(end);
         if terminal.is_none()
             && self.attempts.len() > before
-            && let (Some(observer), Some(last)) = (&self.plan.observer, self.attempts.last())
+            && let (Some(observer), Some(first), Some(last)) = (
+                &self.plan.observer,
+                self.attempts.first(),
+                self.attempts.last(),
+            )
             && let Some(request_started_at) = self.first_call_start()
         {
-            observer.on_call_failed(last, self.calls_made(), request_started_at);
+            observer.on_call_failed(last, &first.model, self.calls_made(), request_started_at);
         }
         terminal
     }
@@ -1214,7 +1224,7 @@ impl RouteRun {
                 .attempts
                 .iter()
                 .filter(called)
-                .any(|a| a.model != self.plan.primary),
+                .any(|a| a.model != self.plan.primary_id()),
             finish_reason,
             attempts: self.attempts.clone(),
             rescues: self.rescues.clone(),
