@@ -360,7 +360,11 @@ pub(super) fn route(
                 };
                 // Close the provider's connection before any backoff.
                 drop(call);
-                let ended = if matches!(end, Ok(_))
+                // Read, not borrowed: `is_ok` would borrow `end` and keep its slot (120 bytes)
+                // in the generator across the seam's `yield` below.
+                #[expect(clippy::redundant_pattern_matching, reason = "a borrow keeps the slot")]
+                let finished = matches!(end, Ok(_));
+                let ended = if finished
                     && let Some(rest) = run.release_seam()
                 {
                     // Rare (a continuation's held-back start): the end waits in a box rather
