@@ -45,7 +45,9 @@ pub struct ServerMetrics {
     /// The handles of each call label set seen, by model. A `counter!` with labels builds its
     /// key (a copy of every label and a shared slice of them) and looks it up in the registry
     /// each time: about a hundred allocations for one call's figures. Registered once per label
-    /// set, a call only adds to them.
+    /// set, a call only adds to them. The registry keeps every series it was given (no idle
+    /// timeout is set), so a kept handle always reaches the exposition, and the label sets are
+    /// the catalog's models times processes and statuses.
     calls: RwLock<HashMap<String, Vec<Arc<CallHandles>>>>,
     /// The HTTP request counters, by route and status, for the same reason.
     requests: RwLock<HashMap<String, Vec<(u16, Counter)>>>,
