@@ -421,7 +421,6 @@ fn finish_reason(o: &RouteOutcome) -> &str {
     o.finish_reason.as_ref().map_or("stop", |f| f.as_str())
 }
 
-/// An error after the stream opened, as OpenAI sends one: a `data:` event of its own.
 /// The chunk that ends a stream cut at the drain deadline. The same for every stream, so built
 /// once and shared: a copy of its own in every open stream was about 170 bytes.
 static SHUTDOWN: LazyLock<Event> = LazyLock::new(|| {
@@ -431,6 +430,7 @@ static SHUTDOWN: LazyLock<Event> = LazyLock::new(|| {
     )
 });
 
+/// An error after the stream opened, as OpenAI sends one: a `data:` event of its own.
 fn error_chunk(message: &str, code: &str) -> Event {
     data(&json!({ "error": {
         "message": message,
