@@ -24,8 +24,8 @@ use crate::record::{
     CallIntent, CallObserver, Receipt, Recorded, Recorder, RequestRecord, SessionMessage,
 };
 use crate::router::{
-    AttemptError, AttemptRecord, CallStart, CallTarget, Funding, Rescue, RouteError, RouteEvent,
-    RouteFailure, RouteObserver, RouteOptions, RouteOutcome, RouteRequest, RouteStatus,
+    AttemptError, AttemptRecord, CallFailed, CallStart, CallTarget, Funding, Rescue, RouteError,
+    RouteEvent, RouteFailure, RouteObserver, RouteOptions, RouteOutcome, RouteRequest, RouteStatus,
     RouteStream, Router,
 };
 use crate::stream::{ProviderKind, Usage};
@@ -372,13 +372,13 @@ impl RouteObserver for Books {
         });
     }
 
-    fn on_call_failed(
-        &self,
-        attempt: &AttemptRecord,
-        first_model: &str,
-        call: u32,
-        request_started_at: SystemTime,
-    ) {
+    fn on_call_failed(&self, failed: &CallFailed<'_>) {
+        let &CallFailed {
+            attempt,
+            first_model,
+            call,
+            request_started_at,
+        } = failed;
         let error = attempt.error.as_ref().map_or_else(
             || "ended without an error".to_owned(),
             |e| format!("{}: {e}", e.kind()),

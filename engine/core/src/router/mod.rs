@@ -66,18 +66,22 @@ pub trait RouteObserver: Send + Sync + 'static {
     }
 
     /// A call ended in an error and the route goes on (to a retry, the fallback, or a decision
-    /// that no call is left); `call` is its 1-based position among the route's calls, and
-    /// `first_model` the model of the route's first attempt (its record says whether the call
-    /// used another).
-    fn on_call_failed(
-        &self,
-        attempt: &AttemptRecord,
-        first_model: &str,
-        call: u32,
-        request_started_at: SystemTime,
-    ) {
-        let _ = (attempt, first_model, call, request_started_at);
+    /// that no call is left).
+    fn on_call_failed(&self, failed: &CallFailed<'_>) {
+        let _ = failed;
     }
+}
+
+/// A failed call the route goes on from, as [`RouteObserver::on_call_failed`] sees it.
+#[derive(Debug)]
+pub struct CallFailed<'a> {
+    pub attempt: &'a AttemptRecord,
+    /// The model of the route's first attempt: the call's record says whether it used another.
+    pub first_model: &'a str,
+    /// 1-based position among the route's calls.
+    pub call: u32,
+    /// When the route's first call started.
+    pub request_started_at: SystemTime,
 }
 
 /// A call about to be sent, as [`RouteObserver::on_call_start`] sees it.

@@ -27,8 +27,8 @@ use super::breaker::{Admission, OpenReason, Refusal};
 use super::outcome::{AttemptSummary, Rescue, RouteError, RouteFailure, RouteOutcome, RouteStatus};
 use super::seam::{Seam, continuation};
 use super::{
-    CallStart, Funding, InSpan, Providers, RouteEvent, RouteObserver, RouteOptions, RouteRequest,
-    Shared, deadline_in,
+    CallFailed, CallStart, Funding, InSpan, Providers, RouteEvent, RouteObserver, RouteOptions,
+    RouteRequest, Shared, deadline_in,
 };
 
 /// A model the route may call, with its provider resolved.
@@ -981,7 +981,12 @@ impl RouteRun {
             )
             && let Some(request_started_at) = self.first_call_start()
         {
-            observer.on_call_failed(last, &first.model, self.calls_made(), request_started_at);
+            observer.on_call_failed(&CallFailed {
+                attempt: last,
+                first_model: &first.model,
+                call: self.calls_made(),
+                request_started_at,
+            });
         }
         terminal
     }
