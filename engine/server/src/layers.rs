@@ -40,14 +40,13 @@ pub(crate) async fn count_requests(
     req: Request,
     next: Next,
 ) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    // A clone of the matched path shares its text (no copy per request).
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let response = next.run(req).await;
-    state
-        .prom()
-        .http_request(&route, response.status().as_u16());
+    state.prom().http_request(
+        route.as_ref().map_or("unmatched", MatchedPath::as_str),
+        response.status().as_u16(),
+    );
     response
 }
 

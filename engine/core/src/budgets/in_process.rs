@@ -63,10 +63,26 @@ impl State {
         }
     }
 
-    fn counter(&mut self, line: &SpendLine, now: SystemTime) -> &mut Counter {
-        let counter = self.counters.entry(line.key.clone()).or_default();
-        counter.expires = now.checked_add(line.keep_for);
-        counter
+    /// Applies `change` to `line`'s counter (made when missing) and keeps it for the line's
+    /// `keep_for` from `now`. Looked up before anything is inserted: `entry` wants an owned key,
+    /// which was a copy of the key on every reserve and settle, where the counter is almost
+    /// always there already.
+    fn update(&mut self, line: &SpendLine, now: SystemTime, change: impl FnOnce(&mut Counter)) {
+        let expires = now.checked_add(line.keep_for);
+        match self.counters.get_mut(&line.key) {
+            Some(counter) => {
+                counter.expires = expires;
+                change(counter);
+            }
+            None => {
+                let mut counter = Counter {
+                    expires,
+                    ..Counter::default()
+                };
+                change(&mut counter);
+                self.counters.insert(line.key.clone(), counter);
+            }
+        }
     }
 
     fn sweep(&mut self, now: SystemTime) {
@@ -121,8 +137,9 @@ impl InProcessSpend {
             }
         }
         for line in lines {
-            let counter = state.counter(line, now);
-            counter.reserved = counter.reserved.saturating_add(amount.0);
+            state.update(line, now, |c| {
+                c.reserved = c.reserved.saturating_add(amount.0)
+            });
         }
         Ok(())
     }
@@ -141,9 +158,10 @@ impl SpendStore for InProcessSpend {
         let now = SystemTime::now();
         let mut state = self.lock();
         for line in lines.iter() {
-            let counter = state.counter(line, now);
-            counter.reserved = counter.reserved.saturating_sub(reserved.0);
-            counter.spent = counter.spent.saturating_add(actual.0);
+            state.update(line, now, |c| {
+                c.reserved = c.reserved.saturating_sub(reserved.0);
+                c.spent = c.spent.saturating_add(actual.0);
+            });
         }
     }
 
@@ -191,8 +209,7 @@ impl SpendStore for InProcessSpend {
     fn restore(&self, line: &SpendLine, spent: Cost) {
         let now = SystemTime::now();
         let mut state = self.lock();
-        let counter = state.counter(line, now);
-        counter.spent = counter.spent.saturating_add(spent.0);
+        state.update(line, now, |c| c.spent = c.spent.saturating_add(spent.0));
     }
 
     fn describe(&self) -> String {
