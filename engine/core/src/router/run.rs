@@ -253,18 +253,26 @@ struct RouteRun {
     /// Everything the caller received, kept when the policy continues cut answers (the next
     /// call must be told the text).
     sent: String,
-    /// Set once a stream was cut under `continue`: the text every next call continues.
-    continue_from: Option<String>,
-    /// The running continuation's start, held until its overlap with `sent` is known. Boxed,
-    /// like `pending_rescue`: rare, and otherwise room kept in every open stream.
+    /// Set once a stream was cut under `continue`. Boxed, like `pending_rescue`: rare, and
+    /// otherwise room kept in every open stream.
+    continued: Option<Box<Continued>>,
+    /// The running continuation's start, held until its overlap with `sent` is known.
     seam: Option<Box<Seam>>,
-    /// Usage of the cut calls whose text a continuation carries on: the caller is shown the
-    /// sum, as it was shown one answer; `continued_upto` is how many attempts it covers.
-    continued_usage: Usage,
-    continued_upto: usize,
     done: bool,
     /// The route's span (the one its stream runs in): its outcome is recorded on it.
     span: tracing::Span,
+}
+
+/// What a route carries on from the streams cut under `continue`.
+#[derive(Debug, Default)]
+struct Continued {
+    /// The text every next call continues.
+    from: String,
+    /// Usage of the cut calls whose text a continuation carries on: the caller is shown the
+    /// sum, as it was shown one answer.
+    usage: Usage,
+    /// How many attempts (from the first) `usage` covers.
+    upto: usize,
 }
 
 /// Where a route stands with one of its candidates.
@@ -407,10 +415,8 @@ impl RouteRun {
             pending_rescue: None,
             forwarded_bytes: 0,
             sent: String::new(),
-            continue_from: None,
+            continued: None,
             seam: None,
-            continued_usage: Usage::default(),
-            continued_upto: 0,
             done: false,
             span,
         }
@@ -472,7 +478,7 @@ impl RouteRun {
     fn request_for(&self, idx: usize) -> ChatRequest {
         let spec = &self.plan.candidates[idx].spec;
         let mut request = self.plan.chat_request(spec);
-        if let Some(sent) = &self.continue_from {
+        if let Some(Continued { from: sent, .. }) = self.continued.as_deref() {
             continuation(&mut request.messages, sent, spec.prefill);
             // The caller's output cap is for the whole answer: what was sent already counts.
             request.max_output_tokens = request
@@ -775,13 +781,10 @@ impl RouteRun {
         let provider = candidate.provider.clone();
         self.forwarded_bytes = 0;
         self.seam = self
-            .continue_from
+            .continued
             .as_deref()
-            .map(|sent| Box::new(Seam::new(sent, candidate.spec.prefill)));
-        let continued = self
-            .continue_from
-            .is_some()
-            .then(|| request.messages.clone());
+            .map(|c| Box::new(Seam::new(&c.from, candidate.spec.prefill)));
+        let continued = self.continued.is_some().then(|| request.messages.clone());
         self.in_flight = Some(InFlight {
             idx,
             meter,
@@ -1033,7 +1036,7 @@ impl RouteRun {
                     self.committed = Some((idx, Instant::now()));
                 }
                 tracing::info!(parent: &span, cost = %record.cost, estimated = record.usage_estimated, "attempt succeeded");
-                self.text = if self.continue_from.is_some() && self.plan.options.keep_text {
+                self.text = if self.continued.is_some() && self.plan.options.keep_text {
                     self.sent.clone()
                 } else {
                     text
@@ -1070,9 +1073,10 @@ impl RouteRun {
             self.seam = None;
             self.text.clear();
             if mode == MidStreamFailover::Continue {
-                self.continue_from = Some(self.sent.clone());
-                self.continued_usage.add(&usage);
-                self.continued_upto = self.attempts.len();
+                let continued = self.continued.get_or_insert_default();
+                continued.from.clone_from(&self.sent);
+                continued.usage.add(&usage);
+                continued.upto = self.attempts.len();
             }
             self.pending_rescue = Some(Box::new(Rescue {
                 mode,
@@ -1084,7 +1088,7 @@ impl RouteRun {
             return None;
         }
         if self.committed.is_some() {
-            self.text = if self.continue_from.is_some() && self.plan.options.keep_text {
+            self.text = if self.continued.is_some() && self.plan.options.keep_text {
                 self.sent.clone()
             } else {
                 text
@@ -1195,14 +1199,18 @@ impl RouteRun {
         // it): its usage is what the caller is shown. Failed attempts keep their own usage and
         // cost in `attempts`, and are billed there, never folded into the answer's.
         let last_call = self.attempts.iter().rposition(made_call);
+        let (continued_usage, continued_upto) = self
+            .continued
+            .as_deref()
+            .map_or((Usage::default(), 0), |c| (c.usage, c.upto));
         let mut usage = match last_call {
             // Already in `continued_usage`: the cut call was the last one made.
-            Some(i) if i < self.continued_upto => Usage::default(),
+            Some(i) if i < continued_upto => Usage::default(),
             Some(i) => self.attempts[i].usage,
             None => Usage::default(),
         };
         // A continued answer is one answer to the caller: its usage is every call's that wrote it.
-        usage.add(&self.continued_usage);
+        usage.add(&continued_usage);
         let shown = match self.committed {
             Some((idx, _)) => {
                 let spec = &self.plan.candidates[idx].spec;
