@@ -68,7 +68,8 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// How long shutdown may spend flushing metrics after the streams ended.
     pub metrics_flush_timeout: Duration,
-    /// Interval of SSE keep-alive comments.
+    /// Silence after which an SSE stream sends a keep-alive comment. With many streams open it
+    /// may come up to a fifteenth of this later (`open_streams.rs`).
     pub keep_alive: Duration,
 }
 

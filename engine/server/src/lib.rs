@@ -13,6 +13,7 @@ pub mod config;
 pub mod dashboard;
 pub mod error;
 mod layers;
+mod open_streams;
 pub mod prom;
 pub mod queue;
 mod routes;

@@ -6,27 +6,25 @@
 //!
 //! Why not axum's `Sse`: its `Event` grows a `BytesMut` piece by piece, and its body re-arms the
 //! keep-alive timer after every event. Here an event is encoded once into one exactly-grown
-//! buffer, and the keep-alive timer moves only when it fires. The wire format is the same:
-//! `event: <name>\n` (if named), `data: <json>\n`, a blank line; keep-alives are `: keep-alive`.
+//! buffer, and one sweeper per server finds the silent streams (`open_streams.rs`). The wire
+//! format is the same: `event: <name>\n` (if named), `data: <json>\n`, a blank line;
+//! keep-alives are `: keep-alive`.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
+use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use futures::stream::BoxStream;
-use futures::task::AtomicWaker;
 use http_body::Frame;
 use serde::Serialize;
-use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::open_streams::Registration;
 use crate::prom::ServerMetrics;
 
 /// One server-sent event, already encoded for the wire.
@@ -116,75 +114,43 @@ pub fn data(data: &impl Serialize) -> Event {
     })
 }
 
-/// The keep-alive comment, sent after `interval` without an event.
+/// The keep-alive comment, sent after the interval without an event.
 const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
-/// Wakes the stream's task when the drain deadline passes, and says that it did: the
-/// cancellation future is then polled only when it fired, instead of taking the token's
-/// shared locks on every poll of every open stream.
-#[derive(Default)]
-struct ForceWake {
-    fired: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for ForceWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
 /// What [`Guarded`] needs from the server besides the stream.
-pub struct GuardConfig {
-    pub force: WaitForCancellationFutureOwned,
+pub(crate) struct GuardConfig {
+    /// The stream's place among the server's open streams (drain deadline, keep-alive).
+    pub open: Registration,
     pub shutdown_event: Event,
     pub prom: Arc<ServerMetrics>,
     pub in_flight: TaskTrackerToken,
-    pub keep_alive: Duration,
 }
 
 /// The body of a streaming response: relays the event stream, ends it with `shutdown_event`
-/// when the drain deadline passes, sends a keep-alive comment after `keep_alive` of silence,
-/// and keeps the stream counted while it is open.
-pub struct Guarded {
+/// when the drain deadline passes, sends a keep-alive comment after the registry's interval of
+/// silence, and keeps the stream counted while it is open.
+pub(crate) struct Guarded {
     inner: Option<BoxStream<'static, Event>>,
-    force: Pin<Box<WaitForCancellationFutureOwned>>,
-    force_wake: Arc<ForceWake>,
-    /// Whether `force` has been polled once (and so holds `force_wake` as its waker).
-    force_armed: bool,
+    open: Registration,
     shutdown_event: Option<Event>,
-    keep_alive: Pin<Box<Sleep>>,
-    keep_alive_every: Duration,
-    last_sent: Instant,
     prom: Arc<ServerMetrics>,
     _in_flight: TaskTrackerToken,
 }
 
 impl Guarded {
-    pub fn new(inner: BoxStream<'static, Event>, config: GuardConfig) -> Guarded {
+    pub(crate) fn new(inner: BoxStream<'static, Event>, config: GuardConfig) -> Guarded {
         config.prom.stream_opened();
-        let now = Instant::now();
         Guarded {
             inner: Some(inner),
-            force: Box::pin(config.force),
-            force_wake: Arc::new(ForceWake::default()),
-            force_armed: false,
+            open: config.open,
             shutdown_event: Some(config.shutdown_event),
-            keep_alive: Box::pin(tokio::time::sleep_until(now + config.keep_alive)),
-            keep_alive_every: config.keep_alive,
-            last_sent: now,
             prom: config.prom,
             _in_flight: config.in_flight,
         }
     }
 
     /// The streaming response: `text/event-stream`, not cached, this body.
-    pub fn into_response(self) -> Response {
+    pub(crate) fn into_response(self) -> Response {
         let mut response = Body::new(self).into_response();
         let headers = response.headers_mut();
         headers.insert(
@@ -197,41 +163,6 @@ impl Guarded {
 
     fn drop_inner(&mut self) {
         self.inner = None;
-    }
-
-    /// Whether the drain deadline passed. Polls the cancellation future only on the first call
-    /// and after it woke us.
-    fn forced(&mut self, cx: &Context<'_>) -> bool {
-        self.force_wake.task.register(cx.waker());
-        let fired = self.force_wake.fired.swap(false, Ordering::Acquire);
-        if self.force_armed && !fired {
-            return false;
-        }
-        self.force_armed = true;
-        let waker = Waker::from(Arc::clone(&self.force_wake));
-        self.force
-            .as_mut()
-            .poll(&mut Context::from_waker(&waker))
-            .is_ready()
-    }
-
-    /// A keep-alive comment when the stream has been silent for the interval; otherwise arms
-    /// the timer for when it will have been.
-    fn poll_keep_alive(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
-        loop {
-            if self.keep_alive.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            let due = self.last_sent + self.keep_alive_every;
-            let now = Instant::now();
-            if now >= due {
-                self.last_sent = now;
-                self.keep_alive.as_mut().reset(now + self.keep_alive_every);
-                return Poll::Ready(Bytes::from_static(KEEP_ALIVE));
-            }
-            // Events were sent since the timer was armed: the silence started later.
-            self.keep_alive.as_mut().reset(due);
-        }
     }
 }
 
@@ -247,7 +178,9 @@ impl HttpBody for Guarded {
         if this.inner.is_none() {
             return Poll::Ready(None);
         }
-        if this.forced(cx) {
+        // Registered before the flags are read: the registry sets a flag, then wakes.
+        this.open.register_waker(cx.waker());
+        if this.open.ended() {
             tracing::warn!("drain deadline passed; ending an open stream");
             this.drop_inner();
             return Poll::Ready(this.shutdown_event.take().map(|e| Ok(Frame::data(e.0))));
@@ -258,17 +191,17 @@ impl HttpBody for Guarded {
         };
         match polled {
             Poll::Ready(Some(e)) => {
-                this.last_sent = Instant::now();
+                this.open.sent(Instant::now());
                 Poll::Ready(Some(Ok(Frame::data(e.0))))
             }
             Poll::Ready(None) => {
                 this.drop_inner();
                 Poll::Ready(None)
             }
-            Poll::Pending => match this.poll_keep_alive(cx) {
-                Poll::Ready(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending if this.open.take_keep_alive() => {
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEP_ALIVE)))))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -285,24 +218,23 @@ mod tests {
     use std::time::Duration;
 
     use futures::StreamExt;
-    use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
     use super::*;
+    use crate::open_streams::OpenStreams;
 
     fn guarded(
         events: BoxStream<'static, Event>,
-        force: &CancellationToken,
+        open: &OpenStreams,
         tracker: &TaskTracker,
     ) -> Guarded {
         Guarded::new(
             events,
             GuardConfig {
-                force: force.clone().cancelled_owned(),
+                open: open.register(),
                 shutdown_event: event("error", &serde_json::json!({ "kind": "shutdown" })),
                 prom: Arc::new(ServerMetrics::new()),
                 in_flight: tracker.token(),
-                keep_alive: Duration::from_secs(15),
             },
         )
     }
@@ -330,8 +262,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn keep_alive_comes_after_the_interval_of_silence_only() {
         let (tx, rx) = futures::channel::mpsc::unbounded::<Event>();
-        let (force, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let mut body = guarded(rx.boxed(), &force, &tracker);
+        let (open, tracker) = (
+            OpenStreams::new(Duration::from_secs(15)),
+            TaskTracker::new(),
+        );
+        let mut body = guarded(rx.boxed(), &open, &tracker);
 
         tokio::time::sleep(Duration::from_secs(10)).await;
         tx.unbounded_send(data(&1)).unwrap();
@@ -356,8 +291,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_drain_deadline_ends_an_open_stream_with_the_shutdown_event() {
         let (tx, rx) = futures::channel::mpsc::unbounded::<Event>();
-        let (force, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let mut body = guarded(rx.boxed(), &force, &tracker);
+        let (open, tracker) = (
+            OpenStreams::new(Duration::from_secs(15)),
+            TaskTracker::new(),
+        );
+        let mut body = guarded(rx.boxed(), &open, &tracker);
         tx.unbounded_send(data(&1)).unwrap();
         assert_eq!(next_frame(&mut body).await.unwrap(), "data: 1\n\n");
 
@@ -369,11 +307,17 @@ mod tests {
             frames
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
-        force.cancel();
+        let ended = tokio::time::Instant::now();
+        open.end_all();
         let frames = reader.await.unwrap();
         assert_eq!(
             frames,
             ["event: error\ndata: {\"kind\":\"shutdown\"}\n\n".to_owned()]
+        );
+        assert_eq!(
+            ended.elapsed(),
+            Duration::ZERO,
+            "woken by the deadline itself, not by a later keep-alive sweep"
         );
         assert!(tx.is_closed(), "the inner stream was dropped");
     }

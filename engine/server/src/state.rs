@@ -12,7 +12,6 @@ use keyvex_engine::record::Receipt;
 use keyvex_store::admin::MetricsReader;
 use keyvex_store::sessions::SessionStore;
 use keyvex_store::{Stores, Tracker};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::request_id::{MakeRequestId, RequestId};
 
@@ -20,6 +19,7 @@ use crate::auth::ApiKeys;
 use crate::catalog_sync::CatalogSync;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
+use crate::open_streams::OpenStreams;
 use crate::prom::ServerMetrics;
 use crate::queue::JobsCtx;
 use crate::queue::worker::WorkerConfig;
@@ -73,8 +73,9 @@ pub(crate) struct Inner {
     draining: AtomicBool,
     /// Open streams, so shutdown can wait for them.
     streams: TaskTracker,
-    /// Cancelled when the drain deadline passes: open streams end with a `shutdown` error.
-    force_end: CancellationToken,
+    /// The open streams' registry: at the drain deadline they end with a `shutdown` error;
+    /// silent ones send keep-alives.
+    open_streams: OpenStreams,
     backends: Backends,
 }
 
@@ -86,6 +87,7 @@ impl AppState {
         config: ServerConfig,
         backends: Backends,
     ) -> AppState {
+        let open_streams = OpenStreams::new(config.keep_alive);
         AppState {
             inner: Arc::new(Inner {
                 engine,
@@ -95,7 +97,7 @@ impl AppState {
                 config,
                 draining: AtomicBool::new(false),
                 streams: TaskTracker::new(),
-                force_end: CancellationToken::new(),
+                open_streams,
                 backends,
             }),
         }
@@ -113,7 +115,7 @@ impl AppState {
 
     /// Ends the streams still open with their `shutdown` event.
     pub(crate) fn end_open_streams(&self) {
-        self.inner.force_end.cancel();
+        self.inner.open_streams.end_all();
     }
 
     pub fn engine(&self) -> &Engine {
@@ -157,11 +159,10 @@ impl AppState {
         Guarded::new(
             events,
             GuardConfig {
-                force: self.inner.force_end.clone().cancelled_owned(),
+                open: self.inner.open_streams.register(),
                 shutdown_event,
                 prom: Arc::clone(&self.inner.prom),
                 in_flight: self.inner.streams.token(),
-                keep_alive: self.inner.config.keep_alive,
             },
         )
         .into_response()
