@@ -43,7 +43,7 @@ struct Table {
 }
 
 /// What the registry knows of one stream.
-pub(crate) struct Slot {
+struct Slot {
     waker: AtomicWaker,
     /// When the stream last sent something, in milliseconds since the registry's epoch.
     last_sent_ms: AtomicU64,
@@ -120,6 +120,10 @@ impl Registry {
     fn now_ms(&self, now: Instant) -> u64 {
         u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
+
+    fn keep_alive_ms(&self) -> u64 {
+        u64::try_from(self.keep_alive.as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 impl Registration {
@@ -163,10 +167,6 @@ impl Drop for Registration {
 }
 
 impl Registry {
-    fn keep_alive_ms(&self) -> u64 {
-        u64::try_from(self.keep_alive.as_millis()).unwrap_or(u64::MAX)
-    }
-
     /// Marks and wakes every stream silent for the interval; returns when the next one will
     /// be, or `None` when no stream is open (the sweeper then stops).
     fn sweep_once(&self, now: Instant) -> Option<Instant> {
@@ -175,6 +175,9 @@ impl Registry {
         let table = &mut *self.lock();
         if table.slots.is_empty() {
             table.sweeping = false;
+            // A slab keeps the room of its busiest moment (16 bytes a stream); with no key
+            // left to honour, a burst's room is given back.
+            table.slots = Slab::new();
             return None;
         }
         // A stream already marked is due again one interval after it sends the keep-alive,
@@ -232,6 +235,11 @@ mod tests {
         assert!(
             !streams.inner.lock().sweeping,
             "no stream open: the sweeper ended"
+        );
+        assert_eq!(
+            streams.inner.lock().slots.capacity(),
+            0,
+            "and gave the room back"
         );
 
         let second = streams.register();
