@@ -290,7 +290,14 @@ mod tests {
         let stream = streams.register();
         tokio::time::sleep(Duration::from_secs(15)).await;
         tokio::task::yield_now().await;
+        assert!(
+            stream.slot.keep_alive_due.load(Ordering::Acquire),
+            "the sweeper marked the silent stream"
+        );
         stream.sent(Instant::now());
-        assert!(!stream.take_keep_alive());
+        assert!(
+            !stream.take_keep_alive(),
+            "an event went out since the mark: no keep-alive"
+        );
     }
 }
